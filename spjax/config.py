@@ -1,0 +1,194 @@
+"""Typed, frozen configuration for every part of spjax.
+
+Configs are small Python dataclasses: hashable (so a ModelConfig can be a static jit argument),
+validated on construction, and overridable from the command line with dotted `key=value` pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Optional
+
+ROPE_TYPES = ("default", "linear", "llama3")
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the field."""
+
+
+def _check(ok: bool, field: str, msg: str):
+    if not ok:
+        raise ConfigError(f"{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # one of ROPE_TYPES
+    rope_factor: float = 1.0  # linear and llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position: int = 8192  # llama3 only
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    sliding_window: Optional[int] = None  # Mistral; None means full causal attention
+    max_position_embeddings: int = 4096
+    architecture: str = "llama"  # decides the HF class on export
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+    pad_token_id: Optional[int] = None
+    # fp32 master params with bf16 compute is the accelerator training default; CPU tests use fp32.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # activation checkpointing per layer: none | full | dots (save matmuls)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
+                   f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+               f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
+        _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
+        _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
+        _check(self.architecture in ARCHITECTURES, "model.architecture",
+               f"{self.architecture!r} not in {ARCHITECTURES}")
+        _check(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
+        _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
+        _check(self.remat in REMAT, "model.remat", f"{self.remat!r} not in {REMAT}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes. -1 on one axis means 'all remaining devices'."""
+
+    data: int = -1  # pure data parallelism (params replicated)
+    fsdp: int = 1  # data parallelism with params, grads and optimizer state sharded
+    tensor: int = 1  # tensor (model) parallelism over heads, mlp and vocab
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that re-runs validation."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def _coerce(value, typ, field):
+    """Parse a command-line string (or check a Python value) against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, [a for a in args if a is not type(None)][0], field)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{field}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{field}: expected int, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{field}: expected str, got {value!r}")
+        return value
+    if typ is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        inner = args[0] if args else None
+        return tuple(_coerce(v, inner, field) if inner not in (None, Ellipsis) else v for v in value)
+    return value
+
+
+def override(cfg, dotted: str, value):
+    """Return cfg with the field at `dotted` (e.g. 'objective.beta') set from `value` (str or typed)."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+    if rest:
+        sub = getattr(cfg, head)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"{dotted}: {head} has no sub-keys")
+        return dataclasses.replace(cfg, **{head: override(sub, rest, value)})
+    hints = typing.get_type_hints(type(cfg))
+    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], dotted)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """The self-play objective (DESIGN.md §1)."""
+
+    name: str = "chi2"  # chi2 | spin | hinge | ipo | nce
+    beta: float = 0.1  # implicit reward scale: r = beta * (lp_theta - lp_ref)
+    c: float = 1.0  # chi2 regularisation: the optimal reward lies in [-1/c, 1/c]
+    nll_weight: float = 0.0  # optional NLL on real responses (per token), added to the pair loss
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule."""
+
+    name: str = "adamw"  # adamw | rmsprop
+    lr: float = 5e-7  # peak learning rate; SPIN's 7B value, small models want more
+    warmup_frac: float = 0.1  # linear warmup as a fraction of all steps of a round
+    schedule: str = "linear"  # linear | cosine | constant decay after warmup
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    nonfinite: str = "skip"  # skip (count and drop the update) | raise
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Opponent sampling (SPIN defaults)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 64  # prompts decoded together (global)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the SFT (or preference) data comes from and how it is cut to shape."""
+
+    path: str = ""  # a .jsonl/.json/.parquet file, a TFDS name ('chatterbot'), or a prepared TFDS dir
+    format: str = "auto"  # auto | prompt_response | messages | spin | preference
+    eval_path: str = ""  # held-out data; empty: split off eval_frac of `path`
+    eval_frac: float = 0.05
+    max_prompt_len: int = 512
+    max_len: int = 1024  # prompt + response
+    overlong: str = "truncate"  # truncate | drop
+    buckets: tuple = ()  # static padded lengths; () means powers of two up to max_len
+    max_examples: int = 0  # 0: all
+    seed: int = 0

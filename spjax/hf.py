@@ -1,0 +1,365 @@
+"""Hugging Face and GGUF checkpoints in, Hugging Face checkpoints out.
+
+Import reads one tensor at a time from disk (safetensors are memory-mapped), turns it into spjax's
+layout, and places it with `jax.make_array_from_callback`, so with a mesh each device receives only
+its shard and no device ever holds a whole param tree. Export writes a directory that
+transformers' AutoModelForCausalLM / AutoTokenizer load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spjax import sharding as shd
+from spjax.config import ModelConfig
+
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unsupported or malformed; the message names the file and tensor."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
+    """ModelConfig from a transformers config dict (config.json)."""
+    archs = hf.get("architectures") or []
+    arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
+    if arch is None:
+        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(hf.get("model_type"))
+    if arch is None:
+        raise CheckpointError(f"{where}: architecture {archs or hf.get('model_type')} is not supported "
+                              f"(supported: {', '.join(HF_ARCHS)})")
+    # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update(hf.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+    eos = hf.get("eos_token_id")
+    window = hf.get("sliding_window") if arch == "mistral" or hf.get("use_sliding_window") else None
+    kw = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+        sliding_window=window, max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        architecture=arch, bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A config.json dict that transformers 4.x and 5.x both read."""
+    out = {
+        "architectures": [_ARCH_TO_HF[cfg.architecture]], "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype,
+        "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+                         else cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
+        "initializer_range": 0.02, "use_cache": True,
+    }
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type == "linear":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type != "default":
+        out["rope_scaling"] = dict(rope)
+    out["rope_parameters"] = rope
+    if cfg.architecture == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    if cfg.architecture == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor layout: spjax leaf <-> HF tensor names. Per-layer leaves are stacked over N layers.
+
+
+def _hf_layer_map(cfg: ModelConfig):
+    """leaf -> (HF name template, to_spjax(np [HF layout]) , to_hf(np [spjax layout]))."""
+    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    a = "model.layers.{i}.self_attn."
+    m = "model.layers.{i}.mlp."
+    lin = lambda *shape: (lambda w: w.T.reshape(shape), lambda x: x.reshape(shape[0], -1).T)
+    out = {
+        "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda w: w, lambda x: x),
+        "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda w: w, lambda x: x),
+        "q": (a + "q_proj.weight", *lin(D, H, Dh)),
+        "k": (a + "k_proj.weight", *lin(D, K, Dh)),
+        "v": (a + "v_proj.weight", *lin(D, K, Dh)),
+        "o": (a + "o_proj.weight", lambda w: w.T.reshape(H, Dh, D), lambda x: x.reshape(H * Dh, D).T),
+        "gate": (m + "gate_proj.weight", lambda w: w.T, lambda x: x.T),
+        "up": (m + "up_proj.weight", lambda w: w.T, lambda x: x.T),
+        "down": (m + "down_proj.weight", lambda w: w.T, lambda x: x.T),
+    }
+    if cfg.qkv_bias:
+        out["q_bias"] = (a + "q_proj.bias", lambda w: w.reshape(H, Dh), lambda x: x.reshape(-1))
+        out["k_bias"] = (a + "k_proj.bias", lambda w: w.reshape(K, Dh), lambda x: x.reshape(-1))
+        out["v_bias"] = (a + "v_proj.bias", lambda w: w.reshape(K, Dh), lambda x: x.reshape(-1))
+    return out
+
+
+def _hf_top_map(cfg: ModelConfig):
+    out = {"embed": ("model.embed_tokens.weight", lambda w: w, lambda x: x),
+           "final_norm": ("model.norm.weight", lambda w: w, lambda x: x)}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = ("lm_head.weight", lambda w: w.T, lambda x: x.T)
+    return out
+
+
+def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, layer_map=None, top_map=None):
+    """Build params from `get(name) -> np.ndarray` (HF layout), each leaf placed as it is built.
+
+    With a mesh every leaf is created with its NamedSharding via make_array_from_callback, which
+    hands each device only its slice; host memory holds one leaf at a time.
+    """
+    from spjax import model
+    shapes = model.param_shapes(cfg)
+    layer_map = layer_map or _hf_layer_map(cfg)
+    top_map = top_map or _hf_top_map(cfg)
+    shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def build(path, spec, fetch):
+        want = spec.shape
+        arr = np.asarray(fetch(), dtype=np.float32).astype(dtype)
+        if arr.shape != want:  # the fetch functions already checked per-tensor shapes
+            raise CheckpointError(f"{where}: {path} has shape {arr.shape}, expected {want}")
+        if mesh is None:
+            return jnp.asarray(arr)
+        sharding = _get(shardings, path)
+        return jax.make_array_from_callback(want, sharding, lambda idx: arr[idx])
+
+    def fetch_one(name, conv, want):
+        def f():
+            w = get(name)
+            try:
+                x = conv(np.asarray(w))
+            except ValueError:
+                x = None
+            if x is None or x.shape != tuple(want):
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, "
+                                      f"which does not fit {tuple(want)} for {cfg.architecture} config")
+            return x
+        return f
+
+    params = {}
+    for leaf, (name, conv, _) in top_map.items():
+        spec = shapes[leaf]
+        params[leaf] = build(leaf, spec, fetch_one(name, conv, spec.shape))
+    layers = {}
+    for leaf, (name, conv, _) in layer_map.items():
+        spec = shapes["layers"][leaf]
+        one = [fetch_one(name.format(i=i), conv, spec.shape[1:]) for i in range(cfg.num_layers)]
+        layers[leaf] = build(f"layers/{leaf}", spec, lambda one=one: np.stack([f() for f in one]))
+    params["layers"] = layers
+    expected = set(shapes["layers"])
+    if set(layers) != expected:
+        raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
+    return params
+
+
+def _get(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def params_to_tensors(cfg: ModelConfig, params) -> dict:
+    """HF-named numpy tensors (in the params' dtype) for a params tree (gathered to host)."""
+    out = {}
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    for leaf, (name, _, to_hf) in _hf_top_map(cfg).items():
+        out[name] = np.ascontiguousarray(to_hf(host[leaf]))
+    for leaf, (name, _, to_hf) in _hf_layer_map(cfg).items():
+        for i in range(cfg.num_layers):
+            out[name.format(i=i)] = np.ascontiguousarray(to_hf(host["layers"][leaf][i]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _safetensors_getter(directory: str):
+    """`get(name)` over a single or index-sharded safetensors checkpoint, and a label for errors."""
+    from safetensors import safe_open
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map", {})
+    elif os.path.exists(single):
+        with safe_open(single, "np") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json found")
+    handles = {}
+
+    def get(name):
+        if name not in weight_map:
+            raise CheckpointError(f"{directory}: tensor {name!r} missing from the checkpoint")
+        fname = weight_map[name]
+        path = os.path.join(directory, fname)
+        if fname not in handles:
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: file not found (named by the safetensors index)")
+            handles[fname] = safe_open(path, "np")
+        try:
+            return handles[fname].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
+            if "bfloat16" in str(e) or "BF16" in str(e):
+                return _bf16_tensor(path, name)
+            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+
+    return get
+
+
+def _bf16_tensor(path, name):
+    import ml_dtypes
+    from safetensors import safe_open
+    with safe_open(path, "flax") as f:
+        return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
+
+
+def load_pretrained(path: str, mesh=None, **overrides):
+    """(cfg, params) from a HF directory or a .gguf file; sharded over `mesh` when given.
+
+    `overrides` set ModelConfig fields (e.g. param_dtype='bfloat16', compute_dtype='bfloat16').
+    """
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from spjax import gguf_io
+        return gguf_io.load_gguf(path, mesh=mesh, **overrides)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory or a .gguf file")
+    where = os.path.join(path, "config.json")
+    cfg = config_from_hf(_read_json(where), where, **overrides)
+    get = _safetensors_getter(path)
+    return cfg, params_from_tensors(cfg, get, path, mesh)
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer from a HF directory or a .gguf file (with its chat template)."""
+    from transformers import AutoTokenizer
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                             gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
+                    max_shard_bytes: int = 4 << 30):
+    """Write a HF directory (config.json, safetensors, tokenizer) atomically: all or nothing.
+
+    Only process 0 writes; every process must call it (params are gathered collectively).
+    """
+    from safetensors.numpy import save_file
+    tensors = params_to_tensors(cfg, params)
+    if jax.process_index() != 0:
+        return out_dir
+    if dtype is not None:
+        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"], "do_sample": True}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        shards, cur, size = [], {}, 0
+        for name, arr in tensors.items():
+            if cur and size + arr.nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = arr
+            size += arr.nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(a.nbytes for a in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def from_transformers(model, mesh=None, **overrides):
+    """(cfg, params) from an in-memory transformers PyTorch model (tests use it as an oracle)."""
+    hf = model.config.to_dict()
+    hf.setdefault("architectures", [type(model).__name__])
+    cfg = config_from_hf(hf, f"<{type(model).__name__}>", **overrides)
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    get = lambda name: state[name] if name in state else _missing(name)
+    return cfg, params_from_tensors(cfg, get, f"<{type(model).__name__}>", mesh)
+
+
+def _missing(name):
+    raise CheckpointError(f"<state_dict>: tensor {name!r} missing")

@@ -1,0 +1,114 @@
+"""The self-play objective family (DESIGN.md §1) as pure jnp functions.
+
+Every objective sees the same four float32 [B] sequence log-probs: the policy's (lp_real, lp_gen)
+and the frozen reference/opponent's (ref_real, ref_gen), and turns them into implicit rewards
+  r  = beta * (lp_real - ref_real)   on the real (data) response y,
+  r' = beta * (lp_gen  - ref_gen)    on the opponent's sample y'.
+Losses are minimised; each returns per-pair losses [B] and a dict of scalar metrics.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from spjax.config import ObjectiveConfig
+
+
+def _chi2(r_B, rg_B, beta, c):
+    # Pearson chi2 variational form with the mixture M = (P+Q)/2. Pointwise in r the loss is
+    # (c/2)[(r - 1/c)^2 + (r' + 1/c)^2] + const, and its expectation over y ~ P, y' ~ Q is minimised
+    # at r* = (p - q) / (c (p + q)), which lies in [-1/c, 1/c]: the reward player is bounded, so one
+    # round moves any log-ratio by at most about 1/(beta c), and at p == q it does not move at all.
+    del beta
+    return -(r_B - rg_B) + 0.5 * c * (r_B * r_B + rg_B * rg_B)
+
+
+def _spin(r_B, rg_B, beta, c):
+    # SPIN's logistic margin: unbounded, the optimum log-ratio difference is log(p q' / (p' q)) / beta.
+    del beta, c
+    return -jax.nn.log_sigmoid(r_B - rg_B)
+
+
+def _hinge(r_B, rg_B, beta, c):
+    del beta, c
+    return jax.nn.relu(1.0 - (r_B - rg_B))
+
+
+def _ipo(r_B, rg_B, beta, c):
+    # IPO regresses the raw log-ratio difference h = (r - r')/beta onto 1/(2 beta) (Azar et al.).
+    del c
+    return jnp.square((r_B - rg_B) / beta - 0.5 / beta)
+
+
+def _nce(r_B, rg_B, beta, c):
+    # Pointwise logistic discrimination of real vs generated (Jensen-Shannon / NCE, as in SPACE).
+    del beta, c
+    return -jax.nn.log_sigmoid(r_B) - jax.nn.log_sigmoid(-rg_B)
+
+
+_LOSSES: dict[str, Callable] = {"chi2": _chi2, "spin": _spin, "hinge": _hinge, "ipo": _ipo, "nce": _nce}
+OBJECTIVES = tuple(_LOSSES)  # ("chi2", "spin", "hinge", "ipo", "nce"); chi2 is the default
+
+
+def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: float, c: float = 1.0):
+    """Per-pair losses [B] of objective `name` and a dict of scalar metrics (means over the batch).
+
+    aux: reward_real, reward_gen, margin (r - r'), accuracy (P(r > r'); a tie counts 1/2, so a
+    policy equal to its reference reads 0.5, the equilibrium value), frac_at_bound (fraction of the
+    2B rewards r, r' with |.| >= 1/c; meaningful for chi2, reported for all), loss (mean pair loss),
+    lp_real, lp_gen (policy means).
+    """
+    if name not in _LOSSES:
+        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    f32 = jnp.float32
+    lp_real_B, lp_gen_B = jnp.asarray(lp_real_B, f32), jnp.asarray(lp_gen_B, f32)
+    r_B = beta * (lp_real_B - jnp.asarray(ref_real_B, f32))
+    rg_B = beta * (lp_gen_B - jnp.asarray(ref_gen_B, f32))
+    losses_B = _LOSSES[name](r_B, rg_B, beta, c)
+
+    # Metrics carry no gradient: they are read, never optimised.
+    r, rg = jax.lax.stop_gradient(r_B), jax.lax.stop_gradient(rg_B)
+    margin_B = r - rg
+    accuracy_B = jnp.where(margin_B > 0, 1.0, jnp.where(margin_B == 0, 0.5, 0.0))
+    bound = 1.0 / c
+    at_bound = 0.5 * (jnp.mean(jnp.abs(r) >= bound) + jnp.mean(jnp.abs(rg) >= bound))
+    aux = {
+        "reward_real": jnp.mean(r),
+        "reward_gen": jnp.mean(rg),
+        "margin": jnp.mean(margin_B),
+        "accuracy": jnp.mean(accuracy_B),
+        "frac_at_bound": at_bound.astype(f32),
+        "loss": jnp.mean(jax.lax.stop_gradient(losses_B)),
+        "lp_real": jnp.mean(jax.lax.stop_gradient(lp_real_B)),
+        "lp_gen": jnp.mean(jax.lax.stop_gradient(lp_gen_B)),
+    }
+    return losses_B, aux
+
+
+def nll_term(lp_real_B, n_tokens_real_B):
+    """Per-token NLL of the real responses: -sum(lp) / sum(tokens), token-weighted like SFT."""
+    n_tokens = jnp.sum(jnp.asarray(n_tokens_real_B, jnp.float32))
+    # max(., 1): a batch of empty responses gives 0, not NaN.
+    return -jnp.sum(jnp.asarray(lp_real_B, jnp.float32)) / jnp.maximum(n_tokens, 1.0)
+
+
+def objective_loss(cfg: ObjectiveConfig, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
+                   n_tokens_real_B: Optional[jnp.ndarray] = None):
+    """Scalar training loss: mean pair loss + cfg.nll_weight * per-token NLL; and the aux metrics.
+
+    aux['loss'] stays the mean pair loss (the divergence estimate); aux['nll'] is added whenever
+    n_tokens_real_B is given, which cfg.nll_weight != 0 requires.
+    """
+    losses_B, aux = pair_loss(cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, beta=cfg.beta, c=cfg.c)
+    loss = jnp.mean(losses_B)
+    if n_tokens_real_B is None:
+        if cfg.nll_weight != 0:
+            raise ValueError("objective.nll_weight != 0 needs n_tokens_real_B (response token counts)")
+        return loss, aux
+    nll = nll_term(lp_real_B, n_tokens_real_B)
+    aux["nll"] = jax.lax.stop_gradient(nll)
+    if cfg.nll_weight != 0:
+        loss = loss + cfg.nll_weight * nll
+    return loss, aux

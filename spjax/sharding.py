@@ -1,0 +1,156 @@
+"""Device mesh, the logical-axis rules table, and multi-host start-up.
+
+One mesh with axes (data, fsdp, tensor) serves a laptop CPU, a GPU host and a TPU pod. Model code
+names its array axes logically ('embed', 'heads', ...); RULES alone decides where they go.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from spjax.config import ConfigError, MeshConfig
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # every batch dimension is split over both data-parallel axes
+
+# logical axis -> mesh axis (or axes, or None). The whole sharding strategy lives in this table.
+RULES = (
+    ("batch", BATCH),
+    ("embed", "fsdp"),  # FSDP: params sharded along the model width, gathered per layer
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+)
+
+# Params at least this large must be split when the mesh has fsdp or tensor axes (maxtext-style check).
+BIG_PARAM = 1 << 20
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh: sizes must be positive or -1, got {sizes}")
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices are not divisible by fixed axes of size {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(cfg, len(devices))
+    try:  # topology-aware placement on TPU/GPU; plain reshape where that is not available (CPU)
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - any failure here only loses placement quality
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES) -> P:
+    """Map a PartitionSpec of logical names onto mesh axes for an array of `shape`.
+
+    A mesh axis is dropped for a dimension it does not divide (e.g. 9 heads over tensor=2), and is
+    used at most once per array; such params stay replicated on that axis (see check_sharded).
+    """
+    table = dict(rules)
+    used, out = set(), []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep, size = [], 1
+        for a in axes:
+            n = mesh.shape[a]
+            if a in used or n == 1 or dim % (size * n):
+                continue
+            keep.append(a)
+            size *= n
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def tree_shardings(logical_tree, shape_tree, mesh: Mesh, rules=RULES):
+    """NamedShardings for a tree of logical PartitionSpecs and matching shapes."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)),
+        logical_tree, shape_tree, is_leaf=lambda s: isinstance(s, P))
+
+
+def param_shardings(cfg, mesh: Mesh):
+    """NamedShardings for the params of a ModelConfig."""
+    from spjax import model
+    return tree_shardings(model.param_logical_axes(cfg), model.param_shapes(cfg), mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension over both data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def init_params(cfg, key, mesh: Mesh):
+    """Random params born sharded: never materialised whole on one device."""
+    from spjax import model
+    return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=param_shardings(cfg, mesh))(key)
+
+
+def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM):
+    """Fail when a large param is fully replicated although the mesh has fsdp or tensor devices."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if x.size >= min_size and all(s is None for s in x.sharding.spec):
+            bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
+    if bad:
+        raise ValueError(f"params left unsharded on mesh {dict(mesh.shape)}: {', '.join(bad)}; "
+                         "choose fsdp/tensor sizes that divide the model's dims")
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, local_device_ids=None):
+    """Start JAX's multi-host runtime. On TPU pods and SLURM all arguments are auto-detected.
+
+    Explicit values (GPU clusters without SLURM) may also come from SPJAX_COORDINATOR,
+    SPJAX_NUM_PROCESSES and SPJAX_PROCESS_ID. A single process with nothing set does nothing.
+    """
+    coordinator = coordinator or os.environ.get("SPJAX_COORDINATOR")
+    if num_processes is None and "SPJAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["SPJAX_NUM_PROCESSES"])
+    if process_id is None and "SPJAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["SPJAX_PROCESS_ID"])
+    auto = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+    if coordinator is None and not auto:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True

@@ -1,0 +1,31 @@
+"""Test setup shared by every test module.
+
+Fake 8 CPU devices and the offline hub must be set before jax or transformers is imported, so they
+live here (pytest imports conftest first) and nowhere else. The persistent compile cache makes the
+second CI run (and every test after the first compile of a shape) much cheaper.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+_cache = os.environ.get("SPJAX_TEST_COMPILE_CACHE",
+                        os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+    devs = jax.devices()
+    assert len(devs) == 8, f"conftest should give 8 fake CPU devices, got {len(devs)}"
+    return devs

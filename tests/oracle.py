@@ -1,0 +1,44 @@
+"""Tiny random transformers (PyTorch) models: the numerical oracle for spjax's model and sampler."""
+import functools
+
+import numpy as np
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+# Each: transformers config class name, extra config fields.
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "mistral": ("MistralConfig", dict(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=4096)),
+    "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def torch_model(family: str, seed: int = 0):
+    """A random-init fp32 transformers model of the given family (cached per session)."""
+    import torch
+    import transformers
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # HF zero-inits biases; random ones make the Qwen2 bias path count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        kw = {} if attention_mask is None else {"attention_mask": torch.tensor(attention_mask)}
+        return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.float().numpy()
+
+
+def spjax_model(family: str, seed: int = 0):
+    from spjax import hf
+    return hf.from_transformers(torch_model(family, seed))
