@@ -13,6 +13,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+# spjax.objectives implements each; "sft" trains on real responses alone (a baseline)
+OBJECTIVE_NAMES = ("chi2", "spin", "hinge", "ipo", "nce", "sft")
 
 
 class ConfigError(ValueError):
@@ -34,7 +36,7 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int = 0  # 0: hidden_size // num_heads
+    head_dim: int = 0  # 0: hidden_size // num_heads (resolved at construction, kept by replace())
     rope_theta: float = 10000.0
     rope_type: str = "default"  # one of ROPE_TYPES
     rope_factor: float = 1.0  # linear and llama3 scaling factor
@@ -48,7 +50,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     architecture: str = "llama"  # decides the HF class on export
     bos_token_id: Optional[int] = None
-    eos_token_ids: tuple = ()
+    eos_token_ids: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
     # fp32 master params with bf16 compute is the accelerator training default; CPU tests use fp32.
     param_dtype: str = "float32"
@@ -125,26 +127,27 @@ def _coerce(value, typ, field):
     return value
 
 
-def override(cfg, dotted: str, value):
+def override(cfg, dotted: str, value, _prefix: str = ""):
     """Return cfg with the field at `dotted` (e.g. 'objective.beta') set from `value` (str or typed)."""
     head, _, rest = dotted.partition(".")
     fields = {f.name: f for f in dataclasses.fields(cfg)}
+    where = _prefix + head
     if head not in fields:
-        raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
     if rest:
         sub = getattr(cfg, head)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{dotted}: {head} has no sub-keys")
-        return dataclasses.replace(cfg, **{head: override(sub, rest, value)})
+            raise ConfigError(f"{_prefix}{dotted}: {where} has no sub-keys")
+        return dataclasses.replace(cfg, **{head: override(sub, rest, value, where + ".")})
     hints = typing.get_type_hints(type(cfg))
-    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], dotted)})
+    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], where)})
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """The self-play objective (DESIGN.md §1)."""
 
-    name: str = "chi2"  # chi2 | spin | hinge | ipo | nce
+    name: str = "chi2"  # one of OBJECTIVE_NAMES
     beta: float = 0.1  # implicit reward scale: r = beta * (lp_theta - lp_ref)
     c: float = 1.0  # chi2 regularisation: the optimal reward lies in [-1/c, 1/c]
     nll_weight: float = 0.0  # optional NLL on real responses (per token), added to the pair loss
@@ -189,6 +192,100 @@ class DataConfig:
     max_prompt_len: int = 512
     max_len: int = 1024  # prompt + response
     overlong: str = "truncate"  # truncate | drop
-    buckets: tuple = ()  # static padded lengths; () means powers of two up to max_len
+    buckets: tuple[int, ...] = ()  # static padded lengths; () means powers of two up to max_len
     max_examples: int = 0  # 0: all
     seed: int = 0
+    tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Rounds, batches and bookkeeping of a self-play run."""
+
+    rounds: int = 3  # self-play iterations T
+    epochs: int = 1  # passes over the round's pairs
+    batch_size: int = 64  # pairs per optimizer step (global, all hosts)
+    mix_previous: bool = False  # SPIN: train on D_{t-1} ∪ D_t (previous pairs re-scored under θ_t)
+    seed: int = 0
+    checkpoint_every: int = 50  # optimizer steps between mid-round checkpoints
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    log_every: int = 10  # optimizer steps between metric lines
+    eval_examples: int = 64  # held-out prompts for evaluation (0: all)
+    eval_show: int = 3  # samples printed side by side with the reference
+    eval_max_new_tokens: int = 64
+    score_batch_size: int = 32  # sequences per reference-scoring batch
+    export: bool = True  # write a HF directory of the final model to <workdir>/export
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. `model_path` empty means a random model of shape `model`."""
+
+    model_path: str = ""  # HF directory or .gguf file
+    tokenizer_path: str = ""  # default: model_path; 'bytes' is spjax's built-in byte-level ChatML tokenizer
+    model: Optional[ModelConfig] = None  # architecture for random init (tests, benchmarks)
+    param_dtype: str = "float32"  # applied to the loaded model
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        _check(bool(self.model_path) or self.model is not None, "model_path",
+               "set a HF directory or .gguf file (or `model` for a random init)")
+        _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
+        _check(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
+        _check(self.remat in REMAT, "remat", f"{self.remat!r} not in {REMAT}")
+        o, r, s = self.objective, self.run, self.sampling
+        _check(o.name in OBJECTIVE_NAMES, "objective.name", f"{o.name!r} not one of {', '.join(OBJECTIVE_NAMES)}")
+        _check(o.beta > 0, "objective.beta", f"must be > 0, got {o.beta}")
+        _check(o.c > 0, "objective.c", f"must be > 0, got {o.c}")
+        _check(self.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", f"{self.optim.name!r} unknown")
+        _check(self.optim.schedule in ("linear", "cosine", "constant"), "optim.schedule",
+               f"{self.optim.schedule!r} unknown")
+        _check(self.optim.nonfinite in ("skip", "raise"), "optim.nonfinite", "must be skip or raise")
+        _check(self.optim.lr > 0, "optim.lr", f"must be > 0, got {self.optim.lr}")
+        _check(self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+        _check(r.rounds >= 1, "run.rounds", "must be >= 1")
+        _check(r.epochs >= 1, "run.epochs", "must be >= 1")
+        _check(r.batch_size >= 1, "run.batch_size", "must be >= 1")
+        _check(r.batch_size % self.optim.grad_accum == 0, "run.batch_size",
+               f"{r.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
+        _check(s.temperature >= 0, "sampling.temperature", "must be >= 0")
+        _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+        _check(self.data.max_prompt_len < self.data.max_len, "data.max_prompt_len",
+               f"{self.data.max_prompt_len} must be < data.max_len={self.data.max_len}")
+        _check(self.data.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
+
+    def model_overrides(self) -> dict:
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat)
+
+
+def load_config(path: str, overrides=()) -> Config:
+    """Load `get_config()` from a Python file (`file.py` or `file.py:arg`) and apply `key=value`s."""
+    import importlib.util
+    import os
+
+    arg = None
+    if ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"spjax_config_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    cfg = mod.get_config(arg) if arg is not None else mod.get_config()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, value = item.split("=", 1)
+        cfg = override(cfg, key.strip(), value)
+    return cfg

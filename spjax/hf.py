@@ -283,9 +283,12 @@ def load_pretrained(path: str, mesh=None, **overrides):
 
 
 def load_tokenizer(path: str):
-    """A transformers tokenizer from a HF directory or a .gguf file (with its chat template)."""
+    """A transformers tokenizer from a HF directory, a .gguf file, or 'bytes' (spjax's byte-level ChatML)."""
     from transformers import AutoTokenizer
     path = os.fspath(path)
+    if path == "bytes":
+        from spjax.byte_tokenizer import byte_tokenizer
+        return byte_tokenizer()
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
     if path.endswith(".gguf"):

@@ -99,10 +99,18 @@ def objective_loss(cfg: ObjectiveConfig, lp_real_B, lp_gen_B, ref_real_B, ref_ge
     """Scalar training loss: mean pair loss + cfg.nll_weight * per-token NLL; and the aux metrics.
 
     aux['loss'] stays the mean pair loss (the divergence estimate); aux['nll'] is added whenever
-    n_tokens_real_B is given, which cfg.nll_weight != 0 requires.
+    n_tokens_real_B is given, which cfg.nll_weight != 0 requires. name 'sft' is the SFT-only
+    baseline: the loss is the per-token NLL of the real responses alone (pair metrics still reported,
+    under the chi2 reading).
     """
-    losses_B, aux = pair_loss(cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, beta=cfg.beta, c=cfg.c)
+    sft = cfg.name == "sft"
+    losses_B, aux = pair_loss("chi2" if sft else cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
+                              beta=cfg.beta, c=cfg.c)
     loss = jnp.mean(losses_B)
+    if sft:
+        if n_tokens_real_B is None:
+            raise ValueError("objective 'sft' needs n_tokens_real_B (response token counts)")
+        loss = 0.0 * loss + nll_term(lp_real_B, n_tokens_real_B)
     if n_tokens_real_B is None:
         if cfg.nll_weight != 0:
             raise ValueError("objective.nll_weight != 0 needs n_tokens_real_B (response token counts)")

@@ -1,0 +1,132 @@
+"""Run checkpoints (orbax) and atomic round artifacts.
+
+A checkpoint holds the train state (params, optimizer state, counters) as sharded arrays plus a
+small JSON record: round, phase, step within the round, seed and the data cursor. orbax commits a
+step only once all of it is written, so a kill mid-write leaves the previous step as the latest.
+A latest step that fails to restore (corrupt files) is reported and the one before it is used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) to restore `tree`'s structure into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run under `directory`."""
+
+    def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True, cleanup_tmp_directories=True))
+
+    def save(self, step: int, state, meta: dict, wait: bool = False):
+        """Save at a global, increasing step number; async unless `wait`."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, like):
+        """(state, meta) of the newest checkpoint that restores, or None when there is none.
+
+        `like` is a state tree (or its abstract_like) giving structure, dtypes and shardings.
+        """
+        self.manager.wait_until_finished()
+        abstract = abstract_like(like)
+        for step in reversed(self.steps()):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                _check_finite_tree(out["state"], step)
+                return out["state"], dict(out["meta"])
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                msg = (f"checkpoint {self.directory}/{step} could not be restored "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to an earlier one")
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                log.warning(msg)
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_finite_tree(state, step):
+    for leaf in jax.tree.leaves(state):
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not bool(jax.numpy.isfinite(leaf).all()):
+            raise ValueError(f"step {step} holds non-finite values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Round artifacts: plain files written whole or not at all (temp file + rename).
+
+
+def write_atomic(path: str, write_fn):
+    """Call write_fn(tmp_path) then rename onto `path`; a crash leaves no partial file."""
+    if jax.process_index() != 0:
+        return path
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_json(path: str, obj):
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+    return write_atomic(path, w)
+
+
+def load_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_arrays(path: str, **arrays):
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return write_atomic(path, w)
+
+
+def load_arrays(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def remove_tree(path: str):
+    if jax.process_index() == 0 and os.path.exists(path):
+        shutil.rmtree(path)

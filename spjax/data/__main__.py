@@ -1,0 +1,103 @@
+"""`python -m spjax.data validate PATH [--tokenizer PATH]`: check a data file before spending accelerator time.
+
+Prints a summary (records, format, length percentiles, what the length policy would truncate or
+drop), or every problem as `file:line: field: what is wrong` and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from spjax.config import DataConfig
+from spjax.data.records import FORMATS, DataError, parse_file
+from spjax.data.tokens import LengthReport, apply_length_policy, check_lengths, tokenize_example
+
+PERCENTILES = (50, 90, 99)
+
+
+def _table(rows: dict, unit: str) -> list:
+    head = f"  {unit:<10}" + "".join(f"{'p' + str(q):>8}" for q in PERCENTILES) + f"{'max':>8}"
+    lines = [head]
+    for name, values in rows.items():
+        if values:
+            v = np.asarray(values)
+            lines.append(f"  {name:<10}" + "".join(f"{int(np.percentile(v, q)):>8}" for q in PERCENTILES)
+                         + f"{int(v.max()):>8}")
+    return lines
+
+
+def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int = 512, max_len: int = 1024,
+             out=None) -> int:
+    """Check one file; print a summary or every problem (to `out`, default stdout). Returns the exit status."""
+    out = out or sys.stdout
+    examples, problems, used = parse_file(path, fmt)
+    tokenized = []
+    if tokenizer is not None:
+        for ex in examples:
+            try:
+                tokenized.append(tokenize_example(tokenizer, ex))
+            except DataError as e:
+                problems.extend(e.problems)
+    if problems:
+        problems.sort(key=lambda p: (p.file, p.line))
+        for p in problems:
+            print(p, file=out)
+        print(f"{len(problems)} problems in {path}", file=out)
+        return 1
+
+    n = len(examples)
+    print(f"{path}: {n} records, format {used}", file=out)
+    print(f"  system prompts {sum(ex.prompt_messages[0]['role'] == 'system' for ex in examples)}, "
+          f"multi-turn prompts {sum(sum(m['role'] == 'user' for m in ex.prompt_messages) > 1 for ex in examples)}, "
+          f"with rejected {sum(ex.rejected is not None for ex in examples)}, "
+          f"with generated {sum(ex.generated is not None for ex in examples)}", file=out)
+    if tokenizer is None:
+        chars = {"prompt": [sum(len(m["content"]) for m in ex.prompt_messages) for ex in examples],
+                 "response": [len(ex.response) for ex in examples]}
+        for line in _table(chars, "chars"):
+            print(line, file=out)
+        print("  (pass --tokenizer to count tokens and see what max_prompt_len/max_len would cut)", file=out)
+        return 0
+    second = "rejected" if any(ex.rejected is not None for ex in examples) else "generated"
+    tokens = {"prompt": [len(p) for p, _, _ in tokenized], "response": [len(r) for _, r, _ in tokenized],
+              second: [len(g) for _, _, g in tokenized if g is not None],
+              "total": [len(p) + max(len(r), 0 if g is None else len(g)) for p, r, g in tokenized]}
+    for line in _table(tokens, "tokens"):
+        print(line, file=out)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for overlong in ("truncate", "drop"):
+        report = LengthReport()
+        for p, r, g in tokenized:
+            apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
+                                bos_id=bos, report=report)
+        print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)
+    return 0
+
+
+def main(argv=None) -> int:
+    defaults = DataConfig()
+    parser = argparse.ArgumentParser(prog="python -m spjax.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a .jsonl/.json/.parquet data file")
+    v.add_argument("path")
+    v.add_argument("--tokenizer", help="a tokenizer directory, .gguf file or 'bytes' (adds token counts)")
+    v.add_argument("--format", default="auto", choices=FORMATS)
+    v.add_argument("--max-prompt-len", type=int, default=defaults.max_prompt_len)
+    v.add_argument("--max-len", type=int, default=defaults.max_len)
+    args = parser.parse_args(argv)
+    try:
+        check_lengths(args.max_prompt_len, args.max_len, "truncate")
+    except ValueError as e:
+        parser.error(str(e))
+    tokenizer = None
+    if args.tokenizer:
+        from spjax.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""From a DataConfig to tokenized train and held-out examples, always through TFDS.
+
+`data.path` names one of:
+  a file (.jsonl/.json/.parquet)      prepared by the SpjaxFiles builder (held out: eval_path or eval_frac)
+  a directory of such files           the same builder in manual_dir style (train*, test*/eval*/...)
+  a prepared TFDS directory           one holding dataset_info.json (any schema the record parser reads)
+  a TFDS name ('chatterbot', 'name/config:1.0.0')  prepared under data_dir, never downloaded
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from spjax.config import ConfigError, DataConfig
+from spjax.data import tfds_builders
+from spjax.data.batching import make_buckets
+from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_format, parse_record
+from spjax.data.tokens import check_lengths, tokenize_examples
+
+tfds.disable_progress_bar()  # spjax shows its own progress; TFDS's bars only add noise to the run log
+BUILTIN = {"chatterbot": tfds_builders.Chatterbot, "synthetic": tfds_builders.Synthetic}
+READ_CHUNK = 1024
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Tokenized splits and what the length policy did to each."""
+
+    train: list  # [TokenizedExample], ids 0..n-1
+    test: list
+    reports: dict  # split -> LengthReport
+    buckets: tuple  # static lengths for pair batches
+    prompt_buckets: tuple  # static lengths for prompt batches (<= max_prompt_len)
+
+
+def _check(cfg: DataConfig):
+    if not cfg.path:
+        raise ConfigError("data.path: empty (a data file, a directory, or a TFDS dataset name)")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"data.format: {cfg.format!r} not in {FORMATS}")
+    if not 0 <= cfg.eval_frac < 1:
+        raise ConfigError(f"data.eval_frac: must be in [0, 1), got {cfg.eval_frac}")
+    try:
+        check_lengths(cfg.max_prompt_len, cfg.max_len, cfg.overlong)
+        make_buckets(cfg.buckets, cfg.max_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _is_prepared(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def _read_split(source, name: str, fmt: str) -> list:
+    """Examples of a data source: our schema directly, any other through the record parser."""
+    n, out, problems = len(source), [], []
+    for start in range(0, n, READ_CHUNK):
+        for k, rec in enumerate(source.__getitems__(list(range(start, min(n, start + READ_CHUNK))))):
+            if "prompt_messages" in rec and "response" in rec:
+                out.append(tfds_builders.decode(rec))
+                continue
+            obj = _to_python(rec)
+            used = detect_format(obj) if fmt == "auto" else fmt
+            if used is None:
+                problems.append(Problem(name, start + k + 1, "record", f"cannot tell the format from {sorted(obj)}"))
+                continue
+            ex, found = parse_record(obj, used, name, start + k + 1)
+            problems.extend(found)
+            if ex is not None:
+                out.append(ex)
+    if problems:
+        raise DataError(problems)
+    return out
+
+
+def _to_python(v):
+    if isinstance(v, bytes):  # undecodable bytes stay bytes: the record parser names them
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return v
+    if isinstance(v, dict):
+        if v and all(isinstance(x, np.ndarray) for x in v.values()) and len({len(x) for x in v.values()}) == 1:
+            keys = list(v)  # a Sequence of dicts comes back as a dict of arrays: turn it into rows
+            return [{k: _to_python(v[k][i]) for k in keys} for i in range(len(v[keys[0]]))]
+        return {k: _to_python(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        return [_to_python(x) for x in v.tolist()] if v.ndim else _to_python(v.item())
+    if isinstance(v, (list, tuple)):
+        return [_to_python(x) for x in v]
+    return v
+
+
+def _splits(builder, label: str, fmt: str) -> dict:
+    sources = builder.as_data_source()
+    return {split: _read_split(src, f"{label}/{split}", fmt) for split, src in sources.items()}
+
+
+def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: Optional[str],
+                   eval_path: str = "") -> dict:
+    """{split: [Example]} for one `data.path`."""
+    if os.path.isfile(path):
+        tests = [eval_path] if eval_path else []
+        config = tfds_builders.files_config([path], tests, fmt, 0.0 if eval_path else eval_frac, seed)
+        builder = tfds_builders.SpjaxFiles(config=config, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+        return _splits(builder, path, fmt)
+    if os.path.isdir(path) and _is_prepared(path):
+        return _splits(tfds.builder_from_directory(path), path, fmt)
+    if os.path.isdir(path):
+        train_files, test_files = tfds_builders.scan_dir(path)
+        if not train_files:
+            raise ConfigError(f"data.path: directory {path!r} has no train data files ({', '.join(SUFFIXES)})")
+        config = tfds_builders.files_config(train_files, test_files, fmt, eval_frac, seed)
+        builder = tfds_builders.SpjaxFiles(config=config, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+        return _splits(builder, path, fmt)
+    name = path.split("/")[0].split(":")[0]
+    if name in BUILTIN:
+        builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+        return _splits(builder, path, fmt)
+    try:
+        builder = tfds.builder(path, data_dir=data_dir)
+    except Exception as e:  # tfds raises DatasetNotFoundError and friends
+        raise ConfigError(f"data.path: {path!r} is not a file, a directory or a known TFDS dataset ({e})") from None
+    if not builder.is_prepared():
+        raise ConfigError(f"data.path: TFDS dataset {path!r} is not prepared under {builder.data_dir_root}; "
+                          "prepare it there first (spjax never downloads)")
+    return _splits(builder, path, fmt)
+
+
+def load_examples(cfg: DataConfig, data_dir: Optional[str] = None) -> dict:
+    """{"train": [Example], "test": [Example]} for `cfg`, validated, through TFDS.
+
+    Held out: `eval_path` if set; else the source's test/validation split; else `eval_frac` of the
+    train split (whole prompt groups, by a hash of (seed, prompt)). `max_examples` caps train.
+    `data_dir` is where TFDS prepares and finds datasets (None: TFDS's default).
+    """
+    _check(cfg)
+    path_is_file = os.path.isfile(cfg.path)
+    splits = _source_splits(cfg.path, cfg.format, cfg.eval_frac, cfg.seed, data_dir,
+                            eval_path=cfg.eval_path if path_is_file else "")
+    train = splits.get("train")
+    if train is None:
+        raise ConfigError(f"data.path: {cfg.path!r} has no train split (splits: {sorted(splits)})")
+    if cfg.eval_path and not path_is_file:
+        test = _source_splits(cfg.eval_path, cfg.format, 0.0, cfg.seed, data_dir)["train"]
+    elif "test" in splits or "validation" in splits:
+        test = splits.get("test", splits.get("validation"))
+    else:
+        train, test = tfds_builders.split_heldout(train, cfg.eval_frac, cfg.seed)
+    if cfg.max_examples:
+        train = train[:cfg.max_examples]
+    return {"train": train, "test": test}
+
+
+def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None) -> Prepared:
+    """Load `cfg`'s data through TFDS, tokenize both splits with the chat template, apply the length policy."""
+    splits = load_examples(cfg, data_dir)
+    out, reports = {}, {}
+    for split, examples in splits.items():
+        out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
+                                                       max_len=cfg.max_len, overlong=cfg.overlong, split=split)
+    if not out["train"]:
+        raise DataError([Problem(cfg.path, 1, "record", f"no training example is left ({reports['train']})")])
+    return Prepared(out["train"], out["test"], reports, make_buckets(cfg.buckets, cfg.max_len),
+                    make_buckets(cfg.buckets, cfg.max_prompt_len))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with (masked out everywhere): the tokenizer's pad, else EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+

@@ -1,0 +1,229 @@
+"""Tokenization with the model's chat template, and the length policy.
+
+The one rule this module exists for (DESIGN.md §1, step 2): the tokens the sampler is given as a
+prompt are exactly the tokens that precede the response in the loss. Both come from `prompt_ids`,
+and a loss sequence is always `prompt_ids + response_ids`, never a re-tokenization of the whole
+chat. Special tokens are exactly what the template writes (BOS included): text is encoded with
+add_special_tokens=False, as transformers' own apply_chat_template(tokenize=True) does.
+
+A response ends with the template's end of turn cut just after the tokenizer's EOS token (ChatML
+`<|im_end|>`, Llama-2 `</s>`), because that is where the sampler stops: real and generated
+responses end the same way. A tokenizer without a chat template is used as a plain-text model
+(BOS as the tokenizer adds it, prompt text, response text, EOS), which is only defined for a
+prompt of one user turn: a system prompt or several turns need a template.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+
+from spjax.data.records import DataError, Example, Problem
+
+OVERLONG = ("truncate", "drop")
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """An example as token ids (int32), after the length policy. `id` is its index in its split."""
+
+    id: int
+    prompt_ids: np.ndarray  # the sampler's prompt and the loss's prefix, the same array
+    real_ids: np.ndarray  # the real (SFT) or chosen (preference) response, ending in EOS unless truncated
+    generated_ids: Optional[np.ndarray] = None  # the opponent's response, or the rejected one
+    source: str = ""  # "file:line" of the record it came from
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer side of the pair."""
+        other = 0 if self.generated_ids is None else len(self.generated_ids)
+        return len(self.prompt_ids) + max(len(self.real_ids), other)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(tokenizer, text: str) -> list:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _render(tokenizer, messages, generation_prompt: bool, where: Problem) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja raises TemplateError (and templates raise their own exceptions)
+        raise DataError([dataclasses.replace(where, what=f"the chat template refused this chat: {e}")]) from e
+
+
+def _plain_prompt(tokenizer, prompt_messages, where: Problem) -> list:
+    if len(prompt_messages) != 1 or prompt_messages[0]["role"] != "user":
+        raise DataError([dataclasses.replace(
+            where, what="a system prompt or several turns need a chat template, and the tokenizer has none")])
+    text = prompt_messages[0]["content"]
+    bare = _encode(tokenizer, text)
+    full = list(tokenizer.encode(text, add_special_tokens=True))
+    # Keep the special tokens the tokenizer puts in front of plain text (its BOS), none behind it.
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k] + bare
+    return bare
+
+
+def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Problem] = None) -> np.ndarray:
+    """THE prompt tokens (int32): the chat rendered with its generation prompt, special tokens as written.
+
+    Both the sampler's input and the loss's prefix are this array; nothing else tokenizes prompts.
+    `where` locates errors (DataError), e.g. `example.problem("prompt", "")`.
+    """
+    where = where or Problem("<prompt>", 0, "prompt", "")
+    if not has_chat_template(tokenizer):
+        return np.asarray(_plain_prompt(tokenizer, prompt_messages, where), np.int32)
+    return np.asarray(_encode(tokenizer, _render(tokenizer, prompt_messages, True, where)), np.int32)
+
+
+def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
+                 where: Optional[Problem] = None) -> np.ndarray:
+    """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS."""
+    where = where or Problem("<response>", 0, "response", "")
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise DataError([dataclasses.replace(where, what="the tokenizer has no EOS token to end a response with")])
+    if eos in response:
+        raise DataError([dataclasses.replace(where, what=f"contains the end-of-turn token text {eos!r}")])
+    if not has_chat_template(tokenizer):
+        return np.asarray(_encode(tokenizer, response) + [tokenizer.eos_token_id], np.int32)
+    prompt_where = dataclasses.replace(where, field="prompt")
+    prompt_text = _render(tokenizer, prompt_messages, True, prompt_where)
+    chat = list(prompt_messages) + [{"role": "assistant", "content": response}]
+    full = _render(tokenizer, chat, False, prompt_where)
+    if not full.startswith(prompt_text):
+        raise DataError([dataclasses.replace(where, what=(
+            "the chat template does not render the prompt (with its generation prompt) as a prefix of the "
+            "chat with this response, so sampling and loss prompts could not be the same tokens"))])
+    # Whatever the template writes between the generation prompt and the response (Llama-2's
+    # space, or a stripped response) belongs to the response: the sampler has to produce it too.
+    tail = full[len(prompt_text):]
+    end = tail.find(eos)
+    tail = tail + eos if end < 0 else tail[:end + len(eos)]
+    return np.asarray(_encode(tokenizer, tail), np.int32)
+
+
+# ----------------------------------------------------------------------------- length policy
+
+
+@dataclasses.dataclass
+class LengthReport:
+    """What the length policy did to one split; printed, never silent."""
+
+    examples: int = 0
+    kept: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0  # real or generated (or both) cut at max_len
+    dropped_prompt: int = 0  # overlong="drop": prompt longer than max_prompt_len
+    dropped_total: int = 0  # overlong="drop": prompt + a response longer than max_len
+
+    def __str__(self):
+        return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts and "
+                f"{self.responses_truncated} responses truncated; {self.dropped_prompt} dropped for a long "
+                f"prompt, {self.dropped_total} for a long prompt+response")
+
+
+def check_lengths(max_prompt_len: int, max_len: int, overlong: str):
+    if overlong not in OVERLONG:
+        raise ValueError(f"data.overlong: {overlong!r} not in {OVERLONG}")
+    if not 0 < max_prompt_len < max_len:
+        raise ValueError(f"data.max_prompt_len: must be in (0, max_len={max_len}), got {max_prompt_len}")
+
+
+def truncate_prompt(ids: np.ndarray, max_prompt_len: int, bos_id: Optional[int]) -> np.ndarray:
+    """Keep the end of a long prompt (the last question and the generation prompt), and its BOS."""
+    if len(ids) <= max_prompt_len:
+        return ids
+    if bos_id is not None and len(ids) and ids[0] == bos_id:
+        return np.concatenate([ids[:1], ids[len(ids) - max_prompt_len + 1:]])
+    return ids[len(ids) - max_prompt_len:]
+
+
+def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, overlong, bos_id, report):
+    """(prompt, real, generated) cut to fit, or None if dropped; counts it in `report`."""
+    report.examples += 1
+    sides = [real] if generated is None else [real, generated]
+    if len(prompt) > max_prompt_len:
+        if overlong == "drop":
+            report.dropped_prompt += 1
+            return None
+        prompt = truncate_prompt(prompt, max_prompt_len, bos_id)
+        report.prompts_truncated += 1
+    budget = max_len - len(prompt)
+    if any(len(s) > budget for s in sides):
+        if overlong == "drop":
+            report.dropped_total += 1
+            return None
+        report.responses_truncated += 1
+        sides = [s[:budget] for s in sides]
+    report.kept += 1
+    return prompt, sides[0], (sides[1] if len(sides) > 1 else None)
+
+
+def tokenize_example(tokenizer, ex: Example) -> tuple:
+    """(prompt, real, second side or None) token ids of one example, before the length policy.
+
+    The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
+    """
+    p = prompt_ids(tokenizer, ex.prompt_messages, where=ex.problem("prompt", ""))
+    real = response_ids(tokenizer, ex.prompt_messages, ex.response, where=ex.problem("response", ""))
+    field = "rejected" if ex.rejected is not None else "generated"
+    other = ex.rejected if ex.rejected is not None else ex.generated
+    gen = None if other is None else response_ids(tokenizer, ex.prompt_messages, other, where=ex.problem(field, ""))
+    return p, real, gen
+
+
+def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
+                      overlong: str = "truncate", split: str = "") -> tuple[list, LengthReport]:
+    """Tokenize a split and apply the length policy. DataError lists every example that fails.
+
+    Ids are dense 0..n-1 over the kept examples; `source` says which record each came from.
+    """
+    check_lengths(max_prompt_len, max_len, overlong)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    report, out, problems = LengthReport(), [], []
+    for ex in examples:
+        try:
+            p, real, gen = tokenize_example(tokenizer, ex)
+        except DataError as e:
+            problems.extend(e.problems)
+            continue
+        cut = apply_length_policy(p, real, gen, max_prompt_len=max_prompt_len, max_len=max_len,
+                                  overlong=overlong, bos_id=bos_id, report=report)
+        if cut is not None:
+            out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}"))
+    if problems:
+        raise DataError(problems)
+    if report.kept != report.examples:
+        log.warning("data %s: %s", split or "split", report)
+    else:
+        log.info("data %s: %s", split or "split", report)
+    return out, report
+
+
+def attach_generated(examples: Sequence[TokenizedExample], generated: dict, *, max_len: int):
+    """Examples with the sampler's responses ({id: token ids}) as their second side, cut to max_len.
+
+    Sampled responses are never dropped (that would bias the pairs); returns (examples, n_truncated).
+    """
+    out, truncated = [], 0
+    for ex in examples:
+        if ex.id not in generated:
+            raise KeyError(f"no generated response for example {ex.id} ({ex.source})")
+        gen = np.asarray(generated[ex.id], np.int32)
+        budget = max_len - len(ex.prompt_ids)
+        if len(gen) > budget:
+            gen, truncated = gen[:budget], truncated + 1
+        out.append(dataclasses.replace(ex, generated_ids=gen))
+    if truncated:
+        log.warning("data: %d of %d generated responses truncated to max_len=%d", truncated, len(out), max_len)
+    return out, truncated

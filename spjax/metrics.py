@@ -1,0 +1,93 @@
+"""Metrics out of the run: JSONL and TensorBoard files in the workdir, progress bars, round tables.
+
+Only process 0 writes. Values arrive as host floats (the driver calls jax.device_get once per log
+interval, never per metric).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+def _is_main():
+    return jax.process_index() == 0
+
+
+class MetricWriter:
+    """Appends {'kind', 'step', **metrics} lines to metrics.jsonl and scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = _is_main()
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # optional: JSONL always works
+                self.tb = None
+
+    def write(self, kind: str, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        clean = {k: _num(v) for k, v in metrics.items()}
+        self.f.write(json.dumps({"kind": kind, "step": int(step), "time": round(time.time(), 3), **clean}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def close(self):
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    """Mean of each numeric key over a list of per-step metric dicts."""
+    out = {}
+    for k in rows[0] if rows else ():
+        vals = [float(r[k]) for r in rows if k in r]
+        out[k] = sum(vals) / len(vals)
+    return out
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """A tqdm bar on process 0 (stderr); a no-op elsewhere."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not _is_main(), dynamic_ncols=True,
+                file=sys.stderr, leave=False)
+
+
+def table(title: str, rows: dict, columns: list[str]) -> str:
+    """A plain-text table: one row per key of `rows` (dicts keyed by column name)."""
+    cells = [[name] + [_fmt(r.get(c)) for c in columns] for name, r in rows.items()]
+    head = [""] + columns
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *cells)]
+    line = lambda xs: "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))
+    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

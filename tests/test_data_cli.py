@@ -1,0 +1,81 @@
+"""`python -m spjax.data validate`: a summary for a good file, every problem (and exit 1) for a bad one."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spjax.data.__main__ import main
+from tests.test_data_helpers import chat, llama_tokenizer, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    llama_tokenizer().save_pretrained(str(path))
+    return str(path)
+
+
+def _good(tmp_path):
+    return write_jsonl(tmp_path / "pref.jsonl", [
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "London, a city in England."},
+        {"prompt": "Hi?", "system": "Be brief.", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": chat(("user", "Tell me a joke."), ("assistant", "Why did the computer go to the doctor?"),
+                        ("user", "Why?")), "chosen": "It had a virus.", "rejected": "No idea."},
+    ])
+
+
+def test_summary_with_tokenizer(tmp_path, tokenizer_dir, capsys):
+    path = _good(tmp_path)
+    assert main(["validate", path, "--tokenizer", tokenizer_dir, "--max-prompt-len", "24", "--max-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 3 records, format preference" in out
+    assert "system prompts 1, multi-turn prompts 1, with rejected 3, with generated 0" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.strip().startswith("tokens"))
+    assert header.split() == ["tokens", "p50", "p90", "p99", "max"]
+    assert {line.split()[0] for line in lines[lines.index(header) + 1:lines.index(header) + 5]} == {
+        "prompt", "response", "rejected", "total"}
+    truncate = next(line for line in lines if "overlong=truncate" in line)
+    drop = next(line for line in lines if "overlong=drop" in line)
+    assert "(max_prompt_len=24, max_len=32): 3 examples" in truncate
+    # The numbers are the length policy's own counts on these token lengths.
+    from spjax.data import load_file, tokenize_examples
+    for overlong, line in (("truncate", truncate), ("drop", drop)):
+        _, report = tokenize_examples(llama_tokenizer(), load_file(path), max_prompt_len=24, max_len=32,
+                                      overlong=overlong)
+        assert line.endswith(str(report)) and (report.kept < 3 or report.prompts_truncated > 0)
+
+
+def test_summary_without_tokenizer(tmp_path, capsys):
+    assert main(["validate", _good(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "chars" in out and "pass --tokenizer" in out
+
+
+def test_every_problem_is_listed(tmp_path, tokenizer_dir, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"messages": chat(("user", "q"), ("assistant", "r"))},
+        "{not json",
+        {"messages": chat(("user", "q"), ("robot", "r"))},
+        {"messages": chat(("system", "s"), ("user", "q"))},
+        {"messages": chat(("user", "q"), ("assistant", "stop</s>"))},
+    ])
+    assert main(["validate", path, "--tokenizer", tokenizer_dir]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:2: record: invalid JSON: Expecting property name enclosed in double quotes at column 2",
+        f"{path}:3: messages[1].role: unknown role 'robot' (expected one of system, user, assistant)",
+        f"{path}:4: messages: no assistant turn (the last assistant turn is the response)",
+        f"{path}:5: response: contains the end-of-turn token text '</s>'",
+        f"4 problems in {path}",
+    ]
+
+
+def test_module_entry_point(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": ""}])
+    out = subprocess.run([sys.executable, "-m", "spjax.data", "validate", path], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[0] == f"{path}:1: response: empty"

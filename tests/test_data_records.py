@@ -1,0 +1,192 @@
+"""Record parsing: every input format to the canonical Example, and every bad input named file:line: field."""
+import json
+
+import pytest
+
+from spjax.data import DataError, Example, load_file, parse_file, tokenize_examples
+from tests.test_data_helpers import chat, llama_tokenizer, write_jsonl, write_parquet
+
+
+GOOD = json.dumps({"prompt": "q", "response": "r"})
+
+
+def _one(path, fmt="auto"):
+    examples = load_file(path, fmt)
+    assert len(examples) == 1
+    return examples[0]
+
+
+def test_prompt_response_with_system(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello.", "system": "Be kind.", "id": 7}])
+    ex = _one(path)
+    assert ex == Example(chat(("system", "Be kind."), ("user", "Hi?")), "Hello.", None, None, path, 1)
+
+
+def test_messages_last_assistant_turn_is_the_response(tmp_path):
+    msgs = chat(("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    ex = _one(write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}]))
+    assert ex.prompt_messages == msgs[:-1] and ex.response == "d"
+
+
+def test_json_array_lines_are_located(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"prompt": "a", "response": "b"},\n\n  {"prompt": "c", "response": "d"}\n]\n')
+    examples = load_file(str(path))
+    assert [(ex.line, ex.response) for ex in examples] == [(2, "b"), (4, "d")]
+
+
+def test_byte_order_mark_and_broken_array(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    assert load_file(str(bom))[0].response == "r"
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"prompt": "a", "response": "b"}\n  {"prompt": "c", "response": "d"}\n]')
+    assert f"{broken}:3: record: invalid JSON: expected ',' or ']' after an array element" in _problems(broken)
+
+
+def test_ultrachat_and_spin_layouts(tmp_path):
+    msgs = chat(("user", "q"), ("assistant", "r"))
+    ultra = _one(write_parquet(tmp_path / "u.parquet", [{"prompt": "q", "prompt_id": "x", "messages": msgs}]))
+    assert ultra.prompt_messages == msgs[:1] and ultra.response == "r" and ultra.generated is None
+    generated = chat(("user", "q"), ("assistant", "g"))
+    spin = _one(write_parquet(tmp_path / "s.parquet", [{"real": msgs, "generated": generated}]))
+    assert (spin.prompt_messages, spin.response, spin.generated) == (msgs[:1], "r", "g")
+    assert spin.line == 1  # Parquet rows count from 1
+
+
+def test_preference_strings_and_chats(tmp_path):
+    flat = _one(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}]))
+    assert (flat.prompt_messages, flat.response, flat.rejected) == (chat(("user", "q")), "good", "bad")
+    nested = _one(write_jsonl(tmp_path / "n.jsonl", [{"prompt": "q",
+                                                     "chosen": chat(("user", "q"), ("assistant", "good")),
+                                                     "rejected": chat(("user", "q"), ("assistant", "bad"))}]))
+    assert nested == Example(chat(("user", "q")), "good", "bad", None, nested.file, 1)
+
+
+def test_format_is_detected_per_file_and_can_be_forced(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "response": "r"}])
+    assert parse_file(path)[2] == "prompt_response"
+    _, problems, _ = parse_file(path, "preference")
+    assert [str(p) for p in problems] == [f"{path}:1: chosen: missing", f"{path}:1: rejected: missing"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _problems(path, fmt="auto"):
+    with pytest.raises(DataError) as err:
+        load_file(str(path), fmt)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("line,field,what", [
+    ('{"prompt": "q", "response": }', "record", "invalid JSON"),
+    ('{"prompt": "q"}', "response", "missing"),
+    ('{"prompt": 5, "response": "r"}', "prompt", "expected a string, got int"),
+    ('{"prompt": "q", "response": ["r"]}', "response", "expected a string, got a list"),
+    ('{"prompt": "q", "response": "  \\n "}', "response", "empty"),
+    ('["q", "r"]', "record", "expected a JSON object, got a list"),
+])
+def test_bad_jsonl_record_names_file_line_field(tmp_path, line, field, what):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, line, GOOD])
+    assert f"{path}:2: {field}: {what}" in _problems(path)
+
+
+@pytest.mark.parametrize("msgs,field,what", [
+    (chat(("user", "q"), ("bot", "r")), "messages[1].role", "unknown role 'bot'"),
+    (chat(("system", "s"), ("user", "q")), "messages", "no assistant turn"),
+    (chat(("user", "q"), ("assistant", "r"), ("user", "more?")), "messages[2]",
+     "a user turn after the last assistant turn"),
+    (chat(("user", "q"), ("system", "s"), ("assistant", "r")), "messages[1].role", "a system turn may only come first"),
+    (chat(("user", "q"), ("assistant", "")), "messages[1].content", "empty"),
+    ([{"role": "user"}, {"role": "assistant", "content": "r"}], "messages[0].content", "missing"),
+    (chat(("system", "s"), ("assistant", "r")), "prompt", "no user turn before the response"),
+    ("hello", "messages", "expected a list of {role, content} turns, got str"),
+])
+def test_bad_chat_names_file_line_field(tmp_path, msgs, field, what):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat(("user", "q"), ("assistant", "r"))},
+                                                 {"messages": msgs}])
+    assert f"{path}:2: {field}: {what}" in _problems(path)
+
+
+def test_non_utf8_bytes_name_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"prompt": "caf\xe9", "response": "r"}'.encode("latin-1") + b"\n")
+    assert f"{path}:2: record: not valid UTF-8: byte 0xe9 at column 16" in _problems(path)
+
+
+def test_non_utf8_in_json_array(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n{"prompt": "q", "response": "r"},\n{"prompt": "\xff", "response": "r"}\n]')
+    assert f"{path}:3: record: not valid UTF-8: byte 0xff at column 13" in _problems(path)
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("empty.json", "[ ]")])
+def test_empty_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    assert f"{path}:1: record: empty file: no records" in _problems(path)
+
+
+def test_empty_parquet_and_binary_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "response": pa.array([], pa.string())}), str(empty))
+    assert f"{empty}:1: record: empty file" in _problems(empty)
+    binary = tmp_path / "bin.parquet"
+    pq.write_table(pa.table({"prompt": ["q", "q"], "response": pa.array([b"ok", b"\xfe"], pa.binary())}), str(binary))
+    assert f"{binary}:2: response: not valid UTF-8" in _problems(binary)
+
+
+def test_parquet_non_string_column_names_row(tmp_path):
+    path = write_parquet(tmp_path / "d.parquet", [{"prompt": "q", "response": "r"}, {"prompt": "q", "response": None},
+                                                  {"prompt": "q", "response": "r"}])
+    assert f"{path}:2: response: missing" in _problems(path)
+    path = write_parquet(tmp_path / "n.parquet", [{"prompt": 1, "response": "r"}])
+    assert f"{path}:1: prompt: expected a string, got int" in _problems(path)
+
+
+def test_all_problems_are_collected(tmp_path):
+    path = write_jsonl(tmp_path / "many.jsonl", [GOOD, "{", '{"prompt": ""}', GOOD, '{"prompt": "q", "response": 3}'])
+    examples, problems, _ = parse_file(path)
+    assert len(examples) == 2
+    assert [str(p) for p in problems] == [
+        f"{path}:2: record: invalid JSON: Expecting property name enclosed in double quotes at column 2",
+        f"{path}:3: prompt: empty", f"{path}:3: response: missing",
+        f"{path}:5: response: expected a string, got int"]
+
+
+def test_spin_generated_prompt_must_match_real(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"real": chat(("user", "q"), ("assistant", "r")),
+                                               "generated": chat(("user", "other"), ("assistant", "g"))}])
+    assert f"{path}:1: generated: its prompt turns differ" in _problems(path)
+
+
+def test_unknown_fields_or_file_type(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    assert f"{path}:1: record: cannot tell the format from fields ['answer', 'question']" in _problems(path)
+    other = tmp_path / "d.csv"
+    other.write_text("prompt,response\nq,r\n")
+    assert f"{other}:1: file: unknown file type '.csv'" in _problems(other)
+    assert f"{tmp_path / 'nope.jsonl'}:1: file: no such file" in _problems(tmp_path / "nope.jsonl")
+
+
+def test_tokenizer_without_chat_template_when_one_is_needed(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "response": "r"},
+                                              {"prompt": "q", "response": "r", "system": "Be brief."}])
+    examples = load_file(path) + load_file(write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))}]))
+    plain = llama_tokenizer(chat_template=False)
+    with pytest.raises(DataError) as err:
+        tokenize_examples(plain, examples, max_prompt_len=64, max_len=128)
+    lines = str(err.value).splitlines()
+    what = "prompt: a system prompt or several turns need a chat template, and the tokenizer has none"
+    assert lines == [f"{path}:2: {what}", f"{tmp_path / 'm.jsonl'}:1: {what}"]
+
+
+def test_response_holding_the_eos_text_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "response": "done</s> and more"}])
+    with pytest.raises(DataError, match=f"{path}:1: response: contains the end-of-turn token text '</s>'"):
+        tokenize_examples(llama_tokenizer(), load_file(path), max_prompt_len=64, max_len=128)
