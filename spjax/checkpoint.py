@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 
 import jax
@@ -53,18 +54,29 @@ class Checkpointer:
         """
         self.manager.wait_until_finished()
         abstract = abstract_like(like)
+        out, bad = None, []
         for step in reversed(self.steps()):
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
+                got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                _check_finite_tree(out["state"], step)
-                return out["state"], dict(out["meta"])
+                _check_finite_tree(got["state"], step)
+                out = got["state"], dict(got["meta"])
+                break
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 msg = (f"checkpoint {self.directory}/{step} could not be restored "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to an earlier one")
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 log.warning(msg)
-        return None
+                bad.append(step)
+        # Keep unusable steps for inspection, but out of orbax's way: the resumed run saves those
+        # step numbers again.
+        if bad and jax.process_index() == 0:
+            for step in bad:
+                path = os.path.join(self.directory, str(step))
+                os.rename(path, f"{path}.corrupt-{int(time.time())}")
+        if bad:
+            self.manager.reload()
+        return out
 
     def wait(self):
         self.manager.wait_until_finished()

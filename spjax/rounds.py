@@ -25,6 +25,21 @@ from spjax.config import Config, ConfigError
 from spjax.data import batching, tokens as tok_lib
 
 log = logging.getLogger("spjax")
+_hits: dict = {}
+
+
+def _fault(point: str):
+    """Test hook: SPJAX_KILL_AT=point:n SIGKILLs this process the n-th time `point` is reached.
+
+    The kill tests use it to stop a run at exact places (mid-sampling, mid-scoring, mid-training,
+    mid-checkpoint-write) and check that --resume gives bitwise the same final model.
+    """
+    spec = os.environ.get("SPJAX_KILL_AT")
+    if not spec or not spec.startswith(point + ":"):
+        return
+    _hits[point] = _hits.get(point, 0) + 1
+    if _hits[point] == int(spec.split(":")[1]):
+        os.kill(os.getpid(), 9)
 
 
 @dataclasses.dataclass
@@ -138,6 +153,7 @@ def sample_round(ctx: Context, params, t: int, examples: list, split: str) -> di
                                  pad_id=ctx.pad_id)
             got = {e.id: np.asarray(tk, np.int32) for e, tk in zip(part, res.tokens)}
             ckpt_lib.save_arrays(path, **_pack(got))
+            _fault("sample")
         out.update(got)
         bar.update(len(part))
     bar.close()
@@ -189,6 +205,7 @@ def score_round(ctx: Context, params, t: int, pairs: dict) -> dict:
     for split, ex in pairs.items():
         real = score_examples(ctx, params, ex, "real_ids")
         bar.update(len(ex))
+        _fault("score")
         gen = score_examples(ctx, params, ex, "generated_ids")
         bar.update(len(ex))
         out[split] = (real, gen)
@@ -257,8 +274,10 @@ def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_rea
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
             pending, t0 = [], time.perf_counter()
         bar.update(1)
+        _fault("train")
         if not last and (s + 1) % r.checkpoint_every == 0:
             ctx.checkpointer.save(meta["global_step"], state, dict(meta, phase="train"))
+            _fault("checkpoint")
     bar.close()
     return state, meta, metrics_lib.mean_metrics(rows) if rows else {}
 

@@ -24,6 +24,18 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def _compile_cache():
+    """JAX's persistent compile cache: a resumed or repeated run skips most compilation.
+
+    SPJAX_COMPILE_CACHE picks the directory (default ~/.cache/spjax/xla); an empty value disables it.
+    """
+    import jax
+    path = os.environ.get("SPJAX_COMPILE_CACHE", os.path.expanduser("~/.cache/spjax/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from spjax.config import ConfigError, load_config
@@ -36,6 +48,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"spjax: config error: {e}", file=sys.stderr)
         return 2
+    _compile_cache()
     name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import rounds

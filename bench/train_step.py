@@ -1,0 +1,224 @@
+"""Pair train step: pairs/s, tokens/s, model-FLOPs utilisation and peak memory, next to the PyTorch peer.
+
+The same work as ../shared/peers/torch_pair_bench.py (DESIGN.md §4): policy forward+backward on B
+real and B generated sequences of P + R tokens, reference log-probs given, AdamW, random init;
+B=2, 16+48 for `tiny`, B=8, 256+768 (16 sequences x 1024) otherwise. One run measures spjax, the
+peer eager and the peer with --compile (peers first, before JAX takes the accelerator's memory),
+prints a table and one JSON line (also $OUT/train_step.json when OUT is set).
+
+  python bench/train_step.py --shape tiny
+  python bench/train_step.py --shape smollm2-135m --pairs 2 --prompt-len 32 --response-len 96 --steps 2
+  python bench/train_step.py --shape llama3.2-1b            # on a GPU: bf16 compute, fp32 params
+
+MFU counts 6 x params + 6 x layers x width x L FLOPs per token (the peer's convention: every
+matmul incl. the LM head, attention as if not causal), against the peak of a large matmul timed in
+the same run in the compute dtype. Peak memory is the device allocator's high-water mark where it
+keeps one (GPU/TPU), else the process's max RSS (CPU; the peers' RSS is measured the same way).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The peer's SHAPES, as ModelConfig fields (LlamaConfig defaults elsewhere: rms eps 1e-6, theta 1e4).
+SHAPES = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
+                 num_heads=4, num_kv_heads=2, tie_embeddings=True),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, tie_embeddings=True, rope_theta=500000.0,
+                        max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, tie_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+}
+
+# Runs the peer in this child interpreter and appends its own max RSS: CPU peers report no memory.
+_PEER_WRAPPER = ("import atexit, resource, runpy, sys; "
+                 "atexit.register(lambda: print('PEER_MAX_RSS_KB', "
+                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def peer_script() -> str:
+    base = os.environ.get("SPJAX_PEERS") or os.path.join(ROOT, "..", "shared", "peers")
+    return os.path.abspath(os.path.join(base, "torch_pair_bench.py"))
+
+
+def run_peer(a, compile_: bool) -> dict:
+    """The peer's train figures ({'error': ...} when it cannot run)."""
+    path = peer_script()
+    if not os.path.exists(path):
+        return {"error": f"peer script not found at {path} (set SPJAX_PEERS)"}
+    args = [path, "--shape", a.shape, "--skip-generate", "--pairs", str(a.pairs), "--prompt-len", str(a.prompt_len),
+            "--response-len", str(a.response_len), "--steps", str(a.steps)] + (["--compile"] if compile_ else [])
+    try:
+        p = subprocess.run([sys.executable, "-c", _PEER_WRAPPER] + args, capture_output=True, text=True,
+                           timeout=a.peer_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {a.peer_timeout}s"}
+    train, rss = None, None
+    for line in p.stdout.splitlines():
+        if line.startswith('{"train"'):
+            train = json.loads(line)["train"]
+        elif line.startswith("PEER_MAX_RSS_KB"):
+            rss = int(line.split()[1]) * 1024
+    if p.returncode or not train:
+        return {"error": f"rc={p.returncode}: {(p.stderr or p.stdout)[-600:]}"}
+    return {"pairs_per_s": train["pairs"] / train["step_s"], "tokens_per_s": train["tokens_per_s"],
+            "step_s": train["step_s"], "model_tflops_per_s": train["model_tflops_per_s"],
+            "peak_mem_gb": train["peak_mem_gb"] if train["peak_mem_gb"] is not None else rss / 1e9,
+            "mem_kind": "device" if train["peak_mem_gb"] is not None else "process max RSS"}
+
+
+def matmul_peak_flops(dtype, n: int, reps: int) -> float:
+    """FLOP/s of an n x n x n matmul on the default device, best of `reps` timed runs after warm-up."""
+    import jax
+    import jax.numpy as jnp
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
+    mm(a, b).block_until_ready()
+    inner = 10 if jax.default_backend() != "cpu" else 1  # amortise dispatch on fast devices
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = mm(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return 2 * n ** 3 / best
+
+
+def run_spjax(a) -> dict:
+    import jax
+    import numpy as np
+
+    from spjax import sharding, step
+    from spjax.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
+
+    on_cpu = jax.default_backend() == "cpu"
+    compute = a.compute_dtype or ("float32" if on_cpu else "bfloat16")
+    remat = a.remat or ("none" if a.shape == "tiny" else "dots")
+    cfg = ModelConfig(**SHAPES[a.shape], rms_norm_eps=1e-6, compute_dtype=compute, remat=remat)
+    B, P, R, L = a.pairs, a.prompt_len, a.response_len, a.prompt_len + a.response_len
+    mesh = sharding.make_mesh(MeshConfig())
+    opt_cfg = OptimConfig(lr=1e-6, warmup_frac=0.0, schedule="constant", weight_decay=0.01)
+    optimizer = step.make_optimizer(opt_cfg, total_steps=1000)
+    params = sharding.init_params(cfg, jax.random.key(0), mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    state = step.init_state(cfg, params, optimizer, mesh)
+    del params  # the state holds its own copy
+
+    rng = np.random.default_rng(0)
+    target = np.zeros((B, L), np.int32)
+    target[:, P:] = 1
+    batch = {"real_ids_BxL": rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
+             "gen_ids_BxL": rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
+             "real_mask_BxL": np.ones((B, L), np.int32), "gen_mask_BxL": np.ones((B, L), np.int32),
+             "real_target_BxL": target, "gen_target_BxL": target,
+             "ref_real_B": rng.normal(size=B).astype(np.float32),
+             "ref_gen_B": rng.normal(size=B).astype(np.float32)}
+    shapes = step.pair_batch_shapes(B, L)
+    batch = jax.device_put(batch, step.batch_shardings(mesh, shapes))
+    fn = step.make_train_step(cfg, ObjectiveConfig(name="spin"), opt_cfg, optimizer, mesh, shapes)
+
+    t = time.perf_counter()
+    for _ in range(3):  # the first call compiles; warm-up is not timed (the peer also runs 3)
+        state, metrics = fn(state, batch)
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        state, metrics = fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    dt = (time.perf_counter() - t) / a.steps
+    assert bool(metrics["finite"]), "non-finite loss in the benchmark step"
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak, mem_kind = stats["peak_bytes_in_use"] / 1e9, "device"
+    else:
+        peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "process max RSS"
+    del state, metrics, batch
+
+    dtype = jax.numpy.dtype(compute)
+    n = a.matmul_size or (2048 if on_cpu else 8192)
+    peak_flops = matmul_peak_flops(dtype, n, reps=3) * jax.device_count()
+    flops_tok = 6 * n_params + 6 * cfg.num_layers * cfg.hidden_size * L
+    tokens = 2 * B * L
+    return {"device": f"{jax.device_count()}x {dev.device_kind}", "backend": jax.default_backend(),
+            "compute_dtype": compute, "remat": remat, "params": int(n_params), "pairs": B, "seq_len": L,
+            "step_s": dt, "compile_and_warmup_s": warmup_s, "pairs_per_s": B / dt, "tokens_per_s": tokens / dt,
+            "model_tflops_per_s": flops_tok * tokens / dt / 1e12,
+            "matmul_peak_tflops": peak_flops / 1e12, "matmul_size": n,
+            "mfu": flops_tok * tokens / dt / peak_flops, "peak_mem_gb": peak, "mem_kind": mem_kind}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--pairs", type=int)
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--response-len", type=int)
+    ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps")
+    ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="default: fp32 on CPU, else bf16")
+    ap.add_argument("--remat", choices=("none", "full", "dots"), help="default: none for tiny, else dots")
+    ap.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048 CPU, 8192 else)")
+    ap.add_argument("--no-peer", action="store_true", help="measure spjax only")
+    ap.add_argument("--peer-timeout", type=int, default=1800)
+    a = ap.parse_args(argv)
+    big = a.shape != "tiny"
+    a.pairs = a.pairs or (8 if big else 2)
+    a.prompt_len = a.prompt_len or (256 if big else 16)
+    a.response_len = a.response_len or (768 if big else 48)
+    a.steps = a.steps or (8 if big else 3)
+
+    peers = {}
+    if not a.no_peer:  # before JAX starts: on a GPU it would hold the memory the peers need
+        for name, comp in (("torch_eager", False), ("torch_compile", True)):
+            peers[name] = run_peer(a, comp)
+            print(f"{name}: {peers[name]}", file=sys.stderr, flush=True)
+    ours = run_spjax(a)
+
+    ratios = {}
+    for name, p in peers.items():
+        if "error" not in p:
+            ratios[f"tokens_per_s_vs_{name}"] = ours["tokens_per_s"] / p["tokens_per_s"]
+            ratios[f"peak_mem_vs_{name}"] = ours["peak_mem_gb"] / p["peak_mem_gb"]
+
+    print(f"\npair train step, shape {a.shape}: {a.pairs} pairs x {a.prompt_len}+{a.response_len} tokens "
+          f"on {ours['device']} ({ours['compute_dtype']} compute, remat {ours['remat']}, "
+          f"{ours['params'] / 1e6:.1f}M params)")
+    print(f"{'':15s} {'pairs/s':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'peak GB':>8s}")
+    print(f"{'spjax':15s} {ours['pairs_per_s']:9.3f} {ours['tokens_per_s']:10.1f} "
+          f"{ours['model_tflops_per_s']:8.4f} {ours['mfu']:7.2%} {ours['peak_mem_gb']:8.3f}")
+    for name, p in peers.items():
+        if "error" in p:
+            print(f"{name:15s} error: {p['error'][:200]}")
+        else:
+            p["mfu"] = p["model_tflops_per_s"] / ours["matmul_peak_tflops"]  # same peak, same convention
+            print(f"{name:15s} {p['pairs_per_s']:9.3f} {p['tokens_per_s']:10.1f} "
+                  f"{p['model_tflops_per_s']:8.4f} {p['mfu']:7.2%} {p['peak_mem_gb']:8.3f}")
+    print(f"matmul peak {ours['matmul_peak_tflops']:.4f} TFLOP/s ({ours['compute_dtype']}, n={ours['matmul_size']}); "
+          f"memory: {ours['mem_kind']}")
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.3f}")
+    record = {"bench": "train_step", "shape": a.shape, "spjax": ours, **peers, "ratios": ratios}
+    print(json.dumps(record))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The sharded pair train step: policy forward+backward on real and generated responses, optax update.
+
+Dimensions as in spjax.model, plus A (micro-batches per step) and b = B // A (pairs per micro-batch).
+A pair batch is a dict of arrays, B pairs of length L each:
+  real_ids_BxL, real_mask_BxL (valid tokens), real_target_BxL (response tokens to score),
+  gen_ids_BxL,  gen_mask_BxL,                 gen_target_BxL,
+  ref_real_B, ref_gen_B  (the frozen reference's sequence log-probs, precomputed once per round).
+The reference never enters the step as a model: its log-probs are inputs (DESIGN.md §1 step 3).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from spjax import logprobs, model, objectives, sharding
+from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+
+PAIR_KEYS = ("real_ids_BxL", "real_mask_BxL", "real_target_BxL",
+             "gen_ids_BxL", "gen_mask_BxL", "gen_target_BxL", "ref_real_B", "ref_gen_B")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 []: steps taken, skipped ones included (the data cursor)
+    skipped: jax.Array  # int32 []: steps whose update was dropped because loss or grads were non-finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(opt_cfg: OptimConfig, total_steps: int):
+    """Linear warmup from 0 over warmup_frac * total_steps, then linear/cosine decay to 0 or constant."""
+    if total_steps < 1:
+        raise ConfigError(f"optim: total_steps must be >= 1, got {total_steps}")
+    warmup = int(round(opt_cfg.warmup_frac * total_steps))
+    rest = max(total_steps - warmup, 1)
+    if opt_cfg.schedule == "linear":
+        decay = optax.linear_schedule(opt_cfg.lr, 0.0, rest)
+    elif opt_cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(opt_cfg.lr, rest)
+    elif opt_cfg.schedule == "constant":
+        decay = optax.constant_schedule(opt_cfg.lr)
+    else:
+        raise ConfigError(f"optim.schedule: {opt_cfg.schedule!r} not in ('linear', 'cosine', 'constant')")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    # Norm scales and biases are not decayed (the usual AdamW practice); matched by name because
+    # the layer-stacked norm scales are 2-D ([N, D]) like a matrix.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(s in jax.tree_util.keystr(path) for s in ("norm", "bias")), params)
+
+
+def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW or RMSProp on the schedule; the lr is readable from the state.
+
+    rmsprop follows PyTorch's RMSprop (what SPIN ran): second-moment decay b2, eps outside the
+    square root, no momentum, no bias correction; b1 is unused. Weight decay is decoupled for both.
+    """
+    if opt_cfg.nonfinite not in ("skip", "raise"):
+        raise ConfigError(f"optim.nonfinite: {opt_cfg.nonfinite!r} not in ('skip', 'raise')")
+    if opt_cfg.name not in ("adamw", "rmsprop"):
+        raise ConfigError(f"optim.name: {opt_cfg.name!r} not in ('adamw', 'rmsprop')")
+    mask = _decay_mask if opt_cfg.weight_decay else None
+
+    def chain(learning_rate):
+        parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
+        if opt_cfg.name == "adamw":
+            parts.append(optax.adamw(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                                     weight_decay=opt_cfg.weight_decay, mask=mask))
+        else:
+            parts.append(optax.scale_by_rms(decay=opt_cfg.b2, eps=opt_cfg.eps, eps_in_sqrt=False))
+            if opt_cfg.weight_decay:
+                parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask))
+            parts.append(optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(*parts)
+
+    # inject_hyperparams keeps the lr used by each update in the state, so the step can report it.
+    return optax.inject_hyperparams(chain)(learning_rate=make_schedule(opt_cfg, total_steps))
+
+
+def _learning_rate(opt_state):
+    """The lr of the latest update where the optimizer injects it (make_optimizer's do), else NaN."""
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams:
+            return jnp.asarray(s.hyperparams["learning_rate"], jnp.float32)
+    return jnp.float32(jnp.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# State and shardings
+
+
+def state_shardings(cfg: ModelConfig, mesh: Mesh, optimizer) -> TrainState:
+    """NamedShardings of a TrainState: params by the RULES table, optimizer moments like their
+    params (so FSDP shards them too), scalars (counts, step, lr) replicated."""
+    param_sh = sharding.param_shardings(cfg, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, model.param_shapes(cfg))
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    rep = sharding.replicated(mesh)
+    return TrainState(params=param_sh, opt_state=opt_sh, step=rep, skipped=rep)
+
+
+def _mesh_of(tree) -> Mesh | None:
+    leaf = jax.tree.leaves(tree)[0]
+    sh = getattr(leaf, "sharding", None)
+    return sh.mesh if isinstance(sh, NamedSharding) else None
+
+
+def init_state(cfg: ModelConfig, params, optimizer, mesh: Mesh | None = None) -> TrainState:
+    """A fresh TrainState born sharded (default mesh: the params'). params are copied, not donated:
+    the caller usually keeps them as the frozen opponent/reference."""
+    mesh = mesh or _mesh_of(params)
+    if mesh is None:
+        raise ValueError("init_state: pass a mesh, or params sharded with NamedShardings")
+
+    def init(p):
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(params=p, opt_state=optimizer.init(p), step=zero, skipped=zero)
+
+    return jax.jit(init, out_shardings=state_shardings(cfg, mesh, optimizer))(params)
+
+
+def batch_shardings(mesh: Mesh, batch_shapes: dict) -> dict:
+    """Each batch array split over the data-parallel axes along its leading (pair) dimension."""
+    return {k: sharding.batch_sharding(mesh, len(_shape(v))) for k, v in batch_shapes.items()}
+
+
+def _shape(x):
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
+
+
+def _check_batch(mesh: Mesh, batch_shapes: dict, grad_accum: int):
+    missing = [k for k in PAIR_KEYS if k not in batch_shapes]
+    if missing:
+        raise ValueError(f"pair batch lacks {missing}; expected keys {PAIR_KEYS}")
+    B = _shape(batch_shapes["real_ids_BxL"])[0]
+    dp = sharding.data_parallel_size(mesh)
+    if B % grad_accum:
+        raise ConfigError(f"optim.grad_accum: {B} pairs do not split into {grad_accum} micro-batches")
+    if B % dp:
+        raise ConfigError(f"batch: {B} pairs do not split over {dp} data-parallel devices")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and the step
+
+
+def _constrain_batch(x, mesh):
+    """Keep the leading dim split over data x fsdp where it divides (an uneven split would pad)."""
+    if mesh is None or x.shape[0] % sharding.data_parallel_size(mesh):
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
+
+def _interleave(real, gen):
+    # [B, L] x 2 -> [2B, L] as real_0, gen_0, real_1, ...: a device's real and generated rows stay
+    # on that device, where a plain concatenate would move half of them across the batch split.
+    return jnp.stack([real, gen], axis=1).reshape(-1, *real.shape[1:])
+
+
+def _scored_tokens(target_BxL, mask_BxL):
+    # What logprobs scores: response tokens that are valid, never position 0 (it has no context).
+    return jnp.sum((target_BxL.astype(bool) & mask_BxL.astype(bool))[:, 1:], axis=-1).astype(jnp.float32)
+
+
+def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh=None,
+                 n_real_per_micro=None):
+    """Scalar objective loss of one pair batch and the objective's aux metrics (one forward of 2B).
+
+    n_real_per_micro: the whole batch's scored real tokens / A. Given, the per-token NLL term is
+    normalised by it instead of this micro-batch's own count, so the mean over A equal micro-batches
+    is exactly the whole batch's token-weighted NLL.
+    """
+    ids_2BxL = _constrain_batch(_interleave(batch["real_ids_BxL"], batch["gen_ids_BxL"]), mesh)
+    mask_2BxL = _constrain_batch(_interleave(batch["real_mask_BxL"], batch["gen_mask_BxL"]), mesh)
+    target_2BxL = _constrain_batch(_interleave(batch["real_target_BxL"], batch["gen_target_BxL"]), mesh)
+    lp_Bx2 = logprobs.sequence_logprobs(model_cfg, params, ids_2BxL, target_2BxL, mask_2BxL).reshape(-1, 2)
+    n_real_B = _scored_tokens(batch["real_target_BxL"], batch["real_mask_BxL"])
+    if n_real_per_micro is not None:  # rescale so the counts sum to n_real_per_micro
+        n_real_B = n_real_B * (n_real_per_micro / jnp.maximum(jnp.sum(n_real_B), 1.0))
+    loss, aux = objectives.objective_loss(obj_cfg, lp_Bx2[:, 0], lp_Bx2[:, 1],
+                                          batch["ref_real_B"], batch["ref_gen_B"], n_real_B)
+    aux = dict(aux)
+    aux["pair_loss"] = aux.pop("loss")  # aux's 'loss' is the pair loss alone; 'loss' below is the total
+    return loss, aux
+
+
+def _micro_batches(x, A):
+    # Strided split (micro-batch a holds pairs a, a+A, ...) so every micro-batch keeps the full
+    # data-parallel split of the pair dimension; the split is free, and pair losses are means, so
+    # which pairs share a micro-batch does not change the result.
+    return x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
+
+
+def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig,
+               optimizer, grad_accum: int = 1, mesh: Mesh | None = None):
+    """One optimizer step on a pair batch: (new state, metrics). Pure; jit it via make_train_step."""
+    A = grad_accum
+    grad_fn = jax.value_and_grad(pair_loss_fn, has_aux=True)
+    f32 = jnp.float32
+    if A == 1:
+        (loss, aux), grads = grad_fn(state.params, batch, model_cfg, obj_cfg, mesh)
+        grads = jax.tree.map(lambda g: g.astype(f32), grads)
+    else:
+        n_real = jnp.sum(_scored_tokens(batch["real_target_BxL"], batch["real_mask_BxL"])) / A
+        micro = {k: _micro_batches(v, A) for k, v in batch.items()}
+
+        def body(g_sum, mb):
+            mb = {k: _constrain_batch(v, mesh) for k, v in mb.items()}
+            (l, x), g = grad_fn(state.params, mb, model_cfg, obj_cfg, mesh, n_real)
+            return jax.tree.map(lambda s, gi: s + gi.astype(f32), g_sum, g), (l, x)
+
+        # fp32 accumulators shaped and sharded like the params (FSDP: each device sums its shard).
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params)
+        if mesh is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, sharding.param_shardings(model_cfg, mesh))
+        g_sum, (loss_A, aux_A) = jax.lax.scan(body, zeros, micro)
+        # Equal micro-batches of a mean-over-pairs loss: the plain mean is the full-batch gradient.
+        grads = jax.tree.map(lambda g: g / A, g_sum)
+        loss, aux = jnp.mean(loss_A), jax.tree.map(jnp.mean, aux_A)
+
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A NaN/Inf loss or gradient drops the whole update: params and optimizer state stay as they
+    # were (also in 'raise' mode, so the driver can stop with a clean state to checkpoint).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                           step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+    n_tokens = sum(jnp.sum(batch[k].astype(jnp.int32)) for k in ("real_mask_BxL", "gen_mask_BxL"))
+    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": _learning_rate(new_opt),
+               "finite": finite, "skipped": new_state.skipped, "step": state.step, "n_tokens": n_tokens}
+    return new_state, metrics
+
+
+def make_train_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, opt_cfg: OptimConfig, optimizer,
+                    mesh: Mesh, batch_shapes: dict):
+    """train_step jitted once for this mesh and batch shape: fn(state, batch) -> (state, metrics).
+
+    The state argument is donated: its buffers become the new state's, so only one copy of params
+    and optimizer state is live. Call check_finite(metrics, opt_cfg) on the host after each step.
+    """
+    _check_batch(mesh, batch_shapes, opt_cfg.grad_accum)
+    state_sh = state_shardings(model_cfg, mesh, optimizer)
+    fn = functools.partial(train_step, model_cfg=model_cfg, obj_cfg=obj_cfg, optimizer=optimizer,
+                           grad_accum=opt_cfg.grad_accum, mesh=mesh)
+    return jax.jit(
+        fn,
+        # state: params sharded by the logical-axis RULES (fsdp splits the width, tensor splits
+        #   heads/mlp/vocab), optimizer moments exactly like their params, counters replicated.
+        # batch: the pair dimension split over data x fsdp; sequence positions stay whole.
+        in_shardings=(state_sh, batch_shardings(mesh, batch_shapes)),
+        # The new state lands where the old one was (so donation reuses its buffers and the next
+        # call hits the same executable); metrics are replicated scalars every host can read.
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnames=("state",),
+    )
+
+
+def check_finite(metrics, opt_cfg: OptimConfig) -> bool:
+    """Host side: True when the step was finite; raise FloatingPointError in nonfinite='raise' mode."""
+    if bool(metrics["finite"]):
+        return True
+    if opt_cfg.nonfinite == "raise":
+        raise FloatingPointError(
+            f"step {int(metrics['step'])}: non-finite loss/grad (loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}); the update was dropped and the state is the "
+            f"one before this step. Set optim.nonfinite=skip to count and skip such steps instead.")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and reference scoring
+
+
+def eval_step(params, batch, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh=None):
+    """Loss and the objective's aux on a pair batch, no update."""
+    loss, aux = pair_loss_fn(params, batch, model_cfg, obj_cfg, mesh)
+    return {"loss": loss, **aux}
+
+
+def make_eval_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh: Mesh, batch_shapes: dict):
+    """eval_step jitted for this mesh and batch shape: fn(params, batch) -> metrics."""
+    _check_batch(mesh, batch_shapes, 1)
+    fn = functools.partial(eval_step, model_cfg=model_cfg, obj_cfg=obj_cfg, mesh=mesh)
+    # params as in training; batch split over data x fsdp; metrics replicated.
+    return jax.jit(fn, in_shardings=(sharding.param_shardings(model_cfg, mesh), batch_shardings(mesh, batch_shapes)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(cfg, params, ids_BxL, mask_BxL, target_BxL):
+    return logprobs.sequence_logprobs(cfg, params, ids_BxL, target_BxL, mask_BxL)
+
+
+def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | None = None):
+    """fp32 [B] sequence log-probs of the target tokens (the reference scores of a round).
+
+    The batch is split over the data-parallel axes of `mesh` (default: the params' mesh) when B
+    divides, else replicated; params stay where they are.
+    """
+    mesh = mesh or _mesh_of(params)
+    if mesh is not None:
+        B = np.shape(ids_BxL)[0]
+        sh = sharding.batch_sharding(mesh, 2) if B % sharding.data_parallel_size(mesh) == 0 \
+            else sharding.replicated(mesh)
+        ids_BxL, mask_BxL, target_BxL = jax.device_put((ids_BxL, mask_BxL, target_BxL), sh)
+    return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
+
+
+def pair_batch_shapes(batch_size: int, length: int) -> dict:
+    """ShapeDtypeStructs of a pair batch of `batch_size` pairs of `length` tokens."""
+    i32, f32 = jnp.int32, jnp.float32
+    out = {k: jax.ShapeDtypeStruct((batch_size, length), i32) for k in PAIR_KEYS if k.endswith("BxL")}
+    out.update({k: jax.ShapeDtypeStruct((batch_size,), f32) for k in ("ref_real_B", "ref_gen_B")})
+    return out
+
+
+__all__ = ["TrainState", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings", "init_state",
+           "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
+           "eval_step", "make_eval_step", "score", "pair_batch_shapes"]
+
