@@ -196,6 +196,7 @@ class DataConfig:
     max_examples: int = 0  # 0: all
     seed: int = 0
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
+    system_prompt: str = ""  # a system turn for prompts without one (replaces a template's default)
 
 
 @dataclasses.dataclass(frozen=True)

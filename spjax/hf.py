@@ -202,7 +202,7 @@ def _get(tree, path):
 def params_to_tensors(cfg: ModelConfig, params) -> dict:
     """HF-named numpy tensors (in the params' dtype) for a params tree (gathered to host)."""
     out = {}
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    host = jax.tree.map(shd.to_host, params)
     for leaf, (name, _, to_hf) in _hf_top_map(cfg).items():
         out[name] = np.ascontiguousarray(to_hf(host[leaf]))
     for leaf, (name, _, to_hf) in _hf_layer_map(cfg).items():

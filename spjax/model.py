@@ -72,7 +72,8 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, layer_cache, rope, mask_BxLxS, cache_index):
+    def __call__(self, carry, layer, rope, mask_BxLxS, cache_index):
+        x_BxLxD, cache = carry
         cfg = self.cfg
         D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         pdt, cdt = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
@@ -93,12 +94,14 @@ class Block(nn.Module):
         q_BxLxHxDh = _rope(q_BxLxHxDh, sin, cos)
         k_BxLxKxDh = _rope(k_BxLxKxDh, sin, cos)
 
-        if layer_cache is not None:  # write this chunk at cache_index, attend over the whole buffer
-            k_BxSxKxDh = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_BxLxKxDh.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v_BxSxKxDh = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_BxLxKxDh.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            layer_cache = {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
+        if cache is not None:
+            # The whole [N, B, S, K, Dh] buffer rides in the scan carry and only this layer's new
+            # rows are written, so XLA updates it in place instead of rebuilding it every step.
+            at = (layer, 0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxDh[None].astype(cache["k"].dtype), at),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxDh[None].astype(cache["v"].dtype), at)}
+            k_BxSxKxDh = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False)
+            v_BxSxKxDh = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
         else:
             k_BxSxKxDh, v_BxSxKxDh = k_BxLxKxDh, v_BxLxKxDh
 
@@ -118,7 +121,7 @@ class Block(nn.Module):
         up_BxLxF = jnp.einsum("BLD,DF->BLF", h, w("up", (D, F), ("embed", "mlp")))
         x_BxLxD = x_BxLxD + jnp.einsum("BLF,FD->BLD", nn.silu(gate_BxLxF) * up_BxLxF,
                                        w("down", (F, D), ("mlp", "embed")))
-        return x_BxLxD, layer_cache
+        return (x_BxLxD, cache), None
 
 
 _REMAT_POLICIES = {
@@ -170,11 +173,12 @@ class Decoder(nn.Module):
         if cfg.sliding_window is not None:
             if cache is None:
                 k_pos_BxS = positions_BxL
-            else:  # slot positions are not stored in the cache; slots advance one per token
-                k_pos_BxS = positions_BxL[:, :1] - cache_index + jnp.arange(S)[None]
+            else:  # positions are not stored in the cache: a valid slot's position is its rank
+                k_pos_BxS = jnp.cumsum(kv_mask_BxS.astype(jnp.int32), axis=1) - 1  # valid slots count up
             mask_BxLxS &= (positions_BxL[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window
 
-        x_BxLxD, cache = self.layers(x_BxLxD, cache, rope, mask_BxLxS, cache_index)
+        (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), rope, mask_BxLxS,
+                                          cache_index)
         return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps), cache
 
     def unembed(self, hidden_BxLxD):

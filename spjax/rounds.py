@@ -98,9 +98,15 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print) -> tuple[Context,
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
                           "or choose another workdir")
+    shd.barrier("spjax-workdir-checked")  # before process 0 writes the marker below
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-    prepared = data_lib.prepare(cfg.data, tokenizer, cfg.data.tfds_dir or os.path.join(workdir, "tfds"))
+    tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_index() == 0:  # one process prepares the TFDS dataset, the others then read it
+        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir)
+    shd.barrier("spjax-data-prepared")
+    if jax.process_index() != 0:
+        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir)
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     if cfg.model_path:
@@ -131,7 +137,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print) -> tuple[Context,
 
 
 def sample_round(ctx: Context, params, t: int, examples: list, split: str) -> dict:
-    """{example id: generated token ids} for `examples`, reusing chunks already on disk."""
+    """{example id: (generated token ids, their log-probs under the opponent)}, reusing chunks on disk."""
     s, n = ctx.cfg.sampling, len(examples)
     chunk_dir = os.path.join(ctx.round_dir(t), f"samples_{split}")
     done_path = os.path.join(ctx.round_dir(t), f"samples_{split}.npz")
@@ -151,7 +157,8 @@ def sample_round(ctx: Context, params, t: int, examples: list, split: str) -> di
                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, eos_ids=ctx.eos_ids, batch_size=per_chunk, mesh=ctx.mesh,
                                  pad_id=ctx.pad_id)
-            got = {e.id: np.asarray(tk, np.int32) for e, tk in zip(part, res.tokens)}
+            got = {e.id: (np.asarray(tk, np.int32), np.asarray(lp, np.float32))
+                   for e, tk, lp in zip(part, res.tokens, res.logprobs)}
             ckpt_lib.save_arrays(path, **_pack(got))
             _fault("sample")
         out.update(got)
@@ -164,14 +171,14 @@ def sample_round(ctx: Context, params, t: int, examples: list, split: str) -> di
 
 def _pack(gen: dict) -> dict:
     ids = np.asarray(sorted(gen), np.int64)
-    lens = np.asarray([len(gen[i]) for i in ids], np.int64)
-    flat = np.concatenate([gen[i] for i in ids]) if len(ids) else np.zeros(0, np.int32)
-    return {"ids": ids, "lengths": lens, "tokens": flat.astype(np.int32)}
+    lens = np.asarray([len(gen[i][0]) for i in ids], np.int64)
+    cat = lambda k, dt: (np.concatenate([gen[i][k] for i in ids]) if len(ids) else np.zeros(0)).astype(dt)
+    return {"ids": ids, "lengths": lens, "tokens": cat(0, np.int32), "logprobs": cat(1, np.float32)}
 
 
 def _unpack(z: dict) -> dict:
     ends = np.cumsum(z["lengths"])
-    return {int(i): z["tokens"][e - n:e] for i, n, e in zip(z["ids"], z["lengths"], ends)}
+    return {int(i): (z["tokens"][e - n:e], z["logprobs"][e - n:e]) for i, n, e in zip(z["ids"], z["lengths"], ends)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +197,28 @@ def score_examples(ctx: Context, params, examples: list, which: str) -> np.ndarr
         lp = step_lib.score(ctx.model_cfg, params, side["input_ids_BxL"], side["attention_mask_BxL"],
                             side["target_mask_BxL"], mesh=ctx.mesh)
         n = min(B, len(examples) - start)
-        out[start:start + n] = np.asarray(jax.device_get(lp))[:n]
+        out[start:start + n] = shd.to_host(lp)[:n]
     return out
 
 
-def score_round(ctx: Context, params, t: int, pairs: dict) -> dict:
-    """{split: (ref_real [n], ref_gen [n])}, cached in the round's refs.npz."""
+def sampler_scores_usable(cfg: Config) -> bool:
+    """Untempered, untruncated sampling: the sampler's token log-probs are the opponent's own."""
+    s = cfg.sampling
+    return s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
+
+
+def _summed(examples: list, token_lp: dict) -> np.ndarray:
+    # attach_generated may have cut a response to max_len: sum only the tokens that were kept
+    return np.asarray([token_lp[e.id][:len(e.generated_ids)].sum() for e in examples], np.float32)
+
+
+def score_round(ctx: Context, params, t: int, pairs: dict, sampled_lp: dict) -> dict:
+    """{split: (ref_real [n], ref_gen [n])} under the opponent, cached in the round's refs.npz.
+
+    For splits in `sampled_lp` ({split: {id: token log-probs}}) the generated side comes from the
+    sampler's own log-probs (half the scoring work), after checking the first batch against a
+    full forward pass; a mismatch falls back to scoring everything.
+    """
     path = os.path.join(ctx.round_dir(t), "refs.npz")
     if os.path.exists(path):
         z = ckpt_lib.load_arrays(path)
@@ -206,7 +229,19 @@ def score_round(ctx: Context, params, t: int, pairs: dict) -> dict:
         real = score_examples(ctx, params, ex, "real_ids")
         bar.update(len(ex))
         _fault("score")
-        gen = score_examples(ctx, params, ex, "generated_ids")
+        gen = None
+        if split in sampled_lp:
+            gen = _summed(ex, sampled_lp[split])
+            head = ex[:ctx.cfg.run.score_batch_size]
+            full = score_examples(ctx, params, head, "generated_ids")
+            # fp32 per-token agreement is ~1e-5 (sampler tests hold it to 1e-4 per token)
+            tol = 1e-4 * np.asarray([max(len(e.generated_ids), 1) for e in head])
+            if not np.all(np.abs(full - gen[:len(head)]) <= tol):
+                log.warning("round %d: sampler log-probs differ from a forward pass (max %.2e); scoring "
+                            "all generated responses", t, float(np.max(np.abs(full - gen[:len(head)]))))
+                gen = None
+        if gen is None:
+            gen = score_examples(ctx, params, ex, "generated_ids")
         bar.update(len(ex))
         out[split] = (real, gen)
     bar.close()
@@ -262,7 +297,7 @@ def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_rea
         meta = dict(meta, step=s + 1, cursor=cursor, global_step=meta["global_step"] + 1)
         last = s + 1 == total
         if len(pending) >= r.log_every or last:
-            host = jax.device_get(pending)
+            host = [jax.tree.map(shd.to_host, m_host) for m_host in pending]
             for m_host in host:
                 step_lib.check_finite(m_host, cfg.optim)
             dt = time.perf_counter() - t0
@@ -306,7 +341,10 @@ def evaluate_model(ctx: Context, params, name: str, held_pairs=None, held_refs=N
             lp[:len(held_pairs)], lp_gen, *held_refs, cfg.objective.beta, cfg.objective.c).items()})
     # the prompt's tail: the last user turn (and the template's generation prompt)
     prompts = [" ".join(tok.decode(e.prompt_ids, skip_special_tokens=True).split())[-80:] for e in held]
-    ctx.echo(f"[{name}] held-out samples:\n" + evaluate.side_by_side(prompts, preds, refs, cfg.run.eval_show))
+    first = list({p: i for i, p in reversed(list(enumerate(prompts)))}.values())[::-1]  # distinct prompts
+    pick = lambda xs: [xs[i] for i in first]
+    ctx.echo(f"[{name}] held-out samples:\n" + evaluate.side_by_side(pick(prompts), pick(preds), pick(refs),
+                                                                      cfg.run.eval_show))
     return out
 
 
@@ -328,9 +366,11 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print) -> dict:
             echo(f"resumed at round {meta['round']}, phase {meta['phase']}, step {meta['step']}")
     summary, compiled = {}, {}
     init_path = os.path.join(workdir, "rounds", "init_eval.json")
-    if not os.path.exists(init_path):
-        ckpt_lib.save_json(init_path, evaluate_model(ctx, params, "initial model"))
-    summary["initial"] = ckpt_lib.load_json(init_path)
+    if os.path.exists(init_path):
+        summary["initial"] = ckpt_lib.load_json(init_path)
+    else:
+        summary["initial"] = evaluate_model(ctx, params, "initial model")
+        ckpt_lib.save_json(init_path, summary["initial"])
     for t in range(r.rounds):
         eval_path = os.path.join(ctx.round_dir(t), "eval.json")
         if t < meta["round"]:
@@ -342,19 +382,28 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print) -> dict:
         # -- sample (the opponent = the current params, frozen for this round)
         t0 = time.perf_counter()
         held = ctx.held[:r.eval_examples] if r.eval_examples else ctx.held
-        pairs = {}
+        pairs, sampled_lp = {}, {}
         for split, ex in (("train", ctx.train), ("held", held)):
-            gen = sample_round(ctx, params, t, ex, split)
-            pairs[split] = tok_lib.attach_generated(ex, gen, max_len=cfg.data.max_len)[0]
+            if cfg.objective.name == "sft":  # the SFT baseline samples nothing: its pairs are (y, y)
+                gen = {e.id: (e.real_ids, np.zeros(len(e.real_ids), np.float32)) for e in ex}
+            else:
+                gen = sample_round(ctx, params, t, ex, split)
+            pairs[split] = tok_lib.attach_generated(ex, {i: g[0] for i, g in gen.items()},
+                                                    max_len=cfg.data.max_len)[0]
+            if sampler_scores_usable(cfg):
+                sampled_lp[split] = {i: g[1] for i, g in gen.items()}
         if r.mix_previous and t > 0:  # SPIN's D_{t-1} ∪ D_t, previous pairs re-scored under θ_t
             prev = _unpack(ckpt_lib.load_arrays(os.path.join(ctx.round_dir(t - 1), "samples_train.npz")))
             shifted = [dataclasses.replace(e, id=e.id + len(ctx.train)) for e in ctx.train]
-            pairs["prev"] = tok_lib.attach_generated(shifted, {e.id + len(ctx.train): prev[e.id] for e in ctx.train},
-                                                     max_len=cfg.data.max_len)[0]
+            pairs["prev"] = tok_lib.attach_generated(
+                shifted, {e.id + len(ctx.train): prev[e.id][0] for e in ctx.train}, max_len=cfg.data.max_len)[0]
         times["sample_s"] = time.perf_counter() - t0
         # -- score
         t0 = time.perf_counter()
-        refs = score_round(ctx, params, t, pairs)
+        if cfg.objective.name == "sft":  # its loss reads no reference scores
+            refs = {k: (np.zeros(len(v), np.float32), np.zeros(len(v), np.float32)) for k, v in pairs.items()}
+        else:
+            refs = score_round(ctx, params, t, pairs, sampled_lp)
         times["score_s"] = time.perf_counter() - t0
         train_ex = pairs["train"] + pairs.get("prev", [])
         ref_real = np.concatenate([refs["train"][0]] + ([refs["prev"][0]] if "prev" in refs else []))
@@ -374,9 +423,9 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print) -> dict:
         del params  # the opponent is no longer needed: its scores are on disk
         state, meta, train_row = train_round(ctx, state, train_step, t, train_ex, ref_real, ref_gen, meta)
         times["train_s"] = time.perf_counter() - t0
-        params = state.params
         meta = dict(meta, round=t + 1, phase="sample", step=0, cursor=None)
         ctx.checkpointer.save(meta["global_step"], state, meta)
+        params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
         # -- evaluate
         row = {**train_row, **evaluate_model(ctx, params, f"round {t}", pairs["held"], refs["held"]), **times}
         ctx.writer.write("round", t, row)

@@ -177,7 +177,7 @@ def _record(s: _State, step, token_B, logprob_B, alive_B, eos_E, pad_id) -> _Sta
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
 def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
-              example_ids_B, key, knobs, eos_E):
+              example_ids_B, key_data, knobs, eos_E):
     """Sample up to T tokens per row. Params are an argument (not a closed-over constant) so one
     compiled program serves every round's params and XLA never embeds the weights.
 
@@ -186,6 +186,9 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     """
     mesh, T = settings.mesh, settings.max_new_tokens
     B, P = prompt_BxP.shape
+    # The key enters as raw uint32 data: a host array every process holds whole, which a
+    # multi-process jit accepts as a replicated input (a typed key on one device it does not).
+    key = jax.random.wrap_key_data(key_data)
     keys_B = _batch(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), mesh)
 
     logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
@@ -309,14 +312,16 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
     eos_E = np.full(max(_EOS_ROUND, -(-len(eos) // _EOS_ROUND) * _EOS_ROUND), -1, np.int32)
     eos_E[:len(eos)] = eos
     greedy = temperature == 0
-    knobs = dict(temperature=jnp.float32(1.0 if greedy else temperature), top_k=jnp.int32(top_k),
-                 top_p=jnp.float32(top_p))
+    knobs = dict(temperature=np.float32(1.0 if greedy else temperature), top_k=np.int32(top_k),
+                 top_p=np.float32(top_p))
     truncate = not greedy and (top_k > 0 or top_p < 1.0)
 
     dp = 1 if mesh is None else shd.data_parallel_size(mesh)
-    if mesh is not None:
-        params = jax.device_put(params, shd.param_shardings(cfg, mesh))
-        key = jax.device_put(key, shd.replicated(mesh))
+    if mesh is not None:  # re-place only params that are not already where the rules put them
+        want = shd.param_shardings(cfg, mesh)
+        if jax.tree.leaves(jax.tree.map(lambda x, sh: getattr(x, "sharding", None) != sh, params, want)).count(True):
+            params = jax.jit(lambda p: p, out_shardings=want)(params)
+    key_data = np.asarray(jax.random.key_data(key))
     rows = -(-(batch_size or n) // dp) * dp
     order = sorted(range(n), key=lambda i: len(prompts[i])) if batch_size else list(range(n))
 
@@ -337,7 +342,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
                              cache_len=-(-(P + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND,
                              greedy=greedy, truncate=truncate, pad_id=pad_id, mesh=mesh)
         out = _generate(cfg, settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
-                        _to_device(live_B, mesh), _to_device(ids_B, mesh), key, knobs, jnp.asarray(eos_E))
+                        _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knobs, eos_E)
         out = {k: _to_host(v) for k, v in out.items()}
         steps = max(steps, int(out["steps"]))
         for r, i in enumerate(chunk):

@@ -115,6 +115,30 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def to_host(x) -> np.ndarray:
+    """A global array as numpy on every process (all-gathered when other hosts hold parts of it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, placed as a global array (each process
+    supplies only the shards its devices own)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def barrier(name: str):
+    """All processes meet here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def init_params(cfg, key, mesh: Mesh):
     """Random params born sharded: never materialised whole on one device."""
     from spjax import model
@@ -146,9 +170,14 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         num_processes = int(os.environ["SPJAX_NUM_PROCESSES"])
     if process_id is None and "SPJAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["SPJAX_PROCESS_ID"])
-    auto = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+    # Auto-detection only inside a real cluster launch: a TPU pod, or an srun step of several tasks
+    # (a bare sbatch/salloc shell also sets SLURM_JOB_ID but has no peers to meet).
+    slurm = "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    auto = slurm or any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
     if coordinator is None and not auto:
         return False
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU stand-ins for hosts
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),

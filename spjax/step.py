@@ -320,7 +320,7 @@ def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | 
         B = np.shape(ids_BxL)[0]
         sh = sharding.batch_sharding(mesh, 2) if B % sharding.data_parallel_size(mesh) == 0 \
             else sharding.replicated(mesh)
-        ids_BxL, mask_BxL, target_BxL = jax.device_put((ids_BxL, mask_BxL, target_BxL), sh)
+        ids_BxL, mask_BxL, target_BxL = (sharding.put_global(x, sh) for x in (ids_BxL, mask_BxL, target_BxL))
     return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
 
 

@@ -156,7 +156,16 @@ def load_examples(cfg: DataConfig, data_dir: Optional[str] = None) -> dict:
         train, test = tfds_builders.split_heldout(train, cfg.eval_frac, cfg.seed)
     if cfg.max_examples:
         train = train[:cfg.max_examples]
+    if cfg.system_prompt:
+        train, test = (with_system_prompt(x, cfg.system_prompt) for x in (train, test))
     return {"train": train, "test": test}
+
+
+def with_system_prompt(examples: list, system: str) -> list:
+    """Examples whose prompt gets `system` as its first turn where it has no system turn of its own."""
+    return [ex if ex.prompt_messages and ex.prompt_messages[0]["role"] == "system" else
+            dataclasses.replace(ex, prompt_messages=[{"role": "system", "content": system}, *ex.prompt_messages])
+            for ex in examples]
 
 
 def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None) -> Prepared:

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Run spjax on a Cloud TPU VM slice: create it, install spjax on every worker, train on every worker
+# (JAX finds the slice's hosts itself: spjax.sharding.init_distributed), fetch the logs, delete it.
+#
+#   bash launch/tpu_pod.sh --name spin7b --zone us-east5-a --accelerator-type v5p-32 \
+#       --config configs/spin_zephyr7b_v5p.py --workdir gs://BUCKET/spin7b [-- key=value ...]
+#
+# --dry-run prints every command it would run (gcloud, and the local tar), each after "+ ", and runs none.
+# A gs:// workdir is mounted with gcsfuse on every worker (spjax writes through a local path, and all
+# hosts must see the same checkpoints); any other workdir must be a filesystem shared by the workers.
+# Model weights and data named by the config must exist at the same path on every worker: put them
+# in the bucket (e.g. model_path=/mnt/gcs/BUCKET/models/...) or copy them in before the run.
+set -euo pipefail
+
+usage() {
+  cat >&2 <<'EOF'
+usage: bash launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE --config FILE --workdir DIR
+                              [--version RUNTIME] [--project PROJECT] [--spot] [--skip-create] [--resume]
+                              [--workers N] [--python PY] [--keep] [--dry-run] [-- key=value ...]
+  --name               TPU VM name                    --zone              e.g. us-east5-a
+  --accelerator-type   e.g. v5p-32, v4-8, v5litepod-16, v6e-8
+  --version            TPU software version (default by generation: v2-alpha-tpuv5, v2-alpha-tpuv5-lite,
+                       v2-alpha-tpuv6e, tpu-ubuntu2204-base)
+  --config / --workdir passed to python -m spjax.train (a gs:// workdir is mounted with gcsfuse)
+  --workers            hosts in the slice (default: from the accelerator type; used to fetch logs)
+  --skip-create        use an existing slice of that name      --keep     do not delete the slice
+  --resume             continue the run in --workdir           --spot     create a Spot TPU
+  --python             interpreter for the venv (default python3.11: jax 0.10 needs Python >= 3.11)
+  --dry-run            print every command, run none           -- ...     config overrides for spjax.train
+EOF
+  exit 2
+}
+
+NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" WORKERS="" PY=python3.11
+DRY=0 KEEP=0 SPOT=0 SKIP_CREATE=0 RESUME=0
+OVERRIDES=()
+need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "tpu_pod.sh: $1 needs a value" >&2; usage; }; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) need "$@"; NAME=$2; shift 2 ;;
+    --zone) need "$@"; ZONE=$2; shift 2 ;;
+    --accelerator-type) need "$@"; ACCEL=$2; shift 2 ;;
+    --version) need "$@"; VERSION=$2; shift 2 ;;
+    --project) need "$@"; PROJECT=$2; shift 2 ;;
+    --config) need "$@"; CONFIG=$2; shift 2 ;;
+    --workdir) need "$@"; WORKDIR=$2; shift 2 ;;
+    --workers) need "$@"; WORKERS=$2; shift 2 ;;
+    --python) need "$@"; PY=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    --spot) SPOT=1; shift ;;
+    --skip-create) SKIP_CREATE=1; shift ;;
+    --resume) RESUME=1; shift ;;
+    -h|--help) usage ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    *) echo "tpu_pod.sh: unknown argument: $1" >&2; usage ;;
+  esac
+done
+for pair in NAME:name ZONE:zone ACCEL:accelerator-type CONFIG:config WORKDIR:workdir; do
+  var=${pair%%:*}
+  [ -n "${!var}" ] || { echo "tpu_pod.sh: missing --${pair#*:}" >&2; usage; }
+done
+
+# Generation -> default software version, chips per named unit, and hosts.
+gen=${ACCEL%%-*}; size=${ACCEL##*-}
+[[ "$size" =~ ^[0-9]+$ ]] || { echo "tpu_pod.sh: cannot read a size from --accelerator-type $ACCEL" >&2; usage; }
+case "$gen" in
+  v5p) default_version=v2-alpha-tpuv5; chips=$((size / 2)) ;;
+  v4) default_version=tpu-ubuntu2204-base; chips=$((size / 2)) ;;
+  v5litepod|v5e) default_version=v2-alpha-tpuv5-lite; chips=$size ;;
+  v6e) default_version=v2-alpha-tpuv6e; chips=$size ;;
+  *) echo "tpu_pod.sh: unknown TPU generation in $ACCEL" >&2; usage ;;
+esac
+VERSION=${VERSION:-$default_version}
+if [ -z "$WORKERS" ]; then  # 4 chips per host, except single-host slices of up to 8 v5e/v6e chips
+  if [ "$chips" -le 4 ] || { [ "$chips" -le 8 ] && [[ "$gen" != v4 && "$gen" != v5p ]]; }; then WORKERS=1
+  else WORKERS=$((chips / 4)); fi
+fi
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+JAX_RANGE=$(sed -n 's/^jax\([<>=!~][^ #]*\).*/\1/p' "$ROOT/requirements.txt")  # e.g. >=0.10,<0.12
+REMOTE_DIR=spjax  # in each worker's home directory
+TARBALL=${TMPDIR:-/tmp}/spjax-$NAME.tgz
+LOGS=logs/$NAME
+
+where=(--zone="$ZONE")
+[ -n "$PROJECT" ] && where+=(--project="$PROJECT")
+
+# Print a command as it would be typed (words with shell characters single-quoted), then run it.
+show() {
+  local out="+" w
+  for w in "$@"; do
+    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=" $w"
+    else out+=" '${w//\'/\'\\\'\'}'"; fi
+  done
+  printf '%s\n' "$out"
+}
+run() { show "$@"; [ "$DRY" = 1 ] || "$@"; }
+
+# The trainer's working directory as the workers see it.
+if [[ "$WORKDIR" == gs://* ]]; then
+  path=${WORKDIR#gs://}; BUCKET=${path%%/*}
+  RUN_DIR=/mnt/gcs/$BUCKET${path#"$BUCKET"}
+else
+  BUCKET="" RUN_DIR=$WORKDIR
+fi
+
+q() { printf '%q' "$1"; }
+train_args="--config $(q "$CONFIG") --workdir $(q "$RUN_DIR")"
+[ "$RESUME" = 1 ] && train_args+=" --resume"
+for o in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do train_args+=" $(q "$o")"; done
+
+install_cmd="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf ~/spjax.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR"
+install_cmd+=" && (command -v $PY >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq $PY $PY-venv))"
+install_cmd+=" && PYTHON=$PY bash launch/setup.sh"
+# jax[tpu] within requirements.txt's jax range brings the libtpu that matches the jax it installs.
+install_cmd+=" && .venv/bin/python -m pip install -q 'jax[tpu]$JAX_RANGE'"
+if [ -n "$BUCKET" ]; then
+  # gcsfuse from Google's apt repository, unless the image has it
+  apt_list="deb [signed-by=/usr/share/keyrings/gcsfuse.gpg]"
+  apt_list+=" https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main"
+  install_cmd+=" && (command -v gcsfuse >/dev/null || (curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+  install_cmd+=" | sudo gpg --dearmor -o /usr/share/keyrings/gcsfuse.gpg"
+  install_cmd+=" && echo \"$apt_list\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
+  install_cmd+=" && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse))"
+  install_cmd+=" && sudo mkdir -p /mnt/gcs/$BUCKET && sudo chown \$USER /mnt/gcs/$BUCKET"
+  install_cmd+=" && (mountpoint -q /mnt/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/gcs/$BUCKET)"
+fi
+train_cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m spjax.train $train_args 2>&1 | tee ~/spjax-train.log"
+train_cmd+="; exit \${PIPESTATUS[0]}"
+
+cleanup() {
+  if [ "$KEEP" = 1 ]; then
+    echo "tpu_pod.sh: keeping $NAME (delete: gcloud compute tpus tpu-vm delete $NAME ${where[*]} --quiet)" >&2
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet
+  fi
+}
+
+# -- create
+if [ "$SKIP_CREATE" = 0 ]; then
+  create=(gcloud compute tpus tpu-vm create "$NAME" "${where[@]}" --accelerator-type="$ACCEL" --version="$VERSION")
+  [ "$SPOT" = 1 ] && create+=(--spot)
+  run "${create[@]}"
+fi
+[ "$DRY" = 1 ] || trap cleanup EXIT  # from here on, a failure still deletes the slice (unless --keep)
+
+# -- install spjax on all workers: this checkout (without venv, runs, git), then launch/setup.sh
+run tar -czf "$TARBALL" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./logs \
+  --exclude=./.jax_cache --exclude='*.egg-info' --exclude=__pycache__ .
+run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:~/spjax.tgz" "${where[@]}" --worker=all
+run gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$install_cmd"
+
+# -- train on all workers at once; keep going to fetch logs when it fails
+status=0
+run gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$train_cmd" || status=$?
+
+# -- fetch every worker's log
+run mkdir -p "$LOGS"
+for ((w = 0; w < WORKERS; w++)); do
+  run gcloud compute tpus tpu-vm scp "$NAME:~/spjax-train.log" "$LOGS/worker$w.log" "${where[@]}" --worker="$w" \
+    || echo "tpu_pod.sh: no log from worker $w" >&2
+done
+
+# -- delete (the EXIT trap; printed here in a dry run)
+[ "$DRY" = 1 ] && cleanup
+[ "$status" = 0 ] || echo "tpu_pod.sh: training exited with status $status; logs in $LOGS" >&2
+exit "$status"

@@ -1,0 +1,399 @@
+"""Ahead-of-time compile check: does a config's train step (and sampler) fit its devices' memory?
+
+  python -m spjax.compile_check --config configs/spin_zephyr7b_v5p.py [--topology v5p-32] [key=value ...]
+
+Compiles the pair train step (spjax.step) and the sampler's prefill + decode loop (spjax.sampler)
+for the config's mesh and prints each program's per-device memory from XLA's
+`compiled.memory_analysis()`. Nothing runs and nothing is materialised: the state, params and
+batches are ShapeDtypeStructs carrying their shardings, so a 7B config checks on a laptop.
+
+Targets (`--topology`, else the config file's TOPOLOGY constant, else this machine's devices):
+  TPU slices (v4-8, v5p-32, v5e-16, v6e-8, ... or a raw libtpu name like v5:2x2x4) compile for the
+  real chips through libtpu's topology description, as MaxText's train_compile does; no TPU is
+  needed, only `pip install "jax[tpu]"` matching the installed jax (or TPU_LIBRARY_PATH pointing at
+  a libtpu.so). Without libtpu, and for GPU targets (8xh100, h200, ...) unless this host has those
+  GPUs, the same programs compile for as many fake CPU devices: the mesh and shardings are the
+  target's, the byte counts are the CPU compiler's (an estimate: fusion and layouts differ).
+Exit status: 0 fits, 1 does not fit (or a program failed to compile), 2 config error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+GiB = 1 << 30
+_CAPACITY_GiB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}  # nominal HBM per chip
+_TPU_GEN = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+# chips -> (x, y, z) of 3-D torus slices (v4, v5p) and (x, y) of 2-D ones (v5e, v6e)
+_SHAPE_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
+_SHAPE_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+# GPU targets: memory the process may use, with launch/*'s XLA_PYTHON_CLIENT_MEM_FRACTION=.95
+_GPU_GiB = {"h100": 80 * 0.95, "h200": 141 * 0.95, "a100": 80 * 0.95, "b200": 180 * 0.95}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to compile for: a device kind, how many, and the memory one device offers."""
+
+    name: str
+    platform: str  # tpu | gpu | cpu
+    devices: int
+    memory_bytes: Optional[int] = None  # usable per device; None: unknown (no fit verdict)
+    topology: str = ""  # libtpu topology name, e.g. 'v5:2x2x4'
+    chip_config: str = "default"  # 'megacore' on v4/v5p: one JAX device per chip
+    host_bounds: tuple = (2, 2, 1)  # chips per host
+    wrap: tuple = (False, False, False)  # torus wrap-around links
+
+
+def parse_target(name: str) -> Target:
+    """A Target from a slice name: v5p-32 (cores), v5e-16 / v6e-8 (chips), v5:2x2x4, 8xh100, h200."""
+    key = name.strip().lower()
+    m = re.fullmatch(r"(?:(\d+)x)?(h100|h200|a100|b200)", key)
+    if m:
+        n = int(m.group(1) or 1)
+        return Target(name, "gpu", n, int(_GPU_GiB[m.group(2)] * GiB))
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", key)
+    if m:
+        gen, n = _TPU_GEN[m.group(1)], int(m.group(2))
+        three_d = gen in ("v4", "v5")
+        chips = n // 2 if three_d else n  # v4/v5p names count TensorCores, two per (megacore) chip
+        shape = (_SHAPE_3D if three_d else _SHAPE_2D).get(chips) if not (three_d and n % 2) else None
+        if shape is None:
+            known = sorted(_SHAPE_3D if three_d else _SHAPE_2D)
+            raise ValueError(f"--topology {name}: unknown slice size; known chip counts {known} "
+                             f"(or pass a libtpu name like {gen}:2x2x4)")
+        return _tpu_target(name, gen, shape)
+    m = re.fullmatch(r"(v4|v5|v5e|v6e):(\d+(?:x\d+)+)", key)
+    if m:
+        return _tpu_target(name, m.group(1), tuple(int(d) for d in m.group(2).split("x")))
+    raise ValueError(f"--topology {name}: expected a TPU slice (v5p-32, v4-8, v5e-16, v6e-8, v5:2x2x4) "
+                     "or GPUs (h100, 8xh100, h200, 8xh200)")
+
+
+def _tpu_target(name, gen, shape) -> Target:
+    chips = math.prod(shape)
+    three_d = gen in ("v4", "v5")
+    cap = _CAPACITY_GiB["v5p" if gen == "v5" else gen]
+    # Hosts hold 2x2 chips, except a single-host 2x4 v5e/v6e slice; big 3-D slices are full tori.
+    hosts = (2, 4, 1) if (not three_d and shape == (2, 4)) else (2, 2, 1)
+    if three_d:
+        wrap = (True, True, True) if chips >= 64 else (False, False, False)
+    else:
+        wrap = (shape[0] >= 16, shape[1] >= 16, False)
+    return Target(name, "tpu", chips, cap * GiB, topology=f"{gen}:{'x'.join(map(str, shape))}",
+                  chip_config="megacore" if three_d else "default", host_bounds=hosts, wrap=wrap)
+
+
+def tpu_devices(target: Target):
+    """Compile-only devices of a TPU slice (needs libtpu, not a TPU); raises when libtpu is absent."""
+    from jax.experimental import topologies
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                        chip_config_name=target.chip_config,
+                                        chips_per_host_bounds=target.host_bounds, num_slices=1,
+                                        wrap=target.wrap)
+    return list(topo.devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+    """One compiled program's per-device bytes (XLA's memory_analysis)."""
+
+    name: str
+    shape: str  # the static shape it was compiled for, e.g. 'B=64 L=1024'
+    argument: int
+    output: int
+    alias: int  # output bytes that reuse donated argument buffers
+    temp: int
+    code: int  # generated code
+    compile_s: float
+
+    @property
+    def peak(self) -> int:
+        # arguments and outputs are live together except where donation aliases them
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+@dataclasses.dataclass
+class Report:
+    target: str
+    platform: str  # what compiled: tpu (topology, compile-only), gpu, cpu
+    stand_in: str  # '' when compiled for the target itself, else why CPU devices stand in
+    n_devices: int
+    mesh: dict
+    model: dict  # architecture, params, dtypes
+    state_bytes: dict  # per device, from the shardings: params, opt_state
+    programs: list
+    memory_bytes: Optional[int]  # usable per device; None: unknown
+
+    @property
+    def peak(self) -> int:
+        # rounds.run frees the train state before sampling, so each program's own peak is the need
+        return max((p.peak for p in self.programs), default=0)
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.memory_bytes is None else self.peak <= self.memory_bytes
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["programs"] = [dict(dataclasses.asdict(p), peak=p.peak) for p in self.programs]
+        out.update(peak=self.peak, fits=self.fits)
+        return out
+
+    def format(self) -> str:
+        unit, scale = ("GiB", GiB) if self.peak >= GiB // 4 else ("MiB", 1 << 20)
+        g = lambda b: f"{b / scale:8.2f}"
+        m = self.model
+        lines = [f"compile check for {self.target}: {self.n_devices} {self.platform} devices"
+                 + (f" (stand-in: {self.stand_in})" if self.stand_in else ""),
+                 "mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items())
+                 + f"; model {m['architecture']} {m['params'] / 1e6:,.1f}M params, {m['layers']} layers, "
+                 f"params {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}",
+                 f"state per device ({unit}): "
+                 + ", ".join(f"{k} {v / scale:.2f}" for k, v in self.state_bytes.items()),
+                 f"{'per device, ' + unit:<34}{'args':>8}{'output':>8}{'alias':>8}{'temp':>8}{'code':>8}{'peak':>8}"
+                 f"{'compile':>9}"]
+        for p in self.programs:
+            lines.append(f"{p.name + ' (' + p.shape + ')':<34}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
+                         f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
+        if self.memory_bytes is None:
+            lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
+        else:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"need {self.peak / GiB:.2f} GiB of {self.memory_bytes / GiB:.1f} GiB per device "
+                         f"({100 * self.peak / self.memory_bytes:.0f}%): {verdict}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling
+
+
+def model_config(cfg):
+    """The ModelConfig a run of `cfg` would use: model_path's config.json / .gguf when present on this
+    machine, else `cfg.model` (the configs in configs/ state their model's shape for this purpose)."""
+    from spjax.config import ConfigError
+    path = cfg.model_path
+    if path and os.path.exists(path):
+        if path.endswith(".gguf"):
+            import gguf
+            from spjax import gguf_io
+            return gguf_io.config_from_gguf(gguf.GGUFReader(path), path, **cfg.model_overrides())
+        from spjax import hf
+        where = os.path.join(path, "config.json")
+        return hf.config_from_hf(hf._read_json(where), where, **cfg.model_overrides())
+    if cfg.model is None:
+        raise ConfigError(f"model_path: {path} is not on this machine and the config sets no `model` "
+                          "shape to compile for")
+    return dataclasses.replace(cfg.model, **cfg.model_overrides())
+
+
+def _memory(name, shape, compiled, seconds) -> ProgramMemory:
+    ma = compiled.memory_analysis()
+    if ma is None:  # some backends do not report; keep the row, zeros say so
+        return ProgramMemory(name, shape, 0, 0, 0, 0, 0, seconds)
+    return ProgramMemory(name, shape, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                         int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
+                         int(ma.generated_code_size_in_bytes), seconds)
+
+
+def _abstract(shapes, shardings):
+    import jax
+    return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, shardings)
+
+
+def _bytes_per_device(tree) -> int:
+    import jax
+    import numpy as np
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def abstract_state(model_cfg, optimizer, mesh):
+    """The TrainState as ShapeDtypeStructs with the train step's shardings (nothing allocated)."""
+    import jax
+    import numpy as np
+    from spjax import model, step as step_lib
+    params = model.param_shapes(model_cfg)
+    zero = jax.ShapeDtypeStruct((), np.int32)
+    return _abstract(step_lib.TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
+                                         step=zero, skipped=zero),
+                     step_lib.state_shardings(model_cfg, mesh, optimizer))
+
+
+def state_bytes(state) -> dict:
+    """Per-device bytes of an abstract TrainState's params and optimizer state."""
+    return {"params": _bytes_per_device(state.params), "opt_state": _bytes_per_device(state.opt_state)}
+
+
+def compile_train_step(cfg, model_cfg, mesh):
+    """(ProgramMemory, abstract TrainState) of the pair train step at the longest bucket."""
+    from spjax import step as step_lib
+    optimizer = step_lib.make_optimizer(cfg.optim, 1000)  # the step count does not change shapes
+    state = abstract_state(model_cfg, optimizer, mesh)
+    B, L = cfg.run.batch_size, cfg.data.max_len
+    batch_shapes = step_lib.pair_batch_shapes(B, L)
+    fn = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, optimizer, mesh, batch_shapes)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, batch_shapes).compile()
+    shape = f"B={B} L={L}" + (f" A={cfg.optim.grad_accum}" if cfg.optim.grad_accum > 1 else "")
+    return _memory("train_step", shape, compiled, time.perf_counter() - t0), state
+
+
+def compile_sampler(cfg, model_cfg, mesh):
+    """ProgramMemory of one sampling batch: prefill of the longest prompt bucket, then the decode loop."""
+    import jax
+    import jax.numpy as jnp
+    from spjax import model, sampler, sharding as shd
+    dp = shd.data_parallel_size(mesh)
+    s = cfg.sampling
+    B = -(-s.batch_size // dp) * dp
+    P, T = cfg.data.max_prompt_len, s.max_new_tokens
+    greedy = s.temperature == 0
+    cache_len = -(-(P + T) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND  # as sampler.sample rounds it
+    truncate = not greedy and (s.top_k > 0 or s.top_p < 1.0)
+    settings = sampler._Settings(max_new_tokens=T, cache_len=cache_len, greedy=greedy, truncate=truncate, pad_id=0,
+                                 mesh=mesh)
+    rep = shd.replicated(mesh)
+    row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
+    params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # the sampler takes raw key data
+    knobs = dict(temperature=jnp.float32, top_k=jnp.int32, top_p=jnp.float32)
+    knobs = {k: jax.ShapeDtypeStruct((), v, sharding=rep) for k, v in knobs.items()}
+    args = (params, row((B, P), jnp.int32), row((B,), jnp.int32), row((B,), jnp.bool_), row((B,), jnp.uint32),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), knobs,
+            jax.ShapeDtypeStruct((sampler._EOS_ROUND,), jnp.int32, sharding=rep))
+    t0 = time.perf_counter()
+    compiled = sampler._generate.lower(model_cfg, settings, *args).compile()
+    return _memory("sample", f"B={B} P={P} T={T}", compiled, time.perf_counter() - t0)
+
+
+def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",
+          sample: bool = True, echo=None) -> Report:
+    """Compile `cfg`'s programs for a mesh over `devices` (real or compile-only) and report memory."""
+    import jax
+    from spjax import model, sharding as shd
+    from spjax.config import ConfigError
+    model_cfg = model_config(cfg)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    dp = shd.data_parallel_size(mesh)
+    for field, n in (("run.batch_size", cfg.run.batch_size), ("sampling.batch_size", cfg.sampling.batch_size),
+                     ("run.batch_size / optim.grad_accum", cfg.run.batch_size // cfg.optim.grad_accum)):
+        if n % dp:
+            raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp}")
+    programs = []
+    train, state = compile_train_step(cfg, model_cfg, mesh)
+    programs.append(train)
+    if echo:
+        echo(f"compiled train_step in {train.compile_s:.1f}s")
+    if sample:
+        programs.append(compile_sampler(cfg, model_cfg, mesh))
+        if echo:
+            echo(f"compiled sample in {programs[-1].compile_s:.1f}s")
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
+    return Report(
+        target=target.name if target else f"{len(devices)} local devices",
+        platform=platform or devices[0].platform, stand_in=stand_in, n_devices=len(devices),
+        mesh=dict(mesh.shape), state_bytes=state_bytes(state),
+        model=dict(architecture=model_cfg.architecture, params=n_params, layers=model_cfg.num_layers,
+                   param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat),
+        programs=programs, memory_bytes=target.memory_bytes if target else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _config_constants(path: str) -> dict:
+    """DEVICES / TOPOLOGY declared at the top of a config file (absent: {})."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_spjax_cc_constants", path.split(":")[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {k: getattr(mod, k) for k in ("DEVICES", "TOPOLOGY") if hasattr(mod, k)}
+
+
+def _resolve_devices(target: Optional[Target], n_local: Optional[int], echo):
+    """(devices, platform, stand_in) for a target; CPU stand-ins where the target cannot be compiled for."""
+    import jax
+    if target is None:
+        devs = jax.devices()
+        if not n_local or len(devs) >= n_local:
+            return (devs[:n_local] if n_local else devs), "", ""
+        target = Target(f"{n_local} devices", devs[0].platform, n_local)
+    if target.platform == "tpu":
+        try:
+            return tpu_devices(target), "tpu", ""
+        except Exception as e:  # noqa: BLE001 - any libtpu failure means: use the stand-in
+            reason = f"no TPU topology ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    else:
+        local = [d for d in jax.devices() if d.platform == target.platform]
+        if len(local) >= target.devices:
+            return local[:target.devices], target.platform, ""
+        reason = f"{len(local)} local {target.platform} devices"
+    cpus = jax.devices("cpu")
+    if len(cpus) < target.devices:
+        raise RuntimeError(f"need {target.devices} CPU stand-in devices, have {len(cpus)} "
+                           "(the CPU device count is fixed once jax has started)")
+    echo(f"{target.name}: {reason}; compiling for {target.devices} CPU devices instead")
+    return cpus[:target.devices], "cpu", reason
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spjax.compile_check", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", required=True, help="a Python config file (file.py[:arg])")
+    ap.add_argument("--topology", default=None, help="v5p-32, v4-8, v5e-16, v6e-8, v5:2x2x4, 8xh100, h200, "
+                                                     "or 'local' (default: the config's TOPOLOGY, else local)")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="local devices to use (default: the config's DEVICES; CPU devices are faked as needed)")
+    ap.add_argument("--no-sample", action="store_true", help="compile the train step only")
+    ap.add_argument("--json", default=None, help="also write the report as JSON here")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+
+    from spjax.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+        consts = _config_constants(args.config)
+        topo = args.topology or consts.get("TOPOLOGY") or "local"
+        target = None if topo == "local" else parse_target(topo)
+    except (ConfigError, ValueError) as e:
+        print(f"compile_check: config error: {e}", file=sys.stderr)
+        return 2
+    n_local = args.devices or (None if target else consts.get("DEVICES"))
+    need_cpus = target.devices if target else n_local
+    import jax
+    if need_cpus:
+        try:  # stand-in CPU devices; only possible before a backend starts, and other platforms keep theirs
+            jax.config.update("jax_num_cpu_devices", need_cpus)
+        except RuntimeError:
+            pass  # started already (an embedding process): use the CPU devices there are
+    try:
+        devices, platform, stand_in = _resolve_devices(target, n_local, print)
+        report = check(cfg, devices, target=target, platform=platform, stand_in=stand_in,
+                       sample=not args.no_sample, echo=print)
+    except ConfigError as e:
+        print(f"compile_check: config error: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+    return 1 if report.fits is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""spjax.compile_check: AOT-compiles the train step and the sampler for a config's mesh and reports
+per-device memory, without materialising params."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from spjax import compile_check as cc
+from spjax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(devices):
+    return cc.check(load_config(TINY), devices, target=cc.Target("test", "cpu", 8, memory_bytes=1 << 30))
+
+
+def test_report_has_per_device_memory(tiny_report):
+    r = tiny_report
+    assert r.n_devices == 8 and r.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert [p.name for p in r.programs] == ["train_step", "sample"]
+    train, sample = r.programs
+    assert train.shape == "B=16 L=96" and sample.shape == "B=32 P=48 T=24"
+    for p in r.programs:
+        assert p.argument > 0 and p.output > 0 and p.temp >= 0 and p.code >= 0
+        assert p.peak == p.argument + p.output - p.alias + p.temp + p.code
+    # the train step donates its state: the new state reuses those buffers
+    assert train.alias > 0
+    # data parallelism replicates params: each device holds all of them (fp32) and AdamW's two moments
+    params = r.model["params"]
+    assert r.state_bytes["params"] == 4 * params
+    assert r.state_bytes["opt_state"] >= 2 * 4 * params
+    assert train.argument >= r.state_bytes["params"] + r.state_bytes["opt_state"]
+    assert r.fits is True and r.peak <= 1 << 30
+    text = r.format()
+    assert "train_step (B=16 L=96)" in text and "sample (B=32 P=48 T=24)" in text and ": fits" in text
+
+
+def test_fit_verdict_and_json(tiny_report):
+    small = cc.Report(**{**tiny_report.__dict__, "memory_bytes": 1024})
+    assert small.fits is False and "DOES NOT FIT" in small.format()
+    unknown = cc.Report(**{**tiny_report.__dict__, "memory_bytes": None})
+    assert unknown.fits is None and "device memory unknown" in unknown.format()
+    d = json.loads(json.dumps(tiny_report.as_dict()))
+    assert d["programs"][0]["peak"] == tiny_report.programs[0].peak and d["fits"] is True
+
+
+def test_fsdp_shards_state_per_device(devices, tiny_report):
+    # The same model on an fsdp=8 mesh: each device holds an eighth of the big params and moments.
+    from spjax import sharding, step
+    cfg = load_config(TINY, ["mesh.data=1", "mesh.fsdp=8"])
+    model_cfg = cc.model_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    state = cc.abstract_state(model_cfg, step.make_optimizer(cfg.optim, 10), mesh)
+    fsdp = cc.state_bytes(state)
+    assert fsdp["params"] < tiny_report.state_bytes["params"] / 4
+    assert fsdp["opt_state"] < tiny_report.state_bytes["opt_state"] / 4
+
+
+@pytest.mark.parametrize("name, platform, devices, memory_gib", [
+    ("v5p-32", "tpu", 16, 95), ("v4-8", "tpu", 4, 32), ("v5e-16", "tpu", 16, 16), ("v6e-8", "tpu", 8, 32),
+    ("v5:2x2x4", "tpu", 16, 95), ("8xh100", "gpu", 8, 76), ("h200", "gpu", 1, 133.95)])
+def test_parse_target(name, platform, devices, memory_gib):
+    t = cc.parse_target(name)
+    assert (t.platform, t.devices) == (platform, devices)
+    assert abs(t.memory_bytes / cc.GiB - memory_gib) < 0.01
+
+
+def test_parse_target_rejects_unknown():
+    for bad in ("v5p-33", "tpu", "9xq100"):
+        with pytest.raises(ValueError):
+            cc.parse_target(bad)
+
+
+def test_v5p_32_topology():
+    t = cc.parse_target("v5p-32")
+    assert (t.topology, t.chip_config, t.wrap) == ("v5:2x2x4", "megacore", (False, False, False))
+    assert cc.parse_target("v5p-128").wrap == (True, True, True)
+
+
+def test_cli_for_a_tpu_slice_with_or_without_libtpu(tmp_path):
+    # Without libtpu the v5p-8 slice (4 chips) compiles on 4 stand-in CPU devices; with it, for the chips.
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    res = subprocess.run([sys.executable, "-m", "spjax.compile_check", "--config", TINY, "--topology", "v5p-8",
+                          "--no-sample", "--json", str(out), "run.batch_size=8"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(out.read_text())
+    assert report["n_devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report["programs"][0]["name"] == "train_step" and report["programs"][0]["temp"] >= 0
+    assert report["fits"] is True and report["memory_bytes"] == 95 * cc.GiB
+    if report["platform"] == "cpu":
+        assert "no TPU topology" in report["stand_in"] and "4 CPU devices instead" in res.stdout
+    assert "fits" in res.stdout
+
+
+def test_cli_config_error_exits_2():
+    res = subprocess.run([sys.executable, "-m", "spjax.compile_check", "--config", TINY, "--topology", "v9-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "config error" in res.stderr
