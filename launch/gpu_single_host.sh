@@ -48,15 +48,7 @@ WORKDIR=${WORKDIR:-runs/$name}
 LOG=${LOG:-logs/$name.log}
 JAX_RANGE=$(sed -n 's/^jax\([<>=!~][^ #]*\).*/\1/p' requirements.txt)  # e.g. >=0.10,<0.12
 
-show() {
-  local out="+" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=" $w"
-    else out+=" '${w//\'/\'\\\'\'}'"; fi
-  done
-  printf '%s\n' "$out"
-}
-run() { show "$@"; [ "$DRY" = 1 ] || "$@"; }
+source launch/common.sh  # show, run (the cwd is the repo root here)
 
 [ "$SETUP" = 1 ] && run bash launch/setup.sh
 # jax[cudaNN] in the jax range: keeps the installed jax when it fits, adds the matching CUDA plugin.

@@ -86,16 +86,7 @@ LOGS=logs/$NAME
 where=(--zone="$ZONE")
 [ -n "$PROJECT" ] && where+=(--project="$PROJECT")
 
-# Print a command as it would be typed (words with shell characters single-quoted), then run it.
-show() {
-  local out="+" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=" $w"
-    else out+=" '${w//\'/\'\\\'\'}'"; fi
-  done
-  printf '%s\n' "$out"
-}
-run() { show "$@"; [ "$DRY" = 1 ] || "$@"; }
+source "$ROOT/launch/common.sh"  # show, run
 
 # The trainer's working directory as the workers see it.
 if [[ "$WORKDIR" == gs://* ]]; then
