@@ -9,11 +9,16 @@ prints a table and one JSON line (also $OUT/train_step.json when OUT is set).
   python bench/train_step.py --shape tiny
   python bench/train_step.py --shape smollm2-135m --pairs 2 --prompt-len 32 --response-len 96 --steps 2
   python bench/train_step.py --shape llama3.2-1b            # on a GPU: bf16 compute, fp32 params
+  python bench/train_step.py --shape llama3.2-1b --attention xla   # the einsum attention, for comparison
 
 MFU counts 6 x params + 6 x layers x width x L FLOPs per token (the peer's convention: every
 matmul incl. the LM head, attention as if not causal), against the peak of a large matmul timed in
 the same run in the compute dtype. Peak memory is the device allocator's high-water mark where it
 keeps one (GPU/TPU), else the process's max RSS (CPU; the peers' RSS is measured the same way).
+Attention: spjax.model.attention_impl's pick (cuDNN flash attention on a CUDA GPU with bf16, the
+XLA einsum path elsewhere); --attention overrides it through $SPJAX_ATTENTION. The DESIGN.md §4
+targets (GPU, llama3.2-1b: >= 1.25x eager and >= 1.0x compiled tokens/s, <= 0.5x eager peak memory)
+are marked as met or not under the ratios.
 """
 from __future__ import annotations
 
@@ -105,11 +110,14 @@ def run_spjax(a) -> dict:
     from spjax import sharding, step
     from spjax.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
 
+    from spjax import model
+
     on_cpu = jax.default_backend() == "cpu"
     compute = a.compute_dtype or ("float32" if on_cpu else "bfloat16")
     remat = a.remat or ("none" if a.shape == "tiny" else "dots")
     cfg = ModelConfig(**SHAPES[a.shape], rms_norm_eps=1e-6, compute_dtype=compute, remat=remat)
     B, P, R, L = a.pairs, a.prompt_len, a.response_len, a.prompt_len + a.response_len
+    attention = model.attention_impl(cfg, cached=False, right_padded=True, q_len=L)  # what the step traces
     mesh = sharding.make_mesh(MeshConfig())
     opt_cfg = OptimConfig(lr=1e-6, warmup_frac=0.0, schedule="constant", weight_decay=0.01)
     optimizer = step.make_optimizer(opt_cfg, total_steps=1000)
@@ -157,7 +165,8 @@ def run_spjax(a) -> dict:
     flops_tok = 6 * n_params + 6 * cfg.num_layers * cfg.hidden_size * L
     tokens = 2 * B * L
     return {"device": f"{jax.device_count()}x {dev.device_kind}", "backend": jax.default_backend(),
-            "compute_dtype": compute, "remat": remat, "params": int(n_params), "pairs": B, "seq_len": L,
+            "compute_dtype": compute, "remat": remat, "attention": attention, "params": int(n_params),
+            "pairs": B, "seq_len": L,
             "step_s": dt, "compile_and_warmup_s": warmup_s, "pairs_per_s": B / dt, "tokens_per_s": tokens / dt,
             "model_tflops_per_s": flops_tok * tokens / dt / 1e12,
             "matmul_peak_tflops": peak_flops / 1e12, "matmul_size": n,
@@ -173,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="timed steps after 3 warm-up steps")
     ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="default: fp32 on CPU, else bf16")
     ap.add_argument("--remat", choices=("none", "full", "dots"), help="default: none for tiny, else dots")
+    ap.add_argument("--attention", choices=("auto", "xla", "cudnn"),
+                    help="attention path (sets $SPJAX_ATTENTION; auto: cuDNN on a CUDA GPU with bf16, else XLA)")
     ap.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048 CPU, 8192 else)")
     ap.add_argument("--no-peer", action="store_true", help="measure spjax only")
     ap.add_argument("--peer-timeout", type=int, default=1800)
@@ -182,6 +193,8 @@ def main(argv=None):
     a.prompt_len = a.prompt_len or (256 if big else 16)
     a.response_len = a.response_len or (768 if big else 48)
     a.steps = a.steps or (8 if big else 3)
+    if a.attention:
+        os.environ["SPJAX_ATTENTION"] = a.attention  # read by spjax.model when the step is traced
 
     peers = {}
     if not a.no_peer:  # before JAX starts: on a GPU it would hold the memory the peers need
@@ -198,7 +211,7 @@ def main(argv=None):
 
     print(f"\npair train step, shape {a.shape}: {a.pairs} pairs x {a.prompt_len}+{a.response_len} tokens "
           f"on {ours['device']} ({ours['compute_dtype']} compute, remat {ours['remat']}, "
-          f"{ours['params'] / 1e6:.1f}M params)")
+          f"{ours['attention']} attention, {ours['params'] / 1e6:.1f}M params)")
     print(f"{'':15s} {'pairs/s':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'peak GB':>8s}")
     print(f"{'spjax':15s} {ours['pairs_per_s']:9.3f} {ours['tokens_per_s']:10.1f} "
           f"{ours['model_tflops_per_s']:8.4f} {ours['mfu']:7.2%} {ours['peak_mem_gb']:8.3f}")
@@ -211,9 +224,17 @@ def main(argv=None):
                   f"{p['model_tflops_per_s']:8.4f} {p['mfu']:7.2%} {p['peak_mem_gb']:8.3f}")
     print(f"matmul peak {ours['matmul_peak_tflops']:.4f} TFLOP/s ({ours['compute_dtype']}, n={ours['matmul_size']}); "
           f"memory: {ours['mem_kind']}")
+    targets = {"tokens_per_s_vs_torch_eager": (">=", 1.25), "tokens_per_s_vs_torch_compile": (">=", 1.0),
+               "peak_mem_vs_torch_eager": ("<=", 0.5)}  # DESIGN.md §4 (set for the GPU, 1B shape)
+    met = {}
     for k, v in ratios.items():
-        print(f"  {k}: {v:.3f}")
-    record = {"bench": "train_step", "shape": a.shape, "spjax": ours, **peers, "ratios": ratios}
+        note = ""
+        if k in targets:
+            op, bound = targets[k]
+            met[k] = bool(v >= bound if op == ">=" else v <= bound)
+            note = f"   target {op} {bound}: {'met' if met[k] else 'NOT met'}"
+        print(f"  {k}: {v:.3f}{note}")
+    record = {"bench": "train_step", "shape": a.shape, "spjax": ours, **peers, "ratios": ratios, "targets_met": met}
     print(json.dumps(record))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:

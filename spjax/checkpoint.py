@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spjax import sharding as shd
+
 log = logging.getLogger(__name__)
 
 
@@ -56,25 +58,31 @@ class Checkpointer:
         abstract = abstract_like(like)
         out, bad = None, []
         for step in reversed(self.steps()):
+            got, err = None, None
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 _check_finite_tree(got["state"], step)
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                err = e
+            # Every process must resume from the same step: one that fails anywhere is bad for all.
+            if _everywhere(err is None):
                 out = got["state"], dict(got["meta"])
                 break
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                msg = (f"checkpoint {self.directory}/{step} could not be restored "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to an earlier one")
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                log.warning(msg)
-                bad.append(step)
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if err else "failed on another process"
+            msg = (f"checkpoint {self.directory}/{step} could not be restored ({why}); "
+                   "falling back to an earlier one")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+            bad.append(step)
         # Keep unusable steps for inspection, but out of orbax's way: the resumed run saves those
-        # step numbers again.
-        if bad and jax.process_index() == 0:
-            for step in bad:
-                path = os.path.join(self.directory, str(step))
-                os.rename(path, f"{path}.corrupt-{int(time.time())}")
+        # step numbers again. Process 0 moves them; the others wait for that before rescanning.
         if bad:
+            if jax.process_index() == 0:
+                for step in bad:
+                    path = os.path.join(self.directory, str(step))
+                    os.rename(path, f"{path}.corrupt-{int(time.time())}")
+            shd.barrier("spjax-corrupt-checkpoints-moved")
             self.manager.reload()
         return out
 
@@ -84,6 +92,14 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
 def _check_finite_tree(state, step):

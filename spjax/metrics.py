@@ -39,12 +39,47 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: _num(v) for k, v in metrics.items()}
-        self.f.write(json.dumps({"kind": kind, "step": int(step), "time": round(time.time(), 3), **clean}) + "\n")
+        head = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}  # never overridden by a metric
+        self.f.write(json.dumps({**head, **{k: v for k, v in clean.items() if k not in head}}) + "\n")
         self.f.flush()
         if self.tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def rewind(self, keep) -> list[dict]:
+        """Drop the metrics.jsonl lines for which keep(row) is false (and any torn last line).
+
+        A resumed run redoes the work after its checkpoint and logs it again; without this its
+        lines would follow the killed run's lines for the same steps. The file is replaced
+        atomically. Returns the rows kept ([] on other processes). TensorBoard files are left as
+        they are.
+        """
+        if not self.enabled:
+            return []
+        path = self.f.name
+        self.f.close()
+        kept, rows, dropped = [], [], 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    ok = line.endswith("\n") and keep(row)
+                except ValueError:
+                    ok = False
+                if ok:
+                    kept.append(line)
+                    rows.append(row)
+                else:
+                    dropped += 1
+        if dropped:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        self.f = open(path, "a", encoding="utf-8")
+        return rows
 
     def close(self):
         if self.enabled:

@@ -281,8 +281,12 @@ def abstract_state(ctx: Context, optimizer):
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)
 
 
-def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_real, ref_gen, meta: dict):
-    """Optimizer steps over the round's pairs from meta's step/cursor; checkpoints on the way."""
+def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_real, ref_gen, meta: dict,
+                done_rows: list):
+    """Optimizer steps over the round's pairs from meta's step/cursor; checkpoints on the way.
+
+    done_rows: the metric rows this round logged before a resume (they enter the round's means).
+    """
     cfg, r = ctx.cfg, ctx.cfg.run
     total = batching.batches_per_epoch(len(examples), r.batch_size) * r.epochs
     batches = batching.pair_batches(examples, r.batch_size, seed=_shuffle_seed(cfg, t), buckets=ctx.buckets,
@@ -290,7 +294,7 @@ def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_rea
                                     process_index=jax.process_index(), process_count=jax.process_count())
     bar = metrics_lib.progress(total, f"round {t} train", "step")
     bar.update(meta["step"])
-    pending, rows, t0, tokens = [], [], time.perf_counter(), 0
+    pending, rows, t0, tokens = [], list(done_rows), time.perf_counter(), 0
     for s, (batch, cursor) in enumerate(batches, start=meta["step"]):
         state, m = train_step(state, device_batch(ctx, batch, ref_real, ref_gen))
         pending.append(m)
@@ -302,7 +306,9 @@ def train_round(ctx: Context, state, train_step, t: int, examples: list, ref_rea
                 step_lib.check_finite(m_host, cfg.optim)
             dt = time.perf_counter() - t0
             tokens = sum(float(m_host["n_tokens"]) for m_host in host)
-            row = metrics_lib.mean_metrics([{k: v for k, v in m_host.items() if np.ndim(v) == 0} for m_host in host])
+            # Scalars averaged over the interval; the optimizer's step counter is not a metric.
+            row = metrics_lib.mean_metrics([{k: v for k, v in m_host.items() if np.ndim(v) == 0 and k != "step"}
+                                            for m_host in host])
             row.update(round=t, tokens_per_s=tokens / max(dt, 1e-9))
             ctx.writer.write("train", meta["global_step"], row)
             rows.append(row)
@@ -357,13 +363,20 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print) -> dict:
     ctx, params = setup(cfg, workdir, resume, echo)
     r = cfg.run
     meta = {"round": 0, "phase": "sample", "step": 0, "cursor": None, "global_step": 0}
-    state = None
+    state, done_rows = None, []
     if resume:
         restored = ctx.checkpointer.restore_latest(abstract_state(ctx, step_lib.make_optimizer(cfg.optim, 1)))
         if restored is not None:
             state, meta = restored
             params = state.params
             echo(f"resumed at round {meta['round']}, phase {meta['phase']}, step {meta['step']}")
+        # Lines logged after the restored point are about to be logged again: drop them. Those of a
+        # round resumed mid-training still count towards that round's summary.
+        kept = ctx.writer.rewind(lambda row: row["step"] <= meta["global_step"] if row["kind"] == "train"
+                                 else row["step"] < meta["round"])
+        if meta["phase"] == "train":
+            done_rows = [{k: v for k, v in row.items() if k not in ("kind", "step", "time")} for row in kept
+                         if row["kind"] == "train" and row.get("round") == meta["round"]]
     summary, compiled = {}, {}
     init_path = os.path.join(workdir, "rounds", "init_eval.json")
     if os.path.exists(init_path):
@@ -421,7 +434,8 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print) -> dict:
             state = step_lib.init_state(ctx.model_cfg, params, optimizer, ctx.mesh)
             meta = dict(meta, round=t, phase="train", step=0, cursor=None)
         del params  # the opponent is no longer needed: its scores are on disk
-        state, meta, train_row = train_round(ctx, state, train_step, t, train_ex, ref_real, ref_gen, meta)
+        state, meta, train_row = train_round(ctx, state, train_step, t, train_ex, ref_real, ref_gen, meta,
+                                             done_rows if mid else [])
         times["train_s"] = time.perf_counter() - t0
         meta = dict(meta, round=t + 1, phase="sample", step=0, cursor=None)
         ctx.checkpointer.save(meta["global_step"], state, meta)

@@ -8,6 +8,13 @@ sits at slot P+j for every row; its position is prompt_len + j. Pad slots are in
 (kv_mask). Randomness is per example: example i of a round samples token j with
 fold_in(fold_in(round_key, i), j), so a sample does not depend on the batch, the bucket or the
 host it landed in (resumed and multi-host rounds reproduce exactly).
+
+Speed (docs/perf.md): every row's live slots are the same prefix [0, P + j), so the decode loop
+runs in a few segments, each a `while_loop` attending over a fixed window of the cache just large
+enough for its steps (`_decode_windows`): a step reads the live part of the cache, rounded up, not
+all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
+before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
+step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
 """
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ from spjax.config import ModelConfig
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
 _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes
+_WINDOW_ROUND = 16  # decode windows are multiples of this many slots
+_STEPS_PER_SEGMENT = 32  # auto segments: one per started run of this many decode steps, at most _MAX_SEGMENTS
+_MAX_SEGMENTS = 4  # each segment compiles its own loop body: compile time grows with the count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,14 +87,16 @@ def _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len, mesh=None):
     # Slots past the prompt are marked valid up front: causality hides them until they are written.
     kv_mask_BxS = jnp.concatenate([valid_BxP, jnp.ones((B, cache_len - P), bool)], axis=1)
     cache = _constrain_cache(model.init_cache(cfg, B, cache_len), mesh)
+    # The prompt attends over its own P slots only (the mask's width), not the empty rest.
     hidden_BxPxD, cache = model.apply(cfg, params, prompt_BxP, left_pad_positions(prompt_len_B, P),
-                                      kv_mask_BxS, cache, 0)
+                                      valid_BxP, cache, 0)
     logits_BxV = model.unembed(cfg, params, hidden_BxPxD[:, -1:])[:, 0]
     return logits_BxV, _constrain_cache(cache, mesh), _batch(kv_mask_BxS, mesh)
 
 
-def _decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot, mesh=None):
-    hidden_Bx1xD, cache = model.apply(cfg, params, token_B[:, None], position_B[:, None], kv_mask_BxS,
+def _decode_step(cfg, params, token_B, position_B, kv_mask_BxW, cache, slot, mesh=None):
+    """One token per row at `slot`, attending over the W leading slots (W = kv_mask_BxW's width)."""
+    hidden_Bx1xD, cache = model.apply(cfg, params, token_B[:, None], position_B[:, None], kv_mask_BxW,
                                       cache, slot)
     return model.unembed(cfg, params, hidden_Bx1xD)[:, 0], _constrain_cache(cache, mesh)
 
@@ -123,16 +135,36 @@ def _truncate(logits_BxV, top_k, top_p):
     return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
 
 
+def _argmax(x_BxV):
+    """jnp.argmax over the last axis: the first maximum (the first NaN if any), as int32.
+
+    XLA:CPU runs argmax's (value, index) pair reduction several times slower than a max followed
+    by a min over matching indices, so CPU takes that form; other backends keep argmax.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
+    V = x_BxV.shape[-1]
+    hit_BxV = (x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)) | jnp.isnan(x_BxV)
+    return jnp.min(jnp.where(hit_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
+def _categorical(keys_B, logits_BxV):
+    """One draw per row; the same draws as vmap(jax.random.categorical): argmax(gumbel + logits)."""
+    V = logits_BxV.shape[-1]
+    gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), logits_BxV.dtype))(keys_B)
+    return _argmax(gumbel_BxV + logits_BxV)
+
+
 def _choose(logits_BxV, keys_B, step, knobs, settings):
     """(token [B], its log-prob under the untempered model distribution [B])."""
     if settings.greedy:
-        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        token_B = _argmax(logits_BxV)
     else:
         scaled_BxV = logits_BxV / knobs["temperature"]
         if settings.truncate:
             scaled_BxV = _truncate(scaled_BxV, knobs["top_k"], knobs["top_p"])
         step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-        token_B = jax.vmap(jax.random.categorical)(step_keys_B, scaled_BxV).astype(jnp.int32)
+        token_B = _categorical(step_keys_B, scaled_BxV)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B, logprob_B
 
@@ -151,6 +183,50 @@ class _Settings:
     truncate: bool  # top-k or top-p in use (costs a vocab sort per step)
     pad_id: int
     mesh: Optional[Mesh] = None  # only for sharding constraints inside; None: one device
+    segments: int = 0  # decode loop segments (attention windows); 0: one per 32 steps begun, at most 4
+    unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
+
+
+_CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
+
+
+def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
+    """Unroll the decode step's layers over weights sliced once (model.unstack_layers)?
+
+    A GPU matmul cannot read a weight straight out of the scan's layer stack, so a scanned decode
+    step copies all weights once more; unrolled, each step reads them once. XLA:CPU copies too,
+    but there unrolling multiplies the loop body's compile time by the layer count (SmolLM2's 30:
+    ~5 s more per body, for ~13% per step), so CPU unrolls only shallow models, where it also
+    removes the inner loop's fixed per-step cost (tiny: 1.4x). TPU fusions read the stack in place.
+    """
+    if settings.unroll_layers is not None:
+        return settings.unroll_layers
+    backend = jax.default_backend()
+    return backend == "gpu" or (backend == "cpu" and num_layers <= _CPU_UNROLL_MAX_LAYERS)
+
+
+def _decode_windows(P: int, T: int, S: int, segments: int = 0) -> tuple:
+    """((last_step, W), ...): decode steps up to last_step attend over the first W cache slots.
+
+    Step j (1 <= j < T) writes slot P + j - 1 and attends over slots [0, P + j). The T - 1 steps
+    are cut into `segments` near-equal runs; each run's window is its last step's need rounded up to
+    _WINDOW_ROUND (at most S). Windows that round to the same width merge.
+    """
+    steps = T - 1
+    if steps < 1:
+        return ()
+    n = segments or min(_MAX_SEGMENTS, -(-steps // _STEPS_PER_SEGMENT))
+    n = max(1, min(n, steps))
+    out = []
+    for i in range(1, n + 1):
+        last = -(-steps * i // n)
+        W = min(S, -(-(P + last) // _WINDOW_ROUND) * _WINDOW_ROUND)
+        last = min(steps, W - P)  # the rounded window may serve a few more steps
+        if out and out[-1][1] == W:
+            out[-1] = (last, W)
+        elif not out or last > out[-1][0]:
+            out.append((last, W))
+    return tuple(out)
 
 
 @flax.struct.dataclass
@@ -190,6 +266,11 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     # multi-process jit accepts as a replicated input (a typed key on one device it does not).
     key = jax.random.wrap_key_data(key_data)
     keys_B = _batch(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), mesh)
+    # Once, outside the loop: weights in the compute dtype (bf16 steps read half of fp32 masters'
+    # bytes) and, where the layers are unrolled, sliced per layer (a scan over the stacked layers
+    # copies every layer's weights out of the stack on every step).
+    params = model.cast_params(cfg, params)
+    step_params = model.unstack_layers(cfg, params) if _unroll_layers(settings, cfg.num_layers) else params
 
     logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
     token_B, logprob_B = _choose(logits_BxV, keys_B, 0, knobs, settings)
@@ -200,19 +281,24 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
                    cache=cache, kv_mask_BxS=kv_mask_BxS, keys_B=keys_B)
     state = _record(state, 0, token_B, logprob_B, live_B, eos_E, settings.pad_id)
 
-    def cond(s: _State):
-        return (s.step < T) & ~jnp.all(s.done_B)
+    def segment(last, W):
+        def cond(s: _State):
+            return (s.step <= last) & ~jnp.all(s.done_B)
 
-    def body(s: _State):
-        prev_B = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
-        position_B = prompt_len_B + s.step - 1
-        logits_BxV, cache = _decode_step(cfg, params, prev_B, position_B, s.kv_mask_BxS, s.cache,
-                                         P + s.step - 1, mesh)
-        token_B, logprob_B = _choose(logits_BxV, s.keys_B, s.step, knobs, settings)
-        s = _record(s.replace(cache=cache), s.step, token_B, logprob_B, ~s.done_B, eos_E, settings.pad_id)
-        return s.replace(step=s.step + 1)
+        def body(s: _State):
+            prev_B = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
+            position_B = prompt_len_B + s.step - 1
+            logits_BxV, cache = _decode_step(cfg, step_params, prev_B, position_B, s.kv_mask_BxS[:, :W], s.cache,
+                                             P + s.step - 1, mesh)
+            token_B, logprob_B = _choose(logits_BxV, s.keys_B, s.step, knobs, settings)
+            s = _record(s.replace(cache=cache), s.step, token_B, logprob_B, ~s.done_B, eos_E, settings.pad_id)
+            return s.replace(step=s.step + 1)
 
-    state = jax.lax.while_loop(cond, body, state)
+        return cond, body
+
+    # Each segment picks up where the last stopped; once every row is done the rest exit at once.
+    for last, W in _decode_windows(P, T, settings.cache_len, settings.segments):
+        state = jax.lax.while_loop(*segment(last, W), state)
     return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
                 finished_B=state.done_B & live_B, steps=state.step)
 
@@ -248,17 +334,21 @@ def _pick_bucket(n: int, buckets: Optional[Sequence[int]]) -> int:
 
 def _to_device(x: np.ndarray, mesh: Optional[Mesh]):
     if mesh is None:
-        return jnp.asarray(x)
+        return x  # the jitted call moves its host arguments in one go
     # Each process supplies only its own shards: works the same on one host and on many.
     sharding = shd.batch_sharding(mesh, x.ndim)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+def _to_host(out: dict) -> dict:
+    """Every output as numpy: local arrays in one transfer, arrays spanning processes gathered."""
+    # A list in the dict's order, not a set: every process must issue the same gathers in the same order.
+    spread = [k for k, x in out.items() if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    host = jax.device_get({k: x for k, x in out.items() if k not in spread})
+    if spread:
         from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+        host.update({k: np.asarray(multihost_utils.process_allgather(out[k], tiled=True)) for k in spread})
+    return {k: np.asarray(v) for k, v in host.items()}
 
 
 def _as_lists(prompt_ids, prompt_lengths):
@@ -272,7 +362,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
            top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
            example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
-           mesh: Optional[Mesh] = None, pad_id: Optional[int] = None) -> SampleResult:
+           mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
+           unroll_layers: Optional[bool] = None) -> SampleResult:
     """Sample a continuation of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
@@ -284,7 +375,9 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       at once), each batch padded with dummy rows to batch_size and a multiple of the mesh's
       data-parallel size, and left-padded to a static bucket (`buckets`, default powers of two).
       With a mesh, params are placed by spjax.sharding's rules and batches split over the data axes.
-      Every process of a multi-host run calls this with the same arguments.
+      Every process of a multi-host run calls this with the same arguments. decode_segments: how many
+      attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
+      unroll_layers: decode over per-layer weight slices (None: automatic, see _unroll_layers).
     """
     prompts = _as_lists(prompt_ids, prompt_lengths)
     n = len(prompts)
@@ -340,10 +433,11 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
             prompt_len_B[r], live_B[r], ids_B[r] = len(prompts[i]), True, ids[i]
         settings = _Settings(max_new_tokens=max_new_tokens,
                              cache_len=-(-(P + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND,
-                             greedy=greedy, truncate=truncate, pad_id=pad_id, mesh=mesh)
+                             greedy=greedy, truncate=truncate, pad_id=pad_id, mesh=mesh, segments=decode_segments,
+                             unroll_layers=unroll_layers)
         out = _generate(cfg, settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
                         _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knobs, eos_E)
-        out = {k: _to_host(v) for k, v in out.items()}
+        out = _to_host(out)
         steps = max(steps, int(out["steps"]))
         for r, i in enumerate(chunk):
             m = int(out["lengths_B"][r])

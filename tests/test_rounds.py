@@ -1,5 +1,6 @@
 """The self-play driver end to end on configs/tiny.py: resumable after SIGKILL anywhere, corrupt
 checkpoints skipped, exports that transformers loads, and config errors before any compile."""
+import json
 import os
 import shutil
 import subprocess
@@ -95,6 +96,13 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_p
     if kill_at != "sample:4":
         assert "resumed at round" in resumed.stdout
     assert _export_bytes(tmp_path / "run") == _export_bytes(ref_dir)
+    # The log reads as if nothing had happened: each step and round once, with the same losses.
+    assert _logged(tmp_path / "run") == _logged(ref_dir)
+
+
+def _logged(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+    return [(r["kind"], r["step"], r.get("loss")) for r in rows]
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
@@ -127,6 +135,7 @@ def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tf
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "could not be restored" in resumed.stderr
     assert _export_bytes(work) == _export_bytes(ref_dir)
+    assert _logged(work) == _logged(ref_dir)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -176,4 +185,11 @@ def test_two_processes_match_one_process(reference_run, tfds_dir, tmp_path):
     got = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
     want = load_file(os.path.join(ref_dir, "export", "model.safetensors"))
     assert got.keys() == want.keys()
-    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= 1e-5
+    # Cross-process reductions round differently from in-process ones; AdamW divides by sqrt(v),
+    # so an entry whose gradient is a near-cancelling sum (a rarely seen byte's embedding) can turn
+    # that noise into a visible part of an lr-sized (1e-3) step. Measured: one embedding element
+    # of 16,576 at 7e-6 to 3e-5 depending on the head's reduction order, every other entry of every
+    # param <= 4e-6. A wrong data split, reference or gradient moves whole tensors by ~lr instead.
+    diff = np.concatenate([np.abs(got[k] - want[k]).ravel() for k in want])
+    assert np.mean(diff > 1e-5) <= 1e-4, np.sort(diff)[-10:]
+    assert diff.max() <= 1e-4

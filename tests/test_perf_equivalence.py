@@ -1,0 +1,241 @@
+"""The performance paths mean the same as the plain ones (docs/perf.md), checked on CPU in fp32.
+
+Attention dispatch (cuDNN only where it applies, the einsum path on CPU), the fused attention call
+against the einsum path on real positions, windowed cache reads, the segmented decode loop, layers
+unrolled over per-layer weights, the CPU argmax and categorical draws, params cast once, and the
+log-prob head's own VJP against autodiff.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spjax import logprobs, model, sampler
+from spjax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, max_position_embeddings=128)
+LENGTHS = (19, 11, 1)  # right padding on rows 1 and 2; row 2 is a lone token
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0))
+
+
+def _right_padded(L=19, seed=1):
+    ids_BxL = jax.random.randint(jax.random.key(seed), (len(LENGTHS), L), 0, CFG.vocab_size)
+    mask_BxL = jnp.arange(L)[None] < jnp.asarray(LENGTHS)[:, None]
+    return ids_BxL, mask_BxL
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
+    bf = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    pick = lambda cfg, **kw: model.attention_impl(cfg, **{"cached": False, "right_padded": True, "q_len": 64, **kw})
+    monkeypatch.delenv(model.ATTENTION_ENV, raising=False)
+    assert jax.default_backend() == "cpu"
+    assert pick(bf) == "xla" and pick(CFG) == "xla"
+    monkeypatch.setattr(model, "_gpu_is_cuda", lambda: True)  # as on an H100
+    assert pick(bf) == "cudnn"
+    assert pick(CFG) == "xla"  # fp32 compute
+    assert pick(bf, cached=True) == "xla"  # prefill / decode over the cache
+    assert pick(bf, right_padded=False) == "xla"  # arbitrary key masks
+    assert pick(dataclasses.replace(bf, head_dim=160)) == "xla"
+    window = dataclasses.replace(bf, sliding_window=16)
+    assert pick(window) == "cudnn" and pick(window, default_positions=False) == "xla"
+    assert pick(window, q_len=16, default_positions=False) == "cudnn"  # the window never bites
+    monkeypatch.setenv(model.ATTENTION_ENV, "xla")
+    assert pick(bf) == "xla"
+    monkeypatch.setenv(model.ATTENTION_ENV, "bogus")
+    with pytest.raises(ValueError, match="SPJAX_ATTENTION"):
+        pick(bf)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_attention_call_equals_einsum_path(window):
+    B, L, H, K, Dh = 3, 19, 4, 2, 16
+    kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(kq, (B, L, H, Dh))
+    k = jax.random.normal(kk, (B, L, K, Dh))
+    v = jax.random.normal(kv, (B, L, K, Dh))
+    valid_BxL = jnp.arange(L)[None] < jnp.asarray(LENGTHS)[:, None]
+    pos = jnp.arange(L)
+    mask_BxLxL = (pos[None, :] <= pos[:, None])[None] & valid_BxL[:, None, :]
+    if window is not None:
+        mask_BxLxL &= (pos[:, None] - pos[None, :] < window)[None]
+    ref = model.attend_xla(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask_BxLxL)
+    got = model.attend_fused(q, k, v, window=window, implementation="xla")
+    real = np.asarray(valid_BxL)  # padded queries are unspecified on the fused path
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_model_through_fused_call_equals_einsum_path(params, monkeypatch, sliding_window):
+    cfg = dataclasses.replace(CFG, sliding_window=sliding_window)
+    ids, mask = _right_padded()
+    monkeypatch.setenv(model.ATTENTION_ENV, "xla")
+    ref, _ = model.apply(cfg, params, ids, kv_mask_BxS=mask, right_padded=True)
+    monkeypatch.setenv(model.ATTENTION_ENV, "xla_fused")
+    got, _ = model.apply(cfg, params, ids, kv_mask_BxS=mask, right_padded=True)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=0, atol=1e-5)
+    # Not promised right padding: the einsum path whatever the override says.
+    assert model.attention_impl(cfg, cached=False, right_padded=False, q_len=19) == "xla"
+
+
+def test_cache_window_equals_whole_buffer(params):
+    """Attending over the leading W slots of a bigger buffer ≡ over all of it (the rest is unused)."""
+    B, P, S, W = 2, 12, 48, 16
+    ids = jax.random.randint(jax.random.key(3), (B, P + 1), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(P + 1), (B, P + 1))
+    outs = []
+    for width in (S, W):
+        cache = model.init_cache(CFG, B, S)
+        valid = jnp.ones((B, width), bool)
+        _, cache = model.apply(CFG, params, ids[:, :P], pos[:, :P], valid[:, :P], cache, 0)
+        hidden, cache = model.apply(CFG, params, ids[:, P:], pos[:, P:], valid, cache, P)
+        outs.append((np.asarray(hidden), np.asarray(cache["k"])))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(outs[1][1], outs[0][1])  # the same slots written
+    with pytest.raises(ValueError, match="attended"):
+        model.apply(CFG, params, ids[:, :P], pos[:, :P], jnp.ones((B, P - 1), bool), model.init_cache(CFG, B, S), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+
+
+@pytest.mark.parametrize("P,T,S", [(16, 16, 32), (128, 128, 256), (256, 256, 512), (5, 100, 112), (16, 2, 32)])
+def test_decode_windows_cover_every_step(P, T, S):
+    for segments in (0, 1, 3, 8):
+        windows = sampler._decode_windows(P, T, S, segments)
+        first = 1
+        for last, W in windows:
+            assert last >= first and P + last <= W <= S  # step j attends over [0, P + j)
+            assert W == S or W % sampler._WINDOW_ROUND == 0
+            first = last + 1
+        assert first == T  # steps 1 .. T-1, each in exactly one segment
+    assert len(sampler._decode_windows(256, 256, 512)) == sampler._MAX_SEGMENTS
+
+
+def test_argmax_and_categorical_match_jax():
+    x = jax.random.normal(jax.random.key(4), (6, 50))
+    x = x.at[1, 7].set(9.0).at[1, 30].set(9.0)  # a tie: the first wins
+    x = x.at[2].set(-jnp.inf).at[3, 11].set(jnp.nan).at[3, 40].set(jnp.nan)
+    assert sampler._argmax(x).dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(sampler._argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    keys = jax.random.split(jax.random.key(5), 6)
+    logits = jax.random.normal(jax.random.key(6), (6, 50)) * 3
+    for j in range(5):
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, j)
+        np.testing.assert_array_equal(np.asarray(sampler._categorical(step_keys, logits)),
+                                      np.asarray(jax.vmap(jax.random.categorical)(step_keys, logits)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_segmented_unrolled_decode_equals_one_scanned_loop(params, temperature):
+    B, P, T = 3, 16, 40
+    S = -(-(P + T) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND
+    lens = np.array([16, 9, 3], np.int32)
+    prompt = np.asarray(jax.random.randint(jax.random.key(7), (B, P), 0, CFG.vocab_size), np.int32)
+    args = (params, prompt, lens, np.ones(B, bool), np.arange(B, dtype=np.uint32),
+            np.asarray(jax.random.key_data(jax.random.key(8))),
+            dict(temperature=np.float32(1.0), top_k=np.int32(0), top_p=np.float32(1.0)), np.full(4, -1, np.int32))
+    out = {}
+    for segments, unroll in ((1, False), (4, False), (4, True)):
+        assert len(sampler._decode_windows(P, T, S, segments)) == (1 if segments == 1 else 3)  # 32, 48, 64
+        settings = sampler._Settings(max_new_tokens=T, cache_len=S, greedy=temperature == 0, truncate=False,
+                                     pad_id=0, segments=segments, unroll_layers=unroll)
+        out[segments, unroll] = jax.tree.map(np.asarray, sampler._generate(CFG, settings, *args))
+    for key in ((4, False), (4, True)):
+        np.testing.assert_array_equal(out[key]["tokens_BxT"], out[1, False]["tokens_BxT"])
+        np.testing.assert_allclose(out[key]["logprobs_BxT"], out[1, False]["logprobs_BxT"], rtol=0, atol=1e-5)
+
+
+def test_unstacked_layers_equal_the_scan(params):
+    ids, mask = _right_padded()
+    flat = model.unstack_layers(CFG, params)
+    assert len(flat["layers"]) == CFG.num_layers
+    ref, _ = model.apply(CFG, params, ids, kv_mask_BxS=mask)
+    got, _ = model.apply(CFG, flat, ids, kv_mask_BxS=mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
+    B, S = ids.shape[0], 32
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    valid = jnp.ones((B, S), bool)
+    outs = [model.apply(CFG, p, ids, pos, valid, model.init_cache(CFG, B, S), 0) for p in (params, flat)]
+    np.testing.assert_allclose(np.asarray(outs[1][0]), np.asarray(outs[0][0]), rtol=0, atol=1e-5)
+    for n in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(outs[1][1][n]), np.asarray(outs[0][1][n]), rtol=0, atol=1e-5)
+
+
+def test_params_cast_once_is_bit_identical(params):
+    bf = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    ids, mask = _right_padded()
+    cast = model.cast_params(bf, params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
+    a, _ = model.apply(bf, params, ids, kv_mask_BxS=mask)
+    b, _ = model.apply(bf, cast, ids, kv_mask_BxS=mask)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_array_equal(np.asarray(model.unembed(bf, params, a)), np.asarray(model.unembed(bf, cast, a)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-prob head
+
+
+def _autodiff_logprobs(cfg, p, ids, target, mask):
+    """The plain formulation: full logits, log_softmax, gather; differentiated by jax."""
+    hidden, _ = model.apply(cfg, p, ids, kv_mask_BxS=mask)
+    logp = jax.nn.log_softmax(model.unembed(cfg, p, hidden[:, :-1]), axis=-1)
+    lp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    score = target[:, 1:] & mask[:, 1:]
+    return jnp.sum(jnp.where(score, lp, 0.0), axis=-1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_vjp_equals_autodiff(tied):
+    cfg = dataclasses.replace(CFG, tie_embeddings=tied)
+    p = model.init_params(cfg, jax.random.key(9))
+    ids, mask = _right_padded()
+    target = jnp.arange(ids.shape[1])[None] >= 4
+    w_B = jnp.array([1.0, -0.5, 2.0])
+    ref_fn = lambda q: jnp.sum(w_B * _autodiff_logprobs(cfg, q, ids, target, mask))
+    got_fn = lambda q: jnp.sum(w_B * logprobs.sequence_logprobs(cfg, q, ids, target, mask, chunk=5))
+    (ref, g_ref), (got, g_got) = jax.value_and_grad(ref_fn)(p), jax.value_and_grad(got_fn)(p)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_head_vjp_bf16_runs_matmuls_in_bf16():
+    cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    p = model.init_params(cfg, jax.random.key(10))
+    ids, mask = _right_padded()
+    target = jnp.ones_like(mask)
+    f = lambda q: jnp.sum(logprobs.sequence_logprobs(cfg, q, ids, target, mask, chunk=8))
+    g = jax.grad(f)(p)
+    assert all(np.isfinite(np.asarray(x)).all() and x.dtype == jnp.float32 for x in jax.tree.leaves(g))
+    # Every vocab-sized matmul (the head, forward and backward) takes bf16 operands; autodiff of
+    # the fp32-accumulated projection would feed the fp32 cotangent to the backward ones.
+    head_dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and any(cfg.vocab_size in v.aval.shape for v in eqn.invars):
+                head_dots.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(f))(p).jaxpr)
+    assert len(head_dots) >= 4, head_dots  # forward, its recompute, d_hidden, d_w
+    assert all(d == ("bfloat16", "bfloat16") for d in head_dots), head_dots
