@@ -36,27 +36,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spjax import model, sampler  # noqa: E402
-from spjax.config import ModelConfig  # noqa: E402
+from bench.common import SHAPES, emit, model_config, peer_script  # noqa: E402
 
-# The peer's SHAPES (torch_pair_bench.py), in ModelConfig terms; LlamaConfig defaults fill the rest
-# (rms_norm_eps 1e-6, rope_theta 1e4, max_position_embeddings 2048).
-SHAPES = {
-    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
-                 num_heads=4, num_kv_heads=2, tie_embeddings=True, max_position_embeddings=2048),
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                        num_heads=32, num_kv_heads=8, tie_embeddings=True, rope_theta=500000.0,
-                        max_position_embeddings=4096),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                         num_heads=9, num_kv_heads=3, tie_embeddings=True, rope_theta=100000.0,
-                         max_position_embeddings=8192),
-}
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}  # HBM peak by device-kind substring (SXM figures)
-
-
-def peer_script() -> str:
-    root = os.environ.get("SPJAX_PEERS") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "peers")
-    return os.path.join(root, "torch_pair_bench.py")
 
 
 def run_peer(shape, batch, prompt_len, new, compiled: bool, timeout: int) -> dict:
@@ -130,7 +112,7 @@ def main():
             out[f"peer_{p}_device"] = r.get("gpu") or r.get("device")
 
     dtype = a.dtype or ("float32" if on_cpu else "bfloat16")
-    cfg = ModelConfig(**SHAPES[a.shape], rms_norm_eps=1e-6, param_dtype=dtype, compute_dtype=dtype)
+    cfg = model_config(a.shape, param_dtype=dtype, compute_dtype=dtype)
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
     prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, P)).tolist()
     key = sampler.round_key(0, 0)
@@ -208,10 +190,7 @@ def main():
     print(f"  decode reads {out['decode_gb_read']:.1f} GB (params + live KV; the windows read "
           f"{out['decode_gb_read_windowed']:.1f} GB) at {out['decode_gbps']:.1f} GB/s"
           + (f" = {out['roofline_frac']:.1%} of {peak:.0f} GB/s" if "roofline_frac" in out else ""))
-    print(json.dumps(out))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "sampler_bench.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, "sampler_bench.json")
 
 
 if __name__ == "__main__":

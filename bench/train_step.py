@@ -30,31 +30,14 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-# The peer's SHAPES, as ModelConfig fields (LlamaConfig defaults elsewhere: rms eps 1e-6, theta 1e4).
-SHAPES = {
-    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
-                 num_heads=4, num_kv_heads=2, tie_embeddings=True),
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                        num_heads=32, num_kv_heads=8, tie_embeddings=True, rope_theta=500000.0,
-                        max_position_embeddings=4096),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                         num_heads=9, num_kv_heads=3, tie_embeddings=True, rope_theta=100000.0,
-                         max_position_embeddings=8192),
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import SHAPES, emit, model_config, peer_script  # noqa: E402
 
 # Runs the peer in this child interpreter and appends its own max RSS: CPU peers report no memory.
 _PEER_WRAPPER = ("import atexit, resource, runpy, sys; "
                  "atexit.register(lambda: print('PEER_MAX_RSS_KB', "
                  "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def peer_script() -> str:
-    base = os.environ.get("SPJAX_PEERS") or os.path.join(ROOT, "..", "shared", "peers")
-    return os.path.abspath(os.path.join(base, "torch_pair_bench.py"))
 
 
 def run_peer(a, compile_: bool) -> dict:
@@ -108,14 +91,14 @@ def run_spjax(a) -> dict:
     import numpy as np
 
     from spjax import sharding, step
-    from spjax.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
+    from spjax.config import MeshConfig, ObjectiveConfig, OptimConfig
 
     from spjax import model
 
     on_cpu = jax.default_backend() == "cpu"
     compute = a.compute_dtype or ("float32" if on_cpu else "bfloat16")
     remat = a.remat or ("none" if a.shape == "tiny" else "dots")
-    cfg = ModelConfig(**SHAPES[a.shape], rms_norm_eps=1e-6, compute_dtype=compute, remat=remat)
+    cfg = model_config(a.shape, compute_dtype=compute, remat=remat)
     B, P, R, L = a.pairs, a.prompt_len, a.response_len, a.prompt_len + a.response_len
     attention = model.attention_impl(cfg, cached=False, right_padded=True, q_len=L)  # what the step traces
     mesh = sharding.make_mesh(MeshConfig())
@@ -235,10 +218,7 @@ def main(argv=None):
             note = f"   target {op} {bound}: {'met' if met[k] else 'NOT met'}"
         print(f"  {k}: {v:.3f}{note}")
     record = {"bench": "train_step", "shape": a.shape, "spjax": ours, **peers, "ratios": ratios, "targets_met": met}
-    print(json.dumps(record))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
-            json.dump(record, f, indent=1)
+    emit(record, "train_step.json")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 err = e
             # Every process must resume from the same step: one that fails anywhere is bad for all.
-            if _everywhere(err is None):
+            if shd.on_every_process(err is None):
                 out = got["state"], dict(got["meta"])
                 break
             why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if err else "failed on another process"
@@ -92,14 +92,6 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _everywhere(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
 def _check_finite_tree(state, step):

@@ -345,9 +345,7 @@ def _to_host(out: dict) -> dict:
     # A list in the dict's order, not a set: every process must issue the same gathers in the same order.
     spread = [k for k, x in out.items() if isinstance(x, jax.Array) and not x.is_fully_addressable]
     host = jax.device_get({k: x for k, x in out.items() if k not in spread})
-    if spread:
-        from jax.experimental import multihost_utils
-        host.update({k: np.asarray(multihost_utils.process_allgather(out[k], tiled=True)) for k in spread})
+    host.update({k: shd.to_host(out[k]) for k in spread})
     return {k: np.asarray(v) for k, v in host.items()}
 
 

@@ -139,6 +139,14 @@ def barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def on_every_process(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+
+
 def init_params(cfg, key, mesh: Mesh):
     """Random params born sharded: never materialised whole on one device."""
     from spjax import model

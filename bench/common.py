@@ -1,0 +1,40 @@
+"""What the bench scripts share: the peer's model shapes, where the peer is, and the JSON record."""
+from __future__ import annotations
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# torch_pair_bench.py's SHAPES as ModelConfig fields; LlamaConfig's defaults fill the rest
+# (rms_norm_eps 1e-6, rope_theta 1e4, max_position_embeddings 2048).
+SHAPES = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
+                 num_heads=4, num_kv_heads=2, tie_embeddings=True, max_position_embeddings=2048),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, tie_embeddings=True, rope_theta=500000.0,
+                        max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, tie_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+}
+
+
+def model_config(shape: str, **fields):
+    """The ModelConfig of a peer shape (random init), with `fields` (dtypes, remat) set."""
+    from spjax.config import ModelConfig
+    return ModelConfig(**SHAPES[shape], rms_norm_eps=1e-6, **fields)
+
+
+def peer_script() -> str:
+    """The peer baseline: $SPJAX_PEERS/torch_pair_bench.py, default ../shared/peers beside the checkout."""
+    base = os.environ.get("SPJAX_PEERS") or os.path.join(ROOT, "..", "shared", "peers")
+    return os.path.abspath(os.path.join(base, "torch_pair_bench.py"))
+
+
+def emit(record: dict, name: str):
+    """Print the record as one JSON line, and write it to $OUT/<name> when OUT is set."""
+    print(json.dumps(record))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            json.dump(record, f, indent=1)
