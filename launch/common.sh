@@ -9,3 +9,6 @@ show() {
   printf '%s\n' "$out"
 }
 run() { show "$@"; [ "$DRY" = 1 ] || "$@"; }
+# The jax version in requirements.lock: accelerator extras (jax[cuda13], jax[tpu]) are pinned to it,
+# so the plugin matches the jax that setup.sh installed.
+locked_jax() { sed -n 's/^jax==\([^ ]*\).*/\1/p' "${1:-requirements.lock}"; }

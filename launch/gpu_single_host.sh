@@ -5,7 +5,7 @@
 #   bash launch/gpu_single_host.sh --config configs/single_gpu_qwen2_0.5b.py --workdir runs/qwen -- run.rounds=2
 #
 # requirements.txt installs jax for CPU only: a GPU host needs jax's CUDA wheels once (--cuda, or
-# --cuda12 for CUDA 12 drivers), within requirements.txt's jax range. --dry-run prints the commands.
+# --cuda12 for CUDA 12 drivers), at requirements.lock's jax version. --dry-run prints the commands.
 set -euo pipefail
 
 usage() {
@@ -46,13 +46,12 @@ cd "$(dirname "$0")/.."
 name=$(basename "${CONFIG%%:*}" .py)
 WORKDIR=${WORKDIR:-runs/$name}
 LOG=${LOG:-logs/$name.log}
-JAX_RANGE=$(sed -n 's/^jax\([<>=!~][^ #]*\).*/\1/p' requirements.txt)  # e.g. >=0.10,<0.12
-
-source launch/common.sh  # show, run (the cwd is the repo root here)
+source launch/common.sh  # show, run, locked_jax (the cwd is the repo root here)
+JAX_PIN="==$(locked_jax)"  # e.g. ==0.10.2
 
 [ "$SETUP" = 1 ] && run bash launch/setup.sh
-# jax[cudaNN] in the jax range: keeps the installed jax when it fits, adds the matching CUDA plugin.
-[ -n "$CUDA" ] && run .venv/bin/python -m pip install -q "jax[$CUDA]$JAX_RANGE"
+# jax[cudaNN] at the locked jax version: keeps the installed jax, adds the matching CUDA plugin.
+[ -n "$CUDA" ] && run .venv/bin/python -m pip install -q "jax[$CUDA]$JAX_PIN"
 
 # Latency-hiding scheduling overlaps FSDP's all-gathers/reduce-scatters with compute; the combine
 # thresholds batch the per-layer collectives into fewer, larger ones. All are known to jax 0.10's XLA.

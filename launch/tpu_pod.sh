@@ -78,7 +78,6 @@ if [ -z "$WORKERS" ]; then  # 4 chips per host, except single-host slices of up 
 fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-JAX_RANGE=$(sed -n 's/^jax\([<>=!~][^ #]*\).*/\1/p' "$ROOT/requirements.txt")  # e.g. >=0.10,<0.12
 REMOTE_DIR=spjax  # in each worker's home directory
 TARBALL=${TMPDIR:-/tmp}/spjax-$NAME.tgz
 LOGS=logs/$NAME
@@ -86,7 +85,8 @@ LOGS=logs/$NAME
 where=(--zone="$ZONE")
 [ -n "$PROJECT" ] && where+=(--project="$PROJECT")
 
-source "$ROOT/launch/common.sh"  # show, run
+source "$ROOT/launch/common.sh"  # show, run, locked_jax
+JAX_PIN="==$(locked_jax "$ROOT/requirements.lock")"  # e.g. ==0.10.2
 
 # The trainer's working directory as the workers see it.
 if [[ "$WORKDIR" == gs://* ]]; then
@@ -104,8 +104,8 @@ for o in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do train_args+=" $(q "$o")"; done
 install_cmd="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf ~/spjax.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR"
 install_cmd+=" && (command -v $PY >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq $PY $PY-venv))"
 install_cmd+=" && PYTHON=$PY bash launch/setup.sh"
-# jax[tpu] within requirements.txt's jax range brings the libtpu that matches the jax it installs.
-install_cmd+=" && .venv/bin/python -m pip install -q 'jax[tpu]$JAX_RANGE'"
+# jax[tpu] at the locked jax version brings the libtpu that matches the jax setup.sh installed.
+install_cmd+=" && .venv/bin/python -m pip install -q 'jax[tpu]$JAX_PIN'"
 if [ -n "$BUCKET" ]; then
   # gcsfuse from Google's apt repository, unless the image has it
   apt_list="deb [signed-by=/usr/share/keyrings/gcsfuse.gpg]"

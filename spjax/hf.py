@@ -291,9 +291,9 @@ def load_tokenizer(path: str):
         return byte_tokenizer()
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
+    if path.endswith(".gguf"):  # built by spjax: transformers' GGUF reader needs torch
+        from spjax.gguf_tokenizer import tokenizer_from_gguf
+        return tokenizer_from_gguf(path)
     return AutoTokenizer.from_pretrained(path)
 
 

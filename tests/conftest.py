@@ -29,3 +29,15 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"conftest should give 8 fake CPU devices, got {len(devs)}"
     return devs
+
+
+# The suite runs on two pytest-xdist workers, one test file at a time each, in this order (pyproject's
+# addopts turn off xdist's reordering by size).
+# The files that run whole spjax.train processes go first so that neither worker is left with
+# one of them at the end while the other idles.
+_FIRST = ("test_rounds.py", "test_gguf_tokenizer.py", "test_step.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable: file order kept otherwise

@@ -48,7 +48,7 @@ def test_tpu_pod_dry_run_prints_the_whole_gcloud_sequence():
     for c in (install, train):
         assert c[5] == "n" and "--worker=all" in c
     install_cmd = next(w for w in install if w.startswith("--command="))
-    assert "bash launch/setup.sh" in install_cmd and "jax[tpu]>=0.10,<0.12" in install_cmd
+    assert "bash launch/setup.sh" in install_cmd and f"jax[tpu]=={_locked_jax()}" in install_cmd
     assert "gcsfuse --implicit-dirs b /mnt/gcs/b" in install_cmd  # gs:// workdirs are mounted
     train_cmd = next(w for w in train if w.startswith("--command="))
     run = shlex.split(train_cmd.split("&&", 1)[1].split("2>&1")[0])
@@ -92,7 +92,7 @@ def test_gpu_single_host_dry_run_prints_setup_and_train_command():
     assert res.returncode == 0, res.stderr
     cmds = commands(res.stdout)
     assert cmds[0] == ["bash", "launch/setup.sh"]
-    assert cmds[1] == [".venv/bin/python", "-m", "pip", "install", "-q", "jax[cuda13]>=0.10,<0.12"]
+    assert cmds[1] == [".venv/bin/python", "-m", "pip", "install", "-q", f"jax[cuda13]=={_locked_jax()}"]
     train = cmds[-1]
     assert train[0] == "env"
     i = train.index(".venv/bin/python")
@@ -122,3 +122,11 @@ def test_gpu_single_host_bad_flag():
     assert res.returncode != 0 and "usage: bash launch/gpu_single_host.sh" in res.stderr
     res = bash("launch/gpu_single_host.sh", "--dry-run")
     assert res.returncode != 0 and "missing --config" in res.stderr
+
+
+def _locked_jax():
+    """The jax version in requirements.lock, as the launch scripts pin the accelerator extras to it."""
+    with open(os.path.join(ROOT, "requirements.lock")) as f:
+        pins = [line.split("==")[1].strip() for line in f if line.startswith("jax==")]
+    assert len(pins) == 1 and pins[0].count(".") == 2, pins
+    return pins[0]

@@ -15,15 +15,17 @@ import spjax
 from spjax import checkpoint as ckpt_lib
 from spjax import rounds
 from spjax.config import ConfigError, load_config
+from tests.torchless import torchless_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def _env(**extra):
+    """Every spjax.train subprocess here runs with torch unimportable, as the quick start does."""
     env = dict(os.environ)
     env.setdefault("SPJAX_COMPILE_CACHE", os.path.join(ROOT, ".jax_cache"))
-    env.update(extra)
+    env.update(torchless_env(), **extra)
     return env
 
 
@@ -80,24 +82,39 @@ def test_export_loads_in_transformers_with_same_logits(reference_run):
     assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids, jnp.int32))) - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("kill_at,extra", [
-    ("sample:4", ()),  # round 1, after its first chunk of samples is on disk
-    ("score:3", ()),  # round 1, real responses scored, generated ones not yet
-    ("train:7", ()),  # round 1, step 3 (the step-2 checkpoint is the latest)
-    ("checkpoint:2", ("run.async_checkpoint=true",)),  # round 1: killed while its step-2 save is in flight
-])
-def test_sigkill_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path, kill_at, extra):
+def test_sigkill_at_three_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
+    """One run killed three times in round 1 (each kill during the previous resume), then finished."""
     ref_dir, _ = reference_run
-    killed = _train(tmp_path / "run", *extra, kill_at=kill_at, tfds_dir=tfds_dir)
-    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
-    assert not os.path.exists(tmp_path / "run" / "export")
-    resumed = _train(tmp_path / "run", "--resume", *extra, tfds_dir=tfds_dir)
+    work = tmp_path / "run"
+    # (where the run dies, counted from its own start): sampling after the first chunk is on disk;
+    # scoring with the real responses scored and the generated ones not yet; training at step 3
+    # (the step-2 checkpoint is the latest). Round 0 reaches sample 3 times, score 2, train 4.
+    for k, kill_at in enumerate(["sample:4", "score:1", "train:3"]):
+        killed = _train(work, *(["--resume"] if k else []), kill_at=kill_at, tfds_dir=tfds_dir)
+        assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
+        assert not os.path.exists(work / "export")
+    resumed = _train(work, "--resume", tfds_dir=tfds_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    if kill_at != "sample:4":
-        assert "resumed at round" in resumed.stdout
-    assert _export_bytes(tmp_path / "run") == _export_bytes(ref_dir)
+    assert "resumed at round 1, phase train, step 2" in resumed.stdout
+    _assert_same_run(work, ref_dir)
+
+
+def test_sigkill_during_async_checkpoint_write_then_resume(reference_run, tfds_dir, tmp_path):
+    ref_dir, _ = reference_run
+    work = tmp_path / "run"
+    # Round 1, killed while its step-2 save is in flight (round 0's step-2 save is the first).
+    killed = _train(work, "run.async_checkpoint=true", kill_at="checkpoint:2", tfds_dir=tfds_dir)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+    resumed = _train(work, "--resume", "run.async_checkpoint=true", tfds_dir=tfds_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at round" in resumed.stdout
+    _assert_same_run(work, ref_dir)
+
+
+def _assert_same_run(work, ref_dir):
+    assert _export_bytes(work) == _export_bytes(ref_dir)
     # The log reads as if nothing had happened: each step and round once, with the same losses.
-    assert _logged(tmp_path / "run") == _logged(ref_dir)
+    assert _logged(work) == _logged(ref_dir)
 
 
 def _logged(workdir):
@@ -134,8 +151,7 @@ def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tf
     resumed = _train(work, "--resume", tfds_dir=tfds_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "could not be restored" in resumed.stderr
-    assert _export_bytes(work) == _export_bytes(ref_dir)
-    assert _logged(work) == _logged(ref_dir)
+    _assert_same_run(work, ref_dir)
 
 
 @pytest.mark.parametrize("override,message", [
