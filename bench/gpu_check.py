@@ -14,6 +14,7 @@ Prints one line per check and exits 1 if a check fails (the caller then times wi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -32,7 +33,7 @@ def rel(a, b) -> float:
 
 
 def logprobs_and_grad(cfg, params, ids_BxL, mask_BxL, attention: str):
-    os.environ[model.ATTENTION_ENV] = attention  # read when the function is traced, so trace anew
+    cfg = dataclasses.replace(cfg, attention=attention)  # the attention path is part of the config
 
     def f(p):
         lp_BxL = logprobs.token_logprobs(cfg, p, ids_BxL, mask_BxL, mask_BxL, chunk=128)
@@ -70,7 +71,6 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - report and let the caller fall back to the XLA path
         print(f"[FAIL] cuDNN attention did not run: {type(e).__name__}: {str(e)[:300]}")
         ok = False
-    os.environ[model.ATTENTION_ENV] = "auto"
 
     prompts = rng.integers(3, cfg32.vocab_size, (8, 40)).tolist()
     prompts = [p[: 40 - 4 * i] for i, p in enumerate(prompts)]  # ragged, left-padded inside

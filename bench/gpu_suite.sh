@@ -2,7 +2,7 @@
 # Every GPU figure of docs/perf.md from one run on one card (about 7 minutes on an H200,
 # starting from a bare machine):
 #   1. bench/gpu_check.py: cuDNN attention and the unrolled decode agree with the CPU-tested paths
-#      (if not, the timings below use the XLA einsum attention: SPJAX_ATTENTION=xla);
+#      (if not, the timings below use the XLA einsum attention: --attention xla, attention=xla);
 #   2. bench/train_step.py  --shape llama3.2-1b: the pair step against the PyTorch peer, eager and compiled;
 #   3. bench/sampler.py     --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(),
 #      eager and static-cache compiled, with the roofline fraction;
@@ -29,12 +29,14 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
-stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || export SPJAX_ATTENTION=xla
-stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape llama3.2-1b --peer-timeout 150
+ATTENTION=auto  # the model config's attention field for the stages that train
+stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla
+stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape llama3.2-1b --peer-timeout 150 \
+  --attention "$ATTENTION"
 stage sampler "${SAMPLE_S:-220}" "$PY" bench/sampler.py --shape llama3.2-1b --peers eager,compile --peer-timeout 150
 ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
 TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
-  --workdir "$ROUND_DIR"
+  --workdir "$ROUND_DIR" attention="$ATTENTION"
 tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
 cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

@@ -16,9 +16,9 @@ matmul incl. the LM head, attention as if not causal), against the peak of a lar
 the same run in the compute dtype. Peak memory is the device allocator's high-water mark where it
 keeps one (GPU/TPU), else the process's max RSS (CPU; the peers' RSS is measured the same way).
 Attention: spjax.model.attention_impl's pick (cuDNN flash attention on a CUDA GPU with bf16, the
-XLA einsum path elsewhere); --attention overrides it through $SPJAX_ATTENTION. The DESIGN.md §4
-targets (GPU, llama3.2-1b: >= 1.25x eager and >= 1.0x compiled tokens/s, <= 0.5x eager peak memory)
-are marked as met or not under the ratios.
+XLA einsum path elsewhere); --attention overrides it (the model config's `attention` field). The
+DESIGN.md §4 targets (GPU, llama3.2-1b: >= 1.25x eager and >= 1.0x compiled tokens/s, <= 0.5x eager
+peak memory) are marked as met or not under the ratios.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def run_spjax(a) -> dict:
     on_cpu = jax.default_backend() == "cpu"
     compute = a.compute_dtype or ("float32" if on_cpu else "bfloat16")
     remat = a.remat or ("none" if a.shape == "tiny" else "dots")
-    cfg = model_config(a.shape, compute_dtype=compute, remat=remat)
+    cfg = model_config(a.shape, compute_dtype=compute, remat=remat, attention=a.attention)
     B, P, R, L = a.pairs, a.prompt_len, a.response_len, a.prompt_len + a.response_len
     attention = model.attention_impl(cfg, cached=False, right_padded=True, q_len=L)  # what the step traces
     mesh = sharding.make_mesh(MeshConfig())
@@ -166,7 +166,8 @@ def main(argv=None):
     ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="default: fp32 on CPU, else bf16")
     ap.add_argument("--remat", choices=("none", "full", "dots"), help="default: none for tiny, else dots")
     ap.add_argument("--attention", choices=("auto", "xla", "cudnn"),
-                    help="attention path (sets $SPJAX_ATTENTION; auto: cuDNN on a CUDA GPU with bf16, else XLA)")
+                    default="auto", help="attention path, the model config's `attention` field "
+                                         "(auto: cuDNN on a CUDA GPU with bf16, else XLA)")
     ap.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048 CPU, 8192 else)")
     ap.add_argument("--no-peer", action="store_true", help="measure spjax only")
     ap.add_argument("--peer-timeout", type=int, default=1800)
@@ -176,8 +177,6 @@ def main(argv=None):
     a.prompt_len = a.prompt_len or (256 if big else 16)
     a.response_len = a.response_len or (768 if big else 48)
     a.steps = a.steps or (8 if big else 3)
-    if a.attention:
-        os.environ["SPJAX_ATTENTION"] = a.attention  # read by spjax.model when the step is traced
 
     peers = {}
     if not a.no_peer:  # before JAX starts: on a GPU it would hold the memory the peers need

@@ -7,6 +7,7 @@ A latest step that fails to restore (corrupt files) is reported and the one befo
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -40,7 +41,17 @@ class Checkpointer:
                                                  create=True, cleanup_tmp_directories=True))
 
     def save(self, step: int, state, meta: dict, wait: bool = False):
-        """Save at a global, increasing step number; async unless `wait`."""
+        """Save at a global, increasing step number; async unless `wait`.
+
+        A disk without room for the state is an OSError here, in the caller's thread, before any
+        byte is written: a write failing in orbax's background threads surfaces much later, under
+        pages of asyncio tracebacks.
+        """
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: checkpoint {step} needs {need / 2**20:.1f} MiB, "
+                          f"{free / 2**20:.1f} MiB free", self.directory)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         if wait:

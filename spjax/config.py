@@ -10,11 +10,12 @@ import typing
 from typing import Optional
 
 ROPE_TYPES = ("default", "linear", "llama3")
-ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-# spjax.objectives implements each; "sft" trains on real responses alone (a baseline)
-OBJECTIVE_NAMES = ("chi2", "spin", "hinge", "ipo", "nce", "sft")
+# spjax.model.attention_impl: auto picks cuDNN where it applies; xla | cudnn | xla_fused force a path
+ATTENTION = ("auto", "xla", "cudnn", "xla_fused")
+PAIR_SOURCES = ("auto", "sampled", "data")  # spjax.pairs.SOURCES, plus auto
+REFERENCES = ("opponent", "initial")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing per layer: none | full | dots (save matmuls)
+    attention: str = "auto"  # one of ATTENTION: the attention path (model.attention_impl); not exported
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -69,11 +71,13 @@ class ModelConfig:
                f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
         _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
         _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
+        from spjax.hf import ARCHITECTURES  # the importer's table is the one list of names
         _check(self.architecture in ARCHITECTURES, "model.architecture",
                f"{self.architecture!r} not in {ARCHITECTURES}")
         _check(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
         _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
         _check(self.remat in REMAT, "model.remat", f"{self.remat!r} not in {REMAT}")
+        _check(self.attention in ATTENTION, "model.attention", f"{self.attention!r} not in {ATTENTION}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 
@@ -147,10 +151,16 @@ def override(cfg, dotted: str, value, _prefix: str = ""):
 class ObjectiveConfig:
     """The self-play objective (DESIGN.md §1)."""
 
-    name: str = "chi2"  # one of OBJECTIVE_NAMES
+    name: str = "chi2"  # a row of spjax.objectives.TABLE
     beta: float = 0.1  # implicit reward scale: r = beta * (lp_theta - lp_ref)
     c: float = 1.0  # chi2 regularisation: the optimal reward lies in [-1/c, 1/c]
     nll_weight: float = 0.0  # optional NLL on real responses (per token), added to the pair loss
+
+    def __post_init__(self):
+        from spjax.objectives import NAMES  # the table is the one list of names
+        _check(self.name in NAMES, "objective.name", f"{self.name!r} not one of {', '.join(NAMES)}")
+        _check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+        _check(self.c > 0, "objective.c", f"must be > 0, got {self.c}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +179,14 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     nonfinite: str = "skip"  # skip (count and drop the update) | raise
 
+    def __post_init__(self):
+        _check(self.name in ("adamw", "rmsprop"), "optim.name", f"{self.name!r} not in ('adamw', 'rmsprop')")
+        _check(self.schedule in ("linear", "cosine", "constant"), "optim.schedule",
+               f"{self.schedule!r} not in ('linear', 'cosine', 'constant')")
+        _check(self.nonfinite in ("skip", "raise"), "optim.nonfinite", "must be skip or raise")
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -179,6 +197,11 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     batch_size: int = 64  # prompts decoded together (global)
+
+    def __post_init__(self):
+        _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +220,11 @@ class DataConfig:
     seed: int = 0
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
     system_prompt: str = ""  # a system turn for prompts without one (replaces a template's default)
+
+    def __post_init__(self):
+        _check(self.max_prompt_len < self.max_len, "data.max_prompt_len",
+               f"{self.max_prompt_len} must be < data.max_len={self.max_len}")
+        _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +245,21 @@ class RunConfig:
     eval_max_new_tokens: int = 64
     score_batch_size: int = 32  # sequences per reference-scoring batch
     export: bool = True  # write a HF directory of the final model to <workdir>/export
+    # Where each pair's second response comes from (spjax.pairs): 'sampled' = the opponent's own
+    # sample (SPIN), 'data' = the record's rejected one; 'auto' = data when the records carry one.
+    pairs: str = "auto"
+    # The reference of the implicit reward for 'data' pairs: the round's opponent pi_t, or the
+    # initial model pi_0 (scored once, in round 0). Sampled pairs always use pi_t.
+    reference: str = "opponent"
+
+    def __post_init__(self):
+        _check(self.rounds >= 1, "run.rounds", "must be >= 1")
+        _check(self.epochs >= 1, "run.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
+        _check(self.pairs in PAIR_SOURCES, "run.pairs", f"{self.pairs!r} not in {PAIR_SOURCES}")
+        _check(self.reference in REFERENCES, "run.reference", f"{self.reference!r} not in {REFERENCES}")
+        _check(self.reference == "opponent" or self.pairs == "data", "run.reference",
+               "'initial' needs run.pairs=data (sampled pairs change every round; pi_0 is gone after round 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +272,7 @@ class Config:
     param_dtype: str = "float32"  # applied to the loaded model
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"  # model.attention, also for a loaded model_path (checked there)
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -242,30 +286,16 @@ class Config:
         _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
         _check(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
         _check(self.remat in REMAT, "remat", f"{self.remat!r} not in {REMAT}")
-        o, r, s = self.objective, self.run, self.sampling
-        _check(o.name in OBJECTIVE_NAMES, "objective.name", f"{o.name!r} not one of {', '.join(OBJECTIVE_NAMES)}")
-        _check(o.beta > 0, "objective.beta", f"must be > 0, got {o.beta}")
-        _check(o.c > 0, "objective.c", f"must be > 0, got {o.c}")
-        _check(self.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", f"{self.optim.name!r} unknown")
-        _check(self.optim.schedule in ("linear", "cosine", "constant"), "optim.schedule",
-               f"{self.optim.schedule!r} unknown")
-        _check(self.optim.nonfinite in ("skip", "raise"), "optim.nonfinite", "must be skip or raise")
-        _check(self.optim.lr > 0, "optim.lr", f"must be > 0, got {self.optim.lr}")
-        _check(self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
-        _check(r.rounds >= 1, "run.rounds", "must be >= 1")
-        _check(r.epochs >= 1, "run.epochs", "must be >= 1")
-        _check(r.batch_size >= 1, "run.batch_size", "must be >= 1")
-        _check(r.batch_size % self.optim.grad_accum == 0, "run.batch_size",
-               f"{r.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
-        _check(s.temperature >= 0, "sampling.temperature", "must be >= 0")
-        _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
-        _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
-        _check(self.data.max_prompt_len < self.data.max_len, "data.max_prompt_len",
-               f"{self.data.max_prompt_len} must be < data.max_len={self.data.max_len}")
-        _check(self.data.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
+        _check(self.attention in ATTENTION, "attention", f"{self.attention!r} not in {ATTENTION}")
+        # Each sub-config validates itself; here only what spans two of them.
+        _check(self.run.batch_size % self.optim.grad_accum == 0, "run.batch_size",
+               f"{self.run.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
+        _check(not (self.run.mix_previous and self.run.pairs == "data"), "run.mix_previous",
+               "only for sampled pairs (data pairs are the same every round)")
 
     def model_overrides(self) -> dict:
-        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat)
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,
+                    attention=self.attention)
 
 
 def load_config(path: str, overrides=()) -> Config:

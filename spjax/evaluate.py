@@ -1,5 +1,6 @@
-"""Held-out evaluation: NLL of real responses, implicit-reward metrics on held-out pairs, and how
-close the model's own greedy answers are to the references (token F1 and ROUGE-L over words).
+"""How close the model's own greedy answers are to the references (token F1 and ROUGE-L over
+words), and their side-by-side display. The held-out reward metrics come from the objective table
+(spjax.objectives), the same code the train step runs; the driver calls both (rounds.evaluate_phase).
 """
 from __future__ import annotations
 
@@ -48,15 +49,6 @@ def rouge_l(pred: str, ref: str) -> float:
 def similarity(preds: list, refs: list) -> dict:
     return {"f1": float(np.mean([token_f1(p, r) for p, r in zip(preds, refs)])),
             "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)]))}
-
-
-def pair_metrics(lp_real, lp_gen, ref_real, ref_gen, beta: float, c: float) -> dict:
-    """Held-out implicit rewards (numpy): r, r', margin, accuracy, fraction at chi2's 1/c bound."""
-    r = beta * (np.asarray(lp_real) - np.asarray(ref_real))
-    rg = beta * (np.asarray(lp_gen) - np.asarray(ref_gen))
-    return {"reward_real": float(r.mean()), "reward_gen": float(rg.mean()), "margin": float((r - rg).mean()),
-            "accuracy": float((r > rg).mean()),
-            "frac_at_bound": float(np.mean(np.concatenate([np.abs(r), np.abs(rg)]) >= 1.0 / c))}
 
 
 def side_by_side(prompts: list, preds: list, refs: list, n: int, width: int = 100) -> str:

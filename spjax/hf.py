@@ -20,7 +20,9 @@ import numpy as np
 from spjax import sharding as shd
 from spjax.config import ModelConfig
 
+# The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = tuple(HF_ARCHS.values())
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 
 
@@ -37,7 +39,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
     if arch is None:
-        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(hf.get("model_type"))
+        arch = hf.get("model_type") if hf.get("model_type") in ARCHITECTURES else None
     if arch is None:
         raise CheckpointError(f"{where}: architecture {archs or hf.get('model_type')} is not supported "
                               f"(supported: {', '.join(HF_ARCHS)})")

@@ -10,12 +10,11 @@ per-layer weight has a leading N axis and a 30-layer model compiles as fast as a
 Attention is causal over buffer slots plus a key-validity mask, which serves right-padded training
 batches, left-padded prompts and a preallocated KV cache alike. `attention_impl` picks, at trace
 time, between that XLA einsum path and cuDNN's fused flash attention (GPU, bf16/fp16, right-padded
-batches without a cache); see docs/perf.md.
+batches without a cache), as ModelConfig.attention asks; see docs/perf.md.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import flax.linen as nn
@@ -72,9 +71,6 @@ _normal = nn.initializers.normal(0.02)
 # ---------------------------------------------------------------------------------------------
 # Attention: one XLA einsum path that serves every case, and cuDNN flash attention where it applies
 
-ATTENTION_ENV = "SPJAX_ATTENTION"  # auto (default) | xla | cudnn | xla_fused: read at trace time
-ATTENTION_MODES = ("auto", "xla", "cudnn", "xla_fused")
-
 
 def _gpu_is_cuda() -> bool:
     if jax.default_backend() != "gpu":
@@ -94,13 +90,12 @@ def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len:
     batch (valid tokens first: causality alone then hides every pad key from every real query),
     head_dim a multiple of 8 up to 128, and a sliding window only where positions are the default
     0..L-1. Everything else (CPU, TPU, fp32, cached prefill/decode, left padding) takes the XLA path.
-    $SPJAX_ATTENTION overrides the backend check: xla forces the einsum path everywhere; cudnn asks
-    for cuDNN wherever the call qualifies (jax raises where cuDNN cannot run); xla_fused runs the
-    cuDNN path's jax.nn.dot_product_attention call with implementation='xla' (a CPU check of it).
+    cfg.attention (part of the jit cache key, validated by ModelConfig) overrides the backend check:
+    auto decides as above; xla forces the einsum path everywhere; cudnn asks for cuDNN wherever the
+    call qualifies (jax raises where cuDNN cannot run); xla_fused runs the cuDNN path's
+    jax.nn.dot_product_attention call with implementation='xla' (a CPU check of it).
     """
-    mode = os.environ.get(ATTENTION_ENV, "auto").lower()
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"${ATTENTION_ENV}={mode!r}: expected one of {ATTENTION_MODES}")
+    mode = cfg.attention
     fused_ok = not cached and right_padded and (cfg.sliding_window is None or cfg.sliding_window >= q_len
                                                 or default_positions)
     if mode == "xla_fused":

@@ -8,12 +8,12 @@ Losses are minimised; each returns per-pair losses [B] and a dict of scalar metr
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from spjax.config import ObjectiveConfig
 
 
 def _chi2(r_B, rg_B, beta, c):
@@ -48,8 +48,33 @@ def _nce(r_B, rg_B, beta, c):
     return -jax.nn.log_sigmoid(r_B) - jax.nn.log_sigmoid(-rg_B)
 
 
-_LOSSES: dict[str, Callable] = {"chi2": _chi2, "spin": _spin, "hinge": _hinge, "ipo": _ipo, "nce": _nce}
-OBJECTIVES = tuple(_LOSSES)  # ("chi2", "spin", "hinge", "ipo", "nce"); chi2 is the default
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One row of the objective table: its per-pair loss and what the round driver must supply.
+
+    pair_loss: f(r_B, r'_B, beta, c) -> per-pair losses [B]; None for a loss on the real side alone.
+    opponent: needs a second response per prompt (the opponent's sample, or the record's rejected
+      one); without it the pairs are (y, y) and nothing is sampled.
+    reference: needs reference log-probs of both sides (scored once per round); without them the
+      reference inputs are zeros and nothing is scored.
+    """
+
+    pair_loss: Optional[Callable]
+    opponent: bool = True
+    reference: bool = True
+
+
+TABLE: dict[str, Objective] = {
+    "chi2": Objective(_chi2),  # the default
+    "spin": Objective(_spin),
+    "hinge": Objective(_hinge),
+    "ipo": Objective(_ipo),
+    "nce": Objective(_nce),
+    # The SFT-only baseline: per-token NLL of the real responses; no opponent, no reference.
+    "sft": Objective(None, opponent=False, reference=False),
+}
+NAMES = tuple(TABLE)  # every objective.name a config may give
+OBJECTIVES = tuple(k for k, v in TABLE.items() if v.pair_loss is not None)  # the pair losses
 
 
 def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: float, c: float = 1.0):
@@ -60,13 +85,13 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     2B rewards r, r' with |.| >= 1/c; meaningful for chi2, reported for all), loss (mean pair loss),
     lp_real, lp_gen (policy means).
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown pair objective {name!r}; known: {', '.join(OBJECTIVES)}")
     f32 = jnp.float32
     lp_real_B, lp_gen_B = jnp.asarray(lp_real_B, f32), jnp.asarray(lp_gen_B, f32)
     r_B = beta * (lp_real_B - jnp.asarray(ref_real_B, f32))
     rg_B = beta * (lp_gen_B - jnp.asarray(ref_gen_B, f32))
-    losses_B = _LOSSES[name](r_B, rg_B, beta, c)
+    losses_B = TABLE[name].pair_loss(r_B, rg_B, beta, c)
 
     # Metrics carry no gradient: they are read, never optimised.
     r, rg = jax.lax.stop_gradient(r_B), jax.lax.stop_gradient(rg_B)
@@ -94,22 +119,22 @@ def nll_term(lp_real_B, n_tokens_real_B):
     return -jnp.sum(jnp.asarray(lp_real_B, jnp.float32)) / jnp.maximum(n_tokens, 1.0)
 
 
-def objective_loss(cfg: ObjectiveConfig, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
+def objective_loss(cfg, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
                    n_tokens_real_B: Optional[jnp.ndarray] = None):
-    """Scalar training loss: mean pair loss + cfg.nll_weight * per-token NLL; and the aux metrics.
+    """Scalar training loss (cfg: an ObjectiveConfig): mean pair loss + cfg.nll_weight * per-token NLL; and the aux metrics.
 
     aux['loss'] stays the mean pair loss (the divergence estimate); aux['nll'] is added whenever
     n_tokens_real_B is given, which cfg.nll_weight != 0 requires. name 'sft' is the SFT-only
     baseline: the loss is the per-token NLL of the real responses alone (pair metrics still reported,
     under the chi2 reading).
     """
-    sft = cfg.name == "sft"
-    losses_B, aux = pair_loss("chi2" if sft else cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
+    nll_only = TABLE[cfg.name].pair_loss is None
+    losses_B, aux = pair_loss("chi2" if nll_only else cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
                               beta=cfg.beta, c=cfg.c)
     loss = jnp.mean(losses_B)
-    if sft:
+    if nll_only:
         if n_tokens_real_B is None:
-            raise ValueError("objective 'sft' needs n_tokens_real_B (response token counts)")
+            raise ValueError(f"objective {cfg.name!r} needs n_tokens_real_B (response token counts)")
         loss = 0.0 * loss + nll_term(lp_real_B, n_tokens_real_B)
     if n_tokens_real_B is None:
         if cfg.nll_weight != 0:

@@ -1,306 +1,34 @@
-"""On-device sampling with a preallocated KV cache: one prefill, then a `lax.while_loop` decode.
+"""Sampling on device from host lists: `sample` plans the batches, spjax.sampler_program runs them.
 
-Dimensions as in spjax.model, plus P (padded prompt length: a static bucket), T (max new tokens),
-S (KV cache slots, P + T rounded up) and E (EOS ids, padded).
+The host-side plan: check the arguments, place params by spjax.sharding's rules, sort prompts by
+length and cut them into batches of one row count (batch_size rounded up to the data-parallel size;
+dummy rows fill a batch), left-pad each batch to a static bucket (`default_bucket`: powers of two),
+size the KV cache (P + T rounded up) and the EOS list, put each batch's arrays on the mesh, run the
+compiled program once per batch and gather the results back, in the prompts' order (`SampleResult`).
 
-Layout: prompts are LEFT-padded into [B, P], so every prompt ends at slot P-1 and generated token j
-sits at slot P+j for every row; its position is prompt_len + j. Pad slots are invisible as keys
-(kv_mask). Randomness is per example: example i of a round samples token j with
-fold_in(fold_in(round_key, i), j), so a sample does not depend on the batch, the bucket or the
-host it landed in (resumed and multi-host rounds reproduce exactly).
-
-Speed (docs/perf.md): every row's live slots are the same prefix [0, P + j), so the decode loop
-runs in a few segments, each a `while_loop` attending over a fixed window of the cache just large
-enough for its steps (`_decode_windows`): a step reads the live part of the cache, rounded up, not
-all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
-before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
-step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
+The on-device program (prefill, the decode loop, token choice, per-example keys) lives in
+spjax.sampler_program; its public names (`prefill`, `decode_step`, `round_key`, `example_key`,
+`left_pad_positions`) and the internals tests and benchmarks reach for are re-exported here, so
+callers only ever import spjax.sampler. Layout and randomness: see spjax.sampler_program.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from spjax import model
 from spjax import sharding as shd
 from spjax.config import ModelConfig
+from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
+    _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_windows, _generate, _unroll_layers,
+    decode_step, example_key, left_pad_positions, prefill, round_key)
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
 _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes
-_WINDOW_ROUND = 16  # decode windows are multiples of this many slots
-_STEPS_PER_SEGMENT = 32  # auto segments: one per started run of this many decode steps, at most _MAX_SEGMENTS
-_MAX_SEGMENTS = 4  # each segment compiles its own loop body: compile time grows with the count
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-
-
-def round_key(seed: int, round_index: int):
-    """The key of one sampling round: fold_in(key(seed), round)."""
-    return jax.random.fold_in(jax.random.key(seed), round_index)
-
-
-def example_key(seed: int, round_index: int, example_id: int):
-    """The key of one example in one round; token j is drawn with fold_in(example_key, j)."""
-    return jax.random.fold_in(round_key(seed, round_index), example_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefill and one decode step (also the building blocks the cache ≡ forward test checks)
-
-
-def left_pad_positions(prompt_len_B, P: int):
-    """[B, P] positions of a left-padded prompt: 0.. on real tokens, negative on the padding.
-
-    Pads continue the count downwards (not clipped at 0) so slot - position is constant per row;
-    model.py's sliding-window mask with a cache derives key positions from exactly that.
-    """
-    return jnp.arange(P, dtype=jnp.int32)[None, :] - (P - prompt_len_B[:, None]).astype(jnp.int32)
-
-
-def _constrain(x, mesh: Optional[Mesh], logical):
-    if mesh is None:
-        return x
-    spec = shd.logical_to_spec(PartitionSpec(*logical), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def _constrain_cache(cache, mesh):
-    return {k: _constrain(v, mesh, model.CACHE_LOGICAL_AXES) for k, v in cache.items()}
-
-
-def _batch(x, mesh):
-    return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
-
-
-def _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len, mesh=None):
-    B, P = prompt_BxP.shape
-    valid_BxP = jnp.arange(P)[None, :] >= (P - prompt_len_B[:, None])
-    # Slots past the prompt are marked valid up front: causality hides them until they are written.
-    kv_mask_BxS = jnp.concatenate([valid_BxP, jnp.ones((B, cache_len - P), bool)], axis=1)
-    cache = _constrain_cache(model.init_cache(cfg, B, cache_len), mesh)
-    # The prompt attends over its own P slots only (the mask's width), not the empty rest.
-    hidden_BxPxD, cache = model.apply(cfg, params, prompt_BxP, left_pad_positions(prompt_len_B, P),
-                                      valid_BxP, cache, 0)
-    logits_BxV = model.unembed(cfg, params, hidden_BxPxD[:, -1:])[:, 0]
-    return logits_BxV, _constrain_cache(cache, mesh), _batch(kv_mask_BxS, mesh)
-
-
-def _decode_step(cfg, params, token_B, position_B, kv_mask_BxW, cache, slot, mesh=None):
-    """One token per row at `slot`, attending over the W leading slots (W = kv_mask_BxW's width)."""
-    hidden_Bx1xD, cache = model.apply(cfg, params, token_B[:, None], position_B[:, None], kv_mask_BxW,
-                                      cache, slot)
-    return model.unembed(cfg, params, hidden_Bx1xD)[:, 0], _constrain_cache(cache, mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(cfg: ModelConfig, params, prompt_BxP, prompt_len_B, cache_len: int):
-    """Run a left-padded prompt batch into a fresh cache of `cache_len` slots.
-
-    Returns (fp32 next-token logits [B, V], cache, kv_mask [B, S]).
-    """
-    return _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def decode_step(cfg: ModelConfig, params, token_B, position_B, kv_mask_BxS, cache, slot):
-    """Write one token per row at cache `slot` (same for all rows); fp32 next-token logits [B, V]."""
-    return _decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot)
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing a token
-
-
-def _truncate(logits_BxV, top_k, top_p):
-    """Mask (to -inf) all but the top-k, then all but the smallest top-p nucleus of what is left."""
-    V = logits_BxV.shape[-1]
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    sorted_BxV = jnp.where(jnp.arange(V)[None] < k, sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Keep a token if the mass strictly above it is < top_p: the smallest set reaching top_p.
-    mass_above_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = (mass_above_BxV < top_p).at[:, 0].set(True) & (jnp.arange(V)[None] < k)
-    n_keep_B = jnp.sum(keep_BxV, axis=-1)
-    threshold_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
-    return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
-
-
-def _argmax(x_BxV):
-    """jnp.argmax over the last axis: the first maximum (the first NaN if any), as int32.
-
-    XLA:CPU runs argmax's (value, index) pair reduction several times slower than a max followed
-    by a min over matching indices, so CPU takes that form; other backends keep argmax.
-    """
-    if jax.default_backend() != "cpu":
-        return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
-    V = x_BxV.shape[-1]
-    hit_BxV = (x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)) | jnp.isnan(x_BxV)
-    return jnp.min(jnp.where(hit_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
-
-
-def _categorical(keys_B, logits_BxV):
-    """One draw per row; the same draws as vmap(jax.random.categorical): argmax(gumbel + logits)."""
-    V = logits_BxV.shape[-1]
-    gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), logits_BxV.dtype))(keys_B)
-    return _argmax(gumbel_BxV + logits_BxV)
-
-
-def _choose(logits_BxV, keys_B, step, knobs, settings):
-    """(token [B], its log-prob under the untempered model distribution [B])."""
-    if settings.greedy:
-        token_B = _argmax(logits_BxV)
-    else:
-        scaled_BxV = logits_BxV / knobs["temperature"]
-        if settings.truncate:
-            scaled_BxV = _truncate(scaled_BxV, knobs["top_k"], knobs["top_p"])
-        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-        token_B = _categorical(step_keys_B, scaled_BxV)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
-    return token_B, logprob_B
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Static (compile-time) sampling settings; temperature, top_k and top_p values are traced."""
-
-    max_new_tokens: int
-    cache_len: int
-    greedy: bool
-    truncate: bool  # top-k or top-p in use (costs a vocab sort per step)
-    pad_id: int
-    mesh: Optional[Mesh] = None  # only for sharding constraints inside; None: one device
-    segments: int = 0  # decode loop segments (attention windows); 0: one per 32 steps begun, at most 4
-    unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
-
-
-_CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
-
-
-def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
-    """Unroll the decode step's layers over weights sliced once (model.unstack_layers)?
-
-    A GPU matmul cannot read a weight straight out of the scan's layer stack, so a scanned decode
-    step copies all weights once more; unrolled, each step reads them once. XLA:CPU copies too,
-    but there unrolling multiplies the loop body's compile time by the layer count (SmolLM2's 30:
-    ~5 s more per body, for ~13% per step), so CPU unrolls only shallow models, where it also
-    removes the inner loop's fixed per-step cost (tiny: 1.4x). TPU fusions read the stack in place.
-    """
-    if settings.unroll_layers is not None:
-        return settings.unroll_layers
-    backend = jax.default_backend()
-    return backend == "gpu" or (backend == "cpu" and num_layers <= _CPU_UNROLL_MAX_LAYERS)
-
-
-def _decode_windows(P: int, T: int, S: int, segments: int = 0) -> tuple:
-    """((last_step, W), ...): decode steps up to last_step attend over the first W cache slots.
-
-    Step j (1 <= j < T) writes slot P + j - 1 and attends over slots [0, P + j). The T - 1 steps
-    are cut into `segments` near-equal runs; each run's window is its last step's need rounded up to
-    _WINDOW_ROUND (at most S). Windows that round to the same width merge.
-    """
-    steps = T - 1
-    if steps < 1:
-        return ()
-    n = segments or min(_MAX_SEGMENTS, -(-steps // _STEPS_PER_SEGMENT))
-    n = max(1, min(n, steps))
-    out = []
-    for i in range(1, n + 1):
-        last = -(-steps * i // n)
-        W = min(S, -(-(P + last) // _WINDOW_ROUND) * _WINDOW_ROUND)
-        last = min(steps, W - P)  # the rounded window may serve a few more steps
-        if out and out[-1][1] == W:
-            out[-1] = (last, W)
-        elif not out or last > out[-1][0]:
-            out.append((last, W))
-    return tuple(out)
-
-
-@flax.struct.dataclass
-class _State:
-    step: jax.Array  # [] index of the next token to sample
-    tokens_BxT: jax.Array  # int32 sampled tokens; pad after EOS
-    logprobs_BxT: jax.Array  # fp32 untempered log-probs; 0 after EOS
-    lengths_B: jax.Array  # int32 tokens sampled so far (incl. EOS)
-    done_B: jax.Array  # bool: sampled an EOS (or a dummy row)
-    cache: dict  # {'k','v': [N, B, S, K, Dh]}
-    kv_mask_BxS: jax.Array  # bool validity of every cache slot
-    keys_B: jax.Array  # per-example PRNG keys
-
-
-def _record(s: _State, step, token_B, logprob_B, alive_B, eos_E, pad_id) -> _State:
-    """Store token `step` of the rows still alive; pad and 0 for finished rows."""
-    token_B = jnp.where(alive_B, token_B, pad_id)
-    hit_B = jnp.any(token_B[:, None] == eos_E[None, :], axis=-1)
-    return s.replace(tokens_BxT=s.tokens_BxT.at[:, step].set(token_B),
-                     logprobs_BxT=s.logprobs_BxT.at[:, step].set(jnp.where(alive_B, logprob_B, 0.0)),
-                     lengths_B=s.lengths_B + alive_B.astype(jnp.int32),
-                     done_B=s.done_B | (alive_B & hit_B))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
-def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
-              example_ids_B, key_data, knobs, eos_E):
-    """Sample up to T tokens per row. Params are an argument (not a closed-over constant) so one
-    compiled program serves every round's params and XLA never embeds the weights.
-
-    Shardings come from the inputs: params as placed (replicated, fsdp or tensor-sharded), every
-    [B, ...] array over ('data', 'fsdp'), the cache by CACHE_LOGICAL_AXES (batch and kv heads).
-    """
-    mesh, T = settings.mesh, settings.max_new_tokens
-    B, P = prompt_BxP.shape
-    # The key enters as raw uint32 data: a host array every process holds whole, which a
-    # multi-process jit accepts as a replicated input (a typed key on one device it does not).
-    key = jax.random.wrap_key_data(key_data)
-    keys_B = _batch(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), mesh)
-    # Once, outside the loop: weights in the compute dtype (bf16 steps read half of fp32 masters'
-    # bytes) and, where the layers are unrolled, sliced per layer (a scan over the stacked layers
-    # copies every layer's weights out of the stack on every step).
-    params = model.cast_params(cfg, params)
-    step_params = model.unstack_layers(cfg, params) if _unroll_layers(settings, cfg.num_layers) else params
-
-    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
-    token_B, logprob_B = _choose(logits_BxV, keys_B, 0, knobs, settings)
-    state = _State(step=jnp.int32(1), tokens_BxT=_batch(jnp.full((B, T), settings.pad_id, jnp.int32), mesh),
-                   logprobs_BxT=_batch(jnp.zeros((B, T), jnp.float32), mesh),
-                   lengths_B=_batch(jnp.zeros((B,), jnp.int32), mesh),
-                   done_B=~live_B,  # dummy rows start done, so they never hold the loop open
-                   cache=cache, kv_mask_BxS=kv_mask_BxS, keys_B=keys_B)
-    state = _record(state, 0, token_B, logprob_B, live_B, eos_E, settings.pad_id)
-
-    def segment(last, W):
-        def cond(s: _State):
-            return (s.step <= last) & ~jnp.all(s.done_B)
-
-        def body(s: _State):
-            prev_B = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
-            position_B = prompt_len_B + s.step - 1
-            logits_BxV, cache = _decode_step(cfg, step_params, prev_B, position_B, s.kv_mask_BxS[:, :W], s.cache,
-                                             P + s.step - 1, mesh)
-            token_B, logprob_B = _choose(logits_BxV, s.keys_B, s.step, knobs, settings)
-            s = _record(s.replace(cache=cache), s.step, token_B, logprob_B, ~s.done_B, eos_E, settings.pad_id)
-            return s.replace(step=s.step + 1)
-
-        return cond, body
-
-    # Each segment picks up where the last stopped; once every row is done the rest exit at once.
-    for last, W in _decode_windows(P, T, settings.cache_len, settings.segments):
-        state = jax.lax.while_loop(*segment(last, W), state)
-    return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
-                finished_B=state.done_B & live_B, steps=state.step)
 
 
 # ---------------------------------------------------------------------------------------------

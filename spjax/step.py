@@ -70,10 +70,6 @@ def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTran
     rmsprop follows PyTorch's RMSprop (what SPIN ran): second-moment decay b2, eps outside the
     square root, no momentum, no bias correction; b1 is unused. Weight decay is decoupled for both.
     """
-    if opt_cfg.nonfinite not in ("skip", "raise"):
-        raise ConfigError(f"optim.nonfinite: {opt_cfg.nonfinite!r} not in ('skip', 'raise')")
-    if opt_cfg.name not in ("adamw", "rmsprop"):
-        raise ConfigError(f"optim.name: {opt_cfg.name!r} not in ('adamw', 'rmsprop')")
     mask = _decay_mask if opt_cfg.weight_decay else None
 
     def chain(learning_rate):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 
 
@@ -36,8 +38,42 @@ def _compile_cache():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def kill_at(spec: str):
+    """The fault hook for SPJAX_KILL_AT=point:n (tests): SIGKILL this process the n-th time the run
+    reaches `point` (sample, score, train, checkpoint), to check that --resume gives the same model."""
+    point, _, n = spec.partition(":")
+    hits = {point: 0}
+
+    def fault(where: str):
+        if where == point:
+            hits[point] += 1
+            if hits[point] == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+    return fault
+
+
+def _io_failure(e: BaseException):
+    """(path or None, reason) when e (or what it wraps) is a failed read or write of a file; else None.
+
+    orbax and asyncio wrap OSErrors; tensorstore reports them as ValueError('... [os_error_code=N]').
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.filename, e.strerror
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            path = re.search(r'"(/[^"]+)"', str(e))
+            return (path.group(1) if path else None), os.strerror(int(code.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    # spjax uses transformers for tokenizers only: its note that PyTorch is absent is not news here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from spjax.config import ConfigError, load_config
     from spjax.data.records import DataError
     from spjax.hf import CheckpointError
@@ -52,11 +88,23 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import rounds
+    spec = os.environ.get("SPJAX_KILL_AT")
     try:
-        rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True))
+        rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
+                   fault=kill_at(spec) if spec else None)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"spjax: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - only I/O failures are handled here; the rest propagate
+        failed = _io_failure(e)
+        if failed is None:
+            raise
+        print(f"\nspjax: I/O error: {failed[0] or workdir}: {failed[1]}. What was written before is intact: "
+              "free space or fix permissions, then rerun with --resume.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Background checkpoint threads would print their own tracebacks while the interpreter shuts
+        # down; nothing half-written is committed (writes are atomic), so leave at once.
+        os._exit(3)
     return 0
 
 

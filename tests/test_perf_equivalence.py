@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from spjax import logprobs, model, sampler
-from spjax.config import ModelConfig
+from spjax.config import ConfigError, ModelConfig
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=128)
@@ -38,7 +38,7 @@ def _right_padded(L=19, seed=1):
 def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
     bf = dataclasses.replace(CFG, compute_dtype="bfloat16")
     pick = lambda cfg, **kw: model.attention_impl(cfg, **{"cached": False, "right_padded": True, "q_len": 64, **kw})
-    monkeypatch.delenv(model.ATTENTION_ENV, raising=False)
+    assert CFG.attention == "auto"
     assert jax.default_backend() == "cpu"
     assert pick(bf) == "xla" and pick(CFG) == "xla"
     monkeypatch.setattr(model, "_gpu_is_cuda", lambda: True)  # as on an H100
@@ -50,11 +50,29 @@ def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
     window = dataclasses.replace(bf, sliding_window=16)
     assert pick(window) == "cudnn" and pick(window, default_positions=False) == "xla"
     assert pick(window, q_len=16, default_positions=False) == "cudnn"  # the window never bites
-    monkeypatch.setenv(model.ATTENTION_ENV, "xla")
-    assert pick(bf) == "xla"
-    monkeypatch.setenv(model.ATTENTION_ENV, "bogus")
-    with pytest.raises(ValueError, match="SPJAX_ATTENTION"):
-        pick(bf)
+    assert pick(dataclasses.replace(bf, attention="xla")) == "xla"
+    assert pick(dataclasses.replace(bf, attention="cudnn")) == "cudnn"
+    monkeypatch.setattr(model, "_gpu_is_cuda", lambda: False)  # as on ROCm: auto declines, cudnn insists
+    assert pick(bf) == "xla" and pick(dataclasses.replace(bf, attention="cudnn")) == "cudnn"
+    assert pick(dataclasses.replace(bf, attention="cudnn"), cached=True) == "xla"  # cuDNN cannot serve it
+    assert pick(dataclasses.replace(bf, attention="xla_fused")) == "xla_fused"
+    assert pick(dataclasses.replace(CFG, attention="xla_fused"), right_padded=False) == "xla"
+
+
+def test_attention_is_a_validated_config_field_in_the_jit_key():
+    with pytest.raises(ConfigError, match="model.attention"):
+        dataclasses.replace(CFG, attention="bogus")
+    with pytest.raises(ConfigError, match="model.attention"):
+        dataclasses.replace(CFG, attention="XLA")  # exact names, as the other enumerated fields
+    xla = dataclasses.replace(CFG, attention="xla")
+    assert xla != CFG and hash(xla) != hash(CFG)  # a static jit argument: a different cache entry
+    # A run's top-level `attention` reaches the model config like remat does, also for model_path.
+    from spjax.config import Config, override
+    run = override(Config(model=CFG), "attention", "xla_fused")
+    assert run.model_overrides()["attention"] == "xla_fused"
+    assert dataclasses.replace(run.model, **run.model_overrides()).attention == "xla_fused"
+    with pytest.raises(ConfigError, match=r"^attention: 'bogus' not in"):  # at load, before any compile
+        override(Config(model=CFG), "attention", "bogus")
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -76,17 +94,28 @@ def test_fused_attention_call_equals_einsum_path(window):
 
 
 @pytest.mark.parametrize("sliding_window", [None, 6])
-def test_model_through_fused_call_equals_einsum_path(params, monkeypatch, sliding_window):
+def test_model_through_fused_call_equals_einsum_path(params, sliding_window):
     cfg = dataclasses.replace(CFG, sliding_window=sliding_window)
     ids, mask = _right_padded()
-    monkeypatch.setenv(model.ATTENTION_ENV, "xla")
-    ref, _ = model.apply(cfg, params, ids, kv_mask_BxS=mask, right_padded=True)
-    monkeypatch.setenv(model.ATTENTION_ENV, "xla_fused")
-    got, _ = model.apply(cfg, params, ids, kv_mask_BxS=mask, right_padded=True)
+    xla, fused = (dataclasses.replace(cfg, attention=a) for a in ("xla", "xla_fused"))
+    ref, _ = model.apply(xla, params, ids, kv_mask_BxS=mask, right_padded=True)
+    got, _ = model.apply(fused, params, ids, kv_mask_BxS=mask, right_padded=True)
     real = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=0, atol=1e-5)
-    # Not promised right padding: the einsum path whatever the override says.
-    assert model.attention_impl(cfg, cached=False, right_padded=False, q_len=19) == "xla"
+    # Not promised right padding: the einsum path whatever the config asks for.
+    assert model.attention_impl(fused, cached=False, right_padded=False, q_len=19) == "xla"
+    # Under jit the field is part of the cache key: each config traces (once) its own path.
+    traced = []
+
+    def hidden(c, p, x, m):
+        traced.append(model.attention_impl(c, cached=False, right_padded=True, q_len=x.shape[1]))
+        return model.apply(c, p, x, kv_mask_BxS=m, right_padded=True)[0]
+
+    jitted = jax.jit(hidden, static_argnums=0)
+    outs = [np.asarray(jitted(c, params, ids, mask)) for c in (xla, fused, xla)]
+    assert traced == ["xla", "xla_fused"]
+    for out, want in zip(outs, (ref, got, ref)):
+        np.testing.assert_allclose(out[real], np.asarray(want)[real], rtol=0, atol=1e-5)
 
 
 def test_cache_window_equals_whole_buffer(params):

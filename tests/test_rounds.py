@@ -209,3 +209,149 @@ def test_two_processes_match_one_process(reference_run, tfds_dir, tmp_path):
     diff = np.concatenate([np.abs(got[k] - want[k]).ravel() for k in want])
     assert np.mean(diff > 1e-5) <= 1e-4, np.sort(diff)[-10:]
     assert diff.max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference data: (prompt, chosen, rejected) records train chosen-vs-rejected, as given
+
+
+def _write_preferences(path, n=96):
+    """'Say W twice.' -> chosen 'W W', rejected 'W V' (the second word wrong, same length)."""
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            w = "".join(rng.choice(letters, size=int(rng.integers(2, 5))))
+            v = "".join(rng.choice(letters, size=len(w)))
+            f.write(json.dumps({"prompt": f"Say {w} twice.", "chosen": f"{w} {w}", "rejected": f"{w} {v}"}) + "\n")
+    return str(path)
+
+
+PREF_ARGS = ("run.rounds=2", "data.format=preference")
+
+
+@pytest.fixture(scope="module")
+def preference_runs(tmp_path_factory):
+    """The same preference file trained by chi2 (pairs as given) and by the SFT baseline."""
+    root = tmp_path_factory.mktemp("pref")
+    data = _write_preferences(root / "pref.jsonl")
+    out = {}
+    for name in ("chi2", "sft"):
+        proc = _train(root / name, f"data.path={data}", f"objective.name={name}", *PREF_ARGS,
+                      tfds_dir=str(root / "tfds"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = (root / name, proc.stdout)
+    return data, str(root / "tfds"), out
+
+
+def test_preference_batches_hold_the_rejected_responses(preference_runs, tmp_path):
+    from spjax import pairs as pairs_lib
+    from spjax.data import batching
+    data, tfds, runs = preference_runs
+    assert "pairs: data (run.pairs=auto)" in runs["chi2"][1]
+    cfg = load_config(TINY, [f"data.path={data}", f"data.tfds_dir={tfds}", *PREF_ARGS])
+    ctx, params = rounds.setup(cfg, str(tmp_path / "w"), resume=False, echo=lambda s: None)
+    assert ctx.source == "data"
+    got = pairs_lib.form_pairs(ctx, params, 0, ctx.held)
+    assert not os.path.exists(ctx.round_dir(0))  # nothing was sampled
+    records = [json.loads(line) for line in open(data, encoding="utf-8")]
+    rejected = {f"Say {r['prompt'].split()[1]} twice.": r["rejected"] for r in records}
+    batch, _ = next(batching.pair_batches(got.splits["train"], cfg.run.batch_size, seed=0, buckets=ctx.buckets,
+                                          pad_id=ctx.pad_id))
+    tok = ctx.tokenizer
+    for row, i in enumerate(batch["example_id_B"]):
+        ex = got.splits["train"][i]
+        gen = batch["generated"]
+        answer = gen["input_ids_BxL"][row][gen["target_mask_BxL"][row].astype(bool)]
+        prompt = tok.decode(ex.prompt_ids, skip_special_tokens=True)
+        want = rejected[next(p for p in rejected if p in prompt)]
+        assert tok.decode(answer, skip_special_tokens=True) == want
+    ctx.checkpointer.close()
+
+
+def _pref_margin(workdir, data, tfds):
+    """Mean log p(chosen) - log p(rejected) over the training pairs: (initial model, exported model)."""
+    from spjax import pairs as pairs_lib, scoring
+    cfg = load_config(TINY, [f"data.path={data}", f"data.tfds_dir={tfds}", *PREF_ARGS])
+    ctx, params0 = rounds.setup(cfg, str(workdir) + "-score", resume=False, echo=lambda s: None)
+    ex = pairs_lib.form_pairs(ctx, params0, 0, ctx.held).splits["train"]
+    _, trained = spjax.load_pretrained(os.path.join(workdir, "export"), mesh=ctx.mesh)
+    margin = lambda p: float(np.mean(scoring.score_examples(ctx, p, ex, "real_ids")
+                                     - scoring.score_examples(ctx, p, ex, "generated_ids")))
+    out = margin(params0), margin(trained)
+    ctx.checkpointer.close()
+    return out
+
+
+def test_preference_pairs_grow_the_margin_more_than_sft(preference_runs):
+    data, tfds, runs = preference_runs
+    before, chi2 = _pref_margin(runs["chi2"][0], data, tfds)
+    before_sft, sft = _pref_margin(runs["sft"][0], data, tfds)
+    assert before == before_sft
+    # Measured (2 rounds of 4 steps): chi2 on the pairs +0.86 nats, SFT on the chosen side +0.09;
+    # SFT lifts the shared first word of the rejected answer along with the chosen one.
+    assert chi2 - before > 0.5 and chi2 - before > 4 * max(sft - before, 0.0), (before, chi2, sft)
+
+
+def test_preference_run_killed_then_resumed_is_bitwise_identical(preference_runs, tmp_path):
+    data, tfds, runs = preference_runs
+    work = tmp_path / "run"
+    args = (f"data.path={data}", "objective.name=chi2", *PREF_ARGS)
+    # Round 0: scoring with the chosen side scored; then round 1 at step 3 of its resumed run.
+    for k, kill_at in enumerate(["score:1", "train:7"]):
+        killed = _train(work, *(["--resume"] if k else []), *args, kill_at=kill_at, tfds_dir=tfds)
+        assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
+    resumed = _train(work, "--resume", *args, tfds_dir=tfds)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at round 1, phase train, step 2" in resumed.stdout
+    _assert_same_run(work, runs["chi2"][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk mid-run: one clear line, nothing lost; --resume after freeing space finishes the run
+
+
+def _mount_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    opts = f"size={size}" if not os.path.ismount(path) else f"remount,size={size}"
+    args = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def test_full_disk_stops_with_one_line_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
+    ref_dir, _ = reference_run
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "600k") if os.geteuid() == 0 else None
+    if mounted is None or mounted.returncode != 0:  # CI runs as root, where tmpfs mounts work
+        pytest.skip(f"a small tmpfs needs root and mount: {mounted.stderr if mounted else 'not root'}")
+    try:
+        work = disk / "run"
+        full = _train(work, tfds_dir=tfds_dir)  # the run's first checkpoint (2 MiB) does not fit
+        assert full.returncode == 3, full.stderr[-3000:]
+        lines = [l for l in full.stderr.replace("\r", "\n").splitlines() if l.startswith("spjax:")]
+        assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], lines
+        assert "Traceback" not in full.stderr
+        assert _mount_tmpfs(disk, "64m").returncode == 0  # space freed
+        resumed = _train(work, "--resume", tfds_dir=tfds_dir)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        _assert_same_run(work, ref_dir)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_read_only_workdir_is_one_line(tmp_path, tfds_dir):
+    work = tmp_path / "ro"
+    work.mkdir()
+    os.chmod(work, 0o555)
+    try:
+        if os.access(work, os.W_OK):  # root writes anyway: make it a read-only bind mount instead
+            bound = subprocess.run(["mount", "--bind", "-o", "ro", str(work), str(work)], capture_output=True)
+            if bound.returncode != 0:
+                pytest.skip("cannot make a read-only directory as root here")
+        proc = _train(work / "run", tfds_dir=tfds_dir)
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        lines = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("spjax: I/O error:") and "run" in lines[0], lines
+    finally:
+        subprocess.run(["umount", "-l", str(work)], capture_output=True)
+        os.chmod(work, 0o755)

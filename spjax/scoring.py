@@ -1,0 +1,79 @@
+"""Reference scoring: sequence log-probs of a round's pairs under the frozen opponent (or pi_0).
+
+Scored once per round and cached in the round's refs.npz; the train step reads them as inputs, so
+no second model is ever live during training (DESIGN.md §1, step 3).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from spjax import checkpoint as ckpt_lib, metrics as metrics_lib, pairs as pairs_lib, step as step_lib
+from spjax import sharding as shd
+from spjax.data import batching
+
+log = logging.getLogger("spjax")
+
+
+def score_examples(ctx, params, examples: list, which: str) -> np.ndarray:
+    """[n] fp32 log pi(response | prompt) of each example's `which` side ('real_ids'/'generated_ids')."""
+    B = ctx.cfg.run.score_batch_size
+    B = -(-B // shd.data_parallel_size(ctx.mesh)) * shd.data_parallel_size(ctx.mesh)
+    out = np.zeros(len(examples), np.float32)
+    for start in range(0, len(examples), B):
+        ids_G = np.full(B, -1)
+        ids_G[:min(B, len(examples) - start)] = np.arange(start, min(start + B, len(examples)))
+        side = batching.side_batch(examples, ids_G, which, buckets=ctx.buckets, pad_id=ctx.pad_id)
+        lp = step_lib.score(ctx.model_cfg, params, side["input_ids_BxL"], side["attention_mask_BxL"],
+                            side["target_mask_BxL"], mesh=ctx.mesh)
+        n = min(B, len(examples) - start)
+        out[start:start + n] = shd.to_host(lp)[:n]
+    return out
+
+
+def _summed(examples: list, token_lp: dict) -> np.ndarray:
+    # attach_generated may have cut a response to max_len: sum only the tokens that were kept
+    return np.asarray([token_lp[e.id][:len(e.generated_ids)].sum() for e in examples], np.float32)
+
+
+def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
+    """{split: (ref_real [n], ref_gen [n])}, cached in the round's refs.npz.
+
+    Zeros for an objective that reads no reference. With run.reference=initial (data pairs, the
+    same every round) round 0's scores, taken under pi_0, serve every round. For splits with
+    sampler log-probs the generated side comes from those (half the scoring work), after checking
+    the first batch against a full forward pass; a mismatch falls back to scoring everything.
+    """
+    if not ctx.objective.reference:
+        return {k: (np.zeros(len(v), np.float32),) * 2 for k, v in pairs.splits.items()}
+    first = ctx.cfg.run.reference == "initial"
+    path = os.path.join(ctx.round_dir(0 if first else t), "refs.npz")
+    if os.path.exists(path):
+        z = ckpt_lib.load_arrays(path)
+        return {s: (z[f"{s}_real"], z[f"{s}_gen"]) for s in pairs.splits}
+    bar = metrics_lib.progress(2 * sum(len(v) for v in pairs.splits.values()), f"round {t} score", "seq")
+    out = {}
+    for split, ex in pairs.splits.items():
+        real = score_examples(ctx, params, ex, "real_ids")
+        bar.update(len(ex))
+        ctx.fault("score")
+        gen = None
+        if split in pairs.sampler_lp:
+            gen = _summed(ex, pairs.sampler_lp[split])
+            head = ex[:ctx.cfg.run.score_batch_size]
+            full = score_examples(ctx, params, head, "generated_ids")
+            # fp32 per-token agreement is ~1e-5 (sampler tests hold it to 1e-4 per token)
+            tol = 1e-4 * np.asarray([max(len(e.generated_ids), 1) for e in head])
+            if not np.all(np.abs(full - gen[:len(head)]) <= tol):
+                log.warning("round %d: sampler log-probs differ from a forward pass (max %.2e); scoring "
+                            "all generated responses", t, float(np.max(np.abs(full - gen[:len(head)]))))
+                gen = None
+        if gen is None:
+            gen = score_examples(ctx, params, ex, "generated_ids")
+        bar.update(len(ex))
+        out[split] = (real, gen)
+    bar.close()
+    ckpt_lib.save_arrays(path, **{f"{s}_{k}": v for s, (r, g) in out.items() for k, v in (("real", r), ("gen", g))})
+    return out
