@@ -352,7 +352,7 @@ def _resolve_devices(target: Optional[Target], n_local: Optional[int], echo):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spjax.compile_check", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="spjax compile-check", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", required=True, help="a Python config file (file.py[:arg])")
     ap.add_argument("--topology", default=None, help="v5p-32, v4-8, v5e-16, v6e-8, v5:2x2x4, 8xh100, h200, "

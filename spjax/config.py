@@ -15,6 +15,8 @@ REMAT = ("none", "full", "dots")
 # spjax.model.attention_impl: auto picks cuDNN where it applies; xla | cudnn | xla_fused force a path
 ATTENTION = ("auto", "xla", "cudnn", "xla_fused")
 PAIR_SOURCES = ("auto", "sampled", "data")  # spjax.pairs.SOURCES, plus auto
+# Held-out metrics that can pick the best round (run.keep_best), and which way is better.
+METRIC_GOALS = {"nll": "min", "f1": "max", "rouge_l": "max", "held_lp_real": "max"}
 REFERENCES = ("opponent", "initial")
 
 
@@ -251,8 +253,17 @@ class RunConfig:
     # The reference of the implicit reward for 'data' pairs: the round's opponent pi_t, or the
     # initial model pi_0 (scored once, in round 0). Sampled pairs always use pi_t.
     reference: str = "opponent"
+    # Round health: export the round that is best by this held-out metric (METRIC_GOALS), not the
+    # last; stop after `stop_when_worse` rounds in a row without a better one (0: never stop early).
+    keep_best: str = ""
+    stop_when_worse: int = 0
 
     def __post_init__(self):
+        _check(self.keep_best in ("",) + tuple(METRIC_GOALS), "run.keep_best",
+               f"{self.keep_best!r} not one of {', '.join(METRIC_GOALS)} (or empty)")
+        _check(self.stop_when_worse >= 0, "run.stop_when_worse", "must be >= 0")
+        _check(not self.stop_when_worse or self.keep_best, "run.stop_when_worse",
+               "needs run.keep_best (the metric that must improve)")
         _check(self.rounds >= 1, "run.rounds", "must be >= 1")
         _check(self.epochs >= 1, "run.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "run.batch_size", "must be >= 1")

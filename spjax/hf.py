@@ -267,6 +267,17 @@ def _bf16_tensor(path, name):
         return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
 
 
+def load_model_config(path: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a HF directory or a .gguf file, without reading its weights."""
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        import gguf
+        from spjax import gguf_io
+        return gguf_io.config_from_gguf(gguf.GGUFReader(path), path, **overrides)
+    where = os.path.join(path, "config.json")
+    return config_from_hf(_read_json(where), where, **overrides)
+
+
 def load_pretrained(path: str, mesh=None, **overrides):
     """(cfg, params) from a HF directory or a .gguf file; sharded over `mesh` when given.
 

@@ -126,3 +126,20 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def best_round(summary: dict, metric: str, goal: str):
+    """(t, value) of the round whose `metric` is best ('min' or 'max'), the earliest on ties; or None."""
+    pts = [(int(k.split()[1]), r[metric]) for k, r in summary.items()
+           if k.startswith("round ") and isinstance(r.get(metric), (int, float))]
+    if not pts:
+        return None
+    sign = 1.0 if goal == "min" else -1.0
+    return min(pts, key=lambda p: (sign * p[1], p[0]))
+
+
+def rounds_since_best(summary: dict, metric: str, goal: str) -> int:
+    """How many of the logged rounds came after the best one (0: the latest round is the best)."""
+    best = best_round(summary, metric, goal)
+    last = max((int(k.split()[1]) for k in summary if k.startswith("round ")), default=-1)
+    return 0 if best is None else last - best[0]

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -24,7 +25,7 @@ import numpy as np
 from spjax import checkpoint as ckpt_lib
 from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, sampler, step as step_lib
 from spjax import scoring, sharding as shd
-from spjax.config import Config, ConfigError
+from spjax.config import METRIC_GOALS, Config, ConfigError
 from spjax.data import batching
 
 log = logging.getLogger("spjax")
@@ -259,7 +260,7 @@ def evaluate_phase(ctx: Context, params, name: str, pairs: Optional[pairs_lib.Ro
     cfg, tok, held = ctx.cfg, ctx.tokenizer, ctx.held
     lp = scoring.score_examples(ctx, params, held, "real_ids")
     n_tok = np.asarray([max(len(e.real_ids), 1) for e in held], np.float32)
-    out = {"nll": float(-(lp.sum() / n_tok.sum()))}
+    out = {"nll": float(-(lp.sum() / n_tok.sum())), "held_lp_real": float(lp.mean())}
     res = sampler.sample(ctx.model_cfg, params, [e.prompt_ids.tolist() for e in held], key=0, temperature=0.0,
                          max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
                          batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id)
@@ -290,12 +291,45 @@ def evaluate_initial(ctx: Context, params) -> dict:
     return row
 
 
-def record_round(ctx: Context, t: int, summary: dict):
-    """Log round t's row, keep it in the round's eval.json, print the summary table so far."""
-    row = summary[f"round {t}"]
+def record_round(ctx: Context, t: int, params, summary: dict) -> bool:
+    """Log round t's row and keep it in the round's eval.json; keep the best round's model
+    (run.keep_best); print the summary table so far. True: stop here (run.stop_when_worse)."""
+    r, row = ctx.cfg.run, summary[f"round {t}"]
+    if summary["initial"].get("gen_len"):  # drift of the greedy answers' length from the start
+        row["len_drift"] = row["gen_len"] / summary["initial"]["gen_len"] - 1.0
+    if r.keep_best and metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])[0] == t:
+        hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer)
     ctx.writer.write("round", t, row)
     ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
     ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary, COLUMNS))
+    stale = metrics_lib.rounds_since_best(summary, r.keep_best, METRIC_GOALS[r.keep_best]) if r.keep_best else 0
+    if r.stop_when_worse and stale >= r.stop_when_worse and t + 1 < r.rounds:
+        ctx.echo(f"stopping after round {t}: {stale} rounds without a better held-out {r.keep_best} "
+                 f"(run.stop_when_worse={r.stop_when_worse})")
+        return True
+    return False
+
+
+def finish(ctx: Context, params, summary: dict):
+    """The export (the best round's model with run.keep_best, else the last), and the report."""
+    from spjax import report
+    r = ctx.cfg.run
+    if r.export and jax.process_index() == 0 and r.keep_best:
+        t, value = metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])
+        shutil.rmtree(os.path.join(ctx.workdir, "export"), ignore_errors=True)
+        os.replace(os.path.join(ctx.workdir, "best"), os.path.join(ctx.workdir, "export"))
+        ctx.echo(f"kept round {t}: held-out {r.keep_best} {value:.4g}, the best of rounds 0-{len(summary) - 2} "
+                 f"(run.keep_best={r.keep_best}); exported it to {os.path.join(ctx.workdir, 'export')}")
+    elif r.export:
+        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer)
+        ctx.echo(f"exported the final model to {out}")
+    if jax.process_index() == 0:
+        try:
+            md, png = report.write([ctx.workdir], os.path.join(ctx.workdir, "report"))
+            ctx.echo(f"per-round report: {md}, {png}")
+        except ImportError as e:  # an environment of the user's own without matplotlib
+            ctx.echo(f"no report.png: {e} (pip install matplotlib; then `spjax report {ctx.workdir}`)")
+    ctx.writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +371,8 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
     summary, compiled = {"initial": evaluate_initial(ctx, params)}, {}
     for t in range(cfg.run.rounds):
         if t < rs.round:  # finished before the resume: its row is on disk
-            summary[f"round {t}"] = ckpt_lib.load_json(os.path.join(ctx.round_dir(t), "eval.json"))
+            done = os.path.join(ctx.round_dir(t), "eval.json")
+            summary.update({f"round {t}": ckpt_lib.load_json(done)} if os.path.exists(done) else {})
             continue
         times = {}
         with _timed(times, "sample_s"):
@@ -354,10 +389,8 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
         rs = checkpoint_phase(ctx, state, rs, t)
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
         summary[f"round {t}"] = {**train_row, **evaluate_phase(ctx, params, f"round {t}", pairs, refs), **times}
-        record_round(ctx, t, summary)
+        if record_round(ctx, t, params, summary):
+            break
     ctx.checkpointer.close()
-    if cfg.run.export:
-        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(workdir, "export"), tokenizer=ctx.tokenizer)
-        echo(f"exported the final model to {out}")
-    ctx.writer.close()
+    finish(ctx, params, summary)
     return summary

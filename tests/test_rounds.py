@@ -61,6 +61,7 @@ def test_run_prints_rounds_and_exports(reference_run):
     assert "self-play summary after round 1" in out and "initial" in out
     lines = [l for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert any('"kind": "round"' in l for l in lines) and any('"kind": "train"' in l for l in lines)
+    assert os.path.getsize(os.path.join(workdir, "report.png")) > 10_000 and "per-round report" in out
     for t in (0, 1):
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "samples_train.npz"))
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "refs.npz"))
@@ -355,3 +356,26 @@ def test_read_only_workdir_is_one_line(tmp_path, tfds_dir):
     finally:
         subprocess.run(["umount", "-l", str(work)], capture_output=True)
         os.chmod(work, 0o755)
+
+
+def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tmp_path):
+    """The tiny model's greedy answers are empty, so held-out F1 ties at 0: round 0 stays the best
+    (the earliest of equals), round 1 is one round without improvement, and the run stops there."""
+    from spjax import scoring
+    work = tmp_path / "run"
+    proc = _train(work, "run.rounds=3", "run.keep_best=f1", "run.stop_when_worse=1", tfds_dir=tfds_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping after round 1: 1 rounds without a better held-out f1" in proc.stdout
+    assert "kept round 0: held-out f1 0" in proc.stdout
+    assert not os.path.exists(work / "rounds" / "round_002") and not os.path.exists(work / "best")
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["kind"] == "round"] == [0, 1]
+    # The export is round 0's model: its held-out NLL is round 0's, not round 1's.
+    cfg = load_config(TINY, [f"data.tfds_dir={tfds_dir}"])
+    ctx, _ = rounds.setup(cfg, str(tmp_path / "score"), resume=False, echo=lambda s: None)
+    _, exported = spjax.load_pretrained(str(work / "export"), mesh=ctx.mesh)
+    lp = scoring.score_examples(ctx, exported, ctx.held, "real_ids")
+    nll = float(-(lp.sum() / np.asarray([max(len(e.real_ids), 1) for e in ctx.held], np.float32).sum()))
+    evals = [ckpt_lib.load_json(str(work / "rounds" / f"round_{t:03d}" / "eval.json"))["nll"] for t in (0, 1)]
+    assert nll == pytest.approx(evals[0], abs=1e-6) and abs(nll - evals[1]) > 1e-4, (nll, evals)
+    ctx.checkpointer.close()

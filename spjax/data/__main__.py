@@ -78,7 +78,7 @@ def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int =
 
 def main(argv=None) -> int:
     defaults = DataConfig()
-    parser = argparse.ArgumentParser(prog="python -m spjax.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="spjax data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a .jsonl/.json/.parquet data file")
     v.add_argument("path")

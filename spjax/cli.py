@@ -1,0 +1,84 @@
+"""The `spjax` command: one entry point, a subcommand per job (like `trl sft`, `trl dpo`).
+
+  spjax train --config configs/demo.py --workdir runs/demo [--resume] [key=value ...]
+  spjax data validate data.jsonl [--tokenizer MODEL]
+  spjax report runs/chi2 runs/spin [--out report]
+  spjax compile-check --config configs/spin_zephyr7b_v5p.py --topology v5p-32
+  spjax export --config configs/demo.py --workdir runs/demo [--out DIR]
+
+Each subcommand is also `python -m spjax.<module>` (train, data, report, compile_check).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+
+def export_main(argv=None) -> int:
+    """Write a run's latest checkpoint as a Hugging Face directory (e.g. of a run stopped early)."""
+    ap = argparse.ArgumentParser(prog="spjax export", description=export_main.__doc__)
+    ap.add_argument("--config", required=True, help="the run's config (file.py[:arg])")
+    ap.add_argument("--workdir", required=True, help="the run's directory (with checkpoints/)")
+    ap.add_argument("--out", default=None, help="default: WORKDIR/export")
+    ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
+    args = ap.parse_args(argv)
+    from spjax import checkpoint as ckpt_lib, hf, rounds, sharding as shd, step as step_lib
+    from spjax.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+            raise ConfigError(f"--workdir {args.workdir}: no checkpoints/ (not a spjax run?)")
+        mesh = shd.make_mesh(cfg.mesh)
+        if cfg.model_path:  # the structure only: the weights come from the checkpoint
+            model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())
+        else:
+            model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
+        ctx = rounds.Context(cfg=cfg, workdir=args.workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=None,
+                             train=[], held=[], eos_ids=(), pad_id=0, buckets=(), writer=None,
+                             checkpointer=ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"),
+                                                                async_save=False),
+                             source="", objective=None)
+        restored = ctx.checkpointer.restore_latest(rounds.abstract_state(ctx, step_lib.make_optimizer(cfg.optim, 1)))
+        if restored is None:
+            raise ConfigError(f"--workdir {args.workdir}: no checkpoint restores")
+        state, meta = restored
+        tok = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+        out = hf.save_pretrained(model_cfg, state.params, args.out or os.path.join(args.workdir, "export"),
+                                 tokenizer=tok)
+    except (ConfigError, hf.CheckpointError) as e:
+        print(f"spjax export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported the checkpoint at round {meta['round']}, phase {meta['phase']}, step {meta['step']} to {out}")
+    return 0
+
+
+def _commands():
+    from spjax import compile_check, report, train
+    from spjax.data import __main__ as data_cli
+    return {"train": (train.main, "run or resume self-play fine-tuning from a Python config"),
+            "data": (data_cli.main, "check a data file: `spjax data validate FILE [--tokenizer MODEL]`"),
+            "report": (report.main, "per-round metrics of runs side by side: markdown table + PNG"),
+            "compile-check": (compile_check.main, "compile a config's programs ahead of time; per-device memory"),
+            "export": (export_main, "write a run's latest checkpoint as a Hugging Face directory")}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, commands))
+        lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in commands.items()]
+        print("usage: spjax COMMAND [ARGS...]   (spjax COMMAND --help for each)\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"spjax: unknown command {name!r} (one of: {', '.join(commands)})", file=sys.stderr)
+        return 2
+    return commands[name][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

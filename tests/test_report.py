@@ -1,0 +1,78 @@
+"""`spjax report` and round health (keep_best, stop_when_worse) on constructed runs; the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spjax import cli, metrics, report
+from spjax.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _constructed_run(workdir, nll, f1):
+    """A workdir as a run leaves it: rounds/init_eval.json and metrics.jsonl (train and round rows)."""
+    os.makedirs(os.path.join(workdir, "rounds"))
+    with open(os.path.join(workdir, "rounds", "init_eval.json"), "w") as f:
+        json.dump({"nll": nll[0], "f1": f1[0], "gen_len": 10.0}, f)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for t, (n, s) in enumerate(zip(nll[1:], f1[1:])):
+            f.write(json.dumps({"kind": "train", "step": 4 * t + 4, "loss": 0.5 - t}) + "\n")
+            f.write(json.dumps({"kind": "round", "step": t, "nll": n, "f1": s, "margin": 0.1 * t,
+                                "eval_accuracy": 0.9 - 0.1 * t, "gen_len": 10.0 + t, "train_s": 60.0}) + "\n")
+        f.write('{"kind": "round", "st')  # a torn last line, as a kill leaves it
+
+
+def test_report_writes_a_png_and_a_table_equal_to_metrics_jsonl(tmp_path, capsys):
+    a, b = tmp_path / "chi2", tmp_path / "spin"
+    _constructed_run(a, nll=[1.5, 1.47, 1.43, 1.45], f1=[0.25, 0.27, 0.29, 0.28])
+    _constructed_run(b, nll=[1.5, 1.44, 1.41, 1.39], f1=[0.25, 0.29, 0.30, 0.29])
+    assert cli.main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    with open(tmp_path / "rep.png", "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    cols = [m for m, _ in report.PANELS]
+    rows = [line.strip("|").split("|") for line in open(tmp_path / "rep.md").read().splitlines()[2:]]
+    got = {(r[0].strip(), r[1].strip()): dict(zip(cols, (c.strip() for c in r[2:]))) for r in rows}
+    for run in (a, b):
+        for line in open(run / "metrics.jsonl"):
+            if '"round", "step": ' in line and line.endswith("}\n"):
+                want = json.loads(line)
+                cell = got[(run.name, f"round {want['step']}")]
+                for k in ("nll", "f1", "margin", "eval_accuracy", "gen_len", "train_s"):
+                    assert float(cell[k]) == pytest.approx(want[k], rel=1e-3), (run.name, k)
+        assert float(got[(run.name, "initial")]["nll"]) == 1.5
+    assert len(got) == 8 and "wrote" in capsys.readouterr().out
+
+
+def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_best_round_and_rounds_since_best():
+    summary = {"initial": {"nll": 1.0}, "round 0": {"nll": 1.4, "f1": 0.2}, "round 1": {"nll": 1.3, "f1": 0.3},
+               "round 2": {"nll": 1.35, "f1": 0.3}, "round 3": {"nll": 1.36, "f1": 0.25}}
+    assert metrics.best_round(summary, "nll", "min") == (1, 1.3)  # the initial row is not a round
+    assert metrics.best_round(summary, "f1", "max") == (1, 0.3)  # the earliest of equal ones
+    assert metrics.rounds_since_best(summary, "nll", "min") == 2
+    assert metrics.best_round({"initial": {}}, "nll", "min") is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("run.keep_best=bleu", "run.keep_best: 'bleu' not one of nll, f1, rouge_l, held_lp_real"),
+    ("run.stop_when_worse=2", "run.stop_when_worse: needs run.keep_best"),
+])
+def test_round_health_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])
+
+
+def test_spjax_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "spjax.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for name in ("train", "data", "report", "compile-check", "export"):
+        assert f"  {name} " in out.stdout
