@@ -149,17 +149,16 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
 # Train and checkpoint
 
 
-def device_batch(ctx: Context, batch: dict, ref_real: np.ndarray, ref_gen: np.ndarray) -> dict:
+def device_batch(ctx: Context, batch: dict, ref_real: np.ndarray, ref_gen: np.ndarray) -> step_lib.PairBatch:
     """A host pair batch (this process's rows) as global arrays split over the data axes."""
-    ids = batch["example_id_B"]
-    host = {"real_ids_BxL": batch["real"]["input_ids_BxL"], "real_mask_BxL": batch["real"]["attention_mask_BxL"],
-            "real_target_BxL": batch["real"]["target_mask_BxL"],
-            "gen_ids_BxL": batch["generated"]["input_ids_BxL"],
-            "gen_mask_BxL": batch["generated"]["attention_mask_BxL"],
-            "gen_target_BxL": batch["generated"]["target_mask_BxL"],
-            "ref_real_B": ref_real[ids].astype(np.float32), "ref_gen_B": ref_gen[ids].astype(np.float32)}
-    return {k: jax.make_array_from_process_local_data(shd.batch_sharding(ctx.mesh, v.ndim), v)
-            for k, v in host.items()}
+    ids, real, gen = batch["example_id_B"], batch["real"], batch["generated"]
+    host = step_lib.PairBatch(
+        real_ids_BxL=real["input_ids_BxL"], real_mask_BxL=real["attention_mask_BxL"],
+        real_target_BxL=real["target_mask_BxL"], gen_ids_BxL=gen["input_ids_BxL"],
+        gen_mask_BxL=gen["attention_mask_BxL"], gen_target_BxL=gen["target_mask_BxL"],
+        ref_real_B=ref_real[ids].astype(np.float32), ref_gen_B=ref_gen[ids].astype(np.float32))
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(ctx.mesh, v.ndim), v),
+                        host)
 
 
 def _shuffle_seed(cfg: Config, t: int) -> int:
@@ -366,8 +365,8 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
     """
     ctx, params = setup(cfg, workdir, resume, echo, fault)
     rs, state, done_rows = restore(ctx) if resume else (RoundState(), None, [])
-    if state is not None:
-        params = state.params
+    if state is not None:  # a round start needs the params only: drop the optimizer state
+        params, state = state.params, (state if rs.phase == "train" else None)
     summary, compiled = {"initial": evaluate_initial(ctx, params)}, {}
     for t in range(cfg.run.rounds):
         if t < rs.round:  # finished before the resume: its row is on disk

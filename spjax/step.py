@@ -1,14 +1,12 @@
 """The sharded pair train step: policy forward+backward on real and generated responses, optax update.
 
 Dimensions as in spjax.model, plus A (micro-batches per step) and b = B // A (pairs per micro-batch).
-A pair batch is a dict of arrays, B pairs of length L each:
-  real_ids_BxL, real_mask_BxL (valid tokens), real_target_BxL (response tokens to score),
-  gen_ids_BxL,  gen_mask_BxL,                 gen_target_BxL,
-  ref_real_B, ref_gen_B  (the frozen reference's sequence log-probs, precomputed once per round).
-The reference never enters the step as a model: its log-probs are inputs (DESIGN.md §1 step 3).
+A pair batch is a PairBatch of B pairs of length L. The reference never enters the step as a
+model: its log-probs are inputs (DESIGN.md §1 step 3).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -22,8 +20,24 @@ from jax.sharding import Mesh, NamedSharding
 from spjax import logprobs, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
 
-PAIR_KEYS = ("real_ids_BxL", "real_mask_BxL", "real_target_BxL",
-             "gen_ids_BxL", "gen_mask_BxL", "gen_target_BxL", "ref_real_B", "ref_gen_B")
+@flax.struct.dataclass
+class PairBatch:
+    """B pairs (x, y, y') of L tokens each: the real (or chosen) response's row and the second one's.
+
+    The train step, the eval step, compile_check and the benches all take this one type.
+    """
+
+    real_ids_BxL: Any  # int32: prompt + real response, right-padded
+    real_mask_BxL: Any  # int32: valid tokens
+    real_target_BxL: Any  # int32: response tokens to score
+    gen_ids_BxL: Any  # the same for the second response (the opponent's sample, or the rejected one)
+    gen_mask_BxL: Any
+    gen_target_BxL: Any
+    ref_real_B: Any  # float32: the frozen reference's sequence log-probs, precomputed once per round
+    ref_gen_B: Any
+
+
+PAIR_KEYS = tuple(f.name for f in dataclasses.fields(PairBatch))
 
 
 @flax.struct.dataclass
@@ -131,20 +145,19 @@ def init_state(cfg: ModelConfig, params, optimizer, mesh: Mesh | None = None) ->
     return jax.jit(init, out_shardings=state_shardings(cfg, mesh, optimizer))(params)
 
 
-def batch_shardings(mesh: Mesh, batch_shapes: dict) -> dict:
+def batch_shardings(mesh: Mesh, batch_shapes: PairBatch) -> PairBatch:
     """Each batch array split over the data-parallel axes along its leading (pair) dimension."""
-    return {k: sharding.batch_sharding(mesh, len(_shape(v))) for k, v in batch_shapes.items()}
+    return jax.tree.map(lambda v: sharding.batch_sharding(mesh, len(_shape(v))), batch_shapes)
 
 
 def _shape(x):
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
 
 
-def _check_batch(mesh: Mesh, batch_shapes: dict, grad_accum: int):
-    missing = [k for k in PAIR_KEYS if k not in batch_shapes]
-    if missing:
-        raise ValueError(f"pair batch lacks {missing}; expected keys {PAIR_KEYS}")
-    B = _shape(batch_shapes["real_ids_BxL"])[0]
+def _check_batch(mesh: Mesh, batch_shapes: PairBatch, grad_accum: int):
+    if not isinstance(batch_shapes, PairBatch):
+        raise TypeError(f"a pair batch is a step.PairBatch, got {type(batch_shapes).__name__}")
+    B = _shape(batch_shapes.real_ids_BxL)[0]
     dp = sharding.data_parallel_size(mesh)
     if B % grad_accum:
         raise ConfigError(f"optim.grad_accum: {B} pairs do not split into {grad_accum} micro-batches")
@@ -182,15 +195,15 @@ def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig
     normalised by it instead of this micro-batch's own count, so the mean over A equal micro-batches
     is exactly the whole batch's token-weighted NLL.
     """
-    ids_2BxL = _constrain_batch(_interleave(batch["real_ids_BxL"], batch["gen_ids_BxL"]), mesh)
-    mask_2BxL = _constrain_batch(_interleave(batch["real_mask_BxL"], batch["gen_mask_BxL"]), mesh)
-    target_2BxL = _constrain_batch(_interleave(batch["real_target_BxL"], batch["gen_target_BxL"]), mesh)
+    ids_2BxL = _constrain_batch(_interleave(batch.real_ids_BxL, batch.gen_ids_BxL), mesh)
+    mask_2BxL = _constrain_batch(_interleave(batch.real_mask_BxL, batch.gen_mask_BxL), mesh)
+    target_2BxL = _constrain_batch(_interleave(batch.real_target_BxL, batch.gen_target_BxL), mesh)
     lp_Bx2 = logprobs.sequence_logprobs(model_cfg, params, ids_2BxL, target_2BxL, mask_2BxL).reshape(-1, 2)
-    n_real_B = _scored_tokens(batch["real_target_BxL"], batch["real_mask_BxL"])
+    n_real_B = _scored_tokens(batch.real_target_BxL, batch.real_mask_BxL)
     if n_real_per_micro is not None:  # rescale so the counts sum to n_real_per_micro
         n_real_B = n_real_B * (n_real_per_micro / jnp.maximum(jnp.sum(n_real_B), 1.0))
     loss, aux = objectives.objective_loss(obj_cfg, lp_Bx2[:, 0], lp_Bx2[:, 1],
-                                          batch["ref_real_B"], batch["ref_gen_B"], n_real_B)
+                                          batch.ref_real_B, batch.ref_gen_B, n_real_B)
     aux = dict(aux)
     aux["pair_loss"] = aux.pop("loss")  # aux's 'loss' is the pair loss alone; 'loss' below is the total
     return loss, aux
@@ -203,7 +216,7 @@ def _micro_batches(x, A):
     return x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
 
 
-def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig,
+def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig,
                optimizer, grad_accum: int = 1, mesh: Mesh | None = None):
     """One optimizer step on a pair batch: (new state, metrics). Pure; jit it via make_train_step."""
     A = grad_accum
@@ -213,11 +226,11 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, obj_cf
         (loss, aux), grads = grad_fn(state.params, batch, model_cfg, obj_cfg, mesh)
         grads = jax.tree.map(lambda g: g.astype(f32), grads)
     else:
-        n_real = jnp.sum(_scored_tokens(batch["real_target_BxL"], batch["real_mask_BxL"])) / A
-        micro = {k: _micro_batches(v, A) for k, v in batch.items()}
+        n_real = jnp.sum(_scored_tokens(batch.real_target_BxL, batch.real_mask_BxL)) / A
+        micro = jax.tree.map(lambda v: _micro_batches(v, A), batch)
 
         def body(g_sum, mb):
-            mb = {k: _constrain_batch(v, mesh) for k, v in mb.items()}
+            mb = jax.tree.map(lambda v: _constrain_batch(v, mesh), mb)
             (l, x), g = grad_fn(state.params, mb, model_cfg, obj_cfg, mesh, n_real)
             return jax.tree.map(lambda s, gi: s + gi.astype(f32), g_sum, g), (l, x)
 
@@ -239,14 +252,14 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, obj_cf
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
                            step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
-    n_tokens = sum(jnp.sum(batch[k].astype(jnp.int32)) for k in ("real_mask_BxL", "gen_mask_BxL"))
+    n_tokens = sum(jnp.sum(m.astype(jnp.int32)) for m in (batch.real_mask_BxL, batch.gen_mask_BxL))
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": _learning_rate(new_opt),
                "finite": finite, "skipped": new_state.skipped, "step": state.step, "n_tokens": n_tokens}
     return new_state, metrics
 
 
 def make_train_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, opt_cfg: OptimConfig, optimizer,
-                    mesh: Mesh, batch_shapes: dict):
+                    mesh: Mesh, batch_shapes: PairBatch):
     """train_step jitted once for this mesh and batch shape: fn(state, batch) -> (state, metrics).
 
     The state argument is donated: its buffers become the new state's, so only one copy of params
@@ -291,7 +304,7 @@ def eval_step(params, batch, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig
     return {"loss": loss, **aux}
 
 
-def make_eval_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh: Mesh, batch_shapes: dict):
+def make_eval_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh: Mesh, batch_shapes: PairBatch):
     """eval_step jitted for this mesh and batch shape: fn(params, batch) -> metrics."""
     _check_batch(mesh, batch_shapes, 1)
     fn = functools.partial(eval_step, model_cfg=model_cfg, obj_cfg=obj_cfg, mesh=mesh)
@@ -320,15 +333,14 @@ def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | 
     return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
 
 
-def pair_batch_shapes(batch_size: int, length: int) -> dict:
+def pair_batch_shapes(batch_size: int, length: int) -> PairBatch:
     """ShapeDtypeStructs of a pair batch of `batch_size` pairs of `length` tokens."""
-    i32, f32 = jnp.int32, jnp.float32
-    out = {k: jax.ShapeDtypeStruct((batch_size, length), i32) for k in PAIR_KEYS if k.endswith("BxL")}
-    out.update({k: jax.ShapeDtypeStruct((batch_size,), f32) for k in ("ref_real_B", "ref_gen_B")})
-    return out
+    tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    scores = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    return PairBatch(*([tokens] * 6 + [scores] * 2))
 
 
-__all__ = ["TrainState", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings", "init_state",
+__all__ = ["TrainState", "PairBatch", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings", "init_state",
            "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
            "eval_step", "make_eval_step", "score", "pair_batch_shapes"]
 

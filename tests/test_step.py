@@ -60,7 +60,7 @@ def batch(params0):
     for side in ("real", "gen"):
         lp_B = step.score(CFG, params, out[f"{side}_ids_BxL"], out[f"{side}_mask_BxL"], out[f"{side}_target_BxL"])
         out[f"ref_{side}_B"] = np.asarray(lp_B) + rng.normal(0, 3, B).astype(np.float32)
-    return out
+    return step.PairBatch(**out)
 
 
 def _recording(optimizer):
@@ -153,16 +153,16 @@ def test_grad_accumulation_matches_full_batch(runs, params0, batch):
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-6, atol=1e-6, err_msg=k)
     _assert_trees_close(_grads(state), runs[name]["grads"], rtol=0, atol=1e-6)
     _assert_trees_close(_host(state.params), runs[name]["params"], rtol=1e-5, atol=1e-5)
-    assert int(m4["n_tokens"]) == int(batch["real_mask_BxL"].sum() + batch["gen_mask_BxL"].sum())
-    assert len({int(t) for t in batch["real_target_BxL"].reshape(2, 4, L).swapaxes(0, 1).sum((1, 2))}) > 1
+    assert int(m4["n_tokens"]) == int(batch.real_mask_BxL.sum() + batch.gen_mask_BxL.sum())
+    assert len({int(t) for t in batch.real_target_BxL.reshape(2, 4, L).swapaxes(0, 1).sum((1, 2))}) > 1
 
 
 def test_nonfinite_skip_and_raise(params0, batch):
     fn, state = _fresh_state("1", params0)
     before = _host(state.params)
     opt_before = _host(state.opt_state[1])
-    bad = dict(batch, ref_real_B=batch["ref_real_B"].copy())
-    bad["ref_real_B"][3] = np.nan
+    bad = batch.replace(ref_real_B=batch.ref_real_B.copy())
+    bad.ref_real_B[3] = np.nan
     state, metrics = fn(state, bad)
     assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1 and int(state.skipped) == 1
     assert int(state.step) == 1
