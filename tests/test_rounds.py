@@ -379,3 +379,14 @@ def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tm
     evals = [ckpt_lib.load_json(str(work / "rounds" / f"round_{t:03d}" / "eval.json"))["nll"] for t in (0, 1)]
     assert nll == pytest.approx(evals[0], abs=1e-6) and abs(nll - evals[1]) > 1e-4, (nll, evals)
     ctx.checkpointer.close()
+
+
+def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_path, capsys):
+    from spjax import cli
+    ref_dir, _ = reference_run
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--config", TINY, "--workdir", str(ref_dir), "--out", str(out)]) == 0
+    assert "exported the checkpoint at round 2, phase sample" in capsys.readouterr().out
+    with open(out / "model.safetensors", "rb") as f:  # the run's final params, as its own export
+        assert f.read() == _export_bytes(ref_dir)
+    assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "none")]) == 2
