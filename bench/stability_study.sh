@@ -3,7 +3,7 @@
 # chatterbot, 5 rounds per run, the same seeds and data, one run per line below; then one
 # `spjax report` over all of them (a PNG and a markdown table in $OUT/study.*).
 #
-#   bash bench/stability_study.sh            # ~45 min on 2 CPU cores; OUT=dir to choose where
+#   bash bench/stability_study.sh            # ~56 min on 2 CPU cores; OUT=dir to choose where
 #
 # Shrunk from the demo to fit a CPU session: 32 training pairs a round in batches of 8 (4 steps a
 # round, as the demo's 64 in 16), 32 held-out prompts, answers up to 32 tokens. It compares
