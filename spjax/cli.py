@@ -24,7 +24,7 @@ def export_main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: WORKDIR/export")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = ap.parse_args(argv)
-    from spjax import checkpoint as ckpt_lib, hf, rounds, sharding as shd, step as step_lib
+    from spjax import checkpoint as ckpt_lib, hf, sharding as shd, step as step_lib
     from spjax.config import ConfigError, load_config
 
     try:
@@ -36,12 +36,10 @@ def export_main(argv=None) -> int:
             model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())
         else:
             model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
-        ctx = rounds.Context(cfg=cfg, workdir=args.workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=None,
-                             train=[], held=[], eos_ids=(), pad_id=0, buckets=(), writer=None,
-                             checkpointer=ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"),
-                                                                async_save=False),
-                             source="", objective=None)
-        restored = ctx.checkpointer.restore_latest(rounds.abstract_state(ctx, step_lib.make_optimizer(cfg.optim, 1)))
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
+        restored = checkpointer.restore_latest(
+            step_lib.abstract_state(model_cfg, step_lib.make_optimizer(cfg.optim, 1), mesh))
+        checkpointer.close()
         if restored is None:
             raise ConfigError(f"--workdir {args.workdir}: no checkpoint restores")
         state, meta = restored

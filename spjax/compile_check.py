@@ -221,18 +221,6 @@ def _bytes_per_device(tree) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
-def abstract_state(model_cfg, optimizer, mesh):
-    """The TrainState as ShapeDtypeStructs with the train step's shardings (nothing allocated)."""
-    import jax
-    import numpy as np
-    from spjax import model, step as step_lib
-    params = model.param_shapes(model_cfg)
-    zero = jax.ShapeDtypeStruct((), np.int32)
-    return _abstract(step_lib.TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
-                                         step=zero, skipped=zero),
-                     step_lib.state_shardings(model_cfg, mesh, optimizer))
-
-
 def state_bytes(state) -> dict:
     """Per-device bytes of an abstract TrainState's params and optimizer state."""
     return {"params": _bytes_per_device(state.params), "opt_state": _bytes_per_device(state.opt_state)}
@@ -242,7 +230,7 @@ def compile_train_step(cfg, model_cfg, mesh):
     """(ProgramMemory, abstract TrainState) of the pair train step at the longest bucket."""
     from spjax import step as step_lib
     optimizer = step_lib.make_optimizer(cfg.optim, 1000)  # the step count does not change shapes
-    state = abstract_state(model_cfg, optimizer, mesh)
+    state = step_lib.abstract_state(model_cfg, optimizer, mesh)
     B, L = cfg.run.batch_size, cfg.data.max_len
     batch_shapes = step_lib.pair_batch_shapes(B, L)
     fn = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, optimizer, mesh, batch_shapes)

@@ -177,17 +177,6 @@ def _trainer(ctx: Context, n_pairs: int, compiled: dict):
     return compiled[total]
 
 
-def abstract_state(ctx: Context, optimizer):
-    """The TrainState structure (shapes, dtypes, shardings) to restore a checkpoint into."""
-    from spjax import model
-    sh = step_lib.state_shardings(ctx.model_cfg, ctx.mesh, optimizer)
-    zero = jax.ShapeDtypeStruct((), np.int32)
-    shapes = step_lib.TrainState(params=model.param_shapes(ctx.model_cfg),
-                                 opt_state=jax.eval_shape(optimizer.init, model.param_shapes(ctx.model_cfg)),
-                                 step=zero, skipped=zero)
-    return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)
-
-
 def _train_pairs(pairs: pairs_lib.RoundPairs, refs: dict):
     keys = [k for k in ("train", "prev") if k in pairs.splits]
     return (sum((pairs.splits[k] for k in keys), []),
@@ -337,7 +326,8 @@ def finish(ctx: Context, params, summary: dict):
 
 def restore(ctx: Context):
     """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint."""
-    restored = ctx.checkpointer.restore_latest(abstract_state(ctx, step_lib.make_optimizer(ctx.cfg.optim, 1)))
+    restored = ctx.checkpointer.restore_latest(
+        step_lib.abstract_state(ctx.model_cfg, step_lib.make_optimizer(ctx.cfg.optim, 1), ctx.mesh))
     rs, state = RoundState(), None
     if restored is not None:
         state, rs = restored[0], RoundState.from_meta(restored[1])

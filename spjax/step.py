@@ -125,6 +125,16 @@ def state_shardings(cfg: ModelConfig, mesh: Mesh, optimizer) -> TrainState:
     return TrainState(params=param_sh, opt_state=opt_sh, step=rep, skipped=rep)
 
 
+def abstract_state(cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
+    """A TrainState of ShapeDtypeStructs with its shardings: what a checkpoint restores into and
+    what ahead-of-time compiles take (nothing allocated)."""
+    params = model.param_shapes(cfg)
+    zero = jax.ShapeDtypeStruct((), jnp.int32)
+    shapes = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params), step=zero, skipped=zero)
+    return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes,
+                        state_shardings(cfg, mesh, optimizer))
+
+
 def _mesh_of(tree) -> Mesh | None:
     leaf = jax.tree.leaves(tree)[0]
     sh = getattr(leaf, "sharding", None)
@@ -340,7 +350,8 @@ def pair_batch_shapes(batch_size: int, length: int) -> PairBatch:
     return PairBatch(*([tokens] * 6 + [scores] * 2))
 
 
-__all__ = ["TrainState", "PairBatch", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings", "init_state",
+__all__ = ["TrainState", "PairBatch", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings",
+           "abstract_state", "init_state",
            "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
            "eval_step", "make_eval_step", "score", "pair_batch_shapes"]
 

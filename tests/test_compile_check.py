@@ -56,7 +56,7 @@ def test_fsdp_shards_state_per_device(devices, tiny_report):
     cfg = load_config(TINY, ["mesh.data=1", "mesh.fsdp=8"])
     model_cfg = cc.model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    state = cc.abstract_state(model_cfg, step.make_optimizer(cfg.optim, 10), mesh)
+    state = step.abstract_state(model_cfg, step.make_optimizer(cfg.optim, 10), mesh)
     fsdp = cc.state_bytes(state)
     assert fsdp["params"] < tiny_report.state_bytes["params"] / 4
     assert fsdp["opt_state"] < tiny_report.state_bytes["opt_state"] / 4
