@@ -6,7 +6,6 @@ model: its log-probs are inputs (DESIGN.md §1 step 3).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -36,8 +35,6 @@ class PairBatch:
     ref_real_B: Any  # float32: the frozen reference's sequence log-probs, precomputed once per round
     ref_gen_B: Any
 
-
-PAIR_KEYS = tuple(f.name for f in dataclasses.fields(PairBatch))
 
 
 @flax.struct.dataclass
@@ -350,7 +347,7 @@ def pair_batch_shapes(batch_size: int, length: int) -> PairBatch:
     return PairBatch(*([tokens] * 6 + [scores] * 2))
 
 
-__all__ = ["TrainState", "PairBatch", "PAIR_KEYS", "make_schedule", "make_optimizer", "state_shardings",
+__all__ = ["TrainState", "PairBatch", "make_schedule", "make_optimizer", "state_shardings",
            "abstract_state", "init_state",
            "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
            "eval_step", "make_eval_step", "score", "pair_batch_shapes"]
