@@ -117,11 +117,11 @@ def main():
     prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, P)).tolist()
     key = sampler.round_key(0, 0)
     P_b = sampler.default_bucket(P)  # the shapes sample() uses: bucket P_b, cache S
-    S = -(-(P_b + N) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND
+    S = sampler.cache_len(P_b, N)
 
     unroll = {"auto": None, "on": True, "off": False}[a.unroll_layers]
-    out["unroll_layers"] = sampler._unroll_layers(sampler._Settings(1, 16, False, False, 0, unroll_layers=unroll),
-                                                  cfg.num_layers)
+    out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
+                                             unroll_layers=unroll).unrolled(cfg.num_layers)
     runs = {}
     for seg in segments:
         def run():
@@ -134,7 +134,8 @@ def main():
         run()  # compile + first run
         first_s = time.perf_counter() - t
         total_s = _timed(run, a.repeats)
-        runs[seg] = {"windows": [list(w) for w in sampler._decode_windows(P_b, N, S, seg)], "s": total_s,
+        plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg)
+        runs[seg] = {"windows": [list(w) for w in plan.windows()], "s": total_s,
                      "first_call_s": first_s, "new_tokens_per_s": B * N / total_s}
     out["segments"] = runs
     head = runs[segments[0]]

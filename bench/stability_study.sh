@@ -11,9 +11,8 @@
 # beta 0.1, and chi2 at equal bound 1/(beta c) = 2 but beta 0.1 (c = 5) against beta 0.5 (c = 1).
 set -u
 cd "$(dirname "$0")/.."
+source bench/runs.sh
 OUT=${OUT:-runs/study}
-PY=${PYTHON:-.venv/bin/python}
-mkdir -p "$OUT"
 COMMON=(run.rounds=5 data.max_examples=32 run.batch_size=8 sampling.batch_size=32 run.eval_examples=32
         run.checkpoint_every=1000 run.keep_checkpoints=1)
 runs=(
@@ -25,16 +24,4 @@ runs=(
   "spin_b0.1_mix objective.name=spin objective.beta=0.1 run.mix_previous=true"
   "chi2_b0.1_c5 objective.name=chi2 objective.beta=0.1 objective.c=5"
 )
-dirs=()
-for spec in "${runs[@]}"; do
-  read -r name overrides <<< "$spec"
-  dirs+=("$OUT/$name")
-  [ -f "$OUT/$name/export/config.json" ] && { echo "== $name: done already"; continue; }
-  resume=(); [ -f "$OUT/$name/config.txt" ] && resume=(--resume)
-  start=$SECONDS
-  # shellcheck disable=SC2086
-  "$PY" -m spjax.train --config configs/demo.py --workdir "$OUT/$name" "${resume[@]}" "${COMMON[@]}" $overrides \
-    > "$OUT/$name.log" 2>&1 || { echo "== $name failed: see $OUT/$name.log"; exit 1; }
-  echo "== $name: $((SECONDS - start)) s"
-done
-"$PY" -m spjax.report "${dirs[@]}" --out "$OUT/study"
+REPORT=study run_all configs/demo.py "$OUT" "${runs[@]}"

@@ -118,6 +118,10 @@ class ProgramMemory:
     temp: int
     code: int  # generated code
     compile_s: float
+    # XLA's cost analysis, per device. Pallas kernels (TPU splash attention) carry no cost estimate:
+    # their work is not in these counts.
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -160,7 +164,8 @@ class Report:
                  + (f" (stand-in: {self.stand_in})" if self.stand_in else ""),
                  "mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items())
                  + f"; model {m['architecture']} {m['params'] / 1e6:,.1f}M params, {m['layers']} layers, "
-                 f"params {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}",
+                 f"params {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}"
+                 + (f"; {m['lora']}" if m.get("lora") else ""),
                  f"state per device ({unit}): "
                  + ", ".join(f"{k} {v / scale:.2f}" for k, v in self.state_bytes.items()),
                  f"{'per device, ' + unit:<34}{'args':>8}{'output':>8}{'alias':>8}{'temp':>8}{'code':>8}{'peak':>8}"
@@ -168,6 +173,9 @@ class Report:
         for p in self.programs:
             lines.append(f"{p.name + ' (' + p.shape + ')':<34}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
                          f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
+        lines.append("XLA cost per device: " + "; ".join(
+            f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed" for p in self.programs)
+            + f" (attention: {self.model.get('attention', '?')})")
         if self.memory_bytes is None:
             lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
         else:
@@ -202,11 +210,14 @@ def model_config(cfg):
 
 def _memory(name, shape, compiled, seconds) -> ProgramMemory:
     ma = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     if ma is None:  # some backends do not report; keep the row, zeros say so
-        return ProgramMemory(name, shape, 0, 0, 0, 0, 0, seconds)
+        return ProgramMemory(name, shape, 0, 0, 0, 0, 0, seconds, flops, accessed)
     return ProgramMemory(name, shape, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
                          int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
-                         int(ma.generated_code_size_in_bytes), seconds)
+                         int(ma.generated_code_size_in_bytes), seconds, flops, accessed)
 
 
 def _abstract(shapes, shardings):
@@ -242,30 +253,17 @@ def compile_train_step(cfg, model_cfg, mesh):
 
 def compile_sampler(cfg, model_cfg, mesh):
     """ProgramMemory of one sampling batch: prefill of the longest prompt bucket, then the decode loop."""
-    import jax
-    import jax.numpy as jnp
     from spjax import model, sampler, sharding as shd
-    dp = shd.data_parallel_size(mesh)
     s = cfg.sampling
-    B = -(-s.batch_size // dp) * dp
-    P, T = cfg.data.max_prompt_len, s.max_new_tokens
-    greedy = s.temperature == 0
-    cache_len = -(-(P + T) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND  # as sampler.sample rounds it
-    truncate = not greedy and (s.top_k > 0 or s.top_p < 1.0)
-    settings = sampler._Settings(max_new_tokens=T, cache_len=cache_len, greedy=greedy, truncate=truncate, pad_id=0,
-                                 mesh=mesh)
-    rep = shd.replicated(mesh)
-    row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
+    plan = sampler.make_plan(prompt_len=cfg.data.max_prompt_len, max_new_tokens=s.max_new_tokens,
+                             batch_size=s.batch_size, num_samples=s.num_samples, temperature=s.temperature,
+                             top_k=s.top_k, top_p=s.top_p, mesh=mesh)
     params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
-    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # the sampler takes raw key data
-    knobs = dict(temperature=jnp.float32, top_k=jnp.int32, top_p=jnp.float32)
-    knobs = {k: jax.ShapeDtypeStruct((), v, sharding=rep) for k, v in knobs.items()}
-    args = (params, row((B, P), jnp.int32), row((B,), jnp.int32), row((B,), jnp.bool_), row((B,), jnp.uint32),
-            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), knobs,
-            jax.ShapeDtypeStruct((sampler._EOS_ROUND,), jnp.int32, sharding=rep))
     t0 = time.perf_counter()
-    compiled = sampler._generate.lower(model_cfg, settings, *args).compile()
-    return _memory("sample", f"B={B} P={P} T={T}", compiled, time.perf_counter() - t0)
+    compiled = sampler.lower(model_cfg, plan, params).compile()
+    k = f" K={s.num_samples}" if s.num_samples > 1 else ""
+    return _memory("sample", f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}", compiled,
+                   time.perf_counter() - t0)
 
 
 def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",
@@ -282,22 +280,36 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
         if n % dp:
             raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp}")
     programs = []
-    train, state = compile_train_step(cfg, model_cfg, mesh)
-    programs.append(train)
-    if echo:
-        echo(f"compiled train_step in {train.compile_s:.1f}s")
-    if sample:
-        programs.append(compile_sampler(cfg, model_cfg, mesh))
-        if echo:
-            echo(f"compiled sample in {programs[-1].compile_s:.1f}s")
+    # Traced under the mesh: attention_impl then picks kernels for the target's devices (splash for a
+    # TPU topology compiled from a CPU host), and splash runs per shard of this mesh.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        attention = model.attention_impl(model_cfg, cached=False, right_padded=True, q_len=cfg.data.max_len)
+        train, state = compile_train_step(cfg, model_cfg, mesh)
+        programs.append(train)
+        (echo or (lambda line: None))(f"compiled train_step in {train.compile_s:.1f}s")
+        if sample:
+            programs.append(compile_sampler(cfg, model_cfg, mesh))
+            (echo or (lambda line: None))(f"compiled sample in {programs[-1].compile_s:.1f}s")
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
     return Report(
         target=target.name if target else f"{len(devices)} local devices",
         platform=platform or devices[0].platform, stand_in=stand_in, n_devices=len(devices),
         mesh=dict(mesh.shape), state_bytes=state_bytes(state),
         model=dict(architecture=model_cfg.architecture, params=n_params, layers=model_cfg.num_layers,
-                   param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat),
+                   param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
+                   attention=attention, lora=_lora_line(model_cfg)),
         programs=programs, memory_bytes=target.memory_bytes if target else None)
+
+
+def _lora_line(model_cfg) -> str:
+    """'' for full fine-tuning, else what trains: LoRA's rank, targets, base storage, trainable count."""
+    if not model_cfg.lora.rank:
+        return ""
+    import jax
+    from spjax import lora, model
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.split(model_cfg, model.param_shapes(model_cfg))[0]))
+    return (f"LoRA r={model_cfg.lora.rank} on {','.join(model_cfg.lora.targets)}, base {model_cfg.base_quant}, "
+            f"{n / 1e6:,.1f}M trainable params")
 
 
 # ---------------------------------------------------------------------------------------------

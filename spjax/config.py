@@ -12,12 +12,16 @@ from typing import Optional
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-# spjax.model.attention_impl: auto picks cuDNN where it applies; xla | cudnn | xla_fused force a path
-ATTENTION = ("auto", "xla", "cudnn", "xla_fused")
-PAIR_SOURCES = ("auto", "sampled", "data")  # spjax.pairs.SOURCES, plus auto
+# spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply; the rest force a path
+ATTENTION = ("auto", "xla", "cudnn", "xla_fused", "splash")
+PAIR_SOURCES = ("auto", "sampled", "data", "judged")  # spjax.pairs.SOURCES, plus auto
+JUDGE_KINDS = ("reward_model", "verifier", "similarity", "python")  # spjax.judges.KINDS
+JUDGE_PAIRS = ("best_worst", "all")  # how a prompt's K judged samples become pairs
 # Held-out metrics that can pick the best round (run.keep_best), and which way is better.
-METRIC_GOALS = {"nll": "min", "f1": "max", "rouge_l": "max", "held_lp_real": "max"}
+METRIC_GOALS = {"nll": "min", "f1": "max", "rouge_l": "max", "held_lp_real": "max", "judge_score": "max"}
 REFERENCES = ("opponent", "initial")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections model.Block names
+BASE_QUANTS = ("none", "int8", "int4")  # storage of a LoRA run's frozen base projections
 
 
 class ConfigError(ValueError):
@@ -27,6 +31,24 @@ class ConfigError(ValueError):
 def _check(ok: bool, field: str, msg: str):
     if not ok:
         raise ConfigError(f"{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the frozen base: W x + (alpha / rank) B A x. rank 0 trains every param."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS  # among LORA_TARGETS
+    init_path: str = ""  # a PEFT adapter directory (adapter_config.json) as the starting adapter
+
+    def __post_init__(self):
+        _check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad, "lora.targets", f"{bad} not in {LORA_TARGETS}")
+        _check(not self.rank or self.targets, "lora.targets", "empty: name at least one projection")
+        _check(not self.init_path or self.rank, "lora.init_path", "needs lora.rank > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +82,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing per layer: none | full | dots (save matmuls)
     attention: str = "auto"  # one of ATTENTION: the attention path (model.attention_impl); not exported
+    lora: LoraConfig = LoraConfig()  # rank > 0: train adapters only (spjax.lora); export merges them
+    base_quant: str = "none"  # one of BASE_QUANTS: int8/int4 store the frozen base projections quantized
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -73,13 +97,16 @@ class ModelConfig:
                f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
         _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
         _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
-        from spjax.hf import ARCHITECTURES  # the importer's table is the one list of names
+        from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
         _check(self.architecture in ARCHITECTURES, "model.architecture",
                f"{self.architecture!r} not in {ARCHITECTURES}")
         _check(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
         _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
         _check(self.remat in REMAT, "model.remat", f"{self.remat!r} not in {REMAT}")
         _check(self.attention in ATTENTION, "model.attention", f"{self.attention!r} not in {ATTENTION}")
+        _check(self.base_quant in BASE_QUANTS, "model.base_quant", f"{self.base_quant!r} not in {BASE_QUANTS}")
+        _check(self.base_quant == "none" or self.lora.rank > 0, "model.base_quant",
+               f"{self.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 
@@ -154,15 +181,19 @@ class ObjectiveConfig:
     """The self-play objective (DESIGN.md §1)."""
 
     name: str = "chi2"  # a row of spjax.objectives.TABLE
-    beta: float = 0.1  # implicit reward scale: r = beta * (lp_theta - lp_ref)
+    beta: float = 0.1  # implicit reward scale: r = beta * (lp_theta - lp_ref); INPO's eta
     c: float = 1.0  # chi2 regularisation: the optimal reward lies in [-1/c, 1/c]
     nll_weight: float = 0.0  # optional NLL on real responses (per token), added to the pair loss
+    # INPO's KL weight towards pi_0: its reference is pi_0^(tau/eta) pi_t^(1 - tau/eta), eta = beta.
+    tau: float = 0.03
 
     def __post_init__(self):
         from spjax.objectives import NAMES  # the table is the one list of names
         _check(self.name in NAMES, "objective.name", f"{self.name!r} not one of {', '.join(NAMES)}")
         _check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
         _check(self.c > 0, "objective.c", f"must be > 0, got {self.c}")
+        _check(0 <= self.tau <= self.beta or self.name != "inpo", "objective.tau",
+               f"INPO needs 0 <= tau <= eta (= objective.beta = {self.beta}), got {self.tau}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,11 +230,34 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     batch_size: int = 64  # prompts decoded together (global)
+    num_samples: int = 1  # K samples per prompt (judged pairs need K >= 2); one shared prefill
 
     def __post_init__(self):
+        _check(self.num_samples >= 1, "sampling.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """The preference oracle of judged self-play (spjax.judges): it ranks each prompt's K samples."""
+
+    # '' (none) | reward_model:PATH | verifier:number | verifier:exact | verifier:regex:PATTERN |
+    # similarity (token F1) | similarity:rouge_l | python:module:function
+    name: str = ""
+    pairs: str = "best_worst"  # best_worst: one pair per prompt (iterative DPO, SPPO, INPO) | all
+    batch_size: int = 32  # reward model: sequences per forward pass
+
+    def __post_init__(self):
+        kind = self.name.split(":", 1)[0]
+        _check(not self.name or kind in JUDGE_KINDS, "judge.name",
+               f"{self.name!r}: the kind {kind!r} is not one of {', '.join(JUDGE_KINDS)}")
+        _check(self.pairs in JUDGE_PAIRS, "judge.pairs", f"{self.pairs!r} not in {JUDGE_PAIRS}")
+        _check(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
+        if self.name:
+            from spjax.judges import check_name  # the judge table is the one list of what each kind takes
+            check_name(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +302,9 @@ class RunConfig:
     score_batch_size: int = 32  # sequences per reference-scoring batch
     export: bool = True  # write a HF directory of the final model to <workdir>/export
     # Where each pair's second response comes from (spjax.pairs): 'sampled' = the opponent's own
-    # sample (SPIN), 'data' = the record's rejected one; 'auto' = data when the records carry one.
+    # sample (SPIN), 'data' = the record's rejected one, 'judged' = the best and worst of the
+    # opponent's K samples by judge.name; 'auto' = data when the records carry one, else judged
+    # when a judge is set, else sampled.
     pairs: str = "auto"
     # The reference of the implicit reward for 'data' pairs: the round's opponent pi_t, or the
     # initial model pi_0 (scored once, in round 0). Sampled pairs always use pi_t.
@@ -284,9 +340,12 @@ class Config:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"  # model.attention, also for a loaded model_path (checked there)
+    lora: LoraConfig = LoraConfig()  # model.lora, also for a loaded model_path
+    base_quant: str = "none"  # model.base_quant, also for a loaded model_path (checked there)
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     sampling: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
@@ -301,12 +360,12 @@ class Config:
         # Each sub-config validates itself; here only what spans two of them.
         _check(self.run.batch_size % self.optim.grad_accum == 0, "run.batch_size",
                f"{self.run.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
-        _check(not (self.run.mix_previous and self.run.pairs == "data"), "run.mix_previous",
-               "only for sampled pairs (data pairs are the same every round)")
+        _check(not (self.run.mix_previous and self.run.pairs in ("data", "judged")), "run.mix_previous",
+               "only for sampled pairs (SPIN's D_{t-1})")
 
     def model_overrides(self) -> dict:
         return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,
-                    attention=self.attention)
+                    attention=self.attention, lora=self.lora, base_quant=self.base_quant)
 
 
 def load_config(path: str, overrides=()) -> Config:

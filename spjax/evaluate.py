@@ -1,11 +1,14 @@
-"""How close the model's own greedy answers are to the references (token F1 and ROUGE-L over
-words), and their side-by-side display. The held-out reward metrics come from the objective table
-(spjax.objectives), the same code the train step runs; the driver calls both (rounds.evaluate_phase).
+"""Held-out evaluation: how close the model's own greedy answers are to the references (token F1
+and ROUGE-L over words), what the judge makes of them, their side-by-side display, and the round
+driver's evaluate phase. The held-out reward metrics come from the objective table
+(spjax.objectives), the same code the train step runs.
 """
 from __future__ import annotations
 
 import collections
+import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -58,3 +61,88 @@ def side_by_side(prompts: list, preds: list, refs: list, n: int, width: int = 10
         clip = lambda s: (s if len(s) <= width else s[:width - 3] + "...").replace("\n", " ")
         out += [f"  prompt:    {clip(p)}", f"  model:     {clip(g)}", f"  reference: {clip(r)}", ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The round driver's evaluate phase (ctx: a spjax.rounds.Context)
+
+COLUMNS = ["loss", "accuracy", "margin", "reward_real", "reward_gen", "frac_at_bound", "nll", "f1", "rouge_l",
+           "eval_accuracy", "eval_margin", "sample_s", "score_s", "train_s"]
+JUDGE_COLUMNS = ["judge_score", "win_rate", "judge_mean", "judge_best", "judge_pairs"]  # with a judge
+
+
+def _answers_path(ctx, t: Optional[int]) -> str:
+    return os.path.join(ctx.workdir, "rounds", "init_answers.json") if t is None else \
+        os.path.join(ctx.round_dir(t), "answers.json")
+
+
+def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: list) -> dict:
+    """The judge on the greedy held-out answers: their mean score (a verifier's: exact-match
+    accuracy) and, after a round, the win rate of these answers over the previous model's."""
+    from spjax import checkpoint as ckpt_lib, judges
+    held, tok = ctx.held, ctx.tokenizer
+    prompts = [tok.decode(e.prompt_ids, skip_special_tokens=True).strip() for e in held]
+    queries = [judges.Query(p, (a,), r, e.prompt_ids, (np.asarray(ids, np.int32),))
+               for p, a, r, e, ids in zip(prompts, preds, refs_text, held, answers)]
+    scores, _ = judges.judge_all(ctx.judge, queries)
+    out = {"judge_score": float(scores.mean()) if len(scores) else float("nan")}
+    prev_path = _answers_path(ctx, None if not t else t - 1) if t is not None else None
+    if prev_path and os.path.exists(prev_path):
+        prev = ckpt_lib.load_json(prev_path)
+        out["win_rate"] = judges.win_rate(ctx.judge, prompts, preds, prev["text"], refs_text,
+                                          [e.prompt_ids for e in held], [np.asarray(a, np.int32) for a in answers],
+                                          [np.asarray(a, np.int32) for a in prev["tokens"]])
+    ckpt_lib.save_json(_answers_path(ctx, t), {"text": preds, "tokens": [list(map(int, a)) for a in answers]})
+    return out
+
+
+def evaluate_phase(ctx, params, name: str, pairs=None,
+                   refs: Optional[dict] = None, t: Optional[int] = None) -> dict:
+    """Held-out NLL, greedy-answer similarity (and the judge's view of those answers), and (after
+    round t) the objective's metrics on held-out pairs, computed by the objective-table code the
+    train step runs (ties count 1/2 there too)."""
+    from spjax import lora, objectives, sampler, scoring
+    cfg, tok, held = ctx.cfg, ctx.tokenizer, ctx.held
+    lp = scoring.score_examples(ctx, params, held, "real_ids")
+    n_tok = np.asarray([max(len(e.real_ids), 1) for e in held], np.float32)
+    out = {"nll": float(-(lp.sum() / n_tok.sum())), "held_lp_real": float(lp.mean())}
+    res = sampler.sample(*lora.for_sampling(ctx.model_cfg, params), [e.prompt_ids.tolist() for e in held], key=0,
+                         temperature=0.0,
+                         max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
+                         batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id)
+    preds = [tok.decode(t, skip_special_tokens=True).strip() for t in res.tokens]
+    refs_text = [tok.decode(e.real_ids, skip_special_tokens=True).strip() for e in held]
+    out.update(similarity(preds, refs_text))
+    out["gen_len"] = float(np.mean(res.lengths))
+    if ctx.judge is not None:
+        out.update(judge_metrics(ctx, t, res.tokens, preds, refs_text))
+        ctx.echo(f"[{name}] held-out judge score ({cfg.judge.name}, greedy answers): {out['judge_score']:.4f}"
+                 + (f"; win rate over the previous model: {out['win_rate']:.3f}" if "win_rate" in out else ""))
+    held_pairs = pairs.splits["held"] if pairs is not None else []
+    if held_pairs:
+        same = len(held_pairs) == len(held) and all(a.real_ids is b.real_ids for a, b in zip(held_pairs, held))
+        lp_real = lp if same else scoring.score_examples(ctx, params, held_pairs, "real_ids")
+        lp_gen = scoring.score_examples(ctx, params, held_pairs, "generated_ids")
+        n_pair = np.asarray([max(len(e.real_ids), 1) for e in held_pairs], np.float32)
+        win_real, win_gen = pairs.win_arrays("held")
+        _, aux = objectives.objective_loss(cfg.objective, lp_real, lp_gen, *refs["held"], n_pair,
+                                           win_real_B=win_real, win_gen_B=win_gen)
+        out.update({f"eval_{k}": float(v) for k, v in aux.items() if k != "nll"})
+    # the prompt's tail: the last user turn (and the template's generation prompt)
+    prompts = [" ".join(tok.decode(e.prompt_ids, skip_special_tokens=True).split())[-80:] for e in held]
+    first = list({p: i for i, p in reversed(list(enumerate(prompts)))}.values())[::-1]  # distinct prompts
+    pick = lambda xs: [xs[i] for i in first]
+    ctx.echo(f"[{name}] held-out samples:\n" + side_by_side(pick(prompts), pick(preds), pick(refs_text),
+                                                                       cfg.run.eval_show))
+    return out
+
+
+def evaluate_initial(ctx, params) -> dict:
+    """The starting model's held-out row, computed once per run (a resume reads it back)."""
+    from spjax import checkpoint as ckpt_lib
+    path = os.path.join(ctx.workdir, "rounds", "init_eval.json")
+    if os.path.exists(path):
+        return ckpt_lib.load_json(path)
+    row = evaluate_phase(ctx, params, "initial model")
+    ckpt_lib.save_json(path, row)
+    return row

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from spjax.config import ModelConfig
-from spjax.hf import CheckpointError, params_from_tensors
+from spjax.tensor_names import CheckpointError, params_from_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
@@ -91,27 +91,4 @@ def load_gguf(path: str, mesh=None, **overrides):
             w = _unpermute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         return w
 
-    ident, T = (lambda w: w), (lambda w: w.T)
-    H, K, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    b = "blk.{i}."
-    layer_map = {
-        "attn_norm": (b + "attn_norm.weight", ident, None),
-        "mlp_norm": (b + "ffn_norm.weight", ident, None),
-        "q": (b + "attn_q.weight", lambda w: w.T.reshape(D, H, Dh), None),
-        "k": (b + "attn_k.weight", lambda w: w.T.reshape(D, K, Dh), None),
-        "v": (b + "attn_v.weight", lambda w: w.T.reshape(D, K, Dh), None),
-        "o": (b + "attn_output.weight", lambda w: w.T.reshape(H, Dh, D), None),
-        "gate": (b + "ffn_gate.weight", T, None),
-        "up": (b + "ffn_up.weight", T, None),
-        "down": (b + "ffn_down.weight", T, None),
-    }
-    if cfg.qkv_bias:
-        layer_map.update({
-            "q_bias": (b + "attn_q.bias", lambda w: w.reshape(H, Dh), None),
-            "k_bias": (b + "attn_k.bias", lambda w: w.reshape(K, Dh), None),
-            "v_bias": (b + "attn_v.bias", lambda w: w.reshape(K, Dh), None),
-        })
-    top_map = {"embed": ("token_embd.weight", ident, None), "final_norm": ("output_norm.weight", ident, None)}
-    if not cfg.tie_embeddings:
-        top_map["lm_head"] = ("output.weight", T, None)
-    return cfg, params_from_tensors(cfg, get, path, mesh, layer_map=layer_map, top_map=top_map)
+    return cfg, params_from_tensors(cfg, get, path, mesh, names="gguf")

@@ -17,17 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spjax import sharding as shd
 from spjax.config import ModelConfig
+from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, params_from_tensors,  # noqa: F401
+                                params_to_tensors)
 
-# The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
-HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ARCHITECTURES = tuple(HF_ARCHS.values())
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unsupported or malformed; the message names the file and tensor."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,112 +102,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor layout: spjax leaf <-> HF tensor names. Per-layer leaves are stacked over N layers.
-
-
-def _hf_layer_map(cfg: ModelConfig):
-    """leaf -> (HF name template, to_spjax(np [HF layout]) , to_hf(np [spjax layout]))."""
-    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    a = "model.layers.{i}.self_attn."
-    m = "model.layers.{i}.mlp."
-    lin = lambda *shape: (lambda w: w.T.reshape(shape), lambda x: x.reshape(shape[0], -1).T)
-    out = {
-        "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda w: w, lambda x: x),
-        "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda w: w, lambda x: x),
-        "q": (a + "q_proj.weight", *lin(D, H, Dh)),
-        "k": (a + "k_proj.weight", *lin(D, K, Dh)),
-        "v": (a + "v_proj.weight", *lin(D, K, Dh)),
-        "o": (a + "o_proj.weight", lambda w: w.T.reshape(H, Dh, D), lambda x: x.reshape(H * Dh, D).T),
-        "gate": (m + "gate_proj.weight", lambda w: w.T, lambda x: x.T),
-        "up": (m + "up_proj.weight", lambda w: w.T, lambda x: x.T),
-        "down": (m + "down_proj.weight", lambda w: w.T, lambda x: x.T),
-    }
-    if cfg.qkv_bias:
-        out["q_bias"] = (a + "q_proj.bias", lambda w: w.reshape(H, Dh), lambda x: x.reshape(-1))
-        out["k_bias"] = (a + "k_proj.bias", lambda w: w.reshape(K, Dh), lambda x: x.reshape(-1))
-        out["v_bias"] = (a + "v_proj.bias", lambda w: w.reshape(K, Dh), lambda x: x.reshape(-1))
-    return out
-
-
-def _hf_top_map(cfg: ModelConfig):
-    out = {"embed": ("model.embed_tokens.weight", lambda w: w, lambda x: x),
-           "final_norm": ("model.norm.weight", lambda w: w, lambda x: x)}
-    if not cfg.tie_embeddings:
-        out["lm_head"] = ("lm_head.weight", lambda w: w.T, lambda x: x.T)
-    return out
-
-
-def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, layer_map=None, top_map=None):
-    """Build params from `get(name) -> np.ndarray` (HF layout), each leaf placed as it is built.
-
-    With a mesh every leaf is created with its NamedSharding via make_array_from_callback, which
-    hands each device only its slice; host memory holds one leaf at a time.
-    """
-    from spjax import model
-    shapes = model.param_shapes(cfg)
-    layer_map = layer_map or _hf_layer_map(cfg)
-    top_map = top_map or _hf_top_map(cfg)
-    shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
-    dtype = jnp.dtype(cfg.param_dtype)
-
-    def build(path, spec, fetch):
-        want = spec.shape
-        arr = np.asarray(fetch(), dtype=np.float32).astype(dtype)
-        if arr.shape != want:  # the fetch functions already checked per-tensor shapes
-            raise CheckpointError(f"{where}: {path} has shape {arr.shape}, expected {want}")
-        if mesh is None:
-            return jnp.asarray(arr)
-        sharding = _get(shardings, path)
-        return jax.make_array_from_callback(want, sharding, lambda idx: arr[idx])
-
-    def fetch_one(name, conv, want):
-        def f():
-            w = get(name)
-            try:
-                x = conv(np.asarray(w))
-            except ValueError:
-                x = None
-            if x is None or x.shape != tuple(want):
-                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, "
-                                      f"which does not fit {tuple(want)} for {cfg.architecture} config")
-            return x
-        return f
-
-    params = {}
-    for leaf, (name, conv, _) in top_map.items():
-        spec = shapes[leaf]
-        params[leaf] = build(leaf, spec, fetch_one(name, conv, spec.shape))
-    layers = {}
-    for leaf, (name, conv, _) in layer_map.items():
-        spec = shapes["layers"][leaf]
-        one = [fetch_one(name.format(i=i), conv, spec.shape[1:]) for i in range(cfg.num_layers)]
-        layers[leaf] = build(f"layers/{leaf}", spec, lambda one=one: np.stack([f() for f in one]))
-    params["layers"] = layers
-    expected = set(shapes["layers"])
-    if set(layers) != expected:
-        raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
-    return params
-
-
-def _get(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-def params_to_tensors(cfg: ModelConfig, params) -> dict:
-    """HF-named numpy tensors (in the params' dtype) for a params tree (gathered to host)."""
-    out = {}
-    host = jax.tree.map(shd.to_host, params)
-    for leaf, (name, _, to_hf) in _hf_top_map(cfg).items():
-        out[name] = np.ascontiguousarray(to_hf(host[leaf]))
-    for leaf, (name, _, to_hf) in _hf_layer_map(cfg).items():
-        for i in range(cfg.num_layers):
-            out[name.format(i=i)] = np.ascontiguousarray(to_hf(host["layers"][leaf][i]))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Files
 
 
@@ -286,13 +174,22 @@ def load_pretrained(path: str, mesh=None, **overrides):
     path = os.fspath(path)
     if path.endswith(".gguf"):
         from spjax import gguf_io
-        return gguf_io.load_gguf(path, mesh=mesh, **overrides)
+        cfg, params = gguf_io.load_gguf(path, mesh=mesh, **overrides)
+        return cfg, with_init_adapter(cfg, params)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory or a .gguf file")
     where = os.path.join(path, "config.json")
     cfg = config_from_hf(_read_json(where), where, **overrides)
     get = _safetensors_getter(path)
-    return cfg, params_from_tensors(cfg, get, path, mesh)
+    return cfg, with_init_adapter(cfg, params_from_tensors(cfg, get, path, mesh))
+
+
+def with_init_adapter(cfg: ModelConfig, params):
+    """params with cfg.lora.init_path's PEFT adapter loaded in place of fresh adapters (if set)."""
+    if not cfg.lora.init_path:
+        return params
+    from spjax import lora
+    return lora.load_peft(cfg, params, cfg.lora.init_path)
 
 
 def load_tokenizer(path: str):
@@ -315,8 +212,12 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     """Write a HF directory (config.json, safetensors, tokenizer) atomically: all or nothing.
 
     Only process 0 writes; every process must call it (params are gathered collectively).
+    A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
+    under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
     """
     from safetensors.numpy import save_file
+    from spjax import lora
+    adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
     tensors = params_to_tensors(cfg, params)
     if jax.process_index() != 0:
         return out_dir
@@ -354,6 +255,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"))
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"
             os.rename(out_dir, old)

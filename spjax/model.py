@@ -9,8 +9,9 @@ Params are a plain nested dict; every weight is created with logical axis names
 per-layer weight has a leading N axis and a 30-layer model compiles as fast as a 1-layer one.
 Attention is causal over buffer slots plus a key-validity mask, which serves right-padded training
 batches, left-padded prompts and a preallocated KV cache alike. `attention_impl` picks, at trace
-time, between that XLA einsum path and cuDNN's fused flash attention (GPU, bf16/fp16, right-padded
-batches without a cache), as ModelConfig.attention asks; see docs/perf.md.
+time, between that XLA einsum path, cuDNN's fused flash attention (GPU, bf16/fp16, right-padded
+batches without a cache) and Pallas splash attention (TPU: training, scoring and the sampler's
+prefill), as ModelConfig.attention asks; kernels in spjax.attention, see docs/perf.md.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spjax import quant
+from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
+                             segment_ids)
 from spjax.config import ModelConfig
-
-_NEG = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
+from spjax.quant import QMAX
 
 
 def _dtype(name):
@@ -68,73 +71,65 @@ def _param(module, name, shape, axes, init, dtype):
 _normal = nn.initializers.normal(0.02)
 
 
+def lora_a_init(key, shape, dtype=jnp.float32):
+    """PEFT's default for A (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) over [*in, r]."""
+    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _quant_init(kind):
+    # A random quantized base (tests, benches): uniform integers whose dequantized std is 0.02.
+    def init(key, shape, dtype):
+        if kind == "int4":
+            return jax.random.randint(key, shape, 0, 256, jnp.int32).astype(dtype)  # two nibbles a byte
+        return jax.random.randint(key, shape, -QMAX[kind], QMAX[kind] + 1, jnp.int32).astype(dtype)
+    return init
+
+
+def _project(module, name: str, eq: str, x, shape, axes):
+    """einsum(eq, x, W) for projection `name` with W [*in, *out]: the base weight dequantized when
+    cfg.base_quant asks, plus the LoRA term (alpha / r) (x A) B when cfg.lora targets it.
+
+    The adapter is applied on the fly (two thin matmuls through rank r), so the base is never
+    rewritten and its gradient is never formed: the train step differentiates the adapters only.
+    """
+    cfg = module.cfg
+    pdt, cdt = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+    x_spec, w_spec = eq.split("->")[0].split(",")
+    n_in = sum(c in x_spec for c in w_spec)
+    kind = cfg.base_quant
+    if kind == "none":
+        stored = (_param(module, name, shape, axes, _normal, pdt),)
+        base = lambda x, w: jnp.einsum(eq, x, w.astype(cdt))
+    else:
+        stored = (_param(module, name, quant.stored_shape(kind, shape, n_in), axes, _quant_init(kind),
+                         quant.storage_dtype(kind)),
+                  _param(module, name + "_scale", quant.scale_shape(kind, shape, n_in),
+                         ("quant_groups",) + tuple(axes[n_in:]),
+                         nn.initializers.constant(0.02 * np.sqrt(3) / QMAX[kind]), jnp.float32))
+        base = lambda x, q, scale: jnp.einsum(eq, x, quant.dequantize(q, scale, kind, n_in, dtype=cdt))
+    lora = cfg.lora
+    if lora.rank:
+        # A frozen base: the backward pass recomputes the cast/dequantized weight from the stored
+        # leaf instead of keeping a compute-dtype copy of every layer's weight as a residual (for an
+        # int8 base that copy would be larger than the base itself).
+        base = jax.checkpoint(base)
+    y = base(x, *stored)
+    if lora.rank and name in lora.targets:
+        r, w_in, w_out = lora.rank, w_spec[:n_in], w_spec[n_in:]
+        batch = "".join(c for c in x_spec if c not in w_in)
+        # Adapters stay fp32 whatever the base's dtype: they are small, and they are what trains.
+        a = _param(module, name + "_lora_a", tuple(shape[:n_in]) + (r,), tuple(axes[:n_in]) + ("lora",),
+                   lora_a_init, jnp.float32)
+        b = _param(module, name + "_lora_b", (r,) + tuple(shape[n_in:]), ("lora",) + tuple(axes[n_in:]),
+                   nn.initializers.zeros, jnp.float32)
+        xa = jnp.einsum(f"{x_spec},{w_in}r->{batch}r", x, a.astype(cdt))
+        y = y + jnp.einsum(f"{batch}r,r{w_out}->{eq.split('->')[1]}", xa * (lora.alpha / r), b.astype(cdt))
+    return y
+
+
 # ---------------------------------------------------------------------------------------------
-# Attention: one XLA einsum path that serves every case, and cuDNN flash attention where it applies
-
-
-def _gpu_is_cuda() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    try:
-        return "rocm" not in jax.devices()[0].client.platform_version.lower()
-    except Exception:  # noqa: BLE001 - an unknown client: assume CUDA, the usual GPU
-        return True
-
-
-def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len: int,
-                   default_positions: bool = True) -> str:
-    """'cudnn' or 'xla' for one attention call, decided at trace time from the backend and shapes.
-
-    cuDNN's flash kernel (never materialises the [L, S] scores: memory linear in L, and it skips
-    the masked half) runs on CUDA GPUs for a bf16/fp16 forward without a cache over a right-padded
-    batch (valid tokens first: causality alone then hides every pad key from every real query),
-    head_dim a multiple of 8 up to 128, and a sliding window only where positions are the default
-    0..L-1. Everything else (CPU, TPU, fp32, cached prefill/decode, left padding) takes the XLA path.
-    cfg.attention (part of the jit cache key, validated by ModelConfig) overrides the backend check:
-    auto decides as above; xla forces the einsum path everywhere; cudnn asks for cuDNN wherever the
-    call qualifies (jax raises where cuDNN cannot run); xla_fused runs the cuDNN path's
-    jax.nn.dot_product_attention call with implementation='xla' (a CPU check of it).
-    """
-    mode = cfg.attention
-    fused_ok = not cached and right_padded and (cfg.sliding_window is None or cfg.sliding_window >= q_len
-                                                or default_positions)
-    if mode == "xla_fused":
-        return "xla_fused" if fused_ok else "xla"
-    cudnn_ok = (fused_ok and cfg.compute_dtype in ("bfloat16", "float16")
-                and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
-    if mode == "xla" or not cudnn_ok:
-        return "xla"
-    return "cudnn" if mode == "cudnn" or _gpu_is_cuda() else "xla"
-
-
-def attend_xla(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS):
-    """Masked softmax attention as two einsums; scores and softmax in fp32, output in q's dtype.
-
-    Grouped-query heads share their kv head through the G axis, so K/V are never repeated.
-    """
-    B, L, H, Dh = q_BxLxHxDh.shape
-    K = k_BxKxSxDh.shape[1]
-    cdt = q_BxLxHxDh.dtype
-    q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
-    scores = jnp.einsum("BLKGk,BKSk->BKGLS", q_BxLxKxGxDh, k_BxKxSxDh.astype(cdt),
-                        preferred_element_type=jnp.float32) * (Dh ** -0.5)
-    scores = jnp.where(mask_BxLxS[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-    attn_BxLxKxGxDh = jnp.einsum("BKGLS,BKSk->BLKGk", probs, v_BxKxSxDh.astype(cdt))
-    return attn_BxLxKxGxDh.reshape(B, L, H, Dh)
-
-
-def attend_fused(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, *, window: Optional[int], implementation: str):
-    """Causal self-attention through jax.nn.dot_product_attention (no cache, right-padded rows).
-
-    implementation='cudnn' is the GPU path; 'xla' runs the same call on any backend, which is how the
-    tests check on CPU that this call means the same as attend_xla on every real (unpadded) query.
-    Queries past a row's length attend to what precedes them, pads included: callers ignore them.
-    """
-    local = None if window is None else (window - 1, 0)  # keys with q_pos - k_pos < window
-    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, is_causal=True,
-                                        local_window_size=local, scale=q_BxLxHxDh.shape[-1] ** -0.5,
-                                        implementation=implementation)
+# Attention (kernels in spjax.attention): XLA einsums serve every case; cuDNN and splash where they apply
 
 
 class Block(nn.Module):
@@ -142,10 +137,11 @@ class Block(nn.Module):
 
     W (the mask's last dim) is how many leading key slots are attended: L without a cache, the live
     prefix of the cache buffer (W <= S) with one, so a decode step reads only the slots in use.
+    With splash attention the mask is int32 segment ids [B, L] instead (W == L: no cache, or a prefill).
     """
 
     cfg: ModelConfig
-    attention: str = "xla"  # attention_impl's choice: 'xla', 'cudnn' or 'xla_fused'
+    attention: str = "xla"  # attention_impl's choice: 'xla', 'cudnn', 'xla_fused' or 'splash'
 
     @nn.compact
     def __call__(self, carry, layer, rope, mask_BxLxW, cache_index):
@@ -159,9 +155,9 @@ class Block(nn.Module):
         w = lambda name, shape, axes, init=_normal: _param(self, name, shape, axes, init, pdt).astype(cdt)
 
         h = _rms_norm(x_BxLxD, w("attn_norm", (D,), ("norm",), ones), cfg.rms_norm_eps)
-        q_BxLxHxDh = jnp.einsum("BLD,DHk->BLHk", h, w("q", (D, H, Dh), ("embed", "heads", "head_dim")))
-        k_BxLxKxDh = jnp.einsum("BLD,DKk->BLKk", h, w("k", (D, K, Dh), ("embed", "kv_heads", "head_dim")))
-        v_BxLxKxDh = jnp.einsum("BLD,DKk->BLKk", h, w("v", (D, K, Dh), ("embed", "kv_heads", "head_dim")))
+        q_BxLxHxDh = _project(self, "q", "BLD,DHk->BLHk", h, (D, H, Dh), ("embed", "heads", "head_dim"))
+        k_BxLxKxDh = _project(self, "k", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
+        v_BxLxKxDh = _project(self, "v", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q_BxLxHxDh += w("q_bias", (H, Dh), ("heads", "head_dim"), zeros)
@@ -180,6 +176,9 @@ class Block(nn.Module):
             new = {"k": k_BxLxKxDh, "v": v_BxLxKxDh}
             cache = {n: jax.lax.dynamic_update_slice(
                 cache[n], new[n].transpose(0, 2, 1, 3)[None].astype(cache[n].dtype), at) for n in ("k", "v")}
+        if self.attention == "splash":  # a prefill's L slots hold exactly the new k, v: no cache read
+            attn_BxLxHxDh = attend_splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxW, window=cfg.sliding_window)
+        elif cache is not None:
             k_BxKxWxDh, v_BxKxWxDh = (jax.lax.dynamic_slice(cache[n], (layer, 0, 0, 0, 0), (1, B, K, W, Dh))[0]
                                       for n in ("k", "v"))
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxKxWxDh, v_BxKxWxDh, mask_BxLxW)
@@ -190,14 +189,14 @@ class Block(nn.Module):
         else:
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxLxKxDh.transpose(0, 2, 1, 3),
                                        v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW)
-        x_BxLxD = x_BxLxD + jnp.einsum("BLHk,HkD->BLD", attn_BxLxHxDh,
-                                       w("o", (H, Dh, D), ("heads", "head_dim", "embed")))
+        x_BxLxD = x_BxLxD + _project(self, "o", "BLHk,HkD->BLD", attn_BxLxHxDh, (H, Dh, D),
+                                     ("heads", "head_dim", "embed"))
 
         h = _rms_norm(x_BxLxD, w("mlp_norm", (D,), ("norm",), ones), cfg.rms_norm_eps)
-        gate_BxLxF = jnp.einsum("BLD,DF->BLF", h, w("gate", (D, F), ("embed", "mlp")))
-        up_BxLxF = jnp.einsum("BLD,DF->BLF", h, w("up", (D, F), ("embed", "mlp")))
-        x_BxLxD = x_BxLxD + jnp.einsum("BLF,FD->BLD", nn.silu(gate_BxLxF) * up_BxLxF,
-                                       w("down", (F, D), ("mlp", "embed")))
+        gate_BxLxF = _project(self, "gate", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
+        up_BxLxF = _project(self, "up", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
+        x_BxLxD = x_BxLxD + _project(self, "down", "BLF,FD->BLD", nn.silu(gate_BxLxF) * up_BxLxF, (F, D),
+                                     ("mlp", "embed"))
         return (x_BxLxD, cache), None
 
 
@@ -234,11 +233,12 @@ class Decoder(nn.Module):
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_normal, ("embed", "vocab")),
                                       (cfg.hidden_size, cfg.vocab_size), pdt)
 
-    def __call__(self, tokens_BxL, positions_BxL, kv_mask_BxS, cache=None, cache_index=0):
+    def __call__(self, tokens_BxL, positions_BxL, kv_mask_BxS, cache=None, cache_index=0, segment_ids_BxS=None):
         """Final-norm hidden states [B, L, D] (compute dtype) and the updated cache.
 
         With a cache, S = kv_mask_BxS.shape[1] may be less than the buffer: only slots [0, S) are
-        attended (they must cover the new tokens' slots).
+        attended (they must cover the new tokens' slots). segment_ids_BxS (no cache): tokens attend
+        only within their segment.
         """
         cfg = self.cfg
         cdt = _dtype(cfg.compute_dtype)
@@ -255,15 +255,21 @@ class Decoder(nn.Module):
         angles_BxLxDh = jnp.concatenate([angles_BxLxDh2, angles_BxLxDh2], axis=-1)
         rope = (jnp.sin(angles_BxLxDh).astype(cdt), jnp.cos(angles_BxLxDh).astype(cdt))
 
-        # Causal over buffer slots: query l sits at slot cache_index + l and sees slots <= its own.
-        q_slot_L = cache_index + jnp.arange(L)
-        mask_BxLxS = (jnp.arange(S)[None, None, :] <= q_slot_L[None, :, None]) & kv_mask_BxS[:, None, :].astype(bool)
-        if cfg.sliding_window is not None:
-            if cache is None:
-                k_pos_BxS = positions_BxL
-            else:  # positions are not stored in the cache: a valid slot's position is its rank
-                k_pos_BxS = jnp.cumsum(kv_mask_BxS.astype(jnp.int32), axis=1) - 1  # valid slots count up
-            mask_BxLxS &= (positions_BxL[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window
+        if self.attention == "splash":  # the kernel masks by slot and segment: no [B, L, S] mask is built
+            mask_BxLxS = segment_ids(kv_mask_BxS, segment_ids_BxS)  # [B, S], S == L
+        else:
+            # Causal over buffer slots: query l sits at slot cache_index + l and sees slots <= its own.
+            q_slot_L = cache_index + jnp.arange(L)
+            mask_BxLxS = ((jnp.arange(S)[None, None, :] <= q_slot_L[None, :, None])
+                          & kv_mask_BxS[:, None, :].astype(bool))
+            if cfg.sliding_window is not None:
+                if cache is None:
+                    k_pos_BxS = positions_BxL
+                else:  # positions are not stored in the cache: a valid slot's position is its rank
+                    k_pos_BxS = jnp.cumsum(kv_mask_BxS.astype(jnp.int32), axis=1) - 1  # valid slots count up
+                mask_BxLxS &= (positions_BxL[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window
+            if segment_ids_BxS is not None:
+                mask_BxLxS &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
 
         if self.unstacked:
             carry = (x_BxLxD, cache)
@@ -326,7 +332,7 @@ def unstack_layers(cfg: ModelConfig, params):
 
 
 def apply(cfg: ModelConfig, params, tokens_BxL, positions_BxL=None, kv_mask_BxS=None,
-          cache: Optional[dict] = None, cache_index=0, *, right_padded: bool = False):
+          cache: Optional[dict] = None, cache_index=0, *, right_padded: bool = False, segment_ids_BxL=None):
     """Hidden states [B, L, D] after the final norm, and the updated cache (None without one).
 
     Without a cache, kv_mask_BxS is the token validity mask of tokens_BxL (default all valid) and
@@ -336,19 +342,27 @@ def apply(cfg: ModelConfig, params, tokens_BxL, positions_BxL=None, kv_mask_BxS=
     With a cache (`init_cache`), the L new tokens are written at slots [cache_index, cache_index + L)
     and kv_mask_BxS marks valid slots of the leading S slots of the buffer, including the new ones;
     only those S slots are attended, so a decode step can pass the live prefix of the buffer.
+    segment_ids_BxL (positive ints, no cache; e.g. packed pairs): attention stays within a segment;
+    positions must then count up by one within each segment (the sliding window's kernels assume it).
     """
     B, L = tokens_BxL.shape
+    if segment_ids_BxL is not None and cache is not None:
+        raise ValueError("segment_ids_BxL: only without a cache")
     default_positions = positions_BxL is None
     if positions_BxL is None:
         positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     if kv_mask_BxS is None:
         kv_mask_BxS = jnp.ones((B, L), bool)
         right_padded = True  # all valid is a prefix too
+    # The sampler's prefill: cache slots [0, L) are exactly the new tokens, so the kernels of the
+    # no-cache case serve it (left padding is segment 0).
+    prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0 and kv_mask_BxS.shape[1] == L
     impl = attention_impl(cfg, cached=cache is not None, right_padded=right_padded, q_len=L,
-                          default_positions=default_positions)
+                          default_positions=default_positions, prefill=prefill,
+                          segmented=segment_ids_BxL is not None)
     unstacked = isinstance(params["layers"], (tuple, list))
     return Decoder(cfg, impl, unstacked).apply({"params": params}, tokens_BxL, positions_BxL, kv_mask_BxS, cache,
-                                               cache_index)
+                                               cache_index, segment_ids_BxL)
 
 
 def lm_head(cfg: ModelConfig, params):

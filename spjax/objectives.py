@@ -2,8 +2,10 @@
 
 Every objective sees the same four float32 [B] sequence log-probs: the policy's (lp_real, lp_gen)
 and the frozen reference/opponent's (ref_real, ref_gen), and turns them into implicit rewards
-  r  = beta * (lp_real - ref_real)   on the real (data) response y,
-  r' = beta * (lp_gen  - ref_gen)    on the opponent's sample y'.
+  r  = beta * (lp_real - ref_real)   on the real (data) response y, or the judge's preferred sample,
+  r' = beta * (lp_gen  - ref_gen)    on the opponent's sample y', or the dispreferred one.
+Judged pairs also carry each side's soft win rate P(y beats the K samples) (w, w'); for other
+pairs w = 1 and w' = 0 (the real response wins), which gives SPPO its hard-label form.
 Losses are minimised; each returns per-pair losses [B] and a dict of scalar metrics.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 
 
 
-def _chi2(r_B, rg_B, beta, c):
+def _chi2(r_B, rg_B, beta, c, w_B, wg_B):
+    del w_B, wg_B
     # Pearson chi2 variational form with the mixture M = (P+Q)/2. Pointwise in r the loss is
     # (c/2)[(r - 1/c)^2 + (r' + 1/c)^2] + const, and its expectation over y ~ P, y' ~ Q is minimised
     # at r* = (p - q) / (c (p + q)), which lies in [-1/c, 1/c]: the reward player is bounded, so one
@@ -25,27 +28,36 @@ def _chi2(r_B, rg_B, beta, c):
     return -(r_B - rg_B) + 0.5 * c * (r_B * r_B + rg_B * rg_B)
 
 
-def _spin(r_B, rg_B, beta, c):
+def _spin(r_B, rg_B, beta, c, w_B, wg_B):
     # SPIN's logistic margin: unbounded, the optimum log-ratio difference is log(p q' / (p' q)) / beta.
-    del beta, c
+    del beta, c, w_B, wg_B
     return -jax.nn.log_sigmoid(r_B - rg_B)
 
 
-def _hinge(r_B, rg_B, beta, c):
-    del beta, c
+def _hinge(r_B, rg_B, beta, c, w_B, wg_B):
+    del beta, c, w_B, wg_B
     return jax.nn.relu(1.0 - (r_B - rg_B))
 
 
-def _ipo(r_B, rg_B, beta, c):
+def _ipo(r_B, rg_B, beta, c, w_B, wg_B):
     # IPO regresses the raw log-ratio difference h = (r - r')/beta onto 1/(2 beta) (Azar et al.).
-    del c
+    # INPO is this loss with eta = beta against the reference pi_0^(tau/eta) pi_t^(1 - tau/eta)
+    # (scoring mixes the two log-probs): h - 1/(2 eta) = D_theta - (tau/eta) D_0 - (1 - tau/eta) D_t - 1/(2 eta).
+    del c, w_B, wg_B
     return jnp.square((r_B - rg_B) / beta - 0.5 / beta)
 
 
-def _nce(r_B, rg_B, beta, c):
+def _nce(r_B, rg_B, beta, c, w_B, wg_B):
     # Pointwise logistic discrimination of real vs generated (Jensen-Shannon / NCE, as in SPACE).
-    del beta, c
+    del beta, c, w_B, wg_B
     return -jax.nn.log_sigmoid(r_B) - jax.nn.log_sigmoid(-rg_B)
+
+
+def _sppo(r_B, rg_B, beta, c, w_B, wg_B):
+    # SPPO (uclaml/SPPO's trainer): each side's log-ratio lr = r / beta regresses onto (P - 1/2) / beta,
+    # P its soft win rate: ((lr_w - (P_w - 1/2)/beta)^2 + (lr_l - (P_l - 1/2)/beta)^2) / 2.
+    del c
+    return 0.5 * (jnp.square((r_B - (w_B - 0.5)) / beta) + jnp.square((rg_B - (wg_B - 0.5)) / beta))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +69,14 @@ class Objective:
       one); without it the pairs are (y, y) and nothing is sampled.
     reference: needs reference log-probs of both sides (scored once per round); without them the
       reference inputs are zeros and nothing is scored.
+    initial: the reference mixes in pi_0: ref = (tau/beta) lp_0 + (1 - tau/beta) lp_t (INPO);
+      the round's pairs are then also scored under the initial model.
     """
 
     pair_loss: Optional[Callable]
     opponent: bool = True
     reference: bool = True
+    initial: bool = False
 
 
 TABLE: dict[str, Objective] = {
@@ -70,6 +85,9 @@ TABLE: dict[str, Objective] = {
     "hinge": Objective(_hinge),
     "ipo": Objective(_ipo),
     "nce": Objective(_nce),
+    # The preference-oracle losses (judged pairs; on other pairs the real response wins outright).
+    "sppo": Objective(_sppo),
+    "inpo": Objective(_ipo, initial=True),
     # The SFT-only baseline: per-token NLL of the real responses; no opponent, no reference.
     "sft": Objective(None, opponent=False, reference=False),
 }
@@ -77,8 +95,11 @@ NAMES = tuple(TABLE)  # every objective.name a config may give
 OBJECTIVES = tuple(k for k, v in TABLE.items() if v.pair_loss is not None)  # the pair losses
 
 
-def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: float, c: float = 1.0):
+def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: float, c: float = 1.0,
+              win_real_B=None, win_gen_B=None):
     """Per-pair losses [B] of objective `name` and a dict of scalar metrics (means over the batch).
+
+    win_real_B, win_gen_B: the sides' soft win rates (judged pairs); default 1 and 0.
 
     aux: reward_real, reward_gen, margin (r - r'), accuracy (P(r > r'); a tie counts 1/2, so a
     policy equal to its reference reads 0.5, the equilibrium value), frac_at_bound (fraction of the
@@ -91,7 +112,9 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     lp_real_B, lp_gen_B = jnp.asarray(lp_real_B, f32), jnp.asarray(lp_gen_B, f32)
     r_B = beta * (lp_real_B - jnp.asarray(ref_real_B, f32))
     rg_B = beta * (lp_gen_B - jnp.asarray(ref_gen_B, f32))
-    losses_B = TABLE[name].pair_loss(r_B, rg_B, beta, c)
+    w_B = jnp.ones_like(r_B) if win_real_B is None else jnp.asarray(win_real_B, f32)
+    wg_B = jnp.zeros_like(r_B) if win_gen_B is None else jnp.asarray(win_gen_B, f32)
+    losses_B = TABLE[name].pair_loss(r_B, rg_B, beta, c, w_B, wg_B)
 
     # Metrics carry no gradient: they are read, never optimised.
     r, rg = jax.lax.stop_gradient(r_B), jax.lax.stop_gradient(rg_B)
@@ -112,6 +135,15 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     return losses_B, aux
 
 
+def mixed_reference(cfg, lp_t_B, lp_0_B):
+    """The reference log-probs an objective trains against: pi_t's, or for an `initial` objective
+    (INPO) the geometric mixture (tau/eta) lp_0 + (1 - tau/eta) lp_t, eta = cfg.beta."""
+    if not TABLE[cfg.name].initial:
+        return lp_t_B
+    a = cfg.tau / cfg.beta
+    return (a * lp_0_B + (1.0 - a) * lp_t_B).astype(lp_t_B.dtype)
+
+
 def nll_term(lp_real_B, n_tokens_real_B):
     """Per-token NLL of the real responses: -sum(lp) / sum(tokens), token-weighted like SFT."""
     n_tokens = jnp.sum(jnp.asarray(n_tokens_real_B, jnp.float32))
@@ -120,7 +152,7 @@ def nll_term(lp_real_B, n_tokens_real_B):
 
 
 def objective_loss(cfg, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
-                   n_tokens_real_B: Optional[jnp.ndarray] = None):
+                   n_tokens_real_B: Optional[jnp.ndarray] = None, win_real_B=None, win_gen_B=None):
     """Scalar training loss (cfg: an ObjectiveConfig): mean pair loss + cfg.nll_weight * per-token NLL; and the aux metrics.
 
     aux['loss'] stays the mean pair loss (the divergence estimate); aux['nll'] is added whenever
@@ -130,7 +162,7 @@ def objective_loss(cfg, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
     """
     nll_only = TABLE[cfg.name].pair_loss is None
     losses_B, aux = pair_loss("chi2" if nll_only else cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
-                              beta=cfg.beta, c=cfg.c)
+                              beta=cfg.beta, c=cfg.c, win_real_B=win_real_B, win_gen_B=win_gen_B)
     loss = jnp.mean(losses_B)
     if nll_only:
         if n_tokens_real_B is None:

@@ -4,22 +4,35 @@ Every source turns a split's examples into pairs (x, y, y'): y is the real (SFT)
 y' the second response. The round driver sees only the table below and the objective table:
   sampled   y' = the opponent's own sample, drawn on device each round (SPIN, chi2 self-play)
   data      y' = the record's rejected (or pre-generated) response, as given (offline DPO-style)
-A judged source (K samples ranked by a judge: iterative DPO, SPPO, INPO) is one more function of
-the same signature: (ctx, params, t, split, examples) -> (pairs, sampler log-probs or None).
+  judged    y, y' = the judge's preferred and dispreferred of the opponent's K samples (iterative
+            DPO, SPPO, INPO), each with its soft win rate P(y_k beats the K samples)
+A source is a function (ctx, params, t, split, examples) -> SplitPairs.
 
-Sampling is resumable: each chunk of samples is a file written atomically, finished chunks are
-kept, and a sample depends only on (seed, round, example id).
+Sampling and judging are resumable: each chunk of samples or judgements is a file written
+atomically, finished chunks are kept, and a sample depends only on (seed, round, example id, k).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, metrics as metrics_lib, sampler
+from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, sampler
 from spjax.config import Config, ConfigError
 from spjax.data import tokens as tok_lib
+
+
+@dataclasses.dataclass
+class SplitPairs:
+    """One split's pairs from a source. Pair ids are 0..n-1 (they index every per-pair array)."""
+
+    pairs: list  # TokenizedExample: real_ids = y (real/chosen/winner), generated_ids = y'
+    sampler_lp: Optional[dict] = None  # {pair id: y' token log-probs} when they are the opponent's
+    win_real: Optional[np.ndarray] = None  # [n] P(y beats the K samples) (judged); None: 1 (y is the real one)
+    win_gen: Optional[np.ndarray] = None  # [n] the same for y'; None: 0
+    stats: dict = dataclasses.field(default_factory=dict)  # the source's own metrics (judge scores)
 
 
 @dataclasses.dataclass
@@ -28,10 +41,19 @@ class RoundPairs:
 
     sampler_lp: {split: {example id: token log-probs}} where the sampler's own log-probs are the
     opponent's (untempered sampling); the score phase then scores only the real side.
+    wins: {split: (win_real [n], win_gen [n])}, the judge's soft win rates of the two sides.
+    stats: {name: value} of the train split's source metrics, for the round's row.
     """
 
     splits: dict
     sampler_lp: dict
+    wins: dict = dataclasses.field(default_factory=dict)
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    def win_arrays(self, split: str) -> tuple:
+        """(win_real [n], win_gen [n]) of a split: the judge's, or 1 and 0 (the real response wins)."""
+        n = len(self.splits[split])
+        return self.wins.get(split, (np.ones(n, np.float32), np.zeros(n, np.float32)))
 
 
 def sampler_scores_usable(cfg: Config) -> bool:
@@ -41,10 +63,12 @@ def sampler_scores_usable(cfg: Config) -> bool:
 
 
 def resolve(cfg: Config, examples: list) -> str:
-    """The pair source a run uses: run.pairs, with 'auto' decided by the records."""
+    """The pair source a run uses: run.pairs, with 'auto' decided by the records and the judge."""
     given = sum(e.generated_ids is not None for e in examples)
     if cfg.run.pairs == "auto":
-        return "data" if examples and given == len(examples) else "sampled"
+        if examples and given == len(examples):
+            return "data"
+        return "judged" if cfg.judge.name else "sampled"
     if cfg.run.pairs == "data" and given < len(examples):
         missing = next(e for e in examples if e.generated_ids is None)
         raise ConfigError(f"run.pairs: 'data' needs a rejected response in every record; {missing.source} "
@@ -56,18 +80,31 @@ def resolve(cfg: Config, examples: list) -> str:
 # The sources
 
 
-def _sampled(ctx, params, t: int, split: str, examples: list):
+def _sampled(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     gen = sample_round(ctx, params, t, examples, split)
     pairs = tok_lib.attach_generated(examples, {i: g[0] for i, g in gen.items()}, max_len=ctx.cfg.data.max_len)[0]
-    return pairs, ({i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg) else None)
+    return SplitPairs(pairs, {i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg) else None,
+                      stats={"sample_len": float(np.mean([len(g[0]) for g in gen.values()]))})
 
 
-def _data(ctx, params, t: int, split: str, examples: list):
+def _data(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     del ctx, params, t, split  # the records' second responses, tokenized with the data
-    return list(examples), None
+    return SplitPairs(list(examples))
 
 
-SOURCES = {"sampled": _sampled, "data": _data}
+def _judged(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
+    K = ctx.cfg.sampling.num_samples
+    gen = sample_round(ctx, params, t, examples, split, K)
+    scores_NxK, wins_NxKxK = judging.judge_round(ctx, t, split, examples, gen)
+    pairs, win_real, win_gen = judging.judged_pairs(examples, gen, wins_NxKxK, K, ctx.cfg.judge.pairs,
+                                                    ctx.cfg.data.max_len)
+    stats = {"judge_mean": float(scores_NxK.mean()), "judge_best": float(scores_NxK.max(axis=1).mean()),
+             "judge_pairs": len(pairs) / max(len(examples), 1),
+             "sample_len": float(np.mean([len(g[0]) for g in gen.values()]))}
+    return SplitPairs(pairs, None, win_real, win_gen, stats)
+
+
+SOURCES = {"sampled": _sampled, "data": _data, "judged": _judged}
 
 
 def _mirror(examples: list) -> list:
@@ -77,17 +114,22 @@ def _mirror(examples: list) -> list:
 
 def form_pairs(ctx, params, t: int, held: list) -> RoundPairs:
     """The round's pairs from ctx.source, the opponent being `params` (frozen for the round)."""
-    splits, lps = {}, {}
+    out = RoundPairs({}, {})
     for split, ex in (("train", ctx.train), ("held", held)):
-        if not ctx.objective.opponent and ctx.source == "sampled":
-            splits[split] = _mirror(ex)
+        if not ctx.objective.opponent and ctx.source != "data":
+            out.splits[split] = _mirror(ex)
             continue
-        splits[split], lp = SOURCES[ctx.source](ctx, params, t, split, ex)
-        if lp is not None:
-            lps[split] = lp
+        got = SOURCES[ctx.source](ctx, params, t, split, ex)
+        out.splits[split] = got.pairs
+        if got.sampler_lp is not None:
+            out.sampler_lp[split] = got.sampler_lp
+        if got.win_real is not None:
+            out.wins[split] = (got.win_real, got.win_gen)
+        if split == "train":
+            out.stats = got.stats
     if ctx.cfg.run.mix_previous and t > 0 and ctx.objective.opponent:
-        splits["prev"] = previous_pairs(ctx, t)
-    return RoundPairs(splits, lps)
+        out.splits["prev"] = previous_pairs(ctx, t)
+    return out
 
 
 def previous_pairs(ctx, t: int) -> list:
@@ -103,29 +145,35 @@ def previous_pairs(ctx, t: int) -> list:
 # Sampling: the opponent answers every prompt, chunk by chunk
 
 
-def sample_round(ctx, params, t: int, examples: list, split: str) -> dict:
-    """{example id: (generated token ids, their log-probs under the opponent)}, reusing chunks on disk."""
-    s, n = ctx.cfg.sampling, len(examples)
+def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: int = 1) -> dict:
+    """{sample id: (generated token ids, their log-probs under the opponent)}, reusing chunks on disk.
+
+    Sample k of example i has id i*K + k (K = num_samples; with one sample the example id).
+    """
+    s, n, K = ctx.cfg.sampling, len(examples), num_samples
     chunk_dir = os.path.join(ctx.round_dir(t), f"samples_{split}")
     done_path = os.path.join(ctx.round_dir(t), f"samples_{split}.npz")
     if os.path.exists(done_path):
         return unpack(ckpt_lib.load_arrays(done_path))
     per_chunk = s.batch_size
     bar = metrics_lib.progress(n, f"round {t} sample {split}", "prompt")
-    out = {}
+    out, sampling = {}, None
     for k, start in enumerate(range(0, n, per_chunk)):
         path = os.path.join(chunk_dir, f"chunk_{k:05d}.npz")
         part = examples[start:start + per_chunk]
         if os.path.exists(path):
             got = unpack(ckpt_lib.load_arrays(path))
         else:
-            res = sampler.sample(ctx.model_cfg, params, [e.prompt_ids.tolist() for e in part],
+            # A LoRA policy decodes merged (float base) or with its adapters on the fly (quantized base).
+            sampling = sampling or lora.for_sampling(ctx.model_cfg, params)
+            res = sampler.sample(*sampling, [e.prompt_ids.tolist() for e in part],
                                  key=sampler.round_key(ctx.cfg.run.seed, t), example_ids=[e.id for e in part],
                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, eos_ids=ctx.eos_ids, batch_size=per_chunk, mesh=ctx.mesh,
-                                 pad_id=ctx.pad_id)
-            got = {e.id: (np.asarray(tk, np.int32), np.asarray(lp, np.float32))
-                   for e, tk, lp in zip(part, res.tokens, res.logprobs)}
+                                 pad_id=ctx.pad_id, num_samples=K)
+            got = {e.id * K + k: (np.asarray(res.tokens[j * K + k], np.int32),
+                                  np.asarray(res.logprobs[j * K + k], np.float32))
+                   for j, e in enumerate(part) for k in range(K)}
             ckpt_lib.save_arrays(path, **pack(got))
             ctx.fault("sample")
         out.update(got)

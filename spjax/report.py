@@ -14,7 +14,8 @@ import os
 import sys
 
 # (metric, panel title): what the table and the picture show, in this order.
-PANELS = [("nll", "held-out NLL ↓"), ("f1", "held-out token F1 ↑"), ("rouge_l", "held-out ROUGE-L ↑"),
+PANELS = [("judge_score", "held-out judge score, greedy ↑"), ("win_rate", "win rate over the previous model"),
+          ("judge_best", "judge: best of K samples ↑"), ("nll", "held-out NLL ↓"), ("f1", "held-out token F1 ↑"), ("rouge_l", "held-out ROUGE-L ↑"),
           ("margin", "train reward margin r − r′"), ("eval_accuracy", "held-out P(r > r′) (→ 0.5)"),
           ("frac_at_bound", "rewards at ±1/c"), ("gen_len", "greedy answer length (tokens)"),
           ("len_drift", "answer length vs the initial model's − 1"),

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from spjax import checkpoint as ckpt_lib
-from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, sampler, step as step_lib
-from spjax import scoring, sharding as shd
+from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
+from spjax import lora, scoring, sharding as shd
 from spjax.config import METRIC_GOALS, Config, ConfigError
 from spjax.data import batching
 
@@ -65,6 +65,8 @@ class Context:
     checkpointer: ckpt_lib.Checkpointer
     source: str  # the pair source (spjax.pairs.SOURCES)
     objective: objectives.Objective  # its row of the objective table
+    judge: Optional[object] = None  # spjax.judges.Judge when judge.name is set (judged pairs, held-out metrics)
+    initial_params: Optional[Callable] = None  # () -> pi_0's params, loaded anew (objectives needing pi_0)
     echo: Callable = print
     fault: Callable[[str], None] = lambda point: None  # test hook: called at each resumable point
 
@@ -87,6 +89,12 @@ def check_config(cfg: Config, n_devices: int):
     if (cfg.run.batch_size // cfg.optim.grad_accum) % dp:
         raise ConfigError(f"optim.grad_accum: micro-batches of {cfg.run.batch_size // cfg.optim.grad_accum} "
                           f"pairs do not split over {dp} data-parallel devices")
+    # Checked here, not in Config: command-line overrides arrive one at a time.
+    if cfg.run.pairs == "judged" and not cfg.judge.name:
+        raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
+    if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
+        raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
+                          f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
     if cfg.model_path and not os.path.exists(cfg.model_path):
         raise ConfigError(f"model_path: {cfg.model_path} does not exist")
     tok = cfg.tokenizer_path or cfg.model_path
@@ -118,15 +126,30 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     source = pairs_lib.resolve(cfg, prepared.train)
-    second = "each record's rejected response" if source == "data" else "the opponent's own sample"
-    echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): the real response vs {second}; reference: "
+    what = {"data": "the real response vs each record's rejected response",
+            "sampled": "the real response vs the opponent's own sample",
+            "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
+    echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): {what}; reference: "
          f"{'the initial model' if cfg.run.reference == 'initial' else 'the round opponent'}")
-    if cfg.model_path:
-        model_cfg, params = hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
-    else:
+    if source != "judged" and cfg.sampling.num_samples > 1:
+        echo(f"note: sampling.num_samples={cfg.sampling.num_samples} serves judged pairs only; {source} pairs "
+             "take one response per prompt")
+
+    def initial_params():
+        if cfg.model_path:
+            return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
         model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
-        params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
+        return model_cfg, hf.with_init_adapter(model_cfg, shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh))
+
+    model_cfg, params = initial_params()
     shd.check_sharded(params, mesh)
+    echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
+    judge = None
+    if cfg.judge.name:
+        from spjax import judges
+        judge = judges.build(cfg.judge.name, mesh=mesh, batch_size=cfg.judge.batch_size, policy_tokenizer=tokenizer)
+        echo(f"judge: {cfg.judge.name}; pairs from {cfg.sampling.num_samples} samples per prompt: {cfg.judge.pairs}"
+             if source == "judged" else f"judge: {cfg.judge.name} (held-out metrics only: pairs are {source})")
     eos = set(model_cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -140,8 +163,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                   checkpointer=ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                      keep=cfg.run.keep_checkpoints,
                                                      async_save=cfg.run.async_checkpoint),
-                  source=source, objective=objectives.TABLE[cfg.objective.name], echo=echo,
-                  fault=fault or (lambda point: None))
+                  source=source, objective=objectives.TABLE[cfg.objective.name], judge=judge,
+                  initial_params=lambda: initial_params()[1], echo=echo, fault=fault or (lambda point: None))
     return ctx, params
 
 
@@ -149,14 +172,16 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
 # Train and checkpoint
 
 
-def device_batch(ctx: Context, batch: dict, ref_real: np.ndarray, ref_gen: np.ndarray) -> step_lib.PairBatch:
-    """A host pair batch (this process's rows) as global arrays split over the data axes."""
+def device_batch(ctx: Context, batch: dict, per_pair: tuple) -> step_lib.PairBatch:
+    """A host pair batch (this process's rows) as global arrays split over the data axes.
+    per_pair: ([n] arrays indexed by pair id) ref_real, ref_gen, win_real, win_gen."""
     ids, real, gen = batch["example_id_B"], batch["real"], batch["generated"]
+    ref_real, ref_gen, win_real, win_gen = (np.asarray(a, np.float32)[ids] for a in per_pair)
     host = step_lib.PairBatch(
         real_ids_BxL=real["input_ids_BxL"], real_mask_BxL=real["attention_mask_BxL"],
         real_target_BxL=real["target_mask_BxL"], gen_ids_BxL=gen["input_ids_BxL"],
         gen_mask_BxL=gen["attention_mask_BxL"], gen_target_BxL=gen["target_mask_BxL"],
-        ref_real_B=ref_real[ids].astype(np.float32), ref_gen_B=ref_gen[ids].astype(np.float32))
+        ref_real_B=ref_real, ref_gen_B=ref_gen, win_real_B=win_real, win_gen_B=win_gen)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(ctx.mesh, v.ndim), v),
                         host)
 
@@ -168,7 +193,7 @@ def _shuffle_seed(cfg: Config, t: int) -> int:
 def _trainer(ctx: Context, n_pairs: int, compiled: dict):
     """(optimizer, jitted step) for a round of n_pairs; rounds of the same length share them."""
     r = ctx.cfg.run
-    total = batching.batches_per_epoch(n_pairs, r.batch_size) * r.epochs
+    total = max(1, batching.batches_per_epoch(n_pairs, r.batch_size) * r.epochs)  # (0 batches: no steps)
     if total not in compiled:
         optimizer = step_lib.make_optimizer(ctx.cfg.optim, total)
         compiled[total] = optimizer, step_lib.make_train_step(
@@ -178,9 +203,10 @@ def _trainer(ctx: Context, n_pairs: int, compiled: dict):
 
 
 def _train_pairs(pairs: pairs_lib.RoundPairs, refs: dict):
+    """(examples, (ref_real, ref_gen, win_real, win_gen)) of the pairs trained on this round."""
     keys = [k for k in ("train", "prev") if k in pairs.splits]
-    return (sum((pairs.splits[k] for k in keys), []),
-            np.concatenate([refs[k][0] for k in keys]), np.concatenate([refs[k][1] for k in keys]))
+    columns = [(refs[k][0], refs[k][1], *pairs.win_arrays(k)) for k in keys]
+    return sum((pairs.splits[k] for k in keys), []), tuple(np.concatenate(c) for c in zip(*columns))
 
 
 def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.RoundPairs, refs: dict,
@@ -188,9 +214,13 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
     """Optimizer steps over the round's pairs from rs's step/cursor, checkpointing on the way:
     (state, RoundState, mean train metrics). done_rows: rows this round logged before a resume."""
     cfg, r = ctx.cfg, ctx.cfg.run
-    examples, ref_real, ref_gen = _train_pairs(pairs, refs)
+    examples, per_pair = _train_pairs(pairs, refs)
     _, train_step = _trainer(ctx, len(examples), compiled)
     total = batching.batches_per_epoch(len(examples), r.batch_size) * r.epochs
+    if total == 0:  # e.g. a judge that found a winner for too few prompts: the round keeps its params
+        ctx.echo(f"round {t}: {len(examples)} pairs, fewer than one batch of run.batch_size={r.batch_size}: "
+                 "no training step this round")
+        return state, rs, {}
     batches = batching.pair_batches(examples, r.batch_size, seed=_shuffle_seed(cfg, t), buckets=ctx.buckets,
                                     pad_id=ctx.pad_id, cursor=rs.cursor, epochs=r.epochs,
                                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -198,7 +228,7 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
     bar.update(rs.step)
     pending, rows, t0 = [], list(done_rows), time.perf_counter()
     for s, (batch, cursor) in enumerate(batches, start=rs.step):
-        state, m = train_step(state, device_batch(ctx, batch, ref_real, ref_gen))
+        state, m = train_step(state, device_batch(ctx, batch, per_pair))
         pending.append(m)
         rs = dataclasses.replace(rs, step=s + 1, cursor=cursor, global_step=rs.global_step + 1)
         last = s + 1 == total
@@ -229,54 +259,11 @@ def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, dt: float) -
 
 def checkpoint_phase(ctx: Context, state, rs: RoundState, t: int) -> RoundState:
     """The round's final params, saved as the next round's starting point."""
+    trained = rs.step > 0
     rs = RoundState(round=t + 1, phase="sample", global_step=rs.global_step)
-    ctx.checkpointer.save(rs.global_step, state, dataclasses.asdict(rs))
+    if trained:  # else the latest checkpoint holds these params: a resume redoes round t from its files
+        ctx.checkpointer.save(rs.global_step, state, dataclasses.asdict(rs))
     return rs
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluate
-
-COLUMNS = ["loss", "accuracy", "margin", "reward_real", "reward_gen", "frac_at_bound", "nll", "f1", "rouge_l",
-           "eval_accuracy", "eval_margin", "sample_s", "score_s", "train_s"]
-
-
-def evaluate_phase(ctx: Context, params, name: str, pairs: Optional[pairs_lib.RoundPairs] = None,
-                   refs: Optional[dict] = None) -> dict:
-    """Held-out NLL, greedy-answer similarity, and (after a round) the objective's metrics on held-out
-    pairs, computed by the objective-table code the train step runs (ties count 1/2 there too)."""
-    cfg, tok, held = ctx.cfg, ctx.tokenizer, ctx.held
-    lp = scoring.score_examples(ctx, params, held, "real_ids")
-    n_tok = np.asarray([max(len(e.real_ids), 1) for e in held], np.float32)
-    out = {"nll": float(-(lp.sum() / n_tok.sum())), "held_lp_real": float(lp.mean())}
-    res = sampler.sample(ctx.model_cfg, params, [e.prompt_ids.tolist() for e in held], key=0, temperature=0.0,
-                         max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
-                         batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id)
-    preds = [tok.decode(t, skip_special_tokens=True).strip() for t in res.tokens]
-    refs_text = [tok.decode(e.real_ids, skip_special_tokens=True).strip() for e in held]
-    out.update(evaluate.similarity(preds, refs_text))
-    out["gen_len"] = float(np.mean(res.lengths))
-    if pairs is not None:
-        lp_gen = scoring.score_examples(ctx, params, pairs.splits["held"], "generated_ids")
-        _, aux = objectives.objective_loss(cfg.objective, lp, lp_gen, *refs["held"], n_tok)
-        out.update({f"eval_{k}": float(v) for k, v in aux.items() if k != "nll"})
-    # the prompt's tail: the last user turn (and the template's generation prompt)
-    prompts = [" ".join(tok.decode(e.prompt_ids, skip_special_tokens=True).split())[-80:] for e in held]
-    first = list({p: i for i, p in reversed(list(enumerate(prompts)))}.values())[::-1]  # distinct prompts
-    pick = lambda xs: [xs[i] for i in first]
-    ctx.echo(f"[{name}] held-out samples:\n" + evaluate.side_by_side(pick(prompts), pick(preds), pick(refs_text),
-                                                                       cfg.run.eval_show))
-    return out
-
-
-def evaluate_initial(ctx: Context, params) -> dict:
-    """The starting model's held-out row, computed once per run (a resume reads it back)."""
-    path = os.path.join(ctx.workdir, "rounds", "init_eval.json")
-    if os.path.exists(path):
-        return ckpt_lib.load_json(path)
-    row = evaluate_phase(ctx, params, "initial model")
-    ckpt_lib.save_json(path, row)
-    return row
 
 
 def record_round(ctx: Context, t: int, params, summary: dict) -> bool:
@@ -289,7 +276,8 @@ def record_round(ctx: Context, t: int, params, summary: dict) -> bool:
         hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer)
     ctx.writer.write("round", t, row)
     ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
-    ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary, COLUMNS))
+    ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
+                               evaluate.COLUMNS + (evaluate.JUDGE_COLUMNS if ctx.judge is not None else [])))
     stale = metrics_lib.rounds_since_best(summary, r.keep_best, METRIC_GOALS[r.keep_best]) if r.keep_best else 0
     if r.stop_when_worse and stale >= r.stop_when_worse and t + 1 < r.rounds:
         ctx.echo(f"stopping after round {t}: {stale} rounds without a better held-out {r.keep_best} "
@@ -351,13 +339,21 @@ def _timed(times: dict, key: str):
 def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None) -> dict:
     """Run (or resume) all rounds; returns {row name: metrics} as printed in the summary table.
 
-    fault: called with "sample", "score", "train", "checkpoint" at each resumable point (tests kill there).
+    fault: called with "sample", "judge", "score", "train", "checkpoint" at each resumable point
+    (tests kill there).
     """
     ctx, params = setup(cfg, workdir, resume, echo, fault)
+    # Trace under the run's mesh: attention picks its kernel for the mesh's platform (spjax.attention).
+    with jax.sharding.use_abstract_mesh(ctx.mesh.abstract_mesh):
+        return _rounds(ctx, params, resume)
+
+
+def _rounds(ctx: Context, params, resume: bool) -> dict:
+    cfg = ctx.cfg
     rs, state, done_rows = restore(ctx) if resume else (RoundState(), None, [])
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)
-    summary, compiled = {"initial": evaluate_initial(ctx, params)}, {}
+    summary, compiled = {"initial": evaluate.evaluate_initial(ctx, params)}, {}
     for t in range(cfg.run.rounds):
         if t < rs.round:  # finished before the resume: its row is on disk
             done = os.path.join(ctx.round_dir(t), "eval.json")
@@ -377,7 +373,8 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
             state, rs, train_row = train_phase(ctx, state, rs, t, pairs, refs, compiled, done_rows)
         rs = checkpoint_phase(ctx, state, rs, t)
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
-        summary[f"round {t}"] = {**train_row, **evaluate_phase(ctx, params, f"round {t}", pairs, refs), **times}
+        summary[f"round {t}"] = {**train_row, **pairs.stats,
+                                 **evaluate.evaluate_phase(ctx, params, f"round {t}", pairs, refs, t), **times}
         if record_round(ctx, t, params, summary):
             break
     ctx.checkpointer.close()

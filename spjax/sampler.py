@@ -1,10 +1,11 @@
 """Sampling on device from host lists: `sample` plans the batches, spjax.sampler_program runs them.
 
-The host-side plan: check the arguments, place params by spjax.sharding's rules, sort prompts by
-length and cut them into batches of one row count (batch_size rounded up to the data-parallel size;
-dummy rows fill a batch), left-pad each batch to a static bucket (`default_bucket`: powers of two),
-size the KV cache (P + T rounded up) and the EOS list, put each batch's arrays on the mesh, run the
-compiled program once per batch and gather the results back, in the prompts' order (`SampleResult`).
+The host-side plan (`make_plan` -> `Plan`): check the arguments, fix a batch's row count
+(batch_size rounded up to the data-parallel size; dummy rows fill a batch), its prompt bucket
+(`default_bucket`: powers of two), the KV cache (P + T rounded up), K samples per prompt and the EOS
+list. `sample` places params by spjax.sharding's rules, sorts prompts by length, cuts them into
+batches, runs the compiled program once per batch (`run_batch`) and gathers the results back, in the
+prompts' order (`SampleResult`). compile_check and the benches lower a Plan without data (`lower`).
 
 The on-device program (prefill, the decode loop, token choice, per-example keys) lives in
 spjax.sampler_program; its public names (`prefill`, `decode_step`, `round_key`, `example_key`,
@@ -25,7 +26,7 @@ from spjax import sharding as shd
 from spjax.config import ModelConfig
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
     _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_windows, _generate, _unroll_layers,
-    decode_step, example_key, left_pad_positions, prefill, round_key)
+    decode_step, example_key, left_pad_positions, prefill, round_key, sample_keys)
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
 _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes
@@ -37,13 +38,107 @@ _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer
 
 @dataclasses.dataclass
 class SampleResult:
-    """Samples in the order of the prompts. Each token list ends at (and includes) its EOS, if any."""
+    """Samples in the order of the prompts: with K samples per prompt, entry i*K + k is prompt i's
+    sample k. Each token list ends at (and includes) its EOS, if any."""
 
-    tokens: list  # [n] lists of int
-    logprobs: list  # [n] float32 arrays: log pi(token | prompt, earlier tokens), untempered
-    lengths: np.ndarray  # [n] int32 number of tokens returned
-    finished: np.ndarray  # [n] bool: stopped at an EOS id (False: hit max_new_tokens)
+    tokens: list  # [n*K] lists of int
+    logprobs: list  # [n*K] float32 arrays: log pi(token | prompt, earlier tokens), untempered
+    lengths: np.ndarray  # [n*K] int32 number of tokens returned
+    finished: np.ndarray  # [n*K] bool: stopped at an EOS id (False: hit max_new_tokens)
     steps: int  # decode steps of the longest batch (< max_new_tokens when every row stopped early)
+    num_samples: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static shape of one sampling batch: what `sample` compiles, and what compile_check and
+    the benches lower without running it (`abstract_inputs`)."""
+
+    rows: int  # prompts per batch: batch_size rounded up to the data-parallel size
+    prompt_len: int  # P, the bucket every prompt of the batch is left-padded to
+    settings: _Settings  # max_new_tokens, cache slots, K, greedy/truncate, pad id, mesh
+    eos: tuple  # EOS ids padded with -1 to a multiple of _EOS_ROUND
+
+    @property
+    def cache_len(self) -> int:
+        return self.settings.cache_len
+
+    def windows(self) -> tuple:
+        """((last_step, W), ...): the decode loop's attention windows (spjax.sampler_program)."""
+        return _decode_windows(self.prompt_len, self.settings.max_new_tokens, self.cache_len, self.settings.segments)
+
+    def unrolled(self, num_layers: int) -> bool:
+        """Whether the decode step runs its layers unrolled (spjax.sampler_program._unroll_layers)."""
+        return _unroll_layers(self.settings, num_layers)
+
+
+def cache_len(prompt_len: int, max_new_tokens: int) -> int:
+    """KV cache slots for a P-token bucket and T new tokens: P + T rounded up (nearby T share a shape)."""
+    return -(-(prompt_len + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND
+
+
+def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samples: int = 1,
+              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+              pad_id: int = 0, mesh: Optional[Mesh] = None, decode_segments: int = 0,
+              unroll_layers: Optional[bool] = None) -> Plan:
+    """Check the sampling arguments and fix one batch's static shape (rows, P, cache, EOS list)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    dp = 1 if mesh is None else shd.data_parallel_size(mesh)
+    eos = list(dict.fromkeys(int(e) for e in eos_ids))
+    eos += [-1] * (max(_EOS_ROUND, -(-len(eos) // _EOS_ROUND) * _EOS_ROUND) - len(eos))
+    greedy = temperature == 0
+    settings = _Settings(max_new_tokens=max_new_tokens, cache_len=cache_len(prompt_len, max_new_tokens),
+                         greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
+                         mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
+                         num_samples=num_samples)
+    return Plan(rows=-(-batch_size // dp) * dp, prompt_len=prompt_len, settings=settings, eos=tuple(eos))
+
+
+def knobs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """The traced sampling values (greedy runs take temperature 1: it is never applied)."""
+    return dict(temperature=np.float32(1.0 if temperature == 0 else temperature), top_k=np.int32(top_k),
+                top_p=np.float32(top_p))
+
+
+def abstract_inputs(plan: Plan, params) -> tuple:
+    """ShapeDtypeStructs (with shardings under the plan's mesh) of `run_batch`'s device arguments."""
+    mesh, B, P = plan.settings.mesh, plan.rows, plan.prompt_len
+    rep = None if mesh is None else shd.replicated(mesh)
+    row = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=None if mesh is None else shd.batch_sharding(mesh, len(shape)))
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # the program takes raw key data
+    scalar = lambda v: jax.ShapeDtypeStruct((), np.asarray(v).dtype, sharding=rep)
+    return (params, row((B, P), jnp.int32), row((B,), jnp.int32), row((B,), jnp.bool_), row((B,), jnp.uint32),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), {k: scalar(v) for k, v in knobs(1.0).items()},
+            jax.ShapeDtypeStruct((len(plan.eos),), jnp.int32, sharding=rep))
+
+
+def lower(cfg: ModelConfig, plan: Plan, params):
+    """The batch program lowered for `plan` (params may be ShapeDtypeStructs): .compile() it to
+    read its memory without running it (spjax.compile_check)."""
+    return _generate.lower(cfg, plan.settings, *abstract_inputs(plan, params))
+
+
+def run_batch(cfg: ModelConfig, plan: Plan, params, prompts: list, example_ids: list, key_data, knob_values) -> dict:
+    """Sample one batch of at most plan.rows prompts (token lists): {name: numpy array} with
+    plan.rows * K rows, row r*K + k being prompt r's sample k (dummy rows fill the batch)."""
+    mesh, B, P = plan.settings.mesh, plan.rows, plan.prompt_len
+    prompt_BxP = np.full((B, P), plan.settings.pad_id, np.int32)
+    prompt_len_B = np.ones(B, np.int32)  # dummy rows: one pad token
+    live_B = np.zeros(B, bool)
+    ids_B = np.zeros(B, np.uint32)
+    for r, (p, i) in enumerate(zip(prompts, example_ids)):
+        prompt_BxP[r, P - len(p):] = p
+        prompt_len_B[r], live_B[r], ids_B[r] = len(p), True, i
+    out = _generate(cfg, plan.settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
+                    _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knob_values,
+                    np.asarray(plan.eos, np.int32))
+    return _to_host(out)
 
 
 def default_bucket(n: int) -> int:
@@ -85,32 +180,29 @@ def _as_lists(prompt_ids, prompt_lengths):
 
 
 def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+           top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), num_samples: int = 1,
            example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
            unroll_layers: Optional[bool] = None) -> SampleResult:
-    """Sample a continuation of every prompt on device.
+    """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
-      from the left). key: the round key (`round_key(seed, round)`, or an int seed); example i
-      draws from fold_in(key, example_ids[i]) (default ids: 0..n-1), so results do not depend on
-      batch composition, bucket, mesh or host. temperature 0 means greedy. top_k 0 and top_p 1
-      disable truncation. Sampling stops per row at any of `eos_ids` (the EOS is returned) or at
-      max_new_tokens. Prompts are sorted by length and decoded `batch_size` at a time (default: all
-      at once), each batch padded with dummy rows to batch_size and a multiple of the mesh's
-      data-parallel size, and left-padded to a static bucket (`buckets`, default powers of two).
+      from the left). key: the round key (`round_key(seed, round)`, or an int seed); example i's
+      sample k draws from sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so
+      results do not depend on batch composition, bucket, K's batch neighbours, mesh or host.
+      temperature 0 means greedy. top_k 0 and top_p 1 disable truncation. Sampling stops per row at
+      any of `eos_ids` (the EOS is returned) or at max_new_tokens. Prompts are sorted by length and
+      decoded `batch_size` prompts at a time (default: all at once), each batch padded with dummy
+      rows to batch_size and a multiple of the mesh's data-parallel size, and left-padded to a static
+      bucket (`buckets`, default powers of two); each prompt is prefilled once for its K samples.
       With a mesh, params are placed by spjax.sharding's rules and batches split over the data axes.
       Every process of a multi-host run calls this with the same arguments. decode_segments: how many
       attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
       unroll_layers: decode over per-layer weight slices (None: automatic, see _unroll_layers).
     """
     prompts = _as_lists(prompt_ids, prompt_lengths)
-    n = len(prompts)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    n, K = len(prompts), num_samples
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
@@ -127,47 +219,33 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
         key = jax.random.wrap_key_data(key)
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    eos = list(dict.fromkeys(int(e) for e in eos_ids))
-    eos_E = np.full(max(_EOS_ROUND, -(-len(eos) // _EOS_ROUND) * _EOS_ROUND), -1, np.int32)
-    eos_E[:len(eos)] = eos
-    greedy = temperature == 0
-    knobs = dict(temperature=np.float32(1.0 if greedy else temperature), top_k=np.int32(top_k),
-                 top_p=np.float32(top_p))
-    truncate = not greedy and (top_k > 0 or top_p < 1.0)
-
-    dp = 1 if mesh is None else shd.data_parallel_size(mesh)
+    plan_for = lambda P: make_plan(prompt_len=P, max_new_tokens=max_new_tokens, batch_size=batch_size or n,
+                                   num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,
+                                   unroll_layers=unroll_layers)
+    rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
         want = shd.param_shardings(cfg, mesh)
         if jax.tree.leaves(jax.tree.map(lambda x, sh: getattr(x, "sharding", None) != sh, params, want)).count(True):
             params = jax.jit(lambda p: p, out_shardings=want)(params)
-    key_data = np.asarray(jax.random.key_data(key))
-    rows = -(-(batch_size or n) // dp) * dp
+    key_data, knob_values = np.asarray(jax.random.key_data(key)), knobs(temperature, top_k, top_p)
     order = sorted(range(n), key=lambda i: len(prompts[i])) if batch_size else list(range(n))
 
-    tokens, logprobs = [None] * n, [None] * n
-    lengths, finished = np.zeros(n, np.int32), np.zeros(n, bool)
+    tokens, logprobs = [None] * (n * K), [None] * (n * K)
+    lengths, finished = np.zeros(n * K, np.int32), np.zeros(n * K, bool)
     steps = 0
     for start in range(0, n, rows):
         chunk = order[start:start + rows]
-        P = _pick_bucket(max(len(prompts[i]) for i in chunk), buckets)
-        prompt_BxP = np.full((rows, P), pad_id, np.int32)
-        prompt_len_B = np.ones(rows, np.int32)  # dummy rows: one pad token
-        live_B = np.zeros(rows, bool)
-        ids_B = np.zeros(rows, np.uint32)
-        for r, i in enumerate(chunk):
-            prompt_BxP[r, P - len(prompts[i]):] = prompts[i]
-            prompt_len_B[r], live_B[r], ids_B[r] = len(prompts[i]), True, ids[i]
-        settings = _Settings(max_new_tokens=max_new_tokens,
-                             cache_len=-(-(P + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND,
-                             greedy=greedy, truncate=truncate, pad_id=pad_id, mesh=mesh, segments=decode_segments,
-                             unroll_layers=unroll_layers)
-        out = _generate(cfg, settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
-                        _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knobs, eos_E)
-        out = _to_host(out)
+        plan = plan_for(_pick_bucket(max(len(prompts[i]) for i in chunk), buckets))
+        out = run_batch(cfg, plan, params, [prompts[i] for i in chunk], [ids[i] for i in chunk], key_data,
+                        knob_values)
         steps = max(steps, int(out["steps"]))
         for r, i in enumerate(chunk):
-            m = int(out["lengths_B"][r])
-            tokens[i] = out["tokens_BxT"][r, :m].tolist()
-            logprobs[i] = out["logprobs_BxT"][r, :m].astype(np.float32)
-            lengths[i], finished[i] = m, bool(out["finished_B"][r])
-    return SampleResult(tokens=tokens, logprobs=logprobs, lengths=lengths, finished=finished, steps=steps)
+            for k in range(K):
+                src, dst = r * K + k, i * K + k
+                m = int(out["lengths_B"][src])
+                tokens[dst] = out["tokens_BxT"][src, :m].tolist()
+                logprobs[dst] = out["logprobs_BxT"][src, :m].astype(np.float32)
+                lengths[dst], finished[dst] = m, bool(out["finished_B"][src])
+    return SampleResult(tokens=tokens, logprobs=logprobs, lengths=lengths, finished=finished, steps=steps,
+                        num_samples=K)

@@ -48,9 +48,20 @@ def round_key(seed: int, round_index: int):
     return jax.random.fold_in(jax.random.key(seed), round_index)
 
 
-def example_key(seed: int, round_index: int, example_id: int):
-    """The key of one example in one round; token j is drawn with fold_in(example_key, j)."""
-    return jax.random.fold_in(round_key(seed, round_index), example_id)
+def example_key(seed: int, round_index: int, example_id: int, sample: int = 0):
+    """The key of one sample of one example in one round; token j is drawn with fold_in(that key, j)."""
+    return sample_keys(jax.random.fold_in(round_key(seed, round_index), example_id)[None], sample + 1)[0, sample]
+
+
+def sample_keys(keys_B, K: int):
+    """[B, K] keys of K samples per example: sample 0 draws from the example's key itself (so one
+    sample per prompt is the single-sample draw), sample k >= 1 from fold_in(key, 2**32 - k): the
+    top of the uint32 range, which no token index (the fold_in of each decode step) ever reaches."""
+    if K == 1:
+        return keys_B[:, None]
+    others = jnp.asarray([2 ** 32 - k for k in range(1, K)], jnp.uint32)
+    rest_BxK1 = jax.vmap(lambda key: jax.vmap(lambda d: jax.random.fold_in(key, d))(others))(keys_B)
+    return jnp.concatenate([keys_B[:, None], rest_BxK1], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +196,7 @@ class _Settings:
     mesh: Optional[Mesh] = None  # only for sharding constraints inside; None: one device
     segments: int = 0  # decode loop segments (attention windows); 0: one per 32 steps begun, at most 4
     unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
+    num_samples: int = 1  # K decodes per prompt, sharing the prompt's one prefill
 
 
 _CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
@@ -251,21 +263,31 @@ def _record(s: _State, step, token_B, logprob_B, alive_B, eos_E, pad_id) -> _Sta
                      done_B=s.done_B | (alive_B & hit_B))
 
 
+def _repeat_rows(x, K: int, axis: int = 0):
+    # Row b's K copies land at rows b*K .. b*K+K-1: a device's prompts and their samples stay on it.
+    return x if K == 1 else jnp.repeat(x, K, axis=axis)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
 def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
               example_ids_B, key_data, knobs, eos_E):
-    """Sample up to T tokens per row. Params are an argument (not a closed-over constant) so one
-    compiled program serves every round's params and XLA never embeds the weights.
+    """Sample up to T tokens, K times per prompt: outputs have R = B*K rows, row b*K + k holding
+    prompt b's sample k. Params are an argument (not a closed-over constant) so one compiled program
+    serves every round's params and XLA never embeds the weights.
 
+    The B prompts are prefilled once; their KV cache, next-token logits and masks are then repeated
+    K times and the K decodes run as one batch of R rows (no K-fold prefill).
     Shardings come from the inputs: params as placed (replicated, fsdp or tensor-sharded), every
     [B, ...] array over ('data', 'fsdp'), the cache by CACHE_LOGICAL_AXES (batch and kv heads).
     """
-    mesh, T = settings.mesh, settings.max_new_tokens
+    mesh, T, K = settings.mesh, settings.max_new_tokens, settings.num_samples
     B, P = prompt_BxP.shape
+    R = B * K
     # The key enters as raw uint32 data: a host array every process holds whole, which a
     # multi-process jit accepts as a replicated input (a typed key on one device it does not).
     key = jax.random.wrap_key_data(key_data)
-    keys_B = _batch(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), mesh)
+    keys_BxK = sample_keys(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), K)
+    keys_R = _batch(keys_BxK.reshape(R), mesh)
     # Once, outside the loop: weights in the compute dtype (bf16 steps read half of fp32 masters'
     # bytes) and, where the layers are unrolled, sliced per layer (a scan over the stacked layers
     # copies every layer's weights out of the stack on every step).
@@ -273,25 +295,29 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     step_params = model.unstack_layers(cfg, params) if _unroll_layers(settings, cfg.num_layers) else params
 
     logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
-    token_B, logprob_B = _choose(logits_BxV, keys_B, 0, knobs, settings)
-    state = _State(step=jnp.int32(1), tokens_BxT=_batch(jnp.full((B, T), settings.pad_id, jnp.int32), mesh),
-                   logprobs_BxT=_batch(jnp.zeros((B, T), jnp.float32), mesh),
-                   lengths_B=_batch(jnp.zeros((B,), jnp.int32), mesh),
-                   done_B=~live_B,  # dummy rows start done, so they never hold the loop open
-                   cache=cache, kv_mask_BxS=kv_mask_BxS, keys_B=keys_B)
-    state = _record(state, 0, token_B, logprob_B, live_B, eos_E, settings.pad_id)
+    logits_RxV = _batch(_repeat_rows(logits_BxV, K), mesh)
+    cache = _constrain_cache({n: _repeat_rows(c, K, axis=1) for n, c in cache.items()}, mesh)
+    kv_mask_RxS = _batch(_repeat_rows(kv_mask_BxS, K), mesh)
+    prompt_len_R, live_R = (_batch(_repeat_rows(x, K), mesh) for x in (prompt_len_B, live_B))
+    token_R, logprob_R = _choose(logits_RxV, keys_R, 0, knobs, settings)
+    state = _State(step=jnp.int32(1), tokens_BxT=_batch(jnp.full((R, T), settings.pad_id, jnp.int32), mesh),
+                   logprobs_BxT=_batch(jnp.zeros((R, T), jnp.float32), mesh),
+                   lengths_B=_batch(jnp.zeros((R,), jnp.int32), mesh),
+                   done_B=~live_R,  # dummy rows start done, so they never hold the loop open
+                   cache=cache, kv_mask_BxS=kv_mask_RxS, keys_B=keys_R)
+    state = _record(state, 0, token_R, logprob_R, live_R, eos_E, settings.pad_id)
 
     def segment(last, W):
         def cond(s: _State):
             return (s.step <= last) & ~jnp.all(s.done_B)
 
         def body(s: _State):
-            prev_B = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
-            position_B = prompt_len_B + s.step - 1
-            logits_BxV, cache = _decode_step(cfg, step_params, prev_B, position_B, s.kv_mask_BxS[:, :W], s.cache,
+            prev_R = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
+            position_R = prompt_len_R + s.step - 1
+            logits_RxV, cache = _decode_step(cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
                                              P + s.step - 1, mesh)
-            token_B, logprob_B = _choose(logits_BxV, s.keys_B, s.step, knobs, settings)
-            s = _record(s.replace(cache=cache), s.step, token_B, logprob_B, ~s.done_B, eos_E, settings.pad_id)
+            token_R, logprob_R = _choose(logits_RxV, s.keys_B, s.step, knobs, settings)
+            s = _record(s.replace(cache=cache), s.step, token_R, logprob_R, ~s.done_B, eos_E, settings.pad_id)
             return s.replace(step=s.step + 1)
 
         return cond, body
@@ -300,4 +326,4 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     for last, W in _decode_windows(P, T, settings.cache_len, settings.segments):
         state = jax.lax.while_loop(*segment(last, W), state)
     return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
-                finished_B=state.done_B & live_B, steps=state.step)
+                finished_B=state.done_B & live_R, steps=state.step)

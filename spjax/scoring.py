@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, metrics as metrics_lib, pairs as pairs_lib, step as step_lib
+from spjax import checkpoint as ckpt_lib, lora, metrics as metrics_lib, objectives, pairs as pairs_lib
+from spjax import step as step_lib
 from spjax import sharding as shd
 from spjax.data import batching
 
@@ -42,7 +43,9 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
     """{split: (ref_real [n], ref_gen [n])}, cached in the round's refs.npz.
 
     Zeros for an objective that reads no reference. With run.reference=initial (data pairs, the
-    same every round) round 0's scores, taken under pi_0, serve every round. For splits with
+    same every round) round 0's scores, taken under pi_0, serve every round. An objective whose
+    reference mixes in pi_0 (INPO) has the round's pairs scored under pi_0 too (`_initial_scores`),
+    both kept in refs.npz. For splits with
     sampler log-probs the generated side comes from those (half the scoring work), after checking
     the first batch against a full forward pass; a mismatch falls back to scoring everything.
     """
@@ -51,8 +54,7 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
     first = ctx.cfg.run.reference == "initial"
     path = os.path.join(ctx.round_dir(0 if first else t), "refs.npz")
     if os.path.exists(path):
-        z = ckpt_lib.load_arrays(path)
-        return {s: (z[f"{s}_real"], z[f"{s}_gen"]) for s in pairs.splits}
+        return _mixed(ctx, ckpt_lib.load_arrays(path), pairs.splits)
     bar = metrics_lib.progress(2 * sum(len(v) for v in pairs.splits.values()), f"round {t} score", "seq")
     out = {}
     for split, ex in pairs.splits.items():
@@ -75,5 +77,32 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
         bar.update(len(ex))
         out[split] = (real, gen)
     bar.close()
-    ckpt_lib.save_arrays(path, **{f"{s}_{k}": v for s, (r, g) in out.items() for k, v in (("real", r), ("gen", g))})
+    z = {f"{s}_{k}": v for s, (r, g) in out.items() for k, v in (("real", r), ("gen", g))}
+    if ctx.objective.initial:
+        z.update(_initial_scores(ctx, params, t, pairs, z))
+    ckpt_lib.save_arrays(path, **z)
+    return _mixed(ctx, z, pairs.splits)
+
+
+def _initial_scores(ctx, params, t: int, pairs: pairs_lib.RoundPairs, z: dict) -> dict:
+    """{split_real0, split_gen0}: the pairs' log-probs under the initial model pi_0: a LoRA policy's
+    base with the adapter off (no second copy), else the initial checkpoint reloaded (freed after)."""
+    if ctx.model_cfg.lora.rank:
+        params0 = lora.adapter_off(ctx.model_cfg, params)
+    elif t == 0:  # the opponent of round 0 is pi_0
+        return {f"{k}0": v for k, v in z.items()}
+    else:
+        params0 = ctx.initial_params()
+    out = {}
+    for split, ex in pairs.splits.items():
+        out[f"{split}_real0"] = score_examples(ctx, params0, ex, "real_ids")
+        out[f"{split}_gen0"] = score_examples(ctx, params0, ex, "generated_ids")
+        ctx.fault("score")
+    del params0
     return out
+
+
+def _mixed(ctx, z: dict, splits) -> dict:
+    """{split: (ref_real, ref_gen)}: the objective's reference (objectives.mixed_reference)."""
+    mix = lambda s, k: objectives.mixed_reference(ctx.cfg.objective, z[f"{s}_{k}"], z.get(f"{s}_{k}0"))
+    return {s: (mix(s, "real"), mix(s, "gen")) for s in splits}

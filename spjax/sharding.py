@@ -32,6 +32,8 @@ RULES = (
     ("head_dim", None),
     ("norm", None),
     ("length", None),
+    ("lora", None),  # the adapter rank: small, whole on every device
+    ("quant_groups", None),  # a quantized base's scale groups along the inputs (spjax.quant)
 )
 
 # Params at least this large must be split when the mesh has fsdp or tensor axes (maxtext-style check).

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from spjax import logprobs, model, objectives, sharding
+from spjax import logprobs, lora, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
 
 @flax.struct.dataclass
@@ -34,6 +34,8 @@ class PairBatch:
     gen_target_BxL: Any
     ref_real_B: Any  # float32: the frozen reference's sequence log-probs, precomputed once per round
     ref_gen_B: Any
+    win_real_B: Any  # float32: the judge's soft win rate of each side (judged pairs); else 1 and 0
+    win_gen_B: Any
 
 
 
@@ -113,10 +115,11 @@ def _learning_rate(opt_state):
 
 def state_shardings(cfg: ModelConfig, mesh: Mesh, optimizer) -> TrainState:
     """NamedShardings of a TrainState: params by the RULES table, optimizer moments like their
-    params (so FSDP shards them too), scalars (counts, step, lr) replicated."""
+    params (so FSDP shards them too), scalars (counts, step, lr) replicated. The optimizer holds
+    state for the trainable params only (lora.split: the adapters of a LoRA policy)."""
     param_sh = sharding.param_shardings(cfg, mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, model.param_shapes(cfg))
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+    abstract_opt = jax.eval_shape(optimizer.init, lora.split(cfg, model.param_shapes(cfg))[0])
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, lora.split(cfg, param_sh)[0],
                                    transform_non_params=lambda _: sharding.replicated(mesh))
     rep = sharding.replicated(mesh)
     return TrainState(params=param_sh, opt_state=opt_sh, step=rep, skipped=rep)
@@ -127,7 +130,8 @@ def abstract_state(cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
     what ahead-of-time compiles take (nothing allocated)."""
     params = model.param_shapes(cfg)
     zero = jax.ShapeDtypeStruct((), jnp.int32)
-    shapes = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params), step=zero, skipped=zero)
+    opt_state = jax.eval_shape(optimizer.init, lora.split(cfg, params)[0])
+    shapes = TrainState(params=params, opt_state=opt_state, step=zero, skipped=zero)
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes,
                         state_shardings(cfg, mesh, optimizer))
 
@@ -139,17 +143,23 @@ def _mesh_of(tree) -> Mesh | None:
 
 
 def init_state(cfg: ModelConfig, params, optimizer, mesh: Mesh | None = None) -> TrainState:
-    """A fresh TrainState born sharded (default mesh: the params'). params are copied, not donated:
-    the caller usually keeps them as the frozen opponent/reference."""
+    """A fresh TrainState born sharded (default mesh: the params'). The trainable params are copied,
+    not donated: the caller usually keeps them as the frozen opponent/reference. A LoRA policy's
+    frozen base is shared, not copied (no second copy of the model): the train step donates the
+    state, so the caller's params are spent by the first step (rounds drops them before training)."""
     mesh = mesh or _mesh_of(params)
     if mesh is None:
         raise ValueError("init_state: pass a mesh, or params sharded with NamedShardings")
+    train, frozen = lora.split(cfg, params)
+    sh = state_shardings(cfg, mesh, optimizer)
 
     def init(p):
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(params=p, opt_state=optimizer.init(p), step=zero, skipped=zero)
+        return p, optimizer.init(p), zero, zero
 
-    return jax.jit(init, out_shardings=state_shardings(cfg, mesh, optimizer))(params)
+    p, opt, step, skipped = jax.jit(init, out_shardings=(lora.split(cfg, sh.params)[0], sh.opt_state, sh.step,
+                                                         sh.skipped))(train)
+    return TrainState(params=lora.join(p, frozen), opt_state=opt, step=step, skipped=skipped)
 
 
 def batch_shardings(mesh: Mesh, batch_shapes: PairBatch) -> PairBatch:
@@ -210,7 +220,8 @@ def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig
     if n_real_per_micro is not None:  # rescale so the counts sum to n_real_per_micro
         n_real_B = n_real_B * (n_real_per_micro / jnp.maximum(jnp.sum(n_real_B), 1.0))
     loss, aux = objectives.objective_loss(obj_cfg, lp_Bx2[:, 0], lp_Bx2[:, 1],
-                                          batch.ref_real_B, batch.ref_gen_B, n_real_B)
+                                          batch.ref_real_B, batch.ref_gen_B, n_real_B,
+                                          win_real_B=batch.win_real_B, win_gen_B=batch.win_gen_B)
     aux = dict(aux)
     aux["pair_loss"] = aux.pop("loss")  # aux's 'loss' is the pair loss alone; 'loss' below is the total
     return loss, aux
@@ -225,12 +236,17 @@ def _micro_batches(x, A):
 
 def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig,
                optimizer, grad_accum: int = 1, mesh: Mesh | None = None):
-    """One optimizer step on a pair batch: (new state, metrics). Pure; jit it via make_train_step."""
+    """One optimizer step on a pair batch: (new state, metrics). Pure; jit it via make_train_step.
+
+    Gradients are taken for the trainable params alone (lora.split): with LoRA the frozen base never
+    gets a gradient buffer, and passes through to the new state untouched (donated, so not copied).
+    """
     A = grad_accum
-    grad_fn = jax.value_and_grad(pair_loss_fn, has_aux=True)
+    train_params, frozen = lora.split(model_cfg, state.params)
+    grad_fn = jax.value_and_grad(lambda tp, *a: pair_loss_fn(lora.join(tp, frozen), *a), has_aux=True)
     f32 = jnp.float32
     if A == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, model_cfg, obj_cfg, mesh)
+        (loss, aux), grads = grad_fn(train_params, batch, model_cfg, obj_cfg, mesh)
         grads = jax.tree.map(lambda g: g.astype(f32), grads)
     else:
         n_real = jnp.sum(_scored_tokens(batch.real_target_BxL, batch.real_mask_BxL)) / A
@@ -238,26 +254,28 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
 
         def body(g_sum, mb):
             mb = jax.tree.map(lambda v: _constrain_batch(v, mesh), mb)
-            (l, x), g = grad_fn(state.params, mb, model_cfg, obj_cfg, mesh, n_real)
+            (l, x), g = grad_fn(train_params, mb, model_cfg, obj_cfg, mesh, n_real)
             return jax.tree.map(lambda s, gi: s + gi.astype(f32), g_sum, g), (l, x)
 
         # fp32 accumulators shaped and sharded like the params (FSDP: each device sums its shard).
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), train_params)
         if mesh is not None:
-            zeros = jax.lax.with_sharding_constraint(zeros, sharding.param_shardings(model_cfg, mesh))
+            zeros = jax.lax.with_sharding_constraint(
+                zeros, lora.split(model_cfg, sharding.param_shardings(model_cfg, mesh))[0])
         g_sum, (loss_A, aux_A) = jax.lax.scan(body, zeros, micro)
         # Equal micro-batches of a mean-over-pairs loss: the plain mean is the full-batch gradient.
         grads = jax.tree.map(lambda g: g / A, g_sum)
         loss, aux = jnp.mean(loss_A), jax.tree.map(jnp.mean, aux_A)
 
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt = optimizer.update(grads, state.opt_state, train_params)
+    new_params = optax.apply_updates(train_params, updates)
     # A NaN/Inf loss or gradient drops the whole update: params and optimizer state stay as they
     # were (also in 'raise' mode, so the driver can stop with a clean state to checkpoint).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+    new_state = TrainState(params=lora.join(keep(new_params, train_params), frozen),
+                           opt_state=keep(new_opt, state.opt_state),
                            step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
     n_tokens = sum(jnp.sum(m.astype(jnp.int32)) for m in (batch.real_mask_BxL, batch.gen_mask_BxL))
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": _learning_rate(new_opt),
@@ -344,7 +362,7 @@ def pair_batch_shapes(batch_size: int, length: int) -> PairBatch:
     """ShapeDtypeStructs of a pair batch of `batch_size` pairs of `length` tokens."""
     tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
     scores = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    return PairBatch(*([tokens] * 6 + [scores] * 2))
+    return PairBatch(*([tokens] * 6 + [scores] * 4))
 
 
 __all__ = ["TrainState", "PairBatch", "make_schedule", "make_optimizer", "state_shardings",

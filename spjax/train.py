@@ -40,7 +40,7 @@ def _compile_cache():
 
 def kill_at(spec: str):
     """The fault hook for SPJAX_KILL_AT=point:n (tests): SIGKILL this process the n-th time the run
-    reaches `point` (sample, score, train, checkpoint), to check that --resume gives the same model."""
+    reaches `point` (sample, judge, score, train, checkpoint), to check that --resume gives the same model."""
     point, _, n = spec.partition(":")
     hits = {point: 0}
 

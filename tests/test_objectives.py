@@ -33,6 +33,11 @@ EXPECTED = {
     "ipo": [1.0, 6.25],
     # -log sigmoid(r) - log sigmoid(-r') = log(1 + exp(-r)) + log(1 + exp(r'))
     "nce": [_log1pexp(-0.5) + _log1pexp(-0.5), _log1pexp(0.25) + _log1pexp(0.5)],
+    # hard-label SPPO (P_w = 1, P_l = 0): (((r - 1/2)/beta)^2 + ((r' + 1/2)/beta)^2) / 2:
+    # pair 0: (0 + 0) / 2; pair 1: ((-0.75/0.5)^2 + (1/0.5)^2) / 2 = (2.25 + 4) / 2
+    "sppo": [0.0, 3.125],
+    # INPO is IPO's loss against its mixed reference (objectives.mixed_reference; test_judges checks the mix)
+    "inpo": [1.0, 6.25],
 }
 
 
@@ -54,7 +59,7 @@ def test_hand_computed_values(name):
 
 
 def test_objectives_table_and_unknown_name():
-    assert set(OBJECTIVES) == {"chi2", "spin", "hinge", "ipo", "nce"} and OBJECTIVES[0] == "chi2"
+    assert set(OBJECTIVES) == {"chi2", "spin", "hinge", "ipo", "nce", "sppo", "inpo"} and OBJECTIVES[0] == "chi2"
     with pytest.raises(ValueError, match="chi2.*spin.*hinge.*ipo.*nce"):
         pair_loss("dpo", *_arrays([0.0], [0.0], [0.0], [0.0]), beta=0.1)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spjax import logprobs, model, sampler
+from spjax import attention, logprobs, model, sampler
 from spjax.config import ConfigError, ModelConfig
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -41,7 +41,7 @@ def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
     assert CFG.attention == "auto"
     assert jax.default_backend() == "cpu"
     assert pick(bf) == "xla" and pick(CFG) == "xla"
-    monkeypatch.setattr(model, "_gpu_is_cuda", lambda: True)  # as on an H100
+    monkeypatch.setattr(attention, "_gpu_is_cuda", lambda: True)  # as on an H100
     assert pick(bf) == "cudnn"
     assert pick(CFG) == "xla"  # fp32 compute
     assert pick(bf, cached=True) == "xla"  # prefill / decode over the cache
@@ -52,7 +52,7 @@ def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
     assert pick(window, q_len=16, default_positions=False) == "cudnn"  # the window never bites
     assert pick(dataclasses.replace(bf, attention="xla")) == "xla"
     assert pick(dataclasses.replace(bf, attention="cudnn")) == "cudnn"
-    monkeypatch.setattr(model, "_gpu_is_cuda", lambda: False)  # as on ROCm: auto declines, cudnn insists
+    monkeypatch.setattr(attention, "_gpu_is_cuda", lambda: False)  # as on ROCm: auto declines, cudnn insists
     assert pick(bf) == "xla" and pick(dataclasses.replace(bf, attention="cudnn")) == "cudnn"
     assert pick(dataclasses.replace(bf, attention="cudnn"), cached=True) == "xla"  # cuDNN cannot serve it
     assert pick(dataclasses.replace(bf, attention="xla_fused")) == "xla_fused"

@@ -60,6 +60,7 @@ def batch(params0):
     for side in ("real", "gen"):
         lp_B = step.score(CFG, params, out[f"{side}_ids_BxL"], out[f"{side}_mask_BxL"], out[f"{side}_target_BxL"])
         out[f"ref_{side}_B"] = np.asarray(lp_B) + rng.normal(0, 3, B).astype(np.float32)
+    out["win_real_B"], out["win_gen_B"] = np.ones(B, np.float32), np.zeros(B, np.float32)
     return step.PairBatch(**out)
 
 

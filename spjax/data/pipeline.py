@@ -22,7 +22,8 @@ from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_for
 from spjax.data.tokens import check_lengths, tokenize_examples
 
 tfds.disable_progress_bar()  # spjax shows its own progress; TFDS's bars only add noise to the run log
-BUILTIN = {"chatterbot": tfds_builders.Chatterbot, "synthetic": tfds_builders.Synthetic}
+BUILTIN = {"chatterbot": tfds_builders.Chatterbot, "synthetic": tfds_builders.Synthetic,
+           "arithmetic": tfds_builders.Arithmetic}
 READ_CHUNK = 1024
 
 

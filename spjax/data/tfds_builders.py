@@ -245,3 +245,46 @@ class Synthetic(SpjaxBuilder):
     def _split_generators(self, dl_manager):
         ex = synthetic_examples(288)
         return {"train": self._generate_examples(ex[:256]), "test": self._generate_examples(ex[256:])}
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+_NAMES = ("Tom", "Ana", "Lee", "Mia", "Sam", "Ravi", "Zoe", "Ben")
+_THINGS = ("apples", "books", "coins", "shells", "pencils", "stamps", "cards", "marbles")
+_ADD = ("{n} has {a} {x}. {n} gets {b} more {x}. How many {x} does {n} have now?",
+        "There are {a} {x} in a box and {b} {x} on the table. How many {x} are there in all?",
+        "{n} buys {a} {x} on Monday and {b} {x} on Tuesday. How many {x} did {n} buy?")
+_SUB = ("{n} has {a} {x} and gives away {b}. How many {x} are left?",
+        "A jar holds {a} {x}. {n} takes out {b}. How many {x} are still in the jar?",
+        "{n} had {a} {x} and lost {b} of them. How many {x} does {n} have now?")
+
+
+def arithmetic_examples(n: int, seed: int, lo: int = 2, hi: int = 20) -> list:
+    """n one-step add/subtract word problems (operands lo..hi, answers >= 0) with their number as
+    the response: a verifiable task (judge verifier:number) that needs no files."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        a, b = (int(v) for v in rng.randint(lo, hi + 1, 2))
+        add = bool(rng.randint(2))
+        if not add and b > a:
+            a, b = b, a
+        template = (_ADD if add else _SUB)[rng.randint(3)]
+        question = template.format(n=_NAMES[rng.randint(len(_NAMES))], x=_THINGS[rng.randint(len(_THINGS))], a=a, b=b)
+        out.append(Example([{"role": "user", "content": question}], str(a + b if add else a - b),
+                           file="arithmetic", line=i + 1))
+    return out
+
+
+class Arithmetic(SpjaxBuilder):
+    """Generated arithmetic word problems: 64 held out and 512 train, distinct questions drawn
+    from one fixed seed (the splits never change and never share a question)."""
+
+    def _split_generators(self, dl_manager):
+        seen, unique = set(), []
+        for ex in arithmetic_examples(1024, seed=1):
+            if ex.prompt_messages[0]["content"] not in seen:
+                seen.add(ex.prompt_messages[0]["content"])
+                unique.append(ex)
+        return {"test": self._generate_examples(unique[:64]), "train": self._generate_examples(unique[64:576])}

@@ -1,0 +1,191 @@
+"""Judges: the preference oracle of judged self-play (DESIGN.md §1, the second setting of the game).
+
+A judge sees each prompt's K samples (and the record's reference response) and returns either
+scores [n, K] or win probabilities [n, K, K] (P[i, j] = P(sample i beats sample j)). `judge_all`
+turns either into both: scores become win probabilities by Bradley-Terry (sigma(s_i - s_j): reward
+models and a user's scores) or by comparison (1 better, 1/2 tie, 0 worse: verifiers and similarity,
+whose scores are grades, not logits); a matrix's row means are its scores (the soft win rates).
+
+  reward_model:PATH        a HF *ForSequenceClassification checkpoint of the Llama family (our
+                           decoder plus its score head, read at the last real token), on device
+  verifier:number          the final number of the answer (GSM8K's '#### n', else the last number)
+  verifier:exact           the whole answer, case and surrounding space/punctuation ignored
+  verifier:regex:PATTERN   the last match of PATTERN (its first group if it has one)
+  similarity[:rouge_l]     token F1 (default) or ROUGE-L against the reference response
+  python:module:function   f(prompt, responses, reference) -> K scores or a K x K matrix
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import re
+from typing import Callable, Optional
+
+import numpy as np
+
+from spjax import evaluate
+from spjax.config import ConfigError
+
+KINDS = ("reward_model", "verifier", "similarity", "python")
+VERIFIERS = ("number", "exact", "regex")
+SIMILARITIES = ("f1", "rouge_l")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One prompt's K samples to judge. Text is decoded with special tokens dropped."""
+
+    prompt: str
+    responses: tuple  # K strings
+    reference: str  # the record's real response
+    prompt_ids: np.ndarray = None  # int32 tokens (the reward model reads tokens)
+    response_ids: tuple = ()  # K int32 arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    name: str
+    fn: Callable  # list[Query] -> [n, K] scores or [n, K, K] win probabilities
+    bradley_terry: bool  # scores -> sigma(s_i - s_j); else by comparison
+
+
+def check_name(name: str):
+    """Raise ConfigError (naming judge.name) unless `name` is a well-formed judge spec."""
+    kind, _, arg = name.partition(":")
+    bad = lambda msg: ConfigError(f"judge.name: {name!r}: {msg}")
+    if kind == "reward_model" and not arg:
+        raise bad("give the checkpoint directory: reward_model:PATH")
+    if kind == "verifier":
+        mode, _, pattern = arg.partition(":")
+        if mode not in VERIFIERS:
+            raise bad(f"verifier mode {mode!r} not one of {', '.join(VERIFIERS)}")
+        if mode == "regex":
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise bad(f"bad regex: {e}") from None
+            if not pattern:
+                raise bad("verifier:regex:PATTERN needs a pattern")
+    if kind == "similarity" and arg and arg not in SIMILARITIES:
+        raise bad(f"similarity {arg!r} not one of {', '.join(SIMILARITIES)}")
+    if kind == "python" and len(arg.split(":")) != 2:
+        raise bad("give python:module:function")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifiers
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def final_number(text: str) -> Optional[float]:
+    """The answer's final number: after the last '####' if there is one (GSM8K), else the last
+    number in the text; thousands separators and a trailing '.' ignored. None: no number."""
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .!?,;:\"'")
+
+
+def verify(mode: str, response: str, reference: str) -> float:
+    """1.0 if `response` carries the reference's answer under `mode` (see the module doc), else 0.0.
+    A malformed answer (no number, no match) scores 0; so does a reference without an answer."""
+    kind, _, pattern = mode.partition(":")
+    if kind == "number":
+        got, want = final_number(response), final_number(reference)
+        return float(got is not None and want is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-9))
+    if kind == "exact":
+        return float(_normalise(response) == _normalise(reference) != "")
+    rx = re.compile(pattern)
+
+    def last(text):
+        ms = list(rx.finditer(text))
+        return None if not ms else (ms[-1].group(1) if rx.groups else ms[-1].group(0)).strip()
+
+    got, want = last(response), last(reference)
+    want = want if want is not None else reference.strip()
+    return float(got is not None and got == want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a judge
+
+
+def _python(spec: str) -> Callable:
+    module, func = spec.split(":")
+    try:
+        f = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"judge.name: python:{spec}: cannot import it ({e})") from None
+
+    def fn(queries):
+        rows = [np.asarray(f(q.prompt, list(q.responses), q.reference), np.float64) for q in queries]
+        K = len(queries[0].responses) if queries else 0
+        for q, r in zip(queries, rows):
+            if r.shape not in ((K,), (K, K)) or not np.all(np.isfinite(r)):
+                raise ValueError(f"judge python:{spec} returned shape {r.shape} (finite values of shape ({K},) "
+                                 f"or ({K}, {K}) expected) for the prompt {q.prompt[-60:]!r}")
+        return np.stack(rows) if rows else np.zeros((0, K))
+    return fn
+
+
+def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) -> Judge:
+    """The judge named by `name` (judge.name). A reward model is loaded onto `mesh` here."""
+    check_name(name)
+    kind, _, arg = name.partition(":")
+    if kind == "verifier":
+        return Judge(name, lambda qs: np.asarray([[verify(arg, r, q.reference) for r in q.responses]
+                                                   for q in qs], np.float64).reshape(len(qs), -1), False)
+    if kind == "similarity":
+        metric = evaluate.rouge_l if arg == "rouge_l" else evaluate.token_f1
+        return Judge(name, lambda qs: np.asarray([[metric(r, q.reference) for r in q.responses] for q in qs],
+                                                 np.float64).reshape(len(qs), -1), False)
+    if kind == "python":
+        return Judge(name, _python(arg), True)
+    from spjax import reward_model
+    rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer)
+    return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True)
+
+
+def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:
+    """[K, K] P(i beats j) from K scores; the diagonal is 1/2."""
+    d_KxK = scores_K[:, None] - scores_K[None, :]
+    if bradley_terry:
+        return 1.0 / (1.0 + np.exp(-d_KxK))
+    return np.where(d_KxK > 0, 1.0, np.where(d_KxK == 0, 0.5, 0.0))
+
+
+def judge_all(judge: Judge, queries: list) -> tuple:
+    """(scores [n, K], win probabilities [n, K, K]) of every query."""
+    out = np.asarray(judge.fn(queries), np.float64)
+    if out.ndim == 3:
+        wins = out
+        if np.any(wins < 0) or np.any(wins > 1):
+            raise ValueError(f"judge {judge.name}: win probabilities outside [0, 1]")
+        return wins.mean(axis=2), wins
+    return out, np.stack([win_matrix(s, judge.bradley_terry) for s in out]) if len(out) else np.zeros((0, 0, 0))
+
+
+def win_rate(judge: Judge, prompts: list, new: list, old: list, references: list,
+             prompt_ids=None, new_ids=None, old_ids=None) -> float:
+    """Mean P(new answer beats old answer) over the prompts, under the judge."""
+    queries = [Query(p, (a, b), r, None if prompt_ids is None else prompt_ids[i],
+                     () if new_ids is None else (new_ids[i], old_ids[i]))
+               for i, (p, a, b, r) in enumerate(zip(prompts, new, old, references))]
+    _, wins = judge_all(judge, queries)
+    return float(np.mean(wins[:, 0, 1])) if len(queries) else float("nan")
+
+
+__all__ = ["KINDS", "Query", "Judge", "check_name", "final_number", "verify", "build", "win_matrix",
+           "judge_all", "win_rate"]

@@ -1,0 +1,91 @@
+"""The judge phase of a judged round: K samples per prompt -> judgements on disk -> pairs.
+
+`judge_round` asks ctx.judge (spjax.judges) about each prompt's K samples, a chunk of prompts at a
+time; each finished chunk is a file written atomically, so a run killed while judging resumes at
+the first unjudged chunk (ctx.fault("judge") after each). `judged_pairs` turns the win matrices
+into pairs: best vs worst by soft win rate (iterative DPO, SPPO, INPO), or every ordered pair with
+a winner. A prompt whose K samples all tie gives no pair: there is nothing to prefer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from spjax import checkpoint as ckpt_lib, judges, metrics as metrics_lib
+
+
+def _decode(tok, ids) -> str:
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def queries(ctx, examples: list, gen: dict, K: int) -> list:
+    """One judges.Query per example: its K samples (sample ids e.id*K + k) and its reference."""
+    tok = ctx.tokenizer
+    out = []
+    for e in examples:
+        ids = [gen[e.id * K + k][0] for k in range(K)]
+        out.append(judges.Query(prompt=_decode(tok, e.prompt_ids), responses=tuple(_decode(tok, r) for r in ids),
+                                reference=_decode(tok, e.real_ids), prompt_ids=e.prompt_ids, response_ids=tuple(ids)))
+    return out
+
+
+def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
+    """(scores [n, K], win probabilities [n, K, K]) of the split's samples, in example order,
+    reusing judgements on disk."""
+    K, n = ctx.cfg.sampling.num_samples, len(examples)
+    done_path = os.path.join(ctx.round_dir(t), f"judged_{split}.npz")
+    if os.path.exists(done_path):
+        z = ckpt_lib.load_arrays(done_path)
+        return z["scores"], z["wins"]
+    chunk_dir = os.path.join(ctx.round_dir(t), f"judged_{split}")
+    per_chunk = ctx.cfg.judge.batch_size
+    bar = metrics_lib.progress(n, f"round {t} judge {split}", "prompt")
+    scores, wins = [], []
+    for c, start in enumerate(range(0, n, per_chunk)):
+        path = os.path.join(chunk_dir, f"chunk_{c:05d}.npz")
+        part = examples[start:start + per_chunk]
+        if os.path.exists(path):
+            z = ckpt_lib.load_arrays(path)
+        else:
+            s, w = judges.judge_all(ctx.judge, queries(ctx, part, gen, K))
+            z = {"scores": s, "wins": w}
+            ckpt_lib.save_arrays(path, **z)
+            ctx.fault("judge")
+        scores.append(z["scores"])
+        wins.append(z["wins"])
+        bar.update(len(part))
+    bar.close()
+    out = {"scores": np.concatenate(scores) if scores else np.zeros((0, K)),
+           "wins": np.concatenate(wins) if wins else np.zeros((0, K, K))}
+    ckpt_lib.save_arrays(done_path, **out)
+    ckpt_lib.remove_tree(chunk_dir)
+    return out["scores"], out["wins"]
+
+
+def pair_indices(wins_KxK: np.ndarray, how: str) -> list:
+    """[(winner k, loser k')] of one prompt's samples: best vs worst by soft win rate (the row
+    mean), or (how='all') every ordered pair where the first beats the second (P > 1/2)."""
+    rate_K = wins_KxK.mean(axis=1)
+    if how == "best_worst":
+        w, l = int(np.argmax(rate_K)), int(np.argmin(rate_K))
+        return [(w, l)] if rate_K[w] > rate_K[l] else []
+    K = len(rate_K)
+    return [(i, j) for i in range(K) for j in range(K) if wins_KxK[i, j] > 0.5]
+
+
+def judged_pairs(examples: list, gen: dict, wins_NxKxK: np.ndarray, K: int, how: str, max_len: int) -> tuple:
+    """(pairs, win_real [m], win_gen [m]): pair p is (prompt, winner sample, loser sample) with ids
+    0..m-1; win_* are the two samples' soft win rates P(y_k beats the K samples)."""
+    pairs, win_real, win_gen = [], [], []
+    for e, wins_KxK in zip(examples, wins_NxKxK):
+        rate_K = wins_KxK.mean(axis=1)
+        budget = max_len - len(e.prompt_ids)  # sampled responses are cut, never dropped
+        for w, l in pair_indices(wins_KxK, how):
+            pairs.append(dataclasses.replace(e, id=len(pairs), real_ids=np.asarray(gen[e.id * K + w][0][:budget], np.int32),
+                                             generated_ids=np.asarray(gen[e.id * K + l][0][:budget], np.int32),
+                                             source=f"{e.source} samples {w}>{l}"))
+            win_real.append(rate_K[w])
+            win_gen.append(rate_K[l])
+    return pairs, np.asarray(win_real, np.float32), np.asarray(win_gen, np.float32)

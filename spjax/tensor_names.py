@@ -1,0 +1,191 @@
+"""The one table from spjax's param tree to checkpoint tensor names (HF safetensors, GGUF, PEFT),
+and the loops that build params from named tensors and named tensors from params.
+
+Every importer (hf, gguf_io) and exporter (hf, lora's PEFT adapter) reads names and layouts from
+here, so none of them imports another. Tensors are in Hugging Face's layout ([out, in] matrices);
+GGUF files hold the same layout once dequantized (gguf_io undoes llama.cpp's Q/K row permutation).
+A LoRA config (ModelConfig.lora / base_quant) changes what is built: base projections are
+quantized per leaf on the host as they are read, adapters are added (A random, B zero: the
+policy starts as the base), and export writes the merged weights W + (alpha / r) A B.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spjax import quant
+from spjax import sharding as shd
+from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
+
+# The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = tuple(HF_ARCHS.values())
+# How many leading dims of each projection weight are contracted (model._project's [*in, *out]).
+PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unsupported or malformed; the message names the file and tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf: str  # Hugging Face name; per-layer names have {i}
+    gguf: Optional[str]  # llama.cpp name
+    to_spjax: Callable  # np [HF layout] -> np [spjax layout]
+    to_hf: Callable  # np [spjax layout] -> np [HF layout]
+
+    def name(self, kind: str) -> str:
+        return self.gguf if kind == "gguf" else self.hf
+
+
+def layer_table(cfg: ModelConfig) -> dict:
+    """Per-layer leaf -> Entry. Per-layer leaves are stacked over N layers in the params."""
+    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    a, m, b = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp.", "blk.{i}."
+    ident = (lambda w: w, lambda x: x)
+    lin = lambda *shape: (lambda w: w.T.reshape(shape), lambda x: x.reshape(shape[0], -1).T)
+    T = (lambda w: w.T, lambda x: x.T)
+    out = {
+        "attn_norm": Entry("model.layers.{i}.input_layernorm.weight", b + "attn_norm.weight", *ident),
+        "mlp_norm": Entry("model.layers.{i}.post_attention_layernorm.weight", b + "ffn_norm.weight", *ident),
+        "q": Entry(a + "q_proj.weight", b + "attn_q.weight", *lin(D, H, Dh)),
+        "k": Entry(a + "k_proj.weight", b + "attn_k.weight", *lin(D, K, Dh)),
+        "v": Entry(a + "v_proj.weight", b + "attn_v.weight", *lin(D, K, Dh)),
+        "o": Entry(a + "o_proj.weight", b + "attn_output.weight",
+                   lambda w: w.T.reshape(H, Dh, D), lambda x: x.reshape(H * Dh, D).T),
+        "gate": Entry(m + "gate_proj.weight", b + "ffn_gate.weight", *T),
+        "up": Entry(m + "up_proj.weight", b + "ffn_up.weight", *T),
+        "down": Entry(m + "down_proj.weight", b + "ffn_down.weight", *T),
+    }
+    if cfg.qkv_bias:
+        for n, heads in (("q", H), ("k", K), ("v", K)):
+            out[f"{n}_bias"] = Entry(a + f"{n}_proj.bias", b + f"attn_{n}.bias",
+                                     lambda w, h=heads: w.reshape(h, Dh), lambda x: x.reshape(-1))
+    return out
+
+
+def top_table(cfg: ModelConfig) -> dict:
+    ident = (lambda w: w, lambda x: x)
+    out = {"embed": Entry("model.embed_tokens.weight", "token_embd.weight", *ident),
+           "final_norm": Entry("model.norm.weight", "output_norm.weight", *ident)}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = Entry("lm_head.weight", "output.weight", lambda w: w.T, lambda x: x.T)
+    return out
+
+
+def peft_name(cfg: ModelConfig, target: str, i: int, which: str) -> str:
+    """PEFT's key for adapter matrix `which` ('A' or 'B') of projection `target` in layer i."""
+    return "base_model.model." + layer_table(cfg)[target].hf.format(i=i)[:-len(".weight")] + f".lora_{which}.weight"
+
+
+def base_config(cfg: ModelConfig) -> ModelConfig:
+    """cfg without adapters or quantization: the layout checkpoints hold."""
+    return dataclasses.replace(cfg, lora=LoraConfig(), base_quant="none")
+
+
+def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, names: str = "hf", key=None):
+    """Build params from `get(name) -> np.ndarray` (HF layout), each leaf placed as it is built.
+
+    With a mesh every leaf is created with its NamedSharding via make_array_from_callback, which
+    hands each device only its slice; host memory holds one leaf at a time. With cfg.lora the
+    adapters are initialised from `key` (default key 0); with cfg.base_quant the projections are
+    quantized on the host before they are placed.
+    """
+    from spjax import model
+    shapes = model.param_shapes(cfg)
+    shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def place(path, arr):
+        want = _get(shapes, path)
+        if arr.shape != want.shape:  # the fetch functions already checked per-tensor shapes
+            raise CheckpointError(f"{where}: {path} has shape {arr.shape}, expected {want.shape}")
+        arr = arr.astype(want.dtype)
+        if mesh is None:
+            return jnp.asarray(arr)
+        return jax.make_array_from_callback(arr.shape, _get(shardings, path), lambda idx: arr[idx])
+
+    def fetch(name, conv, want):
+        w = get(name)
+        try:
+            x = conv(np.asarray(w))
+        except ValueError:
+            x = None
+        if x is None or x.shape != tuple(want):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, "
+                                  f"which does not fit {tuple(want)} for {cfg.architecture} config")
+        return np.asarray(x, dtype=np.float32).astype(dtype)
+
+    base_shapes = model.param_shapes(base_config(cfg))
+    params = {leaf: place(leaf, fetch(e.name(names), e.to_spjax, base_shapes[leaf].shape))
+              for leaf, e in top_table(cfg).items()}
+    layers = {}
+    for leaf, e in layer_table(cfg).items():
+        want = base_shapes["layers"][leaf].shape[1:]
+        arr = np.stack([fetch(e.name(names).format(i=i), e.to_spjax, want) for i in range(cfg.num_layers)])
+        if cfg.base_quant != "none" and leaf in PROJ_IN_DIMS:
+            arr, scale = quant.quantize(arr, cfg.base_quant, PROJ_IN_DIMS[leaf], lead=1)
+            layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)
+        layers[leaf] = place(f"layers/{leaf}", arr)
+    if cfg.lora.rank:
+        key = jax.random.key(0) if key is None else key
+        for n, t in enumerate(cfg.lora.targets):
+            a = shapes["layers"][f"{t}_lora_a"]
+            a_init = jax.vmap(lambda k: model.lora_a_init(k, a.shape[1:]))(
+                jax.random.split(jax.random.fold_in(key, n), cfg.num_layers))
+            layers[f"{t}_lora_a"] = place(f"layers/{t}_lora_a", np.asarray(a_init))
+            layers[f"{t}_lora_b"] = place(f"layers/{t}_lora_b", np.zeros(shapes["layers"][f"{t}_lora_b"].shape))
+    params["layers"] = layers
+    expected = set(shapes["layers"])
+    if set(layers) != expected:
+        raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
+    return params
+
+
+def merged_layer(cfg: ModelConfig, layers: dict, leaf: str) -> np.ndarray:
+    """Host float32 weight [N, *in, *out] of one layer leaf: dequantized, plus (alpha / r) A B."""
+    w = np.asarray(layers[leaf])
+    if leaf not in PROJ_IN_DIMS:
+        return w
+    if cfg.base_quant != "none":
+        w = quant.dequantize(w, np.asarray(layers[f"{leaf}_scale"]), cfg.base_quant, PROJ_IN_DIMS[leaf], lead=1,
+                             dtype=np.float32)
+    w = w.astype(np.float32)
+    if cfg.lora.rank and leaf in cfg.lora.targets:
+        a = np.asarray(layers[f"{leaf}_lora_a"], np.float32)
+        b = np.asarray(layers[f"{leaf}_lora_b"], np.float32)
+        N, r = a.shape[0], a.shape[-1]
+        delta = np.matmul(a.reshape(N, -1, r), b.reshape(N, r, -1)) * (cfg.lora.alpha / r)
+        w = w + delta.reshape(w.shape)
+    return w
+
+
+def params_to_tensors(cfg: ModelConfig, params) -> dict:
+    """HF-named numpy tensors (in the param dtype) for a params tree (gathered to host); a LoRA
+    policy is written merged, so the result is a plain checkpoint of base + adapter."""
+    out = {}
+    host = jax.tree.map(shd.to_host, params)
+    dtype = jnp.dtype(cfg.param_dtype)
+    for leaf, e in top_table(cfg).items():
+        out[e.hf] = np.ascontiguousarray(e.to_hf(host[leaf]))
+    for leaf, e in layer_table(cfg).items():
+        w = merged_layer(cfg, host["layers"], leaf).astype(dtype)
+        for i in range(cfg.num_layers):
+            out[e.hf.format(i=i)] = np.ascontiguousarray(e.to_hf(w[i]))
+    return out
+
+
+def _get(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+__all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "Entry",
+           "layer_table", "top_table", "peft_name", "base_config", "params_from_tensors", "merged_layer",
+           "params_to_tensors"]

@@ -1,0 +1,213 @@
+"""Judged self-play pieces: verifiers, win matrices, pair construction, the SPPO and INPO losses,
+and the reward model against transformers' sequence classifiers."""
+import numpy as np
+import pytest
+
+from spjax import judges, judging, objectives
+from spjax.config import ConfigError, JudgeConfig, ObjectiveConfig
+from spjax.data.tokens import TokenizedExample
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifiers
+
+
+@pytest.mark.parametrize("response,reference,want", [
+    ("12", "12", 1.0),
+    ("The answer is 12.", "12", 1.0),
+    ("4 + 8 = 12 apples", "12", 1.0),
+    ("12 apples, no wait, 13", "12", 0.0),  # the final number counts
+    ("1,234", "1234", 1.0),
+    ("-3", "-3", 1.0),
+    ("3", "-3", 0.0),
+    ("12.0", "12", 1.0),
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "She sold 72 clips.\n#### 72", 1.0),  # GSM8K's ####
+    ("#### 71", "#### 72", 0.0),
+    ("", "12", 0.0),  # malformed: no number at all
+    ("twelve", "12", 0.0),
+    ("12", "no number here", 0.0),  # a reference without an answer cannot be matched
+])
+def test_verifier_number(response, reference, want):
+    assert judges.verify("number", response, reference) == want
+
+
+def test_verifier_exact_and_regex():
+    assert judges.verify("exact", "  Paris. ", "paris") == 1.0
+    assert judges.verify("exact", "Paris, France", "Paris") == 0.0
+    assert judges.verify("exact", "", "") == 0.0  # nothing matches nothing
+    rx = r"answer:\s*(\w+)"
+    assert judges.verify(f"regex:{rx}", "so the answer: B", "B") == 1.0  # reference without a match: itself
+    assert judges.verify(f"regex:{rx}", "answer: A ... answer: C", "answer: C") == 1.0  # the last match
+    assert judges.verify(f"regex:{rx}", "I think B", "B") == 0.0  # malformed: no match
+
+
+def test_judge_names_are_checked():
+    for bad, msg in [("verifier:numbr", "verifier mode"), ("verifier:regex:(", "bad regex"),
+                     ("reward_model", "checkpoint directory"), ("python:mod", "module:function"),
+                     ("oracle", "not one of"), ("similarity:bleu", "similarity")]:
+        with pytest.raises(ConfigError, match=msg):
+            JudgeConfig(name=bad)
+    with pytest.raises(ConfigError, match="judge.pairs"):
+        JudgeConfig(name="similarity", pairs="best")
+
+
+def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
+    (tmp_path / "myjudge.py").write_text(
+        "def longest(prompt, responses, reference):\n    return [len(r) for r in responses]\n"
+        "def bad(prompt, responses, reference):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    q = judges.Query("p", ("a", "abc", "ab"), "ref")
+    scores, wins = judges.judge_all(judges.build("python:myjudge:longest"), [q])
+    assert scores.tolist() == [[1, 3, 2]]
+    assert wins[0, 1, 0] == pytest.approx(1 / (1 + np.exp(-2)))  # Bradley-Terry on user scores
+    with pytest.raises(ValueError, match="shape"):
+        judges.judge_all(judges.build("python:myjudge:bad"), [q])
+    with pytest.raises(ConfigError, match="cannot import"):
+        judges.build("python:nosuchmodule:f")
+
+
+# ---------------------------------------------------------------------------------------------
+# Win matrices and pairs
+
+
+def test_win_matrix():
+    comp = judges.win_matrix(np.asarray([1.0, 0.0, 1.0]), bradley_terry=False)
+    assert comp.tolist() == [[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]
+    bt = judges.win_matrix(np.asarray([2.0, 0.0]), bradley_terry=True)
+    assert bt[0, 1] == pytest.approx(1 / (1 + np.exp(-2.0))) and bt[0, 1] + bt[1, 0] == pytest.approx(1.0)
+    assert np.allclose(np.diag(bt), 0.5)
+
+
+def test_pairs_from_judged_samples():
+    K = 4
+    # prompt 0: samples 1 and 3 right; prompt 1: all wrong (no pair); prompt 2: only sample 2 right
+    scores = np.asarray([[0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]], float)
+    wins = np.stack([judges.win_matrix(s, False) for s in scores])
+    assert judging.pair_indices(wins[0], "best_worst") == [(1, 0)]  # first best, first worst
+    assert judging.pair_indices(wins[1], "best_worst") == []
+    assert sorted(judging.pair_indices(wins[0], "all")) == [(1, 0), (1, 2), (3, 0), (3, 2)]
+    assert judging.pair_indices(wins[2], "all") == [(2, 0), (2, 1), (2, 3)]
+    examples = [TokenizedExample(i, np.arange(3, dtype=np.int32), np.asarray([9], np.int32)) for i in range(3)]
+    gen = {i * K + k: (np.asarray([100 + 10 * i + k] * 5, np.int32), np.zeros(5, np.float32))
+           for i in range(3) for k in range(K)}
+    pairs, w_real, w_gen = judging.judged_pairs(examples, gen, wins, K, "all", max_len=7)
+    assert [p.id for p in pairs] == list(range(7))
+    assert pairs[0].real_ids.tolist() == [101] * 4 and pairs[0].generated_ids.tolist() == [100] * 4  # cut to max_len
+    # soft win rates: row means of the matrix (SPPO's P(y beats the K samples)), diagonal included
+    assert w_real[0] == pytest.approx((0.5 + 1 + 0.5 + 1) / 4) and w_gen[0] == pytest.approx((0 + 0.5 + 0 + 0.5) / 4)
+    assert w_real[4] == pytest.approx((1 + 1 + 0.5 + 1) / 4) and w_gen[4] == pytest.approx((0.5 + 0.5 + 0 + 0.5) / 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPPO and INPO
+
+
+def test_sppo_loss_by_hand():
+    beta = 0.5
+    lp_w, lp_l, ref_w, ref_l = np.asarray([-3.0]), np.asarray([-5.0]), np.asarray([-3.4]), np.asarray([-4.5])
+    pw, pl = np.asarray([0.8]), np.asarray([0.3])
+    losses, _ = objectives.pair_loss("sppo", lp_w, lp_l, ref_w, ref_l, beta=beta, win_real_B=pw, win_gen_B=pl)
+    lr_w, lr_l = -3.0 + 3.4, -5.0 + 4.5  # 0.4, -0.5
+    want = ((lr_w - (0.8 - 0.5) / beta) ** 2 + (lr_l - (0.3 - 0.5) / beta) ** 2) / 2  # ((0.4-0.6)^2 + (-0.5+0.4)^2)/2
+    assert float(losses[0]) == pytest.approx(want, abs=1e-6) and want == pytest.approx(0.025)
+    # no win rates: the real response wins outright (hard-label SPPO)
+    hard, _ = objectives.pair_loss("sppo", lp_w, lp_l, ref_w, ref_l, beta=beta)
+    assert float(hard[0]) == pytest.approx(((0.4 - 1.0) ** 2 + (-0.5 + 1.0) ** 2) / 2, abs=1e-6)
+
+
+def test_inpo_loss_by_hand():
+    eta, tau = 0.2, 0.05
+    cfg = ObjectiveConfig(name="inpo", beta=eta, tau=tau)
+    lp_w, lp_l = np.asarray([-3.0], np.float32), np.asarray([-5.0], np.float32)
+    t_w, t_l = np.asarray([-3.5], np.float32), np.asarray([-4.0], np.float32)  # pi_t
+    o_w, o_l = np.asarray([-4.0], np.float32), np.asarray([-4.2], np.float32)  # pi_0
+    ref_w, ref_l = objectives.mixed_reference(cfg, t_w, o_w), objectives.mixed_reference(cfg, t_l, o_l)
+    loss, _ = objectives.objective_loss(cfg, lp_w, lp_l, ref_w, ref_l)
+    d_theta, d_0, d_t = -3.0 + 5.0, -4.0 + 4.2, -3.5 + 4.0
+    logits = d_theta - (tau / eta) * d_0 - (1 - tau / eta) * d_t  # 2 - 0.05 - 0.375 = 1.575
+    assert float(loss) == pytest.approx((logits - 1 / (2 * eta)) ** 2, abs=1e-5)  # (1.575 - 2.5)^2
+    assert (logits - 2.5) ** 2 == pytest.approx(0.855625)
+    # other objectives train against pi_t alone
+    assert objectives.mixed_reference(ObjectiveConfig(name="chi2"), t_w, o_w) is t_w
+    with pytest.raises(ConfigError, match="tau"):
+        ObjectiveConfig(name="inpo", beta=0.1, tau=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reward_model_matches_transformers(family, tmp_path):
+    import torch
+    import transformers
+    from spjax import reward_model
+    from tests.oracle import TINY
+    cls = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}[family]
+    conf = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family](
+        **TINY, num_labels=1, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tm = getattr(transformers, cls)(conf).float().eval()
+    with torch.no_grad():
+        for name, p in tm.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    tm.save_pretrained(tmp_path)
+    rm = reward_model.load(str(tmp_path))
+    rng = np.random.RandomState(0)
+    seqs = [rng.randint(1, TINY["vocab_size"], n).tolist() for n in (7, 19, 3, 12)]
+    L = max(map(len, seqs))
+    ids, mask = np.zeros((4, L), np.int64), np.zeros((4, L), np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    with torch.no_grad():
+        want = tm(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    got = reward_model.scores(rm, seqs, batch_size=3)  # two batches, the second with a dummy row
+    assert np.abs(got - want).max() <= 1e-4
+    q = judges.Query("", ("", ""), "", np.asarray(seqs[0][:3]), (np.asarray(seqs[0][3:]), np.asarray(seqs[1])))
+    judge = judges.Judge("reward_model", lambda qs: reward_model.judge_queries(rm, qs), True)
+    scores, wins = judges.judge_all(judge, [q])
+    assert np.abs(scores[0] - [want[0], reward_model.scores(rm, [seqs[0][:3] + seqs[1]])[0]]).max() <= 1e-4
+    assert wins[0, 0, 1] == pytest.approx(1 / (1 + np.exp(-(scores[0, 0] - scores[0, 1]))))
+
+
+def test_reward_model_refuses_a_causal_lm(tmp_path):
+    import transformers
+    from spjax import hf, reward_model
+    from tests.oracle import TINY
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path)
+    with pytest.raises(hf.CheckpointError, match="no sequence classifier"):
+        reward_model.load(str(tmp_path))
+
+
+def test_arithmetic_problems(tmp_path):
+    import re
+    from spjax.config import DataConfig
+    from spjax.data import pipeline
+    from spjax.data.tfds_builders import arithmetic_examples
+    exs = arithmetic_examples(200, seed=3)
+    assert [e.response for e in exs] == [e.response for e in arithmetic_examples(200, seed=3)]  # fixed by the seed
+    for e in exs:
+        q = e.prompt_messages[0]["content"]
+        a, b = map(int, re.findall(r"\d+", q))
+        want = a + b if any(w in q for w in ("more", "in all", "buy")) else a - b
+        assert int(e.response) == want >= 0 and judges.verify("number", e.response, e.response) == 1.0
+    splits = pipeline.load_examples(DataConfig(path="arithmetic"), str(tmp_path))
+    train, test = ({e.prompt_messages[0]["content"] for e in splits[k]} for k in ("train", "test"))
+    assert len(splits["train"]) == len(train) == 512 and len(splits["test"]) == len(test) == 64
+    assert not train & test
+
+
+def test_judged_run_config_checks():
+    import dataclasses
+    from spjax import rounds
+    from spjax.config import RunConfig, SamplingConfig, load_config
+    import os
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py"))
+    with pytest.raises(ConfigError, match="'judged' needs a judge"):
+        rounds.check_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, pairs="judged")), 8)
+    judged = dataclasses.replace(cfg, judge=JudgeConfig(name="verifier:number"))
+    with pytest.raises(ConfigError, match="sampling.num_samples"):
+        rounds.check_config(judged, 8)
+    rounds.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
+    rounds.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only

@@ -1,0 +1,180 @@
+"""LoRA / QLoRA policies: adapters-only training, merged and PEFT export/import against peft + torch,
+quantized bases."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spjax import hf, lora, model, quant, sharding, step
+from spjax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
+from spjax.tensor_names import CheckpointError, base_config
+from tests import oracle
+
+R, ALPHA = 4, 8.0
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  lora=LoraConfig(rank=R, alpha=ALPHA, targets=("q", "v", "o", "down")))
+B, L = 8, 16
+
+
+def _randomize_b(cfg, params, seed=1, std=0.05):
+    """Nonzero B matrices (fresh adapters start at B = 0, where the adapter is invisible)."""
+    rng = np.random.default_rng(seed)
+    layers = {k: (jnp.asarray(rng.normal(0, std, v.shape).astype(np.float32)) if k.endswith("_lora_b") else v)
+              for k, v in params["layers"].items()}
+    return {**params, "layers": layers}
+
+
+def _batch(cfg, params):
+    rng = np.random.default_rng(0)
+    out, pos = {}, np.arange(L)[None]
+    for side in ("real", "gen"):
+        length = rng.integers(L // 2, L + 1, B)[:, None]
+        out[f"{side}_ids_BxL"] = rng.integers(0, cfg.vocab_size, (B, L)).astype(np.int32)
+        out[f"{side}_mask_BxL"] = (pos < length).astype(np.int32)
+        out[f"{side}_target_BxL"] = ((pos >= 3) & (pos < length)).astype(np.int32)
+        lp = step.score(cfg, params, out[f"{side}_ids_BxL"], out[f"{side}_mask_BxL"], out[f"{side}_target_BxL"])
+        out[f"ref_{side}_B"] = np.asarray(lp) + rng.normal(0, 3, B).astype(np.float32)
+    for f in dataclasses.fields(step.PairBatch):  # judged-pair fields, where the batch has them
+        if f.name not in out:
+            out[f.name] = (np.ones if "real" in f.name else np.zeros)(B, np.float32)
+    return step.PairBatch(**out)
+
+
+def test_optimizer_state_covers_only_adapters_and_base_stays_frozen():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
+    params = sharding.init_params(CFG, jax.random.key(0), mesh)
+    train, frozen = lora.split(CFG, params)
+    assert set(train["layers"]) == {f"{t}_lora_{m}" for t in CFG.lora.targets for m in "ab"}
+    n_train = lora.count(train)
+    assert "trainable params: " + f"{n_train:,}" in lora.describe(CFG, params)
+    opt_cfg = OptimConfig(lr=1e-2, warmup_frac=0.0, schedule="constant")
+    optimizer = step.make_optimizer(opt_cfg, 100)
+    fn = step.make_train_step(CFG, ObjectiveConfig(), opt_cfg, optimizer, mesh, step.pair_batch_shapes(B, L))
+    batch = _batch(CFG, params)
+    frozen_host = jax.tree.map(np.array, frozen)
+    state = step.init_state(CFG, params, optimizer, mesh)
+    # AdamW's two moments, each exactly the adapters' size: nothing of the base is in the state.
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * n_train
+    assert sorted(x.shape for x in moments) == sorted(2 * [x.shape for x in jax.tree.leaves(train)])
+    abstract = step.abstract_state(CFG, optimizer, mesh)
+    assert jax.tree.structure(abstract.opt_state) == jax.tree.structure(state.opt_state)
+    losses = []
+    for _ in range(3):
+        state, m = fn(state, batch)
+        losses.append(float(m["loss"]))
+    new_train, new_frozen = lora.split(CFG, state.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, new_frozen), frozen_host)
+    assert all(np.abs(np.array(v)).max() > 0 for k, v in new_train["layers"].items() if k.endswith("_lora_b"))
+    assert losses[-1] < losses[0]
+
+
+def test_on_the_fly_adapter_equals_merged_weights():
+    params = _randomize_b(CFG, model.init_params(CFG, jax.random.key(0)))
+    ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
+    cfg_m, merged = lora.merge(CFG, params)
+    assert cfg_m.lora.rank == 0 and not any(lora.is_adapter(k) for k in merged["layers"])
+    np.testing.assert_allclose(model.forward(CFG, params, ids), model.forward(cfg_m, merged, ids), atol=1e-5)
+    base = {**params, "layers": {k: v for k, v in params["layers"].items() if not lora.is_adapter(k)}}
+    assert np.abs(np.asarray(model.forward(CFG, params, ids) - model.forward(cfg_m, base, ids))).max() > 1e-3
+    cfg_s, sampled = lora.for_sampling(CFG, params)  # a float base: merged for the sampler
+    assert cfg_s == cfg_m and set(sampled["layers"]) == set(merged["layers"])
+    # pi_0: the adapter off is the base alone
+    np.testing.assert_allclose(model.forward(CFG, lora.adapter_off(CFG, params), ids),
+                               model.forward(cfg_m, base, ids), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def torch_base():
+    return oracle.torch_model("qwen2")  # q/k/v biases: the adapter must not disturb them
+
+
+def _lora_cfg(targets=("q", "k", "v", "o", "gate", "up", "down"), **kw):
+    return dict(lora=LoraConfig(rank=R, alpha=ALPHA, targets=targets), **kw)
+
+
+def test_merged_export_and_peft_adapter_match_torch(torch_base, tmp_path):
+    import peft
+    import torch
+    import transformers
+    cfg, params = hf.from_transformers(torch_base, **_lora_cfg())
+    params = _randomize_b(cfg, params)
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"))
+    # merged weights == W + (alpha / r) B A in HF's [out, in] layout, from the adapter file itself
+    from safetensors.numpy import load_file
+    merged = load_file(os.path.join(out, "model.safetensors"))
+    adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    state = {k: v.numpy() for k, v in torch_base.state_dict().items()}
+    for i in range(cfg.num_layers):
+        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{proj}"
+            want = state[name + ".weight"] + (ALPHA / R) * (adapter[f"base_model.model.{name}.lora_B.weight"]
+                                                            @ adapter[f"base_model.model.{name}.lora_A.weight"])
+            np.testing.assert_allclose(merged[name + ".weight"], want, atol=1e-5, rtol=0)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    ours = np.asarray(model.forward(cfg, params, ids))
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    np.testing.assert_allclose(oracle.torch_logits(hf_merged, ids), ours, atol=1e-4)
+    with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["r"] == R
+    peft_model = peft.PeftModel.from_pretrained(torch_base, os.path.join(out, "adapter")).eval()
+    try:
+        np.testing.assert_allclose(oracle.torch_logits(peft_model, ids), ours, atol=1e-4)
+    finally:
+        peft_model.unload()  # the cached base must come back without adapter layers
+
+
+def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path):
+    import peft
+    import torch
+    targets = ("q", "v", "up")
+    pc = peft.LoraConfig(r=R, lora_alpha=2 * ALPHA, target_modules=["q_proj", "v_proj", "up_proj"],
+                         init_lora_weights=False)  # random A and B: a visible adapter
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(torch_base, pc).eval()
+    try:
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+        ids = np.random.default_rng(1).integers(0, 256, (2, 9)).astype(np.int32)
+        want = oracle.torch_logits(peft_model, ids)
+    finally:
+        peft_model.unload()
+    cfg, params = hf.from_transformers(torch_base, **_lora_cfg(targets))
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_path=str(tmp_path / "adapter")))
+    params = lora.load_peft(cfg, params, cfg.lora.init_path)  # alpha differs: folded into B
+    np.testing.assert_allclose(np.asarray(model.forward(cfg, params, ids)), want, atol=1e-4)
+    with pytest.raises(CheckpointError, match="adapter_config.json: r is 4; spjax needs 8"):
+        bad = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=8))
+        lora.load_peft(bad, params, cfg.lora.init_path)
+    with pytest.raises(CheckpointError, match="target_modules"):
+        lora.load_peft(dataclasses.replace(cfg, lora=LoraConfig(rank=R, targets=("q",))), params,
+                       cfg.lora.init_path)
+
+
+@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.3)])
+def test_quantized_base(torch_base, kind, tol):
+    cfg32, p32 = hf.from_transformers(torch_base)
+    cfg, params = hf.from_transformers(torch_base, **_lora_cfg(base_quant=kind))
+    assert params["layers"]["q"].dtype == quant.storage_dtype(kind)
+    # each weight within half a quantization step (its group's scale) of the original
+    w = np.asarray(p32["layers"]["down"])  # [N, F, D]
+    scale = np.asarray(params["layers"]["down_scale"])  # [N, F / group, D]
+    deq = quant.dequantize(np.asarray(params["layers"]["down"]), scale, kind, 1, lead=1)
+    step_ = np.repeat(scale, w.shape[1] // scale.shape[1], axis=1)
+    assert np.all(np.abs(deq - w) <= step_ / 2 + 1e-7)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
+    err = np.abs(np.asarray(model.forward(cfg, params, ids)) - np.asarray(model.forward(cfg32, p32, ids))).max()
+    assert 0 < err < tol
+    assert base_config(cfg) == cfg32
+
+
+def test_bad_lora_config_names_the_field():
+    with pytest.raises(ConfigError, match="model.base_quant: int8 needs lora.rank > 0"):
+        dataclasses.replace(CFG, lora=LoraConfig(), base_quant="int8")
+    with pytest.raises(ConfigError, match="lora.targets"):
+        LoraConfig(rank=4, targets=("qkv",))
+    with pytest.raises(ConfigError, match="model.base_quant"):
+        dataclasses.replace(CFG, base_quant="nf3")
