@@ -38,3 +38,35 @@ def emit(record: dict, name: str):
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(record, f, indent=1)
+
+
+def time_steps(fn, state, batch, warmup: int, steps: int):
+    """(state, metrics, warmup seconds, seconds per step) of `steps` timed calls of a jitted train
+    step after `warmup` untimed ones (the first compiles); checks the last step was finite."""
+    import time
+
+    import jax
+    t = time.perf_counter()
+    for _ in range(warmup):
+        state, metrics = fn(state, batch)
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    dt = (time.perf_counter() - t) / steps
+    assert bool(metrics["finite"]), "non-finite loss in the benchmark step"
+    return state, metrics, warmup_s, dt
+
+
+def peak_memory() -> tuple:
+    """(bytes, what was measured): the device's peak where it reports one, else the process max RSS."""
+    import resource
+
+    import jax
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"], "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"

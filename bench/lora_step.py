@@ -17,13 +17,12 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import SHAPES, emit, model_config  # noqa: E402
+from bench.common import SHAPES, emit, model_config, peak_memory, time_steps  # noqa: E402
 
 MODES = {"full": dict(), "lora": dict(lora_rank=16), "lora-int8": dict(lora_rank=16, base_quant="int8"),
          "lora-int4": dict(lora_rank=16, base_quant="int4")}
@@ -87,6 +86,7 @@ def run_mode(a, mode: str) -> dict:
     batch = jax.device_put(batch, step.batch_shardings(mesh, shapes))
     t = time.perf_counter()
     mem = fn.lower(state, batch).compile().memory_analysis()
+    compile_s = time.perf_counter() - t
     program = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     state_bytes = {"params": _nbytes(state.params), "opt_state": _nbytes(state.opt_state)}
     base = {"mode": mode, "params": n_params, "trainable": n_train, "program_gb": program / 1e9,
@@ -95,22 +95,11 @@ def run_mode(a, mode: str) -> dict:
     if on_cpu and need > 0.8 * _available_bytes():  # a shared CPU host: do not run it out of memory
         return {**base, "error": f"skipped the timed run: needs ~{need / 1e9:.1f} GB more, "
                                  f"{_available_bytes() / 1e9:.1f} GB available"}
-    for _ in range(2):  # compile (cached from the lowering above) and warm up; not timed
-        state, metrics = fn(state, batch)
-    jax.block_until_ready(metrics)
-    warmup_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        state, metrics = fn(state, batch)
-    jax.block_until_ready((state, metrics))
-    dt = (time.perf_counter() - t) / a.steps
-    assert bool(metrics["finite"]), "non-finite loss in the benchmark step"
+    # compile (cached from the lowering above) and warm up; not timed
+    state, metrics, warmup_s, dt = time_steps(fn, state, batch, warmup=2, steps=a.steps)
+    warmup_s += compile_s
+    peak, kind = peak_memory()
     dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        peak, kind = stats["peak_bytes_in_use"], "device"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
     return {"mode": mode, "device": f"{jax.device_count()}x {dev.device_kind}", "compute_dtype": compute,
             "param_dtype": a.param_dtype, "params": n_params, "trainable": n_train, "pairs": B, "seq_len": L,
             "step_s": dt, "tokens_per_s": 2 * B * L / dt, "compile_and_warmup_s": warmup_s,

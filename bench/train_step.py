@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import SHAPES, emit, model_config, peer_script  # noqa: E402
+from bench.common import SHAPES, emit, model_config, peak_memory, peer_script, time_steps  # noqa: E402
 
 # Runs the peer in this child interpreter and appends its own max RSS: CPU peers report no memory.
 _PEER_WRAPPER = ("import atexit, resource, runpy, sys; "
@@ -123,24 +122,11 @@ def run_spjax(a) -> dict:
     batch = jax.device_put(batch, step.batch_shardings(mesh, shapes))
     fn = step.make_train_step(cfg, ObjectiveConfig(name="spin"), opt_cfg, optimizer, mesh, shapes)
 
-    t = time.perf_counter()
-    for _ in range(3):  # the first call compiles; warm-up is not timed (the peer also runs 3)
-        state, metrics = fn(state, batch)
-    jax.block_until_ready(metrics)
-    warmup_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        state, metrics = fn(state, batch)
-    jax.block_until_ready((state, metrics))
-    dt = (time.perf_counter() - t) / a.steps
-    assert bool(metrics["finite"]), "non-finite loss in the benchmark step"
-
+    # the first call compiles; warm-up is not timed (the peer also runs 3)
+    state, metrics, warmup_s, dt = time_steps(fn, state, batch, warmup=3, steps=a.steps)
+    peak, mem_kind = peak_memory()
+    peak /= 1e9
     dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        peak, mem_kind = stats["peak_bytes_in_use"] / 1e9, "device"
-    else:
-        peak, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "process max RSS"
     del state, metrics, batch
 
     dtype = jax.numpy.dtype(compute)
