@@ -140,17 +140,21 @@ def _python(spec: str) -> Callable:
     return fn
 
 
+def _grades(grade, queries) -> np.ndarray:
+    """[n, K] grade(response, reference) of every query's responses."""
+    K = len(queries[0].responses) if queries else 0
+    return np.asarray([[grade(r, q.reference) for r in q.responses] for q in queries], np.float64).reshape(len(queries), K)
+
+
 def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) -> Judge:
     """The judge named by `name` (judge.name). A reward model is loaded onto `mesh` here."""
     check_name(name)
     kind, _, arg = name.partition(":")
     if kind == "verifier":
-        return Judge(name, lambda qs: np.asarray([[verify(arg, r, q.reference) for r in q.responses]
-                                                   for q in qs], np.float64).reshape(len(qs), -1), False)
+        return Judge(name, functools.partial(_grades, lambda r, ref: verify(arg, r, ref)), False)
     if kind == "similarity":
-        metric = evaluate.rouge_l if arg == "rouge_l" else evaluate.token_f1
-        return Judge(name, lambda qs: np.asarray([[metric(r, q.reference) for r in q.responses] for q in qs],
-                                                 np.float64).reshape(len(qs), -1), False)
+        return Judge(name, functools.partial(_grades, evaluate.rouge_l if arg == "rouge_l" else evaluate.token_f1),
+                     False)
     if kind == "python":
         return Judge(name, _python(arg), True)
     from spjax import reward_model
