@@ -143,7 +143,8 @@ def _python(spec: str) -> Callable:
 def _grades(grade, queries) -> np.ndarray:
     """[n, K] grade(response, reference) of every query's responses."""
     K = len(queries[0].responses) if queries else 0
-    return np.asarray([[grade(r, q.reference) for r in q.responses] for q in queries], np.float64).reshape(len(queries), K)
+    grades = [[grade(r, q.reference) for r in q.responses] for q in queries]
+    return np.asarray(grades, np.float64).reshape(len(queries), K)
 
 
 def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) -> Judge:

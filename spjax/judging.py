@@ -82,9 +82,9 @@ def judged_pairs(examples: list, gen: dict, wins_NxKxK: np.ndarray, K: int, how:
     for e, wins_KxK in zip(examples, wins_NxKxK):
         rate_K = wins_KxK.mean(axis=1)
         budget = max_len - len(e.prompt_ids)  # sampled responses are cut, never dropped
+        side = lambda k, e=e, budget=budget: np.asarray(gen[e.id * K + k][0][:budget], np.int32)
         for w, l in pair_indices(wins_KxK, how):
-            pairs.append(dataclasses.replace(e, id=len(pairs), real_ids=np.asarray(gen[e.id * K + w][0][:budget], np.int32),
-                                             generated_ids=np.asarray(gen[e.id * K + l][0][:budget], np.int32),
+            pairs.append(dataclasses.replace(e, id=len(pairs), real_ids=side(w), generated_ids=side(l),
                                              source=f"{e.source} samples {w}>{l}"))
             win_real.append(rate_K[w])
             win_gen.append(rate_K[l])

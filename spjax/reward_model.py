@@ -42,8 +42,9 @@ def _classifier_arch(config: dict, where: str) -> str:
         if a.endswith("ForSequenceClassification") and a.replace("ForSequenceClassification", "ForCausalLM") \
                 in hf.HF_ARCHS:
             return a.replace("ForSequenceClassification", "ForCausalLM")
+    known = ", ".join(a.replace("ForCausalLM", "ForSequenceClassification") for a in hf.HF_ARCHS)
     raise hf.CheckpointError(f"{where}: architectures {config.get('architectures')} has no sequence classifier "
-                             f"of the Llama family ({', '.join(a.replace('ForCausalLM', 'ForSequenceClassification') for a in hf.HF_ARCHS)})")
+                             f"of the Llama family ({known})")
 
 
 def load(path: str, mesh=None, policy_tokenizer=None, **overrides) -> RewardModel:
@@ -95,7 +96,8 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
             ids_BxL[r, :len(s)], length_B[r] = s, len(s)
         if rm.mesh is not None:
             ids_BxL, length_B = (shd.put_global(x, shd.batch_sharding(rm.mesh, x.ndim)) for x in (ids_BxL, length_B))
-        out[start:start + len(part)] = shd.to_host(_scores(rm.cfg, rm.params, rm.head_DxC, ids_BxL, length_B))[:len(part)]
+        got = shd.to_host(_scores(rm.cfg, rm.params, rm.head_DxC, ids_BxL, length_B))
+        out[start:start + len(part)] = got[:len(part)]
     return out
 
 

@@ -139,7 +139,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         if cfg.model_path:
             return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
         model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
-        return model_cfg, hf.with_init_adapter(model_cfg, shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh))
+        params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
+        return model_cfg, hf.with_init_adapter(model_cfg, params)
 
     model_cfg, params = initial_params()
     shd.check_sharded(params, mesh)
