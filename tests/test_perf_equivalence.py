@@ -170,7 +170,7 @@ def test_argmax_and_categorical_match_jax():
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_segmented_unrolled_decode_equals_one_scanned_loop(params, temperature):
     B, P, T = 3, 16, 40
-    S = -(-(P + T) // sampler._CACHE_ROUND) * sampler._CACHE_ROUND
+    S = sampler.cache_len(P, T)
     lens = np.array([16, 9, 3], np.int32)
     prompt = np.asarray(jax.random.randint(jax.random.key(7), (B, P), 0, CFG.vocab_size), np.int32)
     args = (params, prompt, lens, np.ones(B, bool), np.arange(B, dtype=np.uint32),
