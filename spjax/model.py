@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spjax import quant
+from spjax import mlp, quant
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
@@ -193,6 +193,11 @@ class Block(nn.Module):
                                      ("heads", "head_dim", "embed"))
 
         h = _rms_norm(x_BxLxD, w("mlp_norm", (D,), ("norm",), ones), cfg.rms_norm_eps)
+        if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
+            weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),
+                       w("down", (F, D), ("mlp", "embed")))
+            x_BxLxD = x_BxLxD + mlp.gated_mlp(h, *weights)
+            return (x_BxLxD, cache), None
         gate_BxLxF = _project(self, "gate", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         up_BxLxF = _project(self, "up", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         x_BxLxD = x_BxLxD + _project(self, "down", "BLF,FD->BLD", nn.silu(gate_BxLxF) * up_BxLxF, (F, D),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import spjax
-from spjax import model
+from spjax import mlp, model
 from tests import oracle
 
 FAMILIES = sorted(oracle.FAMILIES)
@@ -102,3 +102,42 @@ def test_param_logical_axes_cover_every_weight():
     for spec, shape in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                            jax.tree.leaves(shapes)):
         assert len(spec) == len(shape.shape) and all(name is not None for name in spec)
+
+
+def test_cpu_mlp_backward_matches_autodiff(monkeypatch):
+    """spjax.mlp's hand-written backward pass (Block's MLP on CPU) gives autodiff's gradients, and
+    Block creates the same params in the same order (each param's init rng is its place in it)."""
+    k = jax.random.split(jax.random.key(5), 5)
+    x, dy = jax.random.normal(k[0], (2, 6, 64)), jax.random.normal(k[1], (2, 6, 64))
+    ws = (jax.random.normal(k[2], (64, 96)) * 0.3, jax.random.normal(k[3], (64, 96)) * 0.3,
+          jax.random.normal(k[4], (96, 64)) * 0.1)  # at a scale where silu's curvature counts
+    plain = lambda x, wg, wu, wd: (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+    y, vjp = jax.vjp(mlp.gated_mlp, x, *ws)
+    y_ref, vjp_ref = jax.vjp(plain, x, *ws)
+    assert float(jnp.abs(y - y_ref).max()) <= 1e-5
+    for a, b in zip(vjp(dy), vjp_ref(dy)):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+
+    cfg, params = oracle.spjax_model("qwen2")
+    cfg = dataclasses.replace(cfg, remat="dots")  # the policy must still see (and save) gate and up
+    assert mlp.fast_path(cfg)  # CPU, float base, no LoRA: the tests above run it too
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 24)), jnp.int32)
+
+    def seq_logp(p):  # traced anew per call (no jit cache): fast_path is read at trace time
+        logits = model.unembed(cfg, p, model.apply(cfg, p, ids)[0])[:, :-1]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).sum()
+
+    def created():
+        names, param = [], model._param
+        monkeypatch.setattr(model, "_param", lambda m, name, *a: names.append(name) or param(m, name, *a))
+        model.param_shapes(cfg)
+        monkeypatch.setattr(model, "_param", param)
+        return names
+
+    fast, fast_names = jax.jit(jax.value_and_grad(seq_logp))(params), created()
+    monkeypatch.setattr(mlp, "fast_path", lambda cfg: False)
+    ref, ref_names = jax.jit(jax.value_and_grad(seq_logp))(params), created()
+    assert fast_names == ref_names and "gate" in ref_names
+    assert abs(float(fast[0] - ref[0])) <= 1e-5 * abs(float(ref[0]))
+    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), fast[1], ref[1])))
+    assert diff <= 1e-5, diff
