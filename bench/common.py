@@ -23,7 +23,7 @@ SHAPES = {
 def model_config(shape: str, **fields):
     """The ModelConfig of a peer shape (random init), with `fields` (dtypes, remat) set."""
     from spjax.config import ModelConfig
-    return ModelConfig(**SHAPES[shape], rms_norm_eps=1e-6, **fields)
+    return ModelConfig(**{**SHAPES[shape], "rms_norm_eps": 1e-6, **fields})
 
 
 def peer_script() -> str:

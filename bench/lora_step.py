@@ -14,7 +14,6 @@ mark where there is one, else the process's max RSS (CPU). Ratios are against `f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -82,7 +81,7 @@ def run_mode(a, mode: str) -> dict:
                   real_target_BxL=target, gen_target_BxL=target,
                   ref_real_B=rng.normal(size=B).astype(np.float32), ref_gen_B=rng.normal(size=B).astype(np.float32),
                   win_real_B=np.ones(B, np.float32), win_gen_B=np.zeros(B, np.float32))
-    batch = step.PairBatch(**{f.name: fields[f.name] for f in dataclasses.fields(step.PairBatch)})
+    batch = step.unpacked_batch(**fields)
     batch = jax.device_put(batch, step.batch_shardings(mesh, shapes))
     t = time.perf_counter()
     mem = fn.lower(state, batch).compile().memory_analysis()

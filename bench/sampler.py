@@ -11,6 +11,7 @@ card's peak bandwidth, against the measured decode time (total minus a separatel
   python bench/sampler.py --shape smollm2-135m        # 64 x 256 + 256 (sizes overridable)
   python bench/sampler.py --shape llama3.2-1b --peers eager,compile   # the DESIGN.md §4 target
   python bench/sampler.py --shape smollm2-135m --batch 16 --prompt-len 128 --new-tokens 128 --segments 0,1
+  python bench/sampler.py --shape llama3.2-1b --batch 256 --samples 4   # 64 prompts x 4 samples vs 256 x 1
 
 --segments is a comma list of decode-loop segment counts, each timed in the same run (0: the
 automatic attention windows, 1: every step attends over the whole cache); the first is the
@@ -72,6 +73,31 @@ def _timed(fn, repeats):
     return best
 
 
+def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -> dict:
+    """B/K prompts x K samples (one prefill per prompt, K decode rows each) against B distinct prompts
+    x 1 sample: the same decode rows, a K-times smaller prefill. Times the prefill alone and the
+    whole sample() call of each, best of `repeats` after a warm-up."""
+    B, P = len(prompts), len(prompts[0])
+    S = sampler.cache_len(sampler.default_bucket(P), N)
+    out = {}
+    for name, ps, k in (("distinct", prompts, 1), ("shared", prompts[:B // K], K)):
+        prompt_BxP, len_B = jnp.asarray(np.asarray(ps, np.int32)), jnp.full((len(ps),), P, jnp.int32)
+        pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
+        call = lambda: sampler.sample(cfg, params, ps, key=0, max_new_tokens=N, temperature=1.0, num_samples=k).lengths
+        jax.block_until_ready((pre(), call()))
+        out[name] = {"prompts": len(ps), "samples": k, "prefill_s": _timed(pre, repeats), "call_s": _timed(call, repeats)}
+    out["prefill_ratio"] = out["shared"]["prefill_s"] / out["distinct"]["prefill_s"]
+    out["call_ratio"] = out["shared"]["call_s"] / out["distinct"]["call_s"]
+    for name in ("distinct", "shared"):
+        r = out[name]
+        print(f"  {r['prompts']:4d} prompts x {r['samples']} samples: prefill {r['prefill_s']:.3f} s, "
+              f"whole call {r['call_s']:.3f} s")
+    print(f"  shared / distinct: prefill {out['prefill_ratio']:.2f}x (target <= 0.3: "
+          f"{'met' if out['prefill_ratio'] <= 0.3 else 'NOT met'}), whole call {out['call_ratio']:.2f}x "
+          f"(target <= 1.0: {'met' if out['call_ratio'] <= 1.0 else 'NOT met'})")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -87,6 +113,8 @@ def main():
     ap.add_argument("--segments", default="0", help="comma list of decode segment counts (0: automatic)")
     ap.add_argument("--unroll-layers", default="auto", choices=("auto", "on", "off"),
                     help="decode over per-layer weight slices (auto: GPUs, shallow CPU models)")
+    ap.add_argument("--samples", type=int, default=1,
+                    help="K > 1: compare batch/K prompts x K samples with batch distinct prompts (prefill shared)")
     ap.add_argument("--peak-gbps", type=float, help="memory bandwidth peak (default by device: H100 3350, H200 4800)")
     a = ap.parse_args()
 
@@ -99,6 +127,7 @@ def main():
     on_cpu = dev.platform == "cpu"
     peers = ("eager",) if a.peers == "auto" and on_cpu else ("eager", "compile") if a.peers == "auto" else \
         tuple(p for p in a.peers.split(",") if p and p != "none")
+    peers = () if a.samples > 1 else peers
     out = {"bench": "sampler", "shape": a.shape, "device": dev.device_kind, "platform": dev.platform,
            "jax": jax.__version__, "batch": B, "prompt_len": P, "new_tokens": N}
 
@@ -119,6 +148,11 @@ def main():
     P_b = sampler.default_bucket(P)  # the shapes sample() uses: bucket P_b, cache S
     S = sampler.cache_len(P_b, N)
 
+    if a.samples > 1:
+        print(f"{a.shape} on {dev.device_kind}: {B} decode rows, prompt {P}, {N} new tokens, {dtype}")
+        out["shared_prefill"] = compare_shared_prefill(cfg, params, prompts, N, a.samples, a.repeats)
+        emit(out, "sampler_bench.json")
+        return
     unroll = {"auto": None, "on": True, "off": False}[a.unroll_layers]
     out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
                                              unroll_layers=unroll).unrolled(cfg.num_layers)

@@ -111,13 +111,12 @@ def run_spjax(a) -> dict:
     rng = np.random.default_rng(0)
     target = np.zeros((B, L), np.int32)
     target[:, P:] = 1
-    batch = step.PairBatch(real_ids_BxL=rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
-                           gen_ids_BxL=rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
-                           real_mask_BxL=np.ones((B, L), np.int32), gen_mask_BxL=np.ones((B, L), np.int32),
-                           real_target_BxL=target, gen_target_BxL=target,
-                           ref_real_B=rng.normal(size=B).astype(np.float32),
-                           ref_gen_B=rng.normal(size=B).astype(np.float32),
-                           win_real_B=np.ones(B, np.float32), win_gen_B=np.zeros(B, np.float32))
+    batch = step.unpacked_batch(real_ids_BxL=rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
+                                gen_ids_BxL=rng.integers(0, cfg.vocab_size, (B, L), dtype=np.int32),
+                                real_mask_BxL=np.ones((B, L), np.int32), gen_mask_BxL=np.ones((B, L), np.int32),
+                                real_target_BxL=target, gen_target_BxL=target,
+                                ref_real_B=rng.normal(size=B).astype(np.float32),
+                                ref_gen_B=rng.normal(size=B).astype(np.float32))
     shapes = step.pair_batch_shapes(B, L)
     batch = jax.device_put(batch, step.batch_shardings(mesh, shapes))
     fn = step.make_train_step(cfg, ObjectiveConfig(name="spin"), opt_cfg, optimizer, mesh, shapes)

@@ -272,6 +272,7 @@ class DataConfig:
     max_len: int = 1024  # prompt + response
     overlong: str = "truncate"  # truncate | drop
     buckets: tuple[int, ...] = ()  # static padded lengths; () means powers of two up to max_len
+    pack: str = "auto"  # training pairs packed into rows (on | off); auto: on unless cuDNN attention (GPU)
     max_examples: int = 0  # 0: all
     seed: int = 0
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
@@ -281,6 +282,7 @@ class DataConfig:
         _check(self.max_prompt_len < self.max_len, "data.max_prompt_len",
                f"{self.max_prompt_len} must be < data.max_len={self.max_len}")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
+        _check(self.pack in ("auto", "on", "off"), "data.pack", f"{self.pack!r} not in ('auto', 'on', 'off')")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,14 +109,16 @@ def _target_logprobs(cfg: ModelConfig, params, hidden_BxTxD, targets_BxT, chunk)
 
 def token_logprobs(cfg: ModelConfig, params, input_ids_BxL, target_mask_BxL,
                    attention_mask_BxL: Optional[jnp.ndarray] = None, *,
-                   chunk: Optional[int] = DEFAULT_CHUNK):
+                   chunk: Optional[int] = DEFAULT_CHUNK, segment_ids_BxL=None, positions_BxL=None):
     """fp32 [B, L]: at t, log pi(input_ids[t] | input_ids[<t]) where scored, else 0.
 
     Position t is scored where target_mask[t] and attention_mask[t] are set and t > 0 (the first
     token has no context). attention_mask marks real tokens of a RIGHT-padded batch (default all):
     each row's real tokens come first, which lets the GPU use causal flash attention (padding is
-    then hidden from every real token by causality). chunk=None or chunk >= L-1 computes all
-    logits at once.
+    then hidden from every real token by causality). Packed rows give segment_ids_BxL (each
+    sequence's tokens share an id) and positions_BxL (restarting per sequence): tokens then see only
+    their own sequence, and a sequence's first token is never scored. chunk=None or chunk >= L-1
+    computes all logits at once.
     """
     B, L = input_ids_BxL.shape
     if L < 2:
@@ -125,8 +127,12 @@ def token_logprobs(cfg: ModelConfig, params, input_ids_BxL, target_mask_BxL,
         attention_mask_BxL = jnp.ones((B, L), bool)
     attention_mask_BxL = attention_mask_BxL.astype(bool)
     score_BxL = (target_mask_BxL.astype(bool) & attention_mask_BxL).at[:, 0].set(False)
-
-    hidden_BxLxD, _ = model.apply(cfg, params, input_ids_BxL, kv_mask_BxS=attention_mask_BxL, right_padded=True)
+    if segment_ids_BxL is None:
+        hidden_BxLxD, _ = model.apply(cfg, params, input_ids_BxL, kv_mask_BxS=attention_mask_BxL, right_padded=True)
+    else:  # the token before t predicts t only within one sequence
+        score_BxL = score_BxL.at[:, 1:].set(score_BxL[:, 1:] & (segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1]))
+        hidden_BxLxD, _ = model.apply(cfg, params, input_ids_BxL, positions_BxL, kv_mask_BxS=attention_mask_BxL,
+                                      segment_ids_BxL=segment_ids_BxL)
     # The hidden state at t-1 predicts token t. Unscored targets become 0 so any id is safe to gather.
     hidden_BxTxD = hidden_BxLxD[:, :-1]
     targets_BxT = jnp.where(score_BxL[:, 1:], input_ids_BxL[:, 1:], 0).astype(jnp.int32)

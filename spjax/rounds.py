@@ -24,9 +24,9 @@ import numpy as np
 
 from spjax import checkpoint as ckpt_lib
 from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
-from spjax import lora, scoring, sharding as shd
+from spjax import lora, model, scoring, sharding as shd
 from spjax.config import METRIC_GOALS, Config, ConfigError
-from spjax.data import batching
+from spjax.data import batching, packing
 
 log = logging.getLogger("spjax")
 
@@ -173,18 +173,23 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
 # Train and checkpoint
 
 
-def device_batch(ctx: Context, batch: dict, per_pair: tuple) -> step_lib.PairBatch:
-    """A host pair batch (this process's rows) as global arrays split over the data axes.
-    per_pair: ([n] arrays indexed by pair id) ref_real, ref_gen, win_real, win_gen."""
-    ids, real, gen = batch["example_id_B"], batch["real"], batch["generated"]
-    ref_real, ref_gen, win_real, win_gen = (np.asarray(a, np.float32)[ids] for a in per_pair)
-    host = step_lib.PairBatch(
-        real_ids_BxL=real["input_ids_BxL"], real_mask_BxL=real["attention_mask_BxL"],
-        real_target_BxL=real["target_mask_BxL"], gen_ids_BxL=gen["input_ids_BxL"],
-        gen_mask_BxL=gen["attention_mask_BxL"], gen_target_BxL=gen["target_mask_BxL"],
-        ref_real_B=ref_real, ref_gen_B=ref_gen, win_real_B=win_real, win_gen_B=win_gen)
+def device_batch(ctx: Context, rows: dict, per_pair: tuple, packed: bool) -> step_lib.PairBatch:
+    """A host pair batch (this process's rows and pairs, packing.pair_rows) as global arrays split
+    over the data axes. per_pair: ([n] arrays indexed by pair id) ref_real, ref_gen, win_real, win_gen."""
+    ref_real, ref_gen, win_real, win_gen = (np.asarray(a, np.float32)[rows["example_id_B"]] for a in per_pair)
+    host = step_lib.PairBatch(rows["tokens_RxL"], rows["segments_RxL"], rows["positions_RxL"], rows["targets_RxL"],
+                              rows["seqs_RxL"], ref_real, ref_gen, win_real, win_gen, packed=packed)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(ctx.mesh, v.ndim), v),
                         host)
+
+
+def packs(ctx: Context) -> bool:
+    """Whether training packs pairs into rows (data.pack; auto: unless cuDNN attention serves the step).
+    Packed rows need attention masked per segment: XLA's einsum path (CPU) and splash (TPU) take
+    segment ids, cuDNN's flash attention (GPU) does not, so a GPU run keeps one sequence per row."""
+    if ctx.cfg.data.pack != "auto":
+        return ctx.cfg.data.pack == "on"
+    return model.attention_impl(ctx.model_cfg, cached=False, right_padded=True, q_len=ctx.buckets[-1]) != "cudnn"
 
 
 def _shuffle_seed(cfg: Config, t: int) -> int:
@@ -199,7 +204,7 @@ def _trainer(ctx: Context, n_pairs: int, compiled: dict):
         optimizer = step_lib.make_optimizer(ctx.cfg.optim, total)
         compiled[total] = optimizer, step_lib.make_train_step(
             ctx.model_cfg, ctx.cfg.objective, ctx.cfg.optim, optimizer, ctx.mesh,
-            step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0]))
+            step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0], packed=packs(ctx)))
     return compiled[total]
 
 
@@ -222,14 +227,22 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         ctx.echo(f"round {t}: {len(examples)} pairs, fewer than one batch of run.batch_size={r.batch_size}: "
                  "no training step this round")
         return state, rs, {}
-    batches = batching.pair_batches(examples, r.batch_size, seed=_shuffle_seed(cfg, t), buckets=ctx.buckets,
-                                    pad_id=ctx.pad_id, cursor=rs.cursor, epochs=r.epochs,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+    packed = packs(ctx)
+    order = dict(seed=_shuffle_seed(cfg, t), epochs=r.epochs)
+    shape_of = packing.shape_rule(examples, [ids for ids, _ in batching.global_batches(len(examples), r.batch_size,
+                                                                                      **order)],
+                                  buckets=ctx.buckets, grad_accum=cfg.optim.grad_accum,
+                                  data_parallel=shd.data_parallel_size(ctx.mesh), packed=packed)
     bar = metrics_lib.progress(total, f"round {t} train", "step")
     bar.update(rs.step)
     pending, rows, t0 = [], list(done_rows), time.perf_counter()
-    for s, (batch, cursor) in enumerate(batches, start=rs.step):
-        state, m = train_step(state, device_batch(ctx, batch, per_pair))
+    batches = batching.global_batches(len(examples), r.batch_size, cursor=rs.cursor, **order)
+    for s, (ids_G, cursor) in enumerate(batches, start=rs.step):
+        n_rows, length = shape_of(ids_G)
+        host = packing.pair_rows(examples, ids_G, rows=n_rows, row_len=length, grad_accum=cfg.optim.grad_accum,
+                                 packed=packed, pad_id=ctx.pad_id, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+        state, m = train_step(state, device_batch(ctx, host, per_pair, packed))
         pending.append(m)
         rs = dataclasses.replace(rs, step=s + 1, cursor=cursor, global_step=rs.global_step + 1)
         last = s + 1 == total

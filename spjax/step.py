@@ -18,25 +18,27 @@ from jax.sharding import Mesh, NamedSharding
 
 from spjax import logprobs, lora, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+from spjax.optim import learning_rate, make_optimizer, make_schedule  # noqa: F401 (the step's optimizer)
 
 @flax.struct.dataclass
 class PairBatch:
-    """B pairs (x, y, y') of L tokens each: the real (or chosen) response's row and the second one's.
+    """B pairs (x, y, y') as R rows of L tokens (spjax.data.packing builds them): one sequence per
+    row, right-padded (packed=False), or several sequences per row as segments (packed=True).
 
-    The train step, the eval step, compile_check and the benches all take this one type.
+    Sequence slot 2j is pair j's real (or chosen) response, 2j+1 its second one, numbered within
+    each micro-batch. The train step, the eval step, compile_check and the benches take this type.
     """
 
-    real_ids_BxL: Any  # int32: prompt + real response, right-padded
-    real_mask_BxL: Any  # int32: valid tokens
-    real_target_BxL: Any  # int32: response tokens to score
-    gen_ids_BxL: Any  # the same for the second response (the opponent's sample, or the rejected one)
-    gen_mask_BxL: Any
-    gen_target_BxL: Any
+    tokens_RxL: Any  # int32: prompt + response of each sequence
+    segments_RxL: Any  # int32: a sequence's segment id in its row (1, 2, ...), 0 on padding
+    positions_RxL: Any  # int32: position within the sequence (restarts at each segment)
+    targets_RxL: Any  # int32: 1 on the response tokens whose log-probs count
+    seqs_RxL: Any  # int32: the slot each token's log-prob sums into
     ref_real_B: Any  # float32: the frozen reference's sequence log-probs, precomputed once per round
     ref_gen_B: Any
     win_real_B: Any  # float32: the judge's soft win rate of each side (judged pairs); else 1 and 0
     win_gen_B: Any
-
+    packed: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass
@@ -45,68 +47,6 @@ class TrainState:
     opt_state: Any
     step: jax.Array  # int32 []: steps taken, skipped ones included (the data cursor)
     skipped: jax.Array  # int32 []: steps whose update was dropped because loss or grads were non-finite
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer
-
-
-def make_schedule(opt_cfg: OptimConfig, total_steps: int):
-    """Linear warmup from 0 over warmup_frac * total_steps, then linear/cosine decay to 0 or constant."""
-    if total_steps < 1:
-        raise ConfigError(f"optim: total_steps must be >= 1, got {total_steps}")
-    warmup = int(round(opt_cfg.warmup_frac * total_steps))
-    rest = max(total_steps - warmup, 1)
-    if opt_cfg.schedule == "linear":
-        decay = optax.linear_schedule(opt_cfg.lr, 0.0, rest)
-    elif opt_cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(opt_cfg.lr, rest)
-    elif opt_cfg.schedule == "constant":
-        decay = optax.constant_schedule(opt_cfg.lr)
-    else:
-        raise ConfigError(f"optim.schedule: {opt_cfg.schedule!r} not in ('linear', 'cosine', 'constant')")
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), decay], [warmup])
-
-
-def _decay_mask(params):
-    # Norm scales and biases are not decayed (the usual AdamW practice); matched by name because
-    # the layer-stacked norm scales are 2-D ([N, D]) like a matrix.
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(s in jax.tree_util.keystr(path) for s in ("norm", "bias")), params)
-
-
-def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW or RMSProp on the schedule; the lr is readable from the state.
-
-    rmsprop follows PyTorch's RMSprop (what SPIN ran): second-moment decay b2, eps outside the
-    square root, no momentum, no bias correction; b1 is unused. Weight decay is decoupled for both.
-    """
-    mask = _decay_mask if opt_cfg.weight_decay else None
-
-    def chain(learning_rate):
-        parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
-        if opt_cfg.name == "adamw":
-            parts.append(optax.adamw(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                                     weight_decay=opt_cfg.weight_decay, mask=mask))
-        else:
-            parts.append(optax.scale_by_rms(decay=opt_cfg.b2, eps=opt_cfg.eps, eps_in_sqrt=False))
-            if opt_cfg.weight_decay:
-                parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask))
-            parts.append(optax.scale_by_learning_rate(learning_rate))
-        return optax.chain(*parts)
-
-    # inject_hyperparams keeps the lr used by each update in the state, so the step can report it.
-    return optax.inject_hyperparams(chain)(learning_rate=make_schedule(opt_cfg, total_steps))
-
-
-def _learning_rate(opt_state):
-    """The lr of the latest update where the optimizer injects it (make_optimizer's do), else NaN."""
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
-        if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams:
-            return jnp.asarray(s.hyperparams["learning_rate"], jnp.float32)
-    return jnp.float32(jnp.nan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,12 +114,12 @@ def _shape(x):
 def _check_batch(mesh: Mesh, batch_shapes: PairBatch, grad_accum: int):
     if not isinstance(batch_shapes, PairBatch):
         raise TypeError(f"a pair batch is a step.PairBatch, got {type(batch_shapes).__name__}")
-    B = _shape(batch_shapes.real_ids_BxL)[0]
+    B, R = _shape(batch_shapes.ref_real_B)[0], _shape(batch_shapes.tokens_RxL)[0]
     dp = sharding.data_parallel_size(mesh)
-    if B % grad_accum:
-        raise ConfigError(f"optim.grad_accum: {B} pairs do not split into {grad_accum} micro-batches")
-    if B % dp:
-        raise ConfigError(f"batch: {B} pairs do not split over {dp} data-parallel devices")
+    if B % grad_accum or R % grad_accum:
+        raise ConfigError(f"optim.grad_accum: {B} pairs in {R} rows do not split into {grad_accum} micro-batches")
+    if B % dp or R % dp:
+        raise ConfigError(f"batch: {B} pairs in {R} rows do not split over {dp} data-parallel devices")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,30 +133,35 @@ def _constrain_batch(x, mesh):
     return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
 
-def _interleave(real, gen):
-    # [B, L] x 2 -> [2B, L] as real_0, gen_0, real_1, ...: a device's real and generated rows stay
-    # on that device, where a plain concatenate would move half of them across the batch split.
-    return jnp.stack([real, gen], axis=1).reshape(-1, *real.shape[1:])
+def _scored(batch):
+    # What logprobs scores: targets on valid tokens, never column 0 (no context; the packer never
+    # marks a later segment's first token).
+    return (batch.targets_RxL.astype(bool) & (batch.segments_RxL > 0)).at[:, 0].set(False)
 
 
-def _scored_tokens(target_BxL, mask_BxL):
-    # What logprobs scores: response tokens that are valid, never position 0 (it has no context).
-    return jnp.sum((target_BxL.astype(bool) & mask_BxL.astype(bool))[:, 1:], axis=-1).astype(jnp.float32)
+def _real_tokens(batch):
+    """Scored tokens of the real sides (even slots) in the batch."""
+    return jnp.sum(_scored(batch) & (batch.seqs_RxL % 2 == 0)).astype(jnp.float32)
 
 
 def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, mesh=None,
                  n_real_per_micro=None):
-    """Scalar objective loss of one pair batch and the objective's aux metrics (one forward of 2B).
+    """Scalar objective loss of one pair batch and the objective's aux metrics (one forward of R rows).
 
     n_real_per_micro: the whole batch's scored real tokens / A. Given, the per-token NLL term is
     normalised by it instead of this micro-batch's own count, so the mean over A equal micro-batches
     is exactly the whole batch's token-weighted NLL.
     """
-    ids_2BxL = _constrain_batch(_interleave(batch.real_ids_BxL, batch.gen_ids_BxL), mesh)
-    mask_2BxL = _constrain_batch(_interleave(batch.real_mask_BxL, batch.gen_mask_BxL), mesh)
-    target_2BxL = _constrain_batch(_interleave(batch.real_target_BxL, batch.gen_target_BxL), mesh)
-    lp_Bx2 = logprobs.sequence_logprobs(model_cfg, params, ids_2BxL, target_2BxL, mask_2BxL).reshape(-1, 2)
-    n_real_B = _scored_tokens(batch.real_target_BxL, batch.real_mask_BxL)
+    rows = jax.tree.map(lambda x: _constrain_batch(x, mesh), (batch.tokens_RxL, batch.segments_RxL,
+                                                             batch.positions_RxL, batch.targets_RxL))
+    tokens, segments, positions, targets = rows
+    packed = dict(segment_ids_BxL=segments, positions_BxL=positions) if batch.packed else {}
+    lp_RxL = logprobs.token_logprobs(model_cfg, params, tokens, targets, segments > 0, **packed)
+    # Each sequence's log-prob: its tokens' sum, wherever its row (one scatter of R*L values).
+    S = 2 * batch.ref_real_B.shape[0]
+    seqs = batch.seqs_RxL.reshape(-1)
+    lp_Bx2 = jax.ops.segment_sum(lp_RxL.reshape(-1), seqs, num_segments=S).reshape(-1, 2)
+    n_real_B = jax.ops.segment_sum(_scored(batch).reshape(-1).astype(jnp.float32), seqs, num_segments=S)[0::2]
     if n_real_per_micro is not None:  # rescale so the counts sum to n_real_per_micro
         n_real_B = n_real_B * (n_real_per_micro / jnp.maximum(jnp.sum(n_real_B), 1.0))
     loss, aux = objectives.objective_loss(obj_cfg, lp_Bx2[:, 0], lp_Bx2[:, 1],
@@ -249,7 +194,7 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
         (loss, aux), grads = grad_fn(train_params, batch, model_cfg, obj_cfg, mesh)
         grads = jax.tree.map(lambda g: g.astype(f32), grads)
     else:
-        n_real = jnp.sum(_scored_tokens(batch.real_target_BxL, batch.real_mask_BxL)) / A
+        n_real = _real_tokens(batch) / A
         micro = jax.tree.map(lambda v: _micro_batches(v, A), batch)
 
         def body(g_sum, mb):
@@ -268,17 +213,17 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
         loss, aux = jnp.mean(loss_A), jax.tree.map(jnp.mean, aux_A)
 
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = optimizer.update(grads, state.opt_state, train_params)
-    new_params = optax.apply_updates(train_params, updates)
-    # A NaN/Inf loss or gradient drops the whole update: params and optimizer state stay as they
-    # were (also in 'raise' mode, so the driver can stop with a clean state to checkpoint).
+    # A NaN/Inf loss or gradient drops the whole update: the optimizer (spjax.optim) then returns
+    # zero updates and its state unchanged (also in 'raise' mode, so the driver can stop with a
+    # clean state to checkpoint). Done inside its one fused pass: a select over the new and old
+    # state here would cost three more passes over params and moments.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(params=lora.join(keep(new_params, train_params), frozen),
-                           opt_state=keep(new_opt, state.opt_state),
+    updates, new_opt = optax.with_extra_args_support(optimizer).update(grads, state.opt_state, train_params,
+                                                                       finite=finite)
+    new_state = TrainState(params=lora.join(optax.apply_updates(train_params, updates), frozen), opt_state=new_opt,
                            step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
-    n_tokens = sum(jnp.sum(m.astype(jnp.int32)) for m in (batch.real_mask_BxL, batch.gen_mask_BxL))
-    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": _learning_rate(new_opt),
+    n_tokens = jnp.sum(batch.segments_RxL > 0)
+    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": learning_rate(new_opt),
                "finite": finite, "skipped": new_state.skipped, "step": state.step, "n_tokens": n_tokens}
     return new_state, metrics
 
@@ -358,15 +303,37 @@ def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | 
     return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
 
 
-def pair_batch_shapes(batch_size: int, length: int) -> PairBatch:
-    """ShapeDtypeStructs of a pair batch of `batch_size` pairs of `length` tokens."""
-    tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+def unpacked_batch(real_ids_BxL, real_mask_BxL, real_target_BxL, gen_ids_BxL, gen_mask_BxL, gen_target_BxL,
+                   ref_real_B, ref_gen_B, win_real_B=None, win_gen_B=None, grad_accum: int = 1) -> PairBatch:
+    """A host PairBatch with one right-padded sequence per row from the two sides' [B, L] arrays
+    (ids, valid-token mask, response-token mask), laid out for `grad_accum` micro-batches like
+    packing.pair_rows: micro-batch a (pairs j*A + a) has slot s = 2j + side at row s*A + a."""
+    A, (B, L) = grad_accum, np.shape(real_ids_BxL)
+
+    def rows(real, gen):  # [B, L] x 2 -> [2B, L]
+        return np.stack([real, gen], 1).reshape(B // A, A, 2, L).transpose(0, 2, 1, 3).reshape(2 * B, L)
+
+    valid = rows(real_mask_BxL, gen_mask_BxL).astype(np.int32)
+    slot = np.broadcast_to((np.arange(2 * B) // A)[:, None], (2 * B, L))
+    ones, zeros = np.ones(B, np.float32), np.zeros(B, np.float32)
+    return PairBatch(rows(real_ids_BxL, gen_ids_BxL).astype(np.int32), valid,
+                     np.broadcast_to(np.arange(L, dtype=np.int32), (2 * B, L)) * valid,
+                     rows(real_target_BxL, gen_target_BxL).astype(np.int32) * valid, slot.astype(np.int32),
+                     np.asarray(ref_real_B, np.float32), np.asarray(ref_gen_B, np.float32),
+                     ones if win_real_B is None else np.asarray(win_real_B, np.float32),
+                     zeros if win_gen_B is None else np.asarray(win_gen_B, np.float32))
+
+
+def pair_batch_shapes(batch_size: int, length: int, rows: int | None = None, packed: bool = False) -> PairBatch:
+    """ShapeDtypeStructs of a pair batch of `batch_size` pairs in `rows` rows (default: one per
+    sequence, 2 * batch_size) of `length` tokens."""
+    tokens = jax.ShapeDtypeStruct((rows or 2 * batch_size, length), jnp.int32)
     scores = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    return PairBatch(*([tokens] * 6 + [scores] * 4))
+    return PairBatch(*([tokens] * 5 + [scores] * 4), packed=packed)
 
 
 __all__ = ["TrainState", "PairBatch", "make_schedule", "make_optimizer", "state_shardings",
            "abstract_state", "init_state",
            "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
-           "eval_step", "make_eval_step", "score", "pair_batch_shapes"]
+           "eval_step", "make_eval_step", "score", "pair_batch_shapes", "unpacked_batch"]
 

@@ -38,10 +38,7 @@ def _batch(cfg, params):
         out[f"{side}_target_BxL"] = ((pos >= 3) & (pos < length)).astype(np.int32)
         lp = step.score(cfg, params, out[f"{side}_ids_BxL"], out[f"{side}_mask_BxL"], out[f"{side}_target_BxL"])
         out[f"ref_{side}_B"] = np.asarray(lp) + rng.normal(0, 3, B).astype(np.float32)
-    for f in dataclasses.fields(step.PairBatch):  # judged-pair fields, where the batch has them
-        if f.name not in out:
-            out[f.name] = (np.ones if "real" in f.name else np.zeros)(B, np.float32)
-    return step.PairBatch(**out)
+    return step.unpacked_batch(**out)
 
 
 def test_optimizer_state_covers_only_adapters_and_base_stays_frozen():

@@ -44,7 +44,7 @@ def params0():
 
 
 @pytest.fixture(scope="module")
-def batch(params0):
+def sides(params0):
     """B pairs, right-padded to L, with prompts and responses of varying length; the references are
     the initial policy's own scores plus noise (std 3 nats), so rewards start small but nonzero."""
     rng = np.random.default_rng(0)
@@ -61,7 +61,12 @@ def batch(params0):
         lp_B = step.score(CFG, params, out[f"{side}_ids_BxL"], out[f"{side}_mask_BxL"], out[f"{side}_target_BxL"])
         out[f"ref_{side}_B"] = np.asarray(lp_B) + rng.normal(0, 3, B).astype(np.float32)
     out["win_real_B"], out["win_gen_B"] = np.ones(B, np.float32), np.zeros(B, np.float32)
-    return step.PairBatch(**out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(sides):
+    return step.unpacked_batch(**sides)
 
 
 def _recording(optimizer):
@@ -137,7 +142,7 @@ def test_step_moves_params(runs, params0):
     assert moved > 1e-4  # Adam's first step moves each param with a gradient by about lr
 
 
-def test_grad_accumulation_matches_full_batch(runs, params0, batch):
+def test_grad_accumulation_matches_full_batch(runs, params0, sides):
     """4 micro-batches of 2 pairs hand the optimizer the whole batch's gradient (to 1e-6), so any
     optimizer's update is the same; checked on the data x fsdp mesh against its own 1-step run.
 
@@ -148,14 +153,14 @@ def test_grad_accumulation_matches_full_batch(runs, params0, batch):
     """
     name = "data2xfsdp4"
     fn, state = _fresh_state(name, params0, replace(OPT, grad_accum=4))
-    state, m4 = fn(state, batch)
+    state, m4 = fn(state, step.unpacked_batch(**sides, grad_accum=4))
     m4, m1 = _host(m4), runs[name]["metrics"]
     for k in ("loss", "pair_loss", "nll", "grad_norm", "margin", "accuracy", "reward_real", "lp_real", "lp_gen"):
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-6, atol=1e-6, err_msg=k)
     _assert_trees_close(_grads(state), runs[name]["grads"], rtol=0, atol=1e-6)
     _assert_trees_close(_host(state.params), runs[name]["params"], rtol=1e-5, atol=1e-5)
-    assert int(m4["n_tokens"]) == int(batch.real_mask_BxL.sum() + batch.gen_mask_BxL.sum())
-    assert len({int(t) for t in batch.real_target_BxL.reshape(2, 4, L).swapaxes(0, 1).sum((1, 2))}) > 1
+    assert int(m4["n_tokens"]) == int(sides["real_mask_BxL"].sum() + sides["gen_mask_BxL"].sum())
+    assert len({int(t) for t in sides["real_target_BxL"].reshape(2, 4, L).swapaxes(0, 1).sum((1, 2))}) > 1
 
 
 def test_nonfinite_skip_and_raise(params0, batch):

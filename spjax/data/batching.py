@@ -166,16 +166,10 @@ def batches_per_epoch(n: int, global_batch: int, drop_remainder: bool = True) ->
     return n // global_batch if drop_remainder else -(-n // global_batch)
 
 
-def pair_batches(examples: Sequence[TokenizedExample], global_batch: int, *, seed: int, buckets: Sequence[int],
-                 pad_id: int, cursor: Optional[dict] = None, epochs: Optional[int] = None,
-                 process_index: int = 0, process_count: int = 1,
-                 drop_remainder: bool = True) -> Iterator[tuple[dict, dict]]:
-    """Shuffled pair batches, epoch after epoch: yields (batch, cursor after this batch).
-
-    Start from `cursor` (default: the beginning); stop when `epochs` epochs are done (None: never).
-    Save the yielded cursor with a checkpoint to resume right after that batch.
-    """
-    n = len(examples)
+def global_batches(n: int, global_batch: int, *, seed: int, cursor: Optional[dict] = None,
+                   epochs: Optional[int] = None, drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, dict]]:
+    """Shuffled global batches of example indices (-1: padding), epoch after epoch: yields (ids_G,
+    cursor after this batch). Start from `cursor` (default: the beginning); stop after `epochs`."""
     per_epoch = batches_per_epoch(n, global_batch, drop_remainder)
     if per_epoch == 0:
         raise ValueError(f"{n} examples make no full global batch of {global_batch}")
@@ -187,9 +181,22 @@ def pair_batches(examples: Sequence[TokenizedExample], global_batch: int, *, see
         order = epoch_order(n, seed, epoch)
         for pos in range(position, per_epoch):
             ids_G = _padded_ids(order[pos * global_batch:(pos + 1) * global_batch], global_batch)
-            batch = pair_batch(examples, ids_G, buckets=buckets, pad_id=pad_id,
-                               process_index=process_index, process_count=process_count)
             after = {"epoch": epoch, "position": pos + 1} if pos + 1 < per_epoch else {"epoch": epoch + 1,
                                                                                         "position": 0}
-            yield batch, after
+            yield ids_G, after
         epoch, position = epoch + 1, 0
+
+
+def pair_batches(examples: Sequence[TokenizedExample], global_batch: int, *, seed: int, buckets: Sequence[int],
+                 pad_id: int, cursor: Optional[dict] = None, epochs: Optional[int] = None,
+                 process_index: int = 0, process_count: int = 1,
+                 drop_remainder: bool = True) -> Iterator[tuple[dict, dict]]:
+    """Shuffled pair batches (`pair_batch`), epoch after epoch: yields (batch, cursor after this batch).
+
+    Start from `cursor` (default: the beginning); stop when `epochs` epochs are done (None: never).
+    Save the yielded cursor with a checkpoint to resume right after that batch.
+    """
+    for ids_G, after in global_batches(len(examples), global_batch, seed=seed, cursor=cursor, epochs=epochs,
+                                       drop_remainder=drop_remainder):
+        yield pair_batch(examples, ids_G, buckets=buckets, pad_id=pad_id, process_index=process_index,
+                         process_count=process_count), after

@@ -1,0 +1,122 @@
+"""Pair batches as rows of tokens: one sequence per row (bucketed), or several packed per row.
+
+Dims: S sequences of a micro-batch (2 per pair: slot 2j is pair j's real or chosen response, 2j+1
+its second one), R rows, L row length, A micro-batches per step (optim.grad_accum), b = B / A.
+
+A packed row holds whole sequences back to back, each a segment: segment ids 1, 2, ... (0 marks
+padding), positions restarting at 0, and the slot each token's log-prob sums into. Attention stays
+within a segment, so a packed sequence's log-probs equal its unpacked ones; only the padding goes.
+Packing is first-fit decreasing per micro-batch. A round packs every batch into one [A*R, L] shape
+(`round_shape`), so the step compiles once per round (rounds of the same shape share it).
+
+Micro-batch a's r-th row sits at row r*A + a: step._micro_batches' strided split hands each
+micro-batch its own rows, as it hands it pairs a, a+A, ... of the [B] arrays.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from spjax.data.batching import bucket_for, host_rows
+
+PACK_CHOICES = ("auto", "on", "off")
+
+
+def first_fit(lengths: Sequence[int], row_len: int) -> list:
+    """Sequence indices per row: longest first, each into the first row with room (first-fit decreasing)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > row_len:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a row of {row_len}")
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def _sequences(examples, ids_G: np.ndarray, grad_accum: int) -> list:
+    """Per micro-batch, its sequences in slot order: (prompt, response, scored) with pairs j*A + a."""
+    out = []
+    for a in range(grad_accum):
+        seqs = []
+        for i in ids_G[a::grad_accum]:
+            ex = examples[i if i >= 0 else ids_G[0]]  # a padding pair copies the first, unscored
+            seqs += [(ex.prompt_ids, ex.real_ids, i >= 0), (ex.prompt_ids, ex.generated_ids, i >= 0)]
+        out.append(seqs)
+    return out
+
+
+def _layout(seqs: list, row_len: int, packed: bool) -> list:
+    lengths = [len(p) + len(r) for p, r, _ in seqs]
+    return first_fit(lengths, row_len) if packed else [[s] for s in range(len(seqs))]
+
+
+def rows_needed(examples, ids_G: np.ndarray, *, row_len: int, grad_accum: int, packed: bool) -> int:
+    """Rows per micro-batch the global batch `ids_G` needs (the most of its micro-batches)."""
+    return max(len(_layout(s, row_len, packed)) for s in _sequences(examples, ids_G, grad_accum))
+
+
+def round_shape(examples, batches: Sequence[np.ndarray], *, buckets: Sequence[int], grad_accum: int,
+                packed: bool, row_quantum: int) -> tuple:
+    """(rows per micro-batch, row length) that hold every global batch of a round.
+
+    The row length is the bucket of the round's longest sequence; rows are rounded up to a multiple
+    of row_quantum (the data-parallel size, so each device gets whole rows, or more, so that rounds
+    of similar pairs share one compiled step).
+    """
+    length = bucket_for(max(e.length for e in examples), buckets)
+    need = max(rows_needed(examples, ids, row_len=length, grad_accum=grad_accum, packed=packed) for ids in batches)
+    return -(-need // row_quantum) * row_quantum, length
+
+
+def shape_rule(examples, round_ids: Sequence[np.ndarray], *, buckets: Sequence[int], grad_accum: int,
+               data_parallel: int, packed: bool):
+    """ids_G -> (rows per micro-batch, row length) for a round's global batches `round_ids`.
+
+    Packed: one shape for the whole round, rows rounded up to an eighth of the unpacked count (a
+    multiple of the data-parallel size), so that rounds of similar pairs share a compiled step.
+    Unpacked: one row per sequence at the batch's own length bucket.
+    """
+    per_micro = 2 * len(round_ids[0]) // grad_accum
+    if not packed:
+        return lambda ids: (per_micro, bucket_for(max(examples[i].length for i in ids if i >= 0), buckets))
+    quantum = data_parallel * -(-per_micro // (8 * data_parallel))
+    shape = round_shape(examples, round_ids, buckets=buckets, grad_accum=grad_accum, packed=True,
+                        row_quantum=quantum)
+    return lambda ids: shape
+
+
+def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accum: int, packed: bool,
+              pad_id: int, process_index: int = 0, process_count: int = 1) -> dict:
+    """This host's rows of the global batch `ids_G` (-1: a padding pair, nothing scored).
+
+    Returns {example_id_B (this host's pairs), tokens_RxL, segments_RxL, positions_RxL, targets_RxL,
+    seqs_RxL} (int32), R = this host's share of grad_accum * rows. targets_RxL marks the response
+    tokens whose log-probs count (a segment's first token never: it has no context).
+    """
+    A = grad_accum
+    tokens = np.full((A * rows, row_len), pad_id, np.int32)
+    segments, positions, targets, seqs = (np.zeros((A * rows, row_len), np.int32) for _ in range(4))
+    for a, micro in enumerate(_sequences(examples, ids_G, A)):
+        layout = _layout(micro, row_len, packed)
+        if len(layout) > rows:
+            raise ValueError(f"micro-batch {a} needs {len(layout)} rows of {row_len} tokens, the batch shape has {rows}")
+        for r, members in enumerate(layout):
+            row, col = r * A + a, 0
+            for seg, s in enumerate(members, start=1):
+                prompt, response, scored = micro[s]
+                n, span = len(prompt) + len(response), slice(col, col + len(prompt) + len(response))
+                tokens[row, span] = np.concatenate([prompt, response])
+                segments[row, span], positions[row, span], seqs[row, span] = seg, np.arange(n), s
+                targets[row, col + max(len(prompt), 1):col + n] = scored
+                col += n
+    pairs, share = host_rows(len(ids_G), process_index, process_count), host_rows(A * rows, process_index,
+                                                                                    process_count)
+    ids = np.asarray([examples[i].id if i >= 0 else -1 for i in ids_G], np.int32)
+    return {"example_id_B": ids[pairs], "tokens_RxL": tokens[share], "segments_RxL": segments[share],
+            "positions_RxL": positions[share], "targets_RxL": targets[share], "seqs_RxL": seqs[share]}
