@@ -24,7 +24,7 @@ import numpy as np
 
 from spjax import checkpoint as ckpt_lib
 from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
-from spjax import lora, model, scoring, sharding as shd
+from spjax import lora, scoring, sharding as shd
 from spjax.config import METRIC_GOALS, Config, ConfigError
 from spjax.data import batching, packing
 
@@ -183,15 +183,6 @@ def device_batch(ctx: Context, rows: dict, per_pair: tuple, packed: bool) -> ste
                         host)
 
 
-def packs(ctx: Context) -> bool:
-    """Whether training packs pairs into rows (data.pack; auto: unless cuDNN attention serves the step).
-    Packed rows need attention masked per segment: XLA's einsum path (CPU) and splash (TPU) take
-    segment ids, cuDNN's flash attention (GPU) does not, so a GPU run keeps one sequence per row."""
-    if ctx.cfg.data.pack != "auto":
-        return ctx.cfg.data.pack == "on"
-    return model.attention_impl(ctx.model_cfg, cached=False, right_padded=True, q_len=ctx.buckets[-1]) != "cudnn"
-
-
 def _shuffle_seed(cfg: Config, t: int) -> int:
     return cfg.run.seed * 100_003 + t
 
@@ -204,7 +195,8 @@ def _trainer(ctx: Context, n_pairs: int, compiled: dict):
         optimizer = step_lib.make_optimizer(ctx.cfg.optim, total)
         compiled[total] = optimizer, step_lib.make_train_step(
             ctx.model_cfg, ctx.cfg.objective, ctx.cfg.optim, optimizer, ctx.mesh,
-            step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0], packed=packs(ctx)))
+            step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0],
+                                       packed=step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1])))
     return compiled[total]
 
 
@@ -227,7 +219,7 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         ctx.echo(f"round {t}: {len(examples)} pairs, fewer than one batch of run.batch_size={r.batch_size}: "
                  "no training step this round")
         return state, rs, {}
-    packed = packs(ctx)
+    packed = step_lib.packs(cfg.data.pack, ctx.model_cfg, ctx.buckets[-1])
     order = dict(seed=_shuffle_seed(cfg, t), epochs=r.epochs)
     shape_of = packing.shape_rule(examples, [ids for ids, _ in batching.global_batches(len(examples), r.batch_size,
                                                                                       **order)],

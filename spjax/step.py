@@ -303,6 +303,16 @@ def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | 
     return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
 
 
+def packs(pack: str, model_cfg: ModelConfig, length: int) -> bool:
+    """Whether training packs pairs into rows (data.pack; auto: unless cuDNN attention serves the step).
+    Packed rows need attention masked per segment: XLA's einsum path (CPU) and splash (TPU) take
+    segment ids, cuDNN's flash attention (GPU) does not, so a GPU run keeps one sequence per row.
+    Traced under the target's mesh (as rounds and compile_check are), the answer is the target's."""
+    if pack != "auto":
+        return pack == "on"
+    return model.attention_impl(model_cfg, cached=False, right_padded=True, q_len=length) != "cudnn"
+
+
 def unpacked_batch(real_ids_BxL, real_mask_BxL, real_target_BxL, gen_ids_BxL, gen_mask_BxL, gen_target_BxL,
                    ref_real_B, ref_gen_B, win_real_B=None, win_gen_B=None, grad_accum: int = 1) -> PairBatch:
     """A host PairBatch with one right-padded sequence per row from the two sides' [B, L] arrays
@@ -335,5 +345,5 @@ def pair_batch_shapes(batch_size: int, length: int, rows: int | None = None, pac
 __all__ = ["TrainState", "PairBatch", "make_schedule", "make_optimizer", "state_shardings",
            "abstract_state", "init_state",
            "batch_shardings", "pair_loss_fn", "train_step", "make_train_step", "check_finite",
-           "eval_step", "make_eval_step", "score", "pair_batch_shapes", "unpacked_batch"]
+           "eval_step", "make_eval_step", "score", "pair_batch_shapes", "packs", "unpacked_batch"]
 

@@ -25,7 +25,7 @@ def test_report_has_per_device_memory(tiny_report):
     assert r.n_devices == 8 and r.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
     assert [p.name for p in r.programs] == ["train_step", "sample"]
     train, sample = r.programs
-    assert train.shape == "B=16 L=96" and sample.shape == "B=32 P=48 T=24"
+    assert train.shape == "B=16 L=96 packed" and sample.shape == "B=32 P=48 T=24"  # CPU packs (data.pack=auto)
     for p in r.programs:
         assert p.argument > 0 and p.output > 0 and p.temp >= 0 and p.code >= 0
         assert p.peak == p.argument + p.output - p.alias + p.temp + p.code
@@ -38,7 +38,7 @@ def test_report_has_per_device_memory(tiny_report):
     assert train.argument >= r.state_bytes["params"] + r.state_bytes["opt_state"]
     assert r.fits is True and r.peak <= 1 << 30
     text = r.format()
-    assert "train_step (B=16 L=96)" in text and "sample (B=32 P=48 T=24)" in text and ": fits" in text
+    assert "train_step (B=16 L=96 packed)" in text and "sample (B=32 P=48 T=24)" in text and ": fits" in text
 
 
 def test_fit_verdict_and_json(tiny_report):

@@ -29,7 +29,8 @@ def _reference(cfg: OptimConfig, total: int):
 
 def _tree(key, scale):
     k1, k2, k3 = jax.random.split(key, 3)
-    return {"layers": {"w": scale * jax.random.normal(k1, (3, 8, 4)), "attn_norm": scale * jax.random.normal(k2, (3, 8))},
+    return {"layers": {"w": scale * jax.random.normal(k1, (3, 8, 4)),
+                       "attn_norm": scale * jax.random.normal(k2, (3, 8))},
             "embed": scale * jax.random.normal(k3, (16, 8))}
 
 

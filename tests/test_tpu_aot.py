@@ -45,6 +45,7 @@ def test_compile_check_picks_splash_for_a_tpu_topology(v5p8):
     report = cc.check(cfg, devices, target=target)
     assert report.platform == "tpu" and report.model["attention"] == "splash"
     assert report.fits and [p.name for p in report.programs] == ["train_step", "sample"]
+    assert report.programs[0].shape.endswith("packed")  # data.pack=auto packs where splash serves the step
     assert jax.default_backend() == "cpu"  # decided by the target's devices, not by this host
 
 

@@ -105,7 +105,8 @@ def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accu
     for a, micro in enumerate(_sequences(examples, ids_G, A)):
         layout = _layout(micro, row_len, packed)
         if len(layout) > rows:
-            raise ValueError(f"micro-batch {a} needs {len(layout)} rows of {row_len} tokens, the batch shape has {rows}")
+            raise ValueError(f"micro-batch {a} needs {len(layout)} rows of {row_len} tokens, "
+                             f"the batch shape has {rows}")
         for r, members in enumerate(layout):
             row, col = r * A + a, 0
             for seg, s in enumerate(members, start=1):
