@@ -28,6 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import emit, model_config  # noqa: E402
 
+LONGTAIL_EXAMPLES = 64  # enough for 8 batches of 8 pairs
+
 
 def demo_mix():
     """(examples, buckets, pairs per batch, pad id) from configs/demo.py's data."""
@@ -116,7 +118,7 @@ def main(argv=None):
     if a.mix == "demo":
         examples, buckets, B, pad = demo_mix()
     else:
-        examples, buckets, B, pad = longtail_mix(B_TOTAL, cfg.vocab_size)
+        examples, buckets, B, pad = longtail_mix(LONGTAIL_EXAMPLES, cfg.vocab_size)
     res = {packed: run(examples, buckets, B, pad, cfg, a.batches, packed) for packed in (False, True)}
     ratio = res[True]["useful_tokens_per_s"] / res[False]["useful_tokens_per_s"]
     print(f"\npair step, {a.mix} mix: {a.batches} batches of {B} pairs, SmolLM2-135M shape with {layers} layers, "
@@ -127,9 +129,6 @@ def main(argv=None):
     print(f"packed / bucketed useful tokens/s: {ratio:.2f}x   target >= 1.5: {'met' if ratio >= 1.5 else 'NOT met'}")
     emit({"bench": "packing", "mix": a.mix, "layers": layers, "pairs": B, "bucketed": res[False],
           "packed": res[True], "ratio": ratio}, f"packing_{a.mix}.json")
-
-
-B_TOTAL = 64  # longtail examples: enough for 8 batches of 8 pairs
 
 if __name__ == "__main__":
     main()
