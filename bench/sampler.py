@@ -85,7 +85,8 @@ def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -
         pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
         call = lambda: sampler.sample(cfg, params, ps, key=0, max_new_tokens=N, temperature=1.0, num_samples=k).lengths
         jax.block_until_ready((pre(), call()))
-        out[name] = {"prompts": len(ps), "samples": k, "prefill_s": _timed(pre, repeats), "call_s": _timed(call, repeats)}
+        out[name] = {"prompts": len(ps), "samples": k, "prefill_s": _timed(pre, repeats),
+                     "call_s": _timed(call, repeats)}
     out["prefill_ratio"] = out["shared"]["prefill_s"] / out["distinct"]["prefill_s"]
     out["call_ratio"] = out["shared"]["call_s"] / out["distinct"]["call_s"]
     for name in ("distinct", "shared"):
