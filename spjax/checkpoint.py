@@ -60,22 +60,26 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, like):
+    def restore_latest(self, like, former=None):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
         `like` is a state tree (or its abstract_like) giving structure, dtypes and shardings.
+        former: (like, convert) for checkpoints of an earlier state layout: a step that does not
+        restore as `like` is tried as former[0] and converted by former[1] before it counts as bad.
         """
         self.manager.wait_until_finished()
-        abstract = abstract_like(like)
         out, bad = None, []
         for step in reversed(self.steps()):
             got, err = None, None
-            try:
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                _check_finite_tree(got["state"], step)
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                err = e
+            for attempt_like, convert in ((like, None),) + ((tuple(former),) if former else ()):
+                try:
+                    got = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_like(attempt_like)), meta=ocp.args.JsonRestore()))
+                    _check_finite_tree(got["state"], step)
+                    got, err = ({**got, "state": convert(got["state"])} if convert else got), None
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                    got, err = None, err or e  # the error of the current layout is the one reported
             # Every process must resume from the same step: one that fails anywhere is bad for all.
             if shd.on_every_process(err is None):
                 out = got["state"], dict(got["meta"])

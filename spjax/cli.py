@@ -37,8 +37,7 @@ def export_main(argv=None) -> int:
         else:
             model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
         checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
-        restored = checkpointer.restore_latest(
-            step_lib.abstract_state(model_cfg, step_lib.make_optimizer(cfg.optim, 1), mesh))
+        restored = step_lib.restore_latest(checkpointer, model_cfg, cfg.optim, mesh)
         checkpointer.close()
         if restored is None:
             raise ConfigError(f"--workdir {args.workdir}: no checkpoint restores")

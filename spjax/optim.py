@@ -107,6 +107,38 @@ def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTran
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def legacy_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax chain spjax used before the fused transform (until 2026-12-01): here to read the
+    optimizer state of checkpoints written then (`from_legacy`), and as the tests' reference."""
+    mask = decay_mask if opt_cfg.weight_decay else None
+
+    def chain(learning_rate):
+        parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
+        if opt_cfg.name == "adamw":
+            parts.append(optax.adamw(learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                                     weight_decay=opt_cfg.weight_decay, mask=mask))
+        else:
+            parts.append(optax.scale_by_rms(decay=opt_cfg.b2, eps=opt_cfg.eps, eps_in_sqrt=False))
+            if opt_cfg.weight_decay:
+                parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask))
+            parts.append(optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(chain)(learning_rate=make_schedule(opt_cfg, total_steps))
+
+
+def from_legacy(state) -> OptState:
+    """legacy_optimizer's state as an OptState: the same count, latest lr and moments."""
+    moments = (optax.ScaleByAdamState, optax.ScaleByRmsState)
+    found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, moments)) if isinstance(x, moments)]
+    if len(found) != 1 or not hasattr(state, "hyperparams"):
+        raise ValueError("not the state of spjax's former optax chain (inject_hyperparams over clip + adamw/rmsprop)")
+    m = found[0]
+    return OptState(count=jnp.asarray(state.count, jnp.int32),
+                    lr=jnp.asarray(state.hyperparams["learning_rate"], jnp.float32),
+                    mu=getattr(m, "mu", None), nu=m.nu)
+
+
 def learning_rate(opt_state):
     """The lr of the latest applied update, read from the state (NaN if it holds no OptState)."""
     for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OptState)):

@@ -320,8 +320,7 @@ def finish(ctx: Context, params, summary: dict):
 
 def restore(ctx: Context):
     """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint."""
-    restored = ctx.checkpointer.restore_latest(
-        step_lib.abstract_state(ctx.model_cfg, step_lib.make_optimizer(ctx.cfg.optim, 1), ctx.mesh))
+    restored = step_lib.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh)
     rs, state = RoundState(), None
     if restored is not None:
         state, rs = restored[0], RoundState.from_meta(restored[1])

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from spjax import logprobs, lora, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+from spjax import optim
 from spjax.optim import learning_rate, make_optimizer, make_schedule  # noqa: F401 (the step's optimizer)
 
 @flax.struct.dataclass
@@ -74,6 +75,14 @@ def abstract_state(cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
     shapes = TrainState(params=params, opt_state=opt_state, step=zero, skipped=zero)
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes,
                         state_shardings(cfg, mesh, optimizer))
+
+
+def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh):
+    """(TrainState, meta) of the newest checkpoint that restores, or None. A checkpoint written with
+    the former optax-chain optimizer state (before spjax.optim) is read and converted."""
+    former = abstract_state(cfg, optim.legacy_optimizer(opt_cfg, 1), mesh)
+    return checkpointer.restore_latest(abstract_state(cfg, make_optimizer(opt_cfg, 1), mesh),
+                                       former=(former, lambda s: s.replace(opt_state=optim.from_legacy(s.opt_state))))
 
 
 def _mesh_of(tree) -> Mesh | None:

@@ -9,24 +9,6 @@ from spjax import optim
 from spjax.config import OptimConfig
 
 
-def _reference(cfg: OptimConfig, total: int):
-    """The optax chain spjax used before the fused transform (same maths, separate passes)."""
-    sched = optim.make_schedule(cfg, total)
-    mask = optim.decay_mask if cfg.weight_decay else None
-
-    def chain(learning_rate):
-        parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-        if cfg.name == "adamw":
-            parts.append(optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay, mask=mask))
-        else:
-            parts += [optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps, eps_in_sqrt=False),
-                      optax.add_decayed_weights(cfg.weight_decay, mask), optax.scale_by_learning_rate(learning_rate)]
-        return optax.chain(*parts)
-
-    return optax.inject_hyperparams(chain)(learning_rate=sched)
-
-
 def _tree(key, scale):
     k1, k2, k3 = jax.random.split(key, 3)
     return {"layers": {"w": scale * jax.random.normal(k1, (3, 8, 4)),
@@ -37,7 +19,7 @@ def _tree(key, scale):
 @pytest.mark.parametrize("name,clip", [("adamw", 1.0), ("adamw", 0.0), ("rmsprop", 0.5)])
 def test_fused_matches_optax_chain(name, clip):
     cfg = OptimConfig(name=name, lr=1e-2, warmup_frac=0.25, schedule="cosine", weight_decay=0.1, clip_norm=clip)
-    ours, ref = optim.make_optimizer(cfg, 8), _reference(cfg, 8)
+    ours, ref = optim.make_optimizer(cfg, 8), optim.legacy_optimizer(cfg, 8)
     p_ours = p_ref = _tree(jax.random.key(0), 1.0)
     s_ours, s_ref = ours.init(p_ours), ref.init(p_ref)
     for i in range(5):  # gradient norms around 4: clipping is active when clip > 0
@@ -64,3 +46,34 @@ def test_nonfinite_step_is_dropped():
         for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
             np.testing.assert_array_equal(a, b)
     assert int(s.count) == 1
+
+
+def test_checkpoint_of_the_former_optax_state_restores_converted(tmp_path):
+    """A run checkpointed before spjax.optim resumes: its optax-chain state is read and converted,
+    and the next update equals what the former optimizer would have done."""
+    from spjax import checkpoint, model, sharding, step
+    from spjax.config import MeshConfig, ModelConfig
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    opt_cfg = OptimConfig(lr=1e-2, warmup_frac=0.5, schedule="linear", weight_decay=0.1)
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    former = optim.legacy_optimizer(opt_cfg, 100)  # in warmup: the lr moves every step
+    params = model.init_params(cfg, jax.random.key(0))
+    grads = lambda i: jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), params)
+    opt_state = former.init(params)
+    for i in range(3):
+        u, opt_state = former.update(grads(i), opt_state, params)
+        params = optax.apply_updates(params, u)
+    saved = step.TrainState(params=params, opt_state=opt_state, step=jnp.int32(3), skipped=jnp.int32(0))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(3, saved, {"round": 0})
+    state, meta = step.restore_latest(ckpt, cfg, opt_cfg, mesh)
+    assert meta["round"] == 0 and isinstance(state.opt_state, optim.OptState) and int(state.opt_state.count) == 3
+    np.testing.assert_allclose(state.opt_state.lr, opt_state.hyperparams["learning_rate"], rtol=1e-7)
+    assert float(state.opt_state.lr) > 0
+    u_old = optax.apply_updates(params, former.update(grads(9), opt_state, params)[0])
+    u_new = optax.apply_updates(state.params, optim.make_optimizer(opt_cfg, 100).update(grads(9), state.opt_state,
+                                                                                     state.params)[0])
+    for a, b in zip(jax.tree.leaves(u_new), jax.tree.leaves(u_old)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not any("corrupt" in p.name for p in (tmp_path / "ck").iterdir())  # nothing set aside as unusable
+    ckpt.close()
