@@ -20,9 +20,6 @@ import numpy as np
 
 from spjax.data.batching import bucket_for, host_rows
 
-PACK_CHOICES = ("auto", "on", "off")
-
-
 def first_fit(lengths: Sequence[int], row_len: int) -> list:
     """Sequence indices per row: longest first, each into the first row with room (first-fit decreasing)."""
     rows, room = [], []
@@ -66,8 +63,7 @@ def round_shape(examples, batches: Sequence[np.ndarray], *, buckets: Sequence[in
     """(rows per micro-batch, row length) that hold every global batch of a round.
 
     The row length is the bucket of the round's longest sequence; rows are rounded up to a multiple
-    of row_quantum (the data-parallel size, so each device gets whole rows, or more, so that rounds
-    of similar pairs share one compiled step).
+    of row_quantum (a multiple of the data-parallel size, so each device gets whole rows).
     """
     length = bucket_for(max(e.length for e in examples), buckets)
     need = max(rows_needed(examples, ids, row_len=length, grad_accum=grad_accum, packed=packed) for ids in batches)
@@ -111,7 +107,8 @@ def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accu
             row, col = r * A + a, 0
             for seg, s in enumerate(members, start=1):
                 prompt, response, scored = micro[s]
-                n, span = len(prompt) + len(response), slice(col, col + len(prompt) + len(response))
+                n = len(prompt) + len(response)
+                span = slice(col, col + n)
                 tokens[row, span] = np.concatenate([prompt, response])
                 segments[row, span], positions[row, span], seqs[row, span] = seg, np.arange(n), s
                 targets[row, col + max(len(prompt), 1):col + n] = scored
