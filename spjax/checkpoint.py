@@ -60,18 +60,19 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, like, former=None):
+    def restore_latest(self, like, others=()):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
         `like` is a state tree (or its abstract_like) giving structure, dtypes and shardings.
-        former: (like, convert) for checkpoints of an earlier state layout: a step that does not
-        restore as `like` is tried as former[0] and converted by former[1] before it counts as bad.
+        others: (like, convert) pairs for checkpoints of other layouts (a params-only round end, an
+        earlier version's state): a step that does not restore as `like` is tried as each of them,
+        converted by its `convert` (None: as restored), before it counts as bad.
         """
         self.manager.wait_until_finished()
         out, bad = None, []
         for step in reversed(self.steps()):
             got, err = None, None
-            for attempt_like, convert in ((like, None),) + ((tuple(former),) if former else ()):
+            for attempt_like, convert in ((like, None), *others):
                 try:
                     got = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_like(attempt_like)), meta=ocp.args.JsonRestore()))

@@ -78,11 +78,15 @@ def abstract_state(cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
 
 
 def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh):
-    """(TrainState, meta) of the newest checkpoint that restores, or None. A checkpoint written with
-    the former optax-chain optimizer state (before spjax.optim) is read and converted."""
+    """(TrainState, meta) of the newest checkpoint that restores, or None. Three layouts: a whole
+    TrainState (mid-round), one with opt_state=None (a round's end: the next round builds a fresh
+    optimizer state, so its moments, 2x the params under AdamW, are not saved), and a whole state
+    with the former optax-chain optimizer state (before spjax.optim), read and converted."""
+    like = abstract_state(cfg, make_optimizer(opt_cfg, 1), mesh)
     former = abstract_state(cfg, optim.legacy_optimizer(opt_cfg, 1), mesh)
-    return checkpointer.restore_latest(abstract_state(cfg, make_optimizer(opt_cfg, 1), mesh),
-                                       former=(former, lambda s: s.replace(opt_state=optim.from_legacy(s.opt_state))))
+    return checkpointer.restore_latest(like, others=[
+        (like.replace(opt_state=None), None),
+        (former, lambda s: s.replace(opt_state=optim.from_legacy(s.opt_state)))])
 
 
 def _mesh_of(tree) -> Mesh | None:

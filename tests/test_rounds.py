@@ -390,3 +390,24 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     with open(out / "model.safetensors", "rb") as f:  # the run's final params, as its own export
         assert f.read() == _export_bytes(ref_dir)
     assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "none")]) == 2
+
+
+def _bytes_under(path):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def test_round_end_checkpoints_hold_no_optimizer_state(reference_run):
+    """The next round rebuilds the optimizer state, so a round's end saves params only (a third of an
+    AdamW checkpoint); mid-round checkpoints keep it, which an exact resume mid-round needs."""
+    from spjax import sharding as shd, step as step_lib
+    ref_dir, _ = reference_run
+    cfg = load_config(TINY)
+    ck = ckpt_lib.Checkpointer(os.path.join(ref_dir, "checkpoints"), async_save=False)
+    mid, end = ck.steps()  # keep=2: round 1's step-2 checkpoint (global 6) and its end (global 8)
+    state, meta = step_lib.restore_latest(ck, cfg.model, cfg.optim, shd.make_mesh(cfg.mesh))
+    ck.close()
+    assert (mid, end, meta["phase"], meta["round"]) == (6, 8, "sample", 2)
+    assert state.opt_state is None and int(state.step) == 4
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    mid_bytes, end_bytes = (_bytes_under(os.path.join(ref_dir, "checkpoints", str(s))) for s in (mid, end))
+    assert 0.5 * params < end_bytes < 1.5 * params < 2.5 * params < mid_bytes, (params, mid_bytes, end_bytes)
