@@ -1,4 +1,5 @@
-"""Padding-free pairs: useful tokens/s of the pair step with packed rows vs one sequence per row.
+"""Padding-free pairs: useful tokens/s of the pair step (or of reference scoring) with packed rows vs
+one sequence per row.
 
 The same global batches of pairs (the round's shuffled order) go through the train step twice:
 bucketed (one right-padded sequence per row, each batch at its own length bucket: what a GPU run
@@ -9,6 +10,11 @@ Every shape is compiled and run once before timing.
 
   python bench/packing.py --mix demo        # configs/demo.py's data and buckets, SmolLM2-135M shape
   python bench/packing.py --mix longtail    # an UltraChat-like long-tailed length mix up to 512 tokens
+  python bench/packing.py --phase score     # scoring.score_examples of both sides, pack=off vs on
+
+--phase score times a round's reference scoring of the same examples (real, then generated side),
+run.score_batch_size (default 32) rows a call: one right-padded sequence per row at each call's
+bucket, vs packed rows of the longest bucket (as few calls, then as few rows a call, as that allows).
 
 demo: the demo's chatterbot pairs (SmolLM2 chat template, max_len 96, buckets 64/96, 16 pairs a
 batch); the second side is another example's answer cut to the demo's 32 sampled tokens (the
@@ -107,11 +113,54 @@ def run(examples, buckets, B, pad_id, cfg, n_batches: int, packed: bool) -> dict
             "shapes": sorted({tuple(b.tokens_RxL.shape) for b in batches})}
 
 
+def run_score(examples, buckets, pad_id, cfg, pack: str, batch: int) -> dict:
+    """Seconds of scoring.score_examples over both sides of `examples` (each shape compiled and run
+    once before timing, by an untimed pass)."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from spjax import scoring, sharding
+    from spjax.config import Config, DataConfig, MeshConfig, RunConfig
+    mesh = sharding.make_mesh(MeshConfig())
+    params = sharding.init_params(cfg, jax.random.key(0), mesh)
+    ctx = SimpleNamespace(cfg=Config(model=cfg, data=DataConfig(pack=pack), run=RunConfig(score_batch_size=batch)),
+                          mesh=mesh, model_cfg=cfg, buckets=buckets, pad_id=pad_id)
+    sides = ("real_ids", "generated_ids")
+    t = time.perf_counter()
+    for which in sides:
+        scoring.score_examples(ctx, params, examples, which)
+    warm = time.perf_counter() - t
+    t = time.perf_counter()
+    lp = [scoring.score_examples(ctx, params, examples, which) for which in sides]
+    dt = time.perf_counter() - t
+    useful = sum(len(e.prompt_ids) + len(getattr(e, w)) for e in examples for w in sides)
+    return {"layout": "packed" if pack == "on" else "bucketed", "seconds": dt, "compile_and_warmup_s": warm,
+            "useful_tokens": useful, "useful_tokens_per_s": useful / dt, "logprobs": lp}
+
+
+def score_main(a, cfg, layers, examples, buckets, pad):
+    res = {pack: run_score(examples, buckets, pad, cfg, pack, a.score_batch) for pack in ("off", "on")}
+    gap = max(float(np.max(np.abs(x - y))) for x, y in zip(res["on"].pop("logprobs"), res["off"].pop("logprobs")))
+    ratio = res["on"]["useful_tokens_per_s"] / res["off"]["useful_tokens_per_s"]
+    print(f"\nreference scoring, {a.mix} mix: {len(examples)} examples x 2 sides, {a.score_batch} rows a call, "
+          f"SmolLM2-135M shape with {layers} layers, fp32 on {__import__('jax').devices()[0].platform}")
+    for r in res.values():
+        print(f"{r['layout']:10s} {r['useful_tokens_per_s']:13.1f} useful tok/s {r['seconds']:8.2f} s")
+    print(f"packed / bucketed: {ratio:.2f}x   largest log-prob difference {gap:.2e}")
+    emit({"bench": "packing_score", "mix": a.mix, "layers": layers, "examples": len(examples),
+          "bucketed": res["off"], "packed": res["on"], "ratio": ratio, "max_abs_diff": gap},
+         f"packing_score_{a.mix}.json")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mix", choices=("demo", "longtail"), default="demo")
     ap.add_argument("--batches", type=int, default=4, help="global batches timed per layout")
     ap.add_argument("--layers", type=int, help="layers of the SmolLM2-135M shape (default: 30 demo, 4 longtail)")
+    ap.add_argument("--phase", choices=("step", "score"), default="step")
+    ap.add_argument("--score-batch", type=int, default=32, help="--phase score: rows a call (run.score_batch_size)")
+    ap.add_argument("--score-examples", type=int, default=128, help="--phase score: examples scored (both sides)")
     a = ap.parse_args(argv)
     layers = a.layers or (30 if a.mix == "demo" else 4)
     cfg = model_config("smollm2-135m", compute_dtype="float32", remat="dots", num_layers=layers)
@@ -119,6 +168,8 @@ def main(argv=None):
         examples, buckets, B, pad = demo_mix()
     else:
         examples, buckets, B, pad = longtail_mix(LONGTAIL_EXAMPLES, cfg.vocab_size)
+    if a.phase == "score":
+        return score_main(a, cfg, layers, examples[:a.score_examples], buckets, pad)
     res = {packed: run(examples, buckets, B, pad, cfg, a.batches, packed) for packed in (False, True)}
     ratio = res[True]["useful_tokens_per_s"] / res[False]["useful_tokens_per_s"]
     print(f"\npair step, {a.mix} mix: {a.batches} batches of {B} pairs, SmolLM2-135M shape with {layers} layers, "

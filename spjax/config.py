@@ -272,7 +272,7 @@ class DataConfig:
     max_len: int = 1024  # prompt + response
     overlong: str = "truncate"  # truncate | drop
     buckets: tuple[int, ...] = ()  # static padded lengths; () means powers of two up to max_len
-    pack: str = "auto"  # training pairs packed into rows (on | off); auto: on unless cuDNN attention (GPU)
+    pack: str = "auto"  # pairs and scored sequences packed into rows (on | off); auto: on unless cuDNN (GPU)
     max_examples: int = 0  # 0: all
     seed: int = 0
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds

@@ -13,16 +13,26 @@ import numpy as np
 from spjax import checkpoint as ckpt_lib, lora, metrics as metrics_lib, objectives, pairs as pairs_lib
 from spjax import step as step_lib
 from spjax import sharding as shd
-from spjax.data import batching
+from spjax.data import batching, packing
 
 log = logging.getLogger("spjax")
 
 
 def score_examples(ctx, params, examples: list, which: str) -> np.ndarray:
-    """[n] fp32 log pi(response | prompt) of each example's `which` side ('real_ids'/'generated_ids')."""
-    B = ctx.cfg.run.score_batch_size
-    B = -(-B // shd.data_parallel_size(ctx.mesh)) * shd.data_parallel_size(ctx.mesh)
+    """[n] fp32 log pi(response | prompt) of each example's `which` side ('real_ids'/'generated_ids'),
+    run.score_batch_size rows a call: packed several to a row where training packs (step.packs),
+    else one right-padded sequence per row."""
+    dp = shd.data_parallel_size(ctx.mesh)
+    B = -(-ctx.cfg.run.score_batch_size // dp) * dp
     out = np.zeros(len(examples), np.float32)
+    if examples and step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1]):
+        L = batching.bucket_for(max(len(e.prompt_ids) + len(getattr(e, which)) for e in examples), ctx.buckets)
+        quantum = dp * -(-B // (8 * dp))  # rows per call a multiple of an eighth of B: few shapes to compile
+        for rows in packing.side_rows(examples, which, max_rows=B // quantum * quantum, row_len=L,
+                                      quantum=quantum, pad_id=ctx.pad_id):
+            lp_RxL = shd.to_host(step_lib.score_rows(ctx.model_cfg, params, rows, mesh=ctx.mesh))
+            np.add.at(out, rows["seqs_RxL"][rows["targets_RxL"] > 0], lp_RxL[rows["targets_RxL"] > 0])
+        return out
     for start in range(0, len(examples), B):
         ids_G = np.full(B, -1)
         ids_G[:min(B, len(examples) - start)] = np.arange(start, min(start + B, len(examples)))

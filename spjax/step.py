@@ -301,19 +301,36 @@ def _score(cfg, params, ids_BxL, mask_BxL, target_BxL):
     return logprobs.sequence_logprobs(cfg, params, ids_BxL, target_BxL, mask_BxL)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _score_rows(cfg, params, tokens_RxL, segments_RxL, positions_RxL, targets_RxL):
+    return logprobs.token_logprobs(cfg, params, tokens_RxL, targets_RxL, segments_RxL > 0,
+                                   segment_ids_BxL=segments_RxL, positions_BxL=positions_RxL)
+
+
+def _put_rows(mesh: Mesh | None, arrays):
+    """[B, L] host arrays split over the data-parallel axes of mesh when B divides, else replicated."""
+    if mesh is None:
+        return arrays
+    B = np.shape(arrays[0])[0]
+    sh = sharding.batch_sharding(mesh, 2) if B % sharding.data_parallel_size(mesh) == 0 \
+        else sharding.replicated(mesh)
+    return tuple(sharding.put_global(x, sh) for x in arrays)
+
+
 def score(cfg: ModelConfig, params, ids_BxL, mask_BxL, target_BxL, mesh: Mesh | None = None):
-    """fp32 [B] sequence log-probs of the target tokens (the reference scores of a round).
+    """fp32 [B] sequence log-probs of the target tokens of right-padded rows, one sequence each.
 
     The batch is split over the data-parallel axes of `mesh` (default: the params' mesh) when B
     divides, else replicated; params stay where they are.
     """
-    mesh = mesh or _mesh_of(params)
-    if mesh is not None:
-        B = np.shape(ids_BxL)[0]
-        sh = sharding.batch_sharding(mesh, 2) if B % sharding.data_parallel_size(mesh) == 0 \
-            else sharding.replicated(mesh)
-        ids_BxL, mask_BxL, target_BxL = (sharding.put_global(x, sh) for x in (ids_BxL, mask_BxL, target_BxL))
-    return _score(cfg, params, ids_BxL, mask_BxL, target_BxL)
+    return _score(cfg, params, *_put_rows(mesh or _mesh_of(params), (ids_BxL, mask_BxL, target_BxL)))
+
+
+def score_rows(cfg: ModelConfig, params, rows: dict, mesh: Mesh | None = None):
+    """fp32 [R, L] token log-probs of packed rows (packing.side_rows), 0 where not scored: each
+    segment sees only itself; summing by rows['seqs_RxL'] gives each sequence's log-prob."""
+    keys = ("tokens_RxL", "segments_RxL", "positions_RxL", "targets_RxL")
+    return _score_rows(cfg, params, *_put_rows(mesh or _mesh_of(params), tuple(rows[k] for k in keys)))
 
 
 def packs(pack: str, model_cfg: ModelConfig, length: int) -> bool:

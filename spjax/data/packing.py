@@ -37,20 +37,38 @@ def first_fit(lengths: Sequence[int], row_len: int) -> list:
 
 
 def _sequences(examples, ids_G: np.ndarray, grad_accum: int) -> list:
-    """Per micro-batch, its sequences in slot order: (prompt, response, scored) with pairs j*A + a."""
+    """Per micro-batch, its sequences in slot order: (prompt, response, scored, slot), pairs j*A + a."""
     out = []
     for a in range(grad_accum):
         seqs = []
-        for i in ids_G[a::grad_accum]:
+        for j, i in enumerate(ids_G[a::grad_accum]):
             ex = examples[i if i >= 0 else ids_G[0]]  # a padding pair copies the first, unscored
-            seqs += [(ex.prompt_ids, ex.real_ids, i >= 0), (ex.prompt_ids, ex.generated_ids, i >= 0)]
+            seqs += [(ex.prompt_ids, ex.real_ids, i >= 0, 2 * j), (ex.prompt_ids, ex.generated_ids, i >= 0, 2 * j + 1)]
         out.append(seqs)
     return out
 
 
 def _layout(seqs: list, row_len: int, packed: bool) -> list:
-    lengths = [len(p) + len(r) for p, r, _ in seqs]
+    lengths = [len(p) + len(r) for p, r, *_ in seqs]
     return first_fit(lengths, row_len) if packed else [[s] for s in range(len(seqs))]
+
+
+def _empty_rows(n: int, row_len: int, pad_id: int) -> dict:
+    keys = ("segments_RxL", "positions_RxL", "targets_RxL", "seqs_RxL")
+    return {"tokens_RxL": np.full((n, row_len), pad_id, np.int32), **{k: np.zeros((n, row_len), np.int32) for k in keys}}
+
+
+def _place(out: dict, row: int, members: list):
+    """Write sequences (prompt, response, scored, slot) back to back into row `row` of `out`."""
+    col = 0
+    for seg, (prompt, response, scored, slot) in enumerate(members, start=1):
+        n = len(prompt) + len(response)
+        span = slice(col, col + n)
+        out["tokens_RxL"][row, span] = np.concatenate([prompt, response])
+        out["segments_RxL"][row, span], out["positions_RxL"][row, span] = seg, np.arange(n)
+        out["seqs_RxL"][row, span] = slot
+        out["targets_RxL"][row, col + max(len(prompt), 1):col + n] = scored
+        col += n
 
 
 def rows_needed(examples, ids_G: np.ndarray, *, row_len: int, grad_accum: int, packed: bool) -> int:
@@ -96,25 +114,38 @@ def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accu
     tokens whose log-probs count (a segment's first token never: it has no context).
     """
     A = grad_accum
-    tokens = np.full((A * rows, row_len), pad_id, np.int32)
-    segments, positions, targets, seqs = (np.zeros((A * rows, row_len), np.int32) for _ in range(4))
+    out = _empty_rows(A * rows, row_len, pad_id)
     for a, micro in enumerate(_sequences(examples, ids_G, A)):
         layout = _layout(micro, row_len, packed)
         if len(layout) > rows:
             raise ValueError(f"micro-batch {a} needs {len(layout)} rows of {row_len} tokens, "
                              f"the batch shape has {rows}")
         for r, members in enumerate(layout):
-            row, col = r * A + a, 0
-            for seg, s in enumerate(members, start=1):
-                prompt, response, scored = micro[s]
-                n = len(prompt) + len(response)
-                span = slice(col, col + n)
-                tokens[row, span] = np.concatenate([prompt, response])
-                segments[row, span], positions[row, span], seqs[row, span] = seg, np.arange(n), s
-                targets[row, col + max(len(prompt), 1):col + n] = scored
-                col += n
+            _place(out, r * A + a, [micro[s] for s in members])
     pairs, share = host_rows(len(ids_G), process_index, process_count), host_rows(A * rows, process_index,
                                                                                     process_count)
     ids = np.asarray([examples[i].id if i >= 0 else -1 for i in ids_G], np.int32)
-    return {"example_id_B": ids[pairs], "tokens_RxL": tokens[share], "segments_RxL": segments[share],
-            "positions_RxL": positions[share], "targets_RxL": targets[share], "seqs_RxL": seqs[share]}
+    return {"example_id_B": ids[pairs], **{k: v[share] for k, v in out.items()}}
+
+
+def side_rows(examples, which: str, *, max_rows: int, row_len: int, quantum: int, pad_id: int,
+              window: int = 256):
+    """One side ('real_ids' or 'generated_ids') of `examples` packed into rows for scoring: yields
+    dicts of [R, L] arrays as pair_rows' (seqs_RxL: the example's index in `examples`), R the same for
+    every call: as few calls as max_rows rows allow, then as few rows per call as that many calls
+    need (a multiple of quantum, which divides max_rows), the last call padded with empty rows.
+    First-fit decreasing within windows of `window` examples bounds its host time."""
+    seqs = [(e.prompt_ids, getattr(e, which), True, i) for i, e in enumerate(examples)]
+    rows = []
+    for start in range(0, len(seqs), window):
+        part = seqs[start:start + window]
+        rows += [[part[s] for s in members] for members in _layout(part, row_len, packed=True)]
+    if not rows:
+        return
+    per_call = -(-len(rows) // -(-len(rows) // max_rows))
+    R = -(-per_call // quantum) * quantum
+    for start in range(0, len(rows), R):
+        out = _empty_rows(R, row_len, pad_id)
+        for r, members in enumerate(rows[start:start + R]):
+            _place(out, r, members)
+        yield out
