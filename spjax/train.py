@@ -38,6 +38,22 @@ def _compile_cache():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def cpu_devices_flags(xla_flags: str) -> str:
+    """XLA_FLAGS made safe for several CPU devices in one process.
+
+    XLA:CPU's concurrency-optimized scheduler lets a device run collectives on parallel branches; with
+    several devices sharing a few cores, threads blocked in one collective's rendezvous can starve a
+    device that has yet to reach it, and XLA aborts the process after 40 s ("Expected 4 threads to
+    join the rendezvous"): 3 of 3 runs of a grad-accumulated data x fsdp step on 8 devices / 2 cores
+    within 30 steps, none in 120 with the scheduler off. Off only where XLA_FLAGS asks for more than
+    one host device: one device has nothing to deadlock with and its step is ~6% faster with it on.
+    """
+    many = re.search(r"--xla_force_host_platform_device_count=(\d+)", xla_flags)
+    if many and int(many.group(1)) > 1 and "xla_cpu_enable_concurrency_optimized_scheduler" not in xla_flags:
+        return f"{xla_flags} --xla_cpu_enable_concurrency_optimized_scheduler=false".strip()
+    return xla_flags
+
+
 def kill_at(spec: str):
     """The fault hook for SPJAX_KILL_AT=point:n (tests): SIGKILL this process the n-th time the run
     reaches `point` (sample, judge, score, train, checkpoint), to check that --resume gives the same model."""
@@ -74,6 +90,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     # spjax uses transformers for tokenizers only: its note that PyTorch is absent is not news here.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ["XLA_FLAGS"] = cpu_devices_flags(os.environ.get("XLA_FLAGS", ""))  # before jax's backend starts
     from spjax.config import ConfigError, load_config
     from spjax.data.records import DataError
     from spjax.hf import CheckpointError

@@ -1,19 +1,25 @@
 """Test setup shared by every test module.
 
-Fake 8 CPU devices and the offline hub must be set before jax or transformers is imported, so they
-live here (pytest imports conftest first) and nowhere else. The persistent compile cache makes the
+Fake 8 CPU devices and the offline hub must be set before jax's backend starts or transformers is
+imported, so they live here (pytest imports conftest first) and nowhere else. The persistent compile cache makes the
 second CI run (and every test after the first compile of a shape) much cheaper.
 """
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
+import jax  # noqa: E402  (the flags below are read when the backend starts, at the first device use)
+
+from spjax.train import cpu_devices_flags  # noqa: E402
+
+# 8 devices in this process (and in the spjax.train processes tests start, which inherit XLA_FLAGS):
+# cpu_devices_flags turns off the XLA:CPU scheduler whose parallel collectives can deadlock them.
+os.environ["XLA_FLAGS"] = cpu_devices_flags(
+    (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 
 _cache = os.environ.get("SPJAX_TEST_COMPILE_CACHE",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
