@@ -60,24 +60,25 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, like, others=()):
+    def restore_latest(self, like, others=(), convert=None):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
         `like` is a state tree (or its abstract_like) giving structure, dtypes and shardings.
         others: (like, convert) pairs for checkpoints of other layouts (a params-only round end, an
         earlier version's state): a step that does not restore as `like` is tried as each of them,
-        converted by its `convert` (None: as restored), before it counts as bad.
+        converted by its `convert` (None: as restored), before it counts as bad. convert: the same
+        for `like`.
         """
         self.manager.wait_until_finished()
         out, bad = None, []
         for step in reversed(self.steps()):
             got, err = None, None
-            for attempt_like, convert in ((like, None), *others):
+            for attempt_like, to_state in ((like, convert), *others):
                 try:
                     got = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_like(attempt_like)), meta=ocp.args.JsonRestore()))
                     _check_finite_tree(got["state"], step)
-                    got, err = ({**got, "state": convert(got["state"])} if convert else got), None
+                    got, err = ({**got, "state": to_state(got["state"])} if to_state else got), None
                     break
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                     got, err = None, err or e  # the error of the current layout is the one reported

@@ -24,7 +24,7 @@ def export_main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: WORKDIR/export")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = ap.parse_args(argv)
-    from spjax import checkpoint as ckpt_lib, hf, sharding as shd, step as step_lib
+    from spjax import checkpoint as ckpt_lib, hf, rounds, saving, sharding as shd
     from spjax.config import ConfigError, load_config
 
     try:
@@ -36,8 +36,10 @@ def export_main(argv=None) -> int:
             model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())
         else:
             model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
+        # A LoRA checkpoint holds the adapters: the frozen base is loaded as the run loaded it.
+        base = rounds.load_initial(cfg, mesh)[1] if model_cfg.lora.rank else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
-        restored = step_lib.restore_latest(checkpointer, model_cfg, cfg.optim, mesh)
+        restored = saving.restore_latest(checkpointer, model_cfg, cfg.optim, mesh, base)
         checkpointer.close()
         if restored is None:
             raise ConfigError(f"--workdir {args.workdir}: no checkpoint restores")

@@ -24,7 +24,7 @@ import numpy as np
 
 from spjax import checkpoint as ckpt_lib
 from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
-from spjax import lora, scoring, sharding as shd
+from spjax import lora, saving, scoring, sharding as shd
 from spjax.config import METRIC_GOALS, Config, ConfigError
 from spjax.data import batching, packing
 
@@ -67,6 +67,7 @@ class Context:
     objective: objectives.Objective  # its row of the objective table
     judge: Optional[object] = None  # spjax.judges.Judge when judge.name is set (judged pairs, held-out metrics)
     initial_params: Optional[Callable] = None  # () -> pi_0's params, loaded anew (objectives needing pi_0)
+    base_sums: Optional[list] = None  # a LoRA policy's frozen-base fingerprint, saved with each checkpoint
     echo: Callable = print
     fault: Callable[[str], None] = lambda point: None  # test hook: called at each resumable point
 
@@ -135,14 +136,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         echo(f"note: sampling.num_samples={cfg.sampling.num_samples} serves judged pairs only; {source} pairs "
              "take one response per prompt")
 
-    def initial_params():
-        if cfg.model_path:
-            return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
-        model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
-        params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
-        return model_cfg, hf.with_init_adapter(model_cfg, params)
-
-    model_cfg, params = initial_params()
+    model_cfg, params = load_initial(cfg, mesh)
     shd.check_sharded(params, mesh)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
     judge = None
@@ -165,8 +159,22 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                                                      keep=cfg.run.keep_checkpoints,
                                                      async_save=cfg.run.async_checkpoint),
                   source=source, objective=objectives.TABLE[cfg.objective.name], judge=judge,
-                  initial_params=lambda: initial_params()[1], echo=echo, fault=fault or (lambda point: None))
+                  initial_params=lambda: load_initial(cfg, mesh)[1], base_sums=saving.base_sums(model_cfg, params),
+                  echo=echo, fault=fault or (lambda point: None))
     return ctx, params
+
+
+def load_initial(cfg: Config, mesh) -> tuple:
+    """(model config, params born sharded) of pi_0: model_path's weights, or a random init."""
+    if cfg.model_path:
+        return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
+    model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
+    params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
+    return model_cfg, hf.with_init_adapter(model_cfg, params)
+
+
+def _meta(ctx: Context, rs: RoundState) -> dict:
+    return {**dataclasses.asdict(rs), **({"base_sums": ctx.base_sums} if ctx.base_sums else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         bar.update(1)
         ctx.fault("train")
         if not last and (s + 1) % r.checkpoint_every == 0:
-            ctx.checkpointer.save(rs.global_step, state, dataclasses.asdict(rs))
+            ctx.checkpointer.save(rs.global_step, saving.to_save(ctx.model_cfg, state), _meta(ctx, rs))
             ctx.fault("checkpoint")
     bar.close()
     return state, rs, metrics_lib.mean_metrics(rows) if rows else {}
@@ -265,11 +273,11 @@ def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, dt: float) -
 
 def checkpoint_phase(ctx: Context, state, rs: RoundState, t: int) -> RoundState:
     """The round's final params, saved as the next round's starting point: without the optimizer
-    state, which the next round rebuilds (two thirds of a full-FT AdamW checkpoint's bytes)."""
+    state, which the next round rebuilds (spjax.saving)."""
     trained = rs.step > 0
     rs = RoundState(round=t + 1, phase="sample", global_step=rs.global_step)
     if trained:  # else the latest checkpoint holds these params: a resume redoes round t from its files
-        ctx.checkpointer.save(rs.global_step, state.replace(opt_state=None), dataclasses.asdict(rs))
+        ctx.checkpointer.save(rs.global_step, saving.to_save(ctx.model_cfg, state, optimizer=False), _meta(ctx, rs))
     return rs
 
 
@@ -319,9 +327,10 @@ def finish(ctx: Context, params, summary: dict):
 # Resume and the run
 
 
-def restore(ctx: Context):
-    """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint."""
-    restored = step_lib.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh)
+def restore(ctx: Context, params):
+    """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint
+    (params: the run's as loaded; a LoRA checkpoint's frozen base)."""
+    restored = saving.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh, params)
     rs, state = RoundState(), None
     if restored is not None:
         state, rs = restored[0], RoundState.from_meta(restored[1])
@@ -356,7 +365,7 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
 
 def _rounds(ctx: Context, params, resume: bool) -> dict:
     cfg = ctx.cfg
-    rs, state, done_rows = restore(ctx) if resume else (RoundState(), None, [])
+    rs, state, done_rows = restore(ctx, params) if resume else (RoundState(), None, [])
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)
     summary, compiled = {"initial": evaluate.evaluate_initial(ctx, params)}, {}

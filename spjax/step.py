@@ -18,7 +18,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from spjax import logprobs, lora, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
-from spjax import optim
 from spjax.optim import learning_rate, make_optimizer, make_schedule  # noqa: F401 (the step's optimizer)
 
 @flax.struct.dataclass
@@ -75,18 +74,6 @@ def abstract_state(cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
     shapes = TrainState(params=params, opt_state=opt_state, step=zero, skipped=zero)
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes,
                         state_shardings(cfg, mesh, optimizer))
-
-
-def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh):
-    """(TrainState, meta) of the newest checkpoint that restores, or None. Three layouts: a whole
-    TrainState (mid-round), one with opt_state=None (a round's end: the next round builds a fresh
-    optimizer state, so its moments, 2x the params under AdamW, are not saved), and a whole state
-    with the former optax-chain optimizer state (before spjax.optim), read and converted."""
-    like = abstract_state(cfg, make_optimizer(opt_cfg, 1), mesh)
-    former = abstract_state(cfg, optim.legacy_optimizer(opt_cfg, 1), mesh)
-    return checkpointer.restore_latest(like, others=[
-        (like.replace(opt_state=None), None),
-        (former, lambda s: s.replace(opt_state=optim.from_legacy(s.opt_state)))])
 
 
 def _mesh_of(tree) -> Mesh | None:

@@ -41,7 +41,7 @@ def devices():
 # addopts turn off xdist's reordering by size).
 # The files that run whole spjax.train processes go first so that neither worker is left with
 # one of them at the end while the other idles.
-_FIRST = ("test_rounds.py", "test_judged_run.py", "test_gguf_tokenizer.py", "test_step.py")
+_FIRST = ("test_rounds.py", "test_judged_run.py", "test_lora_run.py", "test_gguf_tokenizer.py", "test_step.py")
 
 
 def pytest_collection_modifyitems(items):

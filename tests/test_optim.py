@@ -51,7 +51,7 @@ def test_nonfinite_step_is_dropped():
 def test_checkpoint_of_the_former_optax_state_restores_converted(tmp_path):
     """A run checkpointed before spjax.optim resumes: its optax-chain state is read and converted,
     and the next update equals what the former optimizer would have done."""
-    from spjax import checkpoint, model, sharding, step
+    from spjax import checkpoint, model, saving, sharding, step
     from spjax.config import MeshConfig, ModelConfig
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
     opt_cfg = OptimConfig(lr=1e-2, warmup_frac=0.5, schedule="linear", weight_decay=0.1)
@@ -66,7 +66,7 @@ def test_checkpoint_of_the_former_optax_state_restores_converted(tmp_path):
     saved = step.TrainState(params=params, opt_state=opt_state, step=jnp.int32(3), skipped=jnp.int32(0))
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
     ckpt.save(3, saved, {"round": 0})
-    state, meta = step.restore_latest(ckpt, cfg, opt_cfg, mesh)
+    state, meta = saving.restore_latest(ckpt, cfg, opt_cfg, mesh)
     assert meta["round"] == 0 and isinstance(state.opt_state, optim.OptState) and int(state.opt_state.count) == 3
     np.testing.assert_allclose(state.opt_state.lr, opt_state.hyperparams["learning_rate"], rtol=1e-7)
     assert float(state.opt_state.lr) > 0

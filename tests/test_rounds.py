@@ -399,12 +399,12 @@ def _bytes_under(path):
 def test_round_end_checkpoints_hold_no_optimizer_state(reference_run):
     """The next round rebuilds the optimizer state, so a round's end saves params only (a third of an
     AdamW checkpoint); mid-round checkpoints keep it, which an exact resume mid-round needs."""
-    from spjax import sharding as shd, step as step_lib
+    from spjax import saving, sharding as shd
     ref_dir, _ = reference_run
     cfg = load_config(TINY)
     ck = ckpt_lib.Checkpointer(os.path.join(ref_dir, "checkpoints"), async_save=False)
     mid, end = ck.steps()  # keep=2: round 1's step-2 checkpoint (global 6) and its end (global 8)
-    state, meta = step_lib.restore_latest(ck, cfg.model, cfg.optim, shd.make_mesh(cfg.mesh))
+    state, meta = saving.restore_latest(ck, cfg.model, cfg.optim, shd.make_mesh(cfg.mesh))
     ck.close()
     assert (mid, end, meta["phase"], meta["round"]) == (6, 8, "sample", 2)
     assert state.opt_state is None and int(state.step) == 4

@@ -1,0 +1,77 @@
+"""What a run's checkpoint holds, and reading it back: the trainable params, and the optimizer state
+only where a resume needs it.
+
+- A LoRA policy saves its adapters only. Its frozen base never changes during a run (the adapter
+  carries over rounds), so a resume takes the base as the run loads it (model_path, quantized the
+  same way) and checks it against per-leaf sums saved with every checkpoint: a 7B bf16 base is 14 GB
+  a checkpoint otherwise. Without LoRA everything trains and everything is saved.
+- A round's end saves no optimizer state: the next round builds a fresh one (AdamW's moments are 2x
+  the trainable params). Checkpoints inside a round keep it, for an exact resume there.
+- Checkpoints of earlier layouts (the whole LoRA tree; the former optax-chain optimizer state) still
+  restore, converted.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from spjax import lora, optim
+from spjax.config import ConfigError, ModelConfig, OptimConfig
+from spjax.step import TrainState, abstract_state, make_optimizer
+
+
+def to_save(cfg: ModelConfig, state: TrainState, optimizer: bool = True) -> TrainState:
+    """The part of `state` a checkpoint holds (optimizer=False: a round's end)."""
+    return state.replace(params=lora.split(cfg, state.params)[0], opt_state=state.opt_state if optimizer else None)
+
+
+@jax.jit
+def _leaf_sums(tree):
+    return [jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree)]
+
+
+def base_sums(cfg: ModelConfig, params) -> list | None:
+    """Per-leaf fp32 sums of a LoRA policy's frozen base (saved in checkpoint meta); None without LoRA."""
+    if not cfg.lora.rank:
+        return None
+    return [float(x) for x in _leaf_sums(lora.split(cfg, params)[1])]
+
+
+def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None):
+    """(TrainState, meta) of the newest checkpoint that restores, or None.
+
+    params: the run's params as loaded at its start; a LoRA policy's checkpoint (adapters only) is
+    joined with their frozen base, which must be the one the run trained on (ConfigError if not).
+    """
+    if cfg.lora.rank and params is None:  # checked here: inside the restore it would read as a bad step
+        raise ValueError("a LoRA checkpoint holds the adapters only: restore_latest needs the run's params")
+    like = abstract_state(cfg, make_optimizer(opt_cfg, 1), mesh)
+    states = [(like, None), (like.replace(opt_state=None), None),  # mid-round; a round's end
+              (abstract_state(cfg, optim.legacy_optimizer(opt_cfg, 1), mesh),
+               lambda s: s.replace(opt_state=optim.from_legacy(s.opt_state)))]
+    layouts = states
+    if cfg.lora.rank:  # the adapters joined with the run's base first; then the whole tree (earlier runs)
+        trim = lambda s: s.replace(params=lora.split(cfg, s.params)[0])
+        layouts = [(trim(x), functools.partial(_with_base, cfg, params, convert)) for x, convert in states] + states
+    (first, convert), others = layouts[0], layouts[1:]
+    got = checkpointer.restore_latest(first, others=others, convert=convert)
+    if got is not None and cfg.lora.rank:
+        _check_base(cfg, params, got[1])
+    return got
+
+
+def _with_base(cfg: ModelConfig, params, convert, state: TrainState) -> TrainState:
+    state = convert(state) if convert else state
+    return state.replace(params=lora.join(state.params, lora.split(cfg, params)[1]))
+
+
+def _check_base(cfg: ModelConfig, params, meta: dict):
+    saved = meta.get("base_sums")
+    if saved is not None and not np.array_equal(np.asarray(saved, np.float32),
+                                                 np.asarray(base_sums(cfg, params), np.float32)):
+        raise ConfigError("model_path: the base weights differ from those this run's LoRA checkpoints were "
+                          "trained on (per-leaf sums); resume with the run's own model_path and base_quant")

@@ -1,0 +1,72 @@
+"""A LoRA self-play run end to end (configs/tiny.py, lora.rank=4): its checkpoints hold the adapters
+only, a resume from either kind of checkpoint (a round's end, mid-round) joins them with the run's
+base and finishes bitwise equal, `spjax export` does the same, and a different base is refused."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from spjax import checkpoint as ckpt_lib, lora, rounds, saving, sharding as shd
+from spjax.config import load_config
+from tests.test_rounds import TINY, _export_bytes, _train
+
+LORA = "lora.rank=4"
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tfds_dir):
+    workdir = tmp_path_factory.mktemp("lora_reference")
+    proc = _train(workdir, LORA, tfds_dir=tfds_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_checkpoints_hold_the_adapters_only(lora_run):
+    cfg = load_config(TINY, [LORA])
+    mesh = shd.make_mesh(cfg.mesh)
+    model_cfg, base = rounds.load_initial(cfg, mesh)  # as the run loaded it
+    ck = ckpt_lib.Checkpointer(os.path.join(lora_run, "checkpoints"), async_save=False)
+    with pytest.raises(ValueError, match="needs the run's params"):
+        saving.restore_latest(ck, model_cfg, cfg.optim, mesh)
+    state, meta = saving.restore_latest(ck, model_cfg, cfg.optim, mesh, base)
+    ck.close()
+    adapters, frozen = lora.split(model_cfg, state.params)
+    assert meta["base_sums"] == saving.base_sums(model_cfg, base) and state.opt_state is None
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(lora.split(model_cfg, base)[1])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    on_disk = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
+                  os.walk(os.path.join(lora_run, "checkpoints", str(ck.steps()[-1]))) for f in files)
+    assert on_disk < size(adapters) + size(frozen) / 2, (on_disk, size(adapters), size(frozen))
+
+
+def test_killed_twice_then_resumed_is_bitwise_identical(lora_run, tfds_dir, tmp_path):
+    """Killed in round 1's scoring (the round-0-end checkpoint: adapters, no optimizer state), then in
+    round 1's training after its step-2 checkpoint (adapters and optimizer state)."""
+    work = tmp_path / "run"
+    for k, kill_at in enumerate(["score:3", "train:3"]):
+        killed = _train(work, *(["--resume"] if k else []), LORA, kill_at=kill_at, tfds_dir=tfds_dir)
+        assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
+    resumed = _train(work, "--resume", LORA, tfds_dir=tfds_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at round 1, phase train, step 2" in resumed.stdout
+    assert _export_bytes(work) == _export_bytes(lora_run)
+
+
+def test_export_joins_the_base_and_refuses_another(lora_run, tmp_path, capsys):
+    from spjax import cli
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--config", TINY, "--workdir", str(lora_run), "--out", str(out), LORA]) == 0
+    with open(out / "model.safetensors", "rb") as f:
+        assert f.read() == _export_bytes(lora_run)
+    # Another seed draws another random base: the adapters were not trained on it.
+    assert cli.main(["export", "--config", TINY, "--workdir", str(lora_run), "--out", str(tmp_path / "x"),
+                     LORA, "run.seed=7"]) == 2
+    assert "base weights differ" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
