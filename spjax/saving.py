@@ -3,8 +3,8 @@ only where a resume needs it.
 
 - A LoRA policy saves its adapters only. Its frozen base never changes during a run (the adapter
   carries over rounds), so a resume takes the base as the run loads it (model_path, quantized the
-  same way) and checks it against per-leaf sums saved with every checkpoint: a 7B bf16 base is 14 GB
-  a checkpoint otherwise. Without LoRA everything trains and everything is saved.
+  same way) and checks it against per-leaf checksums saved with every checkpoint: a 7B bf16 base
+  is 14 GB a checkpoint otherwise. Without LoRA everything trains and everything is saved.
 - A round's end saves no optimizer state: the next round builds a fresh one (AdamW's moments are 2x
   the trainable params). Checkpoints inside a round keep it, for an exact resume there.
 - Checkpoints of earlier layouts (the whole LoRA tree; the former optax-chain optimizer state) still
@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from spjax import lora, optim
@@ -30,15 +29,25 @@ def to_save(cfg: ModelConfig, state: TrainState, optimizer: bool = True) -> Trai
 
 
 @jax.jit
-def _leaf_sums(tree):
-    return [jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree)]
+def _checksums(tree):
+    """Per leaf, the sum of its elements' bits times an odd multiplier of their index, mod 2^32:
+    integer sums do not depend on the reduction order, so a resume on another mesh gets the same."""
+    out = []
+    for x in jax.tree.leaves(tree):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        index = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0)
+        for axis in range(1, x.ndim):  # the flat index, wrapping mod 2^32 like the sum
+            index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        out.append(jnp.sum(bits.astype(jnp.uint32) * (index * jnp.uint32(2654435761) + jnp.uint32(1)),
+                           dtype=jnp.uint32))
+    return out
 
 
 def base_sums(cfg: ModelConfig, params) -> list | None:
-    """Per-leaf fp32 sums of a LoRA policy's frozen base (saved in checkpoint meta); None without LoRA."""
+    """Per-leaf checksums of a LoRA policy's frozen base (saved in checkpoint meta); None without LoRA."""
     if not cfg.lora.rank:
         return None
-    return [float(x) for x in _leaf_sums(lora.split(cfg, params)[1])]
+    return [int(x) for x in _checksums(lora.split(cfg, params)[1])]
 
 
 def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None):
@@ -71,7 +80,6 @@ def _with_base(cfg: ModelConfig, params, convert, state: TrainState) -> TrainSta
 
 def _check_base(cfg: ModelConfig, params, meta: dict):
     saved = meta.get("base_sums")
-    if saved is not None and not np.array_equal(np.asarray(saved, np.float32),
-                                                 np.asarray(base_sums(cfg, params), np.float32)):
+    if saved is not None and list(saved) != base_sums(cfg, params):
         raise ConfigError("model_path: the base weights differ from those this run's LoRA checkpoints were "
-                          "trained on (per-leaf sums); resume with the run's own model_path and base_quant")
+                          "trained on (per-leaf checksums); resume with the run's own model_path and base_quant")
