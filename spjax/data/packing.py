@@ -55,7 +55,8 @@ def _layout(seqs: list, row_len: int, packed: bool) -> list:
 
 def _empty_rows(n: int, row_len: int, pad_id: int) -> dict:
     keys = ("segments_RxL", "positions_RxL", "targets_RxL", "seqs_RxL")
-    return {"tokens_RxL": np.full((n, row_len), pad_id, np.int32), **{k: np.zeros((n, row_len), np.int32) for k in keys}}
+    zeros = {k: np.zeros((n, row_len), np.int32) for k in keys}
+    return {"tokens_RxL": np.full((n, row_len), pad_id, np.int32), **zeros}
 
 
 def _place(out: dict, row: int, members: list):
