@@ -102,7 +102,8 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     win_real_B, win_gen_B: the sides' soft win rates (judged pairs); default 1 and 0.
 
     aux: reward_real, reward_gen, margin (r - r'), accuracy (P(r > r'); a tie counts 1/2, so a
-    policy equal to its reference reads 0.5, the equilibrium value), frac_at_bound (fraction of the
+    policy equal to its reference reads 0.5, the equilibrium value; margins within fp32 noise of the
+    log-probs count as ties), frac_at_bound (fraction of the
     2B rewards r, r' with |.| >= 1/c; meaningful for chi2, reported for all), loss (mean pair loss),
     lp_real, lp_gen (policy means).
     """
@@ -119,7 +120,12 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     # Metrics carry no gradient: they are read, never optimised.
     r, rg = jax.lax.stop_gradient(r_B), jax.lax.stop_gradient(rg_B)
     margin_B = r - rg
-    accuracy_B = jnp.where(margin_B > 0, 1.0, jnp.where(margin_B == 0, 0.5, 0.0))
+    # At a round's first step the policy is its reference, but the reference's log-probs came from
+    # another program (scoring's rows, the sampler): fp32 differences of ~1e-6 of the log-probs'
+    # size, whose signs would make the accuracy a coin toss. Margins within 1e-5 of it are ties.
+    noise_B = 1e-5 * beta * jax.lax.stop_gradient(jnp.abs(lp_real_B) + jnp.abs(lp_gen_B) + jnp.abs(ref_real_B)
+                                                   + jnp.abs(ref_gen_B))
+    accuracy_B = jnp.where(margin_B > noise_B, 1.0, jnp.where(margin_B < -noise_B, 0.0, 0.5))
     bound = 1.0 / c
     at_bound = 0.5 * (jnp.mean(jnp.abs(r) >= bound) + jnp.mean(jnp.abs(rg) >= bound))
     aux = {

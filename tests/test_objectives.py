@@ -70,6 +70,18 @@ def test_ties_count_half():
     assert float(aux["accuracy"]) == 0.5 and float(aux["frac_at_bound"]) == 0.0
 
 
+def test_a_policy_equal_to_its_reference_up_to_fp32_noise_reads_one_half():
+    """The reference's log-probs come from another program than the policy's (relative differences
+    ~1e-6 at a round's first step): those margins are ties; 0.01 nats a side (r - r' = 0.002) is not."""
+    rng = np.random.default_rng(0)
+    ref_real, ref_gen = (jnp.asarray(rng.uniform(-300, -20, 64), jnp.float32) for _ in range(2))
+    noisy = lambda x: x * (1 + jnp.asarray(rng.normal(0, 1e-6, 64), jnp.float32))
+    _, aux = pair_loss("chi2", noisy(ref_real), noisy(ref_gen), ref_real, ref_gen, beta=0.1)
+    assert float(aux["accuracy"]) == 0.5
+    _, aux = pair_loss("chi2", ref_real + 1e-2, ref_gen - 1e-2, ref_real, ref_gen, beta=0.1)
+    assert float(aux["accuracy"]) == 1.0
+
+
 def test_nll_and_objective_loss():
     lp_real, lp_gen, ref_real, ref_gen = _arrays(LP_REAL, LP_GEN, REF_REAL, REF_GEN)
     n_tok = jnp.array([4, 6])
