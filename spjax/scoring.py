@@ -27,11 +27,12 @@ def score_examples(ctx, params, examples: list, which: str) -> np.ndarray:
     out = np.zeros(len(examples), np.float32)
     if examples and step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1]):
         L = batching.bucket_for(max(len(e.prompt_ids) + len(getattr(e, which)) for e in examples), ctx.buckets)
-        quantum = dp * -(-B // (8 * dp))  # rows per call a multiple of an eighth of B: few shapes to compile
+        quantum = packing.row_quantum(B, dp)
         for rows in packing.side_rows(examples, which, max_rows=B // quantum * quantum, row_len=L,
                                       quantum=quantum, pad_id=ctx.pad_id):
             lp_RxL = shd.to_host(step_lib.score_rows(ctx.model_cfg, params, rows, mesh=ctx.mesh))
-            np.add.at(out, rows["seqs_RxL"][rows["targets_RxL"] > 0], lp_RxL[rows["targets_RxL"] > 0])
+            scored_RxL = rows["targets_RxL"] > 0
+            np.add.at(out, rows["seqs_RxL"][scored_RxL], lp_RxL[scored_RxL])
         return out
     for start in range(0, len(examples), B):
         ids_G = np.full(B, -1)

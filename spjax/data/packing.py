@@ -89,6 +89,12 @@ def round_shape(examples, batches: Sequence[np.ndarray], *, buckets: Sequence[in
     return -(-need // row_quantum) * row_quantum, length
 
 
+def row_quantum(rows: int, data_parallel: int) -> int:
+    """What packed row counts are rounded up to: an eighth of the unpacked count `rows`, rounded up
+    to a multiple of the data-parallel size (whole rows per device), so few shapes compile."""
+    return data_parallel * -(-rows // (8 * data_parallel))
+
+
 def shape_rule(examples, round_ids: Sequence[np.ndarray], *, buckets: Sequence[int], grad_accum: int,
                data_parallel: int, packed: bool):
     """ids_G -> (rows per micro-batch, row length) for a round's global batches `round_ids`.
@@ -100,9 +106,8 @@ def shape_rule(examples, round_ids: Sequence[np.ndarray], *, buckets: Sequence[i
     per_micro = 2 * len(round_ids[0]) // grad_accum
     if not packed:
         return lambda ids: (per_micro, bucket_for(max(examples[i].length for i in ids if i >= 0), buckets))
-    quantum = data_parallel * -(-per_micro // (8 * data_parallel))
     shape = round_shape(examples, round_ids, buckets=buckets, grad_accum=grad_accum, packed=True,
-                        row_quantum=quantum)
+                        row_quantum=row_quantum(per_micro, data_parallel))
     return lambda ids: shape
 
 
