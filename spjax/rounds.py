@@ -139,6 +139,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     model_cfg, params = load_initial(cfg, mesh)
     shd.check_sharded(params, mesh)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
+    echo(saving.disk_report(cfg, model_cfg, workdir))
     judge = None
     if cfg.judge.name:
         from spjax import judges

@@ -9,18 +9,53 @@ only where a resume needs it.
   the trainable params). Checkpoints inside a round keep it, for an exact resume there.
 - Checkpoints of earlier layouts (the whole LoRA tree; the former optax-chain optimizer state) still
   restore, converted.
+- A run says at its start what its checkpoints take (`disk_report`), and warns when the disk cannot
+  hold even the round-end ones it keeps.
 """
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from spjax import lora, optim
-from spjax.config import ConfigError, ModelConfig, OptimConfig
+from spjax import lora, model, optim
+from spjax.config import Config, ConfigError, ModelConfig, OptimConfig
 from spjax.step import TrainState, abstract_state, make_optimizer
+
+
+def checkpoint_bytes(cfg: ModelConfig, opt_cfg: OptimConfig) -> tuple[int, int]:
+    """(a round's end, inside a round) bytes of one checkpoint: the trainable params; with their
+    optimizer state."""
+    train = lora.split(cfg, model.param_shapes(cfg))[0]
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return size(train), size(train) + size(jax.eval_shape(make_optimizer(opt_cfg, 1).init, train))
+
+
+def disk_report(cfg: Config, model_cfg: ModelConfig, workdir: str) -> str:
+    """What the run's checkpoints take, plus a warning where the disk under workdir cannot hold even
+    the round-end checkpoints the run keeps: the run would stop at one of them (exit 3, nothing lost)."""
+    end, mid = checkpoint_bytes(model_cfg, cfg.optim)
+    keep = cfg.run.keep_checkpoints
+    line = (f"checkpoints: {size_text(end)} at a round's end, {size_text(mid)} inside a round (with the optimizer "
+            f"state); {keep} kept")
+    need = min(cfg.run.rounds, keep + 1) * end  # orbax commits a new step before it drops the oldest
+    where = os.path.abspath(workdir)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        line += (f"\nwarning: {size_text(free)} free under {where}, and the round-end checkpoints alone need "
+                 f"{size_text(need)}: the run will stop (exit 3, nothing lost) when one does not fit; "
+                 "free space, then --resume")
+    return line
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def to_save(cfg: ModelConfig, state: TrainState, optimizer: bool = True) -> TrainState:

@@ -329,6 +329,7 @@ def test_full_disk_stops_with_one_line_then_resume_is_bitwise_identical(referenc
         work = disk / "run"
         full = _train(work, tfds_dir=tfds_dir)  # the run's first checkpoint (2 MiB) does not fit
         assert full.returncode == 3, full.stderr[-3000:]
+        assert "the round-end checkpoints alone need" in full.stdout  # said at the start, before any work
         lines = [l for l in full.stderr.replace("\r", "\n").splitlines() if l.startswith("spjax:")]
         assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], lines
         assert "Traceback" not in full.stderr
@@ -411,3 +412,9 @@ def test_round_end_checkpoints_hold_no_optimizer_state(reference_run):
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     mid_bytes, end_bytes = (_bytes_under(os.path.join(ref_dir, "checkpoints", str(s))) for s in (mid, end))
     assert 0.5 * params < end_bytes < 1.5 * params < 2.5 * params < mid_bytes, (params, mid_bytes, end_bytes)
+    # What the run said at its start: the same sizes, and no warning on this disk.
+    end, mid = saving.checkpoint_bytes(cfg.model, cfg.optim)
+    assert end == params and 0 <= mid - 3 * params < 64  # AdamW: 2 moments (and a step count, the lr)
+    said = f"checkpoints: {saving.size_text(end)} at a round's end, {saving.size_text(mid)} inside a round"
+    assert said in reference_run[1] and saving.size_text(mid) == "1.0 MiB"
+    assert "warning:" not in reference_run[1]
