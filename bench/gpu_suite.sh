@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/perf.md from one run on one card (about 7 minutes on an H200,
+# Every GPU figure of docs/perf.md from one run on one card (about 8 minutes on an H200,
 # starting from a bare machine):
 #   1. bench/gpu_check.py: cuDNN attention and the unrolled decode agree with the CPU-tested paths
 #      (if not, the timings below use the XLA einsum attention: --attention xla, attention=xla);
 #   2. bench/train_step.py  --shape llama3.2-1b: the pair step against the PyTorch peer, eager and compiled;
 #   3. bench/sampler.py     --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(),
-#      eager and static-cache compiled, with the roofline fraction;
+#      eager and static-cache compiled, with the roofline fraction; the decode loop checking for
+#      early exit every 8 steps (the GPU default) and every step, then a profile of one call
+#      (under $TRACE_DIR, summarized in the log: how busy the card's streams were, the costliest kernels);
 #   4. configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training split.
 # Each stage has a time limit and its log goes to $OUT/<stage>.log (default ./bench_out).
 #
@@ -33,7 +35,8 @@ ATTENTION=auto  # the model config's attention field for the stages that train
 stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla
 stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape llama3.2-1b --peer-timeout 150 \
   --attention "$ATTENTION"
-stage sampler "${SAMPLE_S:-220}" "$PY" bench/sampler.py --shape llama3.2-1b --peers eager,compile --peer-timeout 150
+TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" bench/sampler.py --shape llama3.2-1b --peers eager,compile \
+  --peer-timeout 150 --chunks 0,1 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}"
 ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
 TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
   --workdir "$ROUND_DIR" attention="$ATTENTION"

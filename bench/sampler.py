@@ -12,10 +12,14 @@ card's peak bandwidth, against the measured decode time (total minus a separatel
   python bench/sampler.py --shape llama3.2-1b --peers eager,compile   # the DESIGN.md §4 target
   python bench/sampler.py --shape smollm2-135m --batch 16 --prompt-len 128 --new-tokens 128 --segments 0,1
   python bench/sampler.py --shape llama3.2-1b --batch 256 --samples 4   # 64 prompts x 4 samples vs 256 x 1
+  python bench/sampler.py --shape llama3.2-1b --chunks 1,8 --trace /tmp/sampler_trace   # A/B, then a trace
 
 --segments is a comma list of decode-loop segment counts, each timed in the same run (0: the
 automatic attention windows, 1: every step attends over the whole cache); the first is the
-headline figure. --unroll-layers on/off/auto picks the decode step's layer loop (auto: unrolled
+headline figure. --chunks is a comma list of decode steps between two early-exit checks (0: the
+automatic choice, 8 on GPUs, 1 elsewhere), crossed with --segments. --trace DIR profiles one more
+call of the first variant (jax.profiler) and prints where the time went (bench/trace_summary.py).
+--unroll-layers on/off/auto picks the decode step's layer loop (auto: unrolled
 over per-layer weight slices on GPUs and for shallow models on CPU, scanned elsewhere). The
 DESIGN.md §4 targets (GPU: >= 1.5x the compiled static-cache peer and >= 20x eager generate;
 CPU: >= 5x eager) are marked as met or not.
@@ -37,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spjax import model, sampler  # noqa: E402
+from bench import trace_summary  # noqa: E402
 from bench.common import SHAPES, emit, model_config, peer_script  # noqa: E402
 
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}  # HBM peak by device-kind substring (SXM figures)
@@ -112,6 +117,8 @@ def main():
                     help="comma list of eager,compile, or none (auto: eager on CPU, both on GPU)")
     ap.add_argument("--peer-timeout", type=int, default=1800, help="seconds per peer run")
     ap.add_argument("--segments", default="0", help="comma list of decode segment counts (0: automatic)")
+    ap.add_argument("--chunks", default="0", help="comma list of decode steps per early-exit check (0: automatic)")
+    ap.add_argument("--trace", metavar="DIR", help="profile one more call of the first variant into DIR and summarize")
     ap.add_argument("--unroll-layers", default="auto", choices=("auto", "on", "off"),
                     help="decode over per-layer weight slices (auto: GPUs, shallow CPU models)")
     ap.add_argument("--samples", type=int, default=1,
@@ -123,7 +130,7 @@ def main():
     B = a.batch or (64 if big else 4)
     P = a.prompt_len or (256 if big else 16)
     N = a.new_tokens or (256 if big else 16)
-    segments = [int(s) for s in a.segments.split(",")]
+    variants = [(int(s), int(c)) for s in a.segments.split(",") for c in a.chunks.split(",")]
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     peers = ("eager",) if a.peers == "auto" and on_cpu else ("eager", "compile") if a.peers == "auto" else \
@@ -158,10 +165,10 @@ def main():
     out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
                                              unroll_layers=unroll).unrolled(cfg.num_layers)
     runs = {}
-    for seg in segments:
+    for seg, chunk in variants:
         def run():
             res = sampler.sample(cfg, params, prompts, key=key, max_new_tokens=N, temperature=1.0,
-                                 decode_segments=seg, unroll_layers=unroll)
+                                 decode_segments=seg, unroll_layers=unroll, decode_chunk=chunk)
             assert res.lengths.min() == N  # no EOS: every row made all N tokens
             return res.lengths
 
@@ -169,11 +176,16 @@ def main():
         run()  # compile + first run
         first_s = time.perf_counter() - t
         total_s = _timed(run, a.repeats)
-        plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg)
-        runs[seg] = {"windows": [list(w) for w in plan.windows()], "s": total_s,
-                     "first_call_s": first_s, "new_tokens_per_s": B * N / total_s}
-    out["segments"] = runs
-    head = runs[segments[0]]
+        plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg,
+                                 decode_chunk=chunk)
+        runs[f"segments={seg},chunk={chunk}"] = {"windows": [list(w) for w in plan.windows()], "chunk": plan.chunk(),
+                                                 "s": total_s, "first_call_s": first_s,
+                                                 "new_tokens_per_s": B * N / total_s}
+        if a.trace and len(runs) == 1:
+            with jax.profiler.trace(a.trace, create_perfetto_trace=True):
+                run()
+    out["variants"] = runs
+    head = next(iter(runs.values()))
     out["spjax_first_call_s"], out["spjax_s"] = head["first_call_s"], head["s"]
     out["spjax_new_tokens_per_s"] = head["new_tokens_per_s"]
     for p in peers:
@@ -211,9 +223,10 @@ def main():
 
     print(f"{a.shape} on {dev.device_kind}: batch {B}, prompt {P}, {N} new tokens, {dtype}, "
           f"decode layers {'unrolled' if out['unroll_layers'] else 'scanned'}")
-    for seg, r in runs.items():
+    for name, r in runs.items():
         print(f"  spjax   {r['new_tokens_per_s']:10.1f} new tok/s  ({r['s']:.3f} s, first call "
-              f"{r['first_call_s']:.1f} s; segments={seg}: windows {[w[1] for w in r['windows']]} of {S} slots)")
+              f"{r['first_call_s']:.1f} s; {name}: windows {[w[1] for w in r['windows']]} of {S} slots, "
+              f"{r['chunk']} steps a check)")
     print(f"  split   prefill {prefill_s:.3f} s, decode {decode_s:.3f} s "
           f"({out['decode_new_tokens_per_s']:.1f} new tok/s while decoding)")
     for p in peers:
@@ -226,6 +239,10 @@ def main():
     print(f"  decode reads {out['decode_gb_read']:.1f} GB (params + live KV; the windows read "
           f"{out['decode_gb_read_windowed']:.1f} GB) at {out['decode_gbps']:.1f} GB/s"
           + (f" = {out['roofline_frac']:.1%} of {peak:.0f} GB/s" if "roofline_frac" in out else ""))
+    if a.trace:
+        path = trace_summary.newest_trace(a.trace)
+        print(f"trace of one call ({next(iter(runs))}): {path}")
+        trace_summary.report(trace_summary.summarize(path))
     emit(out, "sampler_bench.json")
 
 

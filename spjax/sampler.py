@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from spjax import sharding as shd
 from spjax.config import ModelConfig
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
-    _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_windows, _generate, _unroll_layers,
+    _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_chunk, _decode_windows, _generate,
+    _unroll_layers,
     decode_step, example_key, left_pad_positions, prefill, round_key, sample_keys)
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
@@ -45,7 +46,7 @@ class SampleResult:
     logprobs: list  # [n*K] float32 arrays: log pi(token | prompt, earlier tokens), untempered
     lengths: np.ndarray  # [n*K] int32 number of tokens returned
     finished: np.ndarray  # [n*K] bool: stopped at an EOS id (False: hit max_new_tokens)
-    steps: int  # decode steps of the longest batch (< max_new_tokens when every row stopped early)
+    steps: int  # tokens of the longest sample (< max_new_tokens when every row stopped early)
     num_samples: int = 1
 
 
@@ -71,6 +72,10 @@ class Plan:
         """Whether the decode step runs its layers unrolled (spjax.sampler_program._unroll_layers)."""
         return _unroll_layers(self.settings, num_layers)
 
+    def chunk(self) -> int:
+        """Decode steps between two early-exit checks (spjax.sampler_program._decode_chunk)."""
+        return _decode_chunk(self.settings)
+
 
 def cache_len(prompt_len: int, max_new_tokens: int) -> int:
     """KV cache slots for a P-token bucket and T new tokens: P + T rounded up (nearby T share a shape)."""
@@ -80,12 +85,14 @@ def cache_len(prompt_len: int, max_new_tokens: int) -> int:
 def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samples: int = 1,
               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
               pad_id: int = 0, mesh: Optional[Mesh] = None, decode_segments: int = 0,
-              unroll_layers: Optional[bool] = None) -> Plan:
+              unroll_layers: Optional[bool] = None, decode_chunk: int = 0) -> Plan:
     """Check the sampling arguments and fix one batch's static shape (rows, P, cache, EOS list)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if decode_chunk < 0:
+        raise ValueError(f"decode_chunk must be >= 0 (0: automatic), got {decode_chunk}")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     dp = 1 if mesh is None else shd.data_parallel_size(mesh)
@@ -95,7 +102,7 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
     settings = _Settings(max_new_tokens=max_new_tokens, cache_len=cache_len(prompt_len, max_new_tokens),
                          greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
                          mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
-                         num_samples=num_samples)
+                         num_samples=num_samples, chunk=decode_chunk)
     return Plan(rows=-(-batch_size // dp) * dp, prompt_len=prompt_len, settings=settings, eos=tuple(eos))
 
 
@@ -184,7 +191,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
            example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
-           unroll_layers: Optional[bool] = None) -> SampleResult:
+           unroll_layers: Optional[bool] = None, decode_chunk: int = 0) -> SampleResult:
     """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
@@ -200,6 +207,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       Every process of a multi-host run calls this with the same arguments. decode_segments: how many
       attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
       unroll_layers: decode over per-layer weight slices (None: automatic, see _unroll_layers).
+      decode_chunk: decode steps between two checks for every row done (0: automatic, see
+      _decode_chunk); the samples are the same for any value.
     """
     prompts = _as_lists(prompt_ids, prompt_lengths)
     n, K = len(prompts), num_samples
@@ -222,7 +231,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
     plan_for = lambda P: make_plan(prompt_len=P, max_new_tokens=max_new_tokens, batch_size=batch_size or n,
                                    num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,
-                                   unroll_layers=unroll_layers)
+                                   unroll_layers=unroll_layers, decode_chunk=decode_chunk)
     rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
         want = shd.param_shardings(cfg, mesh)

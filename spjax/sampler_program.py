@@ -197,6 +197,7 @@ class _Settings:
     segments: int = 0  # decode loop segments (attention windows); 0: one per 32 steps begun, at most 4
     unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
     num_samples: int = 1  # K decodes per prompt, sharing the prompt's one prefill
+    chunk: int = 0  # decode steps per loop iteration (between two early-exit checks); 0: _decode_chunk decides
 
 
 _CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
@@ -215,6 +216,23 @@ def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
         return settings.unroll_layers
     backend = jax.default_backend()
     return backend == "gpu" or (backend == "cpu" and num_layers <= _CPU_UNROLL_MAX_LAYERS)
+
+
+_GPU_CHUNK = 8  # decode steps a GPU runs between two early-exit checks (each one a host sync)
+
+
+def _decode_chunk(settings: _Settings) -> int:
+    """Decode steps per iteration of the early-exit loop (the rest run in a fixed-count inner loop).
+
+    XLA:GPU runs a while loop of unknown trip count by copying the condition to the host and
+    blocking until the device is idle, every iteration: the next step's kernels are launched only
+    after the last one finished, so a small decode step is bound by launch latency. A loop of fixed
+    trip count (the inner scan) is enqueued without a sync. On CPU the host is the device, and TPU
+    loops run on the chip: both check every step (1), which also ends the loop at the earliest step.
+    """
+    if settings.chunk:
+        return settings.chunk
+    return _GPU_CHUNK if jax.default_backend() == "gpu" else 1
 
 
 def _decode_windows(P: int, T: int, S: int, segments: int = 0) -> tuple:
@@ -307,23 +325,32 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
                    cache=cache, kv_mask_BxS=kv_mask_RxS, keys_B=keys_R)
     state = _record(state, 0, token_R, logprob_R, live_R, eos_E, settings.pad_id)
 
-    def segment(last, W):
-        def cond(s: _State):
-            return (s.step <= last) & ~jnp.all(s.done_B)
+    def step(s: _State, W) -> _State:
+        prev_R = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
+        position_R = prompt_len_R + s.step - 1
+        logits_RxV, cache = _decode_step(cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
+                                         P + s.step - 1, mesh)
+        token_R, logprob_R = _choose(logits_RxV, s.keys_B, s.step, knobs, settings)
+        s = _record(s.replace(cache=cache), s.step, token_R, logprob_R, ~s.done_B, eos_E, settings.pad_id)
+        return s.replace(step=s.step + 1)
 
-        def body(s: _State):
-            prev_R = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
-            position_R = prompt_len_R + s.step - 1
-            logits_RxV, cache = _decode_step(cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
-                                             P + s.step - 1, mesh)
-            token_R, logprob_R = _choose(logits_RxV, s.keys_B, s.step, knobs, settings)
-            s = _record(s.replace(cache=cache), s.step, token_R, logprob_R, ~s.done_B, eos_E, settings.pad_id)
-            return s.replace(step=s.step + 1)
-
-        return cond, body
+    def run(s: _State, last, W, n) -> _State:
+        """Steps up to `last` in runs of n, while a row is alive: the loop checks once per run."""
+        def body(s):
+            if n == 1:
+                return step(s, W)
+            return jax.lax.fori_loop(0, n, lambda _, s: step(s, W), s)  # static count: no check inside
+        return jax.lax.while_loop(lambda s: (s.step + n - 1 <= last) & ~jnp.all(s.done_B), body, s)
 
     # Each segment picks up where the last stopped; once every row is done the rest exit at once.
+    # A segment runs whole chunks, then its remainder as one shorter run (rows that finish inside a
+    # run just record padding until it ends: `steps` counts the longest sample, not the loop's turns).
+    first, chunk = 1, _decode_chunk(settings)
     for last, W in _decode_windows(P, T, settings.cache_len, settings.segments):
-        state = jax.lax.while_loop(*segment(last, W), state)
+        n = min(chunk, last - first + 1)
+        state = run(state, last, W, n)
+        if (last - first + 1) % n:
+            state = run(state, last, W, (last - first + 1) % n)
+        first = last + 1
     return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
-                finished_B=state.done_B & live_R, steps=state.step)
+                finished_B=state.done_B & live_R, steps=jnp.max(state.lengths_B))

@@ -227,6 +227,26 @@ def test_eos_truncates_rows_and_ends_the_loop_early(greedy_llama3):
     assert res.finished[0] and not res.finished[3] and res.steps == NEW
 
 
+def test_decode_chunks_give_the_same_samples(greedy_llama3, mixed_batch):
+    """Several decode steps between early-exit checks (the GPU default) change nothing: the same
+    samples over several windows with a remainder run each, and rows that stop inside a chunk end
+    there (tokens, lengths and `steps` as with a check every step)."""
+    cfg, params, prompts, kw, ref = mixed_batch
+    res = sampler.sample(cfg, params, prompts, decode_chunk=5, decode_segments=3, **kw)
+    plan = sampler.make_plan(prompt_len=32, max_new_tokens=24, batch_size=8, decode_chunk=5, decode_segments=3)
+    assert plan.chunk() == 5 and plan.windows() == ((16, 48), (23, 64))  # 16 and 7 steps: 3 + 1 and 1 + 1 runs
+    assert res.tokens == ref.tokens and res.lengths.tolist() == ref.lengths.tolist()
+    for a, b in zip(res.logprobs, ref.logprobs):
+        assert np.abs(a - b).max() <= 1e-5
+
+    cfg, params, prompts, free = greedy_llama3
+    eos = sorted({row[3] for row in free.tokens})  # every row stops by token 3, inside the first chunk of 5
+    one, five = (sampler.sample(cfg, params, prompts, key=0, max_new_tokens=NEW, temperature=0, eos_ids=eos,
+                                decode_chunk=c) for c in (1, 5))
+    assert five.tokens == one.tokens and five.lengths.tolist() == one.lengths.tolist()
+    assert five.finished.all() and five.steps == one.steps < 5
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Batch composition, bucket and mesh invariance; keys
 
