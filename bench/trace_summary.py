@@ -65,7 +65,8 @@ def summarize(path: str, top: int = 12) -> dict:
         lines = {}
         for tid, spans in by_thread.items():
             busy_us = _busy_us(spans)
-            lines[threads.get((pid, tid), str(tid))] = (len(spans), busy_us / 1e3, busy_us / span_us if span_us else 0.0)
+            frac = busy_us / span_us if span_us else 0.0
+            lines[threads.get((pid, tid), str(tid))] = (len(spans), busy_us / 1e3, frac)
         ranked = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
         out[procs.get(pid, str(pid))] = {"span_ms": span_us / 1e3, "threads": lines,
                                          "top": [(name, t / 1e3, n) for name, (t, n) in ranked]}

@@ -331,7 +331,7 @@ def finish(ctx: Context, params, summary: dict):
 def restore(ctx: Context, params):
     """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint
     (params: the run's as loaded; a LoRA checkpoint's frozen base)."""
-    restored = saving.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh, params)
+    restored = saving.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh, params, ctx.base_sums)
     rs, state = RoundState(), None
     if restored is not None:
         state, rs = restored[0], RoundState.from_meta(restored[1])

@@ -85,11 +85,12 @@ def base_sums(cfg: ModelConfig, params) -> list | None:
     return [int(x) for x in _checksums(lora.split(cfg, params)[1])]
 
 
-def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None):
+def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None, sums=None):
     """(TrainState, meta) of the newest checkpoint that restores, or None.
 
     params: the run's params as loaded at its start; a LoRA policy's checkpoint (adapters only) is
     joined with their frozen base, which must be the one the run trained on (ConfigError if not).
+    sums: base_sums(cfg, params) where the caller has them already (one pass over the base less).
     """
     if cfg.lora.rank and params is None:  # checked here: inside the restore it would read as a bad step
         raise ValueError("a LoRA checkpoint holds the adapters only: restore_latest needs the run's params")
@@ -104,7 +105,7 @@ def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: M
     (first, convert), others = layouts[0], layouts[1:]
     got = checkpointer.restore_latest(first, others=others, convert=convert)
     if got is not None and cfg.lora.rank:
-        _check_base(cfg, params, got[1])
+        _check_base(cfg, params, got[1], sums)
     return got
 
 
@@ -113,8 +114,8 @@ def _with_base(cfg: ModelConfig, params, convert, state: TrainState) -> TrainSta
     return state.replace(params=lora.join(state.params, lora.split(cfg, params)[1]))
 
 
-def _check_base(cfg: ModelConfig, params, meta: dict):
+def _check_base(cfg: ModelConfig, params, meta: dict, sums=None):
     saved = meta.get("base_sums")
-    if saved is not None and list(saved) != base_sums(cfg, params):
+    if saved is not None and list(saved) != (sums if sums is not None else base_sums(cfg, params)):
         raise ConfigError("model_path: the base weights differ from those this run's LoRA checkpoints were "
                           "trained on (per-leaf checksums); resume with the run's own model_path and base_quant")

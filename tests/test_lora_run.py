@@ -9,14 +9,9 @@ import pytest
 
 from spjax import checkpoint as ckpt_lib, lora, rounds, saving, sharding as shd
 from spjax.config import MeshConfig, load_config
-from tests.test_rounds import TINY, _export_bytes, _train
+from tests.test_rounds import TINY, _export_bytes, _train, tfds_dir  # noqa: F401 (a fixture this module uses)
 
 LORA = "lora.rank=4"
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
