@@ -65,8 +65,10 @@ def run_peer(a, compile_: bool) -> dict:
             "mem_kind": "device" if train["peak_mem_gb"] is not None else "process max RSS"}
 
 
-def matmul_peak_flops(dtype, n: int, reps: int) -> float:
-    """FLOP/s of an n x n x n matmul on the default device, best of `reps` timed runs after warm-up."""
+def matmul_peak_flops(dtype, n: int, reps: int, min_s: float = 1.0) -> float:
+    """FLOP/s of an n x n x n matmul on the default device: the best of at least `reps` timed runs
+    after warm-up, and of as many as fit in `min_s` (a peak read off three 80 ms CPU runs once came
+    out at half the machine's figure: one hiccup there halves every MFU of the report)."""
     import jax
     import jax.numpy as jnp
     ka, kb = jax.random.split(jax.random.key(1))
@@ -75,13 +77,13 @@ def matmul_peak_flops(dtype, n: int, reps: int) -> float:
     mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
     mm(a, b).block_until_ready()
     inner = 10 if jax.default_backend() != "cpu" else 1  # amortise dispatch on fast devices
-    best = float("inf")
-    for _ in range(reps):
+    best, runs, stop = float("inf"), 0, time.perf_counter() + min_s
+    while runs < reps or time.perf_counter() < stop:
         t = time.perf_counter()
         for _ in range(inner):
             out = mm(a, b)
         out.block_until_ready()
-        best = min(best, (time.perf_counter() - t) / inner)
+        best, runs = min(best, (time.perf_counter() - t) / inner), runs + 1
     return 2 * n ** 3 / best
 
 
