@@ -182,8 +182,7 @@ def main():
                                                  "s": total_s, "first_call_s": first_s,
                                                  "new_tokens_per_s": B * N / total_s}
         if a.trace and len(runs) == 1:
-            with jax.profiler.trace(a.trace, create_perfetto_trace=True):
-                run()
+            trace_summary.trace_and_report(a.trace, run, f"one call ({seg=}, {chunk=})")
     out["variants"] = runs
     head = next(iter(runs.values()))
     out["spjax_first_call_s"], out["spjax_s"] = head["first_call_s"], head["s"]
@@ -239,10 +238,6 @@ def main():
     print(f"  decode reads {out['decode_gb_read']:.1f} GB (params + live KV; the windows read "
           f"{out['decode_gb_read_windowed']:.1f} GB) at {out['decode_gbps']:.1f} GB/s"
           + (f" = {out['roofline_frac']:.1%} of {peak:.0f} GB/s" if "roofline_frac" in out else ""))
-    if a.trace:
-        path = trace_summary.newest_trace(a.trace)
-        print(f"trace of one call ({next(iter(runs))}): {path}")
-        trace_summary.report(trace_summary.summarize(path))
     emit(out, "sampler_bench.json")
 
 

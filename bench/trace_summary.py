@@ -7,7 +7,8 @@ of that span some event was running (the busy fraction: on a GPU, 1 - busy is th
 idle between kernels, e.g. waiting for launches), and the ops that took the most time.
 
   python bench/trace_summary.py /tmp/trace            # newest trace under that directory
-  python bench/sampler.py --shape llama3.2-1b --trace /tmp/trace   # trace the sampler, then this
+  python bench/sampler.py --shape llama3.2-1b --trace /tmp/trace      # trace the sampler and summarize
+  python bench/train_step.py --shape llama3.2-1b --trace /tmp/trace   # the same for one pair step
 """
 from __future__ import annotations
 
@@ -80,6 +81,18 @@ def report(summary: dict) -> None:
             print(f"  busy {frac:6.1%} ({busy_ms:9.2f} ms, {n:6d} events)  {name}")
         for name, ms, n in s["top"]:
             print(f"  {ms:10.2f} ms {n:7d}x  {name[:100]}")
+
+
+def trace_and_report(log_dir: str, fn, label: str = "one call") -> dict:
+    """Profile one call of fn (blocking on its result) into log_dir, print the summary, return it."""
+    import jax
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        jax.block_until_ready(fn())
+    path = newest_trace(log_dir)
+    print(f"trace of {label}: {path}")
+    summary = summarize(path)
+    report(summary)
+    return summary
 
 
 def main():

@@ -10,6 +10,7 @@ prints a table and one JSON line (also $OUT/train_step.json when OUT is set).
   python bench/train_step.py --shape smollm2-135m --pairs 2 --prompt-len 32 --response-len 96 --steps 2
   python bench/train_step.py --shape llama3.2-1b            # on a GPU: bf16 compute, fp32 params
   python bench/train_step.py --shape llama3.2-1b --attention xla   # the einsum attention, for comparison
+  python bench/train_step.py --shape llama3.2-1b --no-peer --trace /tmp/trace   # + a profile of one step
 
 MFU counts 6 x params + 6 x layers x width x L FLOPs per token (the peer's convention: every
 matmul incl. the LM head, attention as if not causal), against the peak of a large matmul timed in
@@ -126,6 +127,9 @@ def run_spjax(a) -> dict:
     # the first call compiles; warm-up is not timed (the peer also runs 3)
     state, metrics, warmup_s, dt = time_steps(fn, state, batch, warmup=3, steps=a.steps)
     peak, mem_kind = peak_memory()
+    if a.trace:  # one more step, after the timing and the memory reading
+        from bench import trace_summary
+        trace_summary.trace_and_report(a.trace, lambda: fn(state, batch), "one pair step")
     peak /= 1e9
     dev = jax.devices()[0]
     del state, metrics, batch
@@ -158,6 +162,7 @@ def main(argv=None):
                                          "(auto: cuDNN on a CUDA GPU with bf16, else XLA)")
     ap.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048 CPU, 8192 else)")
     ap.add_argument("--no-peer", action="store_true", help="measure spjax only")
+    ap.add_argument("--trace", metavar="DIR", help="profile one more step into DIR and summarize it")
     ap.add_argument("--peer-timeout", type=int, default=1800)
     a = ap.parse_args(argv)
     big = a.shape != "tiny"
