@@ -18,6 +18,8 @@ enough for its steps (`_decode_windows`): a step reads the live part of the cach
 all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
 before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
 step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
+A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
+after each: XLA:GPU syncs with the host at every check.
 """
 from __future__ import annotations
 

@@ -5,15 +5,11 @@ import os
 
 import pytest
 
-from tests.test_rounds import _export_bytes, _logged, _train
+from tests.test_rounds import (  # noqa: F401 (tfds_dir: a fixture this module uses)
+    _assert_exports_close, _export_bytes, _logged, _train, _train_two_processes, tfds_dir)
 
 JUDGED = ["judge.name=python:tests.judge_fixture:longest", "sampling.num_samples=2", "judge.batch_size=16",
           "objective.name=inpo", "objective.tau=0.05", "judge.pairs=best_worst"]
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +66,12 @@ def test_a_round_without_pairs_trains_nothing_and_goes_on(tfds_dir, tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
     assert [r["judge_pairs"] for r in rows if r["kind"] == "round"] == [0.0, 0.0]
     assert os.path.exists(os.path.join(work, "export", "model.safetensors"))
+
+
+def test_two_processes_match_one_process(judged_run, tfds_dir, tmp_path):
+    """Judged self-play on 2 processes x 4 devices (K samples gathered from both, judged on each, pi_0
+    reloaded on both for INPO) gives the export of the 1-process run."""
+    ref_dir, _ = judged_run
+    out = _train_two_processes(tmp_path / "run", *JUDGED, tfds_dir=tfds_dir)
+    assert "pairs: judged" in out and "exported the final model" in out
+    _assert_exports_close(tmp_path / "run", ref_dir)
