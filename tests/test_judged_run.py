@@ -68,10 +68,33 @@ def test_a_round_without_pairs_trains_nothing_and_goes_on(tfds_dir, tmp_path):
     assert os.path.exists(os.path.join(work, "export", "model.safetensors"))
 
 
-def test_two_processes_match_one_process(judged_run, tfds_dir, tmp_path):
-    """Judged self-play on 2 processes x 4 devices (K samples gathered from both, judged on each, pi_0
-    reloaded on both for INPO) gives the export of the 1-process run."""
-    ref_dir, _ = judged_run
-    out = _train_two_processes(tmp_path / "run", *JUDGED, tfds_dir=tfds_dir)
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory, tfds_dir):
+    """The judged run with a reward model as the judge: a tiny random Llama sequence classifier saved
+    by transformers, read by spjax in a run that cannot import torch, scored on device and sharded."""
+    import torch
+    import transformers
+    from tests.oracle import TINY
+    rm_dir = tmp_path_factory.mktemp("reward_model")
+    conf = transformers.LlamaConfig(**{**TINY, "vocab_size": 259}, num_labels=1, pad_token_id=0,
+                                    tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(conf).float().save_pretrained(rm_dir)
+    args = [a for a in JUDGED if not a.startswith("judge.name=")] + [f"judge.name=reward_model:{rm_dir}"]
+    workdir = tmp_path_factory.mktemp("rm_judged")
+    proc = _train(workdir, *args, tfds_dir=tfds_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"judge: reward_model:{rm_dir}" in proc.stdout
+    rounds = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"round"' in l]
+    assert all(r["judge_best"] > r["judge_mean"] and r["judge_pairs"] == 1 for r in rounds if r["kind"] == "round")
+    return workdir, args
+
+
+def test_two_processes_match_one_process(rm_run, tfds_dir, tmp_path):
+    """Judged self-play on 2 processes x 4 devices gives the export of the 1-process run: K samples
+    gathered from both hosts, the reward model judging on both in lockstep (its scores are a
+    collective program), INPO's pi_0 reloaded on both."""
+    ref_dir, args = rm_run
+    out = _train_two_processes(tmp_path / "run", *args, tfds_dir=tfds_dir)
     assert "pairs: judged" in out and "exported the final model" in out
     _assert_exports_close(tmp_path / "run", ref_dir)
