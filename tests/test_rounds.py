@@ -193,7 +193,11 @@ def _train_two_processes(workdir, *args, tfds_dir=None):
                                        SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2",
                                        SPJAX_PROCESS_ID=str(i)))
              for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:  # one process failing leaves the other waiting in a collective: never leave it running
+        for p in procs:
+            p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return outs[0][0]
