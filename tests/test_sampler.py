@@ -283,7 +283,7 @@ def test_same_samples_on_8_devices(mixed_batch, mesh_cfg, devices):
 
 def test_k_samples_per_prompt_keys_invariant(mixed_batch, devices):
     """K samples: sample 0 is the single-sample draw, samples k >= 1 their own draws; the same
-    samples in other batches, other orders and on an 8-device mesh."""
+    samples in other batches, other orders and on an 8-device mesh (there with decode chunks)."""
     cfg, params, prompts, kw, ref = mixed_batch
     n, K = len(prompts), 3
     one = shd.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
@@ -294,7 +294,9 @@ def test_k_samples_per_prompt_keys_invariant(mixed_batch, devices):
     other = sampler.sample(cfg, params, prompts[::-1], example_ids=list(range(n))[::-1], batch_size=3,
                            num_samples=K, **kw)
     assert [other.tokens[(n - 1 - i) * K + k] for i in range(n) for k in range(K)] == res.tokens
-    spread = sampler.sample(cfg, params, prompts, num_samples=K, mesh=shd.make_mesh(MeshConfig(data=8)), **kw)
+    # on 8 devices, and checking for the end every 4 steps (the GPU way): the same samples
+    spread = sampler.sample(cfg, params, prompts, num_samples=K, mesh=shd.make_mesh(MeshConfig(data=8)),
+                            decode_chunk=4, **kw)
     assert spread.tokens == res.tokens
     for i in (0, 5):  # sample k's key, as the program derives it
         for k in range(K):
