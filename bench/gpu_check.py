@@ -6,8 +6,9 @@ model with fp32 params:
   1. token log-probs and their gradient with bf16 compute through cuDNN attention and through the XLA
      einsum path, each against an fp32-compute XLA reference (relative L2 error; cuDNN should be no
      worse than the einsum path at the same precision), on a right-padded batch;
-  2. greedy sampling (fp32) with the decode layers unrolled over windows vs one scanned loop over the
-     whole cache: identical tokens.
+  2. greedy sampling (fp32) with the decode layers unrolled over windows, checking for the end once
+     per chunk of steps (the GPU defaults), vs one scanned loop over the whole cache checking every
+     step: identical tokens, also where rows stop at an EOS inside a chunk.
 Prints one line per check and exits 1 if a check fails (the caller then times with --attention xla).
 
   python bench/gpu_check.py
@@ -76,11 +77,21 @@ def main() -> int:
     prompts = [p[: 40 - 4 * i] for i, p in enumerate(prompts)]  # ragged, left-padded inside
     kw = dict(key=sampler.round_key(0, 0), max_new_tokens=70, temperature=0.0)
     a = sampler.sample(cfg32, params, prompts, decode_segments=0, unroll_layers=True, **kw)
-    b = sampler.sample(cfg32, params, prompts, decode_segments=1, unroll_layers=False, **kw)
+    b = sampler.sample(cfg32, params, prompts, decode_segments=1, unroll_layers=False, decode_chunk=1, **kw)
     same = a.tokens == b.tokens
     equal = sum(x == y for ra, rb in zip(a.tokens, b.tokens) for x, y in zip(ra, rb))
-    print(f"[{'ok' if same else 'FAIL'}] greedy fp32: unrolled windowed decode == one scanned loop "
-          f"({equal} of {sum(len(r) for r in a.tokens)} tokens equal)")
+    print(f"[{'ok' if same else 'FAIL'}] greedy fp32: unrolled windowed decode in chunks of "
+          f"{sampler.make_plan(prompt_len=64, max_new_tokens=70, batch_size=8).chunk()} steps == one scanned "
+          f"loop checking every step ({equal} of {sum(len(r) for r in a.tokens)} tokens equal)")
+    ok &= same
+    # Rows that stop inside a chunk (sampled, so rows differ): each row's token 5 is an EOS id.
+    kw["temperature"] = 1.0
+    eos = sorted({row[5] for row in sampler.sample(cfg32, params, prompts, decode_chunk=1, **kw).tokens})
+    c = sampler.sample(cfg32, params, prompts, eos_ids=eos, **kw)
+    d = sampler.sample(cfg32, params, prompts, eos_ids=eos, decode_chunk=1, **kw)
+    same = c.tokens == d.tokens and c.lengths.tolist() == d.lengths.tolist() and c.steps == d.steps <= 6
+    print(f"[{'ok' if same else 'FAIL'}] sampled with EOS: chunked decode == checking every step "
+          f"(longest sample {c.steps} / {d.steps} tokens)")
     ok &= same
     return 0 if ok else 1
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/perf.md from one run on one card (about 8 minutes on an H200,
 # starting from a bare machine):
-#   1. bench/gpu_check.py: cuDNN attention and the unrolled decode agree with the CPU-tested paths
+#   1. bench/gpu_check.py: cuDNN attention and the unrolled, chunked decode agree with the CPU-tested paths
 #      (if not, the timings below use the XLA einsum attention: --attention xla, attention=xla);
 #   2. bench/train_step.py  --shape llama3.2-1b: the pair step against the PyTorch peer, eager and compiled;
 #   3. bench/sampler.py     --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(),
