@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/perf.md from one run on one card (about 8 minutes on an H200,
-# starting from a bare machine):
-#   1. bench/gpu_check.py: cuDNN attention and the unrolled, chunked decode agree with the CPU-tested paths
-#      (if not, the timings below use the XLA einsum attention: --attention xla, attention=xla);
-#   2. bench/train_step.py  --shape llama3.2-1b: the pair step against the PyTorch peer, eager and compiled;
-#   3. bench/sampler.py     --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(),
-#      eager and static-cache compiled, with the roofline fraction; the decode loop checking for
-#      early exit every 8 steps (the GPU default) and every step, then a profile of one call
-#      (under $TRACE_DIR, summarized in the log: how busy the card's streams were, the costliest kernels);
-#   4. configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training split.
-# Each stage has a time limit and its log goes to $OUT/<stage>.log (default ./bench_out).
+# Every GPU figure of docs/perf.md from one card, most wanted first, inside one device call:
+#   check    bench/gpu_check.py: cuDNN attention and the unrolled, chunked decode agree with the CPU-tested
+#            paths (if not, the stages that train use the XLA einsum attention: attention=xla);
+#   sampler  bench/sampler.py --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(), eager
+#            and static-cache compiled, with the roofline fraction; the decode loop checking for early exit
+#            every 8 steps (the GPU default) and every step, then a profile of one call (under $TRACE_DIR,
+#            summarized in the log: how busy the card's streams were, the costliest kernels);
+#   graphs   the same sampler under XLA command buffers for the whole decode loop (WHILE and CONDITIONAL
+#            recorded into CUDA graphs: the loop's condition then runs on the card, with no host sync and
+#            no launch per kernel), checks 1 and 8; compared with `sampler`: speed, and the same samples
+#            (crc32 of the tokens) from the same key;
+#   train    bench/train_step.py --shape llama3.2-1b: the pair step against the PyTorch peer, eager and
+#            compiled, with MFU against a matmul peak measured in the same run;
+#   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training.
+# Each stage has a time limit, cut to what is left of SUITE_S (default 570 s: one device call is at most
+# 600 s); a stage that would get under 60 s is skipped. STAGES picks and orders them (default: all, as
+# above), e.g. two calls: STAGES="check sampler graphs", then STAGES="train round" (ATTENTION=xla if
+# the check failed). Logs go to $OUT/<stage>.log (default ./bench_out), their JSON lines to summary.jsonl.
 #
 #   SPJAX_PEERS=/path/to/peers bash bench/gpu_suite.sh      # the folder holding torch_pair_bench.py
 set -u
@@ -18,28 +25,57 @@ OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+DEADLINE=$((SECONDS + ${SUITE_S:-570}))
+# Command buffers as XLA's defaults, plus the loop and branch commands (enum names as in xla.proto).
+GRAPH_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,\
+WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
 
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, return its status
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit=$2 start=$SECONDS rc left=$((DEADLINE - SECONDS))
   shift 2
+  if [ "$left" -lt 60 ]; then echo "== $name: skipped, ${left}s left of SUITE_S"; return 125; fi
+  [ "$limit" -le "$left" ] || limit=$left
   echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  OUT= timeout "$limit" "$@" > "$OUT/$name.log" 2>&1  # OUT= : the benches print their JSON, write no file
   rc=$?
   tail -n "${TAIL_LINES:-14}" "$OUT/$name.log"
   echo "== $name: exit $rc after $((SECONDS - start))s"
   return $rc
 }
 
+SHAPE=${SHAPE:-llama3.2-1b}  # SHAPE=tiny STAGES="sampler graphs" smoke-tests the suite on a CPU
+SAMPLER=(bench/sampler.py --shape "$SHAPE" --chunks 0,1)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
-ATTENTION=auto  # the model config's attention field for the stages that train
-stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla
-stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape llama3.2-1b --peer-timeout 150 \
-  --attention "$ATTENTION"
-TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" bench/sampler.py --shape llama3.2-1b --peers eager,compile \
-  --peer-timeout 150 --chunks 0,1 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}"
-ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
-TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
-  --workdir "$ROUND_DIR" attention="$ATTENTION"
-tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
-cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true
+ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
+for s in ${STAGES:-check sampler graphs train round}; do
+  case $s in
+    check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla ;;
+    sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
+      --peer-timeout 150 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" ;;
+    graphs) XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" TAIL_LINES=12 stage graphs "${GRAPHS_S:-150}" "$PY" \
+      "${SAMPLER[@]}" --peers none
+      "$PY" - "$OUT/sampler.log" "$OUT/graphs.log" <<'PY' || true
+import json, sys
+def variants(path):  # the sampler bench's JSON line: {variant: its figures}
+    rows = [json.loads(l) for l in open(path) if l.startswith('{"bench": "sampler"')]
+    return rows[-1]["variants"] if rows else {}
+plain, graphs = map(variants, sys.argv[1:])
+for name, g in graphs.items():
+    p = plain.get(name)
+    if p:
+        same = "same samples" if p["tokens_crc32"] == g["tokens_crc32"] else "DIFFERENT samples"
+        print(f"command buffers, {name}: {g['new_tokens_per_s']:.0f} vs {p['new_tokens_per_s']:.0f} new tok/s "
+              f"({g['new_tokens_per_s'] / p['new_tokens_per_s']:.2f}x), {same}")
+PY
+      ;;
+    train) stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape "$SHAPE" --peer-timeout 150 \
+      --attention "$ATTENTION" ;;
+    round) ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
+      TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
+        --workdir "$ROUND_DIR" attention="$ATTENTION"
+      tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
+      cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
+    *) echo "unknown stage '$s' in STAGES (check, sampler, graphs, train, round)"; exit 2 ;;
+  esac
+done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

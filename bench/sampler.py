@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,12 @@ def run_peer(shape, batch, prompt_len, new, compiled: bool, timeout: int) -> dic
         err = (found or {}).get("generate_error") or proc.stderr[-500:]
         return {"error": f"rc={proc.returncode}: {err}"}
     return found
+
+
+def tokens_crc32(tokens) -> str:
+    """A digest of the samples: variants of one program (and runs under other XLA flags, e.g. command
+    buffers) draw the same tokens from the same key, so equal digests say the variant changed no sample."""
+    return f"{zlib.crc32(np.concatenate([np.asarray(t, np.int32) for t in tokens]).tobytes()):08x}"
 
 
 def _timed(fn, repeats):
@@ -170,21 +177,24 @@ def main():
             res = sampler.sample(cfg, params, prompts, key=key, max_new_tokens=N, temperature=1.0,
                                  decode_segments=seg, unroll_layers=unroll, decode_chunk=chunk)
             assert res.lengths.min() == N  # no EOS: every row made all N tokens
-            return res.lengths
+            return res
 
         t = time.perf_counter()
-        run()  # compile + first run
+        res = run()  # compile + first run
         first_s = time.perf_counter() - t
-        total_s = _timed(run, a.repeats)
+        total_s = _timed(lambda: run().lengths, a.repeats)
         plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg,
                                  decode_chunk=chunk)
         runs[f"segments={seg},chunk={chunk}"] = {"windows": [list(w) for w in plan.windows()], "chunk": plan.chunk(),
                                                  "s": total_s, "first_call_s": first_s,
-                                                 "new_tokens_per_s": B * N / total_s}
+                                                 "new_tokens_per_s": B * N / total_s,
+                                                 "tokens_crc32": tokens_crc32(res.tokens)}
         if a.trace and len(runs) == 1:
             trace_summary.trace_and_report(a.trace, run, f"one call ({seg=}, {chunk=})")
     out["variants"] = runs
     head = next(iter(runs.values()))
+    out["tokens_crc32"] = head_crc = head["tokens_crc32"]
+    out["same_samples"] = all(r["tokens_crc32"] == head_crc for r in runs.values())
     out["spjax_first_call_s"], out["spjax_s"] = head["first_call_s"], head["s"]
     out["spjax_new_tokens_per_s"] = head["new_tokens_per_s"]
     for p in peers:
@@ -226,6 +236,8 @@ def main():
         print(f"  spjax   {r['new_tokens_per_s']:10.1f} new tok/s  ({r['s']:.3f} s, first call "
               f"{r['first_call_s']:.1f} s; {name}: windows {[w[1] for w in r['windows']]} of {S} slots, "
               f"{r['chunk']} steps a check)")
+    print(f"  samples {'identical across variants' if out['same_samples'] else 'DIFFER between variants'} "
+          f"(crc32 {head_crc})")
     print(f"  split   prefill {prefill_s:.3f} s, decode {decode_s:.3f} s "
           f"({out['decode_new_tokens_per_s']:.1f} new tok/s while decoding)")
     for p in peers:
