@@ -11,7 +11,7 @@
 #            no launch per kernel), checks 1 and 8; compared with `sampler`: speed, and the same samples
 #            (crc32 of the tokens) from the same key;
 #   train    bench/train_step.py --shape llama3.2-1b: the pair step against the PyTorch peer, eager and
-#            compiled, with MFU against a matmul peak measured in the same run;
+#            compiled, with MFU against a matmul peak measured in the same run, then a profile of one step;
 #   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training.
 # Each stage has a time limit, cut to what is left of SUITE_S (default 570 s: one device call is at most
 # 600 s); a stage that would get under 60 s is skipped. STAGES picks and orders them (default: all, as
@@ -68,8 +68,8 @@ for name, g in graphs.items():
               f"({g['new_tokens_per_s'] / p['new_tokens_per_s']:.2f}x), {same}")
 PY
       ;;
-    train) stage train_step "${TRAIN_S:-220}" "$PY" bench/train_step.py --shape "$SHAPE" --peer-timeout 150 \
-      --attention "$ATTENTION" ;;
+    train) TAIL_LINES=36 stage train_step "${TRAIN_S:-240}" "$PY" bench/train_step.py --shape "$SHAPE" \
+      --peer-timeout 150 --attention "$ATTENTION" --trace "${STEP_TRACE_DIR:-/tmp/spjax_step_trace}" ;;
     round) ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
       TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
         --workdir "$ROUND_DIR" attention="$ATTENTION"

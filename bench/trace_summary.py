@@ -28,18 +28,24 @@ def newest_trace(log_dir: str) -> str:
     return max(found, key=os.path.getmtime)
 
 
-def _busy_us(intervals) -> float:
-    """Length of the union of [start, end) intervals (events on several streams may overlap)."""
-    total, reach = 0.0, float("-inf")
+def _busy_us(intervals) -> tuple:
+    """(length of the union of [start, end) intervals, the gaps between its pieces in us): events on
+    one line may nest or overlap. Many short gaps on a GPU stream mean launch-bound kernels; a few
+    long ones, the host waiting (a sync) before it launches more."""
+    total, reach, gaps = 0.0, None, []
     for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+        if reach is None or start > reach:
+            if reach is not None:
+                gaps.append(start - reach)
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total, gaps
 
 
 def summarize(path: str, top: int = 12) -> dict:
-    """{process: {span_ms, threads: {thread: (events, busy_ms, busy_frac)}, top: [(op, total ms, count)]}}.
+    """{process: {span_ms, threads: {thread: (events, busy_ms, busy_frac, idle gaps in us, sorted)},
+    top: [(op, total ms, count)]}}.
 
     Busy time is per thread (on a GPU, per stream, and per derived line such as "XLA Ops"): the
     union of its events' intervals over the process's span. Ops are ranked over the whole process.
@@ -65,9 +71,9 @@ def summarize(path: str, top: int = 12) -> dict:
             by_op[e["name"]][1] += 1
         lines = {}
         for tid, spans in by_thread.items():
-            busy_us = _busy_us(spans)
+            busy_us, gaps = _busy_us(spans)
             frac = busy_us / span_us if span_us else 0.0
-            lines[threads.get((pid, tid), str(tid))] = (len(spans), busy_us / 1e3, frac)
+            lines[threads.get((pid, tid), str(tid))] = (len(spans), busy_us / 1e3, frac, sorted(gaps))
         ranked = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
         out[procs.get(pid, str(pid))] = {"span_ms": span_us / 1e3, "threads": lines,
                                          "top": [(name, t / 1e3, n) for name, (t, n) in ranked]}
@@ -77,8 +83,10 @@ def summarize(path: str, top: int = 12) -> dict:
 def report(summary: dict) -> None:
     for proc, s in sorted(summary.items(), key=lambda kv: ("device" not in kv[0], kv[0])):
         print(f"{proc}: {s['span_ms']:.1f} ms from its first event to its last")
-        for name, (n, busy_ms, frac) in sorted(s["threads"].items(), key=lambda kv: -kv[1][1])[:8]:
-            print(f"  busy {frac:6.1%} ({busy_ms:9.2f} ms, {n:6d} events)  {name}")
+        for name, (n, busy_ms, frac, gaps) in sorted(s["threads"].items(), key=lambda kv: -kv[1][1])[:8]:
+            idle = (f"; {len(gaps)} idle gaps, median {gaps[len(gaps) // 2]:.1f} us, longest {gaps[-1] / 1e3:.2f} ms"
+                    if gaps else "")
+            print(f"  busy {frac:6.1%} ({busy_ms:9.2f} ms, {n:6d} events{idle})  {name}")
         for name, ms, n in s["top"]:
             print(f"  {ms:10.2f} ms {n:7d}x  {name[:100]}")
 
