@@ -6,6 +6,8 @@
 #            and static-cache compiled, with the roofline fraction; the decode loop checking for early exit
 #            every 8 steps (the GPU default) and every step, then a profile of one call (under $TRACE_DIR,
 #            summarized in the log: how busy the card's streams were, the costliest kernels);
+#   draw     bench/draw.py: the sampler's two-stage categorical draw against one Gumbel number per
+#            vocabulary entry, 64 rows x 49k and 128k vocabularies;
 #   graphs   the same sampler under XLA command buffers for the whole decode loop (WHILE and CONDITIONAL
 #            recorded into CUDA graphs: the loop's condition then runs on the card, with no host sync and
 #            no launch per kernel), checks 1 and 8; compared with `sampler`: speed, and the same samples
@@ -15,7 +17,7 @@
 #   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training.
 # Each stage has a time limit, cut to what is left of SUITE_S (default 570 s: one device call is at most
 # 600 s); a stage that would get under 60 s is skipped. STAGES picks and orders them (default: all, as
-# above), e.g. two calls: STAGES="check sampler graphs", then STAGES="train round" (ATTENTION=xla if
+# above), e.g. two calls: STAGES="check sampler draw graphs", then STAGES="train round" (ATTENTION=xla if
 # the check failed). Logs go to $OUT/<stage>.log (default ./bench_out), their JSON lines to summary.jsonl.
 #
 #   SPJAX_PEERS=/path/to/peers bash bench/gpu_suite.sh      # the folder holding torch_pair_bench.py
@@ -47,11 +49,12 @@ SHAPE=${SHAPE:-llama3.2-1b}  # SHAPE=tiny STAGES="sampler graphs" smoke-tests th
 SAMPLER=(bench/sampler.py --shape "$SHAPE" --chunks 0,1)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
-for s in ${STAGES:-check sampler graphs train round}; do
+for s in ${STAGES:-check sampler draw graphs train round}; do
   case $s in
     check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla ;;
     sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
       --peer-timeout 150 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" ;;
+    draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py ;;
     graphs) XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" TAIL_LINES=12 stage graphs "${GRAPHS_S:-150}" "$PY" \
       "${SAMPLER[@]}" --peers none
       "$PY" - "$OUT/sampler.log" "$OUT/graphs.log" <<'PY' || true
@@ -75,7 +78,7 @@ PY
         --workdir "$ROUND_DIR" attention="$ATTENTION"
       tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
       cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
-    *) echo "unknown stage '$s' in STAGES (check, sampler, graphs, train, round)"; exit 2 ;;
+    *) echo "unknown stage '$s' in STAGES (check, sampler, draw, graphs, train, round)"; exit 2 ;;
   esac
 done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

@@ -165,24 +165,26 @@ _DRAW_BLOCK = 256  # tokens per block of the two-stage draw: V/256 + 256 random 
 
 
 def _categorical(keys_B, logits_BxV):
-    """One draw per row from softmax(logits), exactly, in two stages: a block of C tokens with
+    """One draw per row from softmax(logits), exactly, in two stages: one of N blocks of C tokens with
     probability its share of the mass (Gumbel-max over the blocks' logsumexps), then a token in that
     block (Gumbel-max over its C logits); P(block) * P(token | block) = softmax(logits)[token].
 
     One Gumbel draw per vocabulary entry (jax.random.categorical) costs a threefry hash per entry per
-    row every decode step (128k x 64 rows for the 1B shape); this takes V/C + C per row (757 there)
-    and one logsumexp pass over the logits. Blocks of -inf (truncated, or the padding up to N*C)
-    have -inf mass and are never drawn.
+    row every decode step (128k x 64 rows for the 1B shape); this takes N + C per row (757 there)
+    and one logsumexp pass over the logits. Blocks of -inf (truncated, or the padding up to C*N)
+    have no mass and are never drawn. Block n holds tokens n, N + n, 2N + n, ...: with the vocabulary
+    split over devices (tensor-parallel logits) each device holds a slice of every block, so the
+    block sums reduce across devices and nothing [B, V]-sized moves.
     """
     B, V = logits_BxV.shape
     C = min(_DRAW_BLOCK, V)
     N = -(-V // C)
-    x_BxNxC = jnp.pad(logits_BxV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf).reshape(B, N, C)
+    x_BxCxN = jnp.pad(logits_BxV, ((0, 0), (0, C * N - V)), constant_values=-jnp.inf).reshape(B, C, N)
     block_keys_B, token_keys_B = jnp.moveaxis(jax.vmap(jax.random.split)(keys_B), 1, 0)
     gumbel = lambda keys, n: jax.vmap(lambda k: jax.random.gumbel(k, (n,), logits_BxV.dtype))(keys)
-    block_B = _argmax(jax.nn.logsumexp(x_BxNxC, axis=-1) + gumbel(block_keys_B, N))
-    x_BxC = jnp.take_along_axis(x_BxNxC, block_B[:, None, None], axis=1)[:, 0]
-    return block_B * C + _argmax(x_BxC + gumbel(token_keys_B, C))
+    block_B = _argmax(jax.nn.logsumexp(x_BxCxN, axis=1) + gumbel(block_keys_B, N))
+    x_BxC = jnp.take_along_axis(x_BxCxN, block_B[:, None, None], axis=2)[:, :, 0]
+    return _argmax(x_BxC + gumbel(token_keys_B, C)) * N + block_B
 
 
 def _choose(logits_BxV, keys_B, step, knobs, settings):
