@@ -40,6 +40,19 @@ def emit(record: dict, name: str):
             json.dump(record, f, indent=1)
 
 
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn (blocking on its result); warm it up first."""
+    import time
+
+    import jax
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def time_steps(fn, state, batch, warmup: int, steps: int):
     """(state, metrics, warmup seconds, seconds per step) of `steps` timed calls of a jitted train
     step after `warmup` untimed ones (the first compiles); checks the last step was finite."""

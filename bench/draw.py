@@ -15,24 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spjax import sampler  # noqa: E402
-from bench.common import emit  # noqa: E402
-
-
-def best_of(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t)
-    return best
+from bench.common import best_time, emit  # noqa: E402
 
 
 def main():
@@ -48,8 +36,11 @@ def main():
     for V in (int(v) for v in a.vocab.split(",")):
         logits_BxV = jax.random.normal(jax.random.key(1), (a.rows, V)) * 3
         keys_B = jax.random.split(jax.random.key(0), a.rows)
-        r = {"per_entry_ms": 1e3 * best_of(per_entry, (keys_B, logits_BxV), a.repeats),
-             "two_stage_ms": 1e3 * best_of(two_stage, (keys_B, logits_BxV), a.repeats)}
+        r = {}
+        for name, fn in (("per_entry_ms", per_entry), ("two_stage_ms", two_stage)):
+            call = lambda: fn(keys_B, logits_BxV)
+            jax.block_until_ready(call())  # compile
+            r[name] = 1e3 * best_time(call, a.repeats)
         r["speedup"] = r["per_entry_ms"] / r["two_stage_ms"]
         out["shapes"][f"{a.rows}x{V}"] = r
         print(f"{a.rows} rows x {V} vocab on {dev.device_kind}: one Gumbel per entry {r['per_entry_ms']:.3f} ms, "

@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spjax import model, sampler  # noqa: E402
 from bench import trace_summary  # noqa: E402
-from bench.common import SHAPES, emit, model_config, peer_script  # noqa: E402
+from bench.common import SHAPES, best_time, emit, model_config, peer_script  # noqa: E402
 
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}  # HBM peak by device-kind substring (SXM figures)
 
@@ -76,15 +76,6 @@ def tokens_crc32(tokens) -> str:
     return f"{zlib.crc32(np.concatenate([np.asarray(t, np.int32) for t in tokens]).tobytes()):08x}"
 
 
-def _timed(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -> dict:
     """B/K prompts x K samples (one prefill per prompt, K decode rows each) against B distinct prompts
     x 1 sample: the same decode rows, a K-times smaller prefill. Times the prefill alone and the
@@ -97,8 +88,8 @@ def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -
         pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
         call = lambda: sampler.sample(cfg, params, ps, key=0, max_new_tokens=N, temperature=1.0, num_samples=k).lengths
         jax.block_until_ready((pre(), call()))
-        out[name] = {"prompts": len(ps), "samples": k, "prefill_s": _timed(pre, repeats),
-                     "call_s": _timed(call, repeats)}
+        out[name] = {"prompts": len(ps), "samples": k, "prefill_s": best_time(pre, repeats),
+                     "call_s": best_time(call, repeats)}
     out["prefill_ratio"] = out["shared"]["prefill_s"] / out["distinct"]["prefill_s"]
     out["call_ratio"] = out["shared"]["call_s"] / out["distinct"]["call_s"]
     for name in ("distinct", "shared"):
@@ -182,7 +173,7 @@ def main():
         t = time.perf_counter()
         res = run()  # compile + first run
         first_s = time.perf_counter() - t
-        total_s = _timed(lambda: run().lengths, a.repeats)
+        total_s = best_time(lambda: run().lengths, a.repeats)
         plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg,
                                  decode_chunk=chunk)
         runs[f"segments={seg},chunk={chunk}"] = {"windows": [list(w) for w in plan.windows()], "chunk": plan.chunk(),
@@ -205,7 +196,7 @@ def main():
     prompt_BxP, len_B = jnp.asarray(np.asarray(prompts, np.int32)), jnp.full((B,), P, jnp.int32)
     pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
     jax.block_until_ready(pre())
-    prefill_s = _timed(pre, a.repeats)
+    prefill_s = best_time(pre, a.repeats)
     decode_s = max(head["s"] - prefill_s, 1e-9)
     out["prefill_s"], out["decode_s"] = prefill_s, decode_s
     out["decode_new_tokens_per_s"] = B * (N - 1) / decode_s  # the prefill makes the first token
