@@ -21,6 +21,8 @@
 # the check failed). Logs go to $OUT/<stage>.log (default ./bench_out), their JSON lines to summary.jsonl.
 #
 #   SPJAX_PEERS=/path/to/peers bash bench/gpu_suite.sh      # the folder holding torch_pair_bench.py
+# A device machine gets the checkout only: copy the peer into a git-ignored folder of it, name that
+# folder in the run's carry, and point SPJAX_PEERS there.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
