@@ -30,12 +30,15 @@ def _compile_cache():
     """JAX's persistent compile cache: a resumed or repeated run skips most compilation.
 
     SPJAX_COMPILE_CACHE picks the directory (default ~/.cache/spjax/xla); an empty value disables it.
+    SPJAX_COMPILE_CACHE_MIN_SECS (default 1) keeps only programs that took that long to compile; the
+    tests set 0: a tiny run's ~100 small programs take ~5 s to compile and ~0.3 s to load.
     """
     import jax
     path = os.environ.get("SPJAX_COMPILE_CACHE", os.path.expanduser("~/.cache/spjax/xla"))
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ.get("SPJAX_COMPILE_CACHE_MIN_SECS", "1")))
 
 
 def cpu_devices_flags(xla_flags: str) -> str:
