@@ -34,11 +34,16 @@ def _compile_cache():
     tests set 0: a tiny run's ~100 small programs take ~5 s to compile and ~0.3 s to load.
     """
     import jax
+    from spjax.config import ConfigError
     path = os.environ.get("SPJAX_COMPILE_CACHE", os.path.expanduser("~/.cache/spjax/xla"))
+    min_secs = os.environ.get("SPJAX_COMPILE_CACHE_MIN_SECS", "1")
+    try:
+        min_secs = float(min_secs)
+    except ValueError:
+        raise ConfigError(f"SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds, got {min_secs!r}") from None
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ.get("SPJAX_COMPILE_CACHE_MIN_SECS", "1")))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
 
 
 def cpu_devices_flags(xla_flags: str) -> str:
@@ -101,10 +106,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        _compile_cache()
     except ConfigError as e:
         print(f"spjax: config error: {e}", file=sys.stderr)
         return 2
-    _compile_cache()
     name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import rounds

@@ -170,6 +170,15 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch):
+    from spjax import train
+    monkeypatch.setenv("SPJAX_COMPILE_CACHE_MIN_SECS", "1s")
+    assert train.main(["--config", TINY, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["spjax: config error: SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds, got '1s'"], err
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_refuses_to_overwrite_a_run_without_resume(reference_run, tfds_dir):
     workdir, _ = reference_run
     with pytest.raises(ConfigError, match="holds a run already"):
