@@ -120,13 +120,23 @@ def _assert_trees_close(a, b, rtol, atol):
 
 
 @pytest.mark.parametrize("name", [n for n in MESHES if n != "1"])
-def test_sharding_invariance(runs, name):
+def test_sharding_invariance(runs, params0, name):
     ref, got = runs["1"], runs[name]
     np.testing.assert_allclose(got["metrics"]["loss"], ref["metrics"]["loss"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["metrics"]["grad_norm"], ref["metrics"]["grad_norm"], rtol=1e-5, atol=1e-5)
     _assert_trees_close(got["grads"], ref["grads"], rtol=1e-5, atol=1e-5)
-    _assert_trees_close(got["params"], ref["params"], rtol=1e-5, atol=1e-5)
+    # The sharded update equals AdamW applied on one device to that mesh's own gradient. (Not compared
+    # across meshes: a first AdamW step is ~lr * sign(g), so an entry whose gradient is near 0 turns
+    # reduction-order noise into an lr-sized difference: seen at 1.3e-5 on 1 entry of 8192 after a
+    # change that moved the random init by ulps.)
+    _assert_trees_close(got["params"], _one_update(params0, got["grads"]), rtol=1e-6, atol=1e-7)
     assert ref["metrics"]["grad_norm"] > 0.1  # a zero gradient would agree trivially
+
+
+@jax.jit
+def _one_update(params, grads):
+    optimizer = step.make_optimizer(OPT, total_steps=100)
+    return optax.apply_updates(params, optimizer.update(grads, optimizer.init(params), params)[0])
 
 
 def test_accumulated_fsdp_step_repeats_without_a_collective_deadlock(params0, sides):
