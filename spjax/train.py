@@ -38,12 +38,14 @@ def _compile_cache():
     path = os.environ.get("SPJAX_COMPILE_CACHE", os.path.expanduser("~/.cache/spjax/xla"))
     min_secs = os.environ.get("SPJAX_COMPILE_CACHE_MIN_SECS", "1")
     try:
-        min_secs = float(min_secs)
+        secs = float(min_secs)
     except ValueError:
-        raise ConfigError(f"SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds, got {min_secs!r}") from None
+        secs = float("nan")
+    if not secs >= 0:  # also NaN
+        raise ConfigError(f"SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds >= 0, got {min_secs!r}")
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", secs)
 
 
 def cpu_devices_flags(xla_flags: str) -> str:

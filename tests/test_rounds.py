@@ -170,12 +170,13 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("value", ["1s", "-1", "nan"])
+def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch, value):
     from spjax import train
-    monkeypatch.setenv("SPJAX_COMPILE_CACHE_MIN_SECS", "1s")
+    monkeypatch.setenv("SPJAX_COMPILE_CACHE_MIN_SECS", value)
     assert train.main(["--config", TINY, "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["spjax: config error: SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds, got '1s'"], err
+    assert err == [f"spjax: config error: SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds >= 0, got '{value}'"], err
     assert not os.path.exists(tmp_path / "w")
 
 
