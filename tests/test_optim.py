@@ -60,7 +60,7 @@ def test_checkpoint_of_the_former_optax_state_restores_converted(tmp_path):
     params = model.init_params(cfg, jax.random.key(0))
     # Jitted: run op by op, the updates below compiled ~390 one-op programs (13 s of this test's 20).
     grads = jax.jit(lambda i: jax.tree.map(lambda x: jax.random.normal(jax.random.key(i), x.shape), params))
-    former_step = jax.jit(lambda g, s, p: former.update(g, s, p))
+    former_step = jax.jit(former.update)
     opt_state = jax.jit(former.init)(params)
     for i in range(3):
         u, opt_state = former_step(grads(i), opt_state, params)
