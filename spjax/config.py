@@ -6,6 +6,9 @@ validated on construction, and overridable from the command line with dotted `ke
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.util
+import os
 import typing
 from typing import Optional
 
@@ -31,6 +34,13 @@ class ConfigError(ValueError):
 def _check(ok: bool, field: str, msg: str):
     if not ok:
         raise ConfigError(f"{field}: {msg}")
+
+
+def _iso_date(text: str) -> bool:
+    try:
+        return bool(datetime.date.fromisoformat(text))
+    except ValueError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +127,6 @@ class MeshConfig:
     data: int = -1  # pure data parallelism (params replicated)
     fsdp: int = 1  # data parallelism with params, grads and optimizer state sharded
     tensor: int = 1  # tensor (model) parallelism over heads, mlp and vocab
-
-
-def replace(cfg, **changes):
-    """dataclasses.replace that re-runs validation."""
-    return dataclasses.replace(cfg, **changes)
 
 
 def _coerce(value, typ, field):
@@ -277,10 +282,13 @@ class DataConfig:
     seed: int = 0
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
     system_prompt: str = ""  # a system turn for prompts without one (replaces a template's default)
+    template_date: str = ""  # YYYY-MM-DD a chat template prints as today's; empty: the run's first start
 
     def __post_init__(self):
         _check(self.max_prompt_len < self.max_len, "data.max_prompt_len",
                f"{self.max_prompt_len} must be < data.max_len={self.max_len}")
+        _check(not self.template_date or _iso_date(self.template_date), "data.template_date",
+               f"{self.template_date!r} is not a date as YYYY-MM-DD")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
         _check(self.pack in ("auto", "on", "off"), "data.pack", f"{self.pack!r} not in ('auto', 'on', 'off')")
 
@@ -362,8 +370,6 @@ class Config:
         # Each sub-config validates itself; here only what spans two of them.
         _check(self.run.batch_size % self.optim.grad_accum == 0, "run.batch_size",
                f"{self.run.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
-        _check(not (self.run.mix_previous and self.run.pairs in ("data", "judged")), "run.mix_previous",
-               "only for sampled pairs (SPIN's D_{t-1})")
 
     def model_overrides(self) -> dict:
         return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,
@@ -372,9 +378,6 @@ class Config:
 
 def load_config(path: str, overrides=()) -> Config:
     """Load `get_config()` from a Python file (`file.py` or `file.py:arg`) and apply `key=value`s."""
-    import importlib.util
-    import os
-
     arg = None
     if ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)

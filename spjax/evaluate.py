@@ -111,7 +111,7 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
                          max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
                          batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id)
     preds = [tok.decode(t, skip_special_tokens=True).strip() for t in res.tokens]
-    refs_text = [tok.decode(e.real_ids, skip_special_tokens=True).strip() for e in held]
+    refs_text = [tok.decode(e.reference_ids, skip_special_tokens=True).strip() for e in held]  # not cut at max_len
     out.update(similarity(preds, refs_text))
     out["gen_len"] = float(np.mean(res.lengths))
     if ctx.judge is not None:

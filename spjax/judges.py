@@ -5,14 +5,15 @@ scores [n, K] or win probabilities [n, K, K] (P[i, j] = P(sample i beats sample 
 turns either into both: scores become win probabilities by Bradley-Terry (sigma(s_i - s_j): reward
 models and a user's scores) or by comparison (1 better, 1/2 tie, 0 worse: verifiers and similarity,
 whose scores are grades, not logits); a matrix's row means are its scores (the soft win rates).
+A matrix must be a preference (entries in [0, 1], P[i, j] + P[j, i] = 1); its diagonal is set to 1/2.
 
   reward_model:PATH        a HF *ForSequenceClassification checkpoint of the Llama family (our
-                           decoder plus its score head, read at the last real token), on device
+                           decoder plus its score head, read at the last non-pad token), on device
   verifier:number          the final number of the answer (GSM8K's '#### n', else the last number)
   verifier:exact           the whole answer, case and surrounding space/punctuation ignored
   verifier:regex:PATTERN   the last match of PATTERN (its first group if it has one)
   similarity[:rouge_l]     token F1 (default) or ROUGE-L against the reference response
-  python:module:function   f(prompt, responses, reference) -> K scores or a K x K matrix
+  python:module:function   f(prompt, responses, reference) -> K scores or a K x K win matrix
 """
 from __future__ import annotations
 
@@ -171,14 +172,44 @@ def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:
     return np.where(d_KxK > 0, 1.0, np.where(d_KxK == 0, 0.5, 0.0))
 
 
+_PREFERENCE_ATOL = 1e-6  # P[i, j] + P[j, i] may miss 1 by float rounding, no more
+
+
+def check_wins(name: str, wins_NxKxK: np.ndarray) -> np.ndarray:
+    """The judge's win matrices with the diagonal set to 1/2 (a sample against itself ties, as in
+    SPPO and Bradley-Terry), after checking they are preferences: entries in [0, 1] and
+    P[i, j] + P[j, i] = 1 off the diagonal. Raises ValueError naming the judge and the first bad row."""
+    K = wins_NxKxK.shape[-1]
+    off_KxK = ~np.eye(K, dtype=bool)
+    outside_N = np.any(((wins_NxKxK < 0) | (wins_NxKxK > 1)) & off_KxK, axis=(1, 2))
+    gap_NxKxK = np.abs(wins_NxKxK + wins_NxKxK.transpose(0, 2, 1) - 1) * off_KxK
+    if np.any(outside_N):
+        r = int(np.argmax(outside_N))
+        raise ValueError(f"judge {name}: {int(outside_N.sum())} win matrices have probabilities outside [0, 1] "
+                         f"(first: row {r}, min {wins_NxKxK[r][off_KxK].min():.4g}, "
+                         f"max {wins_NxKxK[r][off_KxK].max():.4g})")
+    if np.any(gap_NxKxK > _PREFERENCE_ATOL):
+        r, i, j = np.unravel_index(int(np.argmax(gap_NxKxK)), gap_NxKxK.shape)
+        raise ValueError(f"judge {name}: win matrix of row {r} has P[{i}, {j}] + P[{j}, {i}] = "
+                         f"{wins_NxKxK[r, i, j] + wins_NxKxK[r, j, i]:.6g}, not 1 (P[i, j] is P(sample i beats "
+                         f"sample j)); symmetrise it, e.g. (P + 1 - P.T) / 2")
+    return np.where(off_KxK, wins_NxKxK, 0.5)
+
+
 def judge_all(judge: Judge, queries: list) -> tuple:
-    """(scores [n, K], win probabilities [n, K, K]) of every query."""
+    """(scores [n, K], win probabilities [n, K, K]) of every query. Every judge's output must be
+    finite (a reward model fed bad ids gives NaN, not an error); a matrix goes through check_wins."""
     out = np.asarray(judge.fn(queries), np.float64)
+    if out.ndim not in (2, 3) or len(out) != len(queries):
+        raise ValueError(f"judge {judge.name}: returned shape {out.shape} for {len(queries)} prompts "
+                         f"([n, K] scores or [n, K, K] win probabilities expected)")
+    bad_N = ~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)
+    if np.any(bad_N):
+        raise ValueError(f"judge {judge.name}: {int(bad_N.sum())} of {len(out)} rows are not finite (NaN or inf; "
+                         f"first: row {int(np.argmax(bad_N))})")
     if out.ndim == 3:
-        wins = out
-        if np.any(wins < 0) or np.any(wins > 1):
-            raise ValueError(f"judge {judge.name}: win probabilities outside [0, 1]")
-        return wins.mean(axis=2), wins
+        wins_NxKxK = check_wins(judge.name, out)
+        return wins_NxKxK.mean(axis=2), wins_NxKxK
     return out, np.stack([win_matrix(s, judge.bradley_terry) for s in out]) if len(out) else np.zeros((0, 0, 0))
 
 
@@ -193,4 +224,4 @@ def win_rate(judge: Judge, prompts: list, new: list, old: list, references: list
 
 
 __all__ = ["KINDS", "Query", "Judge", "check_name", "final_number", "verify", "build", "win_matrix",
-           "judge_all", "win_rate"]
+           "check_wins", "judge_all", "win_rate"]

@@ -1,10 +1,11 @@
 """The judge phase of a judged round: K samples per prompt -> judgements on disk -> pairs.
 
 `judge_round` asks ctx.judge (spjax.judges) about each prompt's K samples, a chunk of prompts at a
-time; each finished chunk is a file written atomically, so a run killed while judging resumes at
-the first unjudged chunk (ctx.fault("judge") after each). `judged_pairs` turns the win matrices
-into pairs: best vs worst by soft win rate (iterative DPO, SPPO, INPO), or every ordered pair with
-a winner. A prompt whose K samples all tie gives no pair: there is nothing to prefer.
+time; each finished chunk is a file written atomically that names its example ids, so a run killed
+while judging resumes at the first unjudged prompts, whatever judge.batch_size it resumes with
+(ctx.fault("judge") after each). `judged_pairs` turns the win matrices into pairs: best vs worst by
+soft win rate (iterative DPO, SPPO, INPO), or every ordered pair with a winner. A prompt whose K
+samples all tie gives no pair: there is nothing to prefer.
 """
 from __future__ import annotations
 
@@ -27,8 +28,29 @@ def queries(ctx, examples: list, gen: dict, K: int) -> list:
     for e in examples:
         ids = [gen[e.id * K + k][0] for k in range(K)]
         out.append(judges.Query(prompt=_decode(tok, e.prompt_ids), responses=tuple(_decode(tok, r) for r in ids),
-                                reference=_decode(tok, e.real_ids), prompt_ids=e.prompt_ids, response_ids=tuple(ids)))
+                                reference=_decode(tok, e.reference_ids),  # uncut: a verifier's answer is at its end
+                                prompt_ids=e.prompt_ids, response_ids=tuple(ids)))
     return out
+
+
+def _judged_on_disk(chunk_dir: str, K: int) -> dict:
+    """{example id: (scores [K], wins [K, K])} from the chunk files in `chunk_dir`. A file names the
+    example ids it holds, so rows are matched by id, never by position: a run resumed with another
+    judge.batch_size (other chunk boundaries) reuses what it can and judges the rest. Files without
+    ids (older runs) or with another K are ignored."""
+    done = {}
+    if not os.path.isdir(chunk_dir):
+        return done
+    for name in sorted(os.listdir(chunk_dir)):
+        if not (name.startswith("chunk_") and name.endswith(".npz")):
+            continue  # e.g. an atomic write's temporary file
+        z = ckpt_lib.load_arrays(os.path.join(chunk_dir, name))
+        ids = z.get("ids")
+        if ids is None or z["scores"].shape != (len(ids), K) or z["wins"].shape != (len(ids), K, K):
+            continue
+        for i, s_K, w_KxK in zip(ids.tolist(), z["scores"], z["wins"]):
+            done[i] = (s_K, w_KxK)
+    return done
 
 
 def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
@@ -40,21 +62,25 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
         z = ckpt_lib.load_arrays(done_path)
         return z["scores"], z["wins"]
     chunk_dir = os.path.join(ctx.round_dir(t), f"judged_{split}")
+    done = _judged_on_disk(chunk_dir, K)
     per_chunk = ctx.cfg.judge.batch_size
     bar = metrics_lib.progress(n, f"round {t} judge {split}", "prompt")
     scores, wins = [], []
     for c, start in enumerate(range(0, n, per_chunk)):
-        path = os.path.join(chunk_dir, f"chunk_{c:05d}.npz")
         part = examples[start:start + per_chunk]
-        if os.path.exists(path):
-            z = ckpt_lib.load_arrays(path)
+        ids = [int(e.id) for e in part]
+        if all(i in done for i in ids):
+            s = np.stack([done[i][0] for i in ids])
+            w = np.stack([done[i][1] for i in ids])
         else:
             s, w = judges.judge_all(ctx.judge, queries(ctx, part, gen, K))
-            z = {"scores": s, "wins": w}
-            ckpt_lib.save_arrays(path, **z)
+            # overwriting a file of other chunk boundaries is safe: its rows were read into `done` (a kill
+            # now costs at most judging them again)
+            ckpt_lib.save_arrays(os.path.join(chunk_dir, f"chunk_{c:05d}.npz"), ids=np.asarray(ids, np.int64),
+                                 scores=s, wins=w)
             ctx.fault("judge")
-        scores.append(z["scores"])
-        wins.append(z["wins"])
+        scores.append(s)
+        wins.append(w)
         bar.update(len(part))
     bar.close()
     out = {"scores": np.concatenate(scores) if scores else np.zeros((0, K)),

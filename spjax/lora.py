@@ -4,7 +4,8 @@ The policy's params are one tree: the frozen base (optionally quantized, spjax.q
 `<proj>_lora_a` [N, *in, r] and `<proj>_lora_b` [N, r, *out] that model._project applies on the
 fly. The driver keeps treating `state.params` as the policy (sampling, scoring, eval, checkpoint,
 export); only the train step and the optimizer look inside, through `split`/`join`: gradients and
-optimizer state exist for the adapter leaves alone. pi_0 (B = 0 at init) is the base itself.
+optimizer state exist for the adapter leaves alone. pi_0 is the base with the run's starting adapter
+(`initial`): lora.init_path's, else the base itself (fresh adapters start at B = 0).
 
 Why not qwix (Google's JAX LoRA/quantization library): qwix 0.1.8 on jax 0.10.2 fails on this
 model's scanned linen Block (its einsum interception sets attributes on a frozen compact module:
@@ -61,6 +62,15 @@ def adapter_off(cfg: ModelConfig, params):
         return params
     return {**params, "layers": {k: (jnp.zeros_like(v) if k.endswith("_lora_b") else v)
                                  for k, v in params["layers"].items()}}
+
+
+def initial(cfg: ModelConfig, params):
+    """pi_0 of a LoRA policy: the same frozen base (shared, not copied) with the adapter the run started
+    from: lora.init_path's, read again as the run's start read it (the same file on every process), or
+    the fresh one's effect (B = 0: the base alone). Only the small adapter leaves are new."""
+    if cfg.lora.rank and cfg.lora.init_path:
+        return load_peft(cfg, params, cfg.lora.init_path)
+    return adapter_off(cfg, params)
 
 
 def count(tree) -> int:
@@ -214,5 +224,5 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     return {**params, "layers": layers}
 
 
-__all__ = ["is_adapter", "split", "join", "adapter_off", "count", "describe", "merge", "for_sampling", "peft_tensors", "write_peft", "save_peft",
-           "load_peft"]
+__all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "describe", "merge", "for_sampling",
+           "peft_tensors", "write_peft", "save_peft", "load_peft"]

@@ -5,6 +5,7 @@ interval, never per metric).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -143,3 +144,11 @@ def rounds_since_best(summary: dict, metric: str, goal: str) -> int:
     best = best_round(summary, metric, goal)
     last = max((int(k.split()[1]) for k in summary if k.startswith("round ")), default=-1)
     return 0 if best is None else last - best[0]
+
+
+@contextlib.contextmanager
+def timed(times: dict, key: str):
+    """times[key] = the wall-clock seconds the block took."""
+    t0 = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ import dataclasses
 import os
 from typing import Optional
 
+import jax
 import numpy as np
 
 from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, sampler
@@ -65,26 +66,39 @@ def sampler_scores_usable(cfg: Config) -> bool:
 def resolve(cfg: Config, examples: list) -> str:
     """The pair source a run uses: run.pairs, with 'auto' decided by the records and the judge."""
     given = sum(e.generated_ids is not None for e in examples)
-    if cfg.run.pairs == "auto":
-        if examples and given == len(examples):
-            return "data"
-        return "judged" if cfg.judge.name else "sampled"
-    if cfg.run.pairs == "data" and given < len(examples):
+    source = cfg.run.pairs
+    if source == "auto":
+        source = "data" if examples and given == len(examples) else "judged" if cfg.judge.name else "sampled"
+    elif source == "data" and given < len(examples):
         missing = next(e for e in examples if e.generated_ids is None)
         raise ConfigError(f"run.pairs: 'data' needs a rejected response in every record; {missing.source} "
                           f"has none ({len(examples) - given} of {len(examples)} lack one)")
-    return cfg.run.pairs
+    if cfg.run.mix_previous and source != "sampled":  # D_{t-1} is last round's one sample per prompt
+        raise ConfigError(f"run.mix_previous: only for sampled pairs (SPIN's D_{{t-1}}), and run.pairs="
+                          f"{cfg.run.pairs} gives {source} pairs here")
+    return source
 
 
 # ---------------------------------------------------------------------------------------------
 # The sources
 
 
+def _sample_stats(ctx, t: int, split: str, gen: dict) -> dict:
+    """Mean sample length, and the share of samples that hit sampling.max_new_tokens before an end of turn
+    (said in one line: such a pair sets an unfinished answer against a finished one)."""
+    unended = sum(len(g[0]) == 0 or int(g[0][-1]) not in ctx.eos_ids for g in gen.values())
+    if unended and split == "train":
+        ctx.echo(f"round {t}: {unended} of {len(gen)} {split} samples reached sampling.max_new_tokens="
+                 f"{ctx.cfg.sampling.max_new_tokens} before an end of turn (raise it if that is many)")
+    return {"sample_len": float(np.mean([len(g[0]) for g in gen.values()])),
+            "sample_unended": unended / max(len(gen), 1)}
+
+
 def _sampled(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     gen = sample_round(ctx, params, t, examples, split)
     pairs = tok_lib.attach_generated(examples, {i: g[0] for i, g in gen.items()}, max_len=ctx.cfg.data.max_len)[0]
     return SplitPairs(pairs, {i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg) else None,
-                      stats={"sample_len": float(np.mean([len(g[0]) for g in gen.values()]))})
+                      stats=_sample_stats(ctx, t, split, gen))
 
 
 def _data(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
@@ -99,8 +113,7 @@ def _judged(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     pairs, win_real, win_gen = judging.judged_pairs(examples, gen, wins_NxKxK, K, ctx.cfg.judge.pairs,
                                                     ctx.cfg.data.max_len)
     stats = {"judge_mean": float(scores_NxK.mean()), "judge_best": float(scores_NxK.max(axis=1).mean()),
-             "judge_pairs": len(pairs) / max(len(examples), 1),
-             "sample_len": float(np.mean([len(g[0]) for g in gen.values()]))}
+             "judge_pairs": len(pairs) / max(len(examples), 1), **_sample_stats(ctx, t, split, gen)}
     return SplitPairs(pairs, None, win_real, win_gen, stats)
 
 
@@ -145,10 +158,19 @@ def previous_pairs(ctx, t: int) -> list:
 # Sampling: the opponent answers every prompt, chunk by chunk
 
 
+def split_key(seed: int, t: int, split: str):
+    """The sampling key of a round's split. Example ids restart at 0 in every split, so with one key
+    held-out example i would reuse training example i's random numbers: held-out pairs would not be
+    independent of the trained ones."""
+    key = sampler.round_key(seed, t)
+    return key if split == "train" else jax.random.fold_in(key, 1)
+
+
 def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: int = 1) -> dict:
     """{sample id: (generated token ids, their log-probs under the opponent)}, reusing chunks on disk.
 
-    Sample k of example i has id i*K + k (K = num_samples; with one sample the example id).
+    Sample k of example i has id i*K + k (K = num_samples; with one sample the example id). A chunk on
+    disk is reused only if it holds exactly its prompts' samples (a resume may change sampling.batch_size).
     """
     s, n, K = ctx.cfg.sampling, len(examples), num_samples
     chunk_dir = os.path.join(ctx.round_dir(t), f"samples_{split}")
@@ -158,16 +180,16 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
     per_chunk = s.batch_size
     bar = metrics_lib.progress(n, f"round {t} sample {split}", "prompt")
     out, sampling = {}, None
-    for k, start in enumerate(range(0, n, per_chunk)):
-        path = os.path.join(chunk_dir, f"chunk_{k:05d}.npz")
+    for c, start in enumerate(range(0, n, per_chunk)):
+        path = os.path.join(chunk_dir, f"chunk_{c:05d}.npz")
         part = examples[start:start + per_chunk]
-        if os.path.exists(path):
-            got = unpack(ckpt_lib.load_arrays(path))
-        else:
+        want = sorted(e.id * K + k for e in part for k in range(K))
+        got = unpack(ckpt_lib.load_arrays(path)) if os.path.exists(path) else None
+        if got is None or sorted(got) != want:
             # A LoRA policy decodes merged (float base) or with its adapters on the fly (quantized base).
             sampling = sampling or lora.for_sampling(ctx.model_cfg, params)
             res = sampler.sample(*sampling, [e.prompt_ids.tolist() for e in part],
-                                 key=sampler.round_key(ctx.cfg.run.seed, t), example_ids=[e.id for e in part],
+                                 key=split_key(ctx.cfg.run.seed, t, split), example_ids=[e.id for e in part],
                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, eos_ids=ctx.eos_ids, batch_size=per_chunk, mesh=ctx.mesh,
                                  pad_id=ctx.pad_id, num_samples=K)

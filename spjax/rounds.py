@@ -11,8 +11,8 @@ where the pairs come from from the pair-source table: the driver branches on nei
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import shutil
@@ -115,7 +115,12 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
                           "or choose another workdir")
+    started = os.path.join(workdir, "start.json")  # the first start's date: chat templates print it as today's
+    if not (resume and os.path.exists(started)):  # (process 0 writes, after the check above)
+        ckpt_lib.save_json(started, {"date": datetime.date.today().isoformat()})
     shd.barrier("spjax-workdir-checked")  # before process 0 writes the marker below
+    date = cfg.data.template_date or ckpt_lib.load_json(started)["date"]  # the same prompts on every start and host
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template_date=date))
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
@@ -345,13 +350,6 @@ def restore(ctx: Context, params):
     return rs, state, done
 
 
-@contextlib.contextmanager
-def _timed(times: dict, key: str):
-    t0 = time.perf_counter()
-    yield
-    times[key] = time.perf_counter() - t0
-
-
 def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None) -> dict:
     """Run (or resume) all rounds; returns {row name: metrics} as printed in the summary table.
 
@@ -376,11 +374,11 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
             summary.update({f"round {t}": ckpt_lib.load_json(done)} if os.path.exists(done) else {})
             continue
         times = {}
-        with _timed(times, "sample_s"):
+        with metrics_lib.timed(times, "sample_s"):
             pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)
-        with _timed(times, "score_s"):
+        with metrics_lib.timed(times, "score_s"):
             refs = scoring.score_phase(ctx, params, t, pairs)
-        with _timed(times, "train_s"):
+        with metrics_lib.timed(times, "train_s"):
             if not (rs.round == t and rs.phase == "train"):  # a fresh round starts from its opponent
                 state, done_rows = step_lib.init_state(ctx.model_cfg, params, _trainer(
                     ctx, len(_train_pairs(pairs, refs)[0]), compiled)[0], ctx.mesh), []

@@ -178,7 +178,12 @@ def _to_host(out: dict) -> dict:
     return {k: np.asarray(v) for k, v in host.items()}
 
 
-def _as_lists(prompt_ids, prompt_lengths):
+def _as_lists(prompt_ids, prompt_lengths, prompt_mask):
+    if prompt_lengths is not None and prompt_mask is not None:
+        raise ValueError("give prompt_lengths (rows read from the left) or prompt_mask, not both")
+    if prompt_mask is not None:  # any padding side, e.g. spjax.data.prompt_batches' left-padded rows
+        arr, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+        return [list(map(int, arr[i][mask[i]])) for i in range(len(arr))]
     if prompt_lengths is not None:
         arr = np.asarray(prompt_ids)
         return [list(map(int, arr[i, :int(n)])) for i, n in enumerate(prompt_lengths)]
@@ -188,14 +193,15 @@ def _as_lists(prompt_ids, prompt_lengths):
 def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), num_samples: int = 1,
            example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
+           prompt_mask=None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
            unroll_layers: Optional[bool] = None, decode_chunk: int = 0) -> SampleResult:
     """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
-      from the left). key: the round key (`round_key(seed, round)`, or an int seed); example i's
-      sample k draws from sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so
+      from the left) or with `prompt_mask` [n, L] (1 on the prompt's tokens, either side padded).
+      key: the round key (`round_key(seed, round)`, or an int seed); example i's sample k draws from sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so
       results do not depend on batch composition, bucket, K's batch neighbours, mesh or host.
       temperature 0 means greedy. top_k 0 and top_p 1 disable truncation. Sampling stops per row at
       any of `eos_ids` (the EOS is returned) or at max_new_tokens. Prompts are sorted by length and
@@ -209,7 +215,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       decode_chunk: decode steps between two checks for every row done (0: automatic, see
       _decode_chunk); the samples are the same for any value.
     """
-    prompts = _as_lists(prompt_ids, prompt_lengths)
+    prompts = _as_lists(prompt_ids, prompt_lengths, prompt_mask)
     n, K = len(prompts), num_samples
     for i, p in enumerate(prompts):
         if not p:

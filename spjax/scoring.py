@@ -96,12 +96,13 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
 
 
 def _initial_scores(ctx, params, t: int, pairs: pairs_lib.RoundPairs, z: dict) -> dict:
-    """{split_real0, split_gen0}: the pairs' log-probs under the initial model pi_0: a LoRA policy's
-    base with the adapter off (no second copy), else the initial checkpoint reloaded (freed after)."""
-    if ctx.model_cfg.lora.rank:
-        params0 = lora.adapter_off(ctx.model_cfg, params)
-    elif t == 0:  # the opponent of round 0 is pi_0
+    """{split_real0, split_gen0}: the pairs' log-probs under the run's initial policy pi_0: round 0's
+    opponent itself; later, a LoRA policy's base with its starting adapter (lora.initial: lora.init_path's
+    or B = 0; the base is not copied), else the initial checkpoint reloaded (freed after)."""
+    if t == 0:  # the opponent of round 0 is pi_0 (base + lora.init_path's adapter, if any)
         return {f"{k}0": v for k, v in z.items()}
+    if ctx.model_cfg.lora.rank:
+        params0 = lora.initial(ctx.model_cfg, params)
     else:
         params0 = ctx.initial_params()
     out = {}

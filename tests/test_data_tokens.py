@@ -4,7 +4,7 @@ import pytest
 
 from spjax.config import DataConfig
 from spjax.data import (attach_generated, load_file, pad_token_id, pair_batches, prepare, prompt_batches, prompt_ids,
-                        tokenize_examples)
+                        response_ids, tokenize_examples)
 from spjax.hf import load_tokenizer
 from tests.test_data_helpers import chat, llama_tokenizer, smollm2_gguf, write_jsonl
 
@@ -105,3 +105,68 @@ def test_chatterbot_with_smollm2(smollm2, tmp_path):
         assert sample["prompt_ids_BxP"][row, -len(ex.prompt_ids):].tolist() == ex.prompt_ids.tolist()
         assert ex.prompt_ids[0] == im_start and ex.prompt_ids[-4:].tolist() == smollm2.encode("<|im_start|>assistant\n")
         assert ex.real_ids[-1] == im_end or len(ex.prompt_ids) + len(ex.real_ids) == cfg.max_len
+
+
+# Zephyr's template (HuggingFaceH4/zephyr-7b-beta), the chat format of configs/spin_zephyr7b_*.py
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+          "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+          "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+          "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("template", ["zephyr", "llama2"])
+def test_sentencepiece_response_continues_the_prompt(template, tmp_path):
+    """A SentencePiece response is the whole chat's tokens after the prompt's. Tokenized alone, its first
+    word got a word-start '▁' that the model never sees (nor samples) after the generation prompt."""
+    from spjax.gguf_tokenizer import tokenizer_from_gguf
+    from tests.test_data_helpers import LLAMA2_TEMPLATE
+    from tests.test_gguf_tokenizer import _tiny_spm
+    tok = tokenizer_from_gguf(_tiny_spm(tmp_path / "spm.gguf"))
+    tok.chat_template = ZEPHYR if template == "zephyr" else LLAMA2_TEMPLATE
+    msgs = chat(("user", "hello"))
+    for response in ("hello world", "the world and café"):
+        p, r = prompt_ids(tok, msgs).tolist(), response_ids(tok, msgs, response).tolist()
+        rendered = tok.apply_chat_template(msgs + chat(("assistant", response)), tokenize=False)
+        whole = tok.encode(rendered, add_special_tokens=False)
+        assert p + r == whole[:len(p) + len(r)] and r[-1] == tok.eos_token_id and r.count(tok.eos_token_id) == 1
+        if template == "zephyr":  # after '<|assistant|>\n' the first word has no word-start marker
+            assert not tok.convert_ids_to_tokens(r[:1])[0].startswith("▁"), tok.convert_ids_to_tokens(r)
+
+
+def test_template_date_is_pinned(tmp_path):
+    """Llama 3's templates print today's date through strftime_now: with `today` (a run's first start
+    date, data.template_date) prompts are the same tokens on any day, so a resume the next day trains on
+    the prompts its samples and reference scores were made from."""
+    import datetime
+    from unittest import mock
+
+    import transformers.utils.chat_template_utils as ctu
+
+    from spjax.byte_tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                         "{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+                         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = chat(("user", "hi"))
+    pinned, unpinned = [], []
+    for day in (9, 10):  # the clock on either side of midnight
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None, day=day):
+                return datetime.datetime(2025, 3, day, 0, 1)
+        with mock.patch.object(ctu, "datetime", Clock):
+            pinned.append(prompt_ids(tok, msgs, today="2024-07-26").tolist())
+            unpinned.append(prompt_ids(tok, msgs).tolist())
+            real = response_ids(tok, msgs, "hello", today="2024-07-26").tolist()
+            assert real == response_ids(tok, msgs, "hello").tolist()  # the response follows either prompt alike
+    assert pinned[0] == pinned[1] and "Today Date: 26 Jul 2024" in tok.decode(pinned[0])
+    assert unpinned[0] != unpinned[1]  # what a resume the next day saw before
+
+
+def test_template_date_must_be_a_date():
+    from spjax.config import ConfigError, DataConfig
+    assert DataConfig(template_date="2026-02-28").template_date == "2026-02-28"
+    for bad in ("2026-02-30", "28 Feb 2026", "today"):
+        with pytest.raises(ConfigError, match="data.template_date: .* is not a date as YYYY-MM-DD"):
+            DataConfig(template_date=bad)

@@ -66,6 +66,29 @@ def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
         judges.build("python:nosuchmodule:f")
 
 
+def test_python_matrix_judge_is_checked():
+    q = judges.Query("p", ("a", "b", "c"), "ref")
+    scores, wins = judges.judge_all(judges.build("python:tests.judge_fixture:first_beats_rest"), [q])
+    # a sample against itself ties (SPPO's convention), whatever diagonal the judge returned
+    assert np.diag(wins[0]).tolist() == [0.5, 0.5, 0.5]
+    assert scores[0].tolist() == [(0.5 + 1 + 1) / 3, (0 + 0.5 + 0.5) / 3, (0 + 0.5 + 0.5) / 3]
+    q2 = judges.Query("p", ("a", "b"), "ref")
+    with pytest.raises(ValueError, match=r"inconsistent: win matrix of row 0 has P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
+        judges.judge_all(judges.build("python:tests.judge_fixture:inconsistent"), [q2])
+    with pytest.raises(ValueError, match=r"above_one: 1 win matrices have probabilities outside \[0, 1\]"):
+        judges.judge_all(judges.build("python:tests.judge_fixture:above_one"), [q2])
+
+
+def test_every_judge_kind_must_be_finite():
+    out = np.asarray([[0.1, 0.2], [np.nan, 0.3], [0.0, np.inf]])
+    with pytest.raises(ValueError, match=r"judge reward_model:/rm: 2 of 3 rows are not finite .*first: row 1"):
+        judges.judge_all(judges.Judge("reward_model:/rm", lambda qs: out, True), [None] * 3)
+    wins = np.full((1, 2, 2), 0.5)
+    wins[0, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="judge m: 1 of 1 rows are not finite"):
+        judges.judge_all(judges.Judge("m", lambda qs: wins, True), [None])
+
+
 # ---------------------------------------------------------------------------------------------
 # Win matrices and pairs
 
@@ -96,6 +119,46 @@ def test_pairs_from_judged_samples():
     # soft win rates: row means of the matrix (SPPO's P(y beats the K samples)), diagonal included
     assert w_real[0] == pytest.approx((0.5 + 1 + 0.5 + 1) / 4) and w_gen[0] == pytest.approx((0 + 0.5 + 0 + 0.5) / 4)
     assert w_real[4] == pytest.approx((1 + 1 + 0.5 + 1) / 4) and w_gen[4] == pytest.approx((0.5 + 0.5 + 0 + 0.5) / 4)
+
+
+def _judge_ctx(round_dir, judge, batch_size, K, fault=lambda point: None):
+    import types
+    from spjax.byte_tokenizer import byte_tokenizer
+    cfg = types.SimpleNamespace(sampling=types.SimpleNamespace(num_samples=K),
+                                judge=types.SimpleNamespace(batch_size=batch_size))
+    return types.SimpleNamespace(cfg=cfg, tokenizer=byte_tokenizer(), judge=judge, round_dir=lambda t: str(round_dir),
+                                 fault=fault)
+
+
+def test_judge_resume_with_another_batch_size(tmp_path):
+    """Chunks judged with judge.batch_size=4, resumed with 3: every prompt keeps its own judgement."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    tok, n, K = byte_tokenizer(), 10, 2
+    examples = [TokenizedExample(i, np.asarray(tok.encode(f"prompt {i}"), np.int32), np.asarray([5], np.int32))
+                for i in range(n)]
+    gen = {i * K + k: (np.asarray(tok.encode(f"a{k}"), np.int32), None) for i in range(n) for k in range(K)}
+    judged = []
+
+    def by_prompt(queries):  # sample 0 scores its prompt's number: a row shows whose judgement it is
+        judged.extend(int(q.prompt.split()[-1]) for q in queries)
+        return np.asarray([[float(q.prompt.split()[-1]), 0.0] for q in queries])
+    judge = judges.Judge("by_prompt", by_prompt, True)
+    fresh, fresh_wins = judging.judge_round(_judge_ctx(tmp_path / "fresh", judge, 3, K), 0, "train", examples, gen)
+    assert fresh[:, 0].tolist() == list(range(n))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(point):
+        if len(judged) >= n + 8:  # the fresh run's n, then two chunks of 4
+            raise Killed()
+    with pytest.raises(Killed):
+        judging.judge_round(_judge_ctx(tmp_path / "run", judge, 4, K, kill_after_two), 0, "train", examples, gen)
+    del judged[:]
+    scores, wins = judging.judge_round(_judge_ctx(tmp_path / "run", judge, 3, K), 0, "train", examples, gen)
+    assert scores.tolist() == fresh.tolist() and wins.tolist() == fresh_wins.tolist()
+    # chunks of 3: [0, 3) and [3, 6) are on disk (prompts 0-7), [6, 9) lacks 8 and [9, 10) lacks 9
+    assert judged == [6, 7, 8, 9]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +234,50 @@ def test_reward_model_matches_transformers(family, tmp_path):
     assert wins[0, 0, 1] == pytest.approx(1 / (1 + np.exp(-(scores[0, 0] - scores[0, 1]))))
 
 
+@pytest.mark.parametrize("pad", [2, None])
+def test_reward_model_reads_the_last_non_pad_token(pad, tmp_path):
+    """pad_token_id = EOS (common): a response ending in EOS is scored at the token before it, as transformers
+    does (an EOS inside a sequence is read as any token). Without a pad id: the last token."""
+    import dataclasses
+    import torch
+    import transformers
+    from spjax import reward_model
+    from tests.oracle import TINY
+    conf = transformers.LlamaConfig(**TINY, num_labels=1, pad_token_id=pad, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tm = transformers.LlamaForSequenceClassification(conf).float().eval()
+    with torch.no_grad():  # a trained EOS embedding is not the zero row transformers gives a pad id
+        tm.model.embed_tokens.weight[2].normal_()
+    tm.save_pretrained(tmp_path)
+    rm = reward_model.load(str(tmp_path))
+    rng = np.random.RandomState(0)
+    seqs = [rng.randint(3, 256, 7).tolist() + [2], rng.randint(3, 256, 12).tolist() + [2, 2],
+            rng.randint(3, 256, 5).tolist() + [2] + rng.randint(3, 256, 4).tolist(), [2, 2, 2]]
+    with torch.no_grad():  # one at a time: transformers takes no batch without a pad id
+        want = np.asarray([float(tm(torch.tensor([s])).logits[0, 0]) for s in seqs])
+    got = reward_model.scores(rm, seqs, batch_size=4)
+    assert np.abs(got - want).max() <= 1e-4
+    if pad is not None:  # the score moved: EOS itself is not what transformers reads
+        eos_read = reward_model.scores(dataclasses.replace(rm, pad_id=None), seqs[:1])
+        assert abs(eos_read[0] - want[0]) > 1e-3
+
+
+def test_reward_model_refuses_ids_outside_its_vocabulary(tmp_path):
+    import transformers
+    from spjax import hf, reward_model
+    from spjax.byte_tokenizer import byte_tokenizer
+    from tests.oracle import TINY
+    conf = transformers.LlamaConfig(**{**TINY, "vocab_size": 64}, num_labels=1, pad_token_id=0,
+                                    tie_word_embeddings=False)
+    transformers.LlamaForSequenceClassification(conf).save_pretrained(tmp_path)  # no tokenizer files
+    with pytest.raises(hf.CheckpointError, match="vocabulary has 64 ids but the policy's tokenizer has 259 .* "
+                                                  "put its tokenizer files"):
+        reward_model.load(str(tmp_path), policy_tokenizer=byte_tokenizer())
+    rm = reward_model.load(str(tmp_path))  # no policy tokenizer to check against: each sequence is checked
+    with pytest.raises(ValueError, match=r"sequence 1 has token id 100 at position 2, outside its vocabulary \[0, 64"):
+        reward_model.scores(rm, [[1, 63, 2], [1, 5, 100, 2]])
+
+
 def test_reward_model_refuses_a_causal_lm(tmp_path):
     import transformers
     from spjax import hf, reward_model
@@ -211,3 +318,24 @@ def test_judged_run_config_checks():
         rounds.check_config(judged, 8)
     rounds.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
     rounds.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
+
+
+def test_judges_see_the_reference_before_max_len_cut_it():
+    """A verifier's answer key sits at the reference's end ('#### 18'): the judge (and the held-out
+    similarity) compare against the whole real response, not the part the length policy kept for training."""
+    import types
+
+    from spjax.byte_tokenizer import byte_tokenizer
+    from spjax.data.records import Example
+    from spjax.data.tokens import tokenize_examples
+    tok = byte_tokenizer()
+    ex = Example([{"role": "user", "content": "Tom has 3 bags of 6 apples. How many?"}],
+                 "Each bag has 6 apples and there are 3 bags, so 3 * 6 = 18.\n#### 18")
+    (e,), report = tokenize_examples(tok, [ex], max_prompt_len=56, max_len=110)
+    assert report.responses_truncated == 1 and "#### 18" not in tok.decode(e.real_ids)
+    gen = {0: (np.asarray(tok.encode("18<|im_end|>"), np.int32), None),
+           1: (np.asarray(tok.encode("6<|im_end|>"), np.int32), None)}
+    q = judging.queries(types.SimpleNamespace(tokenizer=tok), [e], gen, 2)[0]
+    assert q.reference.endswith("#### 18")
+    scores, wins = judges.judge_all(judges.build("verifier:number"), [q])
+    assert scores[0].tolist() == [1.0, 0.0] and judging.pair_indices(wins[0], "best_worst") == [(0, 1)]

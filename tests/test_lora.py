@@ -3,6 +3,7 @@ quantized bases."""
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,41 @@ def test_on_the_fly_adapter_equals_merged_weights():
     # pi_0: the adapter off is the base alone
     np.testing.assert_allclose(model.forward(CFG, lora.adapter_off(CFG, params), ids),
                                model.forward(cfg_m, base, ids), atol=1e-6)
+
+
+def test_inpo_initial_policy_is_the_starting_adapter(tmp_path):
+    """INPO's pi_0 under LoRA is the policy the run started from: with lora.init_path, base + that adapter
+    (round 0: the opponent's own scores; later rounds: the adapter reread), never the base alone."""
+    from spjax import checkpoint as ckpt_lib, objectives, pairs as pairs_lib, scoring
+    from spjax.config import Config
+    from spjax.data.tokens import TokenizedExample
+    mesh = sharding.make_mesh(MeshConfig())
+    fresh = sharding.init_params(CFG, jax.random.key(0), mesh)
+    lora.save_peft(CFG, _randomize_b(CFG, fresh, std=0.5), str(tmp_path / "adapter"))
+    model_cfg = dataclasses.replace(CFG, lora=dataclasses.replace(CFG.lora, init_path=str(tmp_path / "adapter")))
+    start = hf.with_init_adapter(model_cfg, fresh)  # the run's pi_0, loaded as rounds.load_initial does
+    later = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding),  # placed as a run's params are
+                         _randomize_b(model_cfg, start, seed=2, std=0.5), start)  # a later round's pi_t
+    rng = np.random.default_rng(0)
+    ex = [TokenizedExample(i, *(rng.integers(3, CFG.vocab_size, n).astype(np.int32) for n in (8, 6, 5)))
+          for i in range(4)]
+    ctx = types.SimpleNamespace(cfg=Config(model=model_cfg, objective=ObjectiveConfig(name="inpo", tau=0.05)),
+                                model_cfg=model_cfg, mesh=mesh, buckets=(16,), pad_id=0, fault=lambda point: None,
+                                objective=objectives.TABLE["inpo"], round_dir=lambda t: str(tmp_path / f"round_{t}"))
+    pairs = pairs_lib.RoundPairs(splits={"train": ex}, sampler_lp={})
+    score = lambda params, side: scoring.score_examples(ctx, params, ex, side)
+    real_start = score(start, "real_ids")
+    # round 0: pi_t is pi_0, so INPO's mixture pi_0^a pi_t^(1 - a) is pi_t itself
+    np.testing.assert_allclose(scoring.score_phase(ctx, start, 0, pairs)["train"][0], real_start, rtol=1e-6)
+    scoring.score_phase(ctx, later, 1, pairs)
+    z = ckpt_lib.load_arrays(os.path.join(ctx.round_dir(1), "refs.npz"))
+    np.testing.assert_allclose(z["train_real0"], real_start, rtol=1e-5)
+    np.testing.assert_allclose(z["train_gen0"], score(start, "generated_ids"), rtol=1e-5)
+    assert np.abs(z["train_real0"] - score(lora.adapter_off(model_cfg, start), "real_ids")).max() > 0.1
+    assert np.abs(z["train_real0"] - score(later, "real_ids")).max() > 0.1
+    # without lora.init_path the run started from fresh adapters (B = 0): pi_0 is the base alone
+    for got, want in zip(jax.tree.leaves(lora.initial(CFG, later)), jax.tree.leaves(lora.adapter_off(CFG, later))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.fixture(scope="module")

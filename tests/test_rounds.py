@@ -65,6 +65,18 @@ def test_run_prints_rounds_and_exports(reference_run):
     for t in (0, 1):
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "samples_train.npz"))
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "refs.npz"))
+    # chat templates print the first start's date on every start (data.template_date, resolved)
+    date = json.load(open(os.path.join(workdir, "start.json")))["date"]
+    assert f"template_date='{date}'" in open(os.path.join(workdir, "config.txt")).read()
+    # held-out prompts sample from their own key, not the training prompts' (ids restart at 0 per split)
+    train, held = (ckpt_lib.load_arrays(os.path.join(workdir, "rounds", "round_000", f"samples_{s}.npz"))
+                   for s in ("train", "held"))
+    n = min(len(train["ids"]), len(held["ids"]), 8)
+    first = lambda z: [int(tok) for tok in z["tokens"][np.cumsum(z["lengths"])[:n] - z["lengths"][:n]]]
+    assert sum(a == b for a, b in zip(first(train), first(held))) <= n // 2, (first(train), first(held))
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"kind": "round"' in l]
+    assert all(0 <= r["sample_unended"] <= 1 for r in rows)
+    assert ("before an end of turn" in out) == any(r["sample_unended"] > 0 for r in rows)
 
 
 def test_export_loads_in_transformers_with_same_logits(reference_run):

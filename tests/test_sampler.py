@@ -338,6 +338,12 @@ def test_public_api_and_validation():
     arr = np.asarray([[5, 6, 7, 0], [8, 9, 0, 0]])
     res = spjax.sample(cfg, params, arr, prompt_lengths=[3, 2], key=0, max_new_tokens=2, temperature=0)
     assert [len(t) for t in res.tokens] == [2, 2]
+    # spjax.data.prompt_batches' rows are left-padded: prompt_mask reads them (prompt_lengths would not)
+    left = np.asarray([[5, 6, 7], [0, 8, 9]])
+    masked = spjax.sample(cfg, params, left, prompt_mask=left > 0, key=0, max_new_tokens=2, temperature=0)
+    assert masked.tokens == res.tokens
+    with pytest.raises(ValueError, match="not both"):
+        spjax.sample(cfg, params, left, prompt_mask=left > 0, prompt_lengths=[3, 2], key=0, max_new_tokens=2)
     with pytest.raises(ValueError, match="empty"):
         spjax.sample(cfg, params, [[1], []], key=0, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):

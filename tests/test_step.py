@@ -1,4 +1,5 @@
 """The pair train step: sharded == unsharded, accumulated == whole batch, NaN guard, learning, one compile."""
+import dataclasses
 import os
 
 import jax
@@ -8,7 +9,7 @@ import optax
 import pytest
 
 from spjax import model, sharding, step
-from spjax.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig, replace
+from spjax.config import MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
 
 # fsdp=4 divides the width 64; tensor=8 divides vocab 128 and mlp 96 (4 heads / 2 kv heads do not,
 # so those stay replicated on the tensor axis).
@@ -148,7 +149,7 @@ def test_accumulated_fsdp_step_repeats_without_a_collective_deadlock(params0, si
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
     batch = step.unpacked_batch(**sides, grad_accum=4)
     for _ in range(30):
-        fn, state = _fresh_state("data2xfsdp4", params0, replace(OPT, grad_accum=4))
+        fn, state = _fresh_state("data2xfsdp4", params0, dataclasses.replace(OPT, grad_accum=4))
         state, m = fn(state, batch)
         assert np.isfinite(float(m["loss"]))
 
@@ -178,7 +179,7 @@ def test_grad_accumulation_matches_full_batch(runs, params0, sides):
     The ragged responses make the micro-batches' token counts differ, which the NLL must absorb.
     """
     name = "data2xfsdp4"
-    fn, state = _fresh_state(name, params0, replace(OPT, grad_accum=4))
+    fn, state = _fresh_state(name, params0, dataclasses.replace(OPT, grad_accum=4))
     state, m4 = fn(state, step.unpacked_batch(**sides, grad_accum=4))
     m4, m1 = _host(m4), runs[name]["metrics"]
     for k in ("loss", "pair_loss", "nll", "grad_norm", "margin", "accuracy", "reward_real", "lp_real", "lp_gen"):
@@ -202,7 +203,7 @@ def test_nonfinite_skip_and_raise(params0, batch):
     _assert_trees_close(_host(state.opt_state[1]), opt_before, rtol=0, atol=0)  # Adam count unchanged too
     assert step.check_finite(metrics, OPT) is False  # skip mode: counted, no error
     with pytest.raises(FloatingPointError, match=r"step 0: non-finite loss/grad"):
-        step.check_finite(metrics, replace(OPT, nonfinite="raise"))
+        step.check_finite(metrics, dataclasses.replace(OPT, nonfinite="raise"))
     # The state is still good: the next finite batch trains normally.
     state, metrics = fn(state, batch)
     assert bool(metrics["finite"]) and int(state.skipped) == 1 and step.check_finite(metrics, OPT)
@@ -229,7 +230,7 @@ def test_bf16_compute_close_to_fp32(params0, batch):
     grad norm also pass through bf16 activations in the backward pass: one bf16 epsilon (2^-7).
     Seen on CPU: 2e-5 (lp), 1.6e-3 (loss), 2e-4 (grad norm).
     """
-    cfg16 = replace(CFG, compute_dtype="bfloat16")
+    cfg16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
     got = {}
     for cfg in (CFG, cfg16):
         fn, state = _fresh_state("1", params0, cfg=cfg)

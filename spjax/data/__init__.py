@@ -2,7 +2,10 @@
 
     prepared = prepare(cfg.data, tokenizer, data_dir)          # validated, tokenized train/test
     for batch in prompt_batches(prepared.train, G, buckets=prepared.prompt_buckets, pad_id=pad):
-        ...sample...                                           # -> {example id: generated token ids}
+        real = batch["example_id_B"] >= 0                      # rows past the data are padding
+        out = spjax.sample(cfg, params, batch["prompt_ids_BxP"][real], prompt_mask=batch["prompt_mask_BxP"][real],
+                           example_ids=batch["example_id_B"][real], key=..., max_new_tokens=...)
+                                                               # -> {example id: generated token ids}
     train, _ = attach_generated(prepared.train, generated, max_len=cfg.data.max_len)
     for batch, cursor in pair_batches(train, G, seed=..., buckets=prepared.buckets, pad_id=pad,
                                       cursor=restored_cursor, epochs=E):

@@ -175,7 +175,8 @@ def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None) -> Prepa
     out, reports = {}, {}
     for split, examples in splits.items():
         out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
-                                                       max_len=cfg.max_len, overlong=cfg.overlong, split=split)
+                                                       max_len=cfg.max_len, overlong=cfg.overlong, split=split,
+                                                       today=cfg.template_date or None)
     if not out["train"]:
         raise DataError([Problem(cfg.path, 1, "record", f"no training example is left ({reports['train']})")])
     return Prepared(out["train"], out["test"], reports, make_buckets(cfg.buckets, cfg.max_len),

@@ -3,7 +3,8 @@
 The one rule this module exists for (DESIGN.md §1, step 2): the tokens the sampler is given as a
 prompt are exactly the tokens that precede the response in the loss. Both come from `prompt_ids`,
 and a loss sequence is always `prompt_ids + response_ids`, never a re-tokenization of the whole
-chat. Special tokens are exactly what the template writes (BOS included): text is encoded with
+chat (a response's tokens are those that follow the prompt's in the whole chat's tokens: `_continuation`).
+Special tokens are exactly what the template writes (BOS included): text is encoded with
 add_special_tokens=False, as transformers' own apply_chat_template(tokenize=True) does.
 
 A response ends with the template's end of turn cut just after the tokenizer's EOS token (ChatML
@@ -14,7 +15,9 @@ prompt of one user turn: a system prompt or several turns need a template.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import logging
 from typing import Optional, Sequence
 
@@ -35,6 +38,12 @@ class TokenizedExample:
     real_ids: np.ndarray  # the real (SFT) or chosen (preference) response, ending in EOS unless truncated
     generated_ids: Optional[np.ndarray] = None  # the opponent's response, or the rejected one
     source: str = ""  # "file:line" of the record it came from
+    uncut_real_ids: Optional[np.ndarray] = None  # the real response before max_len cut it (None: not cut)
+
+    @property
+    def reference_ids(self) -> np.ndarray:
+        """The whole real response: a judge's reference (a verifier's answer often sits at its end)."""
+        return self.real_ids if self.uncut_real_ids is None else self.uncut_real_ids
 
     @property
     def length(self) -> int:
@@ -51,10 +60,37 @@ def _encode(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _render(tokenizer, messages, generation_prompt: bool, where: Problem) -> str:
+@contextlib.contextmanager
+def _clock_at(today: Optional[str]):
+    """Chat templates that print today's date (Llama 3's 'Today Date') call transformers' strftime_now,
+    which reads `datetime.now()` of transformers' chat-template module; with `today` (YYYY-MM-DD) that
+    clock reads midnight of that day instead. So a resume on another day, or a host past midnight,
+    renders the prompts the round's samples and reference scores were made from. (A template's
+    variables cannot carry a function: transformers replaces them by inert strings.)"""
+    from transformers.utils import chat_template_utils as ctu
+    real = getattr(ctu, "datetime", None)
+    if not today or not (isinstance(real, type) and issubclass(real, datetime.datetime)):
+        yield
+        return
+    midnight = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time())
+
+    class _Pinned(real):
+        @classmethod
+        def now(cls, tz=None):
+            return midnight
+
+    ctu.datetime = _Pinned
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        yield
+    finally:
+        ctu.datetime = real
+
+
+def _render(tokenizer, messages, generation_prompt: bool, where: Problem, today: Optional[str]) -> str:
+    try:
+        with _clock_at(today):
+            return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja raises TemplateError (and templates raise their own exceptions)
         raise DataError([dataclasses.replace(where, what=f"the chat template refused this chat: {e}")]) from e
 
@@ -73,7 +109,8 @@ def _plain_prompt(tokenizer, prompt_messages, where: Problem) -> list:
     return bare
 
 
-def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Problem] = None) -> np.ndarray:
+def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Problem] = None,
+               today: Optional[str] = None) -> np.ndarray:
     """THE prompt tokens (int32): the chat rendered with its generation prompt, special tokens as written.
 
     Both the sampler's input and the loss's prefix are this array; nothing else tokenizes prompts.
@@ -82,11 +119,11 @@ def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Pr
     where = where or Problem("<prompt>", 0, "prompt", "")
     if not has_chat_template(tokenizer):
         return np.asarray(_plain_prompt(tokenizer, prompt_messages, where), np.int32)
-    return np.asarray(_encode(tokenizer, _render(tokenizer, prompt_messages, True, where)), np.int32)
+    return np.asarray(_encode(tokenizer, _render(tokenizer, prompt_messages, True, where, today)), np.int32)
 
 
 def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
-                 where: Optional[Problem] = None) -> np.ndarray:
+                 where: Optional[Problem] = None, today: Optional[str] = None) -> np.ndarray:
     """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS."""
     where = where or Problem("<response>", 0, "response", "")
     eos = getattr(tokenizer, "eos_token", None)
@@ -97,9 +134,9 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
     if not has_chat_template(tokenizer):
         return np.asarray(_encode(tokenizer, response) + [tokenizer.eos_token_id], np.int32)
     prompt_where = dataclasses.replace(where, field="prompt")
-    prompt_text = _render(tokenizer, prompt_messages, True, prompt_where)
+    prompt_text = _render(tokenizer, prompt_messages, True, prompt_where, today)
     chat = list(prompt_messages) + [{"role": "assistant", "content": response}]
-    full = _render(tokenizer, chat, False, prompt_where)
+    full = _render(tokenizer, chat, False, prompt_where, today)
     if not full.startswith(prompt_text):
         raise DataError([dataclasses.replace(where, what=(
             "the chat template does not render the prompt (with its generation prompt) as a prefix of the "
@@ -109,7 +146,21 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
     tail = full[len(prompt_text):]
     end = tail.find(eos)
     tail = tail + eos if end < 0 else tail[:end + len(eos)]
-    return np.asarray(_encode(tokenizer, tail), np.int32)
+    return np.asarray(_continuation(tokenizer, prompt_text, tail), np.int32)
+
+
+def _continuation(tokenizer, prompt_text: str, tail: str) -> list:
+    """The tail's tokens as they follow the prompt's: the chat tokenized whole, cut after the prompt's tokens.
+
+    Tokenized alone, a SentencePiece tail (Llama-2, Mistral, Zephyr) starts with a word-start '▁' that
+    the model never sees after the generation prompt, nor samples there: every real response would
+    carry a token that tells it from a generated one. Where the prompt's last token and the tail's
+    first merge (byte-level BPE: a response that starts with whitespace after the template's newline),
+    the whole chat's tokens do not begin with the prompt's; the tail alone is then what a sampler given
+    exactly the prompt's tokens can produce.
+    """
+    prompt, whole = _encode(tokenizer, prompt_text), _encode(tokenizer, prompt_text + tail)
+    return whole[len(prompt):] if whole[:len(prompt)] == prompt else _encode(tokenizer, tail)
 
 
 # ----------------------------------------------------------------------------- length policy
@@ -169,21 +220,24 @@ def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, ove
     return prompt, sides[0], (sides[1] if len(sides) > 1 else None)
 
 
-def tokenize_example(tokenizer, ex: Example) -> tuple:
+def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None) -> tuple:
     """(prompt, real, second side or None) token ids of one example, before the length policy.
 
     The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
+    today: the date the chat template prints as today's (YYYY-MM-DD; None: the clock's).
     """
-    p = prompt_ids(tokenizer, ex.prompt_messages, where=ex.problem("prompt", ""))
-    real = response_ids(tokenizer, ex.prompt_messages, ex.response, where=ex.problem("response", ""))
+    p = prompt_ids(tokenizer, ex.prompt_messages, where=ex.problem("prompt", ""), today=today)
+    real = response_ids(tokenizer, ex.prompt_messages, ex.response, where=ex.problem("response", ""), today=today)
     field = "rejected" if ex.rejected is not None else "generated"
     other = ex.rejected if ex.rejected is not None else ex.generated
-    gen = None if other is None else response_ids(tokenizer, ex.prompt_messages, other, where=ex.problem(field, ""))
+    gen = None if other is None else response_ids(tokenizer, ex.prompt_messages, other,
+                                                  where=ex.problem(field, ""), today=today)
     return p, real, gen
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
-                      overlong: str = "truncate", split: str = "") -> tuple[list, LengthReport]:
+                      overlong: str = "truncate", split: str = "", today: Optional[str] = None
+                      ) -> tuple[list, LengthReport]:
     """Tokenize a split and apply the length policy. DataError lists every example that fails.
 
     Ids are dense 0..n-1 over the kept examples; `source` says which record each came from.
@@ -193,14 +247,15 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     report, out, problems = LengthReport(), [], []
     for ex in examples:
         try:
-            p, real, gen = tokenize_example(tokenizer, ex)
+            p, real, gen = tokenize_example(tokenizer, ex, today)
         except DataError as e:
             problems.extend(e.problems)
             continue
         cut = apply_length_policy(p, real, gen, max_prompt_len=max_prompt_len, max_len=max_len,
                                   overlong=overlong, bos_id=bos_id, report=report)
         if cut is not None:
-            out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}"))
+            out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}",
+                                        None if len(cut[1]) == len(real) else np.asarray(real, np.int32)))
     if problems:
         raise DataError(problems)
     if report.kept != report.examples:
