@@ -72,7 +72,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         out, bad = None, []
         for step in reversed(self.steps()):
-            got, err = None, None
+            got, err, fatal = None, None, None
             for attempt_like, to_state in ((like, convert), *others):
                 try:
                     got = self.manager.restore(step, args=ocp.args.Composite(
@@ -82,6 +82,12 @@ class Checkpointer:
                     break
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                     got, err = None, err or e  # the error of the current layout is the one reported
+                    fatal = fatal or (e if not_corruption(e) else None)
+            # Out of memory or a failing file system says nothing about the checkpoint: stop, keep it.
+            fatal = None if err is None else fatal
+            if not shd.on_every_process(fatal is None):
+                raise fatal or RuntimeError(f"checkpoint {self.directory}/{step}: another process ran out of "
+                                            "memory or could not read it (not moved aside)")
             # Every process must resume from the same step: one that fails anywhere is bad for all.
             if shd.on_every_process(err is None):
                 out = got["state"], dict(got["meta"])
@@ -109,6 +115,23 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_NOT_CORRUPTION = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ENOTCONN, errno.ESTALE, errno.ENOMEM}
+
+
+def not_corruption(e: BaseException) -> bool:
+    """Whether a failed restore says nothing about the checkpoint's bytes: out of (device) memory, or a
+    file system that refused or failed the read (these pass; a damaged step would fail again)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            return True
+        if isinstance(e, OSError) and e.errno in _NOT_CORRUPTION:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _check_finite_tree(state, step):

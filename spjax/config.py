@@ -370,6 +370,9 @@ class Config:
         # Each sub-config validates itself; here only what spans two of them.
         _check(self.run.batch_size % self.optim.grad_accum == 0, "run.batch_size",
                f"{self.run.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
+        for k, v in (self.model_overrides().items() if self.model is not None else ()):  # they replace model's
+            _check(getattr(self.model, k) in (v, ModelConfig.__dataclass_fields__[k].default), f"model.{k}",
+                   f"set {k} (top level): it applies to a loaded model and a random one alike")
 
     def model_overrides(self) -> dict:
         return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,

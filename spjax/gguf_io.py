@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from spjax.config import ModelConfig
-from spjax.tensor_names import CheckpointError, params_from_tensors
+from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
@@ -47,6 +47,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
     names = {t.name for t in reader.tensors}
+    rope_type, rope_factor = _rope_scaling(reader, arch, names, where)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     kw = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
@@ -54,6 +55,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", 0) or 0),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_type=rope_type, rope_factor=rope_factor,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
@@ -65,6 +67,23 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def _rope_scaling(reader, arch: str, names: set, where: str):
+    """(rope_type, rope_factor) as llama.cpp reads them: linear scaling is metadata (the type
+    defaults to linear, a factor of 0 or 1 means none; old files use rope.scale_linear). The
+    converter stores Llama-3 scaling as per-frequency divisors (rope_freqs.weight), which spjax's
+    llama3 parameters cannot be recovered from exactly; those, and YaRN etc., are refused."""
+    kind = str(_field(reader, f"{arch}.rope.scaling.type", "linear"))
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 0.0) or
+                   _field(reader, f"{arch}.rope.scale_linear", 0.0) or 0.0)
+    if "rope_freqs.weight" in names or kind not in ("linear", "none"):
+        what = "tensor rope_freqs.weight" if "rope_freqs.weight" in names else f"{arch}.rope.scaling.type {kind!r}"
+        raise CheckpointError(f"{where}: the GGUF carries RoPE scaling ({what}) that spjax does not read from GGUF "
+                              f"files: load the model's Hugging Face checkpoint instead")
+    if kind == "none" or factor in (0.0, 1.0):
+        return "default", 1.0
+    return "linear", factor
 
 
 def load_gguf(path: str, mesh=None, **overrides):
@@ -81,7 +100,7 @@ def load_gguf(path: str, mesh=None, **overrides):
     tensors = {t.name: t for t in reader.tensors}
     permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch
 
-    def get(name):
+    def get(name):  # a TensorSource (below): the loader refuses tensors it does not read
         t = tensors.get(name)
         if t is None:
             raise CheckpointError(f"{path}: tensor {name!r} missing")
@@ -91,4 +110,4 @@ def load_gguf(path: str, mesh=None, **overrides):
             w = _unpermute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         return w
 
-    return cfg, params_from_tensors(cfg, get, path, mesh, names="gguf")
+    return cfg, params_from_tensors(cfg, TensorSource(get, tensors), path, mesh, names="gguf")

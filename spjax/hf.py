@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spjax.config import ModelConfig
-from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, params_from_tensors,  # noqa: F401
-                                params_to_tensors)
+from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401
+                                params_from_tensors, params_to_tensors)
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 
@@ -43,8 +43,12 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+    if arch == "llama":  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
+        for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
+            if hf.get(key):
+                raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's llama does not implement: "
+                                      f"it cannot load this model")
     eos = hf.get("eos_token_id")
-    window = hf.get("sliding_window") if arch == "mistral" or hf.get("use_sliding_window") else None
     kw = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -57,14 +61,37 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        sliding_window=window, max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        qkv_bias=arch == "qwen2",
+        sliding_window=_sliding_window(hf, arch, where),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         pad_token_id=hf.get("pad_token_id"),
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def _sliding_window(hf: dict, arch: str, where: str):
+    """spjax's one window for all layers, as transformers reads the config.
+
+    Mistral windows every layer. Qwen2 windows layer i when use_sliding_window and layer_types[i] is
+    'sliding_attention' (any other type is full attention); without layer_types (transformers 4.x,
+    and 5.x's default) when i >= max_window_layers. A mix of windowed and full layers, which one
+    window cannot represent, is refused.
+    """
+    if arch == "mistral":
+        return hf.get("sliding_window")
+    if arch != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return None
+    n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    windowed = {t == "sliding_attention" for t in types}
+    if len(windowed) > 1:
+        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {hf['sliding_window']}) on some "
+                              f"layers only (layer_types / max_window_layers {first}), but spjax windows all layers "
+                              f"or none: it cannot load this model")
+    return hf["sliding_window"] if windowed == {True} else None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -96,8 +123,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     if cfg.architecture == "mistral":
         out["sliding_window"] = cfg.sliding_window
-    if cfg.architecture == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.architecture == "qwen2":  # every layer windowed or none, read the same by transformers 4.x and 5.x
+        w = cfg.sliding_window
+        out.update(use_sliding_window=w is not None, sliding_window=w, max_window_layers=0 if w else cfg.num_layers,
+                   layer_types=["sliding_attention" if w else "full_attention"] * cfg.num_layers)
     return out
 
 
@@ -116,7 +145,7 @@ def _read_json(path):
 
 
 def _safetensors_getter(directory: str):
-    """`get(name)` over a single or index-sharded safetensors checkpoint, and a label for errors."""
+    """A TensorSource over a single or index-sharded safetensors checkpoint."""
     from safetensors import safe_open
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
@@ -145,7 +174,7 @@ def _safetensors_getter(directory: str):
                 return _bf16_tensor(path, name)
             raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
 
-    return get
+    return TensorSource(get, weight_map)
 
 
 def _bf16_tensor(path, name):
@@ -276,7 +305,7 @@ def from_transformers(model, mesh=None, **overrides):
     hf.setdefault("architectures", [type(model).__name__])
     cfg = config_from_hf(hf, f"<{type(model).__name__}>", **overrides)
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    get = lambda name: state[name] if name in state else _missing(name)
+    get = TensorSource(lambda name: state[name] if name in state else _missing(name), state)
     return cfg, params_from_tensors(cfg, get, f"<{type(model).__name__}>", mesh)
 
 

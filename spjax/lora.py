@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,11 @@ def save_peft(cfg: ModelConfig, params, out_dir: str, base_model: str = "") -> s
     return write_peft(cfg, tensors, out_dir, base_model)
 
 
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's per-module override (rank_pattern, alpha_pattern): the first key naming the module's end."""
+    return next((v for k, v in patterns.items() if re.match(rf"(^|.*\.){k}$", module)), default)
+
+
 def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     """params with their adapter leaves replaced by a PEFT adapter's (placed like the old leaves)."""
     from safetensors import safe_open
@@ -192,8 +198,16 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     want_mods = {_peft_module(cfg, t) for t in cfg.lora.targets}
     if isinstance(mods, str) or set(mods) != want_mods:
         raise CheckpointError(f"{where}: target_modules {mods!r} differ from lora.targets {sorted(want_mods)}")
-    # The file's scaling alpha_file / r is folded into B, so cfg's alpha reproduces the same policy.
-    rescale = float(pc.get("lora_alpha", cfg.lora.alpha)) / cfg.lora.alpha
+    # The file's scaling alpha_file / r (per module: PEFT's alpha_pattern) is folded into B, so cfg's
+    # alpha reproduces the same policy; spjax's adapters share one rank, so rank_pattern must keep it.
+    def rescale(t, i):
+        module = layer_table(cfg)[t].hf.format(i=i)[:-len(".weight")]
+        rank = _pattern(pc.get("rank_pattern") or {}, module, pc.get("r"))
+        if rank != cfg.lora.rank:
+            raise CheckpointError(f"{where}: rank_pattern gives {module} rank {rank}; spjax needs "
+                                  f"lora.rank={cfg.lora.rank} for every adapter")
+        alpha = _pattern(pc.get("alpha_pattern") or {}, module, pc.get("lora_alpha", cfg.lora.alpha))
+        return float(alpha) / cfg.lora.alpha
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
@@ -213,7 +227,7 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         for t in cfg.lora.targets:
             old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]
             a = np.stack([get(t, i, "A").T for i in range(cfg.num_layers)])
-            b = np.stack([get(t, i, "B").T for i in range(cfg.num_layers)]) * rescale
+            b = np.stack([get(t, i, "B").T * rescale(t, i) for i in range(cfg.num_layers)])
             try:
                 a, b = a.reshape(old_a.shape), b.reshape(old_b.shape)
             except ValueError:

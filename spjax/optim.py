@@ -84,8 +84,9 @@ def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTran
         def clipped(g):
             return g * scale.astype(g.dtype) if clip > 0 else g
 
-        def moment(g, m, decay, power):
-            return jnp.where(ok, (1 - decay) * clipped(g) ** power + decay * m, m)
+        def moment(g, m, decay, power):  # kept in the dtype it was created in (bf16 params: bf16 moments),
+            new = ((1 - decay) * clipped(g) ** power + decay * m).astype(m.dtype)  # so the state's types hold
+            return jnp.where(ok, new, m)
 
         new_nu = jax.tree.map(lambda g, v: moment(g, v, b2, 2), grads, state.nu)
         new_mu = jax.tree.map(lambda g, m: moment(g, m, b1, 1), grads, state.mu) if adam else None

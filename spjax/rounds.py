@@ -12,10 +12,8 @@ where the pairs come from from the pair-source table: the driver branches on nei
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
-import shutil
 import time
 from typing import Callable, Optional
 
@@ -23,9 +21,9 @@ import jax
 import numpy as np
 
 from spjax import checkpoint as ckpt_lib
-from spjax import evaluate, hf, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
+from spjax import evaluate, hf, ledger, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
 from spjax import lora, saving, scoring, sharding as shd
-from spjax.config import METRIC_GOALS, Config, ConfigError
+from spjax.config import Config, ConfigError
 from spjax.data import batching, packing
 
 log = logging.getLogger("spjax")
@@ -93,6 +91,8 @@ def check_config(cfg: Config, n_devices: int):
     # Checked here, not in Config: command-line overrides arrive one at a time.
     if cfg.run.pairs == "judged" and not cfg.judge.name:
         raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
+    if cfg.run.keep_best == "judge_score" and not cfg.judge.name:
+        raise ConfigError("run.keep_best: 'judge_score' needs a judge (judge.name) to score held-out answers")
     if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
         raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
                           f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
@@ -115,12 +115,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
                           "or choose another workdir")
-    started = os.path.join(workdir, "start.json")  # the first start's date: chat templates print it as today's
-    if not (resume and os.path.exists(started)):  # (process 0 writes, after the check above)
-        ckpt_lib.save_json(started, {"date": datetime.date.today().isoformat()})
+    ledger.write_start(cfg, workdir, resume)  # process 0: the first start's date and config
     shd.barrier("spjax-workdir-checked")  # before process 0 writes the marker below
-    date = cfg.data.template_date or ckpt_lib.load_json(started)["date"]  # the same prompts on every start and host
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template_date=date))
+    cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
@@ -249,6 +246,10 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
                                  packed=packed, pad_id=ctx.pad_id, process_index=jax.process_index(),
                                  process_count=jax.process_count())
         state, m = train_step(state, device_batch(ctx, host, per_pair, packed))
+        if cfg.optim.nonfinite == "raise" and not bool(shd.to_host(m["finite"])):  # the update was dropped:
+            if rs.global_step not in ctx.checkpointer.steps():  # keep this state, the one before the step
+                ctx.checkpointer.save(rs.global_step, saving.to_save(ctx.model_cfg, state), _meta(ctx, rs), wait=True)
+            step_lib.check_finite(jax.tree.map(shd.to_host, m), cfg.optim)  # raises FloatingPointError
         pending.append(m)
         rs = dataclasses.replace(rs, step=s + 1, cursor=cursor, global_step=rs.global_step + 1)
         last = s + 1 == total
@@ -287,54 +288,12 @@ def checkpoint_phase(ctx: Context, state, rs: RoundState, t: int) -> RoundState:
     return rs
 
 
-def record_round(ctx: Context, t: int, params, summary: dict) -> bool:
-    """Log round t's row and keep it in the round's eval.json; keep the best round's model
-    (run.keep_best); print the summary table so far. True: stop here (run.stop_when_worse)."""
-    r, row = ctx.cfg.run, summary[f"round {t}"]
-    if summary["initial"].get("gen_len"):  # drift of the greedy answers' length from the start
-        row["len_drift"] = row["gen_len"] / summary["initial"]["gen_len"] - 1.0
-    if r.keep_best and metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])[0] == t:
-        hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer)
-    ctx.writer.write("round", t, row)
-    ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
-    ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
-                               evaluate.COLUMNS + (evaluate.JUDGE_COLUMNS if ctx.judge is not None else [])))
-    stale = metrics_lib.rounds_since_best(summary, r.keep_best, METRIC_GOALS[r.keep_best]) if r.keep_best else 0
-    if r.stop_when_worse and stale >= r.stop_when_worse and t + 1 < r.rounds:
-        ctx.echo(f"stopping after round {t}: {stale} rounds without a better held-out {r.keep_best} "
-                 f"(run.stop_when_worse={r.stop_when_worse})")
-        return True
-    return False
-
-
-def finish(ctx: Context, params, summary: dict):
-    """The export (the best round's model with run.keep_best, else the last), and the report."""
-    from spjax import report
-    r = ctx.cfg.run
-    if r.export and jax.process_index() == 0 and r.keep_best:
-        t, value = metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])
-        shutil.rmtree(os.path.join(ctx.workdir, "export"), ignore_errors=True)
-        os.replace(os.path.join(ctx.workdir, "best"), os.path.join(ctx.workdir, "export"))
-        ctx.echo(f"kept round {t}: held-out {r.keep_best} {value:.4g}, the best of rounds 0-{len(summary) - 2} "
-                 f"(run.keep_best={r.keep_best}); exported it to {os.path.join(ctx.workdir, 'export')}")
-    elif r.export:
-        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer)
-        ctx.echo(f"exported the final model to {out}")
-    if jax.process_index() == 0:
-        try:
-            md, png = report.write([ctx.workdir], os.path.join(ctx.workdir, "report"))
-            ctx.echo(f"per-round report: {md}, {png}")
-        except ImportError as e:  # an environment of the user's own without matplotlib
-            ctx.echo(f"no report.png: {e} (pip install matplotlib; then `spjax report {ctx.workdir}`)")
-    ctx.writer.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # Resume and the run
 
 
 def restore(ctx: Context, params):
-    """(RoundState, TrainState or None, rows of a round resumed mid-training) from the latest checkpoint
+    """(RoundState, TrainState or None, {round: its logged train rows}) from the latest checkpoint
     (params: the run's as loaded; a LoRA checkpoint's frozen base)."""
     restored = saving.restore_latest(ctx.checkpointer, ctx.model_cfg, ctx.cfg.optim, ctx.mesh, params, ctx.base_sums)
     rs, state = RoundState(), None
@@ -345,16 +304,19 @@ def restore(ctx: Context, params):
     # round resumed mid-training still count towards that round's summary.
     kept = ctx.writer.rewind(lambda row: row["step"] <= rs.global_step if row["kind"] == "train"
                              else row["step"] < rs.round)
-    done = [{k: v for k, v in row.items() if k not in ("kind", "step", "time")} for row in kept
-            if rs.phase == "train" and row["kind"] == "train" and row.get("round") == rs.round]
-    return rs, state, done
+    logged = {}
+    for row in kept:
+        if row["kind"] == "train":
+            logged.setdefault(row.get("round"), []).append({k: v for k, v in row.items()
+                                                            if k not in ("kind", "step", "time")})
+    return rs, state, logged
 
 
 def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None) -> dict:
     """Run (or resume) all rounds; returns {row name: metrics} as printed in the summary table.
 
-    fault: called with "sample", "judge", "score", "train", "checkpoint" at each resumable point
-    (tests kill there).
+    fault: called with "sample", "judge", "score", "train", "checkpoint", "evaluate" at each resumable
+    point (tests kill there).
     """
     ctx, params = setup(cfg, workdir, resume, echo, fault)
     # Trace under the run's mesh: attention picks its kernel for the mesh's platform (spjax.attention).
@@ -364,14 +326,27 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
 
 def _rounds(ctx: Context, params, resume: bool) -> dict:
     cfg = ctx.cfg
-    rs, state, done_rows = restore(ctx, params) if resume else (RoundState(), None, [])
+    rs, state, logged = restore(ctx, params) if resume else (RoundState(), None, {})
+    done_rows = logged.get(rs.round, []) if rs.phase == "train" else []
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)
     summary, compiled = {"initial": evaluate.evaluate_initial(ctx, params)}, {}
     for t in range(cfg.run.rounds):
         if t < rs.round:  # finished before the resume: its row is on disk
             done = os.path.join(ctx.round_dir(t), "eval.json")
-            summary.update({f"round {t}": ckpt_lib.load_json(done)} if os.path.exists(done) else {})
+            if os.path.exists(done):
+                summary[f"round {t}"] = ckpt_lib.load_json(done)
+            elif t + 1 == rs.round:  # killed after its checkpoint, before its row: evaluate it now (params
+                pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)  # are its own; pairs, scores on disk)
+                refs = scoring.score_phase(ctx, params, t, pairs)
+                summary[f"round {t}"] = {**(metrics_lib.mean_metrics(logged[t]) if logged.get(t) else {}),
+                                         **pairs.stats, **evaluate.evaluate_phase(ctx, params, f"round {t}",
+                                                                                  pairs, refs, t)}
+                if ledger.record_round(ctx, t, params, summary):
+                    break
+                continue
+            if ledger.stop_here(ctx, summary, t):  # a run that stopped stays stopped
+                break
             continue
         times = {}
         with metrics_lib.timed(times, "sample_s"):
@@ -386,11 +361,12 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
             params = None  # the opponent is no longer needed (its scores are on disk): free it
             state, rs, train_row = train_phase(ctx, state, rs, t, pairs, refs, compiled, done_rows)
         rs = checkpoint_phase(ctx, state, rs, t)
+        ctx.fault("evaluate")
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
         summary[f"round {t}"] = {**train_row, **pairs.stats,
                                  **evaluate.evaluate_phase(ctx, params, f"round {t}", pairs, refs, t), **times}
-        if record_round(ctx, t, params, summary):
+        if ledger.record_round(ctx, t, params, summary):
             break
     ctx.checkpointer.close()
-    finish(ctx, params, summary)
+    ledger.finish(ctx, params, summary)
     return summary

@@ -201,8 +201,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
       from the left) or with `prompt_mask` [n, L] (1 on the prompt's tokens, either side padded).
-      key: the round key (`round_key(seed, round)`, or an int seed); example i's sample k draws from sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so
-      results do not depend on batch composition, bucket, K's batch neighbours, mesh or host.
+      key: the round key (`round_key(seed, round)`, or an int seed); example i's sample k draws from
+      sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so results do not depend on batch composition, bucket, K's batch neighbours, mesh or host.
       temperature 0 means greedy. top_k 0 and top_p 1 disable truncation. Sampling stops per row at
       any of `eos_ids` (the EOS is returned) or at max_new_tokens. Prompts are sorted by length and
       decoded `batch_size` prompts at a time (default: all at once), each batch padded with dummy

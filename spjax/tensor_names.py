@@ -32,6 +32,24 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unsupported or malformed; the message names the file and tensor."""
 
 
+class TensorSource:
+    """`get(name) -> np.ndarray` over one checkpoint, with the names it holds: the loader refuses a
+    checkpoint holding tensors it did not read, since those are parts of a model spjax would not compute."""
+
+    def __init__(self, get: Callable, names):
+        self.get, self.names = get, frozenset(names)
+
+    def __call__(self, name: str):
+        return self.get(name)
+
+
+# Tensors a checkpoint may hold that the loader leaves unread without changing the model:
+# rotary inverse frequencies (recomputed from the config), and a *ForSequenceClassification head,
+# which spjax.reward_model reads itself after loading the decoder.
+_UNREAD_OK_SUFFIXES = (".rotary_emb.inv_freq",)
+_UNREAD_OK = {"score.weight"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     hf: str  # Hugging Face name; per-layer names have {i}
@@ -88,13 +106,14 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, lora=LoraConfig(), base_quant="none")
 
 
-def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, names: str = "hf", key=None):
+def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=None, names: str = "hf", key=None):
     """Build params from `get(name) -> np.ndarray` (HF layout), each leaf placed as it is built.
 
     With a mesh every leaf is created with its NamedSharding via make_array_from_callback, which
     hands each device only its slice; host memory holds one leaf at a time. With cfg.lora the
     adapters are initialised from `key` (default key 0); with cfg.base_quant the projections are
-    quantized on the host before they are placed.
+    quantized on the host before they are placed. A checkpoint holding tensors the model does not
+    read (get.names) is refused: see _check_all_read.
     """
     from spjax import model
     shapes = model.param_shapes(cfg)
@@ -122,6 +141,9 @@ def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, names: str
         return np.asarray(x, dtype=np.float32).astype(dtype)
 
     base_shapes = model.param_shapes(base_config(cfg))
+    _check_all_read(cfg, get, {e.name(names) for e in top_table(cfg).values()} |
+                    {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)},
+                    where, names)
     params = {leaf: place(leaf, fetch(e.name(names), e.to_spjax, base_shapes[leaf].shape))
               for leaf, e in top_table(cfg).items()}
     layers = {}
@@ -145,6 +167,25 @@ def params_from_tensors(cfg: ModelConfig, get, where: str, mesh=None, names: str
     if set(layers) != expected:
         raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
     return params
+
+
+def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, names: str):
+    """Refuse tensors outside `read` (e.g. an o_proj bias or an MLP bias): spjax would silently drop them.
+
+    Checked before any leaf is read, so a refusal costs no loading time.
+    """
+    left = sorted(n for n in get.names - read - _UNREAD_OK if not n.endswith(_UNREAD_OK_SUFFIXES))
+    head = "output.weight" if names == "gguf" else "lm_head.weight"
+    if cfg.tie_embeddings and head in left:
+        # Tied checkpoints (and tied state_dicts) may store the head too: harmless when it is the embedding.
+        embed = top_table(cfg)["embed"].name(names)
+        if np.array_equal(np.asarray(get(head)), np.asarray(get(embed))):
+            left.remove(head)
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise CheckpointError(f"{where}: tensor(s) {', '.join(left[:3])}{more} are not part of spjax's "
+                              f"{cfg.architecture} model with this config, so spjax would compute another model than "
+                              f"the checkpoint's: check the config (e.g. tie_word_embeddings) or use a supported model")
 
 
 def merged_layer(cfg: ModelConfig, layers: dict, leaf: str) -> np.ndarray:
@@ -186,6 +227,6 @@ def _get(tree, path):
     return tree
 
 
-__all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "Entry",
+__all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "peft_name", "base_config", "params_from_tensors", "merged_layer",
            "params_to_tensors"]

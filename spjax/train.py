@@ -66,7 +66,8 @@ def cpu_devices_flags(xla_flags: str) -> str:
 
 def kill_at(spec: str):
     """The fault hook for SPJAX_KILL_AT=point:n (tests): SIGKILL this process the n-th time the run
-    reaches `point` (sample, judge, score, train, checkpoint), to check that --resume gives the same model."""
+    reaches `point` (sample, judge, score, train, checkpoint, evaluate), to check that --resume gives the
+    same model."""
     point, _, n = spec.partition(":")
     hits = {point: 0}
 
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"spjax: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # optim.nonfinite=raise: the state before that step is checkpointed
+        print(f"\nspjax: non-finite step: {e} (checkpointed: --resume after fixing it, e.g. optim.lr)",
+              file=sys.stderr)
+        return 4
     except Exception as e:  # noqa: BLE001 - only I/O failures are handled here; the rest propagate
         failed = _io_failure(e)
         if failed is None:

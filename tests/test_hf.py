@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import spjax
-from spjax import hf, model, sharding
+from spjax import hf, sharding
 from spjax.config import MeshConfig
 from tests import oracle
 

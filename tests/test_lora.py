@@ -102,7 +102,8 @@ def test_inpo_initial_policy_is_the_starting_adapter(tmp_path):
     rng = np.random.default_rng(0)
     ex = [TokenizedExample(i, *(rng.integers(3, CFG.vocab_size, n).astype(np.int32) for n in (8, 6, 5)))
           for i in range(4)]
-    ctx = types.SimpleNamespace(cfg=Config(model=model_cfg, objective=ObjectiveConfig(name="inpo", tau=0.05)),
+    run_cfg = Config(model=model_cfg, lora=model_cfg.lora, objective=ObjectiveConfig(name="inpo", tau=0.05))
+    ctx = types.SimpleNamespace(cfg=run_cfg,
                                 model_cfg=model_cfg, mesh=mesh, buckets=(16,), pad_id=0, fault=lambda point: None,
                                 objective=objectives.TABLE["inpo"], round_dir=lambda t: str(tmp_path / f"round_{t}"))
     pairs = pairs_lib.RoundPairs(splits={"train": ex}, sampler_lp={})
@@ -161,12 +162,14 @@ def test_merged_export_and_peft_adapter_match_torch(torch_base, tmp_path):
         peft_model.unload()  # the cached base must come back without adapter layers
 
 
-def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path):
+@pytest.mark.parametrize("alpha_pattern", [{}, {"q_proj": 3 * ALPHA, "layers.1.mlp.up_proj": ALPHA / 2}])
+def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path, alpha_pattern):
+    """Per-module alphas (PEFT's alpha_pattern, by module name or a layer's) are folded in too."""
     import peft
     import torch
     targets = ("q", "v", "up")
     pc = peft.LoraConfig(r=R, lora_alpha=2 * ALPHA, target_modules=["q_proj", "v_proj", "up_proj"],
-                         init_lora_weights=False)  # random A and B: a visible adapter
+                         init_lora_weights=False, alpha_pattern=alpha_pattern)  # random A and B: visible
     torch.manual_seed(3)
     peft_model = peft.get_peft_model(torch_base, pc).eval()
     try:
@@ -185,6 +188,10 @@ def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path):
     with pytest.raises(CheckpointError, match="target_modules"):
         lora.load_peft(dataclasses.replace(cfg, lora=LoraConfig(rank=R, targets=("q",))), params,
                        cfg.lora.init_path)
+    conf = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    json.dump({**conf, "rank_pattern": {"v_proj": 2 * R}}, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+    with pytest.raises(CheckpointError, match=f"rank_pattern gives model.layers.0.self_attn.v_proj rank {2 * R}"):
+        lora.load_peft(cfg, params, cfg.lora.init_path)
 
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.3)])

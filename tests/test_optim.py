@@ -34,6 +34,20 @@ def test_fused_matches_optax_chain(name, clip):
     assert float(jnp.abs(p_ours["layers"]["w"] - _tree(jax.random.key(0), 1.0)["layers"]["w"]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["adamw", "rmsprop"])
+def test_bf16_params_keep_their_state_types(name):
+    """bf16 params (fp32 gradients, as the step computes them): the moments stay bf16, as created and as
+    checkpoints' abstract state says, so the jitted step compiles once (before: fp32 after a step)."""
+    opt = optim.make_optimizer(OptimConfig(name=name, lr=1e-2, warmup_frac=0.0), 8)
+    p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(jax.random.key(0), 1.0))
+    update = jax.jit(opt.update)
+    s0 = s = opt.init(p)
+    for i in range(2):
+        s = update(_tree(jax.random.key(i + 1), 1.0), s, p)[1]
+    assert jax.tree.map(lambda x: x.dtype, s) == jax.tree.map(lambda x: x.dtype, s0)
+    assert update._cache_size() == 1
+
+
 def test_nonfinite_step_is_dropped():
     cfg = OptimConfig(lr=1e-2, warmup_frac=0.0, schedule="constant", weight_decay=0.1)
     opt = optim.make_optimizer(cfg, 8)

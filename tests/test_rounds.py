@@ -95,14 +95,15 @@ def test_export_loads_in_transformers_with_same_logits(reference_run):
     assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids, jnp.int32))) - ref).max() <= 1e-4
 
 
-def test_sigkill_at_three_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
-    """One run killed three times in round 1 (each kill during the previous resume), then finished."""
+def test_sigkill_at_four_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
+    """One run killed four times (each kill during the previous resume), then finished."""
     ref_dir, _ = reference_run
     work = tmp_path / "run"
-    # (where the run dies, counted from its own start): sampling after the first chunk is on disk;
+    # (where the run dies, counted from its own start): after round 0's final checkpoint, before its
+    # row (the resume evaluates round 0 first); round 1's sampling after the first chunk is on disk;
     # scoring with the real responses scored and the generated ones not yet; training at step 3
-    # (the step-2 checkpoint is the latest). Round 0 reaches sample 3 times, score 2, train 4.
-    for k, kill_at in enumerate(["sample:4", "score:1", "train:3"]):
+    # (the step-2 checkpoint is the latest).
+    for k, kill_at in enumerate(["evaluate:1", "sample:1", "score:1", "train:3"]):
         killed = _train(work, *(["--resume"] if k else []), kill_at=kill_at, tfds_dir=tfds_dir)
         assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
         assert not os.path.exists(work / "export")
@@ -152,6 +153,23 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     ck.close()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB"),
+                                   OSError(5, "Input/output error")])
+def test_restore_out_of_memory_or_io_error_is_not_corruption(tmp_path, monkeypatch, error):
+    """A restore that fails for want of memory, or on a failing file system, stops the run and keeps
+    the checkpoint (before: every checkpoint was moved aside as corrupt and the run started over)."""
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+    ck.save(1, {"w": jnp.arange(8, dtype=jnp.float32)}, {"round": 0})
+
+    def fail(*args, **kwargs):
+        raise ValueError("restore failed") from error  # as orbax wraps what it meets
+    monkeypatch.setattr(ck.manager, "restore", fail)
+    with pytest.raises(ValueError, match="restore failed"):
+        ck.restore_latest({"w": jnp.zeros(8)})
+    assert os.listdir(tmp_path / "ck") == ["1"]
+    ck.close()
+
+
 def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tfds_dir, tmp_path):
     ref_dir, _ = reference_run
     work = tmp_path / "run"
@@ -173,6 +191,8 @@ def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tf
     ("run.batch_size=12", "run.batch_size: 12 is not divisible by the data-parallel size 8"),
     ("model_path=/nonexistent/model", "model_path: /nonexistent/model does not exist"),
     ("objective.name=dpo", "objective.name: 'dpo' not one of"),
+    ("run.keep_best=judge_score", "run.keep_best: 'judge_score' needs a judge"),
+    ("model.lora.rank=4", "model.lora: set lora (top level)"),  # before: silently a full fine-tune
 ])
 def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message):
     from spjax import train
@@ -190,6 +210,17 @@ def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch, va
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"spjax: config error: SPJAX_COMPILE_CACHE_MIN_SECS: expected seconds >= 0, got '{value}'"], err
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_nonfinite_raise_stops_at_that_step_in_one_line_with_the_state_before_it_saved(tfds_dir, tmp_path):
+    """optim.nonfinite=raise: the first non-finite step ends the run (exit 4, one line), its update
+    dropped and the state before it checkpointed (before: found steps later, nothing saved, a traceback)."""
+    proc = _train(tmp_path / "w", "optim.lr=1e30", "optim.nonfinite=raise", tfds_dir=tfds_dir)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("spjax: non-finite step: step 1: non-finite loss/grad") and "--resume" in last, last
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit())
+    assert steps == [1]  # one finite step taken; the second's update dropped
 
 
 def test_refuses_to_overwrite_a_run_without_resume(reference_run, tfds_dir):

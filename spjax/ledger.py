@@ -1,0 +1,130 @@
+"""The run's ledger: what a run keeps besides its checkpoints, and what a resume must agree with.
+
+  start.json   the first start's date (chat templates print it as today's) and its config: a
+               resume that changes a field shaping the run (data, samples, pairs, objective,
+               optimizer, batches) is refused in one line; other changes are said and kept
+  round rows   each round's row in metrics.jsonl and the round's eval.json; the best round's model
+               in best/ (run.keep_best); the stop rule (run.stop_when_worse), re-derived from the
+               rows on a resume so a stopped run stays stopped
+  the export   the best round's model (moved from best/, never deleted before its replacement is
+               in place), else the last round's; then the report
+Called by spjax.rounds, the driver: ctx is its Context.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+
+import jax
+
+from spjax import checkpoint as ckpt_lib, evaluate, hf, metrics as metrics_lib
+from spjax.config import METRIC_GOALS, Config, ConfigError
+
+# Fields a resume may change: paths, placement, speed knobs and bookkeeping. Every other field shapes
+# what the run trains on or how; changing one mid-run would mix two runs in one model.
+MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "data.tfds_dir",
+              "sampling.batch_size", "judge.batch_size", "optim.lr", "optim.clip_norm", "optim.nonfinite",
+              "run.rounds", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.async_checkpoint",
+              "run.eval_examples", "run.eval_show", "run.eval_max_new_tokens", "run.stop_when_worse", "run.export",
+              "run.score_batch_size")
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    """{dotted field: repr(value)} of a config."""
+    if not dataclasses.is_dataclass(obj):
+        return {prefix[:-1]: repr(obj)}
+    return {k: v for f in dataclasses.fields(obj) for k, v in _flat(getattr(obj, f.name), f"{prefix}{f.name}.").items()}
+
+
+def _dated(cfg: Config, date: str) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template_date=cfg.data.template_date or date))
+
+
+def write_start(cfg: Config, workdir: str, resume: bool):
+    """Process 0, before the processes meet: a fresh run's start.json (a resume keeps the first's; a
+    start that failed before its setup finished, config.txt unwritten, counts as none)."""
+    path = os.path.join(workdir, "start.json")
+    if not (resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt"))):
+        today = datetime.date.today().isoformat()
+        ckpt_lib.save_json(path, {"date": today, "config": _flat(_dated(cfg, today))})
+
+
+def check_start(cfg: Config, workdir: str, echo) -> Config:
+    """`cfg` with data.template_date the first start's; ConfigError if it changes a field outside
+    MAY_CHANGE since then (the fields listed, old -> new); changes inside it are echoed."""
+    first = ckpt_lib.load_json(os.path.join(workdir, "start.json"))
+    cfg = _dated(cfg, first["date"])
+    was, now = first.get("config", {}), _flat(cfg)
+    changed = sorted(k for k in set(was) & set(now) if was[k] != now[k])  # (fields of other versions: skipped)
+    say = lambda keys: "; ".join(f"{k}: {was[k]} -> {now[k]}" for k in keys)
+    fixed = [k for k in changed if not k.startswith(MAY_CHANGE)]
+    if fixed:
+        raise ConfigError(f"--resume: {say(fixed)}: these shape the run {workdir} holds (its data, samples, "
+                          "pairs, objective, optimizer or batches); resume with the values it started with, "
+                          "or start a new workdir")
+    if changed:
+        echo(f"resuming with changed settings: {say(changed)}")
+    return cfg
+
+
+def stop_here(ctx, summary: dict, t: int) -> bool:
+    """run.stop_when_worse: whether the run stops after round t (said in one line)."""
+    r = ctx.cfg.run
+    stale = metrics_lib.rounds_since_best(summary, r.keep_best, METRIC_GOALS[r.keep_best]) if r.keep_best else 0
+    if r.stop_when_worse and stale >= r.stop_when_worse and t + 1 < r.rounds:
+        ctx.echo(f"stopping after round {t}: {stale} rounds without a better held-out {r.keep_best} "
+                 f"(run.stop_when_worse={r.stop_when_worse})")
+        return True
+    return False
+
+
+def record_round(ctx, t: int, params, summary: dict) -> bool:
+    """Log round t's row and keep it in the round's eval.json; keep the best round's model
+    (run.keep_best); print the summary table so far. True: stop here (run.stop_when_worse)."""
+    r, row = ctx.cfg.run, summary[f"round {t}"]
+    if summary["initial"].get("gen_len"):  # drift of the greedy answers' length from the start
+        row["len_drift"] = row["gen_len"] / summary["initial"]["gen_len"] - 1.0
+    if r.keep_best and metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])[0] == t:
+        hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer)
+    ctx.writer.write("round", t, row)
+    ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
+    ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
+                               evaluate.COLUMNS + (evaluate.JUDGE_COLUMNS if ctx.judge is not None else [])))
+    return stop_here(ctx, summary, t)
+
+
+def _keep_best(ctx, last: int, t: int, value: float):
+    """Process 0: best/ (a round kept since the export was last made, if any) becomes the export."""
+    best, export = os.path.join(ctx.workdir, "best"), os.path.join(ctx.workdir, "export")
+    if os.path.isdir(best):
+        old = export + ".replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(export):
+            os.replace(export, old)
+        os.replace(best, export)
+        shutil.rmtree(old, ignore_errors=True)
+    elif not os.path.isdir(export):
+        raise hf.CheckpointError(f"{best}: missing, and no {export} holds round {t}'s model (run.keep_best)")
+    ctx.echo(f"kept round {t}: held-out {ctx.cfg.run.keep_best} {value:.4g}, the best of rounds 0-{last} "
+             f"(run.keep_best={ctx.cfg.run.keep_best}); exported it to {export}")
+
+
+def finish(ctx, params, summary: dict):
+    """The export (the best round's model with run.keep_best, else the last), and the report."""
+    from spjax import report
+    r = ctx.cfg.run
+    if r.export and r.keep_best:  # a file move: process 0's alone
+        if jax.process_index() == 0:
+            _keep_best(ctx, len(summary) - 2, *metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best]))
+    elif r.export:  # every process: the export gathers sharded params
+        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer)
+        ctx.echo(f"exported the final model to {out}")
+    if jax.process_index() == 0:
+        try:
+            md, png = report.write([ctx.workdir], os.path.join(ctx.workdir, "report"))
+            ctx.echo(f"per-round report: {md}, {png}")
+        except ImportError as e:  # an environment of the user's own without matplotlib
+            ctx.echo(f"no report.png: {e} (pip install matplotlib; then `spjax report {ctx.workdir}`)")
+    ctx.writer.close()

@@ -1,0 +1,162 @@
+"""Import refuses what it would get wrong: RoPE scaling in GGUF files, Llama biases, tensors it does
+not read, per-layer Qwen2 windows; and what it reads (GGUF linear RoPE, Qwen2 windows) matches
+transformers, through an export too."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spjax
+from spjax import hf
+from tests import oracle
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _torch(cls_name, **extra):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**TINY, **extra)).float().eval()
+    with torch.no_grad():  # HF zero-inits biases; random ones make a dropped bias visible
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _ids(shape=(2, 100)):
+    return np.random.RandomState(0).randint(0, TINY["vocab_size"], shape).astype(np.int32)
+
+
+def _max_diff(cfg, params, tm, ids):
+    return float(np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max())
+
+
+def _write_gguf(path, m, scaling=None, factor=None, tensors=None):
+    """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`."""
+    import gguf
+    c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(scaling))
+    if factor:
+        w.add_rope_scaling_factor(factor)
+    named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    for i in range(c.num_hidden_layers):
+        for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                         ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                         ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                         ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
+    for dst, src in named.items():
+        t = sd[src]
+        if ".attn_q." in dst or ".attn_k." in dst:  # convert_hf_to_gguf's LlamaModel.permute
+            n = c.num_attention_heads if ".attn_q." in dst else c.num_key_value_heads
+            t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(dst, t)
+    for name, t in (tensors or {}).items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_linear_rope_scaling_matches_transformers(tmp_path):
+    tm = _torch("LlamaConfig", rope_theta=500000.0, rope_scaling=dict(rope_type="linear", factor=4.0))
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "lin.gguf", tm, "linear", 4.0))
+    assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+    assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["rope_freqs", "yarn"])
+def test_gguf_refuses_rope_scaling_it_cannot_read(kind, tmp_path):
+    tm = _torch("LlamaConfig")
+    path = _write_gguf(tmp_path / "m.gguf", tm, **(
+        dict(tensors={"rope_freqs.weight": np.linspace(1, 8, 4, dtype=np.float32)}) if kind == "rope_freqs"
+        else dict(scaling="yarn", factor=4.0)))
+    with pytest.raises(hf.CheckpointError, match=rf"m.gguf: the GGUF carries RoPE scaling .*{kind}.*Hugging Face"):
+        spjax.load_pretrained(path)
+
+
+def test_gguf_refuses_tensors_it_does_not_read(tmp_path):
+    tm = _torch("LlamaConfig")
+    path = _write_gguf(tmp_path / "m.gguf", tm, tensors={"blk.0.attn_output.bias": np.ones(32, np.float32)})
+    with pytest.raises(hf.CheckpointError, match=r"m.gguf: tensor\(s\) blk.0.attn_output.bias are not part"):
+        spjax.load_pretrained(path)
+
+
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_llama_biases_are_refused(key, tmp_path):
+    tm = _torch("LlamaConfig", **{key: True})
+    with pytest.raises(hf.CheckpointError, match=rf"<LlamaForCausalLM>: {key} is true"):
+        hf.from_transformers(tm)
+    tm.save_pretrained(tmp_path / "hf")
+    with pytest.raises(hf.CheckpointError, match=rf"hf/config.json: {key} is true"):
+        spjax.load_pretrained(str(tmp_path / "hf"))
+
+
+def test_unread_tensors_are_refused_but_derivable_ones_load(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    cfg, params = oracle.spjax_model("llama3")  # tied embeddings: no lm_head.weight in the export
+    good = str(spjax.save_pretrained(cfg, params, tmp_path / "good"))
+    tensors = load_file(os.path.join(good, "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+
+    def load_with(**extra):
+        save_file(dict(tensors, **extra), os.path.join(good, "model.safetensors"))
+        return spjax.load_pretrained(good)
+
+    # a buffer transformers recomputes, and a tied head stored as well (equal to the embedding)
+    _, p2 = load_with(**{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32),
+                         "lm_head.weight": embed.copy()})
+    assert float(jnp.abs(p2["embed"] - params["embed"]).max()) == 0.0
+    with pytest.raises(hf.CheckpointError, match=r"good: tensor\(s\) lm_head.weight are not part"):
+        load_with(**{"lm_head.weight": embed + 1})
+    o_bias = {f"model.layers.{i}.self_attn.o_proj.bias": np.ones(cfg.hidden_size, np.float32) for i in range(2)}
+    up_bias = {f"model.layers.{i}.mlp.up_proj.bias": np.ones(cfg.intermediate_size, np.float32) for i in range(2)}
+    with pytest.raises(hf.CheckpointError, match=r"good: tensor\(s\) model.layers.0.mlp.up_proj.bias, "
+                       r"model.layers.0.self_attn.o_proj.bias, model.layers.1.mlp.up_proj.bias and 1 more are not"):
+        load_with(**o_bias, **up_bias)
+
+
+@pytest.mark.parametrize("max_window_layers,window", [(0, 6), (2, None), (1, "refused")])
+def test_qwen2_sliding_window_layers_as_transformers(max_window_layers, window):
+    tm = _torch("Qwen2Config", use_sliding_window=True, sliding_window=6, max_window_layers=max_window_layers)
+    if window == "refused":  # layer 0 full, layer 1 windowed: one window cannot say that
+        with pytest.raises(hf.CheckpointError, match=r"Qwen2 windows attention .* on some layers only"):
+            hf.from_transformers(tm)
+        conf = {k: v for k, v in tm.config.to_dict().items() if k != "layer_types"}  # transformers 4.x's keys
+        with pytest.raises(hf.CheckpointError, match=r"config.json: Qwen2 windows attention"):
+            hf.config_from_hf(conf)
+        return
+    cfg, params = hf.from_transformers(tm)
+    assert cfg.sliding_window == window
+    assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
+
+
+def test_qwen2_window_survives_export_to_transformers(tmp_path):
+    import torch
+    import transformers
+    cfg, params = hf.from_transformers(oracle.torch_model("qwen2"), sliding_window=6)
+    out = spjax.save_pretrained(cfg, params, tmp_path / "hf")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = _ids((2, 24))
+    assert _max_diff(cfg, params, tm, ids) <= 1e-4
+    full, _ = hf.from_transformers(oracle.torch_model("qwen2"))
+    assert _max_diff(full, params, tm, ids) > 1e-3  # the window changes these logits: the check above counts
+    assert spjax.load_pretrained(out)[0].sliding_window == 6

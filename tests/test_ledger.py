@@ -1,0 +1,74 @@
+"""The run's ledger: what a resume must agree with, the stop rule, and an export never lost."""
+import json
+import os
+import types
+
+import pytest
+
+from spjax import ledger
+from spjax.config import ConfigError, load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+
+
+def test_resume_refuses_fields_that_shape_the_run_and_says_the_others(tmp_path):
+    ledger.write_start(load_config(TINY, ["run.batch_size=8"]), str(tmp_path), resume=True)  # a start that failed
+    ledger.write_start(load_config(TINY), str(tmp_path), resume=True)  # ... is no start: rewritten
+    (tmp_path / "config.txt").write_text("(the setup finished)")
+    first = json.load(open(tmp_path / "start.json"))
+    assert first["config"]["run.batch_size"] == "16"
+    said = []
+    same = ledger.check_start(load_config(TINY), str(tmp_path), said.append)
+    assert same.data.template_date == first["date"] and said == []
+    ledger.write_start(load_config(TINY, ["run.batch_size=8"]), str(tmp_path), resume=True)  # keeps the first's
+    assert json.load(open(tmp_path / "start.json")) == first
+    with pytest.raises(ConfigError, match=r"--resume: objective.beta: 0.1 -> 0.2; run.batch_size: 16 -> 8: these "
+                                          r"shape the run"):
+        ledger.check_start(load_config(TINY, ["run.batch_size=8", "objective.beta=0.2"]), str(tmp_path), said.append)
+    with pytest.raises(ConfigError, match="data.template_date"):  # the prompts' date is part of the data
+        ledger.check_start(load_config(TINY, ["data.template_date=2020-01-01"]), str(tmp_path), said.append)
+    ledger.check_start(load_config(TINY, ["run.rounds=5", "optim.lr=1e-5"]), str(tmp_path), said.append)
+    assert said == [f"resuming with changed settings: optim.lr: {load_config(TINY).optim.lr!r} -> 1e-05; "
+                    "run.rounds: 2 -> 5"]
+
+
+def _ctx(tmp_path, rounds=4, stop=1, keep="nll"):
+    said = []
+    run = types.SimpleNamespace(keep_best=keep, stop_when_worse=stop, rounds=rounds)
+    return types.SimpleNamespace(cfg=types.SimpleNamespace(run=run), workdir=str(tmp_path), echo=said.append), said
+
+
+def test_stop_rule_is_re_derived_from_the_rows(tmp_path):
+    ctx, said = _ctx(tmp_path)
+    summary = {"initial": {"nll": 2.0}, "round 0": {"nll": 1.5}}
+    assert not ledger.stop_here(ctx, summary, 0)
+    summary["round 1"] = {"nll": 1.6}
+    assert ledger.stop_here(ctx, summary, 1) and said == [
+        "stopping after round 1: 1 rounds without a better held-out nll (run.stop_when_worse=1)"]
+    assert not ledger.stop_here(_ctx(tmp_path, stop=2)[0], summary, 1)
+    assert not ledger.stop_here(_ctx(tmp_path, rounds=2)[0], summary, 1)  # the last round anyway
+
+
+def _model_dir(path, tag):
+    os.makedirs(path)
+    with open(os.path.join(path, "model.safetensors"), "w") as f:
+        f.write(tag)
+
+
+def test_keep_best_export_is_never_lost(tmp_path):
+    """best/ (saved when a round was the best so far) replaces export/; a rerun of a finished run, or more
+    rounds of which none is better, keep the export (before: it was deleted, then best/ was missing)."""
+    ctx, said = _ctx(tmp_path)
+    export, best = tmp_path / "export", tmp_path / "best"
+    _model_dir(best, "round 0")
+    ledger._keep_best(ctx, 1, 0, 1.5)
+    assert (export / "model.safetensors").read_text() == "round 0" and not best.exists()
+    ledger._keep_best(ctx, 3, 0, 1.5)  # resumed after the finish, or rounds 2-3 were no better
+    assert (export / "model.safetensors").read_text() == "round 0"
+    _model_dir(best, "round 4")  # a later round is better: it replaces the export
+    ledger._keep_best(ctx, 4, 4, 1.4)
+    assert (export / "model.safetensors").read_text() == "round 4" and sorted(os.listdir(tmp_path)) == ["export"]
+    assert said[-1].startswith("kept round 4: held-out nll 1.4, the best of rounds 0-4")
+    os.rename(export, tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="best: missing, and no .*export holds round 4's model"):
+        ledger._keep_best(ctx, 4, 4, 1.4)
