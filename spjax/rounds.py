@@ -324,6 +324,12 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
         return _rounds(ctx, params, resume)
 
 
+def _row(ctx: Context, params, t: int, pairs, refs: dict, train_row: dict, times: Optional[dict] = None) -> dict:
+    """Round t's row: its mean train metrics, its pairs' stats, the held-out evaluation, phase times."""
+    return {**train_row, **pairs.stats, **evaluate.evaluate_phase(ctx, params, f"round {t}", pairs, refs, t),
+            **(times or {})}
+
+
 def _rounds(ctx: Context, params, resume: bool) -> dict:
     cfg = ctx.cfg
     rs, state, logged = restore(ctx, params) if resume else (RoundState(), None, {})
@@ -338,10 +344,9 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
                 summary[f"round {t}"] = ckpt_lib.load_json(done)
             elif t + 1 == rs.round:  # killed after its checkpoint, before its row: evaluate it now (params
                 pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)  # are its own; pairs, scores on disk)
-                refs = scoring.score_phase(ctx, params, t, pairs)
-                summary[f"round {t}"] = {**(metrics_lib.mean_metrics(logged[t]) if logged.get(t) else {}),
-                                         **pairs.stats, **evaluate.evaluate_phase(ctx, params, f"round {t}",
-                                                                                  pairs, refs, t)}
+                train_row = metrics_lib.mean_metrics(logged[t]) if logged.get(t) else {}
+                summary[f"round {t}"] = _row(ctx, params, t, pairs, scoring.score_phase(ctx, params, t, pairs),
+                                             train_row)
                 if ledger.record_round(ctx, t, params, summary):
                     break
                 continue
@@ -363,8 +368,7 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
         rs = checkpoint_phase(ctx, state, rs, t)
         ctx.fault("evaluate")
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
-        summary[f"round {t}"] = {**train_row, **pairs.stats,
-                                 **evaluate.evaluate_phase(ctx, params, f"round {t}", pairs, refs, t), **times}
+        summary[f"round {t}"] = _row(ctx, params, t, pairs, refs, train_row, times)
         if ledger.record_round(ctx, t, params, summary):
             break
     ctx.checkpointer.close()
