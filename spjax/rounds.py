@@ -115,6 +115,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
                           "or choose another workdir")
+    if resume and not os.path.exists(marker):
+        echo(f"--resume: {workdir} holds no run yet: starting one")
     ledger.write_start(cfg, workdir, resume)  # process 0: the first start's date and config
     shd.barrier("spjax-workdir-checked")  # before process 0 writes the marker below
     cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said

@@ -215,8 +215,9 @@ def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch, va
 def test_nonfinite_raise_stops_at_that_step_in_one_line_with_the_state_before_it_saved(tfds_dir, tmp_path):
     """optim.nonfinite=raise: the first non-finite step ends the run (exit 4, one line), its update
     dropped and the state before it checkpointed (before: found steps later, nothing saved, a traceback)."""
-    proc = _train(tmp_path / "w", "optim.lr=1e30", "optim.nonfinite=raise", tfds_dir=tfds_dir)
+    proc = _train(tmp_path / "w", "--resume", "optim.lr=1e30", "optim.nonfinite=raise", tfds_dir=tfds_dir)
     assert proc.returncode == 4, proc.stderr[-2000:]
+    assert f"--resume: {tmp_path / 'w'} holds no run yet: starting one" in proc.stdout  # said, not silent
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("spjax: non-finite step: step 1: non-finite loss/grad") and "--resume" in last, last
     steps = sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit())
