@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 from typing import Optional, Sequence
 
@@ -72,18 +73,18 @@ def _clock_at(today: Optional[str]):
     if not today or not (isinstance(real, type) and issubclass(real, datetime.datetime)):
         yield
         return
-    midnight = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time())
-
-    class _Pinned(real):
-        @classmethod
-        def now(cls, tz=None):
-            return midnight
-
-    ctu.datetime = _Pinned
+    ctu.datetime = _pinned(real, today)
     try:
         yield
     finally:
         ctu.datetime = real
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned(real: type, today: str) -> type:
+    """`real` (a datetime class) whose now() is midnight of `today`; one class per date, not per render."""
+    midnight = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time())
+    return type("PinnedDatetime", (real,), {"now": classmethod(lambda cls, tz=None: midnight)})
 
 
 def _render(tokenizer, messages, generation_prompt: bool, where: Problem, today: Optional[str]) -> str:
@@ -116,15 +117,22 @@ def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Pr
     Both the sampler's input and the loss's prefix are this array; nothing else tokenizes prompts.
     `where` locates errors (DataError), e.g. `example.problem("prompt", "")`.
     """
-    where = where or Problem("<prompt>", 0, "prompt", "")
+    return np.asarray(_prompt(tokenizer, prompt_messages, where or Problem("<prompt>", 0, "prompt", ""), today)[1],
+                      np.int32)
+
+
+def _prompt(tokenizer, prompt_messages, where: Problem, today: Optional[str]) -> tuple:
+    """(rendered text or None without a chat template, token list) of a prompt."""
     if not has_chat_template(tokenizer):
-        return np.asarray(_plain_prompt(tokenizer, prompt_messages, where), np.int32)
-    return np.asarray(_encode(tokenizer, _render(tokenizer, prompt_messages, True, where, today)), np.int32)
+        return None, _plain_prompt(tokenizer, prompt_messages, where)
+    text = _render(tokenizer, prompt_messages, True, where, today)
+    return text, _encode(tokenizer, text)
 
 
-def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
-                 where: Optional[Problem] = None, today: Optional[str] = None) -> np.ndarray:
-    """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS."""
+def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *, where: Optional[Problem] = None,
+                 today: Optional[str] = None, prompt: Optional[tuple] = None) -> np.ndarray:
+    """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS.
+    prompt: the prompt's `_prompt` (text, tokens) if the caller has it, not to render and encode it again."""
     where = where or Problem("<response>", 0, "response", "")
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
@@ -134,7 +142,7 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
     if not has_chat_template(tokenizer):
         return np.asarray(_encode(tokenizer, response) + [tokenizer.eos_token_id], np.int32)
     prompt_where = dataclasses.replace(where, field="prompt")
-    prompt_text = _render(tokenizer, prompt_messages, True, prompt_where, today)
+    prompt_text, prompt_tokens = prompt or _prompt(tokenizer, prompt_messages, prompt_where, today)
     chat = list(prompt_messages) + [{"role": "assistant", "content": response}]
     full = _render(tokenizer, chat, False, prompt_where, today)
     if not full.startswith(prompt_text):
@@ -146,10 +154,10 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *,
     tail = full[len(prompt_text):]
     end = tail.find(eos)
     tail = tail + eos if end < 0 else tail[:end + len(eos)]
-    return np.asarray(_continuation(tokenizer, prompt_text, tail), np.int32)
+    return np.asarray(_continuation(tokenizer, prompt_text, prompt_tokens, tail), np.int32)
 
 
-def _continuation(tokenizer, prompt_text: str, tail: str) -> list:
+def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
     """The tail's tokens as they follow the prompt's: the chat tokenized whole, cut after the prompt's tokens.
 
     Tokenized alone, a SentencePiece tail (Llama-2, Mistral, Zephyr) starts with a word-start '▁' that
@@ -159,7 +167,7 @@ def _continuation(tokenizer, prompt_text: str, tail: str) -> list:
     the whole chat's tokens do not begin with the prompt's; the tail alone is then what a sampler given
     exactly the prompt's tokens can produce.
     """
-    prompt, whole = _encode(tokenizer, prompt_text), _encode(tokenizer, prompt_text + tail)
+    whole = _encode(tokenizer, prompt_text + tail)
     return whole[len(prompt):] if whole[:len(prompt)] == prompt else _encode(tokenizer, tail)
 
 
@@ -226,13 +234,12 @@ def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None) -> tup
     The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
     today: the date the chat template prints as today's (YYYY-MM-DD; None: the clock's).
     """
-    p = prompt_ids(tokenizer, ex.prompt_messages, where=ex.problem("prompt", ""), today=today)
-    real = response_ids(tokenizer, ex.prompt_messages, ex.response, where=ex.problem("response", ""), today=today)
-    field = "rejected" if ex.rejected is not None else "generated"
+    prompt = _prompt(tokenizer, ex.prompt_messages, ex.problem("prompt", ""), today)  # rendered, encoded once
+    side = lambda text, field: response_ids(tokenizer, ex.prompt_messages, text, where=ex.problem(field, ""),
+                                            today=today, prompt=prompt)
     other = ex.rejected if ex.rejected is not None else ex.generated
-    gen = None if other is None else response_ids(tokenizer, ex.prompt_messages, other,
-                                                  where=ex.problem(field, ""), today=today)
-    return p, real, gen
+    gen = None if other is None else side(other, "rejected" if ex.rejected is not None else "generated")
+    return np.asarray(prompt[1], np.int32), side(ex.response, "response"), gen
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
