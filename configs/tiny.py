@@ -2,7 +2,8 @@
 
   python -m spjax.train --config configs/tiny.py --workdir runs/tiny
 
-Tests run it (and kill it) to check that resumed runs equal uninterrupted ones.
+Tests run it (and kill it) to check that resumed runs equal uninterrupted ones; log_every is not a
+multiple of checkpoint_every, so a resume must find the metric lines up to its checkpoint logged.
 """
 from spjax.config import (Config, DataConfig, MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig,
                           SamplingConfig)
@@ -18,6 +19,6 @@ def get_config() -> Config:
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=24, batch_size=32),
         objective=ObjectiveConfig(name="chi2", beta=0.1, c=1.0),
         optim=OptimConfig(name="adamw", lr=1e-3, warmup_frac=0.1, clip_norm=1.0),
-        run=RunConfig(rounds=2, epochs=1, batch_size=16, checkpoint_every=2, log_every=2, eval_examples=16,
+        run=RunConfig(rounds=2, epochs=1, batch_size=16, checkpoint_every=2, log_every=3, eval_examples=16,
                       eval_show=2, eval_max_new_tokens=16, score_batch_size=32, async_checkpoint=False),
     )

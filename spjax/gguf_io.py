@@ -48,12 +48,17 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
     names = {t.name for t in reader.tensors}
     rope_type, rope_factor = _rope_scaling(reader, arch, names, where)
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or hidden // n_heads
+    rotated = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rotated != head_dim:
+        raise CheckpointError(f"{where}: {arch}.rope.dimension_count {rotated} rotates part of each head "
+                              f"(head size {head_dim}), which spjax does not implement")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     kw = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=n_heads,
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", 0) or 0),
+        head_dim=head_dim,
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_type=rope_type, rope_factor=rope_factor,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),

@@ -43,6 +43,13 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers reads both as SiLU; spjax's MLP is SwiGLU only
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (spjax's MLP computes silu)")
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
+    if partial != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor {partial} is not supported (spjax rotates every "
+                              f"dimension of a head)")
     if arch == "llama":  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key):
@@ -94,8 +101,18 @@ def _sliding_window(hf: dict, arch: str, where: str):
     return hf["sliding_window"] if windowed == {True} else None
 
 
+def _export_arch(cfg: ModelConfig) -> str:
+    """The transformers family that computes cfg's model. transformers' Llama has no q/k/v-only biases
+    (attention_bias adds an o_proj bias too) and no sliding window, which a Llama GGUF or an override
+    can give spjax's llama: Qwen2 is Llama with q/k/v biases, Mistral is Llama with a window."""
+    if cfg.architecture != "llama" or not (cfg.qkv_bias or cfg.sliding_window):
+        return cfg.architecture
+    return "qwen2" if cfg.qkv_bias else "mistral"
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json dict that transformers 4.x and 5.x both read."""
+    cfg = dataclasses.replace(cfg, architecture=_export_arch(cfg))
     out = {
         "architectures": [_ARCH_TO_HF[cfg.architecture]], "model_type": cfg.architecture,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -289,7 +306,11 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"
             os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)  # the old export back in its place
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out_dir)

@@ -61,7 +61,7 @@ def load(path: str, mesh=None, policy_tokenizer=None, **overrides) -> RewardMode
     # embedding is only ever read as the input table here.
     cfg = hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True})
     get = hf._safetensors_getter(path)
-    params = hf.params_from_tensors(cfg, get, path, mesh)
+    params = hf.params_from_tensors(cfg, hf.TensorSource(get.get, get.names - {"score.weight"}), path, mesh)
     head = np.asarray(get("score.weight"), np.float32)
     if head.ndim != 2 or head.shape[1] != cfg.hidden_size:
         raise hf.CheckpointError(f"{path}: score.weight has shape {head.shape}, expected [num_labels, "

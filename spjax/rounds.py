@@ -255,13 +255,14 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         pending.append(m)
         rs = dataclasses.replace(rs, step=s + 1, cursor=cursor, global_step=rs.global_step + 1)
         last = s + 1 == total
-        if len(pending) >= r.log_every or last:
+        save = not last and (s + 1) % r.checkpoint_every == 0
+        if len(pending) >= r.log_every or last or save:  # a resume restarts at `save`: log up to it
             rows.append(_log_train(ctx, t, rs, pending, time.perf_counter() - t0))
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", acc=f"{rows[-1].get('accuracy', float('nan')):.2f}")
             pending, t0 = [], time.perf_counter()
         bar.update(1)
         ctx.fault("train")
-        if not last and (s + 1) % r.checkpoint_every == 0:
+        if save:
             ctx.checkpointer.save(rs.global_step, saving.to_save(ctx.model_cfg, state), _meta(ctx, rs))
             ctx.fault("checkpoint")
     bar.close()

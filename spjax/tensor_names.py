@@ -43,11 +43,9 @@ class TensorSource:
         return self.get(name)
 
 
-# Tensors a checkpoint may hold that the loader leaves unread without changing the model:
-# rotary inverse frequencies (recomputed from the config), and a *ForSequenceClassification head,
-# which spjax.reward_model reads itself after loading the decoder.
+# Tensors a checkpoint may hold that the loader leaves unread without changing the model: rotary
+# inverse frequencies (recomputed from the config). spjax.reward_model reads score.weight itself.
 _UNREAD_OK_SUFFIXES = (".rotary_emb.inv_freq",)
-_UNREAD_OK = {"score.weight"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +172,7 @@ def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, 
 
     Checked before any leaf is read, so a refusal costs no loading time.
     """
-    left = sorted(n for n in get.names - read - _UNREAD_OK if not n.endswith(_UNREAD_OK_SUFFIXES))
+    left = sorted(n for n in get.names - read if not n.endswith(_UNREAD_OK_SUFFIXES))
     head = "output.weight" if names == "gguf" else "lm_head.weight"
     if cfg.tie_embeddings and head in left:
         # Tied checkpoints (and tied state_dicts) may store the head too: harmless when it is the embedding.

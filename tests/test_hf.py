@@ -108,7 +108,7 @@ def test_errors_name_file_and_tensor(tmp_path):
         spjax.load_pretrained(bad)
 
 
-def test_export_is_atomic_and_replaces(tmp_path):
+def test_export_is_atomic_and_replaces(tmp_path, monkeypatch):
     cfg, params = oracle.spjax_model("llama3")
     out = tmp_path / "hf"
     spjax.save_pretrained(cfg, params, out)
@@ -119,6 +119,15 @@ def test_export_is_atomic_and_replaces(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temp dirs left; the old export intact
     cfg2, p2 = spjax.load_pretrained(str(out))
     assert float(jnp.abs(p2["layers"]["q"] - params["layers"]["q"]).max()) == 0.0
+    # The new export's rename into place fails (the old one already moved aside): the old one goes back.
+    rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (_ for _ in ()).throw(OSError("EIO"))
+                        if str(b) == str(out) and "old" not in str(a) else rename(a, b))
+    with pytest.raises(OSError, match="EIO"):
+        spjax.save_pretrained(cfg, params, out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert float(jnp.abs(spjax.load_pretrained(str(out))[1]["layers"]["q"] - params["layers"]["q"]).max()) == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def _max_diff(cfg, params, tm, ids):
     return float(np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max())
 
 
-def _write_gguf(path, m, scaling=None, factor=None, tensors=None):
+def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
@@ -53,6 +53,8 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None):
         w.add_rope_scaling_type(gguf.RopeScalingType(scaling))
     if factor:
         w.add_rope_scaling_factor(factor)
+    if rot_dims:
+        w.add_rope_dimension_count(rot_dims)
     named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     for i in range(c.num_hidden_layers):
@@ -93,6 +95,22 @@ def test_gguf_refuses_rope_scaling_it_cannot_read(kind, tmp_path):
         spjax.load_pretrained(path)
 
 
+def test_gguf_refuses_partial_rotary(tmp_path):
+    tm = _torch("LlamaConfig")
+    assert spjax.load_pretrained(_write_gguf(tmp_path / "full.gguf", tm, rot_dims=8))[0].head_dim == 8
+    with pytest.raises(hf.CheckpointError, match=r"part.gguf: llama.rope.dimension_count 4 rotates part of each"):
+        spjax.load_pretrained(_write_gguf(tmp_path / "part.gguf", tm, rot_dims=4))
+
+
+@pytest.mark.parametrize("key,value,message", [("hidden_act", "gelu", r"hidden_act 'gelu' is not supported"),
+                                               ("partial_rotary_factor", 0.5, r"partial_rotary_factor 0.5 is not")])
+def test_config_refuses_what_the_model_does_not_compute(key, value, message):
+    conf = oracle.torch_model("llama3").config.to_dict()
+    assert hf.config_from_hf(dict(conf, hidden_act="swish"), "c.json").architecture == "llama"  # SiLU by name
+    with pytest.raises(hf.CheckpointError, match=rf"^c.json: {message}"):
+        hf.config_from_hf(dict(conf, **{key: value}), "c.json")
+
+
 def test_gguf_refuses_tensors_it_does_not_read(tmp_path):
     tm = _torch("LlamaConfig")
     path = _write_gguf(tmp_path / "m.gguf", tm, tensors={"blk.0.attn_output.bias": np.ones(32, np.float32)})
@@ -127,6 +145,8 @@ def test_unread_tensors_are_refused_but_derivable_ones_load(tmp_path):
     assert float(jnp.abs(p2["embed"] - params["embed"]).max()) == 0.0
     with pytest.raises(hf.CheckpointError, match=r"good: tensor\(s\) lm_head.weight are not part"):
         load_with(**{"lm_head.weight": embed + 1})
+    with pytest.raises(hf.CheckpointError, match=r"good: tensor\(s\) score.weight are not part"):
+        load_with(**{"score.weight": embed[:1]})  # a reward model's head: spjax.reward_model reads those
     o_bias = {f"model.layers.{i}.self_attn.o_proj.bias": np.ones(cfg.hidden_size, np.float32) for i in range(2)}
     up_bias = {f"model.layers.{i}.mlp.up_proj.bias": np.ones(cfg.intermediate_size, np.float32) for i in range(2)}
     with pytest.raises(hf.CheckpointError, match=r"good: tensor\(s\) model.layers.0.mlp.up_proj.bias, "
@@ -160,3 +180,18 @@ def test_qwen2_window_survives_export_to_transformers(tmp_path):
     full, _ = hf.from_transformers(oracle.torch_model("qwen2"))
     assert _max_diff(full, params, tm, ids) > 1e-3  # the window changes these logits: the check above counts
     assert spjax.load_pretrained(out)[0].sliding_window == 6
+
+
+@pytest.mark.parametrize("family,extra,exported", [("qwen2", dict(architecture="llama"), "Qwen2ForCausalLM"),
+                                                   ("llama3", dict(sliding_window=6), "MistralForCausalLM")])
+def test_llama_variants_export_as_the_family_that_computes_them(family, extra, exported, tmp_path):
+    """A llama with q/k/v biases (a Llama GGUF can hold them) or a window (an override) has no transformers
+    Llama equivalent (attention_bias adds an o_proj bias): it exports as Qwen2 or Mistral, the same model."""
+    import torch
+    import transformers
+    cfg, params = hf.from_transformers(oracle.torch_model(family), **extra)
+    assert cfg.architecture == "llama"
+    out = spjax.save_pretrained(cfg, params, tmp_path / "hf")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(tm).__name__ == exported
+    assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
