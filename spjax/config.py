@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
-import os
-import typing
+import math
 from typing import Optional
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -36,6 +34,13 @@ def _check(ok: bool, field: str, msg: str):
         raise ConfigError(f"{field}: {msg}")
 
 
+def _finite(cfg, group: str):
+    """Every float field of a config finite (inf or nan in a rate or a scale is always a mistake)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        _check(not isinstance(v, float) or math.isfinite(v), f"{group}.{f.name}", f"must be finite, got {v}")
+
+
 def _iso_date(text: str) -> bool:
     try:
         return bool(datetime.date.fromisoformat(text))
@@ -53,6 +58,7 @@ class LoraConfig:
     init_path: str = ""  # a PEFT adapter directory (adapter_config.json) as the starting adapter
 
     def __post_init__(self):
+        _finite(self, "lora")
         _check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
         object.__setattr__(self, "targets", tuple(self.targets))
         bad = [t for t in self.targets if t not in LORA_TARGETS]
@@ -96,6 +102,7 @@ class ModelConfig:
     base_quant: str = "none"  # one of BASE_QUANTS: int8/int4 store the frozen base projections quantized
 
     def __post_init__(self):
+        _finite(self, "model")
         if self.head_dim == 0:
             _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
                    f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
@@ -128,57 +135,11 @@ class MeshConfig:
     fsdp: int = 1  # data parallelism with params, grads and optimizer state sharded
     tensor: int = 1  # tensor (model) parallelism over heads, mlp and vocab
 
-
-def _coerce(value, typ, field):
-    """Parse a command-line string (or check a Python value) against a dataclass field type."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        return _coerce(value, [a for a in args if a is not type(None)][0], field)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{field}: expected true/false, got {value!r}")
-    if typ in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}")
-        try:
-            out = typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}") from None
-        if typ is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{field}: expected int, got {value!r}")
-        return out
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{field}: expected str, got {value!r}")
-        return value
-    if typ is tuple or origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        inner = args[0] if args else None
-        return tuple(_coerce(v, inner, field) if inner not in (None, Ellipsis) else v for v in value)
-    return value
-
-
-def override(cfg, dotted: str, value, _prefix: str = ""):
-    """Return cfg with the field at `dotted` (e.g. 'objective.beta') set from `value` (str or typed)."""
-    head, _, rest = dotted.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    where = _prefix + head
-    if head not in fields:
-        raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
-    if rest:
-        sub = getattr(cfg, head)
-        if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{_prefix}{dotted}: {where} has no sub-keys")
-        return dataclasses.replace(cfg, **{head: override(sub, rest, value, where + ".")})
-    hints = typing.get_type_hints(type(cfg))
-    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], where)})
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            _check(getattr(self, name) == -1 or getattr(self, name) >= 1, f"mesh.{name}",
+                   f"must be >= 1 or -1 (the remaining devices), got {getattr(self, name)}")
+        _check([self.data, self.fsdp, self.tensor].count(-1) <= 1, "mesh", "at most one axis may be -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +154,12 @@ class ObjectiveConfig:
     tau: float = 0.03
 
     def __post_init__(self):
+        _finite(self, "objective")
         from spjax.objectives import NAMES  # the table is the one list of names
         _check(self.name in NAMES, "objective.name", f"{self.name!r} not one of {', '.join(NAMES)}")
         _check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
         _check(self.c > 0, "objective.c", f"must be > 0, got {self.c}")
+        _check(self.nll_weight >= 0, "objective.nll_weight", f"must be >= 0, got {self.nll_weight}")
         _check(0 <= self.tau <= self.beta or self.name != "inpo", "objective.tau",
                f"INPO needs 0 <= tau <= eta (= objective.beta = {self.beta}), got {self.tau}")
 
@@ -218,12 +181,19 @@ class OptimConfig:
     nonfinite: str = "skip"  # skip (count and drop the update) | raise
 
     def __post_init__(self):
+        _finite(self, "optim")
         _check(self.name in ("adamw", "rmsprop"), "optim.name", f"{self.name!r} not in ('adamw', 'rmsprop')")
         _check(self.schedule in ("linear", "cosine", "constant"), "optim.schedule",
                f"{self.schedule!r} not in ('linear', 'cosine', 'constant')")
         _check(self.nonfinite in ("skip", "raise"), "optim.nonfinite", "must be skip or raise")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+        _check(0 <= self.warmup_frac <= 1, "optim.warmup_frac", f"must be in [0, 1], got {self.warmup_frac}")
+        for name in ("b1", "b2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 disables), got {self.clip_norm}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +208,13 @@ class SamplingConfig:
     num_samples: int = 1  # K samples per prompt (judged pairs need K >= 2); one shared prefill
 
     def __post_init__(self):
+        _finite(self, "sampling")
         _check(self.num_samples >= 1, "sampling.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+        _check(self.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        _check(self.batch_size >= 1, "sampling.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +258,12 @@ class DataConfig:
     template_date: str = ""  # YYYY-MM-DD a chat template prints as today's; empty: the run's first start
 
     def __post_init__(self):
+        _finite(self, "data")
+        from spjax.data.records import FORMATS  # the record parsers' one list of formats
+        _check(self.format in FORMATS, "data.format", f"{self.format!r} not in {FORMATS}")
+        _check(0 <= self.eval_frac < 1, "data.eval_frac", f"must be in [0, 1), got {self.eval_frac}")
+        _check(self.max_examples >= 0, "data.max_examples", f"must be >= 0 (0: all), got {self.max_examples}")
+        _check(self.max_prompt_len >= 1, "data.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
         _check(self.max_prompt_len < self.max_len, "data.max_prompt_len",
                f"{self.max_prompt_len} must be < data.max_len={self.max_len}")
         _check(not self.template_date or _iso_date(self.template_date), "data.template_date",
@@ -333,6 +312,10 @@ class RunConfig:
         _check(self.rounds >= 1, "run.rounds", "must be >= 1")
         _check(self.epochs >= 1, "run.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_max_new_tokens", "score_batch_size"):
+            _check(getattr(self, name) >= 1, f"run.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_examples", "eval_show"):
+            _check(getattr(self, name) >= 0, f"run.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.pairs in PAIR_SOURCES, "run.pairs", f"{self.pairs!r} not in {PAIR_SOURCES}")
         _check(self.reference in REFERENCES, "run.reference", f"{self.reference!r} not in {REFERENCES}")
         _check(self.reference == "opponent" or self.pairs == "data", "run.reference",
@@ -381,20 +364,5 @@ class Config:
 
 def load_config(path: str, overrides=()) -> Config:
     """Load `get_config()` from a Python file (`file.py` or `file.py:arg`) and apply `key=value`s."""
-    arg = None
-    if ":" in os.path.basename(path):
-        path, arg = path.rsplit(":", 1)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"spjax_config_{abs(hash(path))}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ConfigError(f"{path}: defines no get_config()")
-    cfg = mod.get_config(arg) if arg is not None else mod.get_config()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, value = item.split("=", 1)
-        cfg = override(cfg, key.strip(), value)
-    return cfg
+    from spjax.overrides import load  # the command line's parsing lives there
+    return load(path, overrides)

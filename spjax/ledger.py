@@ -22,9 +22,10 @@ import jax
 from spjax import checkpoint as ckpt_lib, evaluate, hf, metrics as metrics_lib
 from spjax.config import METRIC_GOALS, Config, ConfigError
 
-# Fields a resume may change: paths, placement, speed knobs and bookkeeping. Every other field shapes
-# what the run trains on or how; changing one mid-run would mix two runs in one model.
-MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "data.tfds_dir",
+# Fields a resume may change: paths, placement, speed knobs and bookkeeping, and the two a schedule
+# changes between rounds (SPIN lowers the lr and raises beta in later iterations). Every other field
+# shapes what the run trains on or how; changing one mid-run would mix two runs in one model.
+MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "data.tfds_dir", "objective.beta",
               "sampling.batch_size", "judge.batch_size", "optim.lr", "optim.clip_norm", "optim.nonfinite",
               "run.rounds", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.async_checkpoint",
               "run.eval_examples", "run.eval_show", "run.eval_max_new_tokens", "run.stop_when_worse", "run.export",

@@ -22,14 +22,24 @@ def test_resume_refuses_fields_that_shape_the_run_and_says_the_others(tmp_path):
     assert same.data.template_date == first["date"] and said == []
     ledger.write_start(load_config(TINY, ["run.batch_size=8"]), str(tmp_path), resume=True)  # keeps the first's
     assert json.load(open(tmp_path / "start.json")) == first
-    with pytest.raises(ConfigError, match=r"--resume: objective.beta: 0.1 -> 0.2; run.batch_size: 16 -> 8: these "
+    with pytest.raises(ConfigError, match=r"--resume: objective.c: 1.0 -> 2.0; run.batch_size: 16 -> 8: these "
                                           r"shape the run"):
-        ledger.check_start(load_config(TINY, ["run.batch_size=8", "objective.beta=0.2"]), str(tmp_path), said.append)
+        ledger.check_start(load_config(TINY, ["run.batch_size=8", "objective.c=2"]), str(tmp_path), said.append)
     with pytest.raises(ConfigError, match="data.template_date"):  # the prompts' date is part of the data
         ledger.check_start(load_config(TINY, ["data.template_date=2020-01-01"]), str(tmp_path), said.append)
     ledger.check_start(load_config(TINY, ["run.rounds=5", "optim.lr=1e-5"]), str(tmp_path), said.append)
     assert said == [f"resuming with changed settings: optim.lr: {load_config(TINY).optim.lr!r} -> 1e-05; "
                     "run.rounds: 2 -> 5"]
+
+
+@pytest.mark.parametrize("name", ["spin_zephyr7b_v5p", "spin_zephyr7b_8xh100", "chi2_zephyr7b_v5p"])
+def test_the_shipped_stage_schedules_resume(name, tmp_path):
+    """The configs' documented schedule: three runs on one workdir, each resuming with the next stage."""
+    path = os.path.join(os.path.dirname(TINY), f"{name}.py")
+    ledger.write_start(load_config(path, ["run.rounds=2"]), str(tmp_path), resume=False)
+    (tmp_path / "config.txt").write_text("(the setup finished)")
+    for stage in ("iter2", "iter3"):
+        ledger.check_start(load_config(f"{path}:{stage}"), str(tmp_path), lambda line: None)
 
 
 def _ctx(tmp_path, rounds=4, stop=1, keep="nll"):

@@ -193,6 +193,7 @@ def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tf
     ("objective.name=dpo", "objective.name: 'dpo' not one of"),
     ("run.keep_best=judge_score", "run.keep_best: 'judge_score' needs a judge"),
     ("model.lora.rank=4", "model.lora: set lora (top level)"),  # before: silently a full fine-tune
+    ("run=5", "run: a group of settings"),  # before: AttributeError
 ])
 def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message):
     from spjax import train

@@ -1,0 +1,104 @@
+"""Command-line config: `key=value` overrides parsed against the dataclass field types, and config files.
+
+A value for a whole group (`run=5`) is refused here; each dataclass's __post_init__ checks ranges
+and names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import typing
+
+from spjax.config import Config, ConfigError
+
+
+def _coerce(value, typ, field):
+    """Parse a command-line string (or check a Python value) against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, [a for a in args if a is not type(None)][0], field)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{field}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{field}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{field}: expected int, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{field}: expected str, got {value!r}")
+        return value
+    if typ is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        inner = args[0] if args else None
+        return tuple(_coerce(v, inner, field) if inner not in (None, Ellipsis) else v for v in value)
+    return value
+
+
+def override(cfg, dotted: str, value, _prefix: str = ""):
+    """Return cfg with the field at `dotted` (e.g. 'objective.beta') set from `value` (str or typed)."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    where = _prefix + head
+    if head not in fields:
+        raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+    if rest:
+        sub = getattr(cfg, head)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"{_prefix}{dotted}: {where} has no sub-keys")
+        return dataclasses.replace(cfg, **{head: override(sub, rest, value, where + ".")})
+    hints = typing.get_type_hints(type(cfg))
+    typ = hints[head]
+    if any(dataclasses.is_dataclass(t) for t in (typ, *typing.get_args(typ))):
+        raise ConfigError(f"{where}: a group of settings; set its keys, e.g. {where}.{_first_field(typ)}=...")
+    return dataclasses.replace(cfg, **{head: _coerce(value, typ, where)})
+
+
+def _first_field(typ) -> str:
+    cls = next(t for t in (typ, *typing.get_args(typ)) if dataclasses.is_dataclass(t))
+    return dataclasses.fields(cls)[0].name
+
+
+def load(path: str, overrides=()) -> Config:
+    """spjax.config.load_config: `get_config()` of a Python file (`file.py` or `file.py:arg`), then `key=value`s."""
+    arg = None
+    if ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"spjax_config_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    try:
+        cfg = mod.get_config(arg) if arg is not None else mod.get_config()
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. an unknown stage of a staged config
+        raise ConfigError(f"{path}: get_config({'' if arg is None else repr(arg)}): {e}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a spjax.config.Config")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, value = item.split("=", 1)
+        cfg = override(cfg, key.strip(), value)
+    return cfg

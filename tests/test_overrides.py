@@ -1,0 +1,51 @@
+"""Config files and `key=value` overrides: every bad value is one ConfigError naming its field, before
+anything runs (before: a traceback, a crash mid-run, or silently accepted)."""
+import os
+
+import pytest
+
+from spjax.config import ConfigError, load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+
+
+@pytest.mark.parametrize("item,message", [
+    ("run=5", "run: a group of settings; set its keys, e.g. run.rounds=..."),
+    ("run.=3", "run: a group of settings"),
+    ("model=foo", "model: a group of settings; set its keys, e.g. model.vocab_size=..."),
+    ("lora=3", "lora: a group of settings"),
+    ("run.checkpoint_every=0", "run.checkpoint_every: must be >= 1, got 0"),  # before: ZeroDivisionError mid-run
+    ("run.score_batch_size=0", "run.score_batch_size: must be >= 1"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints: must be >= 1"),  # before: no checkpoint kept, resume restarts
+    ("run.eval_examples=-3", "run.eval_examples: must be >= 0"),  # before: silently 29 of 32
+    ("run.eval_max_new_tokens=0", "run.eval_max_new_tokens: must be >= 1"),
+    ("sampling.batch_size=0", "sampling.batch_size: must be >= 1"),
+    ("sampling.top_k=-1", "sampling.top_k: must be >= 0"),
+    ("data.max_examples=-5", "data.max_examples: must be >= 0"),  # before: silently all but the last 5
+    ("data.format=bogus", "data.format: 'bogus' not in"),
+    ("data.eval_frac=1", "data.eval_frac: must be in [0, 1)"),
+    ("optim.warmup_frac=2", "optim.warmup_frac: must be in [0, 1]"),
+    ("optim.lr=inf", "optim.lr: must be finite, got inf"),
+    ("objective.beta=nan", "objective.beta: must be finite, got nan"),
+    ("optim.b1=5", "optim.b1: must be in [0, 1)"),
+    ("optim.eps=-1", "optim.eps: must be > 0"),
+    ("mesh.data=0", "mesh.data: must be >= 1 or -1"),
+    ("mesh.fsdp=-1", "mesh: at most one axis may be -1"),  # with mesh.data=-1
+])
+def test_bad_override_is_one_config_error(item, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [item])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    return (\n")
+    with pytest.raises(ConfigError, match=r"bad.py:2: '\(' was never closed"):
+        load_config(str(bad))
+    bad.write_text("def get_config():\n    return {}\n")
+    with pytest.raises(ConfigError, match=r"bad.py: get_config\(\) returned dict, not a spjax.config.Config"):
+        load_config(str(bad))
+    spin = os.path.join(os.path.dirname(TINY), "spin_zephyr7b_v5p.py")
+    with pytest.raises(ConfigError, match=r"spin_zephyr7b_v5p.py: get_config\('iter9'\): stage 'iter9'"):
+        load_config(spin + ":iter9")
