@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spjax import sharding as shd
+from spjax.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,26 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, like, others=(), convert=None):
+    def stored_shapes(self, step: int):
+        """{leaf path: shape} of a step's state as its metadata records it; None if unreadable."""
+        from etils import epath
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+            flat = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
+        except Exception:  # noqa: BLE001 - a damaged step: the restore below says what is wrong
+            return None
+        return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in flat if hasattr(x, "shape")}
+
+    def restore_latest(self, like, others=(), convert=None, mismatch=None, move_bad=True):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
         `like` is a state tree (or its abstract_like) giving structure, dtypes and shardings.
         others: (like, convert) pairs for checkpoints of other layouts (a params-only round end, an
         earlier version's state): a step that does not restore as `like` is tried as each of them,
         converted by its `convert` (None: as restored), before it counts as bad. convert: the same
-        for `like`.
+        for `like`. mismatch(stored_shapes) -> why a step's intact arrays belong to another model than
+        `like`'s, or None: a step that fails so is not bad but a config error, raised with nothing moved.
+        move_bad=False leaves bad steps where they are (a reader's restore, e.g. spjax export).
         """
         self.manager.wait_until_finished()
         out, bad = None, []
@@ -85,6 +98,11 @@ class Checkpointer:
                     fatal = fatal or (e if not_corruption(e) else None)
             # Out of memory or a failing file system says nothing about the checkpoint: stop, keep it.
             fatal = None if err is None else fatal
+            other = mismatch(self.stored_shapes(step)) if err is not None and mismatch else None
+            if not shd.on_every_process(other is None):
+                raise ConfigError(f"checkpoint {self.directory}/{step} holds another model than the config's "
+                                  f"({other or 'on another process'}): use the run's own model and settings "
+                                  "(nothing was moved)")
             if not shd.on_every_process(fatal is None):
                 raise fatal or RuntimeError(f"checkpoint {self.directory}/{step}: another process ran out of "
                                             "memory or could not read it (not moved aside)")
@@ -100,7 +118,7 @@ class Checkpointer:
             bad.append(step)
         # Keep unusable steps for inspection, but out of orbax's way: the resumed run saves those
         # step numbers again. Process 0 moves them; the others wait for that before rescanning.
-        if bad:
+        if bad and move_bad:
             if jax.process_index() == 0:
                 for step in bad:
                     path = os.path.join(self.directory, str(step))
@@ -144,6 +162,16 @@ def _check_finite_tree(state, step):
 # Round artifacts: plain files written whole or not at all (temp file + rename).
 
 
+def umask_modes(path: str):
+    """Give `path` (a file, or a directory and all under it) the modes a plain open()/mkdir() would:
+    mkstemp/mkdtemp make them private (0600/0700), which other users or a server's uid cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = [path] + [os.path.join(root, name) for root, dirs, files in os.walk(path) for name in dirs + files]
+    for p in paths:
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
+
+
 def write_atomic(path: str, write_fn):
     """Call write_fn(tmp_path) then rename onto `path`; a crash leaves no partial file."""
     if jax.process_index() != 0:
@@ -154,6 +182,7 @@ def write_atomic(path: str, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        umask_modes(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

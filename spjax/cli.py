@@ -39,14 +39,14 @@ def export_main(argv=None) -> int:
         # A LoRA checkpoint holds the adapters: the frozen base is loaded as the run loaded it.
         base = rounds.load_initial(cfg, mesh)[1] if model_cfg.lora.rank else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
-        restored = saving.restore_latest(checkpointer, model_cfg, cfg.optim, mesh, base)
+        restored = saving.restore_latest(checkpointer, model_cfg, cfg.optim, mesh, base, move_bad=False)
         checkpointer.close()
         if restored is None:
             raise ConfigError(f"--workdir {args.workdir}: no checkpoint restores")
         state, meta = restored
         tok = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
         out = hf.save_pretrained(model_cfg, state.params, args.out or os.path.join(args.workdir, "export"),
-                                 tokenizer=tok)
+                                 tokenizer=tok, replace_any=args.out is None)  # --out: never a workdir
     except (ConfigError, hf.CheckpointError) as e:
         print(f"spjax export: {e}", file=sys.stderr)
         return 2

@@ -253,16 +253,22 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+EXPORT_MARK = ".spjax-export"  # in every export: a directory without it is replaced only if empty
+
+
 def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
-                    max_shard_bytes: int = 4 << 30):
+                    max_shard_bytes: int = 4 << 30, replace_any: bool = False):
     """Write a HF directory (config.json, safetensors, tokenizer) atomically: all or nothing.
+
+    An existing out_dir is replaced only if it is empty or an earlier spjax export (EXPORT_MARK), so
+    a mistyped path never deletes a run or a model; replace_any: a run's own export/ and best/.
 
     Only process 0 writes; every process must call it (params are gathered collectively).
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
     under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
     """
     from safetensors.numpy import save_file
-    from spjax import lora
+    from spjax import checkpoint as ckpt_lib, lora
     adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
     tensors = params_to_tensors(cfg, params)
     if jax.process_index() != 0:
@@ -270,6 +276,10 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     out_dir = os.path.abspath(out_dir)
+    if (os.path.isdir(out_dir) and os.listdir(out_dir) and not replace_any
+            and not os.path.exists(os.path.join(out_dir, EXPORT_MARK))):
+        raise CheckpointError(f"{out_dir}: exists and is not a spjax export, so spjax will not replace it: "
+                              "choose a new or empty directory (nothing was written)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
@@ -277,6 +287,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
+        with open(os.path.join(tmp, EXPORT_MARK), "w") as f:
+            f.write("written by spjax.save_pretrained; a later export may replace this directory\n")
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"], "do_sample": True}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
@@ -303,6 +315,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             tokenizer.save_pretrained(tmp)
         if adapter is not None:
             lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"))
+        ckpt_lib.umask_modes(tmp)
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"
             os.rename(out_dir, old)

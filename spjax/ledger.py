@@ -88,7 +88,8 @@ def record_round(ctx, t: int, params, summary: dict) -> bool:
     if summary["initial"].get("gen_len"):  # drift of the greedy answers' length from the start
         row["len_drift"] = row["gen_len"] / summary["initial"]["gen_len"] - 1.0
     if r.keep_best and metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])[0] == t:
-        hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer)
+        hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer,
+                           replace_any=True)
     ctx.writer.write("round", t, row)
     ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
     ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
@@ -120,7 +121,8 @@ def finish(ctx, params, summary: dict):
         if jax.process_index() == 0:
             _keep_best(ctx, len(summary) - 2, *metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best]))
     elif r.export:  # every process: the export gathers sharded params
-        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer)
+        out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer,
+                                 replace_any=True)
         ctx.echo(f"exported the final model to {out}")
     if jax.process_index() == 0:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,8 @@ def base_sums(cfg: ModelConfig, params) -> list | None:
     return [int(x) for x in _checksums(lora.split(cfg, params)[1])]
 
 
-def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None, sums=None):
+def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None, sums=None,
+                   move_bad: bool = True):
     """(TrainState, meta) of the newest checkpoint that restores, or None.
 
     params: the run's params as loaded at its start; a LoRA policy's checkpoint (adapters only) is
@@ -103,10 +105,30 @@ def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: M
         trim = lambda s: s.replace(params=lora.split(cfg, s.params)[0])
         layouts = [(trim(x), functools.partial(_with_base, cfg, params, convert)) for x, convert in states] + states
     (first, convert), others = layouts[0], layouts[1:]
-    got = checkpointer.restore_latest(first, others=others, convert=convert)
+    got = checkpointer.restore_latest(first, others=others, convert=convert, move_bad=move_bad,
+                                      mismatch=functools.partial(_mismatch, like.params))
     if got is not None and cfg.lora.rank:
         _check_base(cfg, params, got[1], sums)
     return got
+
+
+def _mismatch(params_like, stored) -> Optional[str]:
+    """Why a checkpoint's params (stored: {path: shape}) are another model's than params_like's, or None.
+    A LoRA checkpoint may hold the adapters alone: base leaves it lacks are no mismatch, adapters are."""
+    if stored is None:
+        return None
+    prefix = "['params']"
+    got = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params_like)[0]}
+    for k in sorted(got):
+        if k not in want:
+            return f"params{k} is not in the config's model"
+        if got[k] != want[k]:
+            return f"params{k} has shape {got[k]}, the config's model {want[k]}"
+    adapters = [k for k in want if "_lora_" in k]
+    if got and adapters and not any(k in got for k in adapters):
+        return "no LoRA adapters, the config's model has them"
+    return None
 
 
 def _with_base(cfg: ModelConfig, params, convert, state: TrainState) -> TrainState:

@@ -112,6 +112,10 @@ def test_export_is_atomic_and_replaces(tmp_path, monkeypatch):
     cfg, params = oracle.spjax_model("llama3")
     out = tmp_path / "hf"
     spjax.save_pretrained(cfg, params, out)
+    mask = os.umask(0)
+    os.umask(mask)  # the modes open()/mkdir() give (before: 0700/0600, unreadable to a server's uid)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask
+    assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~mask
     broken = jax.tree.map(lambda x: x, params)
     del broken["layers"]["q"]
     with pytest.raises(KeyError):
@@ -127,6 +131,13 @@ def test_export_is_atomic_and_replaces(tmp_path, monkeypatch):
         spjax.save_pretrained(cfg, params, out)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+    # A directory that is not a spjax export (a run, a model) is never replaced: before, a mistyped
+    # `spjax export --out` deleted what it held.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(hf.CheckpointError, match=r"run: exists and is not a spjax export.*nothing was written"):
+        spjax.save_pretrained(cfg, params, tmp_path / "run")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"] and os.listdir(tmp_path / "run") == ["metrics.jsonl"]
     assert float(jnp.abs(spjax.load_pretrained(str(out))[1]["layers"]["q"] - params["layers"]["q"]).max()) == 0.0
 
 

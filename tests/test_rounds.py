@@ -461,6 +461,20 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     with open(out / "model.safetensors", "rb") as f:  # the run's final params, as its own export
         assert f.read() == _export_bytes(ref_dir)
     assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "none")]) == 2
+    # Another model's settings, or --out at the run itself: one line, nothing in the run moved or deleted
+    # (before: every checkpoint was renamed *.corrupt-*, or the workdir replaced by the export).
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    before = sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))
+    capsys.readouterr()
+    for args, said in [(["model.num_layers=3"], "holds another model than the config's (params['layers']['attn_norm'] "
+                                               "has shape (2, 64), the config's model (3, 64))"),
+                       (["lora.rank=4"], "no LoRA adapters, the config's model has them"),
+                       (["--out", str(run)], "exists and is not a spjax export")]:
+        assert cli.main(["export", "--config", TINY, "--workdir", str(run), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], (args, err)
+        assert (sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))) == before
 
 
 def _bytes_under(path):
