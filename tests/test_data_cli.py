@@ -79,3 +79,40 @@ def test_module_entry_point(tmp_path):
                          cwd=ROOT, timeout=120)
     assert out.returncode == 1
     assert out.stdout.splitlines()[0] == f"{path}:1: response: empty"
+
+
+def test_lone_surrogate_with_tokenizer(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "s.jsonl", ['{"prompt": "bad \\ud83c here", "response": "x"}'])
+    assert main(["validate", path, "--tokenizer", "bytes"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:1: prompt: lone surrogate '\\ud83c' at character 5 (half of a UTF-16 pair)", f"1 problems in {path}"]
+
+
+def test_tokenizer_that_cannot_load_is_one_line(tmp_path, capsys):
+    path = _good(tmp_path)
+    missing = str(tmp_path / "no_such_tokenizer")
+    assert main(["validate", path, "--tokenizer", missing]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"spjax data: --tokenizer: {missing}: file not found"]
+    broken = tmp_path / "broken_tok"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{oops")
+    assert main(["validate", path, "--tokenizer", str(broken)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spjax data: --tokenizer: {broken}: ")
+
+
+def test_directory_is_checked_file_by_file(tmp_path, capsys):
+    os.replace(_good(tmp_path), tmp_path / "train.jsonl")
+    write_jsonl(tmp_path / "val.jsonl", [{"prompt": "q", "response": ""}])
+    write_jsonl(tmp_path / "notes.jsonl", [{"prompt": "q", "response": ""}])  # not read by a run: not checked
+    assert main(["validate", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        f"{tmp_path}: ignoring 1 data file(s) named neither train* nor test*/eval*/val*/dev*/heldout*: notes.jsonl",
+        f"{tmp_path}: train train.jsonl; held out val.jsonl"]
+    assert f"{tmp_path / 'train.jsonl'}: 3 records, format preference" in lines
+    assert lines[-2:] == [f"{tmp_path / 'val.jsonl'}:1: response: empty", f"1 problems in {tmp_path / 'val.jsonl'}"]
+    (tmp_path / "train.jsonl").unlink()
+    assert main(["validate", str(tmp_path)]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"{tmp_path}:1: file: no train* data files (.jsonl, .json, .parquet)"

@@ -190,3 +190,45 @@ def test_response_holding_the_eos_text_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "response": "done</s> and more"}])
     with pytest.raises(DataError, match=f"{path}:1: response: contains the end-of-turn token text '</s>'"):
         tokenize_examples(llama_tokenizer(), load_file(path), max_prompt_len=64, max_len=128)
+
+
+@pytest.mark.parametrize("record,field", [
+    ('{"prompt": "bad \\ud83c here", "response": "x"}', "prompt"),
+    ('{"prompt": "q", "response": "x \\udfff"}', "response"),
+    ('{"prompt": "q", "system": "\\ud800", "response": "x"}', "system"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udc00!"}]}',
+     "messages[1].content"),
+])
+def test_lone_surrogate_is_a_field_problem(tmp_path, record, field):
+    # JSON may escape half a UTF-16 pair; Python keeps it, but no UTF-8 encoder or tokenizer can.
+    path = write_jsonl(tmp_path / "s.jsonl", [record])
+    problems = _problems(path)
+    assert problems.startswith(f"{path}:1: {field}: lone surrogate '\\u")
+    assert "(half of a UTF-16 pair)" in problems and len(problems.splitlines()) == 1
+
+
+def test_surrogate_pair_is_fine(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", ['{"prompt": "smile \\ud83d\\ude00", "response": "x"}'])
+    assert _one(path).prompt_messages[0]["content"] == "smile \U0001F600"
+
+
+def test_record_in_another_format_than_line_1_says_so(tmp_path):
+    msgs = {"messages": chat(("user", "q"), ("assistant", "r"))}
+    path = write_jsonl(tmp_path / "mixed.jsonl", ["", json.dumps({"prompt": "q", "response": "r"}), msgs,
+                                                  {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q"}])
+    _, problems, used = parse_file(path)
+    assert used == "prompt_response"
+    assert [str(p) for p in problems] == [
+        f"{path}:3: record: format prompt_response (from line 2) expects prompt and response; "
+        "this record looks like messages",
+        f"{path}:4: record: format prompt_response (from line 2) expects prompt and response; "
+        "this record looks like preference",
+        f"{path}:5: response: missing"]  # no other format's fields: a prompt_response record missing one
+    # A record carrying its file's key fields keeps its own problems, even if it looks like another format.
+    ultra = write_jsonl(tmp_path / "ultra.jsonl", [{"prompt": "q", "messages": msgs["messages"]},
+                                                   {"messages": chat(("user", "q"), ("bot", "r"))},
+                                                   {"messages": chat(("user", "q"), ("assistant", "r"))}])
+    examples, problems, used = parse_file(ultra)
+    assert used == "spin" and len(examples) == 2
+    assert [str(p) for p in problems] == [f"{ultra}:2: messages[1].role: unknown role 'bot' "
+                                          "(expected one of system, user, assistant)"]

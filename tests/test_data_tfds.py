@@ -179,8 +179,8 @@ def test_bad_file_is_refused_before_anything_is_written(tmp_path):
     data_dir = tmp_path / "tfds"
     with pytest.raises(DataError) as err:
         prepare(DataConfig(path=path), llama_tokenizer(), str(data_dir))
-    assert str(err.value).splitlines() == [f"{path}:2: response: empty", f"{path}:3: prompt: missing",
-                                           f"{path}:3: response: missing"]
+    assert str(err.value).splitlines() == [f"{path}:2: response: empty", f"{path}:3: record: format prompt_response "
+                                           "(from line 1) expects prompt and response; this record looks like messages"]
     assert not glob.glob(str(data_dir / "**" / "dataset_info.json"), recursive=True)
 
 
@@ -224,3 +224,56 @@ print(len(splits["train"]), len(splits["test"]), tried)
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "3 1 []"
+
+
+def test_directory_splits_by_file_name(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": q, "response": a} for q, a in QA]
+    names = ["train_a.jsonl", "train_b.jsonl", "val.jsonl", "dev.jsonl", "validation.jsonl", "notes.jsonl"]
+    for name, row in zip(names, rows + rows[:2]):
+        write_jsonl(data / name, [row])
+    train, test, ignored = tfds_builders.scan_dir(data)
+    assert [os.path.basename(f) for f in train + test + ignored] == [
+        "train_a.jsonl", "train_b.jsonl", "dev.jsonl", "val.jsonl", "validation.jsonl", "notes.jsonl"]
+    assert (len(train), len(test)) == (2, 3)
+    with caplog.at_level("WARNING"):
+        splits = load_examples(DataConfig(path=str(data)), str(tmp_path / "tfds"))
+    assert [os.path.basename(ex.file) for ex in splits["train"]] == ["train_a.jsonl", "train_b.jsonl"]
+    assert [os.path.basename(ex.file) for ex in splits["test"]] == ["dev.jsonl", "val.jsonl", "validation.jsonl"]
+    said = [r.getMessage() for r in caplog.records if "notes.jsonl" in r.getMessage()]
+    assert said == [f"{data}: ignoring 1 data file(s) named neither train* nor test*/eval*/val*/dev*/heldout*: "
+                    "notes.jsonl"]
+    # The same files split differently are a different prepared dataset, never a stale one.
+    files = [str(data / "train_a.jsonl"), str(data / "val.jsonl")]
+    assert tfds_builders.files_config(files).name != tfds_builders.files_config(files[:1], files[1:]).name
+    for name in names[:5]:
+        os.remove(data / name)
+    with pytest.raises(ConfigError, match=r"data.path: directory .* has no train\* data files"):
+        load_examples(DataConfig(path=str(data)), str(tmp_path / "tfds"))
+
+
+def test_missing_eval_path_is_a_config_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    data_dir = tmp_path / "tfds"
+    missing = str(tmp_path / "nonexist.jsonl")
+    for path in (train, str(tmp_path)):  # next to a file, and next to a directory
+        with pytest.raises(ConfigError) as err:
+            load_examples(DataConfig(path=path, eval_path=missing), str(data_dir))
+        assert str(err.value) == f"data.eval_path: {missing!r}: no such file or directory"
+    assert not data_dir.exists()  # said before anything is prepared
+    with pytest.raises(ConfigError) as err:
+        load_examples(DataConfig(path=str(tmp_path), eval_path="no_such_set_xyz"), str(data_dir))
+    assert str(err.value).startswith("data.eval_path: 'no_such_set_xyz' is not a file, a directory or a known TFDS")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="data.path: '.*nope.jsonl': no such file or directory"):
+        load_examples(DataConfig(path=str(tmp_path / "nope.jsonl")), str(data_dir))
+
+
+def test_eval_path_next_to_a_directory_keeps_all_train_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = write_jsonl(data / "train.jsonl", [{"prompt": q, "response": a} for q, a in QA[:3]])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": q, "response": a} for q, a in QA[3:]])
+    splits = load_examples(DataConfig(path=str(data), eval_path=held, eval_frac=0.3), str(tmp_path / "tfds"))
+    assert splits["train"] == load_file(train) and splits["test"] == load_file(held)

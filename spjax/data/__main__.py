@@ -1,17 +1,19 @@
-"""`python -m spjax.data validate PATH [--tokenizer PATH]`: check a data file before spending accelerator time.
+"""`python -m spjax.data validate PATH [--tokenizer PATH]`: check data files before spending accelerator time.
 
 Prints a summary (records, format, length percentiles, what the length policy would truncate or
-drop), or every problem as `file:line: field: what is wrong` and exits 1.
+drop), or every problem as `file:line: field: what is wrong` and exits 1. PATH is a file, or a
+directory whose data files are checked one by one, picked as a run picks them (train*, test*, ...).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from spjax.config import DataConfig
-from spjax.data.records import FORMATS, DataError, parse_file
+from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
 from spjax.data.tokens import LengthReport, apply_length_policy, check_lengths, tokenize_example
 
 PERCENTILES = (50, 90, 99)
@@ -30,8 +32,29 @@ def _table(rows: dict, unit: str) -> list:
 
 def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int = 512, max_len: int = 1024,
              out=None) -> int:
-    """Check one file; print a summary or every problem (to `out`, default stdout). Returns the exit status."""
+    """Check a file, or each data file of a directory; print summaries or every problem (to `out`,
+    default stdout). Returns the exit status."""
     out = out or sys.stdout
+    if not os.path.isdir(path):
+        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out)
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        print(f"{path}: a prepared TFDS dataset (a run checks it as it reads it); validate checks data files "
+              f"({', '.join(SUFFIXES)}) or a directory of them", file=out)
+        return 2
+    from spjax.data.tfds_builders import ignored_note, scan_dir  # imports tensorflow_datasets: only when needed
+
+    train, test, ignored = scan_dir(path)
+    if ignored:
+        print(ignored_note(path, ignored), file=out)
+    if not train:
+        print(f"{path}:1: file: no train* data files ({', '.join(SUFFIXES)})", file=out)
+        return 1
+    held = ", ".join(map(os.path.basename, test)) or "none (a run holds out data.eval_frac of train)"
+    print(f"{path}: train {', '.join(map(os.path.basename, train))}; held out {held}", file=out)
+    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out) for f in train + test)
+
+
+def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out) -> int:
     examples, problems, used = parse_file(path, fmt)
     tokenized = []
     if tokenizer is not None:
@@ -80,7 +103,7 @@ def main(argv=None) -> int:
     defaults = DataConfig()
     parser = argparse.ArgumentParser(prog="spjax data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a .jsonl/.json/.parquet data file")
+    v = sub.add_parser("validate", help="check a .jsonl/.json/.parquet data file, or a directory of them")
     v.add_argument("path")
     v.add_argument("--tokenizer", help="a tokenizer directory, .gguf file or 'bytes' (adds token counts)")
     v.add_argument("--format", default="auto", choices=FORMATS)
@@ -93,9 +116,15 @@ def main(argv=None) -> int:
         parser.error(str(e))
     tokenizer = None
     if args.tokenizer:
-        from spjax.hf import load_tokenizer
+        from spjax.hf import CheckpointError, load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except (CheckpointError, OSError, ValueError) as e:  # missing or unreadable: the reason, not a traceback
+            why = " ".join(str(e).split())
+            print(f"spjax data: --tokenizer: {why if args.tokenizer in why else args.tokenizer + ': ' + why}",
+                  file=sys.stderr)
+            return 2
     return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len)
 
 

@@ -2,13 +2,14 @@
 
 `data.path` names one of:
   a file (.jsonl/.json/.parquet)      prepared by the SpjaxFiles builder (held out: eval_path or eval_frac)
-  a directory of such files           the same builder in manual_dir style (train*, test*/eval*/...)
+  a directory of such files           the same builder in manual_dir style (train*, test*/eval*/val*/...)
   a prepared TFDS directory           one holding dataset_info.json (any schema the record parser reads)
   a TFDS name ('chatterbot', 'name/config:1.0.0')  prepared under data_dir, never downloaded
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Optional
 
@@ -21,6 +22,7 @@ from spjax.data.batching import make_buckets
 from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_format, parse_record
 from spjax.data.tokens import check_lengths, tokenize_examples
 
+log = logging.getLogger(__name__)
 tfds.disable_progress_bar()  # spjax shows its own progress; TFDS's bars only add noise to the run log
 BUILTIN = {"chatterbot": tfds_builders.Chatterbot, "synthetic": tfds_builders.Synthetic,
            "arithmetic": tfds_builders.Arithmetic}
@@ -54,6 +56,18 @@ def _check(cfg: DataConfig):
 
 def _is_prepared(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def _looks_local(path: str) -> bool:
+    """A path no TFDS name could be: a data file's name, or an absolute or explicitly relative path."""
+    return path.lower().endswith(SUFFIXES) or os.path.isabs(path) or path.startswith(("./", "../", "~"))
+
+
+def _check_paths(cfg: DataConfig):
+    """Local paths must exist: said now, naming the field, not as a disk error once preparing starts."""
+    for field, path in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
+        if path and _looks_local(path) and not os.path.exists(path):
+            raise ConfigError(f"{field}: {path!r}: no such file or directory")
 
 
 def _read_split(source, name: str, fmt: str) -> list:
@@ -102,8 +116,8 @@ def _splits(builder, label: str, fmt: str) -> dict:
 
 
 def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: Optional[str],
-                   eval_path: str = "") -> dict:
-    """{split: [Example]} for one `data.path`."""
+                   eval_path: str = "", field: str = "data.path") -> dict:
+    """{split: [Example]} for one `data.path` (or `data.eval_path`: `field` names it in errors)."""
     if os.path.isfile(path):
         tests = [eval_path] if eval_path else []
         config = tfds_builders.files_config([path], tests, fmt, 0.0 if eval_path else eval_frac, seed)
@@ -113,9 +127,11 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
     if os.path.isdir(path) and _is_prepared(path):
         return _splits(tfds.builder_from_directory(path), path, fmt)
     if os.path.isdir(path):
-        train_files, test_files = tfds_builders.scan_dir(path)
+        train_files, test_files, ignored = tfds_builders.scan_dir(path)
+        if ignored:
+            log.warning("%s", tfds_builders.ignored_note(path, ignored))
         if not train_files:
-            raise ConfigError(f"data.path: directory {path!r} has no train data files ({', '.join(SUFFIXES)})")
+            raise ConfigError(f"{field}: directory {path!r} has no train* data files ({', '.join(SUFFIXES)})")
         config = tfds_builders.files_config(train_files, test_files, fmt, eval_frac, seed)
         builder = tfds_builders.SpjaxFiles(config=config, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
@@ -127,10 +143,11 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
         return _splits(builder, path, fmt)
     try:
         builder = tfds.builder(path, data_dir=data_dir)
-    except Exception as e:  # tfds raises DatasetNotFoundError and friends
-        raise ConfigError(f"data.path: {path!r} is not a file, a directory or a known TFDS dataset ({e})") from None
+    except Exception as e:  # tfds raises DatasetNotFoundError and friends; its first line says which
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{field}: {path!r} is not a file, a directory or a known TFDS dataset ({why})") from None
     if not builder.is_prepared():
-        raise ConfigError(f"data.path: TFDS dataset {path!r} is not prepared under {builder.data_dir_root}; "
+        raise ConfigError(f"{field}: TFDS dataset {path!r} is not prepared under {builder.data_dir_root}; "
                           "prepare it there first (spjax never downloads)")
     return _splits(builder, path, fmt)
 
@@ -143,14 +160,21 @@ def load_examples(cfg: DataConfig, data_dir: Optional[str] = None) -> dict:
     `data_dir` is where TFDS prepares and finds datasets (None: TFDS's default).
     """
     _check(cfg)
-    path_is_file = os.path.isfile(cfg.path)
-    splits = _source_splits(cfg.path, cfg.format, cfg.eval_frac, cfg.seed, data_dir,
-                            eval_path=cfg.eval_path if path_is_file else "")
+    _check_paths(cfg)
+    # Two files make one prepared dataset; otherwise eval_path is a source of its own.
+    together = os.path.isfile(cfg.path) and os.path.isfile(cfg.eval_path)
+    # With eval_path set, eval_frac would only take examples away from training.
+    splits = _source_splits(cfg.path, cfg.format, 0.0 if cfg.eval_path else cfg.eval_frac, cfg.seed, data_dir,
+                            eval_path=cfg.eval_path if together else "")
     train = splits.get("train")
     if train is None:
         raise ConfigError(f"data.path: {cfg.path!r} has no train split (splits: {sorted(splits)})")
-    if cfg.eval_path and not path_is_file:
-        test = _source_splits(cfg.eval_path, cfg.format, 0.0, cfg.seed, data_dir)["train"]
+    if cfg.eval_path and not together:
+        held = _source_splits(cfg.eval_path, cfg.format, 0.0, cfg.seed, data_dir, field="data.eval_path")
+        test = held.get("train", held.get("test"))
+        if test is None:
+            raise ConfigError(f"data.eval_path: {cfg.eval_path!r} has no train or test split "
+                              f"(splits: {sorted(held)})")
     elif "test" in splits or "validation" in splits:
         test = splits.get("test", splits.get("validation"))
     else:

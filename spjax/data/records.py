@@ -4,7 +4,7 @@ Every problem is a `Problem` that prints as `file:line: field: what is wrong` (f
 is the 1-based row). Parsing collects all problems of a file instead of stopping at the first, so
 `python -m spjax.data validate` can list them; `load_file` raises them together as one DataError.
 
-Formats (DataConfig.format):
+Formats (DataConfig.format; 'auto' takes each file's from its first record, and a file holds one):
   prompt_response  {"prompt": str, "response": str, "system"?: str}
   messages         {"messages": [{"role", "content"}, ...]}: the last assistant turn is the response
   spin             UltraChat-200k ({"prompt", "messages"}) or SPIN ({"real", "generated"?, "prompt"?});
@@ -20,6 +20,11 @@ from typing import Any, Callable, Iterator, Optional
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "prompt_response", "messages", "spin", "preference")
+# A record with none of its format's key fields is in another format, not a record missing fields.
+KEY_FIELDS = {"prompt_response": ("response",), "messages": ("messages",), "spin": ("real", "messages"),
+              "preference": ("chosen", "rejected")}
+EXPECTS = {"prompt_response": "prompt and response", "messages": "messages", "spin": "real or messages",
+           "preference": "chosen and rejected"}
 SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_SHOWN = 50  # problems spelled out in a DataError message; `.problems` keeps them all
 
@@ -200,18 +205,23 @@ def parse_file(path: str, fmt: str = "auto") -> tuple[list[Example], list[Proble
     """All examples of a file, every problem found, and the format used (detected if 'auto')."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} not in {FORMATS}")
-    examples, problems, used = [], [], fmt
+    examples, problems, used, first = [], [], fmt, 0
     for line, obj in read_objects(path):
         if isinstance(obj, Problem):
             problems.append(obj)
             continue
         if used == "auto":
-            used = detect_format(obj) or "auto"
+            used, first = detect_format(obj) or "auto", line
             if used == "auto":
                 problems.append(Problem(path, line, "record", f"cannot tell the format from fields {sorted(obj)}: "
                                         "expected prompt+response, messages, real/generated or prompt+chosen+rejected"))
                 continue
         ex, found = parse_record(obj, used, path, line)
+        looks = detect_format(obj) if found and fmt == "auto" else None
+        if looks not in (None, used) and not any(k in obj for k in KEY_FIELDS[used]):
+            # Say that the format changed, not that the first record's fields are missing.
+            found = [Problem(path, line, "record", f"format {used} (from line {first}) expects {EXPECTS[used]}; "
+                             f"this record looks like {looks}")]
         problems.extend(found)
         if ex is not None:
             examples.append(ex)
@@ -247,6 +257,12 @@ def _text(v, field: str, report: Report) -> Optional[str]:
     if not isinstance(v, str):
         report(field, f"expected a string, got {_kind(v)}")
         return None
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can escape half a UTF-16 pair ("\ud83c"); no text can hold it
+            report(field, f"lone surrogate {v[e.start]!r} at character {e.start + 1} (half of a UTF-16 pair)")
+            return None
     if not v.strip():
         report(field, "empty")
         return None

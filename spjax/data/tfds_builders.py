@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.metadata
+import logging
 import os
 from typing import Sequence
 
@@ -27,8 +28,11 @@ import yaml
 
 from spjax.data.records import SUFFIXES, DataError, Example, Problem, parse_file
 
+log = logging.getLogger(__name__)
 VERSION = "1.0.0"
-TEST_SPLIT_NAMES = ("test", "eval", "validation", "heldout")  # file-name prefixes of held-out files
+# File-name prefixes in a data directory: train files, and held-out ones ("val" covers valid*/validation*).
+TRAIN_SPLIT_NAMES = ("train",)
+TEST_SPLIT_NAMES = ("test", "eval", "val", "dev", "heldout")
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -96,15 +100,26 @@ def _fingerprint(files: Sequence[str], *settings) -> str:
     return h.hexdigest()[:16]
 
 
-def scan_dir(directory) -> tuple[list, list]:
-    """(train files, held-out files) of a directory: held-out names start with test/eval/validation/heldout."""
-    found = sorted(f for f in glob.glob(os.path.join(str(directory), "*")) if f.lower().endswith(SUFFIXES))
-    test = [f for f in found if os.path.basename(f).lower().startswith(TEST_SPLIT_NAMES)]
-    return [f for f in found if f not in test], test
+def scan_dir(directory) -> tuple[list, list, list]:
+    """(train, held-out, ignored) data files of a directory, by name: train*; test*/eval*/val*/dev*/heldout*;
+    any other name is ignored (a stray export must not silently become training data)."""
+    found = sorted(f for f in glob.glob(os.path.join(str(directory), "*"))
+                   if f.lower().endswith(SUFFIXES) and os.path.isfile(f))
+    names = {f: os.path.basename(f).lower() for f in found}
+    train = [f for f in found if names[f].startswith(TRAIN_SPLIT_NAMES)]
+    test = [f for f in found if names[f].startswith(TEST_SPLIT_NAMES)]
+    return train, test, [f for f in found if f not in train and f not in test]
+
+
+def ignored_note(directory, ignored) -> str:
+    """The one line that says which files of a data directory are not read, and why."""
+    names = ", ".join(os.path.basename(f) for f in ignored)
+    return (f"{directory}: ignoring {len(ignored)} data file(s) named neither train* nor "
+            f"{'*/'.join(TEST_SPLIT_NAMES)}*: {names}")
 
 
 class FilesConfig(tfds.core.BuilderConfig):
-    """Which local files make the splits. No files: scan manual_dir (train*, test*/eval*/... files)."""
+    """Which local files make the splits. No files: scan manual_dir (train*, test*/eval*/val*/... files)."""
 
     def __init__(self, *, train_files=(), test_files=(), data_format="auto", eval_frac=0.0, seed=0, **kwargs):
         super().__init__(version=VERSION, **kwargs)
@@ -114,7 +129,10 @@ class FilesConfig(tfds.core.BuilderConfig):
 
 def files_config(train_files, test_files=(), data_format="auto", eval_frac=0.0, seed=0) -> FilesConfig:
     """A config named by the files' content and the settings, so a changed file is prepared anew."""
-    name = _fingerprint(list(train_files) + list(test_files), data_format, eval_frac, seed)
+    # Which files are held out is part of the name (moving a file between splits prepares anew); the
+    # count is added only where there are held-out files, so names prepared without any stay valid.
+    where = (len(train_files),) if test_files else ()
+    name = _fingerprint(list(train_files) + list(test_files), data_format, eval_frac, seed, *where)
     return FilesConfig(name=f"{data_format}-{name}", train_files=train_files, test_files=test_files,
                        data_format=data_format, eval_frac=eval_frac, seed=seed)
 
@@ -148,15 +166,17 @@ class SpjaxFiles(SpjaxBuilder):
     BUILDER_CONFIGS = [FilesConfig(name="manual_dir")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the data files (.jsonl, .json or .parquet) in manual_dir: train* files make the train split, "
-        f"files starting with {', '.join(TEST_SPLIT_NAMES)} the test split.")
+        f"files starting with {', '.join(TEST_SPLIT_NAMES)} the test split; other names are ignored.")
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         train_files, test_files = cfg.train_files, cfg.test_files
         if not train_files:
-            train_files, test_files = scan_dir(dl_manager.manual_dir)
+            train_files, test_files, ignored = scan_dir(dl_manager.manual_dir)
+            if ignored:
+                log.warning("%s", ignored_note(dl_manager.manual_dir, ignored))
         if not train_files:
-            raise DataError([Problem(str(dl_manager.manual_dir), 1, "file", "no train data files found")])
+            raise DataError([Problem(str(dl_manager.manual_dir), 1, "file", "no train* data files found")])
         train, problems = self._read(train_files)
         test, more = self._read(test_files)
         if problems or more:
