@@ -87,8 +87,8 @@ def _sliding_window(hf: dict, arch: str, where: str):
     and 5.x's default) when i >= max_window_layers. A mix of windowed and full layers, which one
     window cannot represent, is refused.
     """
-    if arch == "mistral":
-        return hf.get("sliding_window")
+    if arch == "mistral":  # transformers' MistralConfig defaults to a 4096 window when the key is absent
+        return hf.get("sliding_window", 4096)
     if arch != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
         return None
     n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
@@ -102,12 +102,13 @@ def _sliding_window(hf: dict, arch: str, where: str):
 
 
 def _export_arch(cfg: ModelConfig) -> str:
-    """The transformers family that computes cfg's model. transformers' Llama has no q/k/v-only biases
-    (attention_bias adds an o_proj bias too) and no sliding window, which a Llama GGUF or an override
-    can give spjax's llama: Qwen2 is Llama with q/k/v biases, Mistral is Llama with a window."""
-    if cfg.architecture != "llama" or not (cfg.qkv_bias or cfg.sliding_window):
-        return cfg.architecture
-    return "qwen2" if cfg.qkv_bias else "mistral"
+    """The transformers family that computes cfg's model: Qwen2 is Llama with q/k/v biases (and only
+    it has them: Llama's attention_bias adds an o_proj bias too), Mistral is Llama with a window.
+    A Llama GGUF can hold q/k/v biases, and an override can set a window or biases on any family."""
+    arch = cfg.architecture
+    if cfg.qkv_bias != (arch == "qwen2"):
+        arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    return "mistral" if arch == "llama" and cfg.sliding_window else arch
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -209,7 +210,17 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
         from spjax import gguf_io
         return gguf_io.config_from_gguf(gguf.GGUFReader(path), path, **overrides)
     where = os.path.join(path, "config.json")
-    return config_from_hf(_read_json(where), where, **overrides)
+    return config_from_hf(_with_generation_eos(_read_json(where), path), where, **overrides)
+
+
+def _with_generation_eos(hf: dict, path: str) -> dict:
+    """config.json's keys, its eos_token_id joined with generation_config.json's: instruct models
+    (Llama 3, Qwen2.5) keep their end-of-turn ids there, which generate() stops at."""
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = _read_json(gen_path).get("eos_token_id") if os.path.exists(gen_path) else None
+    as_list = lambda v: list(v) if isinstance(v, list) else [] if v is None else [v]
+    eos = as_list(hf.get("eos_token_id")) + [i for i in as_list(gen) if i not in as_list(hf.get("eos_token_id"))]
+    return dict(hf, eos_token_id=eos or None)
 
 
 def load_pretrained(path: str, mesh=None, **overrides):
@@ -224,8 +235,7 @@ def load_pretrained(path: str, mesh=None, **overrides):
         return cfg, with_init_adapter(cfg, params)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory or a .gguf file")
-    where = os.path.join(path, "config.json")
-    cfg = config_from_hf(_read_json(where), where, **overrides)
+    cfg = load_model_config(path, **overrides)
     get = _safetensors_getter(path)
     return cfg, with_init_adapter(cfg, params_from_tensors(cfg, get, path, mesh))
 

@@ -189,7 +189,10 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         pc = json.load(f)
     bad = {"peft_type": (pc.get("peft_type"), "LORA"), "use_rslora": (bool(pc.get("use_rslora")), False),
            "use_dora": (bool(pc.get("use_dora")), False), "bias": (pc.get("bias", "none"), "none"),
-           "fan_in_fan_out": (bool(pc.get("fan_in_fan_out")), False), "r": (pc.get("r"), cfg.lora.rank)}
+           "fan_in_fan_out": (bool(pc.get("fan_in_fan_out")), False), "r": (pc.get("r"), cfg.lora.rank),
+           # Parts of the adapted model beyond the low-rank pairs, which spjax would not read:
+           "modules_to_save": (pc.get("modules_to_save") or None, None), "lora_bias": (bool(pc.get("lora_bias")), False),
+           "trainable_token_indices": (pc.get("trainable_token_indices") or None, None)}
     for field, (got, want) in bad.items():
         if got != want:
             raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"
@@ -224,6 +227,11 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
                 name = alt
             return np.asarray(f.get_tensor(name).astype(jnp.float32))
 
+        read = {peft_name(cfg, t, i, w) for t in cfg.lora.targets for i in range(cfg.num_layers) for w in "AB"}
+        left = sorted(k for k in keys if k not in read and k.replace(".default.weight", ".weight") not in read)
+        if left:
+            raise CheckpointError(f"{path}: tensor(s) {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are not "
+                                  "LoRA pairs of lora.targets: spjax would start from another policy than the adapter's")
         for t in cfg.lora.targets:
             old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]
             a = np.stack([get(t, i, "A").T for i in range(cfg.num_layers)])

@@ -158,7 +158,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     held = prepared.test[:cfg.run.eval_examples] if cfg.run.eval_examples else prepared.test
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                   train=prepared.train, held=held, eos_ids=tuple(sorted(eos)),
-                  pad_id=int(data_lib.pad_token_id(tokenizer)), buckets=prepared.buckets,
+                  pad_id=_pad_id(tokenizer, model_cfg), buckets=prepared.buckets,
                   writer=metrics_lib.MetricWriter(workdir),
                   checkpointer=ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                      keep=cfg.run.keep_checkpoints,
@@ -167,6 +167,17 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                   initial_params=lambda: load_initial(cfg, mesh)[1], base_sums=saving.base_sums(model_cfg, params),
                   echo=echo, fault=fault or (lambda point: None))
     return ctx, params
+
+
+def _pad_id(tokenizer, model_cfg) -> int:
+    """The tokenizer's pad id (spjax.data.pad_token_id) if the model embeds it. Pads are masked
+    everywhere, but an id past the embedding (an added <pad> it was never resized for) reads NaN
+    there, which 0 * NaN carries into every real position: then an EOS id, or 0, pads instead."""
+    from spjax import data as data_lib
+    pad = int(data_lib.pad_token_id(tokenizer))
+    if 0 <= pad < model_cfg.vocab_size:
+        return pad
+    return next((i for i in model_cfg.eos_token_ids if 0 <= i < model_cfg.vocab_size), 0)
 
 
 def load_initial(cfg: Config, mesh) -> tuple:

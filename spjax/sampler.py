@@ -233,6 +233,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
         key = jax.random.wrap_key_data(key)
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    if not 0 <= pad_id < cfg.vocab_size:  # the model embeds every fed token, pads too: NaN past the table
+        raise ValueError(f"pad_id {pad_id} is not a token of the model's vocabulary (size {cfg.vocab_size})")
     plan_for = lambda P: make_plan(prompt_len=P, max_new_tokens=max_new_tokens, batch_size=batch_size or n,
                                    num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,

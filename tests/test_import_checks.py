@@ -1,6 +1,7 @@
 """Import refuses what it would get wrong: RoPE scaling in GGUF files, Llama biases, tensors it does
 not read, per-layer Qwen2 windows; and what it reads (GGUF linear RoPE, Qwen2 windows) matches
 transformers, through an export too."""
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -111,6 +112,25 @@ def test_config_refuses_what_the_model_does_not_compute(key, value, message):
         hf.config_from_hf(dict(conf, **{key: value}), "c.json")
 
 
+def test_mistral_without_a_window_key_gets_transformers_default():
+    conf = oracle.torch_model("mistral").config.to_dict()
+    del conf["sliding_window"]
+    assert hf.config_from_hf(conf).sliding_window == 4096  # MistralConfig's default
+    assert hf.config_from_hf(dict(conf, sliding_window=None)).sliding_window is None
+
+
+def test_generation_config_eos_ids_are_stop_ids(tmp_path):
+    """Instruct models keep end-of-turn ids in generation_config.json (Llama 3: 128009), where
+    generate() reads them: before, the sampler ran past the end of a turn to max_new_tokens."""
+    import json
+    cfg, params = oracle.spjax_model("llama3")
+    out = spjax.save_pretrained(dataclasses.replace(cfg, eos_token_ids=(2,)), params, tmp_path / "m")
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 7, 9]}, f)
+    assert spjax.load_pretrained(out)[0].eos_token_ids == (2, 7, 9)
+    assert hf.load_model_config(out).eos_token_ids == (2, 7, 9)
+
+
 def test_gguf_refuses_tensors_it_does_not_read(tmp_path):
     tm = _torch("LlamaConfig")
     path = _write_gguf(tmp_path / "m.gguf", tm, tensors={"blk.0.attn_output.bias": np.ones(32, np.float32)})
@@ -182,15 +202,17 @@ def test_qwen2_window_survives_export_to_transformers(tmp_path):
     assert spjax.load_pretrained(out)[0].sliding_window == 6
 
 
-@pytest.mark.parametrize("family,extra,exported", [("qwen2", dict(architecture="llama"), "Qwen2ForCausalLM"),
-                                                   ("llama3", dict(sliding_window=6), "MistralForCausalLM")])
+@pytest.mark.parametrize("family,extra,exported", [
+    ("qwen2", dict(architecture="llama"), "Qwen2ForCausalLM"),
+    ("qwen2", dict(architecture="mistral", sliding_window=6), "Qwen2ForCausalLM"),  # before: biases dropped
+    ("llama3", dict(sliding_window=6), "MistralForCausalLM")])
 def test_llama_variants_export_as_the_family_that_computes_them(family, extra, exported, tmp_path):
     """A llama with q/k/v biases (a Llama GGUF can hold them) or a window (an override) has no transformers
     Llama equivalent (attention_bias adds an o_proj bias): it exports as Qwen2 or Mistral, the same model."""
     import torch
     import transformers
     cfg, params = hf.from_transformers(oracle.torch_model(family), **extra)
-    assert cfg.architecture == "llama"
+    assert cfg.architecture == extra.get("architecture", "llama")
     out = spjax.save_pretrained(cfg, params, tmp_path / "hf")
     tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(tm).__name__ == exported

@@ -192,6 +192,18 @@ def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path, alpha_patt
     json.dump({**conf, "rank_pattern": {"v_proj": 2 * R}}, open(tmp_path / "adapter" / "adapter_config.json", "w"))
     with pytest.raises(CheckpointError, match=f"rank_pattern gives model.layers.0.self_attn.v_proj rank {2 * R}"):
         lora.load_peft(cfg, params, cfg.lora.init_path)
+    # Parts of an adapted model beyond the LoRA pairs (a trained lm_head, LoRA biases): before, loaded
+    # without them, so the starting policy was another model than the adapter's.
+    for extra in ({"modules_to_save": ["lm_head"]}, {"lora_bias": True}):
+        json.dump({**conf, **extra}, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+        with pytest.raises(CheckpointError, match=f"{next(iter(extra))} is "):
+            lora.load_peft(cfg, params, cfg.lora.init_path)
+    json.dump(conf, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+    from safetensors.numpy import load_file, save_file
+    weights = str(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({**load_file(weights), "base_model.model.lm_head.weight": np.zeros((256, 8), np.float32)}, weights)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) base_model.model.lm_head.weight are not LoRA pairs"):
+        lora.load_peft(cfg, params, cfg.lora.init_path)
 
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.3)])
