@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import shutil
 
 import jax
+import numpy as np
 
 from spjax import checkpoint as ckpt_lib, evaluate, hf, metrics as metrics_lib
 from spjax.config import METRIC_GOALS, Config, ConfigError
@@ -28,8 +30,7 @@ from spjax.config import METRIC_GOALS, Config, ConfigError
 MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "data.tfds_dir", "objective.beta",
               "sampling.batch_size", "judge.batch_size", "optim.lr", "optim.clip_norm", "optim.nonfinite",
               "run.rounds", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.async_checkpoint",
-              "run.eval_examples", "run.eval_show", "run.eval_max_new_tokens", "run.stop_when_worse", "run.export",
-              "run.score_batch_size")
+              "run.eval_show", "run.stop_when_worse", "run.export", "run.score_batch_size")
 
 
 def _flat(obj, prefix: str = "") -> dict:
@@ -68,6 +69,31 @@ def check_start(cfg: Config, workdir: str, echo) -> Config:
     if changed:
         echo(f"resuming with changed settings: {say(changed)}")
     return cfg
+
+
+def data_digest(splits: dict) -> str:
+    """A digest of the token ids a run trains and evaluates on ({split: [TokenizedExample]})."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        for e in splits[name]:
+            for ids in (e.prompt_ids, e.real_ids, e.generated_ids, e.uncut_real_ids):
+                h.update(b"-" if ids is None else np.asarray(ids, np.int64).tobytes() + b"|")
+            h.update(f"{name}:{e.id};".encode())
+    return h.hexdigest()
+
+
+def check_data(workdir: str, splits: dict, resume: bool):
+    """A resume must train on the token ids its run started with: a data file edited in place, or
+    another tokenizer at the same path, would pair its samples and scores with other prompts."""
+    path = os.path.join(workdir, "data.json")
+    digest = data_digest(splits)
+    if resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt")):
+        if ckpt_lib.load_json(path)["digest"] != digest:
+            raise ConfigError(f"--resume: the data (data.path, data.eval_path, tokenizer) gives other token ids than "
+                              f"the run {workdir} started with: its samples and scores belong to those; resume with "
+                              "the original data and tokenizer, or start a new workdir")
+    elif jax.process_index() == 0:
+        ckpt_lib.save_json(path, {"digest": digest, **{k: len(v) for k, v in splits.items()}})
 
 
 def stop_here(ctx, summary: dict, t: int) -> bool:

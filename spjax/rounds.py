@@ -130,6 +130,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir)
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
+    ledger.check_data(workdir, {"train": prepared.train, "test": prepared.test}, resume)
     source = pairs_lib.resolve(cfg, prepared.train)
     what = {"data": "the real response vs each record's rejected response",
             "sampled": "the real response vs the opponent's own sample",

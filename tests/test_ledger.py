@@ -82,3 +82,21 @@ def test_keep_best_export_is_never_lost(tmp_path):
     os.rename(export, tmp_path / "elsewhere")
     with pytest.raises(Exception, match="best: missing, and no .*export holds round 4's model"):
         ledger._keep_best(ctx, 4, 4, 1.4)
+
+
+def test_resume_refuses_data_that_tokenizes_otherwise(tmp_path):
+    """A data file edited in place (or another tokenizer at the same path) gave a resume other prompts
+    for its samples and scores on disk, without a word."""
+    import numpy as np
+    ex = lambda i, prompt: types.SimpleNamespace(id=i, prompt_ids=np.asarray(prompt), real_ids=np.asarray([7, 2]),
+                                                 generated_ids=None, uncut_real_ids=None)
+    first = {"train": [ex(0, [1, 5]), ex(1, [1, 6])], "test": [ex(0, [1, 9])]}
+    ledger.check_data(str(tmp_path), first, resume=False)
+    (tmp_path / "config.txt").write_text("(the setup finished)")
+    ledger.check_data(str(tmp_path), {k: list(v) for k, v in first.items()}, resume=True)
+    edited = dict(first, train=[ex(0, [1, 5]), ex(1, [1, 6, 6])])
+    with pytest.raises(ConfigError, match=r"--resume: the data .* gives other token ids than the run"):
+        ledger.check_data(str(tmp_path), edited, resume=True)
+    with pytest.raises(ConfigError, match="other token ids"):  # a held-out example moved to training
+        ledger.check_data(str(tmp_path), {"train": first["train"] + first["test"], "test": []}, resume=True)
+    assert json.load(open(tmp_path / "data.json"))["train"] == 2
