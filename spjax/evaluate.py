@@ -103,6 +103,8 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
     train step runs (ties count 1/2 there too)."""
     from spjax import lora, objectives, sampler, scoring
     cfg, tok, held = ctx.cfg, ctx.tokenizer, ctx.held
+    if not held:  # no held-out split (said at the start): the rows hold training metrics only
+        return {}
     lp = scoring.score_examples(ctx, params, held, "real_ids")
     n_tok = np.asarray([max(len(e.real_ids), 1) for e in held], np.float32)
     out = {"nll": float(-(lp.sum() / n_tok.sum())), "held_lp_real": float(lp.mean())}

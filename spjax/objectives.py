@@ -153,8 +153,9 @@ def mixed_reference(cfg, lp_t_B, lp_0_B):
 def nll_term(lp_real_B, n_tokens_real_B):
     """Per-token NLL of the real responses: -sum(lp) / sum(tokens), token-weighted like SFT."""
     n_tokens = jnp.sum(jnp.asarray(n_tokens_real_B, jnp.float32))
-    # max(., 1): a batch of empty responses gives 0, not NaN.
-    return -jnp.sum(jnp.asarray(lp_real_B, jnp.float32)) / jnp.maximum(n_tokens, 1.0)
+    # A batch of empty responses gives 0, not NaN. Only 0 is replaced: a micro-batch's share of an
+    # accumulated batch's count (spjax.step) may be a fraction, e.g. 1 token over 4 micro-batches.
+    return -jnp.sum(jnp.asarray(lp_real_B, jnp.float32)) / jnp.where(n_tokens > 0, n_tokens, 1.0)
 
 
 def objective_loss(cfg, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,

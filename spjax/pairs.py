@@ -90,7 +90,7 @@ def _sample_stats(ctx, t: int, split: str, gen: dict) -> dict:
     if unended and split == "train":
         ctx.echo(f"round {t}: {unended} of {len(gen)} {split} samples reached sampling.max_new_tokens="
                  f"{ctx.cfg.sampling.max_new_tokens} before an end of turn (raise it if that is many)")
-    return {"sample_len": float(np.mean([len(g[0]) for g in gen.values()])),
+    return {"sample_len": float(np.mean([len(g[0]) for g in gen.values()])) if gen else 0.0,
             "sample_unended": unended / max(len(gen), 1)}
 
 

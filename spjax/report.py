@@ -91,8 +91,9 @@ def plot(runs: dict, path: str):
     os.replace(tmp, path)  # all or nothing
 
 
-def write(workdirs: list, out: str) -> tuple[str, str]:
-    """Write out.md and out.png for these runs; returns their paths."""
+def write(workdirs: list, out: str) -> tuple:
+    """Write out.md and out.png for these runs; returns their paths (the PNG's None while no run has
+    a row yet: one starting up, or killed before its initial evaluation)."""
     names = [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
     if len(set(names)) < len(names):
         names = [os.path.normpath(w) for w in workdirs]
@@ -101,6 +102,8 @@ def write(workdirs: list, out: str) -> tuple[str, str]:
     with open(md + ".tmp", "w", encoding="utf-8") as f:
         f.write(table(runs) + "\n")
     os.replace(md + ".tmp", md)
+    if not any(runs.values()):
+        return md, None
     plot(runs, png)
     return md, png
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
         return 2
     with open(md, encoding="utf-8") as f:
         print(f.read(), end="")
-    print(f"wrote {md} and {png}")
+    print(f"wrote {md} and {png}" if png else f"wrote {md}; no run has a row yet (its initial evaluation), so no plot")
     return 0
 
 

@@ -131,6 +131,11 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     ledger.check_data(workdir, {"train": prepared.train, "test": prepared.test}, resume)
+    if not prepared.test:  # e.g. data.eval_frac=0 without data.eval_path: NaN rows before
+        if cfg.run.keep_best:
+            raise ConfigError(f"run.keep_best={cfg.run.keep_best}: the data has no held-out examples to pick by "
+                              "(set data.eval_frac > 0 or data.eval_path)")
+        echo("note: no held-out examples (data.eval_frac=0, no data.eval_path): rounds log training metrics only")
     source = pairs_lib.resolve(cfg, prepared.train)
     what = {"data": "the real response vs each record's rejected response",
             "sampled": "the real response vs the opponent's own sample",

@@ -194,7 +194,7 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
         (loss, aux), grads = grad_fn(train_params, batch, model_cfg, obj_cfg, mesh)
         grads = jax.tree.map(lambda g: g.astype(f32), grads)
     else:
-        n_real = _real_tokens(batch) / A
+        n_real = jnp.maximum(_real_tokens(batch), 1.0) / A  # the batch's count: a micro-batch's may be 0
         micro = jax.tree.map(lambda v: _micro_batches(v, A), batch)
 
         def body(g_sum, mb):

@@ -86,6 +86,10 @@ def test_nll_and_objective_loss():
     lp_real, lp_gen, ref_real, ref_gen = _arrays(LP_REAL, LP_GEN, REF_REAL, REF_GEN)
     n_tok = jnp.array([4, 6])
     assert float(nll_term(lp_real, n_tok)) == pytest.approx(22.0 / 10.0)
+    # Under grad accumulation a micro-batch gets its share of the batch's count, which may be < 1
+    # (1 real token over 4 micro-batches): before, clamped to 1, the NLL came out 4x too small.
+    assert float(nll_term(jnp.asarray([-2.0]), jnp.asarray([0.25]))) == pytest.approx(8.0)
+    assert float(nll_term(jnp.zeros(2), jnp.zeros(2))) == 0.0  # empty responses: 0, not NaN
     cfg = ObjectiveConfig(name="spin", beta=BETA, c=C, nll_weight=0.5)
     loss, aux = objective_loss(cfg, lp_real, lp_gen, ref_real, ref_gen, n_tok)
     spin_mean = sum(EXPECTED["spin"]) / 2

@@ -48,6 +48,16 @@ def test_report_writes_a_png_and_a_table_equal_to_metrics_jsonl(tmp_path, capsys
     assert len(got) == 8 and "wrote" in capsys.readouterr().out
 
 
+def test_report_of_a_run_without_rows_yet(tmp_path, capsys):
+    """metrics.jsonl exists before the initial evaluation's row: a starting or early-killed run
+    (before: matplotlib's ValueError after the table was written)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert report.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
+    assert "no run has a row yet" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "rep.md") and not os.path.exists(tmp_path / "rep.png")
+
+
 def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

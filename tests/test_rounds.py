@@ -429,6 +429,20 @@ def test_read_only_workdir_is_one_line(tmp_path, tfds_dir):
         os.chmod(work, 0o755)
 
 
+def test_keep_best_without_held_out_examples_is_one_line(tmp_path, capsys):
+    """data.eval_frac=0 without data.eval_path: no held-out split, so nothing to pick the best round by
+    (before: NaN held-out rows, and keep_best exported an arbitrary round)."""
+    from spjax import train
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(40)))
+    args = ["--config", TINY, "--workdir", str(tmp_path / "w"), f"data.path={data}", "data.eval_frac=0",
+            f"data.tfds_dir={tmp_path / 'tfds'}", "run.keep_best=nll"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1:] == ["spjax: ConfigError: run.keep_best=nll: the data has no held-out examples to pick by "
+                        "(set data.eval_frac > 0 or data.eval_path)"], err
+
+
 def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tmp_path):
     """The tiny model's greedy answers are empty, so held-out F1 ties at 0: round 0 stays the best
     (the earliest of equals), round 1 is one round without improvement, and the run stops there."""

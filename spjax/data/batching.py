@@ -7,8 +7,10 @@ Multi-host: all hosts walk the same global order and each takes its contiguous r
 batch (`process_index`), so every host sees the same number of batches of the same shape (the
 bucket is chosen from the whole global batch), the shares are disjoint, and together they cover it.
 
-Rows whose `example_id_B` is -1 are padding (a short last batch): they copy a real row so that no
-row attends to nothing, and carry target_mask 0. Consumers must ignore them.
+Rows whose `example_id_B` is -1 are padding (a short last batch, drop_remainder=False): they copy a
+real row so that no row attends to nothing, and carry target_mask 0. Consumers must ignore them: the
+pair step cannot (its loss is a mean over rows, padding rows included), so training batches drop the
+remainder (the default, as the round driver does); keep it for loops that read example_id_B.
 
 A cursor {"epoch", "position"} counts global batches consumed; it is JSON-able and goes in the
 checkpoint. Shuffling is a pure function of (seed, epoch), so restoring a cursor continues with
