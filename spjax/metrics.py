@@ -112,6 +112,15 @@ def progress(total: int, desc: str, unit: str = "it"):
                 file=sys.stderr, leave=False)
 
 
+def progress_iter(items, desc: str, unit: str = "it"):
+    """`items`, with a bar as progress() shows it while they are walked."""
+    bar = progress(len(items), desc, unit)
+    for x in items:
+        yield x
+        bar.update(1)
+    bar.close()
+
+
 def table(title: str, rows: dict, columns: list[str]) -> str:
     """A plain-text table: one row per key of `rows` (dicts keyed by column name)."""
     cells = [[name] + [_fmt(r.get(c)) for c in columns] for name, r in rows.items()]

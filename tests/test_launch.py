@@ -117,6 +117,13 @@ def test_gpu_xla_flags_are_known_to_this_xla():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_slurm_log_needs_no_directory_made_inside_the_job():
+    """SLURM opens --output before the script runs: logs/ made by the script itself came too late."""
+    sbatch = open(os.path.join(ROOT, "launch/slurm_multinode.sbatch")).read()
+    out = re.search(r"^#SBATCH --output=(\S+)$", sbatch, re.M).group(1)
+    assert "/" not in out, out
+
+
 def test_gpu_single_host_bad_flag():
     res = bash("launch/gpu_single_host.sh", "--nope")
     assert res.returncode != 0 and "usage: bash launch/gpu_single_host.sh" in res.stderr

@@ -249,10 +249,11 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
 
     Ids are dense 0..n-1 over the kept examples; `source` says which record each came from.
     """
+    from spjax import metrics  # a bar: a chat template renders each of 200k prompts in about a minute
     check_lengths(max_prompt_len, max_len, overlong)
     bos_id = getattr(tokenizer, "bos_token_id", None)
     report, out, problems = LengthReport(), [], []
-    for ex in examples:
+    for ex in metrics.progress_iter(examples, f"data {split or 'split'}: tokenize", "example"):
         try:
             p, real, gen = tokenize_example(tokenizer, ex, today)
         except DataError as e:
