@@ -67,7 +67,8 @@ def test_attention_is_a_validated_config_field_in_the_jit_key():
     xla = dataclasses.replace(CFG, attention="xla")
     assert xla != CFG and hash(xla) != hash(CFG)  # a static jit argument: a different cache entry
     # A run's top-level `attention` reaches the model config like remat does, also for model_path.
-    from spjax.config import Config, override
+    from spjax.config import Config
+    from spjax.overrides import override
     run = override(Config(model=CFG), "attention", "xla_fused")
     assert run.model_overrides()["attention"] == "xla_fused"
     assert dataclasses.replace(run.model, **run.model_overrides()).attention == "xla_fused"
