@@ -40,6 +40,19 @@ def _flat(obj, prefix: str = "") -> dict:
     return {k: v for f in dataclasses.fields(obj) for k, v in _flat(getattr(obj, f.name), f"{prefix}{f.name}.").items()}
 
 
+def _recorded(cfg: Config) -> dict:
+    """_flat(cfg), plus a digest of lora.init_path's files: INPO rereads that adapter as pi_0 each round."""
+    out, d = _flat(cfg), cfg.lora.init_path
+    if d:
+        h = hashlib.sha256()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # (a missing one: loading says so)
+            if os.path.isfile(os.path.join(d, name)):
+                with open(os.path.join(d, name), "rb") as f:
+                    h.update(f.read())
+        out["lora.init_path (its files' sha256)"] = h.hexdigest()[:16]
+    return out
+
+
 def _dated(cfg: Config, date: str) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template_date=cfg.data.template_date or date))
 
@@ -50,7 +63,7 @@ def write_start(cfg: Config, workdir: str, resume: bool):
     path = os.path.join(workdir, "start.json")
     if not (resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt"))):
         today = datetime.date.today().isoformat()
-        ckpt_lib.save_json(path, {"date": today, "config": _flat(_dated(cfg, today))})
+        ckpt_lib.save_json(path, {"date": today, "config": _recorded(_dated(cfg, today))})
 
 
 def check_start(cfg: Config, workdir: str, echo) -> Config:
@@ -58,7 +71,7 @@ def check_start(cfg: Config, workdir: str, echo) -> Config:
     MAY_CHANGE since then (the fields listed, old -> new); changes inside it are echoed."""
     first = ckpt_lib.load_json(os.path.join(workdir, "start.json"))
     cfg = _dated(cfg, first["date"])
-    was, now = first.get("config", {}), _flat(cfg)
+    was, now = first.get("config", {}), _recorded(cfg)
     changed = sorted(k for k in set(was) & set(now) if was[k] != now[k])  # (fields of other versions: skipped)
     say = lambda keys: "; ".join(f"{k}: {was[k]} -> {now[k]}" for k in keys)
     fixed = [k for k in changed if not k.startswith(MAY_CHANGE)]

@@ -100,3 +100,20 @@ def test_resume_refuses_data_that_tokenizes_otherwise(tmp_path):
     with pytest.raises(ConfigError, match="other token ids"):  # a held-out example moved to training
         ledger.check_data(str(tmp_path), {"train": first["train"] + first["test"], "test": []}, resume=True)
     assert json.load(open(tmp_path / "data.json"))["train"] == 2
+
+
+def test_resume_refuses_a_starting_adapter_changed_in_place(tmp_path):
+    """INPO rereads lora.init_path's adapter as pi_0 every round: a file rewritten between resumes gave
+    rounds two different pi_0s."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights 1")
+    cfg = load_config(TINY, ["lora.rank=4", f"lora.init_path={adapter}"])
+    run = tmp_path / "run"
+    ledger.write_start(cfg, str(run), resume=False)
+    (run / "config.txt").write_text("(the setup finished)")
+    ledger.check_start(cfg, str(run), lambda line: None)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights 2")
+    with pytest.raises(ConfigError, match=r"--resume: lora.init_path \(its files' sha256\): [0-9a-f]+ -> [0-9a-f]+"):
+        ledger.check_start(cfg, str(run), lambda line: None)
