@@ -113,6 +113,8 @@ class ModelConfig:
         _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
                f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
         _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
+        _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
+               f"must be >= 1 or None (full attention), got {self.sliding_window}")
         _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
         from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
         _check(self.architecture in ARCHITECTURES, "model.architecture",

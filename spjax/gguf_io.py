@@ -53,7 +53,9 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     if rotated != head_dim:
         raise CheckpointError(f"{where}: {arch}.rope.dimension_count {rotated} rotates part of each head "
                               f"(head size {head_dim}), which spjax does not implement")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    # llama.cpp stops at end-of-turn / end-of-message ids too (Llama 3 instruct GGUFs carry them).
+    stops = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = tuple(dict.fromkeys(int(i) for i in stops if i is not None))
     kw = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=n_heads,
@@ -67,7 +69,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         architecture=_ARCHS[arch],
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=stops,
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
     kw.update(overrides)

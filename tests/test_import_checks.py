@@ -36,7 +36,7 @@ def _max_diff(cfg, params, tm, ids):
     return float(np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max())
 
 
-def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None):
+def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
@@ -56,6 +56,9 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None)
         w.add_rope_scaling_factor(factor)
     if rot_dims:
         w.add_rope_dimension_count(rot_dims)
+    if eos_eot:
+        w.add_eos_token_id(eos_eot[0])
+        w.add_eot_token_id(eos_eot[1])
     named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     for i in range(c.num_hidden_layers):
@@ -98,7 +101,8 @@ def test_gguf_refuses_rope_scaling_it_cannot_read(kind, tmp_path):
 
 def test_gguf_refuses_partial_rotary(tmp_path):
     tm = _torch("LlamaConfig")
-    assert spjax.load_pretrained(_write_gguf(tmp_path / "full.gguf", tm, rot_dims=8))[0].head_dim == 8
+    cfg = spjax.load_pretrained(_write_gguf(tmp_path / "full.gguf", tm, rot_dims=8, eos_eot=(2, 9)))[0]
+    assert cfg.head_dim == 8 and cfg.eos_token_ids == (2, 9)  # eos and end-of-turn: both stop the sampler
     with pytest.raises(hf.CheckpointError, match=r"part.gguf: llama.rope.dimension_count 4 rotates part of each"):
         spjax.load_pretrained(_write_gguf(tmp_path / "part.gguf", tm, rot_dims=4))
 

@@ -31,6 +31,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ("optim.eps=-1", "optim.eps: must be > 0"),
     ("mesh.data=0", "mesh.data: must be >= 1 or -1"),
     ("mesh.fsdp=-1", "mesh: at most one axis may be -1"),  # with mesh.data=-1
+    ("model.sliding_window=0", "model.sliding_window: must be >= 1 or None"),  # every key masked before
 ])
 def test_bad_override_is_one_config_error(item, message):
     with pytest.raises(ConfigError) as e:
