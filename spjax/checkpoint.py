@@ -162,14 +162,21 @@ def _check_finite_tree(state, step):
 # Round artifacts: plain files written whole or not at all (temp file + rename).
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before checkpoint threads start:
+    os.umask(mask)  # a file another thread creates meanwhile would get mode 0666
+    return mask
+
+
+_UMASK = _umask()
+
+
 def umask_modes(path: str):
     """Give `path` (a file, or a directory and all under it) the modes a plain open()/mkdir() would:
     mkstemp/mkdtemp make them private (0600/0700), which other users or a server's uid cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
     paths = [path] + [os.path.join(root, name) for root, dirs, files in os.walk(path) for name in dirs + files]
     for p in paths:
-        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~_UMASK)
 
 
 def write_atomic(path: str, write_fn):
