@@ -224,5 +224,9 @@ def load_arrays(path: str) -> dict:
 
 
 def remove_tree(path: str):
+    """Process 0 removes `path` once every process is past reading it (all processes call this):
+    on a resume with every chunk on disk no collective paces the processes, so process 0 could
+    delete chunk files a slower one was still loading."""
+    shd.barrier("spjax-remove-" + os.path.basename(path))
     if jax.process_index() == 0 and os.path.exists(path):
         shutil.rmtree(path)

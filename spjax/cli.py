@@ -23,7 +23,7 @@ def export_main(argv=None) -> int:
     ap.add_argument("--workdir", required=True, help="the run's directory (with checkpoints/)")
     ap.add_argument("--out", default=None, help="default: WORKDIR/export")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from spjax import checkpoint as ckpt_lib, hf, rounds, saving, sharding as shd
     from spjax.config import ConfigError, load_config
 

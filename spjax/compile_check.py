@@ -2,16 +2,14 @@
 
   python -m spjax.compile_check --config configs/spin_zephyr7b_v5p.py [--topology v5p-32] [key=value ...]
 
-Compiles the pair train step (spjax.step) and the sampler's prefill + decode loop (spjax.sampler)
-for the config's mesh and prints each program's per-device memory from XLA's
-`compiled.memory_analysis()`. Nothing runs and nothing is materialised: the state, params and
-batches are ShapeDtypeStructs carrying their shardings, so a 7B config checks on a laptop.
+Compiles the pair train step and the sampler's prefill + decode loop for the config's mesh (refused
+as a run would refuse it) and prints each program's per-device memory (`memory_analysis()`). Nothing
+runs: state, params and batches are ShapeDtypeStructs with their shardings (a 7B checks on a laptop).
 
 Targets (`--topology`, else the config file's TOPOLOGY constant, else this machine's devices):
   TPU slices (v4-8, v5p-32, v5e-16, v6e-8, ... or a raw libtpu name like v5:2x2x4) compile for the
-  real chips through libtpu's topology description, as MaxText's train_compile does; no TPU is
-  needed, only `pip install "jax[tpu]"` matching the installed jax (or TPU_LIBRARY_PATH pointing at
-  a libtpu.so). Without libtpu, and for GPU targets (8xh100, h200, ...) unless this host has those
+  real chips through libtpu's topology description (as MaxText's train_compile): no TPU, only
+  `pip install "jax[tpu]"` matching jax (or TPU_LIBRARY_PATH at a libtpu.so). Without libtpu, and for GPU targets (8xh100, h200, ...) unless this host has those
   GPUs, the same programs compile for as many fake CPU devices: the mesh and shardings are the
   target's, the byte counts are the CPU compiler's (an estimate: fusion and layouts differ).
 Exit status: 0 fits, 1 does not fit (or a program failed to compile), 2 config error.
@@ -280,6 +278,8 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
                      ("run.batch_size / optim.grad_accum", cfg.run.batch_size // cfg.optim.grad_accum)):
         if n % dp:
             raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp}")
+    shd.check_sharded(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh)), mesh)
     programs = []
     # Traced under the mesh: attention_impl then picks kernels for the target's devices (splash for a
     # TPU topology compiled from a CPU host), and splash runs per shard of this mesh.
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sample", action="store_true", help="compile the train step only")
     ap.add_argument("--json", default=None, help="also write the report as JSON here")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
 
     from spjax.config import ConfigError, load_config
     try:

@@ -204,13 +204,16 @@ def _meta(ctx: Context, rs: RoundState) -> dict:
 
 
 def device_batch(ctx: Context, rows: dict, per_pair: tuple, packed: bool) -> step_lib.PairBatch:
-    """A host pair batch (this process's rows and pairs, packing.pair_rows) as global arrays split
-    over the data axes. per_pair: ([n] arrays indexed by pair id) ref_real, ref_gen, win_real, win_gen."""
+    """A global pair batch (packing.pair_rows, every process holding all of it) as global arrays split
+    over the data axes. per_pair: ([n] arrays indexed by pair id) ref_real, ref_gen, win_real, win_gen.
+
+    Every process supplies the slices its devices own (shd.put_global): a mesh's device order need not
+    follow process order (a TPU slice's topology-aware mesh interleaves hosts), and with each process
+    supplying "its" rows the pairs' reference scores would have met other pairs' log-probs."""
     ref_real, ref_gen, win_real, win_gen = (np.asarray(a, np.float32)[rows["example_id_B"]] for a in per_pair)
     host = step_lib.PairBatch(rows["tokens_RxL"], rows["segments_RxL"], rows["positions_RxL"], rows["targets_RxL"],
                               rows["seqs_RxL"], ref_real, ref_gen, win_real, win_gen, packed=packed)
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(ctx.mesh, v.ndim), v),
-                        host)
+    return jax.tree.map(lambda v: shd.put_global(v, shd.batch_sharding(ctx.mesh, v.ndim)), host)
 
 
 def _shuffle_seed(cfg: Config, t: int) -> int:
@@ -262,8 +265,7 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
     for s, (ids_G, cursor) in enumerate(batches, start=rs.step):
         n_rows, length = shape_of(ids_G)
         host = packing.pair_rows(examples, ids_G, rows=n_rows, row_len=length, grad_accum=cfg.optim.grad_accum,
-                                 packed=packed, pad_id=ctx.pad_id, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 packed=packed, pad_id=ctx.pad_id)  # the whole global batch
         state, m = train_step(state, device_batch(ctx, host, per_pair, packed))
         if cfg.optim.nonfinite == "raise" and not bool(shd.to_host(m["finite"])):  # the update was dropped:
             if rs.global_step not in ctx.checkpointer.steps():  # keep this state, the one before the step

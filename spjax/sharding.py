@@ -164,8 +164,8 @@ def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM):
         if x.size >= min_size and all(s is None for s in x.sharding.spec):
             bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
     if bad:
-        raise ValueError(f"params left unsharded on mesh {dict(mesh.shape)}: {', '.join(bad)}; "
-                         "choose fsdp/tensor sizes that divide the model's dims")
+        raise ConfigError(f"mesh: params left unsharded on mesh {dict(mesh.shape)}: {', '.join(bad)}; "
+                          "choose fsdp/tensor sizes that divide the model's dims")
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -23,7 +23,7 @@ def parse(argv=None):
                                                    "(default: runs/<config name>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def _compile_cache():

@@ -50,3 +50,10 @@ def test_bad_config_files_are_one_line(tmp_path):
     spin = os.path.join(os.path.dirname(TINY), "spin_zephyr7b_v5p.py")
     with pytest.raises(ConfigError, match=r"spin_zephyr7b_v5p.py: get_config\('iter9'\): stage 'iter9'"):
         load_config(spin + ":iter9")
+
+
+def test_overrides_may_follow_the_flags():
+    """`--resume mesh.fsdp=8` was 'unrecognized arguments' (argparse stops a positional list at a flag)."""
+    from spjax import train
+    args = train.parse(["--config", TINY, "a.b=1", "--resume", "mesh.data=1", "mesh.fsdp=8"])
+    assert args.resume and args.overrides == ["a.b=1", "mesh.data=1", "mesh.fsdp=8"]

@@ -258,6 +258,47 @@ def _train_two_processes(workdir, *args, tfds_dir=None):
     return outs[0][0]
 
 
+_INTERLEAVED = """
+import types
+import jax, numpy as np
+from spjax import rounds, sharding as shd
+shd.init_distributed()
+# A TPU slice's topology-aware mesh can interleave hosts along the batch axes (v5p-32, fsdp=16:
+# processes 0,1,2,3,0,1,...); here: process 0's and 1's devices alternate.
+devs = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))
+mesh = jax.sharding.Mesh(np.asarray(devs).reshape(8, 1, 1), shd.AXES)
+rng = np.random.default_rng(0)
+rows = {k: rng.integers(0, 100, (16, 8)).astype(np.int32)
+        for k in ("tokens_RxL", "segments_RxL", "positions_RxL", "targets_RxL", "seqs_RxL")}
+rows["example_id_B"] = rng.permutation(8).astype(np.int32)
+per_pair = tuple(rng.normal(size=8).astype(np.float32) for _ in range(4))
+batch = rounds.device_batch(types.SimpleNamespace(mesh=mesh), rows, per_pair, packed=True)
+assert np.array_equal(shd.to_host(batch.tokens_RxL), rows["tokens_RxL"])
+assert np.array_equal(shd.to_host(batch.ref_real_B), per_pair[0][rows["example_id_B"]])
+print("same global batch")
+"""
+
+
+def test_device_batch_is_the_global_batch_on_a_mesh_that_interleaves_hosts():
+    """Each process used to supply rows [p * share, (p + 1) * share), which land where its devices sit in
+    the mesh: with hosts interleaved (a TPU slice's mesh), pairs' reference scores met other pairs'
+    log-probs. Now every process holds the whole batch and supplies the slices its devices own."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _INTERLEAVED], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                                       SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2",
+                                       SPJAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "same global batch" in out, err[-3000:]
+
+
 def _assert_exports_close(got_dir, want_dir):
     """The export of a 2-process run against the same run's on one process."""
     from safetensors.numpy import load_file
