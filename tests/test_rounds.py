@@ -240,22 +240,27 @@ def _free_port():
 
 def _train_two_processes(workdir, *args, tfds_dir=None):
     """2 local processes x 4 CPU devices (gloo collectives) standing in for 2 hosts: process 0's stdout."""
-    port = _free_port()
     cmd = [sys.executable, "-m", "spjax.train", "--config", TINY, "--workdir", str(workdir), *args,
            f"data.tfds_dir={tfds_dir}"]
+    return _two_processes(cmd)[0]
+
+
+def _two_processes(cmd, timeout=600) -> list:
+    """Run `cmd` as 2 processes x 4 CPU devices meeting through jax.distributed: their stdouts."""
+    port = _free_port()
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                                        SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2",
                                        SPJAX_PROCESS_ID=str(i)))
              for i in range(2)]
     try:
-        outs = [p.communicate(timeout=600) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:  # one process failing leaves the other waiting in a collective: never leave it running
         for p in procs:
             p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    return outs[0][0]
+    return [out for out, _ in outs]
 
 
 _INTERLEAVED = """
@@ -283,20 +288,7 @@ def test_device_batch_is_the_global_batch_on_a_mesh_that_interleaves_hosts():
     """Each process used to supply rows [p * share, (p + 1) * share), which land where its devices sit in
     the mesh: with hosts interleaved (a TPU slice's mesh), pairs' reference scores met other pairs'
     log-probs. Now every process holds the whole batch and supplies the slices its devices own."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _INTERLEAVED], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                                       SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2",
-                                       SPJAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0 and "same global batch" in out, err[-3000:]
+    assert all("same global batch" in out for out in _two_processes([sys.executable, "-c", _INTERLEAVED], 300))
 
 
 def _assert_exports_close(got_dir, want_dir):
