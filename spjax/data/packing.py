@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spjax.data.batching import bucket_for, host_rows
+from spjax.data.batching import bucket_for
 
 def first_fit(lengths: Sequence[int], row_len: int) -> list:
     """Sequence indices per row: longest first, each into the first row with room (first-fit decreasing)."""
@@ -112,12 +112,13 @@ def shape_rule(examples, round_ids: Sequence[np.ndarray], *, buckets: Sequence[i
 
 
 def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accum: int, packed: bool,
-              pad_id: int, process_index: int = 0, process_count: int = 1) -> dict:
-    """This host's rows of the global batch `ids_G` (-1: a padding pair, nothing scored).
+              pad_id: int) -> dict:
+    """The rows of the global batch `ids_G` (-1: a padding pair, nothing scored), every process the
+    whole batch (spjax.rounds.device_batch places each device's slices).
 
-    Returns {example_id_B (this host's pairs), tokens_RxL, segments_RxL, positions_RxL, targets_RxL,
-    seqs_RxL} (int32), R = this host's share of grad_accum * rows. targets_RxL marks the response
-    tokens whose log-probs count (a segment's first token never: it has no context).
+    Returns {example_id_B, tokens_RxL, segments_RxL, positions_RxL, targets_RxL, seqs_RxL} (int32),
+    R = grad_accum * rows. targets_RxL marks the response tokens whose log-probs count (a segment's
+    first token never: it has no context).
     """
     A = grad_accum
     out = _empty_rows(A * rows, row_len, pad_id)
@@ -128,10 +129,7 @@ def pair_rows(examples, ids_G: np.ndarray, *, rows: int, row_len: int, grad_accu
                              f"the batch shape has {rows}")
         for r, members in enumerate(layout):
             _place(out, r * A + a, [micro[s] for s in members])
-    pairs, share = host_rows(len(ids_G), process_index, process_count), host_rows(A * rows, process_index,
-                                                                                    process_count)
-    ids = np.asarray([examples[i].id if i >= 0 else -1 for i in ids_G], np.int32)
-    return {"example_id_B": ids[pairs], **{k: v[share] for k, v in out.items()}}
+    return {"example_id_B": np.asarray([examples[i].id if i >= 0 else -1 for i in ids_G], np.int32), **out}
 
 
 def side_rows(examples, which: str, *, max_rows: int, row_len: int, quantum: int, pad_id: int,
