@@ -194,9 +194,8 @@ def model_config(cfg):
     path = cfg.model_path
     if path and os.path.exists(path):
         if path.endswith(".gguf"):
-            import gguf
             from spjax import gguf_io
-            return gguf_io.config_from_gguf(gguf.GGUFReader(path), path, **cfg.model_overrides())
+            return gguf_io.config_from_gguf(gguf_io.read(path), path, **cfg.model_overrides())
         from spjax import hf
         where = os.path.join(path, "config.json")
         return hf.config_from_hf(hf._read_json(where), where, **cfg.model_overrides())

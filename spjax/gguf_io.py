@@ -6,6 +6,7 @@ module undoes that, so the result matches the original HF checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -20,6 +21,25 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's rotary row interleave on a [n_heads * Dh, ...] weight or bias."""
     rest = w.shape[1:]
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def read(path: str):
+    """The file's gguf.GGUFReader, parsed once: parsing the metadata of a 49k-token vocabulary takes
+    ~6 s, and a run reads the same file for its tokenizer and for its weights. Keyed by modification
+    time and size, so a rewritten file is parsed again."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    stat = os.stat(path)
+    try:
+        return _parsed(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path, mtime_ns, size):
+    import gguf
+    return gguf.GGUFReader(path)  # memory-maps the file: tensors are read when dequantized
 
 
 def _field(reader, key, default=None):
@@ -97,12 +117,7 @@ def load_gguf(path: str, mesh=None, **overrides):
     """(cfg, params) from a .gguf file; tensors dequantized to float32, then cast to param_dtype."""
     import gguf
 
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = read(path)
     cfg = config_from_gguf(reader, path, **overrides)
     tensors = {t.name: t for t in reader.tensors}
     permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch

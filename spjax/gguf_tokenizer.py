@@ -100,14 +100,11 @@ def _post_processor(front, back):
 
 def tokenizer_from_gguf(path: str):
     """A transformers PreTrainedTokenizerFast for the tokenizer a .gguf file describes."""
-    import gguf
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    from spjax import gguf_io
+    reader = gguf_io.read(path)
     model = _meta(reader, "tokenizer.ggml.model")
     tokens = _meta(reader, "tokenizer.ggml.tokens")
     if tokens is None or model is None:

@@ -206,9 +206,8 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
     """The ModelConfig of a HF directory or a .gguf file, without reading its weights."""
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        import gguf
         from spjax import gguf_io
-        return gguf_io.config_from_gguf(gguf.GGUFReader(path), path, **overrides)
+        return gguf_io.config_from_gguf(gguf_io.read(path), path, **overrides)
     where = os.path.join(path, "config.json")
     return config_from_hf(_with_generation_eos(_read_json(where), path), where, **overrides)
 

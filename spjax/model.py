@@ -30,10 +30,6 @@ from spjax.config import ModelConfig
 from spjax.quant import QMAX
 
 
-def _dtype(name):
-    return jnp.dtype(name)
-
-
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """[Dh/2] inverse frequencies, computed in float32 like transformers (incl. llama3 scaling)."""
     dh = cfg.head_dim
@@ -94,7 +90,7 @@ def _project(module, name: str, eq: str, x, shape, axes):
     rewritten and its gradient is never formed: the train step differentiates the adapters only.
     """
     cfg = module.cfg
-    pdt, cdt = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+    pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
     x_spec, w_spec = eq.split("->")[0].split(",")
     n_in = sum(c in x_spec for c in w_spec)
     kind = cfg.base_quant
@@ -148,7 +144,7 @@ class Block(nn.Module):
         x_BxLxD, cache = carry
         cfg = self.cfg
         D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        pdt, cdt = _dtype(cfg.param_dtype), _dtype(cfg.compute_dtype)
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         B, L, _ = x_BxLxD.shape
         W = mask_BxLxW.shape[-1]
         ones = nn.initializers.ones
@@ -229,7 +225,7 @@ class Decoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.attention)
-        pdt = _dtype(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         self.embed = self.param("embed", nn.with_logical_partitioning(_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), pdt)
         self.final_norm = self.param("final_norm", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
@@ -246,7 +242,7 @@ class Decoder(nn.Module):
         only within their segment.
         """
         cfg = self.cfg
-        cdt = _dtype(cfg.compute_dtype)
+        cdt = jnp.dtype(cfg.compute_dtype)
         B, L = tokens_BxL.shape
         S = kv_mask_BxS.shape[1]
         if cache is not None:
@@ -302,15 +298,20 @@ def init_params(cfg: ModelConfig, key) -> dict:
     return nn.unbox(Decoder(cfg).init(key, *_dummy_inputs(cfg))["params"])
 
 
+@functools.lru_cache(maxsize=8)
+def _boxed_shapes(cfg: ModelConfig):
+    # One trace of the whole model's init per config: a run asks for shapes and axes ~30 times.
+    return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), *_dummy_inputs(cfg)))["params"]
+
+
 def param_logical_axes(cfg: ModelConfig):
     """The params tree with a PartitionSpec of logical axis names at each leaf."""
-    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), *_dummy_inputs(cfg)))["params"]
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_boxed_shapes(cfg))
 
 
 def param_shapes(cfg: ModelConfig):
     """The params tree of jax.ShapeDtypeStruct."""
-    return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    return nn.meta.map_axis_meta(lambda box: box.value, _boxed_shapes(cfg))
 
 
 def cast_params(cfg: ModelConfig, params):
@@ -319,7 +320,7 @@ def cast_params(cfg: ModelConfig, params):
     A loop that reuses the weights many times (the sampler's decode) then reads half the bytes of
     fp32 master params instead of converting them again on every step. Results are bit-identical.
     """
-    cdt = _dtype(cfg.compute_dtype)
+    cdt = jnp.dtype(cfg.compute_dtype)
     return jax.tree.map(lambda p: p.astype(cdt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
@@ -385,7 +386,7 @@ def unembed(cfg: ModelConfig, params, hidden_BxLxD):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """A zeroed KV cache {'k','v': [N, B, K, S, Dh]} in the compute dtype."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    dtype = dtype or _dtype(cfg.compute_dtype)
+    dtype = dtype or jnp.dtype(cfg.compute_dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

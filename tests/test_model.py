@@ -130,7 +130,7 @@ def test_cpu_mlp_backward_matches_autodiff(monkeypatch):
     def created():
         names, param = [], model._param
         monkeypatch.setattr(model, "_param", lambda m, name, *a: names.append(name) or param(m, name, *a))
-        model.param_shapes(cfg)
+        jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))  # a fresh trace (param_shapes caches)
         monkeypatch.setattr(model, "_param", param)
         return names
 
