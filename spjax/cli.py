@@ -24,13 +24,15 @@ def export_main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: WORKDIR/export")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = ap.parse_intermixed_args(argv)
-    from spjax import checkpoint as ckpt_lib, hf, rounds, saving, sharding as shd
+    from spjax import checkpoint as ckpt_lib, hf, ledger, rounds, saving, sharding as shd
     from spjax.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
         if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
             raise ConfigError(f"--workdir {args.workdir}: no checkpoints/ (not a spjax run?)")
+        if os.path.exists(os.path.join(args.workdir, "start.json")):  # the run as it ran: lora.alpha, the model...
+            cfg = ledger.check_start(cfg, args.workdir, print, resume=False)
         mesh = shd.make_mesh(cfg.mesh)
         if cfg.model_path:  # the structure only: the weights come from the checkpoint
             model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())

@@ -162,6 +162,8 @@ class ObjectiveConfig:
         _check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
         _check(self.c > 0, "objective.c", f"must be > 0, got {self.c}")
         _check(self.nll_weight >= 0, "objective.nll_weight", f"must be >= 0, got {self.nll_weight}")
+        _check(not self.nll_weight or self.name != "sft", "objective.nll_weight",
+               "sft's loss is the NLL alone; nll_weight adds an NLL term to a pair objective")
         _check(0 <= self.tau <= self.beta or self.name != "inpo", "objective.tau",
                f"INPO needs 0 <= tau <= eta (= objective.beta = {self.beta}), got {self.tau}")
 
@@ -353,6 +355,8 @@ class Config:
         _check(self.remat in REMAT, "remat", f"{self.remat!r} not in {REMAT}")
         _check(self.attention in ATTENTION, "attention", f"{self.attention!r} not in {ATTENTION}")
         # Each sub-config validates itself; here only what spans two of them.
+        _check(self.run.reference == "opponent" or self.objective.name != "inpo", "run.reference",
+               "'initial' with objective.name=inpo: INPO's reference mixes pi_0 and pi_t itself (objective.tau)")
         _check(self.run.batch_size % self.optim.grad_accum == 0, "run.batch_size",
                f"{self.run.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
         for k, v in (self.model_overrides().items() if self.model is not None else ()):  # they replace model's

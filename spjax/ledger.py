@@ -41,8 +41,12 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def _recorded(cfg: Config) -> dict:
-    """_flat(cfg), plus a digest of lora.init_path's files: INPO rereads that adapter as pi_0 each round."""
+    """_flat(cfg), plus the model that model_path holds (the path may move; the model may not change:
+    a resume reads its structure there) and a digest of lora.init_path's files (INPO rereads that
+    adapter as pi_0 each round)."""
     out, d = _flat(cfg), cfg.lora.init_path
+    if cfg.model_path and os.path.exists(cfg.model_path):  # (a missing one: loading says so)
+        out.update(_flat(hf.load_model_config(cfg.model_path), "model at model_path."))
     if d:
         h = hashlib.sha256()
         for name in ("adapter_config.json", "adapter_model.safetensors"):  # (a missing one: loading says so)
@@ -66,7 +70,7 @@ def write_start(cfg: Config, workdir: str, resume: bool):
         ckpt_lib.save_json(path, {"date": today, "config": _recorded(_dated(cfg, today))})
 
 
-def check_start(cfg: Config, workdir: str, echo) -> Config:
+def check_start(cfg: Config, workdir: str, echo, resume: bool = True) -> Config:
     """`cfg` with data.template_date the first start's; ConfigError if it changes a field outside
     MAY_CHANGE since then (the fields listed, old -> new); changes inside it are echoed."""
     first = ckpt_lib.load_json(os.path.join(workdir, "start.json"))
@@ -76,11 +80,11 @@ def check_start(cfg: Config, workdir: str, echo) -> Config:
     say = lambda keys: "; ".join(f"{k}: {was[k]} -> {now[k]}" for k in keys)
     fixed = [k for k in changed if not k.startswith(MAY_CHANGE)]
     if fixed:
-        raise ConfigError(f"--resume: {say(fixed)}: these shape the run {workdir} holds (its data, samples, "
-                          "pairs, objective, optimizer or batches); resume with the values it started with, "
-                          "or start a new workdir")
+        raise ConfigError(f"{'--resume: ' if resume else ''}{say(fixed)}: these shape the run {workdir} holds (its "
+                          "model, data, samples, pairs, objective, optimizer or batches); use the values it started "
+                          "with" + (", or start a new workdir" if resume else ""))
     if changed:
-        echo(f"resuming with changed settings: {say(changed)}")
+        echo(f"{'resuming' if resume else 'exporting'} with changed settings: {say(changed)}")
     return cfg
 
 
@@ -136,7 +140,7 @@ def record_round(ctx, t: int, params, summary: dict) -> bool:
     return stop_here(ctx, summary, t)
 
 
-def _keep_best(ctx, last: int, t: int, value: float):
+def _keep_best(ctx, last: int, t: int, value: float, initial):
     """Process 0: best/ (a round kept since the export was last made, if any) becomes the export."""
     best, export = os.path.join(ctx.workdir, "best"), os.path.join(ctx.workdir, "export")
     if os.path.isdir(best):
@@ -148,8 +152,13 @@ def _keep_best(ctx, last: int, t: int, value: float):
         shutil.rmtree(old, ignore_errors=True)
     elif not os.path.isdir(export):
         raise hf.CheckpointError(f"{best}: missing, and no {export} holds round {t}'s model (run.keep_best)")
-    ctx.echo(f"kept round {t}: held-out {ctx.cfg.run.keep_best} {value:.4g}, the best of rounds 0-{last} "
-             f"(run.keep_best={ctx.cfg.run.keep_best}); exported it to {export}")
+    metric = ctx.cfg.run.keep_best
+    ctx.echo(f"kept round {t}: held-out {metric} {value:.4g}, the best of rounds 0-{last} "
+             f"(run.keep_best={metric}); exported it to {export}")
+    sign = 1.0 if METRIC_GOALS[metric] == "min" else -1.0
+    if isinstance(initial, (int, float)) and sign * initial < sign * value:
+        ctx.echo(f"note: the initial model's held-out {metric}, {initial:.4g}, is better than every round's: "
+                 "self-play did not improve it by this metric (the initial model is not exported)")
 
 
 def finish(ctx, params, summary: dict):
@@ -158,7 +167,8 @@ def finish(ctx, params, summary: dict):
     r = ctx.cfg.run
     if r.export and r.keep_best:  # a file move: process 0's alone
         if jax.process_index() == 0:
-            _keep_best(ctx, len(summary) - 2, *metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best]))
+            _keep_best(ctx, len(summary) - 2, *metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best]),
+                       summary["initial"].get(r.keep_best))
     elif r.export:  # every process: the export gathers sharded params
         out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer,
                                  replace_any=True)

@@ -101,4 +101,9 @@ def load(path: str, overrides=()) -> Config:
             raise ConfigError(f"{item}: overrides are key=value")
         key, value = item.split("=", 1)
         cfg = override(cfg, key.strip(), value)
+    shaped = [k for k in (item.split("=", 1)[0].strip() for item in overrides) if k.startswith("model.")]
+    if shaped and cfg.model_path and os.path.exists(cfg.model_path):  # else it would be ignored, silently
+        raise ConfigError(f"{shaped[0]}: the model is read from model_path={cfg.model_path}; `model` shapes a "
+                          "random init only (model_path empty). For a loaded model set param_dtype, "
+                          "compute_dtype, remat, attention, lora.* or base_quant (top level)")
     return cfg

@@ -12,6 +12,7 @@ where the pairs come from from the pair-source table: the driver branches on nei
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import time
@@ -96,8 +97,15 @@ def check_config(cfg: Config, n_devices: int):
     if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
         raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
                           f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
-    if cfg.model_path and not os.path.exists(cfg.model_path):
-        raise ConfigError(f"model_path: {cfg.model_path} does not exist")
+    kind, _, arg = cfg.judge.name.partition(":")
+    for field, path in (("model_path", cfg.model_path), ("lora.init_path", cfg.lora.init_path),
+                        ("judge.name", arg if kind == "reward_model" else "")):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{field}: {path} does not exist")
+    module = arg.split(":")[0] if kind == "python" else ""
+    if module and importlib.util.find_spec(module.split(".")[0]) is None:  # (the whole name: an import)
+        raise ConfigError(f"judge.name: no module {module.split('.')[0]!r} on the import path (sys.path): "
+                          "set PYTHONPATH to its folder")
     tok = cfg.tokenizer_path or cfg.model_path
     if not tok:
         raise ConfigError("tokenizer_path: a random model needs a tokenizer (a path, or 'bytes')")
@@ -137,6 +145,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                               "(set data.eval_frac > 0 or data.eval_path)")
         echo("note: no held-out examples (data.eval_frac=0, no data.eval_path): rounds log training metrics only")
     source = pairs_lib.resolve(cfg, prepared.train)
+    if source != "judged" and len(prepared.train) < cfg.run.batch_size:  # one pair per example at most
+        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {len(prepared.train)} training "
+                          "examples: no training step would run (lower it, or add data)")
     what = {"data": "the real response vs each record's rejected response",
             "sampled": "the real response vs the opponent's own sample",
             "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
@@ -164,7 +175,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     held = prepared.test[:cfg.run.eval_examples] if cfg.run.eval_examples else prepared.test
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                   train=prepared.train, held=held, eos_ids=tuple(sorted(eos)),
-                  pad_id=_pad_id(tokenizer, model_cfg), buckets=prepared.buckets,
+                  pad_id=data_lib.pad_token_id(tokenizer, model_cfg), buckets=prepared.buckets,
                   writer=metrics_lib.MetricWriter(workdir),
                   checkpointer=ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                      keep=cfg.run.keep_checkpoints,
@@ -173,17 +184,6 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                   initial_params=lambda: load_initial(cfg, mesh)[1], base_sums=saving.base_sums(model_cfg, params),
                   echo=echo, fault=fault or (lambda point: None))
     return ctx, params
-
-
-def _pad_id(tokenizer, model_cfg) -> int:
-    """The tokenizer's pad id (spjax.data.pad_token_id) if the model embeds it. Pads are masked
-    everywhere, but an id past the embedding (an added <pad> it was never resized for) reads NaN
-    there, which 0 * NaN carries into every real position: then an EOS id, or 0, pads instead."""
-    from spjax import data as data_lib
-    pad = int(data_lib.pad_token_id(tokenizer))
-    if 0 <= pad < model_cfg.vocab_size:
-        return pad
-    return next((i for i in model_cfg.eos_token_ids if 0 <= i < model_cfg.vocab_size), 0)
 
 
 def load_initial(cfg: Config, mesh) -> tuple:

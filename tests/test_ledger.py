@@ -71,17 +71,19 @@ def test_keep_best_export_is_never_lost(tmp_path):
     ctx, said = _ctx(tmp_path)
     export, best = tmp_path / "export", tmp_path / "best"
     _model_dir(best, "round 0")
-    ledger._keep_best(ctx, 1, 0, 1.5)
+    ledger._keep_best(ctx, 1, 0, 1.5, 2.0)
     assert (export / "model.safetensors").read_text() == "round 0" and not best.exists()
-    ledger._keep_best(ctx, 3, 0, 1.5)  # resumed after the finish, or rounds 2-3 were no better
+    ledger._keep_best(ctx, 3, 0, 1.5, 2.0)  # resumed after the finish, or rounds 2-3 were no better
     assert (export / "model.safetensors").read_text() == "round 0"
     _model_dir(best, "round 4")  # a later round is better: it replaces the export
-    ledger._keep_best(ctx, 4, 4, 1.4)
+    ledger._keep_best(ctx, 4, 4, 1.4, 2.0)
     assert (export / "model.safetensors").read_text() == "round 4" and sorted(os.listdir(tmp_path)) == ["export"]
     assert said[-1].startswith("kept round 4: held-out nll 1.4, the best of rounds 0-4")
+    ledger._keep_best(ctx, 4, 4, 1.4, 1.3)  # no round beat the initial model: said, as it is not exported
+    assert said[-1].startswith("note: the initial model's held-out nll, 1.3, is better than every round's")
     os.rename(export, tmp_path / "elsewhere")
     with pytest.raises(Exception, match="best: missing, and no .*export holds round 4's model"):
-        ledger._keep_best(ctx, 4, 4, 1.4)
+        ledger._keep_best(ctx, 4, 4, 1.4, 2.0)
 
 
 def test_resume_refuses_data_that_tokenizes_otherwise(tmp_path):
@@ -117,3 +119,27 @@ def test_resume_refuses_a_starting_adapter_changed_in_place(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights 2")
     with pytest.raises(ConfigError, match=r"--resume: lora.init_path \(its files' sha256\): [0-9a-f]+ -> [0-9a-f]+"):
         ledger.check_start(cfg, str(run), lambda line: None)
+
+
+def test_the_model_at_model_path_may_move_but_not_change(tmp_path):
+    """model_path may change on a resume (the files moved); the model there may not: a same-shaped
+    Mistral in place of a Llama resumed, then exported a Mistral with a window the run never had."""
+    import shutil
+    from transformers import LlamaConfig, MistralConfig
+    shape = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    LlamaConfig(**shape).save_pretrained(tmp_path / "llama")
+    shutil.copytree(tmp_path / "llama", tmp_path / "moved")
+    MistralConfig(**shape, sliding_window=16).save_pretrained(tmp_path / "mistral")
+    work = tmp_path / "run"
+    ledger.write_start(load_config(TINY, [f"model_path={tmp_path / 'llama'}"]), str(work), resume=False)
+    (work / "config.txt").write_text("(the setup finished)")
+    said = []
+    ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'moved'}"]), str(work), said.append)
+    assert len(said) == 1 and said[0].startswith("resuming with changed settings: model_path:")
+    with pytest.raises(ConfigError, match=r"--resume: model at model_path.architecture: 'llama' -> 'mistral'"):
+        ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'mistral'}"]), str(work), said.append)
+    # spjax export rebuilds the run as it ran: a changed lora.alpha merged other weights, without a word
+    with pytest.raises(ConfigError, match=r"^lora.alpha: 16.0 -> 8.0: these shape the run"):
+        ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'moved'}", "lora.alpha=8"]), str(work),
+                           said.append, resume=False)

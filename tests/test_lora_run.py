@@ -2,6 +2,7 @@
 only, a resume from either kind of checkpoint (a round's end, mid-round) joins them with the run's
 base and finishes bitwise equal, `spjax export` does the same, and a different base is refused."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -66,8 +67,14 @@ def test_export_joins_the_base_and_refuses_another(lora_run, tmp_path, capsys):
     assert cli.main(["export", "--config", TINY, "--workdir", str(lora_run), "--out", str(out), LORA]) == 0
     with open(out / "model.safetensors", "rb") as f:
         assert f.read() == _export_bytes(lora_run)
-    # Another seed draws another random base: the adapters were not trained on it.
+    # Another seed draws another random base: the adapters were not trained on it. The run's start.json
+    # says so first; without it (e.g. another base at the same model_path), the base's checksums do.
+    capsys.readouterr()
     assert cli.main(["export", "--config", TINY, "--workdir", str(lora_run), "--out", str(tmp_path / "x"),
+                     LORA, "run.seed=7"]) == 2
+    assert "spjax export: run.seed: 0 -> 7: these shape the run" in capsys.readouterr().err
+    shutil.copytree(lora_run, tmp_path / "run", ignore=shutil.ignore_patterns("start.json", "rounds", "export"))
+    assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "x"),
                      LORA, "run.seed=7"]) == 2
     assert "base weights differ" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")

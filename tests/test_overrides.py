@@ -57,3 +57,34 @@ def test_overrides_may_follow_the_flags():
     from spjax import train
     args = train.parse(["--config", TINY, "a.b=1", "--resume", "mesh.data=1", "mesh.fsdp=8"])
     assert args.resume and args.overrides == ["a.b=1", "mesh.data=1", "mesh.fsdp=8"]
+
+
+@pytest.mark.parametrize("items,message", [
+    (["run.pairs=data", "run.reference=initial", "objective.name=inpo"],  # before: INPO without its pi_t half
+     "run.reference: 'initial' with objective.name=inpo"),
+    (["objective.name=sft", "objective.nll_weight=0.5"], "objective.nll_weight: sft's loss is the NLL alone"),
+])
+def test_combinations_that_would_train_something_else_are_refused(items, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, items)
+
+
+def test_model_fields_are_refused_while_model_path_holds_the_model(tmp_path):
+    """`model.*` shapes a random init: with a model at model_path it was ignored without a word."""
+    with pytest.raises(ConfigError, match=r"model.num_layers: the model is read from model_path="):
+        load_config(TINY, [f"model_path={tmp_path}", "model.num_layers=7"])
+    load_config(TINY, ["model.num_layers=3"])  # a random init: its shape
+    load_config(TINY, ["model_path=/not/on/this/machine", "model.num_layers=3"])  # compile-check's stand-in
+
+
+@pytest.mark.parametrize("items,message", [
+    (["lora.rank=4", "lora.init_path=/nonexistent/adapter"], "lora.init_path: /nonexistent/adapter does not exist"),
+    (["sampling.num_samples=2", "judge.name=reward_model:/nonexistent/rm"], "judge.name: /nonexistent/rm does not"),
+    (["sampling.num_samples=2", "judge.name=python:no_such_judge_module:score"],
+     "judge.name: no module 'no_such_judge_module' on the import path"),
+])
+def test_paths_and_judge_modules_are_checked_before_any_data_or_model_loads(items, message):
+    """Before: these failed after data preparation and model loading, one without naming its field."""
+    from spjax import rounds
+    with pytest.raises(ConfigError, match=message):
+        rounds.check_config(load_config(TINY, items), 8)

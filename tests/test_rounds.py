@@ -95,33 +95,24 @@ def test_export_loads_in_transformers_with_same_logits(reference_run):
     assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids, jnp.int32))) - ref).max() <= 1e-4
 
 
-def test_sigkill_at_four_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
-    """One run killed four times (each kill during the previous resume), then finished."""
+def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
+    """One run killed five times (each kill during the previous resume), then finished."""
     ref_dir, _ = reference_run
     work = tmp_path / "run"
     # (where the run dies, counted from its own start): after round 0's final checkpoint, before its
     # row (the resume evaluates round 0 first); round 1's sampling after the first chunk is on disk;
-    # scoring with the real responses scored and the generated ones not yet; training at step 3
-    # (the step-2 checkpoint is the latest).
-    for k, kill_at in enumerate(["evaluate:1", "sample:1", "score:1", "train:3"]):
-        killed = _train(work, *(["--resume"] if k else []), kill_at=kill_at, tfds_dir=tfds_dir)
+    # scoring with the real responses scored and the generated ones not yet; while round 1's step-2
+    # save is in flight (async); training at step 3 (the step-2 checkpoint, written again, is the latest).
+    for k, (kill_at, *args) in enumerate([("evaluate:1",), ("sample:1",), ("score:1",),
+                                          ("checkpoint:1", "run.async_checkpoint=true"), ("train:3",)]):
+        killed = _train(work, *(["--resume"] if k else []), *args, kill_at=kill_at, tfds_dir=tfds_dir)
         assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
         assert not os.path.exists(work / "export")
+        if kill_at == "train:3":  # the in-flight save never committed: this resume began the round's training
+            assert "resumed at round 1, phase sample, step 0" in killed.stdout, killed.stdout[-2000:]
     resumed = _train(work, "--resume", tfds_dir=tfds_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at round 1, phase train, step 2" in resumed.stdout
-    _assert_same_run(work, ref_dir)
-
-
-def test_sigkill_during_async_checkpoint_write_then_resume(reference_run, tfds_dir, tmp_path):
-    ref_dir, _ = reference_run
-    work = tmp_path / "run"
-    # Round 1, killed while its step-2 save is in flight (round 0's step-2 save is the first).
-    killed = _train(work, "run.async_checkpoint=true", kill_at="checkpoint:2", tfds_dir=tfds_dir)
-    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
-    resumed = _train(work, "--resume", "run.async_checkpoint=true", tfds_dir=tfds_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at round" in resumed.stdout
     _assert_same_run(work, ref_dir)
 
 
@@ -201,6 +192,17 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message
     err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
     assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_fewer_training_examples_than_one_batch_is_one_line(tmp_path, capsys, tfds_dir):
+    """Before: the run sampled and scored every round, trained nothing, and exported the initial model."""
+    from spjax import train
+    argv = ["--config", TINY, "--workdir", str(tmp_path / "w"), "data.max_examples=8", f"data.tfds_dir={tfds_dir}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err  # (after the tokenization progress bars)
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "spjax: ConfigError: run.batch_size: 16 is more than the 8 training examples: no training step would run "
+        "(lower it, or add data)"), err
 
 
 @pytest.mark.parametrize("value", ["1s", "-1", "nan"])
@@ -514,14 +516,20 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     shutil.copytree(ref_dir, run)
     before = sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))
     capsys.readouterr()
-    for args, said in [(["model.num_layers=3"], "holds another model than the config's (params['layers']['attn_norm'] "
+    for args, said in [(["model.num_layers=3"], "model.num_layers: 2 -> 3: these shape the run"),  # start.json
+                       (["lora.rank=4"], "lora.rank: 0 -> 4: these shape the run"),
+                       (["--out", str(run)], "exists and is not a spjax export"),
+                       # a run without start.json (or another model at model_path): its checkpoints say so
+                       (["model.num_layers=3"], "holds another model than the config's (params['layers']['attn_norm'] "
                                                "has shape (2, 64), the config's model (3, 64))"),
-                       (["lora.rank=4"], "no LoRA adapters, the config's model has them"),
-                       (["--out", str(run)], "exists and is not a spjax export")]:
+                       (["lora.rank=4"], "no LoRA adapters, the config's model has them")]:
         assert cli.main(["export", "--config", TINY, "--workdir", str(run), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0], (args, err)
         assert (sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))) == before
+        if args[0] == "--out":
+            os.remove(run / "start.json")
+            before = sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))
 
 
 def _bytes_under(path):

@@ -354,11 +354,11 @@ def test_a_pad_id_past_the_vocabulary_is_refused_and_the_driver_picks_one_inside
     """A tokenizer's added <pad> that the embedding was never resized for read NaN embeddings at the
     pads, which 0 * NaN spread to every real token: all-zero samples with NaN log-probs, no error."""
     import types
-    from spjax import rounds
+    from spjax.data import pad_token_id
     cfg, params, prompts, _ = greedy_llama3
     with pytest.raises(ValueError, match=f"pad_id {cfg.vocab_size} is not a token of the model's vocabulary"):
         sampler.sample(cfg, params, prompts, key=0, max_new_tokens=2, temperature=0, pad_id=cfg.vocab_size)
     tok = lambda pad, eos: types.SimpleNamespace(pad_token_id=pad, eos_token_id=eos)
     eos = cfg.eos_token_ids[0]
-    assert rounds._pad_id(tok(5, eos), cfg) == 5
-    assert rounds._pad_id(tok(cfg.vocab_size, eos), cfg) == eos
+    assert pad_token_id(tok(5, eos), cfg) == 5
+    assert pad_token_id(tok(cfg.vocab_size, eos), cfg) == eos

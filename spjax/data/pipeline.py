@@ -207,11 +207,15 @@ def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None) -> Prepa
                     make_buckets(cfg.buckets, cfg.max_prompt_len))
 
 
-def pad_token_id(tokenizer) -> int:
-    """The id to pad with (masked out everywhere): the tokenizer's pad, else EOS, else 0."""
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, name, None)
-        if v is not None:
-            return int(v)
-    return 0
+def pad_token_id(tokenizer, model_cfg=None) -> int:
+    """The id to pad with (masked out everywhere): the tokenizer's pad, else EOS, else 0.
+
+    With model_cfg, one the model embeds: an id past the embedding (an added <pad> it was never
+    resized for) reads NaN there, which 0 * NaN carries into every real position; then one of the
+    model's EOS ids, or 0, pads instead."""
+    pad = next((int(v) for v in (getattr(tokenizer, n, None) for n in ("pad_token_id", "eos_token_id"))
+                if v is not None), 0)
+    if model_cfg is None or 0 <= pad < model_cfg.vocab_size:
+        return pad
+    return next((i for i in model_cfg.eos_token_ids if 0 <= i < model_cfg.vocab_size), 0)
 
