@@ -6,6 +6,7 @@ turns either into both: scores become win probabilities by Bradley-Terry (sigma(
 models and a user's scores) or by comparison (1 better, 1/2 tie, 0 worse: verifiers and similarity,
 whose scores are grades, not logits); a matrix's row means are its scores (the soft win rates).
 A matrix must be a preference (entries in [0, 1], P[i, j] + P[j, i] = 1); its diagonal is set to 1/2.
+Output that breaks these rules (a wrong shape, NaN or inf, not a preference) raises JudgeError.
 
   reward_model:PATH        a HF *ForSequenceClassification checkpoint of the Llama family (our
                            decoder plus its score head, read at the last non-pad token), on device
@@ -32,6 +33,12 @@ from spjax.config import ConfigError
 KINDS = ("reward_model", "verifier", "similarity", "python")
 VERIFIERS = ("number", "exact", "regex")
 SIMILARITIES = ("f1", "rouge_l")
+
+
+class JudgeError(ConfigError):
+    """A judge that cannot be loaded, or that returned what no judge may (a wrong shape, NaN or inf, a
+    matrix that is not a preference). A ConfigError: judge.name picked it, and spjax.train prints it as
+    one line (`spjax: JudgeError: ...`) instead of a traceback through the judge phase."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +130,57 @@ def verify(mode: str, response: str, reference: str) -> float:
 # Building a judge
 
 
-def _python(spec: str) -> Callable:
-    module, func = spec.split(":")
+def python_function(name: str) -> Callable:
+    """The function of a judge.name `python:module:function`, imported like any module: from sys.path."""
+    module, func = name.split(":")[1:]
     try:
-        f = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"judge.name: python:{spec}: cannot import it ({e})") from None
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and not (module == e.name or module.startswith(e.name + ".")):
+            # the module was found, but an import inside it failed: PYTHONPATH is not the fix
+            raise JudgeError(f"judge.name: {name}: cannot import module {module!r}: {e}") from None
+        raise JudgeError(f"judge.name: {name}: cannot import module {module!r}: no {e.name or module!r} on the "
+                         f"import path (sys.path, not the config's folder): set PYTHONPATH to the folder holding "
+                         f"{module.split('.')[0]}{'/' if '.' in module else '.py'}") from None
+    except ImportError as e:
+        raise JudgeError(f"judge.name: {name}: cannot import module {module!r}: {e}") from None
+    f = getattr(mod, func, None)
+    if not callable(f):
+        raise JudgeError(f"judge.name: {name}: cannot import it: module {module!r} "
+                         f"({getattr(mod, '__file__', None) or 'no file'}) has no function {func!r}")
+    return f
+
+
+def _python(name: str) -> Callable:
+    """A user's f(prompt, responses, reference) as a judge fn, its every return checked: K finite scores
+    or a finite K x K matrix for each prompt (JudgeError naming the prompt otherwise)."""
+    f = python_function(name)
+
+    def checked(q, K):
+        got = f(q.prompt, list(q.responses), q.reference)
+        where = f"for the prompt {q.prompt[-60:]!r}"
+        try:
+            r = np.asarray(got, np.float64)
+        except (TypeError, ValueError):
+            raise JudgeError(f"judge {name} returned {type(got).__name__} {str(got)[:60]!r} {where}: not "
+                             f"{K} numbers or a {K} x {K} matrix of them") from None
+        if r.shape not in ((K,), (K, K)):
+            raise JudgeError(f"judge {name} returned shape {r.shape} {where}, for {K} responses (shape ({K},): "
+                             f"scores; ({K}, {K}): win probabilities)")
+        bad = ~np.isfinite(r)
+        if np.any(bad):
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            at = f"sample {first[0]}" if r.ndim == 1 else f"P[{first[0]}, {first[1]}]"
+            raise JudgeError(f"judge {name} returned NaN or inf in {int(bad.sum())} of {r.size} values {where} "
+                             f"(first: {at} = {r[first]}); a judge must return finite numbers")
+        return r
 
     def fn(queries):
-        rows = [np.asarray(f(q.prompt, list(q.responses), q.reference), np.float64) for q in queries]
         K = len(queries[0].responses) if queries else 0
-        for q, r in zip(queries, rows):
-            if r.shape not in ((K,), (K, K)) or not np.all(np.isfinite(r)):
-                raise ValueError(f"judge python:{spec} returned shape {r.shape} (finite values of shape ({K},) "
-                                 f"or ({K}, {K}) expected) for the prompt {q.prompt[-60:]!r}")
+        rows = [checked(q, K) for q in queries]
+        if len({r.ndim for r in rows}) > 1:
+            raise JudgeError(f"judge {name} returned {K} scores for some prompts and a {K} x {K} matrix for others "
+                             "(return one kind)")
         return np.stack(rows) if rows else np.zeros((0, K))
     return fn
 
@@ -158,7 +202,7 @@ def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) 
         return Judge(name, functools.partial(_grades, evaluate.rouge_l if arg == "rouge_l" else evaluate.token_f1),
                      False)
     if kind == "python":
-        return Judge(name, _python(arg), True)
+        return Judge(name, _python(name), True)
     from spjax import reward_model
     rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer)
     return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True)
@@ -178,19 +222,19 @@ _PREFERENCE_ATOL = 1e-6  # P[i, j] + P[j, i] may miss 1 by float rounding, no mo
 def check_wins(name: str, wins_NxKxK: np.ndarray) -> np.ndarray:
     """The judge's win matrices with the diagonal set to 1/2 (a sample against itself ties, as in
     SPPO and Bradley-Terry), after checking they are preferences: entries in [0, 1] and
-    P[i, j] + P[j, i] = 1 off the diagonal. Raises ValueError naming the judge and the first bad row."""
+    P[i, j] + P[j, i] = 1 off the diagonal. Raises JudgeError naming the judge and the first bad row."""
     K = wins_NxKxK.shape[-1]
     off_KxK = ~np.eye(K, dtype=bool)
     outside_N = np.any(((wins_NxKxK < 0) | (wins_NxKxK > 1)) & off_KxK, axis=(1, 2))
     gap_NxKxK = np.abs(wins_NxKxK + wins_NxKxK.transpose(0, 2, 1) - 1) * off_KxK
     if np.any(outside_N):
         r = int(np.argmax(outside_N))
-        raise ValueError(f"judge {name}: {int(outside_N.sum())} win matrices have probabilities outside [0, 1] "
+        raise JudgeError(f"judge {name}: {int(outside_N.sum())} win matrices have probabilities outside [0, 1] "
                          f"(first: row {r}, min {wins_NxKxK[r][off_KxK].min():.4g}, "
                          f"max {wins_NxKxK[r][off_KxK].max():.4g})")
     if np.any(gap_NxKxK > _PREFERENCE_ATOL):
         r, i, j = np.unravel_index(int(np.argmax(gap_NxKxK)), gap_NxKxK.shape)
-        raise ValueError(f"judge {name}: win matrix of row {r} has P[{i}, {j}] + P[{j}, {i}] = "
+        raise JudgeError(f"judge {name}: win matrix of row {r} has P[{i}, {j}] + P[{j}, {i}] = "
                          f"{wins_NxKxK[r, i, j] + wins_NxKxK[r, j, i]:.6g}, not 1 (P[i, j] is P(sample i beats "
                          f"sample j)); symmetrise it, e.g. (P + 1 - P.T) / 2")
     return np.where(off_KxK, wins_NxKxK, 0.5)
@@ -201,11 +245,11 @@ def judge_all(judge: Judge, queries: list) -> tuple:
     finite (a reward model fed bad ids gives NaN, not an error); a matrix goes through check_wins."""
     out = np.asarray(judge.fn(queries), np.float64)
     if out.ndim not in (2, 3) or len(out) != len(queries):
-        raise ValueError(f"judge {judge.name}: returned shape {out.shape} for {len(queries)} prompts "
+        raise JudgeError(f"judge {judge.name}: returned shape {out.shape} for {len(queries)} prompts "
                          f"([n, K] scores or [n, K, K] win probabilities expected)")
     bad_N = ~np.all(np.isfinite(out.reshape(len(out), -1)), axis=1)
     if np.any(bad_N):
-        raise ValueError(f"judge {judge.name}: {int(bad_N.sum())} of {len(out)} rows are not finite (NaN or inf; "
+        raise JudgeError(f"judge {judge.name}: {int(bad_N.sum())} of {len(out)} rows are not finite (NaN or inf; "
                          f"first: row {int(np.argmax(bad_N))})")
     if out.ndim == 3:
         wins_NxKxK = check_wins(judge.name, out)
@@ -223,5 +267,5 @@ def win_rate(judge: Judge, prompts: list, new: list, old: list, references: list
     return float(np.mean(wins[:, 0, 1])) if len(queries) else float("nan")
 
 
-__all__ = ["KINDS", "Query", "Judge", "check_name", "final_number", "verify", "build", "win_matrix",
-           "check_wins", "judge_all", "win_rate"]
+__all__ = ["KINDS", "JudgeError", "Query", "Judge", "check_name", "python_function", "final_number", "verify",
+           "build", "win_matrix", "check_wins", "judge_all", "win_rate"]

@@ -12,7 +12,6 @@ where the pairs come from from the pair-source table: the driver branches on nei
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import time
@@ -102,10 +101,9 @@ def check_config(cfg: Config, n_devices: int):
                         ("judge.name", arg if kind == "reward_model" else "")):
         if path and not os.path.exists(path):
             raise ConfigError(f"{field}: {path} does not exist")
-    module = arg.split(":")[0] if kind == "python" else ""
-    if module and importlib.util.find_spec(module.split(".")[0]) is None:  # (the whole name: an import)
-        raise ConfigError(f"judge.name: no module {module.split('.')[0]!r} on the import path (sys.path): "
-                          "set PYTHONPATH to its folder")
+    if kind == "python":  # imported now: a missing module is one line before any data or model loads
+        from spjax import judges
+        judges.python_function(cfg.judge.name)
     tok = cfg.tokenizer_path or cfg.model_path
     if not tok:
         raise ConfigError("tokenizer_path: a random model needs a tokenizer (a path, or 'bytes')")

@@ -85,7 +85,7 @@ def test_lone_surrogate_with_tokenizer(tmp_path, capsys):
     path = write_jsonl(tmp_path / "s.jsonl", ['{"prompt": "bad \\ud83c here", "response": "x"}'])
     assert main(["validate", path, "--tokenizer", "bytes"]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        f"{path}:1: prompt: lone surrogate '\\ud83c' at character 5 (half of a UTF-16 pair)", f"1 problems in {path}"]
+        f"{path}:1: prompt: lone surrogate '\\ud83c' at character 5 (half of a UTF-16 pair)", f"1 problem in {path}"]
 
 
 def test_tokenizer_that_cannot_load_is_one_line(tmp_path, capsys):
@@ -111,8 +111,68 @@ def test_directory_is_checked_file_by_file(tmp_path, capsys):
         f"{tmp_path}: ignoring 1 data file(s) named neither train* nor test*/eval*/val*/dev*/heldout*: notes.jsonl",
         f"{tmp_path}: train train.jsonl; held out val.jsonl"]
     assert f"{tmp_path / 'train.jsonl'}: 3 records, format preference" in lines
-    assert lines[-2:] == [f"{tmp_path / 'val.jsonl'}:1: response: empty", f"1 problems in {tmp_path / 'val.jsonl'}"]
+    assert lines[-2:] == [f"{tmp_path / 'val.jsonl'}:1: response: empty", f"1 problem in {tmp_path / 'val.jsonl'}"]
     (tmp_path / "train.jsonl").unlink()
     assert main(["validate", str(tmp_path)]) == 1
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"{tmp_path}:1: file: no train* data files (.jsonl, .json, .parquet)"
+    assert last == f"{tmp_path}: no train* data files (.jsonl, .json, .parquet)"  # no line: not a line's problem
+
+
+def test_missing_file_is_not_a_problem_at_line_1(tmp_path, capsys):
+    missing = str(tmp_path / "nope.jsonl")
+    assert main(["validate", missing]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{missing}: file not found"]  # before: "nope.jsonl:1: file: ..."
+
+
+def test_missing_field_names_unknown_keys_and_null(tmp_path, capsys):
+    """A typo'd key and a null both said "response: missing" before."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "q", "response": "r"},
+        {"prompt": "q", "respons": "r"},
+        {"prompt": "q", "response": None},
+        {"prompt": "q", "answer": "r", "id": 7},
+        {"prompt": "q"},
+    ])
+    chat_path = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"rol": "user", "content": "q"}, {"role": "assistant", "text": "r"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": None, "content": None}]},
+    ])
+    assert main(["validate", path]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:2: response: missing (unknown key 'respons')",
+        f"{path}:3: response: missing (null)",
+        f"{path}:4: response: missing (unknown keys 'answer', 'id')",
+        f"{path}:5: response: missing",
+        f"4 problems in {path}"]
+    assert main(["validate", chat_path]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{chat_path}:1: messages[0].role: missing (unknown key 'rol')",
+        f"{chat_path}:1: messages[1].content: missing (unknown key 'text')",
+        f"{chat_path}:2: messages[1].role: missing (null)",
+        f"{chat_path}:2: messages[1].content: missing (null)",
+        f"4 problems in {chat_path}"]
+
+
+def test_system_prompt_counts_tokens_as_the_run_does(tmp_path, capsys):
+    """--system-prompt is data.system_prompt: the run's token counts (before: no way to match them)."""
+    from spjax.data import load_file, tokenize_examples
+    from spjax.data.__main__ import _table
+    from spjax.data.pipeline import with_system_prompt
+    from spjax.hf import load_tokenizer
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 2 + 2?", "response": "4."},
+                                              {"prompt": "Hi?", "system": "Be brief.", "response": "Hello!"},
+                                              {"prompt": "Name a colour.", "response": "Blue."}])
+    system = "You are a careful assistant who answers in one short sentence."
+    assert main(["validate", path, "--tokenizer", "bytes", "--system-prompt", system]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  system prompts 1 (+2 from --system-prompt), multi-turn prompts 0, with rejected 0, " \
+           "with generated 0" in out
+    tok = load_tokenizer("bytes")
+    run, _ = tokenize_examples(tok, with_system_prompt(load_file(path), system), max_prompt_len=512, max_len=1024)
+    plain, _ = tokenize_examples(tok, load_file(path), max_prompt_len=512, max_len=1024)
+    want, without = (_table({"prompt": [len(e.prompt_ids) for e in x]}, "tokens")[1] for x in (run, plain))
+    assert want in out and want != without
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--system-prompt TEXT" in capsys.readouterr().out

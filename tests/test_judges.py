@@ -1,11 +1,15 @@
 """Judged self-play pieces: verifiers, win matrices, pair construction, the SPPO and INPO losses,
 and the reward model against transformers' sequence classifiers."""
+import os
+
 import numpy as np
 import pytest
 
 from spjax import judges, judging, objectives
 from spjax.config import ConfigError, JudgeConfig, ObjectiveConfig
 from spjax.data.tokens import TokenizedExample
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,16 +58,51 @@ def test_judge_names_are_checked():
 def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
     (tmp_path / "myjudge.py").write_text(
         "def longest(prompt, responses, reference):\n    return [len(r) for r in responses]\n"
-        "def bad(prompt, responses, reference):\n    return [1.0]\n")
+        "def bad(prompt, responses, reference):\n    return [1.0]\n"
+        "def nan(prompt, responses, reference):\n    return [0.0, float('nan'), 1.0]\n"
+        "def nan_matrix(prompt, responses, reference):\n    return [[0.5, float('inf')], [float('nan'), 0.5]]\n"
+        "def words(prompt, responses, reference):\n    return ['good', 'bad', 'ugly']\n"
+        "def mixed(prompt, responses, reference):\n    return [1.0, 0.0] if prompt == 'p' else [[.5, 1.], [0., .5]]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     q = judges.Query("p", ("a", "abc", "ab"), "ref")
     scores, wins = judges.judge_all(judges.build("python:myjudge:longest"), [q])
     assert scores.tolist() == [[1, 3, 2]]
     assert wins[0, 1, 0] == pytest.approx(1 / (1 + np.exp(-2)))  # Bradley-Terry on user scores
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(judges.JudgeError, match=r"python:myjudge:bad returned shape \(1,\) for the prompt 'p', "
+                                                r"for 3 responses"):
         judges.judge_all(judges.build("python:myjudge:bad"), [q])
-    with pytest.raises(ConfigError, match="cannot import"):
+    # NaN is not a shape problem (before: "returned shape (3,) (finite values of shape (3,) ... expected)")
+    with pytest.raises(judges.JudgeError, match=r"^judge python:myjudge:nan returned NaN or inf in 1 of 3 values for "
+                                                r"the prompt 'p' \(first: sample 1 = nan\)"):
+        judges.judge_all(judges.build("python:myjudge:nan"), [q])
+    with pytest.raises(judges.JudgeError, match=r"returned NaN or inf in 2 of 4 values .*first: P\[0, 1\] = inf"):
+        judges.judge_all(judges.build("python:myjudge:nan_matrix"), [judges.Query("p", ("a", "b"), "ref")])
+    with pytest.raises(judges.JudgeError, match="returned list .* not 3 numbers"):  # before: numpy's ValueError
+        judges.judge_all(judges.build("python:myjudge:words"), [q])
+    two = [judges.Query("p", ("a", "b"), "ref"), judges.Query("other", ("a", "b"), "ref")]
+    with pytest.raises(judges.JudgeError, match="2 scores for some prompts and a 2 x 2 matrix for others"):
+        judges.judge_all(judges.build("python:myjudge:mixed"), two)
+
+
+def test_python_judge_that_cannot_import_says_where_from(tmp_path, monkeypatch):
+    """One line naming judge.name; a module that is not found says it is imported from sys.path (before:
+    "No module named 'myjudge'" with the module beside the config, and no word of PYTHONPATH)."""
+    with pytest.raises(judges.JudgeError) as err:
         judges.build("python:nosuchmodule:f")
+    msg = str(err.value)
+    assert msg == ("judge.name: python:nosuchmodule:f: cannot import module 'nosuchmodule': no 'nosuchmodule' on the "
+                   "import path (sys.path, not the config's folder): set PYTHONPATH to the folder holding "
+                   "nosuchmodule.py")
+    assert isinstance(err.value, ConfigError)  # spjax.train prints it as one line, like a config error
+    (tmp_path / "needs_torchx.py").write_text("import torchx_not_installed\ndef f(p, r, ref):\n    return [0, 0]\n")
+    (tmp_path / "nofunc.py").write_text("def other(p, r, ref):\n    return [0] * len(r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(judges.JudgeError, match="^judge.name: python:needs_torchx:f: cannot import module "
+                                                "'needs_torchx': No module named 'torchx_not_installed'$"):
+        judges.build("python:needs_torchx:f")  # found, but its own import fails: PYTHONPATH is not the fix
+    with pytest.raises(judges.JudgeError, match=r"^judge.name: python:nofunc:f: cannot import it: module 'nofunc' "
+                                                r"\(.*nofunc.py\) has no function 'f'$"):
+        judges.build("python:nofunc:f")
 
 
 def test_python_matrix_judge_is_checked():
@@ -73,20 +112,41 @@ def test_python_matrix_judge_is_checked():
     assert np.diag(wins[0]).tolist() == [0.5, 0.5, 0.5]
     assert scores[0].tolist() == [(0.5 + 1 + 1) / 3, (0 + 0.5 + 0.5) / 3, (0 + 0.5 + 0.5) / 3]
     q2 = judges.Query("p", ("a", "b"), "ref")
-    with pytest.raises(ValueError, match=r"inconsistent: win matrix of row 0 has P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
+    with pytest.raises(judges.JudgeError,
+                       match=r"inconsistent: win matrix of row 0 has P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
         judges.judge_all(judges.build("python:tests.judge_fixture:inconsistent"), [q2])
-    with pytest.raises(ValueError, match=r"above_one: 1 win matrices have probabilities outside \[0, 1\]"):
+    with pytest.raises(judges.JudgeError, match=r"above_one: 1 win matrices have probabilities outside \[0, 1\]"):
         judges.judge_all(judges.build("python:tests.judge_fixture:above_one"), [q2])
 
 
 def test_every_judge_kind_must_be_finite():
     out = np.asarray([[0.1, 0.2], [np.nan, 0.3], [0.0, np.inf]])
-    with pytest.raises(ValueError, match=r"judge reward_model:/rm: 2 of 3 rows are not finite .*first: row 1"):
+    with pytest.raises(judges.JudgeError, match=r"judge reward_model:/rm: 2 of 3 rows are not finite .*first: row 1"):
         judges.judge_all(judges.Judge("reward_model:/rm", lambda qs: out, True), [None] * 3)
     wins = np.full((1, 2, 2), 0.5)
     wins[0, 0, 1] = np.nan
-    with pytest.raises(ValueError, match="judge m: 1 of 1 rows are not finite"):
+    with pytest.raises(judges.JudgeError, match="judge m: 1 of 1 rows are not finite"):
         judges.judge_all(judges.Judge("m", lambda qs: wins, True), [None])
+    with pytest.raises(judges.JudgeError, match=r"judge m: returned shape \(2, 2\) for 1 prompts"):
+        judges.judge_all(judges.Judge("m", lambda qs: np.zeros((2, 2)), True), [None])
+
+
+def test_bad_judge_output_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """spjax.train prints a judge's bad output as `spjax: JudgeError: ...` and exits 2 (before: a
+    traceback through judging.py and judges.py)."""
+    from spjax import train
+    (tmp_path / "nanjudge.py").write_text("def nan(prompt, responses, reference):\n    return [float('nan')] * "
+                                          "len(responses)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SPJAX_COMPILE_CACHE", "")  # keep the tests' compile cache (conftest), not ~/.cache's
+    args = ["--config", TINY, "sampling.num_samples=2", f"data.tfds_dir={tmp_path / 'tfds'}"]
+    assert train.main([*args, "--workdir", str(tmp_path / "w1"), "judge.name=python:nanjudge:missing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spjax: JudgeError: judge.name: python:nanjudge:missing: cannot import it"), err
+    assert train.main([*args, "--workdir", str(tmp_path / "w2"), "judge.name=python:nanjudge:nan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spjax: JudgeError: judge python:nanjudge:nan returned NaN or inf in 1 of 1 values "
+                              "for the prompt"), err  # the first judge call: the initial model's held-out answers (K=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_model_fields_are_refused_while_model_path_holds_the_model(tmp_path):
     (["lora.rank=4", "lora.init_path=/nonexistent/adapter"], "lora.init_path: /nonexistent/adapter does not exist"),
     (["sampling.num_samples=2", "judge.name=reward_model:/nonexistent/rm"], "judge.name: /nonexistent/rm does not"),
     (["sampling.num_samples=2", "judge.name=python:no_such_judge_module:score"],
-     "judge.name: no module 'no_such_judge_module' on the import path"),
+     "judge.name: python:no_such_judge_module:score: cannot import module 'no_such_judge_module': no "
+     "'no_such_judge_module' on the import path"),
 ])
 def test_paths_and_judge_modules_are_checked_before_any_data_or_model_loads(items, message):
     """Before: these failed after data preparation and model loading, one without naming its field."""

@@ -3,6 +3,7 @@
 Prints a summary (records, format, length percentiles, what the length policy would truncate or
 drop), or every problem as `file:line: field: what is wrong` and exits 1. PATH is a file, or a
 directory whose data files are checked one by one, picked as a run picks them (train*, test*, ...).
+Token counts are the run's when the options are its data settings: --system-prompt is data.system_prompt.
 """
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ def _table(rows: dict, unit: str) -> list:
 
 
 def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int = 512, max_len: int = 1024,
-             out=None) -> int:
+             out=None, system_prompt: str = "") -> int:
     """Check a file, or each data file of a directory; print summaries or every problem (to `out`,
-    default stdout). Returns the exit status."""
+    default stdout). Returns the exit status. system_prompt: data.system_prompt, which the run puts
+    before prompts without a system turn (so it counts in their tokens)."""
     out = out or sys.stdout
+    if not os.path.exists(path):
+        print(f"{path}: file not found", file=out)  # not a problem at a line: there is no line 1
+        return 1
     if not os.path.isdir(path):
-        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out)
+        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         print(f"{path}: a prepared TFDS dataset (a run checks it as it reads it); validate checks data files "
               f"({', '.join(SUFFIXES)}) or a directory of them", file=out)
@@ -47,18 +52,20 @@ def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int =
     if ignored:
         print(ignored_note(path, ignored), file=out)
     if not train:
-        print(f"{path}:1: file: no train* data files ({', '.join(SUFFIXES)})", file=out)
+        print(f"{path}: no train* data files ({', '.join(SUFFIXES)})", file=out)
         return 1
     held = ", ".join(map(os.path.basename, test)) or "none (a run holds out data.eval_frac of train)"
     print(f"{path}: train {', '.join(map(os.path.basename, train))}; held out {held}", file=out)
-    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out) for f in train + test)
+    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt) for f in train + test)
 
 
-def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out) -> int:
+def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt="") -> int:
     examples, problems, used = parse_file(path, fmt)
     tokenized = []
     if tokenizer is not None:
-        for ex in examples:
+        from spjax.data.pipeline import with_system_prompt  # the run's own step, so the counts are the run's
+
+        for ex in with_system_prompt(examples, system_prompt) if system_prompt else examples:
             try:
                 tokenized.append(tokenize_example(tokenizer, ex))
             except DataError as e:
@@ -67,12 +74,13 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out) -> int:
         problems.sort(key=lambda p: (p.file, p.line))
         for p in problems:
             print(p, file=out)
-        print(f"{len(problems)} problems in {path}", file=out)
+        print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {path}", file=out)
         return 1
 
     n = len(examples)
+    systems = sum(ex.prompt_messages[0]["role"] == "system" for ex in examples)
     print(f"{path}: {n} records, format {used}", file=out)
-    print(f"  system prompts {sum(ex.prompt_messages[0]['role'] == 'system' for ex in examples)}, "
+    print(f"  system prompts {systems}{f' (+{n - systems} from --system-prompt)' if system_prompt else ''}, "
           f"multi-turn prompts {sum(sum(m['role'] == 'user' for m in ex.prompt_messages) > 1 for ex in examples)}, "
           f"with rejected {sum(ex.rejected is not None for ex in examples)}, "
           f"with generated {sum(ex.generated is not None for ex in examples)}", file=out)
@@ -109,6 +117,9 @@ def main(argv=None) -> int:
     v.add_argument("--format", default="auto", choices=FORMATS)
     v.add_argument("--max-prompt-len", type=int, default=defaults.max_prompt_len)
     v.add_argument("--max-len", type=int, default=defaults.max_len)
+    v.add_argument("--system-prompt", default=defaults.system_prompt, metavar="TEXT",
+                   help="the run's data.system_prompt: a system turn for prompts without one, counted in "
+                        "their tokens as the run counts it (set it when the run's config does)")
     args = parser.parse_args(argv)
     try:
         check_lengths(args.max_prompt_len, args.max_len, "truncate")
@@ -125,7 +136,8 @@ def main(argv=None) -> int:
             print(f"spjax data: --tokenizer: {why if args.tokenizer in why else args.tokenizer + ': ' + why}",
                   file=sys.stderr)
             return 2
-    return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len)
+    return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
+                    system_prompt=args.system_prompt)
 
 
 if __name__ == "__main__":

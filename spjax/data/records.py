@@ -25,6 +25,8 @@ KEY_FIELDS = {"prompt_response": ("response",), "messages": ("messages",), "spin
               "preference": ("chosen", "rejected")}
 EXPECTS = {"prompt_response": "prompt and response", "messages": "messages", "spin": "real or messages",
            "preference": "chosen and rejected"}
+# Keys some format reads: a record missing a field is told its other keys (a typo's 'respons' among them).
+RECORD_KEYS = ("prompt", "system", "response", "messages", "real", "generated", "chosen", "rejected")
 SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_SHOWN = 50  # problems spelled out in a DataError message; `.problems` keeps them all
 
@@ -269,10 +271,12 @@ def _text(v, field: str, report: Report) -> Optional[str]:
     return v
 
 
-def _field(obj, key, report, required=True) -> Optional[Any]:
+def _field(obj, key, report, required=True, known=RECORD_KEYS) -> Optional[Any]:
     if obj.get(key) is None:
-        if required:
-            report(key, "missing")
+        if required:  # "missing (null)": still "missing", as Parquet writes a missing value as null
+            unknown = [repr(k) for k in obj if k not in known]
+            why = f" (unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)})" if unknown else ""
+            report(key, "missing (null)" if key in obj else "missing" + why)
         return None
     return obj[key]
 
@@ -289,9 +293,11 @@ def _chat(turns, field: str, report: Report):
             report(at, f"expected an object with role and content, got {_kind(m)}")
             ok = False
             continue
-        role = m.get("role")
-        if not isinstance(role, str):
-            report(f"{at}.role", "missing" if role is None else f"expected a string, got {_kind(role)}")
+        role = _field(m, "role", lambda _, what: report(f"{at}.role", what), known=("role", "content"))
+        if role is None:
+            ok = False
+        elif not isinstance(role, str):
+            report(f"{at}.role", f"expected a string, got {_kind(role)}")
             ok = False
         elif role not in ROLES:
             report(f"{at}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -299,7 +305,7 @@ def _chat(turns, field: str, report: Report):
         elif role == "system" and i != 0:
             report(f"{at}.role", "a system turn may only come first")
             ok = False
-        content = _field(m, "content", lambda _, what: report(f"{at}.content", what))
+        content = _field(m, "content", lambda _, what: report(f"{at}.content", what), known=("role", "content"))
         content = None if content is None else _text(content, f"{at}.content", report)
         ok = ok and content is not None
         out.append({"role": role, "content": content})
