@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +33,18 @@ def peer_script() -> str:
     return os.path.abspath(os.path.join(base, "torch_pair_bench.py"))
 
 
+# The machine's load before the bench started: on a CPU another process's threads slow one side of a
+# ratio more than the other (a peer run in its own process, spjax in this one), so figures taken on a
+# busy machine say so (emit warns above half the cores busy).
+LOAD_AT_START = os.getloadavg()[0]
+
+
 def emit(record: dict, name: str):
     """Print the record as one JSON line, and write it to $OUT/<name> when OUT is set."""
+    record = {**record, "loadavg_1m_at_start": round(LOAD_AT_START, 2)}
+    if LOAD_AT_START > 0.5 * (os.cpu_count() or 1):
+        print(f"note: the 1-minute load average was {LOAD_AT_START:.1f} on {os.cpu_count()} cores when this bench "
+              "started: other processes shared the machine, so these figures (and ratios) are noisy", file=sys.stderr)
     print(json.dumps(record))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], name), "w") as f:

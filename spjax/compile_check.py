@@ -302,14 +302,9 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
 
 
 def _lora_line(model_cfg) -> str:
-    """'' for full fine-tuning, else what trains: LoRA's rank, targets, base storage, trainable count."""
-    if not model_cfg.lora.rank:
-        return ""
-    import jax
+    """'' for full fine-tuning, else the run's own line on what trains (counted on the params' shapes)."""
     from spjax import lora, model
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.split(model_cfg, model.param_shapes(model_cfg))[0]))
-    return (f"LoRA r={model_cfg.lora.rank} on {','.join(model_cfg.lora.targets)}, base {model_cfg.base_quant}, "
-            f"{n / 1e6:,.1f}M trainable params")
+    return lora.describe(model_cfg, model.param_shapes(model_cfg)) if model_cfg.lora.rank else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +362,10 @@ def main(argv=None) -> int:
     from spjax.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.devices is not None and args.devices < 1:
+            raise ConfigError(f"--devices {args.devices}: must be >= 1")
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ConfigError(f"--json {args.json}: no such directory (checked before compiling)")
         consts = _config_constants(args.config)
         topo = args.topology or consts.get("TOPOLOGY") or "local"
         target = None if topo == "local" else parse_target(topo)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import os
 import typing
 
@@ -88,6 +89,8 @@ def load(path: str, overrides=()) -> Config:
         raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
+    if arg is not None and not inspect.signature(mod.get_config).parameters:
+        raise ConfigError(f"{path}: get_config() takes no stage argument (got {arg!r} after the ':')")
     try:
         cfg = mod.get_config(arg) if arg is not None else mod.get_config()
     except ConfigError:

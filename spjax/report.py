@@ -40,7 +40,7 @@ def load_run(workdir: str) -> dict:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a torn last line of a killed run
                 continue
-            if row.get("kind") == "round":
+            if row.get("kind") == "round" and "step" in row:  # (a row some other writer added: skipped)
                 rounds[int(row["step"])] = row
     rows.update({f"round {t}": rounds[t] for t in sorted(rounds)})
     return rows
@@ -94,7 +94,8 @@ def plot(runs: dict, path: str):
 def write(workdirs: list, out: str) -> tuple:
     """Write out.md and out.png for these runs; returns their paths (the PNG's None while no run has
     a row yet: one starting up, or killed before its initial evaluation)."""
-    names = [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
+    workdirs = list(dict.fromkeys(os.path.normpath(w) for w in workdirs))  # `R R/`: one run, shown once
+    names = [os.path.basename(w) or w for w in workdirs]
     if len(set(names)) < len(names):
         names = [os.path.normpath(w) for w in workdirs]
     runs = {n: load_run(w) for n, w in zip(names, workdirs)}

@@ -104,3 +104,14 @@ def test_cli_config_error_exits_2():
     res = subprocess.run([sys.executable, "-m", "spjax.compile_check", "--config", TINY, "--topology", "v9-1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "config error" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--devices", "0"], "--devices 0: must be >= 1"),  # before: 0 read as the default, -2 a ZeroDivisionError
+    (["--json", "/nonexistent/dir/report.json"], "--json /nonexistent/dir/report.json: no such directory"),
+])
+def test_cli_bad_flags_exit_2_before_compiling(args, message, capsys):
+    """Before: --json's directory failed after every program compiled, with a traceback and exit 1."""
+    from spjax import compile_check
+    assert compile_check.main(["--config", TINY, *args]) == 2
+    assert message in capsys.readouterr().err

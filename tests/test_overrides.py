@@ -47,6 +47,8 @@ def test_bad_config_files_are_one_line(tmp_path):
     bad.write_text("def get_config():\n    return {}\n")
     with pytest.raises(ConfigError, match=r"bad.py: get_config\(\) returned dict, not a spjax.config.Config"):
         load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"tiny.py: get_config\(\) takes no stage argument \(got 'iter2'"):
+        load_config(TINY + ":iter2")  # before: a TypeError traceback
     spin = os.path.join(os.path.dirname(TINY), "spin_zephyr7b_v5p.py")
     with pytest.raises(ConfigError, match=r"spin_zephyr7b_v5p.py: get_config\('iter9'\): stage 'iter9'"):
         load_config(spin + ":iter9")

@@ -86,3 +86,15 @@ def test_spjax_help_lists_every_command():
     assert out.returncode == 0
     for name in ("train", "data", "report", "compile-check", "export"):
         assert f"  {name} " in out.stdout
+
+
+def test_report_skips_rows_it_cannot_place_and_shows_a_run_once(tmp_path):
+    """A round row without its step was a KeyError; `spjax report R R/` showed R once by accident of names."""
+    run = tmp_path / "chi2"
+    _constructed_run(run, nll=[1.5, 1.4], f1=[0.2, 0.3])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"kind": "round", "nll": 9.0}) + "\n")
+    md, _ = report.write([str(run), str(run) + "/"], str(tmp_path / "rep"))
+    rows = open(md).read().splitlines()[2:]
+    assert [r.split("|")[1:3] for r in rows] == [[" chi2 ", " initial "], [" chi2 ", " round 0 "]]
+    assert "9" not in rows[1].split("|")[3]
