@@ -6,6 +6,8 @@
 #
 # requirements.txt installs jax for CPU only: a GPU host needs jax's CUDA wheels once (--cuda, or
 # --cuda12 for CUDA 12 drivers), at requirements.lock's jax version. --dry-run prints the commands.
+# Environment: XLA_PYTHON_CLIENT_MEM_FRACTION (XLA's share of each GPU's memory, default .95); XLA_FLAGS
+# (more XLA flags, appended to the script's own). Inside a SLURM allocation it still runs one process.
 set -euo pipefail
 
 usage() {
@@ -67,10 +69,11 @@ train=(.venv/bin/python -m spjax.train --config "$CONFIG" --workdir "$WORKDIR")
 [ "$RESUME" = 1 ] && train+=(--resume)
 train+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
 
-# One host is one process: without SLURM_JOB_ID (set inside an sbatch/salloc allocation) the trainer
-# does not try to start JAX's multi-host runtime (spjax.sharding.init_distributed).
+# One host is one process. spjax.sharding.init_distributed (and JAX's own SLURM detection) start the
+# multi-host runtime only inside an srun step (SLURM_STEP_NODELIST set, with SLURM_NTASKS > 1): without
+# it this stays single-process even when run under srun in an salloc/sbatch allocation.
 run mkdir -p "$(dirname "$LOG")"
-show env -u SLURM_JOB_ID "${env_args[@]}" "${train[@]}"
+show env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}"
 [ "$DRY" = 1 ] && exit 0
-env -u SLURM_JOB_ID "${env_args[@]}" "${train[@]}" 2>&1 | tee -a "$LOG"
+env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}" 2>&1 | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -3,20 +3,22 @@
 #   bash launch/setup.sh            # to run spjax (e.g. the demo)
 #   bash launch/setup.sh --test     # also pytest and the PyTorch oracle (torch==2.13.0, CPU)
 #   bash launch/setup.sh --unlocked # requirements.txt's ranges instead of the locks (newest that fit)
+#   bash launch/setup.sh --help     # this text
 # By default every package comes at the exact version in requirements.lock (requirements-test.lock
 # for --test), installed without dependency resolution: nothing changes under you. Refresh the
-# locks with `bash launch/lock.sh`.
+# locks with `bash launch/lock.sh`. PYTHON (default python3) is the interpreter that makes the venv.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 TEST=0 LOCKED=1
 for a in "$@"; do
   case "$a" in
     --test) TEST=1 ;;
     --unlocked) LOCKED=0 ;;
-    *) echo "setup.sh: unknown argument: $a (use --test, --unlocked)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;  # the header above ($0 holds: no cd yet)
+    *) echo "setup.sh: unknown argument: $a (use --test, --unlocked, --help)" >&2; exit 2 ;;
   esac
 done
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 if [ "$LOCKED" = 1 ]; then

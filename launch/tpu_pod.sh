@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run spjax on a Cloud TPU VM slice: create it, install spjax on every worker, train on every worker
-# (JAX finds the slice's hosts itself: spjax.sharding.init_distributed), fetch the logs, delete it.
+# (JAX finds the slice's hosts itself: spjax.sharding.init_distributed), fetch the logs into
+# logs/NAME/ of this checkout, delete it (also after a failure). --keep keeps it; --skip-create reuses
+# an existing slice and never deletes it (this invocation did not create it).
 #
 #   bash launch/tpu_pod.sh --name spin7b --zone us-east5-a --accelerator-type v5p-32 \
 #       --config configs/spin_zephyr7b_v5p.py --workdir gs://BUCKET/spin7b [-- key=value ...]
@@ -10,6 +12,12 @@
 # hosts must see the same checkpoints); any other workdir must be a filesystem shared by the workers.
 # Model weights and data named by the config must exist at the same path on every worker: put them
 # in the bucket (e.g. model_path=/mnt/gcs/BUCKET/models/...) or copy them in before the run.
+#
+# Interrupted (Ctrl-C, SIGHUP, SIGTERM), it keeps the slice and prints the commands that continue the
+# run on it (--skip-create --resume) or delete it; it exits 128 + the signal's number. Bash acts on a
+# signal once the running command ends: signal the whole process group (as Ctrl-C and a closed terminal
+# do: kill -TERM -- -PGID), not the script alone, or it waits for the training ssh.
+# The checkout travels as one tarball, built in $TMPDIR (default /tmp) and removed when the script ends.
 set -euo pipefail
 
 usage() {
@@ -23,14 +31,16 @@ usage: bash launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE --
                        v2-alpha-tpuv6e, tpu-ubuntu2204-base)
   --config / --workdir passed to python -m spjax.train (a gs:// workdir is mounted with gcsfuse)
   --workers            hosts in the slice (default: from the accelerator type; used to fetch logs)
-  --skip-create        use an existing slice of that name      --keep     do not delete the slice
-  --resume             continue the run in --workdir           --spot     create a Spot TPU
+  --skip-create        use an existing slice of that name (never deleted: this run did not create it)
+  --keep               do not delete the slice                 --spot     create a Spot TPU
+  --resume             continue the run in --workdir
   --python             interpreter for the venv (default python3.11: jax 0.10 needs Python >= 3.11)
   --dry-run            print every command, run none           -- ...     config overrides for spjax.train
 EOF
   exit 2
 }
 
+ARGS=("$@")  # to print the command that continues an interrupted run
 NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" CONFIG="" WORKDIR="" WORKERS="" PY=python3.11
 DRY=0 KEEP=0 SPOT=0 SKIP_CREATE=0 RESUME=0
 OVERRIDES=()
@@ -61,31 +71,48 @@ for pair in NAME:name ZONE:zone ACCEL:accelerator-type CONFIG:config WORKDIR:wor
   [ -n "${!var}" ] || { echo "tpu_pod.sh: missing --${pair#*:}" >&2; usage; }
 done
 
-# Generation -> default software version, chips per named unit, and hosts.
+[ "$SKIP_CREATE" = 1 ] && KEEP=1  # a slice this invocation did not create is not its to delete
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+# Both checks come before anything is created: a typo should not cost a slice's start-up.
+# The config as the workers' trainer reads it: relative to the checkout (copied to ~/spjax) or absolute.
+config_file=${CONFIG%%:*}  # without a stage suffix (file.py:iter2)
+[[ "$config_file" == /* ]] || config_file=$ROOT/$config_file
+[ -f "$config_file" ] || { echo "tpu_pod.sh: --config $CONFIG: no such file $config_file" >&2; exit 2; }
+
+# Generation -> default software version, TensorCores per chip (v4 and v5p types count cores), hosts.
 gen=${ACCEL%%-*}; size=${ACCEL##*-}
 [[ "$size" =~ ^[0-9]+$ ]] || { echo "tpu_pod.sh: cannot read a size from --accelerator-type $ACCEL" >&2; usage; }
 case "$gen" in
-  v5p) default_version=v2-alpha-tpuv5; chips=$((size / 2)) ;;
-  v4) default_version=tpu-ubuntu2204-base; chips=$((size / 2)) ;;
-  v5litepod|v5e) default_version=v2-alpha-tpuv5-lite; chips=$size ;;
-  v6e) default_version=v2-alpha-tpuv6e; chips=$size ;;
+  v5p) default_version=v2-alpha-tpuv5; cores=2 ;;
+  v4) default_version=tpu-ubuntu2204-base; cores=2 ;;
+  v5litepod|v5e) default_version=v2-alpha-tpuv5-lite; cores=1 ;;
+  v6e) default_version=v2-alpha-tpuv6e; cores=1 ;;
   *) echo "tpu_pod.sh: unknown TPU generation in $ACCEL" >&2; usage ;;
 esac
+chips=$((size / cores))
+# Hosts hold 4 chips (or up to 8 v5e/v6e chips on one host): a size that splits into no whole chips or hosts
+# is a typo, and the workers counted from it would be wrong.
+if [ $((size % cores)) != 0 ] || [ "$chips" = 0 ] || { [ "$chips" -gt 4 ] && [ $((chips % 4)) != 0 ]; }; then
+  unit=chips; [ "$cores" = 2 ] && unit="TensorCores (2 a chip)"
+  echo "tpu_pod.sh: --accelerator-type $ACCEL: $size $unit make no whole hosts of 4 chips" \
+       "(e.g. $gen-$((4 * cores)), $gen-$((8 * cores)), $gen-$((16 * cores)))" >&2
+  exit 2
+fi
 VERSION=${VERSION:-$default_version}
 if [ -z "$WORKERS" ]; then  # 4 chips per host, except single-host slices of up to 8 v5e/v6e chips
   if [ "$chips" -le 4 ] || { [ "$chips" -le 8 ] && [[ "$gen" != v4 && "$gen" != v5p ]]; }; then WORKERS=1
   else WORKERS=$((chips / 4)); fi
 fi
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REMOTE_DIR=spjax  # in each worker's home directory
 TARBALL=${TMPDIR:-/tmp}/spjax-$NAME.tgz
-LOGS=logs/$NAME
+LOGS=$ROOT/logs/$NAME  # in this checkout, wherever the script is run from
 
 where=(--zone="$ZONE")
 [ -n "$PROJECT" ] && where+=(--project="$PROJECT")
 
-source "$ROOT/launch/common.sh"  # show, run, locked_jax
+source "$ROOT/launch/common.sh"  # words, show, run, locked_jax
 JAX_PIN="==$(locked_jax "$ROOT/requirements.lock")"  # e.g. ==0.10.2
 
 # The trainer's working directory as the workers see it.
@@ -117,16 +144,39 @@ if [ -n "$BUCKET" ]; then
   install_cmd+=" && sudo mkdir -p /mnt/gcs/$BUCKET && sudo chown \$USER /mnt/gcs/$BUCKET"
   install_cmd+=" && (mountpoint -q /mnt/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/gcs/$BUCKET)"
 fi
-train_cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m spjax.train $train_args 2>&1 | tee ~/spjax-train.log"
+# A resumed run appends to each worker's log: a run continued after an interruption fetches all of it.
+tee_args=""; [ "$RESUME" = 1 ] && tee_args="-a "
+train_cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m spjax.train $train_args 2>&1 | tee $tee_args~/spjax-train.log"
 train_cmd+="; exit \${PIPESTATUS[0]}"
 
-cleanup() {
-  if [ "$KEEP" = 1 ]; then
-    echo "tpu_pod.sh: keeping $NAME (delete: gcloud compute tpus tpu-vm delete $NAME ${where[*]} --quiet)" >&2
-  else
-    run gcloud compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet
-  fi
+delete=(gcloud compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet)
+cleanup() {  # at exit: the tarball goes, and the slice unless it is kept
+  [ "$DRY" = 1 ] || rm -f "$TARBALL"
+  if [ "$KEEP" = 0 ]; then run "${delete[@]}"; return; fi
+  why=--keep; [ "$SKIP_CREATE" = 1 ] && why="--skip-create: this run did not create it"
+  echo "tpu_pod.sh: keeping $NAME ($why); delete it with: $(words "${delete[@]}")" >&2
 }
+
+# An interrupted run (Ctrl-C, a closed terminal, a kill) keeps the slice: the run continues on it.
+again=(bash "$0")
+for a in "${ARGS[@]}"; do
+  [ "$a" = -- ] && break
+  [ "$a" = --skip-create ] || [ "$a" = --resume ] || again+=("$a")
+done
+again+=(--skip-create --resume ${OVERRIDES[@]+-- "${OVERRIDES[@]}"})
+interrupted() {  # $1: the signal's name, $2: its number
+  trap - EXIT; set +e  # the slice stays; and a closed terminal (failing writes) must not cut this short
+  rm -f "$TARBALL"
+  { echo "tpu_pod.sh: interrupted by SIG$1: the slice $NAME is not deleted. Continue the run on it with"
+    echo "  $(words "${again[@]}")"
+    echo "(it appends to each worker's ~/spjax-train.log and fetches them into $LOGS; a trainer the cut ssh left"
+    echo "running holds the TPU: stop it first with"
+    echo "  $(words gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command 'pkill -f spjax.train'))"
+    echo "or delete the slice with"
+    echo "  $(words "${delete[@]}")"; } >&2
+  exit $((128 + $2))
+}
+if [ "$DRY" = 0 ]; then trap 'interrupted INT 2' INT; trap 'interrupted HUP 1' HUP; trap 'interrupted TERM 15' TERM; fi
 
 # -- create
 if [ "$SKIP_CREATE" = 0 ]; then
@@ -134,7 +184,7 @@ if [ "$SKIP_CREATE" = 0 ]; then
   [ "$SPOT" = 1 ] && create+=(--spot)
   run "${create[@]}"
 fi
-[ "$DRY" = 1 ] || trap cleanup EXIT  # from here on, a failure still deletes the slice (unless --keep)
+[ "$DRY" = 1 ] || trap cleanup EXIT  # from here on, a failure still deletes the slice (unless it is kept)
 
 # -- install spjax on all workers: this checkout (without venv, runs, git), then launch/setup.sh
 run tar -czf "$TARBALL" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./logs \
@@ -155,5 +205,6 @@ done
 
 # -- delete (the EXIT trap; printed here in a dry run)
 [ "$DRY" = 1 ] && cleanup
-[ "$status" = 0 ] || echo "tpu_pod.sh: training exited with status $status; logs in $LOGS" >&2
+if [ "$status" != 0 ]; then echo "tpu_pod.sh: training exited with status $status; logs in $LOGS" >&2
+elif [ "$DRY" = 0 ]; then echo "tpu_pod.sh: training done; logs in $LOGS" >&2; fi
 exit "$status"

@@ -1,9 +1,14 @@
-"""The launch scripts: syntax, usage errors, and the exact command sequences their --dry-run prints."""
+"""The launch scripts: syntax, usage errors, the exact command sequences their --dry-run prints, and real
+runs against stub gcloud, srun and python executables (interruptions, clean-up, early checks)."""
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 
@@ -69,7 +74,8 @@ def test_tpu_pod_keep_project_and_version():
     assert "delete" not in [c[4] for c in gcloud] and "keeping n" in res.stderr
     assert all("--project=p" in c for c in gcloud)
     assert "--version=v2-custom" in gcloud[0]
-    assert " --resume" in next(w for w in gcloud[3] if w.startswith("--command="))
+    train_cmd = next(w for w in gcloud[3] if w.startswith("--command="))
+    assert " --resume" in train_cmd and "| tee -a ~/spjax-train.log" in train_cmd  # a resumed run's log grows
 
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--name"], TPU[1:7]])  # unknown flag; no value; missing flags
@@ -137,3 +143,149 @@ def _locked_jax():
         pins = [line.split("==")[1].strip() for line in f if line.startswith("jax==")]
     assert len(pins) == 1 and pins[0].count(".") == 2, pins
     return pins[0]
+
+
+# -- tpu_pod.sh for real against a stub gcloud, in a copy of the checkout small enough to tar in an instant
+
+GCLOUD = """#!/usr/bin/env bash
+echo "$*" >> "$GCLOUD_CALLS"  # each call, one line; the training ssh leaves a mark, sleeps and fails as told
+case "$*" in
+  *spjax.train*) touch "$GCLOUD_CALLS.train"; sleep "${GCLOUD_TRAIN_SLEEP:-0}"; exit "${GCLOUD_TRAIN_RC:-0}" ;;
+esac
+"""
+
+
+@pytest.fixture
+def pod(tmp_path):
+    """A checkout with the launch scripts and one config, gcloud stubbed on PATH, and a cwd outside both."""
+    repo, stubs, cwd, tmp = (tmp_path / d for d in ("repo", "bin", "cwd", "tmp"))
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    (repo / "configs").mkdir()
+    shutil.copy(os.path.join(ROOT, "configs/tiny.py"), repo / "configs")
+    shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
+    for d in (stubs, cwd, tmp):
+        d.mkdir()
+    (stubs / "gcloud").write_text(GCLOUD)
+    (stubs / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", TMPDIR=str(tmp),
+               GCLOUD_CALLS=str(tmp_path / "calls"))
+    return types.SimpleNamespace(repo=repo, cwd=cwd, tmp=tmp, calls=tmp_path / "calls", env=env,
+                                 script=str(repo / "launch/tpu_pod.sh"))
+
+
+POD_ARGS = ["--name", "n", "--zone", "z", "--accelerator-type", "v5p-16", "--config", "configs/tiny.py",
+            "--workdir", "gs://b/run"]
+
+
+def pod_run(pod, *args, **env):
+    return subprocess.run(["bash", pod.script, *args], cwd=pod.cwd, capture_output=True, text=True, timeout=30,
+                          env=dict(pod.env, **env))
+
+
+def gcloud_verbs(pod):
+    return [line.split()[3] for line in pod.calls.read_text().splitlines()]
+
+
+def test_tpu_pod_run_deletes_its_slice_and_leaves_nothing_behind(pod):
+    res = pod_run(pod, *POD_ARGS)
+    assert res.returncode == 0, res.stderr
+    assert gcloud_verbs(pod) == ["create", "scp", "ssh", "ssh", "scp", "scp", "delete"]
+    assert os.listdir(pod.tmp) == []  # the tarball is gone
+    logs = pod.repo / "logs/n"  # in the checkout, not in the cwd
+    assert logs.is_dir() and os.listdir(pod.cwd) == []
+    assert all(f" {logs}/worker{w}.log " in pod.calls.read_text() for w in (0, 1))
+    assert f"logs in {logs}" in res.stderr
+
+
+def test_tpu_pod_skip_create_never_deletes_the_slice(pod):
+    res = pod_run(pod, *POD_ARGS, "--skip-create", GCLOUD_TRAIN_RC="3")  # a failed run deleted it before
+    assert res.returncode == 3
+    assert gcloud_verbs(pod) == ["scp", "ssh", "ssh", "scp", "scp"]
+    assert "keeping n (--skip-create" in res.stderr and "gcloud compute tpus tpu-vm delete n --zone=z" in res.stderr
+    assert os.listdir(pod.tmp) == []
+    res = bash(*TPU, "--skip-create")
+    assert res.returncode == 0 and "delete" not in [c[4] for c in commands(res.stdout) if c[0] == "gcloud"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+def test_tpu_pod_interrupted_keeps_the_slice_and_says_how_to_go_on(pod, sig):
+    # The signal goes to the whole process group, as a terminal's Ctrl-C or hang-up does.
+    proc = subprocess.Popen(["bash", pod.script, *POD_ARGS, "--", "data.path=a b"], cwd=pod.cwd, text=True,
+                            env=dict(pod.env, GCLOUD_TRAIN_SLEEP="30"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for _ in range(200):  # until the training ssh runs
+            if os.path.exists(f"{pod.calls}.train"):
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err
+    assert gcloud_verbs(pod) == ["create", "scp", "ssh", "ssh"]  # no delete
+    lines = [line.strip() for line in err.splitlines()]
+    again = shlex.split(next(line for line in lines if line.startswith("bash ")))
+    assert again == ["bash", pod.script, *POD_ARGS, "--skip-create", "--resume", "--", "data.path=a b"]
+    assert "gcloud compute tpus tpu-vm delete n --zone=z --quiet" in lines
+    assert os.listdir(pod.tmp) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config", "configs/nope.py"], "no such file"),
+    (["--config", "configs/nope.py:iter2"], "no such file"),
+    (["--accelerator-type", "v5p-31"], "TensorCores"),  # v4/v5p sizes count cores, 2 a chip
+    (["--accelerator-type", "v4-12"], "whole hosts"),  # 6 chips: no whole hosts of 4
+])
+def test_tpu_pod_checks_config_and_type_before_creating(args, says):
+    res = bash(*TPU, *args)
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and says in res.stderr, res.stderr
+
+
+def test_tpu_pod_config_may_name_a_stage_and_be_absolute():
+    res = bash(*TPU, "--config", os.path.join(ROOT, "configs/tiny.py:iter2"))
+    assert res.returncode == 0, res.stderr
+
+
+def test_setup_help_prints_usage():
+    res = bash("launch/setup.sh", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "bash launch/setup.sh --test" in res.stdout and not res.stdout.startswith("#")
+
+
+@pytest.mark.parametrize("nodes, overrides, runs", [("2", "", False), ("2", "run.rounds=1", False),
+                                                    ("2", "run.rounds=1 mesh.fsdp=16", True), ("1", "", True)])
+def test_slurm_several_nodes_need_a_mesh_override(tmp_path, nodes, overrides, runs):
+    (tmp_path / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(os.environ, SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST="node[1-2]", SPJAX_DIR=ROOT,
+               OVERRIDES=overrides, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    res = bash("launch/slurm_multinode.sbatch", env=env)
+    if runs:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[-1].endswith("spjax.train --config configs/spin_zephyr7b_8xh100.py "
+                                                    f"--workdir runs/spin_zephyr7b_8xh100 {overrides}".strip())
+    else:  # before srun, one line
+        assert res.returncode == 2 and "srun" not in res.stdout
+        assert len(res.stderr.splitlines()) == 1 and "mesh.fsdp=16" in res.stderr, res.stderr
+
+
+def test_gpu_single_host_stays_one_process_under_srun(tmp_path):
+    """Inside an srun step of several tasks, spjax.sharding.init_distributed would start the multi-host runtime."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
+    (repo / ".venv/bin").mkdir(parents=True)
+    probe = ("import jax; jax.distributed.initialize = lambda **kw: None; "  # what init_distributed would call
+             "from spjax.sharding import init_distributed; print('distributed:', init_distributed())")
+    (repo / ".venv/bin/python").write_text(f"#!/bin/sh\nexec {shlex.join([sys.executable, '-c', probe])}\n")
+    (repo / ".venv/bin/python").chmod(0o755)
+    srun_step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(["bash", str(repo / "launch/gpu_single_host.sh"), "--skip-setup", "--config",
+                          "configs/tiny.py"], capture_output=True, text=True, timeout=60,
+                         env=dict(_no_fake_devices(), **srun_step))
+    assert res.returncode == 0, res.stderr
+    assert "distributed: False" in res.stdout, res.stdout
