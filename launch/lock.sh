@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet)
 uv pip compile requirements.txt "${common[@]}" -o requirements.lock
-# torch's CPU build (2.13.0+cpu) comes from a find-links folder or PyTorch's CPU wheel index:
-# the PyPI Linux wheel would drag in the CUDA libraries.
+# torch's CPU build (2.13.0+cpu) comes from a find-links folder (PIP_FIND_LINKS, as pip reads it) or
+# PyTorch's CPU wheel index: the PyPI Linux wheel would drag in the CUDA libraries.
 uv pip compile requirements-test.txt -c requirements.lock "${common[@]}" \
   ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} -o requirements-test.lock
 echo "wrote requirements.lock ($(grep -c '^[a-z]' requirements.lock) packages)," \
