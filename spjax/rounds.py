@@ -22,7 +22,7 @@ import numpy as np
 
 from spjax import checkpoint as ckpt_lib
 from spjax import evaluate, hf, ledger, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
-from spjax import lora, saving, scoring, sharding as shd
+from spjax import lora, preflight, saving, scoring, sharding as shd
 from spjax.config import Config, ConfigError
 from spjax.data import batching, packing
 
@@ -77,46 +77,12 @@ class Context:
 # Set-up
 
 
-def check_config(cfg: Config, n_devices: int):
-    """Every check that needs no data and no compile; raises ConfigError with one clear line."""
-    dp_shape = shd.mesh_shape(cfg.mesh, n_devices)
-    dp = dp_shape[0] * dp_shape[1]
-    for field, n in (("run.batch_size", cfg.run.batch_size), ("sampling.batch_size", cfg.sampling.batch_size)):
-        if n % dp:
-            raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp} "
-                              f"(mesh data*fsdp = {dp_shape[0]}*{dp_shape[1]})")
-    if (cfg.run.batch_size // cfg.optim.grad_accum) % dp:
-        raise ConfigError(f"optim.grad_accum: micro-batches of {cfg.run.batch_size // cfg.optim.grad_accum} "
-                          f"pairs do not split over {dp} data-parallel devices")
-    # Checked here, not in Config: command-line overrides arrive one at a time.
-    if cfg.run.pairs == "judged" and not cfg.judge.name:
-        raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
-    if cfg.run.keep_best == "judge_score" and not cfg.judge.name:
-        raise ConfigError("run.keep_best: 'judge_score' needs a judge (judge.name) to score held-out answers")
-    if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
-        raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
-                          f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
-    kind, _, arg = cfg.judge.name.partition(":")
-    for field, path in (("model_path", cfg.model_path), ("lora.init_path", cfg.lora.init_path),
-                        ("judge.name", arg if kind == "reward_model" else "")):
-        if path and not os.path.exists(path):
-            raise ConfigError(f"{field}: {path} does not exist")
-    if kind == "python":  # imported now: a missing module is one line before any data or model loads
-        from spjax import judges
-        judges.python_function(cfg.judge.name)
-    tok = cfg.tokenizer_path or cfg.model_path
-    if not tok:
-        raise ConfigError("tokenizer_path: a random model needs a tokenizer (a path, or 'bytes')")
-    if tok != "bytes" and not os.path.exists(tok):
-        raise ConfigError(f"tokenizer_path: {tok} does not exist")
-
-
 def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tuple[Context, object]:
     """Mesh, tokenizer, data, pair source, model params (born sharded) and the checkpointer."""
     from spjax import data as data_lib
 
     shd.init_distributed()
-    check_config(cfg, jax.device_count())
+    preflight.check_config(cfg, jax.device_count())
     marker = os.path.join(workdir, "config.txt")
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
@@ -143,19 +109,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                               "(set data.eval_frac > 0 or data.eval_path)")
         echo("note: no held-out examples (data.eval_frac=0, no data.eval_path): rounds log training metrics only")
     source = pairs_lib.resolve(cfg, prepared.train)
-    if source != "judged" and len(prepared.train) < cfg.run.batch_size:  # one pair per example at most
-        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {len(prepared.train)} training "
-                          "examples: no training step would run (lower it, or add data)")
-    what = {"data": "the real response vs each record's rejected response",
-            "sampled": "the real response vs the opponent's own sample",
-            "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
-    echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): {what}; reference: "
-         f"{'the initial model' if cfg.run.reference == 'initial' else 'the round opponent'}")
-    if source != "judged" and cfg.sampling.num_samples > 1:
-        echo(f"note: sampling.num_samples={cfg.sampling.num_samples} serves judged pairs only; {source} pairs "
-             "take one response per prompt")
-
+    preflight.check_pairs(cfg, source, len(prepared.train), echo)
     model_cfg, params = load_initial(cfg, mesh)
+    preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
     shd.check_sharded(params, mesh)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
     echo(saving.disk_report(cfg, model_cfg, workdir))
@@ -250,6 +206,9 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         ctx.echo(f"round {t}: {len(examples)} pairs, fewer than one batch of run.batch_size={r.batch_size}: "
                  "no training step this round")
         return state, rs, {}
+    if len(examples) % r.batch_size and rs.step == 0:  # whole batches only: the remainder sits out, said
+        ctx.echo(f"round {t}: {len(examples)} pairs make {len(examples) // r.batch_size} batches of "
+                 f"{r.batch_size} an epoch; {len(examples) % r.batch_size} sit out each epoch (others each shuffle)")
     packed = step_lib.packs(cfg.data.pack, ctx.model_cfg, ctx.buckets[-1])
     order = dict(seed=_shuffle_seed(cfg, t), epochs=r.epochs)
     shape_of = packing.shape_rule(examples, [ids for ids, _ in batching.global_batches(len(examples), r.batch_size,

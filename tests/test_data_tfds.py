@@ -87,6 +87,31 @@ def test_changed_file_is_prepared_anew(tmp_path):
     assert len(glob.glob(os.path.join(data_dir, "spjax_files", "*"))) == 2
 
 
+def test_data_prepared_by_other_parsers_is_prepared_anew(tmp_path, monkeypatch):
+    """The parsers' code names a prepared dataset too: after an upgrade that parses files otherwise, a
+    shared tfds_dir held the old parse, read as it was."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    cfg, data_dir = DataConfig(path=path, eval_frac=0.0), str(tmp_path / "tfds")
+    load_examples(cfg, data_dir)
+    monkeypatch.setattr(tfds_builders, "_parsers_digest", lambda: "other code")
+    load_examples(cfg, data_dir)
+    assert len(glob.glob(os.path.join(data_dir, "spjax_files", "*"))) == 2
+
+
+def test_a_dataset_another_run_prepared_first_is_read(tmp_path, monkeypatch):
+    """Two runs preparing one tfds_dir at once: TFDS's final rename of the second failed on the first's
+    (FileExistsError, the run crashed); the dataset there is the same one, so it is read."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    real = tfds_builders.SpjaxFiles.download_and_prepare
+
+    def raced(self, *args, **kwargs):  # the other run's rename lands first
+        real(self, *args, **kwargs)
+        raise FileExistsError("Cannot rename .../incomplete.X_1.0.0: destination .../1.0.0 already exists")
+    monkeypatch.setattr(tfds_builders.SpjaxFiles, "download_and_prepare", raced)
+    got = load_examples(DataConfig(path=path, eval_frac=0.0), str(tmp_path / "tfds"))["train"]
+    assert sorted(e.prompt_messages[-1]["content"] for e in got) == sorted(q for q, _ in QA)
+
+
 def test_heldout_split_by_prompt(tmp_path):
     records = [{"prompt": f"question {i % 10}", "response": f"answer {i}"} for i in range(40)]
     path = write_jsonl(tmp_path / "d.jsonl", records)

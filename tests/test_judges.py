@@ -367,17 +367,17 @@ def test_arithmetic_problems(tmp_path):
 
 def test_judged_run_config_checks():
     import dataclasses
-    from spjax import rounds
+    from spjax import preflight
     from spjax.config import RunConfig, SamplingConfig, load_config
     import os
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py"))
     with pytest.raises(ConfigError, match="'judged' needs a judge"):
-        rounds.check_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, pairs="judged")), 8)
+        preflight.check_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, pairs="judged")), 8)
     judged = dataclasses.replace(cfg, judge=JudgeConfig(name="verifier:number"))
     with pytest.raises(ConfigError, match="sampling.num_samples"):
-        rounds.check_config(judged, 8)
-    rounds.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
-    rounds.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
+        preflight.check_config(judged, 8)
+    preflight.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
+    preflight.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
 
 
 def test_judges_see_the_reference_before_max_len_cut_it():

@@ -88,6 +88,18 @@ def test_model_fields_are_refused_while_model_path_holds_the_model(tmp_path):
 ])
 def test_paths_and_judge_modules_are_checked_before_any_data_or_model_loads(items, message):
     """Before: these failed after data preparation and model loading, one without naming its field."""
-    from spjax import rounds
+    from spjax import preflight
     with pytest.raises(ConfigError, match=message):
-        rounds.check_config(load_config(TINY, items), 8)
+        preflight.check_config(load_config(TINY, items), 8)
+
+
+def test_sequences_past_the_models_positions_are_said():
+    import dataclasses
+    from spjax import preflight
+    cfg = load_config(TINY)
+    said = []
+    preflight.check_lengths(cfg, dataclasses.replace(cfg.model, max_position_embeddings=64), (96,), said.append)
+    assert said == ["note: sequences of up to 96 tokens (data.max_len, data.max_prompt_len + sampling/eval new "
+                    "tokens) exceed the model's max_position_embeddings=64: positions past it were never trained"]
+    preflight.check_lengths(cfg, cfg.model, (96,), said.append)
+    assert len(said) == 1

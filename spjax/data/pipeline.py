@@ -115,15 +115,27 @@ def _splits(builder, label: str, fmt: str) -> dict:
     return {split: _read_split(src, f"{label}/{split}", fmt) for split, src in sources.items()}
 
 
+def _prepared(builder_cls, **kwargs):
+    """The builder's dataset, prepared (array_record). Two runs sharing a tfds_dir may prepare the same
+    dataset at once: TFDS writes each to a temporary directory, and the rename that comes second fails
+    on the first's; that dataset is the same one (named by the files' content), so it is read instead."""
+    builder = builder_cls(file_format="array_record", **kwargs)
+    try:
+        builder.download_and_prepare()
+    except FileExistsError:
+        builder = builder_cls(file_format="array_record", **kwargs)
+        if not builder.is_prepared():
+            raise
+    return builder
+
+
 def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: Optional[str],
                    eval_path: str = "", field: str = "data.path") -> dict:
     """{split: [Example]} for one `data.path` (or `data.eval_path`: `field` names it in errors)."""
     if os.path.isfile(path):
         tests = [eval_path] if eval_path else []
         config = tfds_builders.files_config([path], tests, fmt, 0.0 if eval_path else eval_frac, seed)
-        builder = tfds_builders.SpjaxFiles(config=config, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
-        return _splits(builder, path, fmt)
+        return _splits(_prepared(tfds_builders.SpjaxFiles, config=config, data_dir=data_dir), path, fmt)
     if os.path.isdir(path) and _is_prepared(path):
         return _splits(tfds.builder_from_directory(path), path, fmt)
     if os.path.isdir(path):
@@ -133,14 +145,10 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
         if not train_files:
             raise ConfigError(f"{field}: directory {path!r} has no train* data files ({', '.join(SUFFIXES)})")
         config = tfds_builders.files_config(train_files, test_files, fmt, eval_frac, seed)
-        builder = tfds_builders.SpjaxFiles(config=config, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
-        return _splits(builder, path, fmt)
+        return _splits(_prepared(tfds_builders.SpjaxFiles, config=config, data_dir=data_dir), path, fmt)
     name = path.split("/")[0].split(":")[0]
     if name in BUILTIN:
-        builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
-        return _splits(builder, path, fmt)
+        return _splits(_prepared(BUILTIN[name], data_dir=data_dir), path, fmt)
     try:
         builder = tfds.builder(path, data_dir=data_dir)
     except Exception as e:  # tfds raises DatasetNotFoundError and friends; its first line says which

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import yaml
 
+from spjax.data import records
 from spjax.data.records import SUFFIXES, DataError, Example, Problem, parse_file
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,18 @@ def split_heldout(examples: Sequence[Example], frac: float, seed: int) -> tuple[
             [ex for ex in examples if _prompt_key(ex) in held])
 
 
+def _parsers_digest() -> str:
+    """The code that turns files into records (records.py and this module): part of a prepared
+    dataset's name, so a tfds_dir prepared by other spjax code is prepared anew, not read as it was."""
+    h = hashlib.sha256()
+    for path in (records.__file__, __file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def _fingerprint(files: Sequence[str], *settings) -> str:
-    h = hashlib.sha256(repr(settings).encode())
+    h = hashlib.sha256(repr((*settings, _parsers_digest())).encode())
     for f in files:
         h.update(os.path.abspath(f).encode())
         with open(f, "rb") as fh:

@@ -1,0 +1,67 @@
+"""Checks before a run spends compute: each raises ConfigError with one line naming the field, or
+says in one line what the run will do that a user may not expect. Called by spjax.rounds.setup."""
+from __future__ import annotations
+
+import os
+
+from spjax import sharding as shd
+from spjax.config import Config, ConfigError
+
+
+def check_config(cfg: Config, n_devices: int):
+    """Every check that needs no data and no compile; raises ConfigError with one clear line."""
+    dp_shape = shd.mesh_shape(cfg.mesh, n_devices)
+    dp = dp_shape[0] * dp_shape[1]
+    for field, n in (("run.batch_size", cfg.run.batch_size), ("sampling.batch_size", cfg.sampling.batch_size)):
+        if n % dp:
+            raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp} "
+                              f"(mesh data*fsdp = {dp_shape[0]}*{dp_shape[1]})")
+    if (cfg.run.batch_size // cfg.optim.grad_accum) % dp:
+        raise ConfigError(f"optim.grad_accum: micro-batches of {cfg.run.batch_size // cfg.optim.grad_accum} "
+                          f"pairs do not split over {dp} data-parallel devices")
+    # Checked here, not in Config: command-line overrides arrive one at a time.
+    if cfg.run.pairs == "judged" and not cfg.judge.name:
+        raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
+    if cfg.run.keep_best == "judge_score" and not cfg.judge.name:
+        raise ConfigError("run.keep_best: 'judge_score' needs a judge (judge.name) to score held-out answers")
+    if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
+        raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
+                          f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
+    kind, _, arg = cfg.judge.name.partition(":")
+    for field, path in (("model_path", cfg.model_path), ("lora.init_path", cfg.lora.init_path),
+                        ("judge.name", arg if kind == "reward_model" else "")):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{field}: {path} does not exist")
+    if kind == "python":  # imported now: a missing module is one line before any data or model loads
+        from spjax import judges
+        judges.python_function(cfg.judge.name)
+    tok = cfg.tokenizer_path or cfg.model_path
+    if not tok:
+        raise ConfigError("tokenizer_path: a random model needs a tokenizer (a path, or 'bytes')")
+    if tok != "bytes" and not os.path.exists(tok):
+        raise ConfigError(f"tokenizer_path: {tok} does not exist")
+
+
+def check_pairs(cfg: Config, source: str, n_train: int, echo):
+    """Once the data is read: enough examples for a batch; the pair source said in one line."""
+    if source != "judged" and n_train < cfg.run.batch_size:  # one pair per example at most
+        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {n_train} training "
+                          "examples: no training step would run (lower it, or add data)")
+    what = {"data": "the real response vs each record's rejected response",
+            "sampled": "the real response vs the opponent's own sample",
+            "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
+    echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): {what}; reference: "
+         f"{'the initial model' if cfg.run.reference == 'initial' else 'the round opponent'}")
+    if source != "judged" and cfg.sampling.num_samples > 1:
+        echo(f"note: sampling.num_samples={cfg.sampling.num_samples} serves judged pairs only; {source} pairs "
+             "take one response per prompt")
+
+
+def check_lengths(cfg: Config, model_cfg, buckets, echo):
+    """A sequence longer than the model's max_position_embeddings runs (RoPE extrapolates), but past the
+    context it was trained on: said once, with what to lower."""
+    longest = max(buckets[-1], cfg.data.max_prompt_len + max(cfg.sampling.max_new_tokens, cfg.run.eval_max_new_tokens))
+    limit = getattr(model_cfg, "max_position_embeddings", None)
+    if limit and longest > limit:
+        echo(f"note: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + sampling/eval "
+             f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")
