@@ -33,6 +33,9 @@ def export_main(argv=None) -> int:
             raise ConfigError(f"--workdir {args.workdir}: no checkpoints/ (not a spjax run?)")
         if os.path.exists(os.path.join(args.workdir, "start.json")):  # the run as it ran: lora.alpha, the model...
             cfg = ledger.check_start(cfg, args.workdir, print, resume=False)
+        if cfg.run.keep_best and args.out is None and os.path.isdir(os.path.join(args.workdir, "export")):
+            raise ConfigError(f"{args.workdir}/export holds the round run.keep_best={cfg.run.keep_best} kept, not the "
+                              "latest checkpoint: pass --out DIR to write that elsewhere")
         mesh = shd.make_mesh(cfg.mesh)
         if cfg.model_path:  # the structure only: the weights come from the checkpoint
             model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())
@@ -52,6 +55,14 @@ def export_main(argv=None) -> int:
     except (ConfigError, hf.CheckpointError) as e:
         print(f"spjax export: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a full disk or a read-only target: one line; the rest propagate
+        from spjax.train import _io_failure
+        failed = _io_failure(e)
+        if failed is None:
+            raise
+        print(f"spjax export: I/O error: {failed[0] or args.out or args.workdir}: {failed[1]} (an earlier export "
+              "there is intact)", file=sys.stderr)
+        return 3
     print(f"exported the checkpoint at round {meta['round']}, phase {meta['phase']}, step {meta['step']} to {out}")
     return 0
 

@@ -333,7 +333,9 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             except BaseException:
                 os.rename(old, out_dir)  # the old export back in its place
                 raise
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the new export is in place: a leftover is no failure
+            if os.path.exists(old):
+                print(f"spjax: the export is written; its predecessor could not be removed: {old}", flush=True)
         else:
             os.rename(tmp, out_dir)
     except BaseException:

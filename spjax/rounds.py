@@ -312,6 +312,10 @@ def _row(ctx: Context, params, t: int, pairs, refs: dict, train_row: dict, times
 def _rounds(ctx: Context, params, resume: bool) -> dict:
     cfg = ctx.cfg
     rs, state, logged = restore(ctx, params) if resume else (RoundState(), None, {})
+    if rs.round > cfg.run.rounds or (rs.round == cfg.run.rounds and rs.phase == "train"):  # its latest state
+        raise ConfigError(  # is of a later round: the export would be that model, not round {rounds - 1}'s
+            f"run.rounds={cfg.run.rounds}: the run in {ctx.workdir} is past it (round {rs.round}, phase {rs.phase}); "
+            f"resume with run.rounds >= {rs.round + (rs.phase == 'train')} (spjax export writes its latest checkpoint)")
     done_rows = logged.get(rs.round, []) if rs.phase == "train" else []
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)

@@ -82,17 +82,18 @@ def kill_at(spec: str):
 def _io_failure(e: BaseException):
     """(path or None, reason) when e (or what it wraps) is a failed read or write of a file; else None.
 
-    orbax and asyncio wrap OSErrors; tensorstore reports them as ValueError('... [os_error_code=N]').
+    orbax and asyncio wrap OSErrors; tensorstore reports them as ValueError('... [os_error_code=N]'),
+    safetensors as SafetensorError('... I/O error: No space left on device (os error 28)').
     """
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno is not None:
             return e.filename, e.strerror
-        code = re.search(r"os_error_code='?(\d+)", str(e))
+        code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
         if code:
             path = re.search(r'"(/[^"]+)"', str(e))
-            return (path.group(1) if path else None), os.strerror(int(code.group(1)))
+            return (path.group(1) if path else None), os.strerror(int(code.group(1) or code.group(2)))
         e = e.__cause__ or e.__context__
     return None
 

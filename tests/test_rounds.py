@@ -499,6 +499,25 @@ def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tm
     evals = [ckpt_lib.load_json(str(work / "rounds" / f"round_{t:03d}" / "eval.json"))["nll"] for t in (0, 1)]
     assert nll == pytest.approx(evals[0], abs=1e-6) and abs(nll - evals[1]) > 1e-4, (nll, evals)
     ctx.checkpointer.close()
+    # `spjax export` would have replaced the kept round with the latest checkpoint (and nothing else holds it)
+    from spjax import cli
+    before = _export_bytes(work)
+    assert cli.main(["export", "--config", TINY, "--workdir", str(work), "run.rounds=3", "run.keep_best=f1",
+                     "run.stop_when_worse=1", f"data.tfds_dir={tfds_dir}"]) == 2
+    assert _export_bytes(work) == before
+
+
+def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, tmp_path, capsys):
+    """Before: the resume exported the latest checkpoint, a later round's model (or a half-trained one)."""
+    from spjax import train
+    work = tmp_path / "run"
+    shutil.copytree(reference_run[0], work)
+    assert train.main(["--config", TINY, "--workdir", str(work), "--resume", "run.rounds=1",
+                       f"data.tfds_dir={tfds_dir}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"spjax: ConfigError: run.rounds=1: the run in {work} is past it (round 2, phase sample); resume with "
+        "run.rounds >= 2")
+    assert _export_bytes(work) == _export_bytes(reference_run[0])
 
 
 def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_path, capsys):
