@@ -56,8 +56,8 @@ def export_main(argv=None) -> int:
         print(f"spjax export: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a full disk or a read-only target: one line; the rest propagate
-        from spjax.train import _io_failure
-        failed = _io_failure(e)
+        from spjax.train import io_failure
+        failed = io_failure(e)
         if failed is None:
             raise
         print(f"spjax export: I/O error: {failed[0] or args.out or args.workdir}: {failed[1]} (an earlier export "

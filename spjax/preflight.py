@@ -61,7 +61,7 @@ def check_lengths(cfg: Config, model_cfg, buckets, echo):
     """A sequence longer than the model's max_position_embeddings runs (RoPE extrapolates), but past the
     context it was trained on: said once, with what to lower."""
     longest = max(buckets[-1], cfg.data.max_prompt_len + max(cfg.sampling.max_new_tokens, cfg.run.eval_max_new_tokens))
-    limit = getattr(model_cfg, "max_position_embeddings", None)
-    if limit and longest > limit:
+    limit = model_cfg.max_position_embeddings
+    if longest > limit:
         echo(f"note: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + sampling/eval "
              f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")

@@ -79,7 +79,7 @@ def kill_at(spec: str):
     return fault
 
 
-def _io_failure(e: BaseException):
+def io_failure(e: BaseException):
     """(path or None, reason) when e (or what it wraps) is a failed read or write of a file; else None.
 
     orbax and asyncio wrap OSErrors; tensorstore reports them as ValueError('... [os_error_code=N]'),
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 4
     except Exception as e:  # noqa: BLE001 - only I/O failures are handled here; the rest propagate
-        failed = _io_failure(e)
+        failed = io_failure(e)
         if failed is None:
             raise
         print(f"\nspjax: I/O error: {failed[0] or workdir}: {failed[1]}. What was written before is intact: "

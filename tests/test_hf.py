@@ -184,7 +184,7 @@ def test_smollm2_logits_match_transformers_from_export(smollm2, tmp_path):
 def test_a_full_disk_in_safetensors_is_an_io_failure():
     """safetensors raises its own error type on ENOSPC: it was a traceback (exit 1), not the documented
     one line (exit 3), for the run's final export and for `spjax export`."""
-    from spjax.train import _io_failure
+    from spjax.train import io_failure
     err = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
-    assert _io_failure(err) == (None, "No space left on device")
-    assert _io_failure(RuntimeError("shape mismatch")) is None
+    assert io_failure(err) == (None, "No space left on device")
+    assert io_failure(RuntimeError("shape mismatch")) is None
