@@ -47,6 +47,7 @@ def test_summary_with_tokenizer(tmp_path, tokenizer_dir, capsys):
         _, report = tokenize_examples(llama_tokenizer(), load_file(path), max_prompt_len=24, max_len=32,
                                       overlong=overlong)
         assert line.endswith(str(report)) and (report.kept < 3 or report.prompts_truncated > 0)
+        assert report.prompts_by_turns == (overlong == "truncate")  # the multi-turn prompt lost its first turns
 
 
 def test_summary_without_tokenizer(tmp_path, capsys):

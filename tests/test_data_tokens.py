@@ -83,6 +83,28 @@ def test_truncated_prompt_is_still_shared(smollm2, tmp_path):
     assert loss["generated"]["input_ids_BxL"][0, :32].tolist() == ex.prompt_ids.tolist()
 
 
+def test_long_chat_loses_whole_oldest_turns_first(tok, tmp_path):
+    """A multi-turn prompt over max_prompt_len drops its oldest turns whole, keeping the system prompt;
+    the responses are tokenized after the kept chat. Only when no such chat fits are tokens cut."""
+    system, old, last = ("system", "Answer in French."), ("user", "word " * 60), ("user", "And Spain?")
+    long_chat = chat(system, old, ("assistant", "Paris. " * 30), last)
+    kept = chat(system, last)
+    cap = len(prompt_ids(tok, kept)) + 2
+    assert len(prompt_ids(tok, long_chat)) > cap
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_chat, "chosen": "Madrid.", "rejected": "Rome."},
+                                                 {"prompt": "word " * 80, "chosen": "ok", "rejected": "no"}])
+    examples, report = tokenize_examples(tok, load_file(path), max_prompt_len=cap, max_len=cap + 32)
+    ex, cut = examples
+    assert ex.prompt_ids.tolist() == prompt_ids(tok, kept).tolist()  # system prompt and last turn, whole
+    assert ex.real_ids.tolist() == response_ids(tok, kept, "Madrid.").tolist()
+    assert ex.generated_ids.tolist() == response_ids(tok, kept, "Rome.").tolist()
+    assert len(cut.prompt_ids) == cap and cut.prompt_ids[0] == tok.bos_token_id  # one turn: the token cut
+    assert (report.prompts_truncated, report.prompts_by_turns, report.kept) == (2, 1, 2)
+    assert "2 prompts (1 by whole turns)" in str(report)
+    _, dropped = tokenize_examples(tok, load_file(path), max_prompt_len=cap, max_len=cap + 32, overlong="drop")
+    assert (dropped.kept, dropped.dropped_prompt, dropped.prompts_by_turns) == (0, 2, 0)
+
+
 def test_plain_tokenizer_single_turn(tmp_path):
     plain = llama_tokenizer(chat_template=False)
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is the capital of France?", "response": "Paris."}])

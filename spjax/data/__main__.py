@@ -65,7 +65,8 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
     if tokenizer is not None:
         from spjax.data.pipeline import with_system_prompt  # the run's own step, so the counts are the run's
 
-        for ex in with_system_prompt(examples, system_prompt) if system_prompt else examples:
+        run_examples = with_system_prompt(examples, system_prompt) if system_prompt else examples
+        for ex in run_examples:
             try:
                 tokenized.append(tokenize_example(tokenizer, ex))
             except DataError as e:
@@ -100,7 +101,9 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
     bos = getattr(tokenizer, "bos_token_id", None)
     for overlong in ("truncate", "drop"):
         report = LengthReport()
-        for p, r, g in tokenized:
+        for ex, (p, r, g) in zip(run_examples, tokenized):
+            if overlong == "truncate" and len(p) > max_prompt_len:  # the run's way: oldest whole turns first
+                p, r, g = tokenize_example(tokenizer, ex, max_prompt_len=max_prompt_len, report=report)
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report)
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)

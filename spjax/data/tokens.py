@@ -181,12 +181,14 @@ class LengthReport:
     examples: int = 0
     kept: int = 0
     prompts_truncated: int = 0
+    prompts_by_turns: int = 0  # of prompts_truncated: shortened by dropping their oldest whole turns
     responses_truncated: int = 0  # real or generated (or both) cut at max_len
     dropped_prompt: int = 0  # overlong="drop": prompt longer than max_prompt_len
     dropped_total: int = 0  # overlong="drop": prompt + a response longer than max_len
 
     def __str__(self):
-        return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts and "
+        turns = f" ({self.prompts_by_turns} by whole turns)" if self.prompts_by_turns else ""
+        return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts{turns} and "
                 f"{self.responses_truncated} responses truncated; {self.dropped_prompt} dropped for a long "
                 f"prompt, {self.dropped_total} for a long prompt+response")
 
@@ -228,14 +230,44 @@ def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, ove
     return prompt, sides[0], (sides[1] if len(sides) > 1 else None)
 
 
-def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None) -> tuple:
+def fit_turns(tokenizer, messages: Sequence[dict], max_prompt_len: int, where: Problem,
+              today: Optional[str] = None) -> tuple:
+    """(messages, prompt) for a chat: as given if its prompt fits max_prompt_len, else without its oldest
+    whole turns (the system prompt kept; the kept part starts at a user turn, as templates require),
+    the longest such chat that fits. None of them fitting: as given, for the token cut of the length policy.
+    prompt: `_prompt`'s (text, tokens)."""
+    prompt = _prompt(tokenizer, messages, where, today)
+    if len(prompt[1]) <= max_prompt_len or not has_chat_template(tokenizer):
+        return messages, prompt
+    head = 1 if messages[0]["role"] == "system" else 0
+    for start in range(head + 1, len(messages)):
+        if messages[start]["role"] != "user":
+            continue
+        kept = list(messages[:head]) + list(messages[start:])
+        shorter = _prompt(tokenizer, kept, where, today)
+        if len(shorter[1]) <= max_prompt_len:
+            return kept, shorter
+    return messages, prompt
+
+
+def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max_prompt_len: Optional[int] = None,
+                     report: Optional[LengthReport] = None) -> tuple:
     """(prompt, real, second side or None) token ids of one example, before the length policy.
 
     The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
     today: the date the chat template prints as today's (YYYY-MM-DD; None: the clock's).
+    max_prompt_len: a multi-turn prompt over it loses its oldest whole turns first (`fit_turns`), counted
+    in `report`; the responses are tokenized after the chat that is kept.
     """
-    prompt = _prompt(tokenizer, ex.prompt_messages, ex.problem("prompt", ""), today)  # rendered, encoded once
-    side = lambda text, field: response_ids(tokenizer, ex.prompt_messages, text, where=ex.problem(field, ""),
+    messages, where = ex.prompt_messages, ex.problem("prompt", "")
+    if max_prompt_len is None:
+        prompt = _prompt(tokenizer, messages, where, today)  # rendered, encoded once
+    else:
+        messages, prompt = fit_turns(tokenizer, messages, max_prompt_len, where, today)
+        if report is not None and len(messages) < len(ex.prompt_messages):
+            report.prompts_truncated += 1
+            report.prompts_by_turns += 1
+    side = lambda text, field: response_ids(tokenizer, messages, text, where=ex.problem(field, ""),
                                             today=today, prompt=prompt)
     other = ex.rejected if ex.rejected is not None else ex.generated
     gen = None if other is None else side(other, "rejected" if ex.rejected is not None else "generated")
@@ -255,7 +287,8 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     report, out, problems = LengthReport(), [], []
     for ex in metrics.progress_iter(examples, f"data {split or 'split'}: tokenize", "example"):
         try:
-            p, real, gen = tokenize_example(tokenizer, ex, today)
+            fit = max_prompt_len if overlong == "truncate" else None
+            p, real, gen = tokenize_example(tokenizer, ex, today, max_prompt_len=fit, report=report)
         except DataError as e:
             problems.extend(e.problems)
             continue
