@@ -93,9 +93,12 @@ def test_data_prepared_by_other_parsers_is_prepared_anew(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": a} for q, a in QA])
     cfg, data_dir = DataConfig(path=path, eval_frac=0.0), str(tmp_path / "tfds")
     load_examples(cfg, data_dir)
+    load_examples(DataConfig(path="synthetic"), data_dir)  # the built-in datasets too
     monkeypatch.setattr(tfds_builders, "_parsers_digest", lambda: "other code")
     load_examples(cfg, data_dir)
+    load_examples(DataConfig(path="synthetic"), data_dir)
     assert len(glob.glob(os.path.join(data_dir, "spjax_files", "*"))) == 2
+    assert len(glob.glob(os.path.join(data_dir, "synthetic", "*", "1.0.0"))) == 2
 
 
 def test_a_dataset_another_run_prepared_first_is_read(tmp_path, monkeypatch):

@@ -148,7 +148,8 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
         return _splits(_prepared(tfds_builders.SpjaxFiles, config=config, data_dir=data_dir), path, fmt)
     name = path.split("/")[0].split(":")[0]
     if name in BUILTIN:
-        return _splits(_prepared(BUILTIN[name], data_dir=data_dir), path, fmt)
+        return _splits(_prepared(BUILTIN[name], config=tfds_builders.builtin_config(name), data_dir=data_dir),
+                       path, fmt)
     try:
         builder = tfds.builder(path, data_dir=data_dir)
     except Exception as e:  # tfds raises DatasetNotFoundError and friends; its first line says which

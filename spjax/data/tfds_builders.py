@@ -148,6 +148,13 @@ def files_config(train_files, test_files=(), data_format="auto", eval_frac=0.0, 
                        data_format=data_format, eval_frac=eval_frac, seed=seed)
 
 
+def builtin_config(name: str) -> tfds.core.BuilderConfig:
+    """A built-in dataset's config, named by the code that makes it (and chatterbot's corpus files), so
+    a tfds_dir prepared by another spjax version or corpus version is prepared anew, not read as it was."""
+    files = sorted(glob.glob(os.path.join(chatterbot_dir(), "*.yml"))) if name == "chatterbot" else []
+    return tfds.core.BuilderConfig(name=_fingerprint(files, name), version=VERSION)
+
+
 class SpjaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of spjax builders: the canonical features, kept in generation order, no code directory."""
 
