@@ -57,6 +57,7 @@ class Judge:
     name: str
     fn: Callable  # list[Query] -> [n, K] scores or [n, K, K] win probabilities
     bradley_terry: bool  # scores -> sigma(s_i - s_j); else by comparison
+    collective: bool = False  # a program every process runs in lockstep (a reward model); else host code
 
 
 def check_name(name: str):
@@ -205,7 +206,7 @@ def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) 
         return Judge(name, _python(name), True)
     from spjax import reward_model
     rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer)
-    return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True)
+    return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True, collective=True)
 
 
 def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:
@@ -241,8 +242,20 @@ def check_wins(name: str, wins_NxKxK: np.ndarray) -> np.ndarray:
 
 
 def judge_all(judge: Judge, queries: list) -> tuple:
-    """(scores [n, K], win probabilities [n, K, K]) of every query. Every judge's output must be
-    finite (a reward model fed bad ids gives NaN, not an error); a matrix goes through check_wins."""
+    """(scores [n, K], win probabilities [n, K, K]) of every query, the same on every process. Every
+    judge's output must be finite (a reward model fed bad ids gives NaN, not an error); a matrix goes
+    through check_wins. Every process calls this with the same queries; a judge that is host code
+    runs on process 0 only and its answer is broadcast (it need not answer alike on each host)."""
+    import jax
+    if judge.collective or not queries or jax.process_count() == 1:
+        return _judge_here(judge, queries)
+    from spjax import sharding
+    n, K = len(queries), len(queries[0].responses)
+    scores, wins = sharding.from_process_0(lambda: _judge_here(judge, queries), [(n, K), (n, K, K)], JudgeError)
+    return scores, wins
+
+
+def _judge_here(judge: Judge, queries: list) -> tuple:
     out = np.asarray(judge.fn(queries), np.float64)
     if out.ndim not in (2, 3) or len(out) != len(queries):
         raise JudgeError(f"judge {judge.name}: returned shape {out.shape} for {len(queries)} prompts "

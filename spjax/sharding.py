@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -147,6 +148,37 @@ def on_every_process(ok: bool) -> bool:
         return ok
     from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+
+
+def from_process_0(fn, shapes: Sequence[tuple], error=RuntimeError) -> list:
+    """fn()'s float64 arrays (of `shapes`), computed on process 0 alone and the same on every process.
+
+    For host code that need not answer alike on each host (a user's judge that samples, or calls a
+    service): it runs once, and every process goes on from one answer. An exception on process 0 is
+    raised there, and `error` with its message on the others: none is left waiting in the broadcast.
+    (The arrays travel as int32 bits: the broadcast's psum would cast float64 to float32.)"""
+    if jax.process_count() == 1:
+        return [np.asarray(a, np.float64) for a in fn()]
+    from jax.experimental import multihost_utils
+    out, failure = [np.zeros(s, np.float64) for s in shapes], None
+    if jax.process_index() == 0:
+        try:
+            out = [np.asarray(a, np.float64).reshape(s) for a, s in zip(fn(), shapes)]
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others have been told)
+            failure = e
+    text = b"" if failure is None else f"{type(failure).__name__}: {failure}".encode()[:_MESSAGE_BYTES]
+    message = np.zeros(_MESSAGE_BYTES, np.int32)
+    message[:len(text)] = np.frombuffer(text, np.uint8)
+    got = multihost_utils.broadcast_one_to_all([message] + [np.ascontiguousarray(a).view(np.int32) for a in out])
+    if failure is not None:
+        raise failure
+    told = bytes(np.asarray(got[0]).astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+    if told:
+        raise error(f"on process 0: {told}")
+    return [np.ascontiguousarray(g).view(np.float64).reshape(s) for g, s in zip(got[1:], shapes)]
+
+
+_MESSAGE_BYTES = 1024
 
 
 def init_params(cfg, key, mesh: Mesh):

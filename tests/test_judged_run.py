@@ -4,11 +4,12 @@ bit for bit, and 2 processes give the export of 1."""
 import json
 import math
 import os
+import sys
 
 import pytest
 
 from tests.test_rounds import (  # noqa: F401 (tfds_dir: a fixture this module uses)
-    _assert_exports_close, _export_bytes, _logged, _train, _train_two_processes, tfds_dir)
+    _assert_exports_close, _export_bytes, _logged, _train, _train_two_processes, _two_processes, tfds_dir)
 
 JUDGED = ["sampling.num_samples=2", "judge.batch_size=16", "objective.name=inpo", "objective.tau=0.05",
           "judge.pairs=best_worst"]
@@ -92,3 +93,32 @@ def test_two_processes_match_one_process(judged_run, tfds_dir, tmp_path):
     out = _train_two_processes(tmp_path / "run", *args, tfds_dir=tfds_dir)
     assert "pairs: judged" in out and "exported the final model" in out
     _assert_exports_close(tmp_path / "run", ref_dir)
+
+
+_HOST_JUDGE = """
+import jax, numpy as np
+from spjax import judges, sharding as shd
+shd.init_distributed()
+calls = []
+def by_host(queries):  # answers otherwise on each host, as a judge that samples or calls a service may
+    calls.append(len(queries))
+    return np.full((len(queries), 2), 0.25 + jax.process_index()) + np.arange(2)
+qs = [judges.Query("p", ("a", "b"), "r")] * 3
+scores, wins = judges.judge_all(judges.Judge("python:by_host", by_host, True), qs)
+assert np.array_equal(scores, [[0.25, 1.25]] * 3) and calls == ([3] if jax.process_index() == 0 else []), calls
+def broken(queries):
+    raise judges.JudgeError("judge python:broken: no")
+try:
+    judges.judge_all(judges.Judge("python:broken", broken, True), qs)
+except judges.JudgeError as e:
+    print("raised:", e)
+"""
+
+
+def test_a_host_judge_answers_once_for_every_process():
+    """A judge that is host code runs on process 0 and every process gets its answer (each used to call
+    it and form its own pairs: a judge that answered otherwise on another host mixed two runs' pairs);
+    its failure stops every process, none waits in the broadcast."""
+    first, second = (out.strip().splitlines()[-1] for out in _two_processes([sys.executable, "-c", _HOST_JUDGE], 300))
+    assert first == "raised: judge python:broken: no"  # (gloo's own lines come before)
+    assert second == "raised: on process 0: JudgeError: judge python:broken: no"
