@@ -86,6 +86,9 @@ def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: 
                for p, a, r, e, ids in zip(prompts, preds, refs_text, held, answers)]
     scores, _ = judges.judge_all(ctx.judge, queries)
     out = {"judge_score": float(scores.mean()) if len(scores) else float("nan")}
+    if len(scores) and np.isnan(out["judge_score"]) and ctx.cfg.run.keep_best == "judge_score":
+        raise judges.JudgeError(f"run.keep_best: judge {ctx.judge.name} returns win matrices, which score no answer "
+                                "alone, so there is no judge_score to keep the best round by; pick another metric")
     prev_path = _answers_path(ctx, None if not t else t - 1) if t is not None else None
     if prev_path and os.path.exists(prev_path):
         prev = ckpt_lib.load_json(prev_path)
@@ -118,7 +121,9 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
     out["gen_len"] = float(np.mean(res.lengths))
     if ctx.judge is not None:
         out.update(judge_metrics(ctx, t, res.tokens, preds, refs_text))
-        ctx.echo(f"[{name}] held-out judge score ({cfg.judge.name}, greedy answers): {out['judge_score']:.4f}"
+        score = out["judge_score"]
+        ctx.echo(f"[{name}] held-out judge score ({cfg.judge.name}, greedy answers): "
+                 + ("none (a pairwise judge)" if np.isnan(score) else f"{score:.4f}")
                  + (f"; win rate over the previous model: {out['win_rate']:.3f}" if "win_rate" in out else ""))
     held_pairs = pairs.splits["held"] if pairs is not None else []
     if held_pairs:

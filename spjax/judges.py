@@ -4,7 +4,9 @@ A judge sees each prompt's K samples (and the record's reference response) and r
 scores [n, K] or win probabilities [n, K, K] (P[i, j] = P(sample i beats sample j)). `judge_all`
 turns either into both: scores become win probabilities by Bradley-Terry (sigma(s_i - s_j): reward
 models and a user's scores) or by comparison (1 better, 1/2 tie, 0 worse: verifiers and similarity,
-whose scores are grades, not logits); a matrix's row means are its scores (the soft win rates).
+whose scores are grades, not logits). A pairwise judge (a matrix) scores no sample alone: its scores
+are NaN (the held-out judge_score, judge_mean and judge_best with them), and its soft win rates (the
+matrix's row means) make the pairs.
 A matrix must be a preference (entries in [0, 1], P[i, j] + P[j, i] = 1); its diagonal is set to 1/2.
 Output that breaks these rules (a wrong shape, NaN or inf, not a preference) raises JudgeError.
 
@@ -86,7 +88,10 @@ def check_name(name: str):
 # ---------------------------------------------------------------------------------------------
 # Verifiers
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A sign is a minus (ASCII or U+2212) unless a digit precedes it ('10-3' is 10 and 3); commas count only
+# in thousands groups ('1,000' is 1000; '1,2,3' is three numbers, the last 3).
+_SIGN = r"(?:(?<!\d)[-\u2212])?"
+_NUMBER = re.compile(_SIGN + r"(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def final_number(text: str) -> Optional[float]:
@@ -98,7 +103,7 @@ def final_number(text: str) -> Optional[float]:
     if not found:
         return None
     try:
-        return float(found[-1].replace(",", ""))
+        return float(found[-1].replace(",", "").replace("\u2212", "-"))
     except ValueError:
         return None
 
@@ -109,7 +114,8 @@ def _normalise(text: str) -> str:
 
 def verify(mode: str, response: str, reference: str) -> float:
     """1.0 if `response` carries the reference's answer under `mode` (see the module doc), else 0.0.
-    A malformed answer (no number, no match) scores 0; so does a reference without an answer."""
+    A malformed answer (no number, no match) scores 0; so does a reference without a number (a regex's
+    reference without a match is its answer itself)."""
     kind, _, pattern = mode.partition(":")
     if kind == "number":
         got, want = final_number(response), final_number(reference)
@@ -120,7 +126,8 @@ def verify(mode: str, response: str, reference: str) -> float:
 
     def last(text):
         ms = list(rx.finditer(text))
-        return None if not ms else (ms[-1].group(1) if rx.groups else ms[-1].group(0)).strip()
+        got = None if not ms else ms[-1].group(1) if rx.groups else ms[-1].group(0)
+        return None if got is None else got.strip()  # an optional group that took no part: no answer
 
     got, want = last(response), last(reference)
     want = want if want is not None else reference.strip()
@@ -264,9 +271,8 @@ def _judge_here(judge: Judge, queries: list) -> tuple:
     if np.any(bad_N):
         raise JudgeError(f"judge {judge.name}: {int(bad_N.sum())} of {len(out)} rows are not finite (NaN or inf; "
                          f"first: row {int(np.argmax(bad_N))})")
-    if out.ndim == 3:
-        wins_NxKxK = check_wins(judge.name, out)
-        return wins_NxKxK.mean(axis=2), wins_NxKxK
+    if out.ndim == 3:  # its row means would be no score: they average 1/2 whatever the samples (1/2 at K = 1)
+        return np.full(out.shape[:2], np.nan), check_wins(judge.name, out)
     return out, np.stack([win_matrix(s, judge.bradley_terry) for s in out]) if len(out) else np.zeros((0, 0, 0))
 
 

@@ -30,6 +30,13 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ("", "12", 0.0),  # malformed: no number at all
     ("twelve", "12", 0.0),
     ("12", "no number here", 0.0),  # a reference without an answer cannot be matched
+    ("so 1,2,3", "3", 1.0),  # a list's last number, not 123
+    ("2,5", "2.5", 0.0),  # not a thousands group: 2 and 5, the last 5 (was 25)
+    ("1,234,567.5 in all", "1234567.5", 1.0),
+    ("\u22123", "-3", 1.0),  # the Unicode minus sign (was read as 3)
+    ("\u22123", "3", 0.0),
+    ("10-3 = 7", "7", 1.0),
+    ("it is 10-3", "3", 1.0),  # a hyphen after a digit is no minus sign
 ])
 def test_verifier_number(response, reference, want):
     assert judges.verify("number", response, reference) == want
@@ -43,6 +50,8 @@ def test_verifier_exact_and_regex():
     assert judges.verify(f"regex:{rx}", "so the answer: B", "B") == 1.0  # reference without a match: itself
     assert judges.verify(f"regex:{rx}", "answer: A ... answer: C", "answer: C") == 1.0  # the last match
     assert judges.verify(f"regex:{rx}", "I think B", "B") == 0.0  # malformed: no match
+    # an optional group that took no part in the last match: no answer (was an AttributeError)
+    assert judges.verify(r"regex:answer:\s*(\d+)?", "answer: unsure", "answer: 5") == 0.0
 
 
 def test_judge_names_are_checked():
@@ -110,7 +119,8 @@ def test_python_matrix_judge_is_checked():
     scores, wins = judges.judge_all(judges.build("python:tests.judge_fixture:first_beats_rest"), [q])
     # a sample against itself ties (SPPO's convention), whatever diagonal the judge returned
     assert np.diag(wins[0]).tolist() == [0.5, 0.5, 0.5]
-    assert scores[0].tolist() == [(0.5 + 1 + 1) / 3, (0 + 0.5 + 0.5) / 3, (0 + 0.5 + 0.5) / 3]
+    assert wins[0].mean(axis=1).tolist() == [(0.5 + 1 + 1) / 3, (0 + 0.5 + 0.5) / 3, (0 + 0.5 + 0.5) / 3]
+    assert np.isnan(scores).all()  # a pairwise judge scores no sample alone (its row means average 1/2 always)
     q2 = judges.Query("p", ("a", "b"), "ref")
     with pytest.raises(judges.JudgeError,
                        match=r"inconsistent: win matrix of row 0 has P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
@@ -147,6 +157,14 @@ def test_bad_judge_output_stops_the_run_with_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("spjax: JudgeError: judge python:nanjudge:nan returned NaN or inf in 1 of 1 values "
                               "for the prompt"), err  # the first judge call: the initial model's held-out answers (K=1)
+    # A pairwise judge scores no answer alone: its held-out judge_score was 1/2 whatever the model (a 1 x 1
+    # matrix's diagonal), so keep_best=judge_score kept round 0 and stop_when_worse stopped on a constant.
+    assert train.main([*args, "--workdir", str(tmp_path / "w3"), "run.keep_best=judge_score",
+                       "judge.name=python:tests.judge_fixture:first_beats_rest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("spjax: JudgeError: run.keep_best: judge python:tests.judge_fixture:first_beats_rest returns "
+                       "win matrices, which score no answer alone, so there is no judge_score to keep the best round "
+                       "by; pick another metric"), err
 
 
 # ---------------------------------------------------------------------------------------------
