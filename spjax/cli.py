@@ -51,7 +51,8 @@ def export_main(argv=None) -> int:
         state, meta = restored
         tok = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
         out = hf.save_pretrained(model_cfg, state.params, args.out or os.path.join(args.workdir, "export"),
-                                 tokenizer=tok, replace_any=args.out is None)  # --out: never a workdir
+                                 tokenizer=tok, replace_any=args.out is None,  # --out: never a workdir
+                                 source=cfg.model_path)
     except (ConfigError, hf.CheckpointError) as e:
         print(f"spjax export: {e}", file=sys.stderr)
         return 2

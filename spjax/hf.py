@@ -37,9 +37,14 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if arch is None:
         raise CheckpointError(f"{where}: architecture {archs or hf.get('model_type')} is not supported "
                               f"(supported: {', '.join(HF_ARCHS)})")
-    # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_scaling") or {})
-    rope.update(hf.get("rope_parameters") or {})
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: required key(s) {', '.join(missing)} missing")
+    # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling. Where
+    # both are present, transformers reads rope_scaling (a 4.x-style edit of a 5.x config): so do we.
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
@@ -65,7 +70,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings")  # transformers' default:
+                                       or hf.get("max_position_embeddings", 8192)),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2",
@@ -87,18 +93,19 @@ def _sliding_window(hf: dict, arch: str, where: str):
     and 5.x's default) when i >= max_window_layers. A mix of windowed and full layers, which one
     window cannot represent, is refused.
     """
-    if arch == "mistral":  # transformers' MistralConfig defaults to a 4096 window when the key is absent
-        return hf.get("sliding_window", 4096)
-    if arch != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    window = hf.get("sliding_window", 4096)  # Mistral's and Qwen2's config default when the key is absent
+    if arch == "mistral":
+        return window
+    if arch != "qwen2" or not hf.get("use_sliding_window") or window is None:
         return None
     n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
     types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     windowed = {t == "sliding_attention" for t in types}
     if len(windowed) > 1:
-        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {hf['sliding_window']}) on some "
+        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {window}) on some "
                               f"layers only (layer_types / max_window_layers {first}), but spjax windows all layers "
                               f"or none: it cannot load this model")
-    return hf["sliding_window"] if windowed == {True} else None
+    return window if windowed == {True} else None
 
 
 def _export_arch(cfg: ModelConfig) -> str:
@@ -266,7 +273,7 @@ EXPORT_MARK = ".spjax-export"  # in every export: a directory without it is repl
 
 
 def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
-                    max_shard_bytes: int = 4 << 30, replace_any: bool = False):
+                    max_shard_bytes: int = 4 << 30, replace_any: bool = False, source: str = ""):
     """Write a HF directory (config.json, safetensors, tokenizer) atomically: all or nothing.
 
     An existing out_dir is replaced only if it is empty or an earlier spjax export (EXPORT_MARK), so
@@ -275,6 +282,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     Only process 0 writes; every process must call it (params are gathered collectively).
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
     under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
+    source: the HF directory the model came from: its generation_config.json (a greedy or a sampling
+    default, temperature, top_p, ...) is the export's, with bos/eos ids as exported.
     """
     from safetensors.numpy import save_file
     from spjax import checkpoint as ckpt_lib, lora
@@ -298,9 +307,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             json.dump(hf, f, indent=2)
         with open(os.path.join(tmp, EXPORT_MARK), "w") as f:
             f.write("written by spjax.save_pretrained; a later export may replace this directory\n")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"], "do_sample": True}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+            json.dump(_generation_config(cfg, hf, source), f, indent=2)
         shards, cur, size = [], {}, 0
         for name, arr in tensors.items():
             if cur and size + arr.nbytes > max_shard_bytes:
@@ -342,6 +350,14 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _generation_config(cfg: ModelConfig, hf: dict, source: str) -> dict:
+    """The export's generation_config.json: the source directory's, its bos/eos ids the exported ones."""
+    path = os.path.join(source, "generation_config.json") if source and os.path.isdir(source) else ""
+    gen = _read_json(path) if path and os.path.isfile(path) else {}
+    gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=hf["eos_token_id"])
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def from_transformers(model, mesh=None, **overrides):

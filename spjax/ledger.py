@@ -132,7 +132,7 @@ def record_round(ctx, t: int, params, summary: dict) -> bool:
         row["len_drift"] = row["gen_len"] / summary["initial"]["gen_len"] - 1.0
     if r.keep_best and metrics_lib.best_round(summary, r.keep_best, METRIC_GOALS[r.keep_best])[0] == t:
         hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer,
-                           replace_any=True)
+                           replace_any=True, source=ctx.cfg.model_path)
     ctx.writer.write("round", t, row)
     ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
     ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
@@ -171,7 +171,7 @@ def finish(ctx, params, summary: dict):
                        summary["initial"].get(r.keep_best))
     elif r.export:  # every process: the export gathers sharded params
         out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer,
-                                 replace_any=True)
+                                 replace_any=True, source=ctx.cfg.model_path)
         ctx.echo(f"exported the final model to {out}")
     if jax.process_index() == 0:
         try:

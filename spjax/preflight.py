@@ -65,3 +65,13 @@ def check_lengths(cfg: Config, model_cfg, buckets, echo):
     if longest > limit:
         echo(f"note: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + sampling/eval "
              f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")
+
+
+def check_vocab(cfg: Config, model_cfg, tokenizer):
+    """A tokenizer whose ids run past the model's embedding table (another model's tokenizer, or added
+    tokens without a resized table) is refused: such an id's embedding is NaN, and the whole row with it."""
+    n = max(tokenizer.get_vocab().values()) + 1
+    if n > model_cfg.vocab_size:
+        raise ConfigError(f"{'run.tokenizer_path' if cfg.tokenizer_path else 'model_path'}: the tokenizer "
+                          f"({cfg.tokenizer_path or cfg.model_path or 'bytes'}) has ids up to {n - 1}, past the "
+                          f"model's vocab_size {model_cfg.vocab_size}: it is not this model's tokenizer")

@@ -123,6 +123,23 @@ def test_mistral_without_a_window_key_gets_transformers_default():
     assert hf.config_from_hf(dict(conf, sliding_window=None)).sliding_window is None
 
 
+def test_config_keys_read_as_transformers_reads_them():
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=1, num_attention_heads=4)
+    # rope_scaling beside rope_parameters (a 4.x-style edit of a 5.x config): transformers applies rope_scaling
+    both = hf.config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                  rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    assert (both.rope_type, both.rope_factor, both.rope_theta) == ("linear", 4.0, 5e5)
+    # llama3 scaling without original_max_position_embeddings: transformers takes max_position_embeddings
+    llama3 = hf.config_from_hf(dict(base, max_position_embeddings=64,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    assert llama3.rope_original_max_position == 64
+    qwen = dict(base, architectures=["Qwen2ForCausalLM"], use_sliding_window=True, max_window_layers=0)
+    assert hf.config_from_hf(qwen).sliding_window == 4096  # Qwen2Config's default window
+    with pytest.raises(hf.CheckpointError, match=r"^m/config.json: required key\(s\) vocab_size missing$"):
+        hf.config_from_hf({k: v for k, v in base.items() if k != "vocab_size"}, "m/config.json")
+
+
 def test_generation_config_eos_ids_are_stop_ids(tmp_path):
     """Instruct models keep end-of-turn ids in generation_config.json (Llama 3: 128009), where
     generate() reads them: before, the sampler ran past the end of a turn to max_new_tokens."""
@@ -133,6 +150,27 @@ def test_generation_config_eos_ids_are_stop_ids(tmp_path):
         json.dump({"eos_token_id": [2, 7, 9]}, f)
     assert spjax.load_pretrained(out)[0].eos_token_ids == (2, 7, 9)
     assert hf.load_model_config(out).eos_token_ids == (2, 7, 9)
+
+
+def test_export_keeps_the_source_generation_config(tmp_path):
+    """An export's generation_config.json is its source's, with the exported bos/eos ids: before, every
+    export said do_sample=True and nothing else, so a greedy model's generate() sampled at temperature 1
+    and a sampling model lost its temperature and top_p."""
+    import json
+    cfg, params = oracle.spjax_model("llama3")
+    src = spjax.save_pretrained(dataclasses.replace(cfg, eos_token_ids=(2,)), params, tmp_path / "src")
+    for gen in ({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+                {"eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}):
+        with open(os.path.join(src, "generation_config.json"), "w") as f:
+            json.dump(gen, f)
+        loaded, params = spjax.load_pretrained(src)
+        out = spjax.save_pretrained(loaded, params, tmp_path / "out", source=src)
+        with open(os.path.join(out, "generation_config.json")) as f, open(os.path.join(out, "config.json")) as c:
+            got, eos = json.load(f), json.load(c)["eos_token_id"]
+        assert got == dict(gen, bos_token_id=loaded.bos_token_id, eos_token_id=eos), got
+    bare = spjax.save_pretrained(loaded, params, tmp_path / "gguf_like")
+    with open(os.path.join(bare, "generation_config.json")) as f:
+        assert "do_sample" not in json.load(f)  # no source: generate()'s own defaults
 
 
 def test_gguf_refuses_tensors_it_does_not_read(tmp_path):

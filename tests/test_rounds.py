@@ -205,6 +205,17 @@ def test_fewer_training_examples_than_one_batch_is_one_line(tmp_path, capsys, tf
         "(lower it, or add data)"), err
 
 
+def test_a_tokenizer_past_the_vocabulary_is_one_line(tmp_path, capsys, tfds_dir):
+    """Before: ids past the embedding table gave NaN rows, which the default nonfinite=skip dropped as
+    skipped steps (or a NaN sampler), never naming the tokenizer."""
+    from spjax import train
+    argv = ["--config", TINY, "--workdir", str(tmp_path / "w"), "model.vocab_size=200", f"data.tfds_dir={tfds_dir}"]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "spjax: ConfigError: run.tokenizer_path: the tokenizer (bytes) has ids up to 258, past the model's vocab_size "
+        "200: it is not this model's tokenizer")
+
+
 @pytest.mark.parametrize("value", ["1s", "-1", "nan"])
 def test_bad_compile_cache_setting_is_one_line(tmp_path, capsys, monkeypatch, value):
     from spjax import train
