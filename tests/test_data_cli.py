@@ -177,3 +177,27 @@ def test_system_prompt_counts_tokens_as_the_run_does(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--help"])
     assert "--system-prompt TEXT" in capsys.readouterr().out
+
+
+def test_template_date_counts_tokens_as_the_run_does(tmp_path, capsys):
+    """--template-date is data.template_date: a template that prints today's date counts the run's tokens."""
+    from spjax.data import load_file, tokenize_examples
+    from spjax.data.__main__ import _table, validate
+    from spjax.hf import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    tok.chat_template = ("<|im_start|>system\nToday: {{ strftime_now('%d %B %Y') }}<|im_end|>\n{% for m in messages %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 2 + 2?", "response": "4."}])
+    rows = {}
+    for today in ("2024-05-26", "2024-09-26"):  # May and September: 4 characters apart
+        assert validate(path, tokenizer=tok, today=today) == 0
+        out = capsys.readouterr().out.splitlines()
+        run, _ = tokenize_examples(tok, load_file(path), max_prompt_len=512, max_len=1024, today=today)
+        rows[today] = _table({"prompt": [len(e.prompt_ids) for e in run]}, "tokens")[1]
+        assert rows[today] in out
+    assert rows["2024-05-26"] != rows["2024-09-26"]
+    with pytest.raises(SystemExit):
+        main(["validate", path, "--template-date", "2024-02-30"])
+    assert "--template-date: '2024-02-30' is not a date as YYYY-MM-DD" in capsys.readouterr().err

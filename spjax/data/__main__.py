@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -32,16 +33,16 @@ def _table(rows: dict, unit: str) -> list:
 
 
 def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int = 512, max_len: int = 1024,
-             out=None, system_prompt: str = "") -> int:
+             out=None, system_prompt: str = "", today: Optional[str] = None) -> int:
     """Check a file, or each data file of a directory; print summaries or every problem (to `out`,
     default stdout). Returns the exit status. system_prompt: data.system_prompt, which the run puts
-    before prompts without a system turn (so it counts in their tokens)."""
+    before prompts without a system turn (so it counts in their tokens). today: data.template_date."""
     out = out or sys.stdout
     if not os.path.exists(path):
         print(f"{path}: file not found", file=out)  # not a problem at a line: there is no line 1
         return 1
     if not os.path.isdir(path):
-        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt)
+        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         print(f"{path}: a prepared TFDS dataset (a run checks it as it reads it); validate checks data files "
               f"({', '.join(SUFFIXES)}) or a directory of them", file=out)
@@ -56,10 +57,11 @@ def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int =
         return 1
     held = ", ".join(map(os.path.basename, test)) or "none (a run holds out data.eval_frac of train)"
     print(f"{path}: train {', '.join(map(os.path.basename, train))}; held out {held}", file=out)
-    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt) for f in train + test)
+    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today)
+               for f in train + test)
 
 
-def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt="") -> int:
+def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt="", today=None) -> int:
     examples, problems, used = parse_file(path, fmt)
     tokenized = []
     if tokenizer is not None:
@@ -68,7 +70,7 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         run_examples = with_system_prompt(examples, system_prompt) if system_prompt else examples
         for ex in run_examples:
             try:
-                tokenized.append(tokenize_example(tokenizer, ex))
+                tokenized.append(tokenize_example(tokenizer, ex, today))
             except DataError as e:
                 problems.extend(e.problems)
     if problems:
@@ -103,7 +105,7 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         report = LengthReport()
         for ex, (p, r, g) in zip(run_examples, tokenized):
             if overlong == "truncate" and len(p) > max_prompt_len:  # the run's way: oldest whole turns first
-                p, r, g = tokenize_example(tokenizer, ex, max_prompt_len=max_prompt_len, report=report)
+                p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report)
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report)
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)
@@ -123,11 +125,15 @@ def main(argv=None) -> int:
     v.add_argument("--system-prompt", default=defaults.system_prompt, metavar="TEXT",
                    help="the run's data.system_prompt: a system turn for prompts without one, counted in "
                         "their tokens as the run counts it (set it when the run's config does)")
+    v.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
+                   help="the run's data.template_date: the date a chat template prints as today's (default: today)")
     args = parser.parse_args(argv)
     try:
         check_lengths(args.max_prompt_len, args.max_len, "truncate")
-    except ValueError as e:
-        parser.error(str(e))
+        if args.template_date:
+            DataConfig(template_date=args.template_date)  # its check: a date as YYYY-MM-DD
+    except ValueError as e:  # (ConfigError is one)
+        parser.error(str(e).replace("data.template_date", "--template-date"))
     tokenizer = None
     if args.tokenizer:
         from spjax.hf import CheckpointError, load_tokenizer
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
-                    system_prompt=args.system_prompt)
+                    system_prompt=args.system_prompt, today=args.template_date)
 
 
 if __name__ == "__main__":
