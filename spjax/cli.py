@@ -11,7 +11,6 @@ Each subcommand is also `python -m spjax.<module>` (train, data, report, compile
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -37,10 +36,7 @@ def export_main(argv=None) -> int:
             raise ConfigError(f"{args.workdir}/export holds the round run.keep_best={cfg.run.keep_best} kept, not the "
                               "latest checkpoint: pass --out DIR to write that elsewhere")
         mesh = shd.make_mesh(cfg.mesh)
-        if cfg.model_path:  # the structure only: the weights come from the checkpoint
-            model_cfg = hf.load_model_config(cfg.model_path, **cfg.model_overrides())
-        else:
-            model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
+        model_cfg = rounds.model_config(cfg)  # the structure only: the weights come from the checkpoint
         # A LoRA checkpoint holds the adapters: the frozen base is loaded as the run loaded it.
         base = rounds.load_initial(cfg, mesh)[1] if model_cfg.lora.rank else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)

@@ -94,12 +94,15 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+    structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
+    preflight.check_vocab(cfg, structure, tokenizer)
+    stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
     if jax.process_index() == 0:  # one process prepares the TFDS dataset, the others then read it
-        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir)
+        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops)
     shd.barrier("spjax-data-prepared")
     if jax.process_index() != 0:
-        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir)
+        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops)
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     ledger.check_data(workdir, {"train": prepared.train, "test": prepared.test}, resume)
@@ -112,7 +115,6 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
     model_cfg, params = load_initial(cfg, mesh)
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
-    preflight.check_vocab(cfg, model_cfg, tokenizer)
     shd.check_sharded(params, mesh)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
     echo(saving.disk_report(cfg, model_cfg, workdir))
@@ -122,14 +124,13 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         judge = judges.build(cfg.judge.name, mesh=mesh, batch_size=cfg.judge.batch_size, policy_tokenizer=tokenizer)
         echo(f"judge: {cfg.judge.name}; pairs from {cfg.sampling.num_samples} samples per prompt: {cfg.judge.pairs}"
              if source == "judged" else f"judge: {cfg.judge.name} (held-out metrics only: pairs are {source})")
-    eos = set(model_cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(marker, "w") as f:
             f.write(repr(cfg) + "\n")
     held = prepared.test[:cfg.run.eval_examples] if cfg.run.eval_examples else prepared.test
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
-                  train=prepared.train, held=held, eos_ids=tuple(sorted(eos)),
+                  train=prepared.train, held=held, eos_ids=stops,
                   pad_id=data_lib.pad_token_id(tokenizer, model_cfg), buckets=prepared.buckets,
                   writer=metrics_lib.MetricWriter(workdir),
                   checkpointer=ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -141,11 +142,18 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     return ctx, params
 
 
+def model_config(cfg: Config):
+    """pi_0's model config, without its weights: model_path's, or cfg.model's (a random init)."""
+    if cfg.model_path:
+        return hf.load_model_config(cfg.model_path, **cfg.model_overrides())
+    return dataclasses.replace(cfg.model, **cfg.model_overrides())
+
+
 def load_initial(cfg: Config, mesh) -> tuple:
     """(model config, params born sharded) of pi_0: model_path's weights, or a random init."""
     if cfg.model_path:
         return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
-    model_cfg = dataclasses.replace(cfg.model, **cfg.model_overrides())
+    model_cfg = model_config(cfg)
     params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
     return model_cfg, hf.with_init_adapter(model_cfg, params)
 

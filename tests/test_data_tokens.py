@@ -1,10 +1,12 @@
 """The sampler's prompt tokens are exactly the loss's prompt prefix: ChatML (SmolLM2) and Llama-2 style."""
+import re
+
 import numpy as np
 import pytest
 
 from spjax.config import DataConfig
-from spjax.data import (attach_generated, load_file, pad_token_id, pair_batches, prepare, prompt_batches, prompt_ids,
-                        response_ids, tokenize_examples)
+from spjax.data import (DataError, attach_generated, load_file, pad_token_id, pair_batches, prepare, prompt_batches,
+                        prompt_ids, response_ids, tokenize_examples)
 from spjax.hf import load_tokenizer
 from tests.test_data_helpers import chat, llama_tokenizer, smollm2_gguf, write_jsonl
 
@@ -103,6 +105,30 @@ def test_long_chat_loses_whole_oldest_turns_first(tok, tmp_path):
     assert "2 prompts (1 by whole turns)" in str(report)
     _, dropped = tokenize_examples(tok, load_file(path), max_prompt_len=cap, max_len=cap + 32, overlong="drop")
     assert (dropped.kept, dropped.dropped_prompt, dropped.prompts_by_turns) == (0, 2, 0)
+
+
+def test_a_response_ends_at_the_first_stop_id_as_a_sample_does(smollm2):
+    """A tokenizer whose EOS is not the template's end of turn (early Llama-3-Instruct: <|end_of_text|>
+    while generation_config stops at <|eot_id|> too): the sampler stops at the end of turn, but every
+    real response went on to the EOS, a tail the opponent could never produce."""
+    import types
+
+    from spjax.data import stop_ids
+    msgs = chat(("user", "What is the capital of France?"))
+    im_end, endoftext = smollm2.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    eos = smollm2.eos_token
+    smollm2.eos_token = "<|endoftext|>"
+    try:
+        stops = stop_ids(types.SimpleNamespace(eos_token_ids=(im_end,)), smollm2)  # the model's EOS ids
+        assert stops == tuple(sorted({im_end, endoftext}))
+        before = response_ids(smollm2, msgs, "Paris.").tolist()
+        assert before[-1] == endoftext and before.index(im_end) < len(before) - 1  # the tail past the stop
+        real = response_ids(smollm2, msgs, "Paris.", stops=stops).tolist()
+        assert real == before[:before.index(im_end) + 1]
+        with pytest.raises(DataError, match=re.escape("contains the end-of-turn token text '<|im_end|>'")):
+            response_ids(smollm2, msgs, "Paris.<|im_end|>", stops=stops)
+    finally:
+        smollm2.eos_token = eos
 
 
 def test_plain_tokenizer_single_turn(tmp_path):

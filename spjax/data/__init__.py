@@ -18,12 +18,12 @@ from spjax.data.batching import (batches_per_epoch, bucket_for, default_buckets,
 from spjax.data.pipeline import Prepared, load_examples, pad_token_id, prepare
 from spjax.data.records import FORMATS, DataError, Example, Problem, load_file, parse_file
 from spjax.data.tokens import (LengthReport, TokenizedExample, attach_generated, has_chat_template,
-                               prompt_ids, response_ids, tokenize_example, tokenize_examples)
+                               prompt_ids, response_ids, stop_ids, tokenize_example, tokenize_examples)
 
 __all__ = [
     "FORMATS", "DataError", "Example", "LengthReport", "Prepared", "Problem", "TokenizedExample",
     "attach_generated", "batches_per_epoch", "bucket_for", "default_buckets", "epoch_order", "has_chat_template",
     "host_rows", "load_examples", "load_file", "make_buckets", "pad_token_id", "pair_batch",
-    "pair_batches", "parse_file", "prepare", "prompt_batches", "prompt_ids", "response_ids", "tokenize_example",
-    "tokenize_examples",
+    "pair_batches", "parse_file", "prepare", "prompt_batches", "prompt_ids", "response_ids", "stop_ids",
+    "tokenize_example", "tokenize_examples",
 ]

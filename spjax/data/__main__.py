@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from spjax.config import DataConfig
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
-from spjax.data.tokens import LengthReport, apply_length_policy, check_lengths, tokenize_example
+from spjax.data.tokens import LengthReport, apply_length_policy, check_lengths, stop_ids, tokenize_example
 
 PERCENTILES = (50, 90, 99)
 
@@ -33,16 +33,17 @@ def _table(rows: dict, unit: str) -> list:
 
 
 def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int = 512, max_len: int = 1024,
-             out=None, system_prompt: str = "", today: Optional[str] = None) -> int:
+             out=None, system_prompt: str = "", today: Optional[str] = None, stops: Sequence[int] = ()) -> int:
     """Check a file, or each data file of a directory; print summaries or every problem (to `out`,
     default stdout). Returns the exit status. system_prompt: data.system_prompt, which the run puts
-    before prompts without a system turn (so it counts in their tokens). today: data.template_date."""
+    before prompts without a system turn (so it counts in their tokens). today: data.template_date.
+    stops: the run's stop ids (tokens.stop_ids), where responses end."""
     out = out or sys.stdout
     if not os.path.exists(path):
         print(f"{path}: file not found", file=out)  # not a problem at a line: there is no line 1
         return 1
     if not os.path.isdir(path):
-        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today)
+        return _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today, stops)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         print(f"{path}: a prepared TFDS dataset (a run checks it as it reads it); validate checks data files "
               f"({', '.join(SUFFIXES)}) or a directory of them", file=out)
@@ -57,11 +58,12 @@ def validate(path: str, fmt: str = "auto", tokenizer=None, max_prompt_len: int =
         return 1
     held = ", ".join(map(os.path.basename, test)) or "none (a run holds out data.eval_frac of train)"
     print(f"{path}: train {', '.join(map(os.path.basename, train))}; held out {held}", file=out)
-    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today)
+    return max(_validate_file(f, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt, today, stops)
                for f in train + test)
 
 
-def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt="", today=None) -> int:
+def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_prompt="", today=None,
+                   stops=()) -> int:
     examples, problems, used = parse_file(path, fmt)
     tokenized = []
     if tokenizer is not None:
@@ -70,7 +72,7 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         run_examples = with_system_prompt(examples, system_prompt) if system_prompt else examples
         for ex in run_examples:
             try:
-                tokenized.append(tokenize_example(tokenizer, ex, today))
+                tokenized.append(tokenize_example(tokenizer, ex, today, stops=stops))
             except DataError as e:
                 problems.extend(e.problems)
     if problems:
@@ -105,7 +107,8 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         report = LengthReport()
         for ex, (p, r, g) in zip(run_examples, tokenized):
             if overlong == "truncate" and len(p) > max_prompt_len:  # the run's way: oldest whole turns first
-                p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report)
+                p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report,
+                                           stops=stops)
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report)
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)
@@ -134,19 +137,21 @@ def main(argv=None) -> int:
             DataConfig(template_date=args.template_date)  # its check: a date as YYYY-MM-DD
     except ValueError as e:  # (ConfigError is one)
         parser.error(str(e).replace("data.template_date", "--template-date"))
-    tokenizer = None
+    tokenizer, stops = None, ()
     if args.tokenizer:
-        from spjax.hf import CheckpointError, load_tokenizer
+        from spjax.hf import CheckpointError, load_model_config, load_tokenizer
 
         try:
             tokenizer = load_tokenizer(args.tokenizer)
+            if args.tokenizer.endswith(".gguf") or os.path.isfile(os.path.join(args.tokenizer, "config.json")):
+                stops = stop_ids(load_model_config(args.tokenizer), tokenizer)  # a model's: its EOS ids too
         except (CheckpointError, OSError, ValueError) as e:  # missing or unreadable: the reason, not a traceback
             why = " ".join(str(e).split())
             print(f"spjax data: --tokenizer: {why if args.tokenizer in why else args.tokenizer + ': ' + why}",
                   file=sys.stderr)
             return 2
     return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
-                    system_prompt=args.system_prompt, today=args.template_date)
+                    system_prompt=args.system_prompt, today=args.template_date, stops=stops)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -202,14 +202,15 @@ def with_system_prompt(examples: list, system: str) -> list:
             for ex in examples]
 
 
-def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None) -> Prepared:
-    """Load `cfg`'s data through TFDS, tokenize both splits with the chat template, apply the length policy."""
+def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None, stops: Sequence[int] = ()) -> Prepared:
+    """Load `cfg`'s data through TFDS, tokenize both splits with the chat template, apply the length policy.
+    stops: the run's stop ids (tokens.stop_ids), where responses end as sampled ones do."""
     splits = load_examples(cfg, data_dir)
     out, reports = {}, {}
     for split, examples in splits.items():
         out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
                                                        max_len=cfg.max_len, overlong=cfg.overlong, split=split,
-                                                       today=cfg.template_date or None)
+                                                       today=cfg.template_date or None, stops=stops)
     if not out["train"]:
         raise DataError([Problem(cfg.path, 1, "record", f"no training example is left ({reports['train']})")])
     return Prepared(out["train"], out["test"], reports, make_buckets(cfg.buckets, cfg.max_len),

@@ -8,10 +8,11 @@ Special tokens are exactly what the template writes (BOS included): text is enco
 add_special_tokens=False, as transformers' own apply_chat_template(tokenize=True) does.
 
 A response ends with the template's end of turn cut just after the tokenizer's EOS token (ChatML
-`<|im_end|>`, Llama-2 `</s>`), because that is where the sampler stops: real and generated
-responses end the same way. A tokenizer without a chat template is used as a plain-text model
-(BOS as the tokenizer adds it, prompt text, response text, EOS), which is only defined for a
-prompt of one user turn: a system prompt or several turns need a template.
+`<|im_end|>`, Llama-2 `</s>`), or at the first of the run's other stop ids (the model's EOS ids:
+Llama 3's `<|eot_id|>` where the tokenizer's EOS is `<|end_of_text|>`), because that is where the
+sampler stops: real and generated responses end the same way. A tokenizer without a chat template
+is used as a plain-text model (BOS as the tokenizer adds it, prompt text, response text, EOS), which
+is only defined for a prompt of one user turn: a system prompt or several turns need a template.
 """
 from __future__ import annotations
 
@@ -129,18 +130,33 @@ def _prompt(tokenizer, prompt_messages, where: Problem, today: Optional[str]) ->
     return text, _encode(tokenizer, text)
 
 
+def stop_ids(model_cfg, tokenizer) -> tuple:
+    """The ids a response ends at, sampled or real: the model's EOS ids and the tokenizer's EOS."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return tuple(sorted(set(model_cfg.eos_token_ids) | ({int(eos)} if eos is not None else set())))
+
+
 def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *, where: Optional[Problem] = None,
-                 today: Optional[str] = None, prompt: Optional[tuple] = None) -> np.ndarray:
-    """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS.
+                 today: Optional[str] = None, prompt: Optional[tuple] = None, stops: Sequence[int] = ()) -> np.ndarray:
+    """Tokens (int32) that follow `prompt_ids(prompt_messages)` for this response, up to and including EOS,
+    or the first of `stops` (the run's stop ids, `stop_ids`) if one comes before it.
     prompt: the prompt's `_prompt` (text, tokens) if the caller has it, not to render and encode it again."""
     where = where or Problem("<response>", 0, "response", "")
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
         raise DataError([dataclasses.replace(where, what="the tokenizer has no EOS token to end a response with")])
-    if eos in response:
-        raise DataError([dataclasses.replace(where, what=f"contains the end-of-turn token text {eos!r}")])
+    added = tokenizer.get_added_vocab() if stops else {}
+    for text in [eos] + [t for t, i in added.items() if i in stops and t != eos]:
+        if text in response:
+            raise DataError([dataclasses.replace(where, what=f"contains the end-of-turn token text {text!r}")])
+    ids = _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos)
+    first = next((k for k, i in enumerate(ids) if i in stops), len(ids) - 1)
+    return np.asarray(ids[:first + 1], np.int32)
+
+
+def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos) -> list:
     if not has_chat_template(tokenizer):
-        return np.asarray(_encode(tokenizer, response) + [tokenizer.eos_token_id], np.int32)
+        return _encode(tokenizer, response) + [tokenizer.eos_token_id]
     prompt_where = dataclasses.replace(where, field="prompt")
     prompt_text, prompt_tokens = prompt or _prompt(tokenizer, prompt_messages, prompt_where, today)
     chat = list(prompt_messages) + [{"role": "assistant", "content": response}]
@@ -154,7 +170,7 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *, w
     tail = full[len(prompt_text):]
     end = tail.find(eos)
     tail = tail + eos if end < 0 else tail[:end + len(eos)]
-    return np.asarray(_continuation(tokenizer, prompt_text, prompt_tokens, tail), np.int32)
+    return _continuation(tokenizer, prompt_text, prompt_tokens, tail)
 
 
 def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
@@ -251,13 +267,14 @@ def fit_turns(tokenizer, messages: Sequence[dict], max_prompt_len: int, where: P
 
 
 def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max_prompt_len: Optional[int] = None,
-                     report: Optional[LengthReport] = None) -> tuple:
+                     report: Optional[LengthReport] = None, stops: Sequence[int] = ()) -> tuple:
     """(prompt, real, second side or None) token ids of one example, before the length policy.
 
     The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
     today: the date the chat template prints as today's (YYYY-MM-DD; None: the clock's).
     max_prompt_len: a multi-turn prompt over it loses its oldest whole turns first (`fit_turns`), counted
     in `report`; the responses are tokenized after the chat that is kept.
+    stops: the run's stop ids (`stop_ids`): a response ends at the first.
     """
     messages, where = ex.prompt_messages, ex.problem("prompt", "")
     if max_prompt_len is None:
@@ -268,15 +285,15 @@ def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max
             report.prompts_truncated += 1
             report.prompts_by_turns += 1
     side = lambda text, field: response_ids(tokenizer, messages, text, where=ex.problem(field, ""),
-                                            today=today, prompt=prompt)
+                                            today=today, prompt=prompt, stops=stops)
     other = ex.rejected if ex.rejected is not None else ex.generated
     gen = None if other is None else side(other, "rejected" if ex.rejected is not None else "generated")
     return np.asarray(prompt[1], np.int32), side(ex.response, "response"), gen
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
-                      overlong: str = "truncate", split: str = "", today: Optional[str] = None
-                      ) -> tuple[list, LengthReport]:
+                      overlong: str = "truncate", split: str = "", today: Optional[str] = None,
+                      stops: Sequence[int] = ()) -> tuple[list, LengthReport]:
     """Tokenize a split and apply the length policy. DataError lists every example that fails.
 
     Ids are dense 0..n-1 over the kept examples; `source` says which record each came from.
@@ -288,7 +305,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     for ex in metrics.progress_iter(examples, f"data {split or 'split'}: tokenize", "example"):
         try:
             fit = max_prompt_len if overlong == "truncate" else None
-            p, real, gen = tokenize_example(tokenizer, ex, today, max_prompt_len=fit, report=report)
+            p, real, gen = tokenize_example(tokenizer, ex, today, max_prompt_len=fit, report=report, stops=stops)
         except DataError as e:
             problems.extend(e.problems)
             continue
