@@ -134,15 +134,21 @@ def decode_step(cfg: ModelConfig, params, token_B, position_B, kv_mask_BxS, cach
 
 
 def _truncate(logits_BxV, top_k, top_p):
-    """Mask (to -inf) all but the top-k, then all but the smallest top-p nucleus of what is left."""
+    """Mask (to -inf) all but the top-k, then all but the smallest top-p nucleus of what is left.
+
+    Both keep whole groups of tied logits (top-k: every token >= the k-th largest, as HF's; top-p: the
+    smallest set of groups reaching top_p), so no token is kept or dropped for its index alone.
+    """
     V = logits_BxV.shape[-1]
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    sorted_BxV = jnp.where(jnp.arange(V)[None] < k, sorted_BxV, -jnp.inf)
+    kth_B1 = jnp.take_along_axis(sorted_BxV, jnp.broadcast_to(k - 1, (sorted_BxV.shape[0], 1)), axis=-1)
+    in_k_BxV = sorted_BxV >= kth_B1  # the k-th's ties too: the nucleus's mass is over what top-k keeps
+    sorted_BxV = jnp.where(in_k_BxV, sorted_BxV, -jnp.inf)
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     # Keep a token if the mass strictly above it is < top_p: the smallest set reaching top_p.
     mass_above_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = (mass_above_BxV < top_p).at[:, 0].set(True) & (jnp.arange(V)[None] < k)
+    keep_BxV = (mass_above_BxV < top_p).at[:, 0].set(True) & in_k_BxV
     n_keep_B = jnp.sum(keep_BxV, axis=-1)
     threshold_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
     return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)

@@ -159,17 +159,27 @@ def test_logprobs_match_scoring():
 
 
 def _expected_probs(logits_V, temperature, top_k, top_p):
-    """float64 reference: softmax(logits / T), top-k, then the smallest top-p nucleus, renormalised."""
+    """float64 reference: softmax(logits / T), top-k, then the smallest top-p nucleus, renormalised;
+    both keep whole groups of tied logits (every token >= the k-th largest; a token whose strictly
+    larger tokens hold < top_p of the top-k mass)."""
     z = logits_V.astype(np.float64) / temperature
-    order = np.argsort(-z, kind="stable")
-    keep = np.zeros(z.shape, bool)
-    k = top_k or len(z)
-    p_sorted = np.exp(z[order[:k]] - z[order[0]])
-    p_sorted /= p_sorted.sum()
-    above = np.cumsum(p_sorted) - p_sorted
-    keep[order[:k][above < top_p]] = True
-    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    in_k = z >= np.sort(z)[::-1][(top_k or len(z)) - 1]
+    p = np.where(in_k, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    above = np.asarray([p[z > v].sum() for v in z])
+    probs = np.where(in_k & (above < top_p), np.exp(z - z.max()), 0.0)
     return probs / probs.sum()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (2, 0.7), (1, 1.0), (3, 1.0), (5, 0.99), (0, 0.3)])
+def test_truncation_keeps_whole_tie_groups(top_k, top_p):
+    """Tied logits at the top-k or top-p boundary (identical embedding rows: padded or untrained vocab
+    entries) are kept or dropped together. Before, top-k's mass for top-p counted k positions while its
+    threshold kept the ties, so the nucleus held less than top_p of what top-k kept."""
+    from spjax.sampler_program import _truncate
+    logits_V = np.array([2, 1, 1, 1, 0, 0, -1], np.float32)
+    got = np.asarray(_truncate(jnp.asarray(logits_V)[None], jnp.int32(top_k), jnp.float32(top_p)))[0]
+    assert np.isfinite(got).tolist() == (_expected_probs(logits_V, 1.0, top_k, top_p) > 0).tolist()
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 8, 1.0), (1.0, 0, 0.8), (2.0, 20, 0.9)],
