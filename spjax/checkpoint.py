@@ -3,11 +3,13 @@
 A checkpoint holds the train state (params, optimizer state, counters) as sharded arrays plus a
 small JSON record: round, phase, step within the round, seed and the data cursor. orbax commits a
 step only once all of it is written, so a kill mid-write leaves the previous step as the latest.
-A latest step that fails to restore (corrupt files) is reported and the one before it is used.
+A latest step that fails to restore (corrupt files) is reported and the one before it is used;
+the record carries per-array checksums, so damaged bytes that still decompress fail it too.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -53,6 +55,7 @@ class Checkpointer:
         if free < need:
             raise OSError(errno.ENOSPC, f"No space left on device: checkpoint {step} needs {need / 2**20:.1f} MiB, "
                           f"{free / 2**20:.1f} MiB free", self.directory)
+        meta = {**meta, "sums": [[str(x.dtype), s] for x, s in zip(jax.tree.leaves(state), checksums(state))]}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         if wait:
@@ -91,6 +94,7 @@ class Checkpointer:
                     got = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_like(attempt_like)), meta=ocp.args.JsonRestore()))
                     _check_finite_tree(got["state"], step)
+                    _check_sums(got["state"], got["meta"], step)
                     got, err = ({**got, "state": to_state(got["state"])} if to_state else got), None
                     break
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
@@ -108,7 +112,7 @@ class Checkpointer:
                                             "memory or could not read it (not moved aside)")
             # Every process must resume from the same step: one that fails anywhere is bad for all.
             if shd.on_every_process(err is None):
-                out = got["state"], dict(got["meta"])
+                out = got["state"], {k: v for k, v in got["meta"].items() if k != "sums"}
                 break
             why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if err else "failed on another process"
             msg = (f"checkpoint {self.directory}/{step} could not be restored ({why}); "
@@ -158,75 +162,42 @@ def _check_finite_tree(state, step):
             raise ValueError(f"step {step} holds non-finite values")
 
 
-# ---------------------------------------------------------------------------------------------
-# Round artifacts: plain files written whole or not at all (temp file + rename).
+def _check_sums(state, meta, step):
+    """The restored arrays against the checksums saved with them (a step saved before they were: none).
+    An array restored as another dtype than it was saved as is skipped (its bits changed by the cast)."""
+    saved = meta.get("sums")
+    leaves = jax.tree.leaves(state)
+    if saved is None or len(saved) != len(leaves):
+        return
+    for i, (leaf, got, (dtype, want)) in enumerate(zip(leaves, checksums(state), saved)):
+        if str(leaf.dtype) == dtype and got != want:
+            raise ValueError(f"step {step}: array {i} differs from the one saved (checksum): damaged bytes")
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import, before checkpoint threads start:
-    os.umask(mask)  # a file another thread creates meanwhile would get mode 0666
-    return mask
+def checksums(tree, legacy: bool = False) -> list:
+    """Per leaf, the sum mod 2^32 of each element's bits and flat index mixed by a bijection (murmur3's
+    finalizer): a change of any one element changes it, and so does a change of them all alike (a
+    linear sum missed x -> 2x, +1 on every exponent); integer sums do not depend on the reduction
+    order, so another mesh gets the same. legacy: earlier runs' base sums (bits times index * K + 1)."""
+    return [int(shd.to_host(x)) for x in _checksums(tree, legacy)]
 
 
-_UMASK = _umask()
-
-
-def umask_modes(path: str):
-    """Give `path` (a file, or a directory and all under it) the modes a plain open()/mkdir() would:
-    mkstemp/mkdtemp make them private (0600/0700), which other users or a server's uid cannot read."""
-    paths = [path] + [os.path.join(root, name) for root, dirs, files in os.walk(path) for name in dirs + files]
-    for p in paths:
-        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~_UMASK)
-
-
-def write_atomic(path: str, write_fn):
-    """Call write_fn(tmp_path) then rename onto `path`; a crash leaves no partial file."""
-    if jax.process_index() != 0:
-        return path
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask_modes(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def save_json(path: str, obj):
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-    return write_atomic(path, w)
-
-
-def load_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def save_arrays(path: str, **arrays):
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    return write_atomic(path, w)
-
-
-def load_arrays(path: str) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def remove_tree(path: str):
-    """Process 0 removes `path` once every process is past reading it (all processes call this):
-    on a resume with every chunk on disk no collective paces the processes, so process 0 could
-    delete chunk files a slower one was still loading."""
-    shd.barrier("spjax-remove-" + os.path.basename(path))
-    if jax.process_index() == 0 and os.path.exists(path):
-        shutil.rmtree(path)
+@functools.partial(jax.jit, static_argnums=1)
+def _checksums(tree, legacy: bool):
+    u32 = jax.numpy.uint32
+    out = []
+    for x in jax.tree.leaves(tree):
+        bits = jax.lax.bitcast_convert_type(x, {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: u32}[x.dtype.itemsize])
+        bits = bits.astype(u32)
+        index = jax.lax.broadcasted_iota(u32, x.shape, 0) if x.ndim else u32(0)
+        for axis in range(1, x.ndim):  # the flat index, wrapping mod 2^32 like the sum
+            index = index * u32(x.shape[axis]) + jax.lax.broadcasted_iota(u32, x.shape, axis)
+        if legacy:
+            term = bits * (index * u32(2654435761) + u32(1))
+        else:
+            h = bits + index * u32(0x9E3779B9)
+            h = (h ^ (h >> 16)) * u32(0x85EBCA6B)
+            h = (h ^ (h >> 13)) * u32(0xC2B2AE35)
+            term = h ^ (h >> 16)
+        out.append(jax.numpy.sum(term, dtype=u32))
+    return out

@@ -60,6 +60,8 @@ class LoraConfig:
     def __post_init__(self):
         _finite(self, "lora")
         _check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha} (the adapter's scale is alpha / rank: "
+               "0 would train nothing)")
         object.__setattr__(self, "targets", tuple(self.targets))
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         _check(not bad, "lora.targets", f"{bad} not in {LORA_TARGETS}")

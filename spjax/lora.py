@@ -175,8 +175,9 @@ def save_peft(cfg: ModelConfig, params, out_dir: str, base_model: str = "") -> s
 
 
 def _pattern(patterns: dict, module: str, default):
-    """PEFT's per-module override (rank_pattern, alpha_pattern): the first key naming the module's end."""
-    return next((v for k, v in patterns.items() if re.match(rf"(^|.*\.){k}$", module)), default)
+    """PEFT's per-module override (rank_pattern, alpha_pattern): the first key naming the module's end,
+    matched as PEFT matches it (the key one group: 'q_proj|v_proj' names either)."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
 
 
 def load_peft(cfg: ModelConfig, params, adapter_dir: str):

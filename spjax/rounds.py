@@ -159,7 +159,7 @@ def load_initial(cfg: Config, mesh) -> tuple:
 
 
 def _meta(ctx: Context, rs: RoundState) -> dict:
-    return {**dataclasses.asdict(rs), **({"base_sums": ctx.base_sums} if ctx.base_sums else {})}
+    return {**dataclasses.asdict(rs), **({saving.BASE_SUMS: ctx.base_sums} if ctx.base_sums else {})}
 
 
 # ---------------------------------------------------------------------------------------------

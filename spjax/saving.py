@@ -20,10 +20,9 @@ import shutil
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from spjax import lora, model, optim
+from spjax import checkpoint as ckpt_lib, lora, model, optim
 from spjax.config import Config, ConfigError, ModelConfig, OptimConfig
 from spjax.step import TrainState, abstract_state, make_optimizer
 
@@ -64,26 +63,14 @@ def to_save(cfg: ModelConfig, state: TrainState, optimizer: bool = True) -> Trai
     return state.replace(params=lora.split(cfg, state.params)[0], opt_state=state.opt_state if optimizer else None)
 
 
-@jax.jit
-def _checksums(tree):
-    """Per leaf, the sum of its elements' bits times an odd multiplier of their index, mod 2^32:
-    integer sums do not depend on the reduction order, so a resume on another mesh gets the same."""
-    out = []
-    for x in jax.tree.leaves(tree):
-        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
-        index = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0)
-        for axis in range(1, x.ndim):  # the flat index, wrapping mod 2^32 like the sum
-            index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
-        out.append(jnp.sum(bits.astype(jnp.uint32) * (index * jnp.uint32(2654435761) + jnp.uint32(1)),
-                           dtype=jnp.uint32))
-    return out
+BASE_SUMS = "base_sums_v2"  # the meta key of base_sums (base_sums: the legacy checksums of earlier runs)
 
 
-def base_sums(cfg: ModelConfig, params) -> list | None:
+def base_sums(cfg: ModelConfig, params, legacy: bool = False) -> list | None:
     """Per-leaf checksums of a LoRA policy's frozen base (saved in checkpoint meta); None without LoRA."""
     if not cfg.lora.rank:
         return None
-    return [int(x) for x in _checksums(lora.split(cfg, params)[1])]
+    return ckpt_lib.checksums(lora.split(cfg, params)[1], legacy)
 
 
 def restore_latest(checkpointer, cfg: ModelConfig, opt_cfg: OptimConfig, mesh: Mesh, params=None, sums=None,
@@ -128,6 +115,10 @@ def _mismatch(params_like, stored) -> Optional[str]:
     adapters = [k for k in want if "_lora_" in k]
     if got and adapters and not any(k in got for k in adapters):
         return "no LoRA adapters, the config's model has them"
+    # (a LoRA checkpoint holds no base leaves; every other leaf the config's model has, it must hold)
+    lacking = [k for k in want if k not in got and (k in adapters or not adapters)] if got else []
+    if lacking:
+        return f"no params{lacking[0]}, which the config's model has"
     return None
 
 
@@ -137,7 +128,10 @@ def _with_base(cfg: ModelConfig, params, convert, state: TrainState) -> TrainSta
 
 
 def _check_base(cfg: ModelConfig, params, meta: dict, sums=None):
-    saved = meta.get("base_sums")
-    if saved is not None and list(saved) != (sums if sums is not None else base_sums(cfg, params)):
+    saved, legacy = meta.get(BASE_SUMS), False
+    if saved is None:  # a checkpoint of an earlier version
+        saved, legacy = meta.get("base_sums"), True
+    if saved is not None and list(saved) != (sums if sums is not None and not legacy else
+                                             base_sums(cfg, params, legacy)):
         raise ConfigError("model_path: the base weights differ from those this run's LoRA checkpoints were "
                           "trained on (per-leaf checksums); resume with the run's own model_path and base_quant")

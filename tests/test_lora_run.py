@@ -33,13 +33,13 @@ def test_checkpoints_hold_the_adapters_only(lora_run):
     state, meta = saving.restore_latest(ck, model_cfg, cfg.optim, mesh, base)
     ck.close()
     adapters, frozen = lora.split(model_cfg, state.params)
-    assert meta["base_sums"] == saving.base_sums(model_cfg, base) and state.opt_state is None
+    assert meta[saving.BASE_SUMS] == saving.base_sums(model_cfg, base) and state.opt_state is None
     # Integer checksums: the same on another mesh (a resume on other devices), not for a changed leaf.
     other = shd.make_mesh(MeshConfig(data=2, fsdp=4))
-    assert saving.base_sums(model_cfg, jax.device_put(base, shd.param_shardings(model_cfg, other))) == meta["base_sums"]
+    assert saving.base_sums(model_cfg, jax.device_put(base, shd.param_shardings(model_cfg, other))) == meta[saving.BASE_SUMS]
     nudged = jax.tree.map(lambda x: x, base)
     nudged["final_norm"] = nudged["final_norm"].at[3].add(1e-3)
-    assert saving.base_sums(model_cfg, nudged) != meta["base_sums"]
+    assert saving.base_sums(model_cfg, nudged) != meta[saving.BASE_SUMS]
     for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(lora.split(model_cfg, base)[1])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

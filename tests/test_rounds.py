@@ -144,6 +144,42 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     ck.close()
 
 
+def test_damaged_bytes_that_still_decompress_fall_back(tmp_path):
+    """Damaged bytes inside a step's compressed data often still decompress, to other values: the resume
+    went on from them without a word. The checksums saved with each step catch it. (Here the latest
+    step's arrays are another step's: other values that read back cleanly, as such damage does.)"""
+    import shutil
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+    ck.save(1, {"w": w}, {"round": 0})
+    ck.save(2, {"w": w * 2}, {"round": 1})
+    shutil.rmtree(tmp_path / "ck" / "2" / "state")
+    shutil.copytree(tmp_path / "ck" / "1" / "state", tmp_path / "ck" / "2" / "state")
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*/2 could not be restored \(ValueError: step 2: array 0 "
+                                            r"differs from the one saved \(checksum\)"):
+        got, meta = ck.restore_latest({"w": jnp.zeros((64, 64))})
+    assert meta == {"round": 0} and np.array_equal(np.asarray(got["w"]), np.asarray(w))
+    ck.close()
+
+
+def test_checksums_see_any_one_changed_element_and_a_change_of_all():
+    """Before (bits times index * K + 1, summed): the multiplier was even at odd flat indices, so a sign
+    flip there (bit 31 times an even number, mod 2^32) left the sum as it was; and x -> 2x (+1 on every
+    exponent) added 2^23 times a sum of multipliers that was 0 mod 2^9."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32))
+    base = ckpt_lib.checksums([x])
+    for i in range(x.size):
+        flipped = x.reshape(-1).at[i].multiply(-1).reshape(x.shape)
+        assert ckpt_lib.checksums([flipped]) != base, i
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+    assert ckpt_lib.checksums([w * 2]) != ckpt_lib.checksums([w])
+    assert ckpt_lib.checksums([w * 2], legacy=True) == ckpt_lib.checksums([w], legacy=True)
+    assert ckpt_lib.checksums([w.T]) != ckpt_lib.checksums([w])  # elements moved
+    assert ckpt_lib.checksums([jnp.int32(3)]) != ckpt_lib.checksums([jnp.int32(4)])  # a step counter
+    assert ckpt_lib.checksums([x.reshape(-1).at[1].multiply(-1)], legacy=True) == \
+        ckpt_lib.checksums([x.reshape(-1)], legacy=True)  # the legacy multiplier's blind spot (earlier runs' sums)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB"),
                                    OSError(5, "Input/output error")])
 def test_restore_out_of_memory_or_io_error_is_not_corruption(tmp_path, monkeypatch, error):
