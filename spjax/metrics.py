@@ -96,12 +96,17 @@ def _num(v):
         return v
 
 
+COUNTS = ("skipped",)  # summed over rows, not averaged
+
+
 def mean_metrics(rows: list[dict]) -> dict:
-    """Mean of each numeric key over a list of per-step metric dicts."""
+    """Mean of each numeric key over a list of metric dicts (NaN values left out: an interval whose every
+    step was skipped), counts (COUNTS) summed."""
     out = {}
     for k in rows[0] if rows else ():
         vals = [float(r[k]) for r in rows if k in r]
-        out[k] = sum(vals) / len(vals)
+        finite = [v for v in vals if math.isfinite(v)]
+        out[k] = sum(vals) if k in COUNTS else sum(finite) / len(finite) if finite else float("nan")
     return out
 
 

@@ -259,9 +259,12 @@ def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, dt: float) -
     for m in host:
         step_lib.check_finite(m, ctx.cfg.optim)
     tokens = sum(float(m["n_tokens"]) for m in host)
-    # Scalars averaged over the interval; the optimizer's step counter is not a metric.
-    row = metrics_lib.mean_metrics([{k: v for k, v in m.items() if np.ndim(v) == 0 and k != "step"} for m in host])
-    row.update(round=t, tokens_per_s=tokens / max(dt, 1e-9))
+    # Scalars averaged over the interval's finite steps (a skipped step's NaNs, and its NaN margins read
+    # as ties, are no metric); `skipped` counts the others. The step counters are not metrics.
+    scalars = lambda m: {k: v for k, v in m.items() if np.ndim(v) == 0 and k not in ("step", "skipped", "finite")}
+    kept = [scalars(m) for m in host if bool(m["finite"])]
+    row = metrics_lib.mean_metrics(kept) if kept else {k: float("nan") for k in scalars(host[0])}
+    row.update(round=t, skipped=len(host) - len(kept), tokens_per_s=tokens / max(dt, 1e-9))
     ctx.writer.write("train", rs.global_step, row)
     return row
 

@@ -205,8 +205,20 @@ def test_nonfinite_skip_and_raise(params0, batch):
     with pytest.raises(FloatingPointError, match=r"step 0: non-finite loss/grad"):
         step.check_finite(metrics, dataclasses.replace(OPT, nonfinite="raise"))
     # The state is still good: the next finite batch trains normally.
-    state, metrics = fn(state, batch)
-    assert bool(metrics["finite"]) and int(state.skipped) == 1 and step.check_finite(metrics, OPT)
+    state, good = fn(state, batch)
+    assert bool(good["finite"]) and int(state.skipped) == 1 and step.check_finite(good, OPT)
+    # The logged rows: metrics over the finite steps, `skipped` a count (before: the skipped step's NaNs
+    # made the round's loss and rewards NaN, and `skipped` averaged a running total: 0.67 for one step).
+    import types
+    from spjax import metrics as metrics_lib, rounds
+    ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(optim=OPT), writer=types.SimpleNamespace(write=lambda *a: None))
+    rows = [rounds._log_train(ctx, 0, rounds.RoundState(), [metrics, good], 1.0),
+            rounds._log_train(ctx, 0, rounds.RoundState(), [metrics], 1.0)]
+    assert rows[0]["skipped"] == 1 and rows[0]["loss"] == pytest.approx(float(good["loss"]))
+    assert rows[1]["skipped"] == 1 and np.isnan(rows[1]["loss"])  # no finite step in the interval
+    assert "finite" not in rows[0] and rows[0]["accuracy"] == pytest.approx(float(good["accuracy"]))
+    summary = metrics_lib.mean_metrics(rows)
+    assert summary["skipped"] == 2 and summary["loss"] == pytest.approx(float(good["loss"]))
 
 
 def test_training_reduces_chi2_loss_and_compiles_once(params0, batch):
