@@ -8,19 +8,22 @@ from __future__ import annotations
 import collections
 import os
 import re
+import unicodedata
 from typing import Optional
 
 import numpy as np
 
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def words(text: str) -> list:
-    return _WORD.findall(text.lower())
+    """Lower-cased words, NFKC-normalised (a composed and a decomposed 'é' are one letter); punctuation
+    is no word (as in rouge-score and SQuAD: 'No.' and 'Yes.' share nothing)."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def token_f1(pred: str, ref: str) -> float:
-    """SQuAD-style bag-of-words F1."""
+    """Bag-of-words F1 (SQuAD's, without its removal of articles)."""
     p, r = words(pred), words(ref)
     if not p or not r:
         return float(p == r)

@@ -134,6 +134,7 @@ def record_round(ctx, t: int, params, summary: dict) -> bool:
         hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "best"), tokenizer=ctx.tokenizer,
                            replace_any=True, source=ctx.cfg.model_path)
     ctx.writer.write("round", t, row)
+    ctx.fault("record")  # (the line logged, eval.json not yet: a resume evaluates the round again)
     ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
     ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
                                evaluate.COLUMNS + (evaluate.JUDGE_COLUMNS if ctx.judge is not None else [])))

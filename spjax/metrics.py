@@ -96,17 +96,21 @@ def _num(v):
         return v
 
 
-COUNTS = ("skipped",)  # summed over rows, not averaged
+COUNTS = ("skipped", "steps")  # summed over rows, not averaged
 
 
 def mean_metrics(rows: list[dict]) -> dict:
-    """Mean of each numeric key over a list of metric dicts (NaN values left out: an interval whose every
-    step was skipped), counts (COUNTS) summed."""
+    """Mean of each numeric key over a list of metric dicts, each weighted by its `steps` (a logged
+    interval's finite steps; 1 without), so a round's mean is its steps' whatever run.log_every cut;
+    NaN values left out (an interval whose every step was skipped); counts (COUNTS) summed."""
     out = {}
     for k in rows[0] if rows else ():
-        vals = [float(r[k]) for r in rows if k in r]
-        finite = [v for v in vals if math.isfinite(v)]
-        out[k] = sum(vals) if k in COUNTS else sum(finite) / len(finite) if finite else float("nan")
+        pairs = [(float(r[k]), float(r.get("steps", 1))) for r in rows if k in r]
+        finite = [(v, w) for v, w in pairs if math.isfinite(v) and w > 0]
+        if k in COUNTS:
+            out[k] = sum(v for v, _ in pairs)
+        else:
+            out[k] = sum(v * w for v, w in finite) / sum(w for _, w in finite) if finite else float("nan")
     return out
 
 
@@ -145,8 +149,8 @@ def _fmt(v):
 
 def best_round(summary: dict, metric: str, goal: str):
     """(t, value) of the round whose `metric` is best ('min' or 'max'), the earliest on ties; or None."""
-    pts = [(int(k.split()[1]), r[metric]) for k, r in summary.items()
-           if k.startswith("round ") and isinstance(r.get(metric), (int, float))]
+    pts = [(int(k.split()[1]), r[metric]) for k, r in summary.items()  # NaN is never best: no comparison holds
+           if k.startswith("round ") and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     if not pts:
         return None
     sign = 1.0 if goal == "min" else -1.0

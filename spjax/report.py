@@ -71,20 +71,22 @@ def plot(runs: dict, path: str):
     ncol = 3
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), squeeze=False)
+    color = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a run's colour in every panel
     for ax, (metric, title) in zip(axes.flat, panels):
         for name, rows in runs.items():
             pts = [(-1 if k == "initial" else int(k.split()[1]), r[metric]) for k, r in rows.items()
                    if isinstance(r.get(metric), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot(*zip(*pts), marker="o", label=name, color=color[name])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round (−1: initial)", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=color[name], marker="o", label=name) for name in runs]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / nrow))  # room above the panels for the legend
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), fontsize=8)  # every run, once
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
     plt.close(fig)

@@ -264,7 +264,7 @@ def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, dt: float) -
     scalars = lambda m: {k: v for k, v in m.items() if np.ndim(v) == 0 and k not in ("step", "skipped", "finite")}
     kept = [scalars(m) for m in host if bool(m["finite"])]
     row = metrics_lib.mean_metrics(kept) if kept else {k: float("nan") for k in scalars(host[0])}
-    row.update(round=t, skipped=len(host) - len(kept), tokens_per_s=tokens / max(dt, 1e-9))
+    row.update(round=t, steps=len(kept), skipped=len(host) - len(kept), tokens_per_s=tokens / max(dt, 1e-9))
     ctx.writer.write("train", rs.global_step, row)
     return row
 
@@ -293,8 +293,10 @@ def restore(ctx: Context, params):
         ctx.echo(f"resumed at round {rs.round}, phase {rs.phase}, step {rs.step}")
     # Lines logged after the restored point are about to be logged again: drop them. Those of a
     # round resumed mid-training still count towards that round's summary.
+    # A round's line without its eval.json (killed between the two) is logged again when it is evaluated.
     kept = ctx.writer.rewind(lambda row: row["step"] <= rs.global_step if row["kind"] == "train"
-                             else row["step"] < rs.round)
+                             else row["step"] < rs.round and os.path.exists(os.path.join(ctx.round_dir(row["step"]),
+                                                                                          "eval.json")))
     logged = {}
     for row in kept:
         if row["kind"] == "train":
@@ -306,7 +308,7 @@ def restore(ctx: Context, params):
 def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None) -> dict:
     """Run (or resume) all rounds; returns {row name: metrics} as printed in the summary table.
 
-    fault: called with "sample", "judge", "score", "train", "checkpoint", "evaluate" at each resumable
+    fault: called with "sample", "judge", "score", "train", "checkpoint", "record" at each resumable
     point (tests kill there).
     """
     ctx, params = setup(cfg, workdir, resume, echo, fault)
@@ -316,7 +318,9 @@ def run(cfg: Config, workdir: str, resume: bool = False, echo=print, fault=None)
 
 
 def _row(ctx: Context, params, t: int, pairs, refs: dict, train_row: dict, times: Optional[dict] = None) -> dict:
-    """Round t's row: its mean train metrics, its pairs' stats, the held-out evaluation, phase times."""
+    """Round t's row: its mean train metrics, its pairs' stats, the held-out evaluation, phase times.
+    The training batches' NLL is train_nll: `nll` is the held-out one (absent without held-out data)."""
+    train_row = {("train_nll" if k == "nll" else k): v for k, v in train_row.items()}
     return {**train_row, **pairs.stats, **evaluate.evaluate_phase(ctx, params, f"round {t}", pairs, refs, t),
             **(times or {})}
 
@@ -340,8 +344,10 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
             elif t + 1 == rs.round:  # killed after its checkpoint, before its row: evaluate it now (params
                 pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)  # are its own; pairs, scores on disk)
                 train_row = metrics_lib.mean_metrics(logged[t]) if logged.get(t) else {}
+                times_path = os.path.join(ctx.round_dir(t), "times.json")
                 summary[f"round {t}"] = _row(ctx, params, t, pairs, scoring.score_phase(ctx, params, t, pairs),
-                                             train_row)
+                                             train_row, ckpt_lib.load_json(times_path) if os.path.exists(times_path)
+                                             else None)
                 if ledger.record_round(ctx, t, params, summary):
                     break
                 continue
@@ -360,8 +366,8 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
                 rs = dataclasses.replace(rs, round=t, phase="train", step=0, cursor=None)
             params = None  # the opponent is no longer needed (its scores are on disk): free it
             state, rs, train_row = train_phase(ctx, state, rs, t, pairs, refs, compiled, done_rows)
+        ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "times.json"), times)  # for a row evaluated on resume
         rs = checkpoint_phase(ctx, state, rs, t)
-        ctx.fault("evaluate")
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
         summary[f"round {t}"] = _row(ctx, params, t, pairs, refs, train_row, times)
         if ledger.record_round(ctx, t, params, summary):

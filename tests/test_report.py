@@ -70,6 +70,51 @@ def test_best_round_and_rounds_since_best():
     assert metrics.best_round(summary, "f1", "max") == (1, 0.3)  # the earliest of equal ones
     assert metrics.rounds_since_best(summary, "nll", "min") == 2
     assert metrics.best_round({"initial": {}}, "nll", "min") is None
+    # A NaN round is never the best (no comparison with NaN holds: it stayed best forever)
+    summary = {"initial": {"nll": 1.5}, "round 0": {"nll": float("nan")}, "round 1": {"nll": 1.4}}
+    assert metrics.best_round(summary, "nll", "min") == (1, 1.4) and metrics.rounds_since_best(summary, "nll", "min") == 0
+
+
+def test_a_rounds_mean_weighs_its_logged_intervals_by_their_steps():
+    """Round rows averaged the interval means alike, so a short last interval (run.log_every, a checkpoint)
+    counted as much as a long one: the round's loss depended on the logging settings."""
+    rows = [{"loss": 1.0, "steps": 3, "skipped": 0}, {"loss": 4.0, "steps": 1, "skipped": 1},
+            {"loss": float("nan"), "steps": 0, "skipped": 2}]
+    got = metrics.mean_metrics(rows)
+    assert got == {"loss": (3 * 1.0 + 4.0) / 4, "steps": 4, "skipped": 3}
+    assert metrics.mean_metrics([{"loss": 1.0}, {"loss": 3.0}]) == {"loss": 2.0}  # rows without steps: alike
+
+
+def test_word_similarity_counts_words_not_punctuation():
+    from spjax.evaluate import rouge_l, token_f1
+    assert token_f1("No.", "Yes.") == 0.0 and rouge_l("No.", "Yes.") == 0.0  # were 0.5: '.' was a word
+    assert token_f1("Hello, world!", "hello world") == 1.0 == rouge_l("Hello, world!", "hello world")
+    assert token_f1("Caf\u00e9", "cafe\u0301") == 1.0  # composed and decomposed accents: one word (NFKC)
+    assert token_f1("the the the", "the") == 0.5  # repeated words count once per match
+    assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1.0 / 1.75)  # LCS 3 of 4 and of 3
+    assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0
+
+
+def test_plot_gives_each_run_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """Colours came from each panel's own cycle: a run missing from the first panel shifted them, and
+    the first panel's legend then named the wrong run for the others."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    seen = {}
+
+    def savefig(fig, path, **kw):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                seen.setdefault(line.get_label(), set()).add(line.get_color())
+        seen["legend"] = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr(os, "replace", lambda *a: None)
+    runs = {"plain": {"initial": {"nll": 1.5}, "round 0": {"nll": 1.4}},
+            "judged": {"initial": {"nll": 1.5, "judge_score": 0.2}, "round 0": {"nll": 1.3, "judge_score": 0.4}}}
+    report.plot(runs, str(tmp_path / "r.png"))
+    assert seen.pop("legend") == ["plain", "judged"]
+    assert seen == {"plain": {"C0"}, "judged": {"C1"}}
 
 
 @pytest.mark.parametrize("override,message", [

@@ -99,11 +99,12 @@ def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, 
     """One run killed five times (each kill during the previous resume), then finished."""
     ref_dir, _ = reference_run
     work = tmp_path / "run"
-    # (where the run dies, counted from its own start): after round 0's final checkpoint, before its
-    # row (the resume evaluates round 0 first); round 1's sampling after the first chunk is on disk;
+    # (where the run dies, counted from its own start): after round 0's final checkpoint and its
+    # metrics line, before its eval.json (the resume evaluates round 0 again, its line logged once,
+    # with its phase times); round 1's sampling after the first chunk is on disk;
     # scoring with the real responses scored and the generated ones not yet; while round 1's step-2
     # save is in flight (async); training at step 3 (the step-2 checkpoint, written again, is the latest).
-    for k, (kill_at, *args) in enumerate([("evaluate:1",), ("sample:1",), ("score:1",),
+    for k, (kill_at, *args) in enumerate([("record:1",), ("sample:1",), ("score:1",),
                                           ("checkpoint:1", "run.async_checkpoint=true"), ("train:3",)]):
         killed = _train(work, *(["--resume"] if k else []), *args, kill_at=kill_at, tfds_dir=tfds_dir)
         assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
@@ -114,6 +115,8 @@ def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at round 1, phase train, step 2" in resumed.stdout
     _assert_same_run(work, ref_dir)
+    rounds = [json.loads(l) for l in open(work / "metrics.jsonl") if '"round"' in l]
+    assert all({"sample_s", "score_s", "train_s", "train_nll", "nll"} <= set(r) for r in rounds if r["kind"] == "round")
 
 
 def _assert_same_run(work, ref_dir):
