@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
+import typing
 from typing import Optional
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -35,10 +37,30 @@ def _check(ok: bool, field: str, msg: str):
 
 
 def _finite(cfg, group: str):
-    """Every float field of a config finite (inf or nan in a rate or a scale is always a mistake)."""
+    """Every field of a config of its declared type (a config file's export="no" is a truthy string: the
+    run exported; rounds="2" was a TypeError in a check), every float finite (inf or nan in a rate or a
+    scale is always a mistake). Groups check their own fields when they are built."""
+    prefix = f"{group}." if group else ""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        _check(not isinstance(v, float) or math.isfinite(v), f"{group}.{f.name}", f"must be finite, got {v}")
+        v, typ = getattr(cfg, f.name), _hints(type(cfg))[f.name]
+        if typing.get_origin(typ) is typing.Union and v is not None:
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typ is tuple or typing.get_origin(typ) is tuple:
+            inner = (typing.get_args(typ) or (None,))[0]
+            ok = isinstance(v, (tuple, list)) and all(_IS.get(inner, lambda x: True)(x) for x in v)
+        else:
+            ok = v is None or dataclasses.is_dataclass(v) or _IS.get(typ, lambda x: True)(v)
+        _check(ok, prefix + f.name, f"expected {getattr(typ, '__name__', typ)}, got {v!r} ({type(v).__name__})")
+        _check(not isinstance(v, float) or math.isfinite(v), prefix + f.name, f"must be finite, got {v}")
+
+
+_IS = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+       float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def _iso_date(text: str) -> bool:
@@ -118,6 +140,9 @@ class ModelConfig:
         _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
                f"must be >= 1 or None (full attention), got {self.sliding_window}")
         _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
+        for name in ("rope_theta", "rope_factor", "max_position_embeddings"):  # else NaN logits, silently
+            _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
         from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
         _check(self.architecture in ARCHITECTURES, "model.architecture",
                f"{self.architecture!r} not in {ARCHITECTURES}")
@@ -140,6 +165,7 @@ class MeshConfig:
     tensor: int = 1  # tensor (model) parallelism over heads, mlp and vocab
 
     def __post_init__(self):
+        _finite(self, "mesh")
         for name in ("data", "fsdp", "tensor"):
             _check(getattr(self, name) == -1 or getattr(self, name) >= 1, f"mesh.{name}",
                    f"must be >= 1 or -1 (the remaining devices), got {getattr(self, name)}")
@@ -234,6 +260,7 @@ class JudgeConfig:
     batch_size: int = 32  # reward model: sequences per forward pass
 
     def __post_init__(self):
+        _finite(self, "judge")
         kind = self.name.split(":", 1)[0]
         _check(not self.name or kind in JUDGE_KINDS, "judge.name",
                f"{self.name!r}: the kind {kind!r} is not one of {', '.join(JUDGE_KINDS)}")
@@ -310,6 +337,7 @@ class RunConfig:
     stop_when_worse: int = 0
 
     def __post_init__(self):
+        _finite(self, "run")
         _check(self.keep_best in ("",) + tuple(METRIC_GOALS), "run.keep_best",
                f"{self.keep_best!r} not one of {', '.join(METRIC_GOALS)} (or empty)")
         _check(self.stop_when_worse >= 0, "run.stop_when_worse", "must be >= 0")
@@ -350,6 +378,7 @@ class Config:
     run: RunConfig = RunConfig()
 
     def __post_init__(self):
+        _finite(self, "")
         _check(bool(self.model_path) or self.model is not None, "model_path",
                "set a HF directory or .gguf file (or `model` for a random init)")
         _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")

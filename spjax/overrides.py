@@ -44,7 +44,7 @@ def _coerce(value, typ, field):
         return value
     if typ is tuple or origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         inner = args[0] if args else None
         return tuple(_coerce(v, inner, field) if inner not in (None, Ellipsis) else v for v in value)
     return value
@@ -52,21 +52,40 @@ def _coerce(value, typ, field):
 
 def override(cfg, dotted: str, value, _prefix: str = ""):
     """Return cfg with the field at `dotted` (e.g. 'objective.beta') set from `value` (str or typed)."""
-    head, _, rest = dotted.partition(".")
+    return apply(cfg, [(dotted, value)], _prefix)
+
+
+def apply(cfg, items, _prefix: str = ""):
+    """cfg with every (dotted key, value) of `items` set, each dataclass rebuilt once with all of its
+    new values: its checks see the final config, whatever order the keys came in (one at a time,
+    `run.stop_when_worse=1 run.keep_best=nll` failed where the reverse passed)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    where = _prefix + head
-    if head not in fields:
-        raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
-    if rest:
-        sub = getattr(cfg, head)
-        if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{_prefix}{dotted}: {where} has no sub-keys")
-        return dataclasses.replace(cfg, **{head: override(sub, rest, value, where + ".")})
     hints = typing.get_type_hints(type(cfg))
-    typ = hints[head]
-    if any(dataclasses.is_dataclass(t) for t in (typ, *typing.get_args(typ))):
-        raise ConfigError(f"{where}: a group of settings; set its keys, e.g. {where}.{_first_field(typ)}=...")
-    return dataclasses.replace(cfg, **{head: _coerce(value, typ, where)})
+    changes, groups = {}, {}
+    for dotted, value in items:
+        head, _, rest = dotted.partition(".")
+        where = _prefix + head
+        if not head:
+            raise ConfigError(f"{_prefix}{dotted or '='}: an empty key (overrides are key=value)")
+        if head not in fields:
+            raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+        if rest:
+            sub = getattr(cfg, head)
+            if sub is None and head == "model":
+                raise ConfigError(f"{where}.{rest}: the model is read from model_path; `model` shapes a random "
+                                  "init only (model_path empty). For a loaded model set param_dtype, compute_dtype, "
+                                  "remat, attention, lora.* or base_quant (top level)")
+            if not dataclasses.is_dataclass(sub):
+                raise ConfigError(f"{_prefix}{dotted}: {where} has no sub-keys")
+            groups.setdefault(head, []).append((rest, value))
+            continue
+        typ = hints[head]
+        if any(dataclasses.is_dataclass(t) for t in (typ, *typing.get_args(typ))):
+            raise ConfigError(f"{where}: a group of settings; set its keys, e.g. {where}.{_first_field(typ)}=...")
+        changes[head] = _coerce(value, typ, where)
+    for head, sub_items in groups.items():
+        changes[head] = apply(getattr(cfg, head), sub_items, _prefix + head + ".")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _first_field(typ) -> str:
@@ -93,18 +112,24 @@ def load(path: str, overrides=()) -> Config:
         raise ConfigError(f"{path}: get_config() takes no stage argument (got {arg!r} after the ':')")
     try:
         cfg = mod.get_config(arg) if arg is not None else mod.get_config()
-    except ConfigError:
-        raise
+    except ConfigError as e:  # a value the file sets: say which file
+        raise ConfigError(f"{path}: {e}") from None
     except ValueError as e:  # e.g. an unknown stage of a staged config
         raise ConfigError(f"{path}: get_config({'' if arg is None else repr(arg)}): {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a spjax.config.Config")
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides are key=value")
         key, value = item.split("=", 1)
-        cfg = override(cfg, key.strip(), value)
-    shaped = [k for k in (item.split("=", 1)[0].strip() for item in overrides) if k.startswith("model.")]
+        key = key.strip()
+        twice = next((v for k, v in items if k == key), None)
+        if twice is not None:
+            raise ConfigError(f"{key}: given twice ({twice!r}, then {value!r}): give it once")
+        items.append((key, value))
+    cfg = apply(cfg, items)
+    shaped = [k for k, _ in items if k.startswith("model.")]
     if shaped and cfg.model_path and os.path.exists(cfg.model_path):  # else it would be ignored, silently
         raise ConfigError(f"{shaped[0]}: the model is read from model_path={cfg.model_path}; `model` shapes a "
                           "random init only (model_path empty). For a loaded model set param_dtype, "

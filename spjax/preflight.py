@@ -35,6 +35,8 @@ def check_config(cfg: Config, n_devices: int):
     if kind == "python":  # imported now: a missing module is one line before any data or model loads
         from spjax import judges
         judges.python_function(cfg.judge.name)
+    from spjax.data import pipeline  # (imports tensorflow_datasets, which the run reads its data with next)
+    pipeline.check(cfg.data)
     tok = cfg.tokenizer_path or cfg.model_path
     if not tok:
         raise ConfigError("tokenizer_path: a random model needs a tokenizer (a path, or 'bytes')")
@@ -44,6 +46,11 @@ def check_config(cfg: Config, n_devices: int):
 
 def check_pairs(cfg: Config, source: str, n_train: int, echo):
     """Once the data is read: enough examples for a batch; the pair source said in one line."""
+    s = cfg.sampling
+    if source == "judged" and (s.temperature == 0 or s.top_k == 1):  # K equal samples: every prompt ties
+        raise ConfigError(f"sampling.{'temperature' if s.temperature == 0 else 'top_k'}: greedy sampling gives "
+                          f"the judge {s.num_samples} equal samples per prompt, so no pair to train on (sample, "
+                          "e.g. sampling.temperature=1)")
     if source != "judged" and n_train < cfg.run.batch_size:  # one pair per example at most
         raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {n_train} training "
                           "examples: no training step would run (lower it, or add data)")
@@ -72,6 +79,6 @@ def check_vocab(cfg: Config, model_cfg, tokenizer):
     tokens without a resized table) is refused: such an id's embedding is NaN, and the whole row with it."""
     n = max(tokenizer.get_vocab().values()) + 1
     if n > model_cfg.vocab_size:
-        raise ConfigError(f"{'run.tokenizer_path' if cfg.tokenizer_path else 'model_path'}: the tokenizer "
+        raise ConfigError(f"{'tokenizer_path' if cfg.tokenizer_path else 'model_path'}: the tokenizer "
                           f"({cfg.tokenizer_path or cfg.model_path or 'bytes'}) has ids up to {n - 1}, past the "
                           f"model's vocab_size {model_cfg.vocab_size}: it is not this model's tokenizer")

@@ -16,7 +16,7 @@ import sys
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="spjax train", description=__doc__.split("\n")[1].strip(),
+    ap = argparse.ArgumentParser(prog="spjax train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a Python file defining get_config() (file.py[:arg])")
     ap.add_argument("--workdir", default=None, help="where checkpoints, rounds, metrics and the export go "

@@ -199,5 +199,8 @@ def test_template_date_counts_tokens_as_the_run_does(tmp_path, capsys):
         assert rows[today] in out
     assert rows["2024-05-26"] != rows["2024-09-26"]
     with pytest.raises(SystemExit):
+        main(["validate", path, "--max-len", "0"])  # named its flag, not data.max_prompt_len
+    assert "--max-len: must be >= 2, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["validate", path, "--template-date", "2024-02-30"])
     assert "--template-date: '2024-02-30' is not a date as YYYY-MM-DD" in capsys.readouterr().err

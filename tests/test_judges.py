@@ -396,6 +396,11 @@ def test_judged_run_config_checks():
         preflight.check_config(judged, 8)
     preflight.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
     preflight.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
+    # Greedy sampling gives the judge K equal samples: every prompt tied, every round trained nothing (exit 0)
+    for greedy, field in ((dict(temperature=0.0), "temperature"), (dict(top_k=1), "top_k")):
+        g = dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32, **greedy))
+        with pytest.raises(ConfigError, match=f"sampling.{field}: greedy sampling gives the judge 2 equal samples"):
+            preflight.check_pairs(g, "judged", 64, lambda line: None)
 
 
 def test_judges_see_the_reference_before_max_len_cut_it():

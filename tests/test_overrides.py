@@ -1,6 +1,7 @@
 """Config files and `key=value` overrides: every bad value is one ConfigError naming its field, before
 anything runs (before: a traceback, a crash mid-run, or silently accepted)."""
 import os
+import re
 
 import pytest
 
@@ -32,6 +33,9 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ("mesh.data=0", "mesh.data: must be >= 1 or -1"),
     ("mesh.fsdp=-1", "mesh: at most one axis may be -1"),  # with mesh.data=-1
     ("model.sliding_window=0", "model.sliding_window: must be >= 1 or None"),  # every key masked before
+    ("model.rope_theta=0", "model.rope_theta: must be > 0"),  # these: NaN logits, silently
+    ("model.rope_factor=0", "model.rope_factor: must be > 0"),
+    ("model.rms_norm_eps=-1", "model.rms_norm_eps: must be >= 0"),
 ])
 def test_bad_override_is_one_config_error(item, message):
     with pytest.raises(ConfigError) as e:
@@ -103,3 +107,47 @@ def test_sequences_past_the_models_positions_are_said():
                     "tokens) exceed the model's max_position_embeddings=64: positions past it were never trained"]
     preflight.check_lengths(cfg, cfg.model, (96,), said.append)
     assert len(said) == 1
+
+
+@pytest.mark.parametrize("items", [["run.stop_when_worse=1", "run.keep_best=nll"],
+                                   ["optim.grad_accum=3", "run.batch_size=12"],
+                                   ["lora.init_path=/tmp", "lora.rank=4"],
+                                   ["objective.beta=0.01", "objective.name=inpo", "objective.tau=0.005"]])
+def test_overrides_are_checked_together_in_any_order(items):
+    """Each key=value was applied and checked alone, so a check across two keys saw half of them: one
+    order of a valid command line failed, naming a value the same line set."""
+    for order in (items, items[::-1]):
+        load_config(TINY, order)
+
+
+@pytest.mark.parametrize("items,message", [
+    (["run.rounds=2", "run.rounds=5"], "run.rounds: given twice ('2', then '5'): give it once"),  # 5 won, unsaid
+    (["=3"], "=: an empty key"),
+    (["run.rounds=2", " run.rounds =3"], "run.rounds: given twice"),
+])
+def test_a_key_given_twice_or_empty_is_one_line(items, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, items)
+
+
+def test_list_values_may_have_spaces():
+    assert load_config(TINY, ["lora.rank=4", "lora.targets=q, k"]).lora.targets == ("q", "k")
+
+
+def test_config_file_values_have_their_declared_types(tmp_path):
+    """A config file's export="no" is a truthy string: the run exported; rounds="2" was a TypeError."""
+    for field, value, message in [("export", '"no"', "run.export: expected bool, got 'no' (str)"),
+                                  ("rounds", '"2"', "run.rounds: expected int, got '2' (str)"),
+                                  ("rounds", "2.0", "run.rounds: expected int, got 2.0 (float)")]:
+        path = tmp_path / "c.py"
+        path.write_text(f"import dataclasses, runpy\ndef get_config():\n    cfg = runpy.run_path({TINY!r})"
+                        f"['get_config']()\n    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, "
+                        f"{field}={value}))\n")
+        with pytest.raises(ConfigError, match=re.escape(f"c.py: {message}")):
+            load_config(str(path))
+
+
+def test_model_keys_on_a_config_that_loads_its_model_say_why():
+    demo = os.path.join(os.path.dirname(TINY), "demo.py")
+    with pytest.raises(ConfigError, match=r"model.vocab_size: the model is read from model_path; `model` shapes"):
+        load_config(demo, ["model.vocab_size=10"])  # before: 'model has no sub-keys'

@@ -224,6 +224,9 @@ def test_resume_after_corrupting_latest_checkpoint_redoes_work(reference_run, tf
     ("run.keep_best=judge_score", "run.keep_best: 'judge_score' needs a judge"),
     ("model.lora.rank=4", "model.lora: set lora (top level)"),  # before: silently a full fine-tune
     ("run=5", "run: a group of settings"),  # before: AttributeError
+    ("data.buckets=0", "data.buckets: lengths must be positive"),  # these three: after start.json was written
+    ("data.path=", "data.path: empty"),
+    ("data.path=./nope.jsonl", "data.path: './nope.jsonl': no such file or directory"),
 ])
 def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message):
     from spjax import train
@@ -251,7 +254,7 @@ def test_a_tokenizer_past_the_vocabulary_is_one_line(tmp_path, capsys, tfds_dir)
     argv = ["--config", TINY, "--workdir", str(tmp_path / "w"), "model.vocab_size=200", f"data.tfds_dir={tfds_dir}"]
     assert train.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "spjax: ConfigError: run.tokenizer_path: the tokenizer (bytes) has ids up to 258, past the model's vocab_size "
+        "spjax: ConfigError: tokenizer_path: the tokenizer (bytes) has ids up to 258, past the model's vocab_size "
         "200: it is not this model's tokenizer")
 
 

@@ -132,11 +132,14 @@ def main(argv=None) -> int:
                    help="the run's data.template_date: the date a chat template prints as today's (default: today)")
     args = parser.parse_args(argv)
     try:
+        if args.max_len < 2:  # (check_lengths would name data.max_prompt_len, the flag left at its default)
+            raise ValueError(f"--max-len: must be >= 2, got {args.max_len}")
         check_lengths(args.max_prompt_len, args.max_len, "truncate")
         if args.template_date:
             DataConfig(template_date=args.template_date)  # its check: a date as YYYY-MM-DD
     except ValueError as e:  # (ConfigError is one)
-        parser.error(str(e).replace("data.template_date", "--template-date"))
+        parser.error(str(e).replace("data.template_date", "--template-date")
+                     .replace("data.max_prompt_len", "--max-prompt-len").replace("max_len=", "--max-len="))
     tokenizer, stops = None, ()
     if args.tokenizer:
         from spjax.hf import CheckpointError, load_model_config, load_tokenizer

@@ -40,6 +40,13 @@ class Prepared:
     prompt_buckets: tuple  # static lengths for prompt batches (<= max_prompt_len)
 
 
+def check(cfg: DataConfig):
+    """The data settings, and that local paths exist: one ConfigError naming the field (preflight calls
+    it before a run writes anything)."""
+    _check(cfg)
+    _check_paths(cfg)
+
+
 def _check(cfg: DataConfig):
     if not cfg.path:
         raise ConfigError("data.path: empty (a data file, a directory, or a TFDS dataset name)")
@@ -168,8 +175,7 @@ def load_examples(cfg: DataConfig, data_dir: Optional[str] = None) -> dict:
     train split (whole prompt groups, by a hash of (seed, prompt)). `max_examples` caps train.
     `data_dir` is where TFDS prepares and finds datasets (None: TFDS's default).
     """
-    _check(cfg)
-    _check_paths(cfg)
+    check(cfg)
     # Two files make one prepared dataset; otherwise eval_path is a source of its own.
     together = os.path.isfile(cfg.path) and os.path.isfile(cfg.eval_path)
     # With eval_path set, eval_frac would only take examples away from training.
