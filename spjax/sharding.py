@@ -37,6 +37,10 @@ RULES = (
     ("quant_groups", None),  # a quantized base's scale groups along the inputs (spjax.quant)
 )
 
+# A leaf without an `embed` dim (LoRA adapters, a quantized base's scales) leaves fsdp unused: these
+# logical axes then take it, so such leaves split too (the base weights' specs are unchanged).
+FALLBACK = {"mlp": "fsdp", "heads": "fsdp", "kv_heads": "fsdp", "quant_groups": "fsdp"}
+
 # Params at least this large must be split when the mesh has fsdp or tensor axes (maxtext-style check).
 BIG_PARAM = 1 << 20
 
@@ -69,15 +73,16 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     return Mesh(arr, AXES)
 
 
-def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES) -> P:
+def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES, fallback=FALLBACK) -> P:
     """Map a PartitionSpec of logical names onto mesh axes for an array of `shape`.
 
     A mesh axis is dropped for a dimension it does not divide (e.g. 9 heads over tensor=2), and is
-    used at most once per array; such params stay replicated on that axis (see check_sharded).
+    used at most once per array; such params stay replicated on that axis (see check_sharded). An axis
+    no dim took is then given to the first unsplit dim whose name has it as its `fallback`.
     """
-    table = dict(rules)
+    table, names = dict(rules), tuple(logical) + (None,) * (len(shape) - len(logical))
     used, out = set(), []
-    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+    for dim, name in zip(shape, names):
         axes = table.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         keep, size = [], 1
@@ -89,6 +94,11 @@ def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES) -> P:
             size *= n
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    for i, (dim, name) in enumerate(zip(shape, names)):
+        a = fallback.get(name)
+        if out[i] is None and a and a not in used and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0:
+            out[i] = a
+            used.add(a)
     return P(*out)
 
 

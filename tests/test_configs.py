@@ -39,13 +39,25 @@ def test_config_loads_and_fits_its_devices(path):
         assert b % dp == 0, f"{path}: {field} {b} does not split over {dp} data-parallel devices"
 
 
+def _variants(path):
+    """path, and path:variant for each of a config's VARIANTS (e.g. LoRA's v5e8 ones)."""
+    return [path] + [f"{path}:{v}" for v in getattr(module(path), "VARIANTS", {}) if v is not None]
+
+
+def _devices(path):
+    mod = module(path.split(":")[0])
+    variant = path.split(":")[1] if ":" in path else None
+    return getattr(mod, "VARIANTS", {}).get(variant, (None, None))[1] or getattr(mod, "DEVICES", DEFAULT_DEVICES)
+
+
 def _shards_params(path):
     cfg = load_config(os.path.join(ROOT, path))
-    shape = sharding.mesh_shape(cfg.mesh, getattr(module(path), "DEVICES", DEFAULT_DEVICES))
+    shape = sharding.mesh_shape(cfg.mesh, _devices(path))
     return cfg.model is not None and shape[1] * shape[2] > 1
 
 
-SHARDED = [p for p in CONFIGS if _shards_params(p)]  # configs with a model shape and fsdp/tensor devices
+# configs (and variants) with a model shape and fsdp/tensor devices
+SHARDED = [v for p in CONFIGS for v in _variants(p) if _shards_params(v)]
 
 
 def test_the_multi_device_configs_are_checked():
@@ -56,11 +68,11 @@ def test_the_multi_device_configs_are_checked():
 def test_big_params_are_sharded_on_the_target_mesh(path):
     # maxtext's check, on an abstract mesh of the target's size: no large param stays replicated
     # when the mesh has fsdp/tensor devices (e.g. a dim that no axis divides).
+    import dataclasses
     cfg = load_config(os.path.join(ROOT, path))
-    n = getattr(module(path), "DEVICES", DEFAULT_DEVICES)
-    shape = sharding.mesh_shape(cfg.mesh, n)
+    shape = sharding.mesh_shape(cfg.mesh, _devices(path))
     mesh = AbstractMesh(shape, sharding.AXES)
-    mcfg = cfg.model
+    mcfg = dataclasses.replace(cfg.model, **cfg.model_overrides())  # as the run builds it: LoRA, base_quant
     logical = model.param_logical_axes(mcfg)
     shapes = model.param_shapes(mcfg)
     import jax
