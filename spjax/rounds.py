@@ -89,8 +89,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                           "or choose another workdir")
     if resume and not os.path.exists(marker):
         echo(f"--resume: {workdir} holds no run yet: starting one")
-    ledger.write_start(cfg, workdir, resume)  # process 0: the first start's date and config
-    shd.barrier("spjax-workdir-checked")  # before process 0 writes the marker below
+    # process 0: the first start's date and config (the others wait: it is read next, and a marker follows)
+    shd.on_process_0(lambda: ledger.write_start(cfg, workdir, resume), "writing start.json")
     cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
@@ -98,9 +98,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     preflight.check_vocab(cfg, structure, tokenizer)
     stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
-    if jax.process_index() == 0:  # one process prepares the TFDS dataset, the others then read it
-        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops)
-    shd.barrier("spjax-data-prepared")
+    # One process prepares the TFDS dataset, the others then read it.
+    prepared = shd.on_process_0(lambda: data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops), "preparing the data")
     if jax.process_index() != 0:
         prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops)
     for split, rep in prepared.reports.items():

@@ -160,6 +160,23 @@ def on_every_process(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
+def on_process_0(fn, what: str):
+    """fn() on process 0 alone (None elsewhere), every process then meeting here. A failure on process 0
+    stops every process: it is raised there, a ConfigError saying so on the others, which before waited
+    in the next collective until the runtime's timeout (minutes) and lost the exit status."""
+    failure, out = None, None
+    if jax.process_index() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others have been told)
+            failure = e
+    if not on_every_process(failure is None):
+        if failure is not None:
+            raise failure
+        raise ConfigError(f"{what} failed on process 0: its output says why")
+    return out
+
+
 def from_process_0(fn, shapes: Sequence[tuple], error=RuntimeError) -> list:
     """fn()'s float64 arrays (of `shapes`), computed on process 0 alone and the same on every process.
 

@@ -19,6 +19,19 @@ def tiny_report(devices):
     return cc.check(load_config(TINY), devices, target=cc.Target("test", "cpu", 8, memory_bytes=1 << 30))
 
 
+def test_a_lora_float_base_samples_a_merged_copy_beside_the_policy(devices):
+    """The run decodes lora.for_sampling's merged copy while the policy stays live: compile_check compiled
+    the unmerged sampler and left the policy out, under-reporting the sampler's peak (a 7B: 54 vs 67 GiB)."""
+    from spjax import model, sharding as shd
+    cfg = load_config(TINY, ["lora.rank=4"])
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    mcfg = cc.model_config(cfg)
+    sample = cc.compile_sampler(cfg, mcfg, mesh)
+    policy = cc._bytes_per_device(cc._abstract(model.param_shapes(mcfg), shd.param_shardings(mcfg, mesh)))
+    assert sample.shape.endswith(" merged, + policy") and sample.held == policy > 0
+    assert sample.peak == sample.argument + sample.output - sample.alias + sample.temp + sample.code + policy
+
+
 def test_report_has_per_device_memory(tiny_report):
     r = tiny_report
     assert r.n_devices == 8 and r.mesh == {"data": 8, "fsdp": 1, "tensor": 1}

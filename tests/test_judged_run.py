@@ -112,13 +112,21 @@ try:
     judges.judge_all(judges.Judge("python:broken", broken, True), qs)
 except judges.JudgeError as e:
     print("raised:", e)
+def bad_data():
+    raise judges.ConfigError("data.path: bad")
+try:  # work on process 0 alone (data preparation): its failure stops both, none waits in a barrier
+    shd.on_process_0(bad_data, "preparing the data")
+except judges.ConfigError as e:
+    print("and:", e)
 """
 
 
 def test_a_host_judge_answers_once_for_every_process():
     """A judge that is host code runs on process 0 and every process gets its answer (each used to call
     it and form its own pairs: a judge that answered otherwise on another host mixed two runs' pairs);
-    its failure stops every process, none waits in the broadcast."""
-    first, second = (out.strip().splitlines()[-1] for out in _two_processes([sys.executable, "-c", _HOST_JUDGE], 300))
-    assert first == "raised: judge python:broken: no"  # (gloo's own lines come before)
-    assert second == "raised: on process 0: JudgeError: judge python:broken: no"
+    its failure stops every process, none waits in the broadcast. So does a failure of other work done on
+    process 0 alone (data preparation: the others waited in a barrier for minutes)."""
+    first, second = (out.strip().splitlines()[-2:] for out in _two_processes([sys.executable, "-c", _HOST_JUDGE], 300))
+    assert first == ["raised: judge python:broken: no", "and: data.path: bad"]  # (gloo's own lines come before)
+    assert second == ["raised: on process 0: JudgeError: judge python:broken: no",
+                      "and: preparing the data failed on process 0: its output says why"]
