@@ -86,7 +86,7 @@ class Report:
     def format(self) -> str:
         unit, scale = ("GiB", GiB) if self.peak >= GiB // 4 else ("MiB", 1 << 20)
         g = lambda b: f"{b / scale:8.2f}"
-        m = self.model
+        m, w = self.model, max([34] + [len(p.name) + len(p.shape) + 4 for p in self.programs])
         lines = [f"compile check for {self.target}: {self.n_devices} {self.platform} devices"
                  + (f" (stand-in: {self.stand_in})" if self.stand_in else ""),
                  "mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items())
@@ -95,10 +95,10 @@ class Report:
                  + (f"; {m['lora']}" if m.get("lora") else ""),
                  f"state per device ({unit}): "
                  + ", ".join(f"{k} {v / scale:.2f}" for k, v in self.state_bytes.items()),
-                 f"{'per device, ' + unit:<34}{'args':>8}{'output':>8}{'alias':>8}{'temp':>8}{'code':>8}{'peak':>8}"
+                 f"{'per device, ' + unit:<{w}}{'args':>8}{'output':>8}{'alias':>8}{'temp':>8}{'code':>8}{'peak':>8}"
                  f"{'compile':>9}"]
         for p in self.programs:
-            lines.append(f"{p.name + ' (' + p.shape + ')':<34}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
+            lines.append(f"{p.name + ' (' + p.shape + ')':<{w}}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
                          f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
         lines.append("XLA cost per device: " + "; ".join(
             f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed" for p in self.programs)
