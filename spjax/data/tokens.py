@@ -145,13 +145,19 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *, w
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
         raise DataError([dataclasses.replace(where, what="the tokenizer has no EOS token to end a response with")])
-    added = tokenizer.get_added_vocab() if stops else {}
-    for text in [eos] + [t for t, i in added.items() if i in stops and t != eos]:
+    for text in (eos,) + _stop_texts(tokenizer, tuple(stops), eos):
         if text in response:
             raise DataError([dataclasses.replace(where, what=f"contains the end-of-turn token text {text!r}")])
     ids = _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos)
     first = next((k for k, i in enumerate(ids) if i in stops), len(ids) - 1)
     return np.asarray(ids[:first + 1], np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_texts(tokenizer, stops: tuple, eos: str) -> tuple:
+    """The texts of the stop ids that are added tokens (as text in a response, they would end it), EOS aside:
+    looked up once per tokenizer, not per response."""
+    return tuple(t for t, i in tokenizer.get_added_vocab().items() if i in stops and t != eos) if stops else ()
 
 
 def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos) -> list:
