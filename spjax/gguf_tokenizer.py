@@ -21,14 +21,19 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2)
+# llama.cpp's DEFAULT (a file saying "default", or no pre-tokenizer at all): punctuation runs first,
+# then GPT-2's words, digit runs, and groups of three digits.
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+            r"\p{N}+", r"[0-9][0-9][0-9]")
 SPLITS = {
-    "default": (_GPT2,), "gpt2": (_GPT2,),
+    "default": _DEFAULT, "gpt-2": (_GPT2,), "gpt2": (_GPT2,), "phi-2": (_GPT2,),
     "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
-    "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "smaug-bpe": (_LLAMA3,),
+    "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,), "smaug-bpe": (_LLAMA3,),
     "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,),
 }
 # Llama 3's tokenizer takes a whole pre-token that is in the vocabulary before trying merges.
-_IGNORE_MERGES = {"llama-bpe", "llama3", "smaug-bpe"}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}
+_ADD_BOS = {"llama-bpe", "llama3", "llama-v3"}  # llama.cpp adds BOS for these unless the file says otherwise
 
 
 def _meta(reader, key, default=None):
@@ -121,8 +126,9 @@ def tokenizer_from_gguf(path: str):
         merges = _meta(reader, "tokenizer.ggml.merges")
         if merges is None:
             raise CheckpointError(f"{path}: a gpt2 (BPE) tokenizer without tokenizer.ggml.merges")
-        backend = _bpe_pipeline(tokens, merges, _meta(reader, "tokenizer.ggml.pre", "default"), path)
-        add_bos_default = False
+        pre = _meta(reader, "tokenizer.ggml.pre", "default")
+        backend = _bpe_pipeline(tokens, merges, pre, path)
+        add_bos_default = pre in _ADD_BOS
     elif model == "llama":
         scores = _meta(reader, "tokenizer.ggml.scores")
         if scores is None:

@@ -127,6 +127,43 @@ def test_unknown_pre_tokenizer_is_one_clear_error(tmp_path, smollm2):
         tokenizer_from_gguf(str(tmp_path / "odd.gguf"))
 
 
+def _relabelled(tmp_path, tokens, pre, add_bos=None):
+    """A small BPE GGUF (SmolLM2's first 300 tokens, one merge) whose tokenizer.ggml.pre is `pre` (None:
+    absent): the pre-tokenizer and BOS depend on the metadata only."""
+    import gguf
+    path = str(tmp_path / f"{pre}-{add_bos}.gguf")
+    out = gguf.GGUFWriter(path, "llama")
+    out.add_tokenizer_model("gpt2")
+    if pre is not None:
+        out.add_tokenizer_pre(pre)
+    out.add_token_list(tokens)
+    out.add_token_merges(["Ġ t"])
+    out.add_bos_token_id(1)
+    out.add_eos_token_id(2)
+    if add_bos is not None:
+        out.add_add_bos_token(add_bos)
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.close()
+    return tokenizer_from_gguf(path)
+
+
+def test_default_pre_tokenizer_and_bos_follow_llama_cpp(tmp_path, smollm2):
+    """A file saying `default` (or no pre-tokenizer) is split as llama.cpp's DEFAULT: punctuation runs,
+    then GPT-2's words, digit runs, groups of three digits (it was GPT-2's regex alone: other ids than
+    llama.cpp serves). Llama 3's names add BOS unless the file says not to, as llama.cpp does."""
+    from spjax import gguf_io
+    tokens = gguf_io.read(smollm2).fields["tokenizer.ggml.tokens"].contents()[:300]  # (read once)
+    pieces = lambda tok: [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("Call 12345 now !")]
+    for pre in ("default", None):
+        assert pieces(_relabelled(tmp_path, tokens, pre)) == ["Call", "Ġ", "123", "45", "Ġnow", "Ġ", "!"], pre
+    # llama.cpp's name for GPT-2's regex (was refused)
+    assert pieces(_relabelled(tmp_path, tokens, "gpt-2")) == ["Call", "Ġ12345", "Ġnow", "Ġ!"]
+    assert _relabelled(tmp_path, tokens, "llama-bpe").encode("hi")[0] == 1
+    assert _relabelled(tmp_path, tokens, "llama-bpe", add_bos=False).encode("hi")[0] != 1
+    assert _relabelled(tmp_path, tokens, "qwen2").encode("hi")[0] != 1
+
+
 def test_self_play_on_smollm2_gguf_runs_without_torch(tmp_path, smollm2):
     """The quick start's path with torch unimportable: GGUF weights, tokenizer, chat template, a round."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
