@@ -131,6 +131,29 @@ def test_a_response_ends_at_the_first_stop_id_as_a_sample_does(smollm2):
         smollm2.eos_token = eos
 
 
+# Mistral-7B-Instruct-v0.3's template, as it treats a system prompt: into the last message, if that is the user's
+MISTRAL3 = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+            "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+            "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+            "{%- if loop.last and system_message is defined %}"
+            "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+            "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+            "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+            "{%- endfor %}")
+
+
+def test_a_template_that_drops_the_system_prompt_from_a_chat_with_a_response():
+    """Mistral v0.3 writes the system prompt into the last message only when it is the user's: every
+    example with a system prompt (data.system_prompt on every one) was refused as a template mismatch."""
+    tok = llama_tokenizer()
+    tok.chat_template = MISTRAL3
+    msgs = chat(("system", "Be nice."), ("user", "Hello?"))
+    p, r = prompt_ids(tok, msgs), response_ids(tok, msgs, "Hi there.")
+    assert "Be nice." in tok.decode(p.tolist()) and tok.decode(p.tolist()).endswith("[/INST]")
+    assert r.tolist() == response_ids(tok, msgs[1:], "Hi there.").tolist()  # what follows [/INST] alike
+    assert tok.decode(r.tolist()) == " Hi there.</s>"
+
+
 def test_plain_tokenizer_single_turn(tmp_path):
     plain = llama_tokenizer(chat_template=False)
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is the capital of France?", "response": "Paris."}])

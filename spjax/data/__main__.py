@@ -107,8 +107,12 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         report = LengthReport()
         for ex, (p, r, g) in zip(run_examples, tokenized):
             if overlong == "truncate" and len(p) > max_prompt_len:  # the run's way: oldest whole turns first
-                p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report,
-                                           stops=stops)
+                try:
+                    p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report,
+                                               stops=stops)
+                except DataError as e:  # a template that refuses the shorter chat: said as the run says it
+                    print(*e.problems, sep="\n", file=out)
+                    return 1
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report)
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)

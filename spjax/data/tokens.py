@@ -165,18 +165,31 @@ def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eo
         return _encode(tokenizer, response) + [tokenizer.eos_token_id]
     prompt_where = dataclasses.replace(where, field="prompt")
     prompt_text, prompt_tokens = prompt or _prompt(tokenizer, prompt_messages, prompt_where, today)
-    chat = list(prompt_messages) + [{"role": "assistant", "content": response}]
-    full = _render(tokenizer, chat, False, prompt_where, today)
-    if not full.startswith(prompt_text):
+    # Whatever the template writes between the generation prompt and the response (Llama-2's
+    # space, or a stripped response) belongs to the response: the sampler has to produce it too.
+    tail = _tail(tokenizer, prompt_messages, prompt_text, response, prompt_where, today)
+    if tail is None and prompt_messages and prompt_messages[0]["role"] == "system":
+        # Mistral v0.3's template writes the system prompt into the last message only, when it is the
+        # user's: the chat with the response has none. What follows the generation prompt does not
+        # depend on it, so it is read from the chat without it (and follows the prompt that has it).
+        bare = list(prompt_messages[1:])
+        tail = _tail(tokenizer, bare, _render(tokenizer, bare, True, prompt_where, today), response, prompt_where,
+                     today)
+    if tail is None:
         raise DataError([dataclasses.replace(where, what=(
             "the chat template does not render the prompt (with its generation prompt) as a prefix of the "
             "chat with this response, so sampling and loss prompts could not be the same tokens"))])
-    # Whatever the template writes between the generation prompt and the response (Llama-2's
-    # space, or a stripped response) belongs to the response: the sampler has to produce it too.
-    tail = full[len(prompt_text):]
     end = tail.find(eos)
     tail = tail + eos if end < 0 else tail[:end + len(eos)]
     return _continuation(tokenizer, prompt_text, prompt_tokens, tail)
+
+
+def _tail(tokenizer, prompt_messages, prompt_text: str, response: str, where, today) -> Optional[str]:
+    """What the template writes after the prompt (with its generation prompt) in the chat with this
+    response; None if the prompt is not a prefix of that chat."""
+    full = _render(tokenizer, list(prompt_messages) + [{"role": "assistant", "content": response}], False, where,
+                   today)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else None
 
 
 def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
