@@ -187,8 +187,15 @@ def _checksums(tree, legacy: bool):
     u32 = jax.numpy.uint32
     out = []
     for x in jax.tree.leaves(tree):
-        bits = jax.lax.bitcast_convert_type(x, {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: u32}[x.dtype.itemsize])
-        bits = bits.astype(u32)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a typed key: its uint32 data
+            x = jax.random.key_data(x)
+        if x.dtype == jax.numpy.bool_:  # (no bitcast of bool)
+            x = x.astype(jax.numpy.uint8)
+        width = {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: u32}.get(x.dtype.itemsize)
+        if width is None:  # 64-bit values (jax_enable_x64): not summed, 0 saved and checked alike
+            out.append(u32(0))
+            continue
+        bits = jax.lax.bitcast_convert_type(x, width).astype(u32)
         index = jax.lax.broadcasted_iota(u32, x.shape, 0) if x.ndim else u32(0)
         for axis in range(1, x.ndim):  # the flat index, wrapping mod 2^32 like the sum
             index = index * u32(x.shape[axis]) + jax.lax.broadcasted_iota(u32, x.shape, axis)

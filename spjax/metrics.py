@@ -104,7 +104,7 @@ def mean_metrics(rows: list[dict]) -> dict:
     interval's finite steps; 1 without), so a round's mean is its steps' whatever run.log_every cut;
     NaN values left out (an interval whose every step was skipped); counts (COUNTS) summed."""
     out = {}
-    for k in rows[0] if rows else ():
+    for k in dict.fromkeys(k for r in rows for k in r):  # every row's keys, in order
         pairs = [(float(r[k]), float(r.get("steps", 1))) for r in rows if k in r]
         finite = [(v, w) for v, w in pairs if math.isfinite(v) and w > 0]
         if k in COUNTS:

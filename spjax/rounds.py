@@ -299,8 +299,11 @@ def restore(ctx: Context, params):
     logged = {}
     for row in kept:
         if row["kind"] == "train":
-            logged.setdefault(row.get("round"), []).append({k: v for k, v in row.items()
-                                                            if k not in ("kind", "step", "time")})
+            row = {k: v for k, v in row.items() if k not in ("kind", "step", "time")}
+            if "steps" not in row:  # an earlier version's row: a mean of log_every steps, skipped a running total
+                row = {**{k: v for k, v in row.items() if k not in ("finite", "skipped")},
+                       "steps": ctx.cfg.run.log_every}
+            logged.setdefault(row.get("round"), []).append(row)
     return rs, state, logged
 
 

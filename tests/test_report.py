@@ -83,6 +83,7 @@ def test_a_rounds_mean_weighs_its_logged_intervals_by_their_steps():
     got = metrics.mean_metrics(rows)
     assert got == {"loss": (3 * 1.0 + 4.0) / 4, "steps": 4, "skipped": 3}
     assert metrics.mean_metrics([{"loss": 1.0}, {"loss": 3.0}]) == {"loss": 2.0}  # rows without steps: alike
+    assert metrics.mean_metrics([{"loss": 1.0}, {"loss": 3.0, "steps": 1}]) == {"loss": 2.0, "steps": 1}  # all keys
 
 
 def test_word_similarity_counts_words_not_punctuation():

@@ -179,6 +179,9 @@ def test_checksums_see_any_one_changed_element_and_a_change_of_all():
     assert ckpt_lib.checksums([w * 2], legacy=True) == ckpt_lib.checksums([w], legacy=True)
     assert ckpt_lib.checksums([w.T]) != ckpt_lib.checksums([w])  # elements moved
     assert ckpt_lib.checksums([jnp.int32(3)]) != ckpt_lib.checksums([jnp.int32(4)])  # a step counter
+    # every leaf a state may hold: a flag, a typed key (bitcast refused both: every save would fail)
+    for a, b in [(jnp.array([True, False]), jnp.array([True, True])), (jax.random.key(0), jax.random.key(1))]:
+        assert ckpt_lib.checksums([a]) != ckpt_lib.checksums([b])
     assert ckpt_lib.checksums([x.reshape(-1).at[1].multiply(-1)], legacy=True) == \
         ckpt_lib.checksums([x.reshape(-1)], legacy=True)  # the legacy multiplier's blind spot (earlier runs' sums)
 
