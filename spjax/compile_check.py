@@ -178,14 +178,18 @@ def compile_train_step(cfg, model_cfg, mesh):
     return _memory("train_step", shape, compiled, time.perf_counter() - t0), state
 
 
-def compile_sampler(cfg, model_cfg, mesh):
-    """ProgramMemory of one sampling batch: prefill of the longest prompt bucket, then the decode loop."""
+def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
+    """ProgramMemory of one sampling batch: prefill of the longest prompt bucket, then the decode loop.
+    target_platform 'gpu' on CPU stand-ins: the decode loop a GPU runs (layers unrolled, steps chunked),
+    not the one this host would pick."""
     import jax
     from spjax import model, sampler, sharding as shd
     s = cfg.sampling
     plan = sampler.make_plan(prompt_len=cfg.data.max_prompt_len, max_new_tokens=s.max_new_tokens,
                              batch_size=s.batch_size, num_samples=s.num_samples, temperature=s.temperature,
-                             top_k=s.top_k, top_p=s.top_p, mesh=mesh)
+                             top_k=s.top_k, top_p=s.top_p, mesh=mesh,
+                             **(dict(unroll_layers=True, decode_chunk=sampler.GPU_CHUNK) if target_platform == "gpu"
+                                else {}))
     params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
     sample_cfg, held = model_cfg, 0
     if model_cfg.lora.rank and model_cfg.base_quant == "none":  # lora.for_sampling: the run decodes a merged
@@ -224,7 +228,7 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
         programs.append(train)
         (echo or (lambda line: None))(f"compiled train_step in {train.compile_s:.1f}s")
         if sample:
-            programs.append(compile_sampler(cfg, model_cfg, mesh))
+            programs.append(compile_sampler(cfg, model_cfg, mesh, target.platform if target else ""))
             (echo or (lambda line: None))(f"compiled sample in {programs[-1].compile_s:.1f}s")
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
     return Report(

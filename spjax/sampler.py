@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from spjax import sharding as shd
 from spjax.config import ModelConfig
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
-    _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_chunk, _decode_windows, _generate,
-    _unroll_layers, decode_step, example_key, left_pad_positions, prefill, round_key, sample_keys)
+    GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_chunk, _decode_windows,
+    _generate, _unroll_layers, decode_step, example_key, left_pad_positions, prefill, round_key, sample_keys)
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
 _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes

@@ -245,7 +245,7 @@ def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
     return backend == "gpu" or (backend == "cpu" and num_layers <= _CPU_UNROLL_MAX_LAYERS)
 
 
-_GPU_CHUNK = 8  # decode steps a GPU runs between two early-exit checks (each one a host sync)
+GPU_CHUNK = 8  # decode steps a GPU runs between two early-exit checks (each one a host sync)
 
 
 def _decode_chunk(settings: _Settings) -> int:
@@ -259,7 +259,7 @@ def _decode_chunk(settings: _Settings) -> int:
     """
     if settings.chunk:
         return settings.chunk
-    return _GPU_CHUNK if jax.default_backend() == "gpu" else 1
+    return GPU_CHUNK if jax.default_backend() == "gpu" else 1
 
 
 def _decode_windows(P: int, T: int, S: int, segments: int = 0) -> tuple:

@@ -32,6 +32,17 @@ def test_a_lora_float_base_samples_a_merged_copy_beside_the_policy(devices):
     assert sample.peak == sample.argument + sample.output - sample.alias + sample.temp + sample.code + policy
 
 
+def test_a_gpu_target_compiles_the_decode_loop_a_gpu_runs(devices, monkeypatch):
+    """The sampler picks its loop by this host's backend: CPU stand-ins for a GPU target compiled the CPU
+    loop (layers scanned, one step a check), under-reporting the GPU's (1B: 25.8 vs 29.0 GiB)."""
+    from spjax import sampler, sharding as shd
+    seen, make_plan = [], sampler.make_plan
+    monkeypatch.setattr(sampler, "make_plan", lambda **kw: seen.append(kw) or make_plan(**kw))
+    cfg = load_config(TINY)
+    cc.compile_sampler(cfg, cc.model_config(cfg), shd.make_mesh(cfg.mesh, devices), "gpu")
+    assert seen[-1]["unroll_layers"] is True and seen[-1]["decode_chunk"] == sampler.GPU_CHUNK
+
+
 def test_report_has_per_device_memory(tiny_report):
     r = tiny_report
     assert r.n_devices == 8 and r.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
