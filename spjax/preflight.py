@@ -19,7 +19,7 @@ def check_config(cfg: Config, n_devices: int):
     if (cfg.run.batch_size // cfg.optim.grad_accum) % dp:
         raise ConfigError(f"optim.grad_accum: micro-batches of {cfg.run.batch_size // cfg.optim.grad_accum} "
                           f"pairs do not split over {dp} data-parallel devices")
-    # Checked here, not in Config: command-line overrides arrive one at a time.
+    # Cross-group checks of the judge settings (overrides are applied together, so any order passes here).
     if cfg.run.pairs == "judged" and not cfg.judge.name:
         raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
     if cfg.run.keep_best == "judge_score" and not cfg.judge.name:
