@@ -49,6 +49,7 @@ class ProgramMemory:
     flops: float = 0.0
     bytes_accessed: float = 0.0
     held: int = 0  # live beside the program, not its argument (a LoRA policy while its merged copy samples)
+    loop_collectives: int = 0  # the sampler's collective ops inside its loops (prefill scan, decode windows)
 
     @property
     def peak(self) -> int:
@@ -101,7 +102,8 @@ class Report:
             lines.append(f"{p.name + ' (' + p.shape + ')':<{w}}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
                          f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
         lines.append("XLA cost per device: " + "; ".join(
-            f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed" for p in self.programs)
+            f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed"
+            + (f", {p.loop_collectives} collective ops in its loops" if p.name == "sample" else "") for p in self.programs)
             + f" (attention: {self.model.get('attention', '?')})")
         if self.memory_bytes is None:
             lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
@@ -146,21 +148,34 @@ def _memory(name, shape, compiled, seconds) -> ProgramMemory:
                          int(ma.generated_code_size_in_bytes), seconds, flops, accessed)
 
 
+def loop_collectives(hlo: str) -> list:
+    """The collective ops (all-gather, all-reduce, ...) inside the while loops of a compiled program's
+    HLO text, and in what those loops call: in the sampler they run once per decode step."""
+    import re
+    comps = {}
+    for block in hlo.split("\n\n"):
+        m = re.search(r"^(?:ENTRY )?%?([\w.\-]+) ", block.strip(), re.M)
+        if m:
+            comps[m.group(1)] = block
+    todo, seen = [n for b in comps.values() for n in re.findall(r"body=%?([\w.\-]+)", b)], set()
+    while todo:
+        c = todo.pop()
+        if c in comps and c not in seen:
+            seen.add(c)
+            todo += re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", comps[c])
+    kinds = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    return [k for c in sorted(seen) for k in re.findall(kinds, comps[c])]
+
+
 def _abstract(shapes, shardings):
     import jax
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, shardings)
 
 
-def _bytes_per_device(tree) -> int:
-    import jax
-    import numpy as np
-    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
-
-
 def state_bytes(state) -> dict:
     """Per-device bytes of an abstract TrainState's params and optimizer state."""
-    return {"params": _bytes_per_device(state.params), "opt_state": _bytes_per_device(state.opt_state)}
+    from spjax import sharding as shd
+    return {"params": shd.bytes_per_device(state.params), "opt_state": shd.bytes_per_device(state.opt_state)}
 
 
 def compile_train_step(cfg, model_cfg, mesh):
@@ -185,23 +200,26 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
     import jax
     from spjax import model, sampler, sharding as shd
     s = cfg.sampling
-    plan = sampler.make_plan(prompt_len=cfg.data.max_prompt_len, max_new_tokens=s.max_new_tokens,
-                             batch_size=s.batch_size, num_samples=s.num_samples, temperature=s.temperature,
-                             top_k=s.top_k, top_p=s.top_p, mesh=mesh,
-                             **(dict(unroll_layers=True, decode_chunk=sampler.GPU_CHUNK) if target_platform == "gpu"
-                                else {}))
     params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
     sample_cfg, held = model_cfg, 0
     if model_cfg.lora.rank and model_cfg.base_quant == "none":  # lora.for_sampling: the run decodes a merged
         from spjax import lora, tensor_names  # copy while the policy's params stay live beside it
-        sample_cfg, held = tensor_names.base_config(model_cfg), _bytes_per_device(params)
+        sample_cfg, held = tensor_names.base_config(model_cfg), shd.bytes_per_device(params)
         merged = jax.eval_shape(lambda p: lora.merge(model_cfg, p)[1], params)
         params = _abstract(merged, shd.param_shardings(sample_cfg, mesh))
+    gather = sampler.gather_weights(mesh, s.weights)
+    plan = sampler.make_plan(prompt_len=cfg.data.max_prompt_len, max_new_tokens=s.max_new_tokens,
+                             batch_size=s.batch_size, num_samples=s.num_samples, temperature=s.temperature,
+                             top_k=s.top_k, top_p=s.top_p, mesh=mesh, gather_weights=gather,
+                             **(dict(unroll_layers=True, decode_chunk=sampler.GPU_CHUNK) if target_platform == "gpu"
+                                else {}))
     t0 = time.perf_counter()
     compiled = sampler.lower(sample_cfg, plan, params).compile()
     k = f" K={s.num_samples}" if s.num_samples > 1 else ""
-    shape = f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}" + (" merged, + policy" if held else "")
-    return dataclasses.replace(_memory("sample", shape, compiled, time.perf_counter() - t0), held=held)
+    shape = (f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}" + (" gathered" if gather else "")
+             + (" merged, + policy" if held else ""))
+    return dataclasses.replace(_memory("sample", shape, compiled, time.perf_counter() - t0), held=held,
+                               loop_collectives=len(loop_collectives(compiled.as_text())))
 
 
 def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",

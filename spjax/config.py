@@ -6,11 +6,11 @@ validated on construction, and overridable from the command line with dotted `ke
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import functools
-import math
-import typing
 from typing import Optional
+
+from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigError is its public name)
+from spjax.config_checks import check as _check, iso_date as _iso_date, one_of as _one_of
+from spjax.config_checks import typed_and_finite as _finite
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -25,49 +25,6 @@ METRIC_GOALS = {"nll": "min", "f1": "max", "rouge_l": "max", "held_lp_real": "ma
 REFERENCES = ("opponent", "initial")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections model.Block names
 BASE_QUANTS = ("none", "int8", "int4")  # storage of a LoRA run's frozen base projections
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the field."""
-
-
-def _check(ok: bool, field: str, msg: str):
-    if not ok:
-        raise ConfigError(f"{field}: {msg}")
-
-
-def _finite(cfg, group: str):
-    """Every field of a config of its declared type (a config file's export="no" is a truthy string: the
-    run exported; rounds="2" was a TypeError in a check), every float finite (inf or nan in a rate or a
-    scale is always a mistake). Groups check their own fields when they are built."""
-    prefix = f"{group}." if group else ""
-    for f in dataclasses.fields(cfg):
-        v, typ = getattr(cfg, f.name), _hints(type(cfg))[f.name]
-        if typing.get_origin(typ) is typing.Union and v is not None:
-            typ = next(a for a in typing.get_args(typ) if a is not type(None))
-        if typ is tuple or typing.get_origin(typ) is tuple:
-            inner = (typing.get_args(typ) or (None,))[0]
-            ok = isinstance(v, (tuple, list)) and all(_IS.get(inner, lambda x: True)(x) for x in v)
-        else:
-            ok = v is None or dataclasses.is_dataclass(v) or _IS.get(typ, lambda x: True)(v)
-        _check(ok, prefix + f.name, f"expected {getattr(typ, '__name__', typ)}, got {v!r} ({type(v).__name__})")
-        _check(not isinstance(v, float) or math.isfinite(v), prefix + f.name, f"must be finite, got {v}")
-
-
-_IS = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-       float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _iso_date(text: str) -> bool:
-    try:
-        return bool(datetime.date.fromisoformat(text))
-    except ValueError:
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,18 +96,17 @@ class ModelConfig:
         _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
         _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
                f"must be >= 1 or None (full attention), got {self.sliding_window}")
-        _check(self.rope_type in ROPE_TYPES, "model.rope_type", f"{self.rope_type!r} not in {ROPE_TYPES}")
+        _one_of(self.rope_type, "model.rope_type", ROPE_TYPES)
         for name in ("rope_theta", "rope_factor", "max_position_embeddings"):  # else NaN logits, silently
             _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
         from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
-        _check(self.architecture in ARCHITECTURES, "model.architecture",
-               f"{self.architecture!r} not in {ARCHITECTURES}")
-        _check(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
-        _check(self.compute_dtype in DTYPES, "model.compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
-        _check(self.remat in REMAT, "model.remat", f"{self.remat!r} not in {REMAT}")
-        _check(self.attention in ATTENTION, "model.attention", f"{self.attention!r} not in {ATTENTION}")
-        _check(self.base_quant in BASE_QUANTS, "model.base_quant", f"{self.base_quant!r} not in {BASE_QUANTS}")
+        _one_of(self.architecture, "model.architecture", ARCHITECTURES)
+        _one_of(self.param_dtype, "model.param_dtype", DTYPES)
+        _one_of(self.compute_dtype, "model.compute_dtype", DTYPES)
+        _one_of(self.remat, "model.remat", REMAT)
+        _one_of(self.attention, "model.attention", ATTENTION)
+        _one_of(self.base_quant, "model.base_quant", BASE_QUANTS)
         _check(self.base_quant == "none" or self.lora.rank > 0, "model.base_quant",
                f"{self.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -214,9 +170,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _finite(self, "optim")
-        _check(self.name in ("adamw", "rmsprop"), "optim.name", f"{self.name!r} not in ('adamw', 'rmsprop')")
-        _check(self.schedule in ("linear", "cosine", "constant"), "optim.schedule",
-               f"{self.schedule!r} not in ('linear', 'cosine', 'constant')")
+        _one_of(self.name, "optim.name", ("adamw", "rmsprop"))
+        _one_of(self.schedule, "optim.schedule", ("linear", "cosine", "constant"))
         _check(self.nonfinite in ("skip", "raise"), "optim.nonfinite", "must be skip or raise")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
@@ -238,9 +193,13 @@ class SamplingConfig:
     max_new_tokens: int = 256
     batch_size: int = 64  # prompts decoded together (global)
     num_samples: int = 1  # K samples per prompt (judged pairs need K >= 2); one shared prefill
+    # On an fsdp mesh: decode from the training layout (each step moves activations between devices)
+    # or from a copy of the weights gathered once per batch (spjax.sampler.gather_weights)
+    weights: str = "sharded"  # sharded | gathered
 
     def __post_init__(self):
         _finite(self, "sampling")
+        _one_of(self.weights, "sampling.weights", ("sharded", "gathered"))
         _check(self.num_samples >= 1, "sampling.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
@@ -264,7 +223,7 @@ class JudgeConfig:
         kind = self.name.split(":", 1)[0]
         _check(not self.name or kind in JUDGE_KINDS, "judge.name",
                f"{self.name!r}: the kind {kind!r} is not one of {', '.join(JUDGE_KINDS)}")
-        _check(self.pairs in JUDGE_PAIRS, "judge.pairs", f"{self.pairs!r} not in {JUDGE_PAIRS}")
+        _one_of(self.pairs, "judge.pairs", JUDGE_PAIRS)
         _check(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
         if self.name:
             from spjax.judges import check_name  # the judge table is the one list of what each kind takes
@@ -293,7 +252,7 @@ class DataConfig:
     def __post_init__(self):
         _finite(self, "data")
         from spjax.data.records import FORMATS  # the record parsers' one list of formats
-        _check(self.format in FORMATS, "data.format", f"{self.format!r} not in {FORMATS}")
+        _one_of(self.format, "data.format", FORMATS)
         _check(0 <= self.eval_frac < 1, "data.eval_frac", f"must be in [0, 1), got {self.eval_frac}")
         _check(self.max_examples >= 0, "data.max_examples", f"must be >= 0 (0: all), got {self.max_examples}")
         _check(self.max_prompt_len >= 1, "data.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
@@ -302,7 +261,7 @@ class DataConfig:
         _check(not self.template_date or _iso_date(self.template_date), "data.template_date",
                f"{self.template_date!r} is not a date as YYYY-MM-DD")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
-        _check(self.pack in ("auto", "on", "off"), "data.pack", f"{self.pack!r} not in ('auto', 'on', 'off')")
+        _one_of(self.pack, "data.pack", ("auto", "on", "off"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,8 +309,8 @@ class RunConfig:
             _check(getattr(self, name) >= 1, f"run.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_examples", "eval_show"):
             _check(getattr(self, name) >= 0, f"run.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.pairs in PAIR_SOURCES, "run.pairs", f"{self.pairs!r} not in {PAIR_SOURCES}")
-        _check(self.reference in REFERENCES, "run.reference", f"{self.reference!r} not in {REFERENCES}")
+        _one_of(self.pairs, "run.pairs", PAIR_SOURCES)
+        _one_of(self.reference, "run.reference", REFERENCES)
         _check(self.reference == "opponent" or self.pairs == "data", "run.reference",
                "'initial' needs run.pairs=data (sampled pairs change every round; pi_0 is gone after round 0)")
 
@@ -381,10 +340,10 @@ class Config:
         _finite(self, "")
         _check(bool(self.model_path) or self.model is not None, "model_path",
                "set a HF directory or .gguf file (or `model` for a random init)")
-        _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
-        _check(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} not in {DTYPES}")
-        _check(self.remat in REMAT, "remat", f"{self.remat!r} not in {REMAT}")
-        _check(self.attention in ATTENTION, "attention", f"{self.attention!r} not in {ATTENTION}")
+        _one_of(self.param_dtype, "param_dtype", DTYPES)
+        _one_of(self.compute_dtype, "compute_dtype", DTYPES)
+        _one_of(self.remat, "remat", REMAT)
+        _one_of(self.attention, "attention", ATTENTION)
         # Each sub-config validates itself; here only what spans two of them.
         _check(self.run.reference == "opponent" or self.objective.name != "inpo", "run.reference",
                "'initial' with objective.name=inpo: INPO's reference mixes pi_0 and pi_t itself (objective.tau)")

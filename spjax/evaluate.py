@@ -115,9 +115,9 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
     n_tok = np.asarray([max(len(e.real_ids), 1) for e in held], np.float32)
     out = {"nll": float(-(lp.sum() / n_tok.sum())), "held_lp_real": float(lp.mean())}
     res = sampler.sample(*lora.for_sampling(ctx.model_cfg, params), [e.prompt_ids.tolist() for e in held], key=0,
-                         temperature=0.0,
-                         max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
-                         batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id)
+                         temperature=0.0, max_new_tokens=cfg.run.eval_max_new_tokens, eos_ids=ctx.eos_ids,
+                         batch_size=cfg.sampling.batch_size, mesh=ctx.mesh, pad_id=ctx.pad_id,
+                         weights=cfg.sampling.weights)
     preds = [tok.decode(t, skip_special_tokens=True).strip() for t in res.tokens]
     refs_text = [tok.decode(e.reference_ids, skip_special_tokens=True).strip() for e in held]  # not cut at max_len
     out.update(similarity(preds, refs_text))

@@ -40,7 +40,7 @@ SIMILARITIES = ("f1", "rouge_l")
 class JudgeError(ConfigError):
     """A judge that cannot be loaded, or that returned what no judge may (a wrong shape, NaN or inf, a
     matrix that is not a preference). A ConfigError: judge.name picked it, and spjax.train prints it as
-    one line (`spjax: JudgeError: ...`) instead of a traceback through the judge phase."""
+    one line (`spjax: judge error: ...`) instead of a traceback through the judge phase."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,7 +192,7 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
                                  key=split_key(ctx.cfg.run.seed, t, split), example_ids=[e.id for e in part],
                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, eos_ids=ctx.eos_ids, batch_size=per_chunk, mesh=ctx.mesh,
-                                 pad_id=ctx.pad_id, num_samples=K)
+                                 pad_id=ctx.pad_id, num_samples=K, weights=s.weights)
             got = {e.id * K + k: (np.asarray(res.tokens[j * K + k], np.int32),
                                   np.asarray(res.logprobs[j * K + k], np.float32))
                    for j, e in enumerate(part) for k in range(K)}

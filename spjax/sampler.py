@@ -84,7 +84,7 @@ def cache_len(prompt_len: int, max_new_tokens: int) -> int:
 def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samples: int = 1,
               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
               pad_id: int = 0, mesh: Optional[Mesh] = None, decode_segments: int = 0,
-              unroll_layers: Optional[bool] = None, decode_chunk: int = 0) -> Plan:
+              unroll_layers: Optional[bool] = None, decode_chunk: int = 0, gather_weights: bool = False) -> Plan:
     """Check the sampling arguments and fix one batch's static shape (rows, P, cache, EOS list)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -101,8 +101,27 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
     settings = _Settings(max_new_tokens=max_new_tokens, cache_len=cache_len(prompt_len, max_new_tokens),
                          greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
                          mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
-                         num_samples=num_samples, chunk=decode_chunk)
+                         num_samples=num_samples, chunk=decode_chunk, gather_weights=gather_weights)
     return Plan(rows=-(-batch_size // dp) * dp, prompt_len=prompt_len, settings=settings, eos=tuple(eos))
+
+
+WEIGHTS = ("sharded", "gathered")  # sampling.weights: the decode weights' layout on an fsdp mesh
+
+
+def gather_weights(mesh: Optional[Mesh], weights: str = "sharded") -> bool:
+    """Decode from weights replicated over the fsdp axis (spjax.sharding.decode_shardings)?
+
+    'sharded' decodes from the training layout: XLA then moves activations, not weights, between the
+    fsdp devices in every decode step (a 7B on 8 devices: ~100 collectives, ~170 MB, a step), each
+    device reading an fsdp-th of the weights. 'gathered' gathers them once per batch into a copy each
+    device keeps (compute dtype, tensor splits kept): no collective in any decode step, but every
+    device reads all the weights each step and holds the copy. Which is faster depends on the
+    interconnect's latency against the memory bandwidth: bench/fsdp_decode.py measures both.
+    Without an fsdp axis the two are the same.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return mesh is not None and mesh.shape["fsdp"] > 1 and weights == "gathered"
 
 
 def knobs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
@@ -196,7 +215,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
            prompt_mask=None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
-           unroll_layers: Optional[bool] = None, decode_chunk: int = 0) -> SampleResult:
+           unroll_layers: Optional[bool] = None, decode_chunk: int = 0, weights: str = "sharded") -> SampleResult:
     """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
@@ -213,7 +232,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
       unroll_layers: decode over per-layer weight slices (None: automatic, see _unroll_layers).
       decode_chunk: decode steps between two checks for every row done (0: automatic, see
-      _decode_chunk); the samples are the same for any value.
+      _decode_chunk); the samples are the same for any value. weights: the decode weights' layout
+      on an fsdp mesh (`gather_weights`); the samples are the same for any value.
     """
     prompts = _as_lists(prompt_ids, prompt_lengths, prompt_mask)
     n, K = len(prompts), num_samples
@@ -235,10 +255,11 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     if not 0 <= pad_id < cfg.vocab_size:  # the model embeds every fed token, pads too: NaN past the table
         raise ValueError(f"pad_id {pad_id} is not a token of the model's vocabulary (size {cfg.vocab_size})")
+    gather = gather_weights(mesh, weights)
     plan_for = lambda P: make_plan(prompt_len=P, max_new_tokens=max_new_tokens, batch_size=batch_size or n,
                                    num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,
-                                   unroll_layers=unroll_layers, decode_chunk=decode_chunk)
+                                   unroll_layers=unroll_layers, decode_chunk=decode_chunk, gather_weights=gather)
     rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
         want = shd.param_shardings(cfg, mesh)

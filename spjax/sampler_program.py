@@ -18,6 +18,8 @@ enough for its steps (`_decode_windows`): a step reads the live part of the cach
 all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
 before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
 step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
+On an fsdp mesh they are gathered once per batch where they fit (`gather_weights`): fsdp's layout
+would all-gather every weight on every decode step.
 A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
 after each: XLA:GPU syncs with the host at every check.
 """
@@ -225,6 +227,7 @@ class _Settings:
     unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
     num_samples: int = 1  # K decodes per prompt, sharing the prompt's one prefill
     chunk: int = 0  # decode steps per loop iteration (between two early-exit checks); 0: _decode_chunk decides
+    gather_weights: bool = False  # decode from weights replicated over fsdp (spjax.sampler.gather_weights)
 
 
 _CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
@@ -298,6 +301,23 @@ class _State:
     keys_B: jax.Array  # per-example PRNG keys
 
 
+def _step_params(cfg: ModelConfig, settings: _Settings, params):
+    """The weights the decode loop reads, made once outside it: in the compute dtype (bf16 steps
+    read half of fp32 masters' bytes; `params` come cast), where the layers are unrolled sliced per
+    layer (a scan over the stacked layers copies every layer's weights out of the stack on every
+    step), and with gather_weights replicated over fsdp (shd.decode_shardings: no step all-gathers
+    a weight; the slices are gathered, never the stack)."""
+    unrolled = _unroll_layers(settings, cfg.num_layers)
+    out = model.unstack_layers(cfg, params) if unrolled else params
+    if not (settings.gather_weights and settings.mesh is not None):
+        return out
+    want = shd.decode_shardings(cfg, settings.mesh)
+    if unrolled:  # a layer's slice drops the stack's leading (layers) dim
+        layer = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])), want["layers"])
+        want = {**want, "layers": (layer,) * cfg.num_layers}
+    return jax.lax.with_sharding_constraint(out, want)
+
+
 def _record(s: _State, step, token_B, logprob_B, alive_B, eos_E, pad_id) -> _State:
     """Store token `step` of the rows still alive; pad and 0 for finished rows."""
     token_B = jnp.where(alive_B, token_B, pad_id)
@@ -333,13 +353,12 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     key = jax.random.wrap_key_data(key_data)
     keys_BxK = sample_keys(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids_B), K)
     keys_R = _batch(keys_BxK.reshape(R), mesh)
-    # Once, outside the loop: weights in the compute dtype (bf16 steps read half of fp32 masters'
-    # bytes) and, where the layers are unrolled, sliced per layer (a scan over the stacked layers
-    # copies every layer's weights out of the stack on every step).
     params = model.cast_params(cfg, params)
-    step_params = model.unstack_layers(cfg, params) if _unroll_layers(settings, cfg.num_layers) else params
+    step_params = _step_params(cfg, settings, params)
 
-    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
+    # Gathered weights serve the prefill too: no collective is left in the program's loops.
+    prefill_params = step_params if settings.gather_weights and mesh is not None else params
+    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, prefill_params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
     logits_RxV = _batch(_repeat_rows(logits_BxV, K), mesh)
     cache = _constrain_cache({n: _repeat_rows(c, K, axis=1) for n, c in cache.items()}, mesh)
     kv_mask_RxS = _batch(_repeat_rows(kv_mask_BxS, K), mesh)

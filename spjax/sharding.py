@@ -115,6 +115,30 @@ def param_shardings(cfg, mesh: Mesh):
     return tree_shardings(model.param_logical_axes(cfg), model.param_shapes(cfg), mesh)
 
 
+def without_axis(sharding: NamedSharding, axis: str) -> NamedSharding:
+    """`sharding` with mesh axis `axis` taken out of its spec: replicated over that axis."""
+    def drop(entry):
+        rest = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in (axis, None))
+        return None if not rest else rest[0] if len(rest) == 1 else rest
+    return NamedSharding(sharding.mesh, P(*map(drop, sharding.spec)))
+
+
+def decode_shardings(cfg, mesh: Mesh):
+    """The params' shardings for decoding from gathered weights (sampling.weights=gathered): as
+    trained, less the fsdp axis. Each device decodes its rows from its own copy (tensor splits
+    kept), and no decode step moves weights or activations between the fsdp devices."""
+    return jax.tree.map(lambda s: without_axis(s, "fsdp"), param_shardings(cfg, mesh))
+
+
+def bytes_per_device(tree, shardings=None) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs: placed as they are, or by
+    `shardings` (a matching tree)."""
+    leaves = jax.tree.leaves(tree)
+    placed = [x.sharding for x in leaves] if shardings is None else jax.tree.leaves(shardings)
+    return int(sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, sh in zip(leaves, placed, strict=True)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) dimension over both data-parallel axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
@@ -214,17 +238,29 @@ def init_params(cfg, key, mesh: Mesh):
     return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=param_shardings(cfg, mesh))(key)
 
 
-def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM):
-    """Fail when a large param is fully replicated although the mesh has fsdp or tensor devices."""
+def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM, echo=None):
+    """Fail when a large param is fully replicated although the mesh has fsdp or tensor devices; say
+    (through `echo`) which large params an fsdp or tensor axis could not split (it divides none of
+    their dims, e.g. 14 heads over tensor=4): each device then holds more of them than the mesh suggests."""
     if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
         return
-    bad = []
+    bad, unsplit = [], {}
     for path, x in jax.tree_util.tree_leaves_with_path(params):
-        if x.size >= min_size and all(s is None for s in x.sharding.spec):
+        if x.size < min_size:
+            continue
+        used = {a for entry in x.sharding.spec for a in (entry if isinstance(entry, tuple) else (entry,))}
+        if not used - {None}:
             bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
+        for a in ("fsdp", "tensor"):
+            if mesh.shape[a] > 1 and a not in used:
+                unsplit.setdefault(a, []).append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
     if bad:
         raise ConfigError(f"mesh: params left unsharded on mesh {dict(mesh.shape)}: {', '.join(bad)}; "
                           "choose fsdp/tensor sizes that divide the model's dims")
+    for a, names in unsplit.items():
+        if echo is not None:
+            echo(f"note: mesh.{a}={mesh.shape[a]} divides no dim of {len(names)} large params, which stay whole "
+                 f"over it (e.g. {names[0]}): a size that divides the heads and widths splits them")
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,

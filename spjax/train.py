@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     try:
         rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
                    fault=kill_at(spec) if spec else None)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"spjax: {type(e).__name__}: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:  # one line: "spjax: config error: ..." (judge, data, ...)
+        print(f"spjax: {type(e).__name__.removesuffix('Error').lower()} error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # optim.nonfinite=raise: the state before that step is checkpointed
         print(f"\nspjax: non-finite step: {e} (checkpointed: --resume after fixing it, e.g. optim.lr)",

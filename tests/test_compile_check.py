@@ -27,7 +27,7 @@ def test_a_lora_float_base_samples_a_merged_copy_beside_the_policy(devices):
     mesh = shd.make_mesh(cfg.mesh, devices)
     mcfg = cc.model_config(cfg)
     sample = cc.compile_sampler(cfg, mcfg, mesh)
-    policy = cc._bytes_per_device(cc._abstract(model.param_shapes(mcfg), shd.param_shardings(mcfg, mesh)))
+    policy = shd.bytes_per_device(cc._abstract(model.param_shapes(mcfg), shd.param_shardings(mcfg, mesh)))
     assert sample.shape.endswith(" merged, + policy") and sample.held == policy > 0
     assert sample.peak == sample.argument + sample.output - sample.alias + sample.temp + sample.code + policy
 
@@ -41,6 +41,17 @@ def test_a_gpu_target_compiles_the_decode_loop_a_gpu_runs(devices, monkeypatch):
     cfg = load_config(TINY)
     cc.compile_sampler(cfg, cc.model_config(cfg), shd.make_mesh(cfg.mesh, devices), "gpu")
     assert seen[-1]["unroll_layers"] is True and seen[-1]["decode_chunk"] == sampler.GPU_CHUNK
+
+
+def test_an_fsdp_sampler_is_compiled_with_the_run_s_weights_layout(devices):
+    """sampling.weights: the gathered copy is the program's own memory, and no decode step moves data."""
+    from spjax import sharding as shd
+    gathered, sharded = (load_config(TINY, ["mesh.data=1", "mesh.fsdp=8", f"sampling.weights={w}"])
+                         for w in ("gathered", "sharded"))
+    mesh, mcfg = shd.make_mesh(gathered.mesh, devices), cc.model_config(gathered)
+    g, s = cc.compile_sampler(gathered, mcfg, mesh), cc.compile_sampler(sharded, mcfg, mesh)
+    assert g.shape.endswith(" gathered") and not s.shape.endswith(" gathered")
+    assert g.temp > s.temp and g.loop_collectives == 0 < s.loop_collectives
 
 
 def test_report_has_per_device_memory(tiny_report):

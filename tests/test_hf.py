@@ -72,6 +72,22 @@ def test_check_sharded_flags_replicated_big_params(devices):
         sharding.check_sharded(replicated, mesh, min_size=1024)
 
 
+def test_check_sharded_names_params_an_axis_could_not_split(devices):
+    """14 heads over tensor=4: q/k/v/o were split 2 of 8 ways (over fsdp only), silently."""
+    from spjax.config import ModelConfig
+    cfg = ModelConfig(vocab_size=256, hidden_size=224, intermediate_size=448, num_layers=2, num_heads=14,
+                      num_kv_heads=2)
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    notes = []
+    sharding.check_sharded(sharding.init_params(cfg, jax.random.key(0), mesh), mesh, min_size=1024, echo=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("note: mesh.tensor=4 divides no dim of 4 large params")
+    assert "(e.g. ['layers']['k'] (2, 224, 2, 16))" in notes[0]
+    fits = sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
+    notes.clear()
+    sharding.check_sharded(sharding.init_params(cfg, jax.random.key(0), fits), fits, min_size=1024, echo=notes.append)
+    assert notes == []
+
+
 def test_errors_name_file_and_tensor(tmp_path):
     cfg, params = oracle.spjax_model("llama3")
     good = spjax.save_pretrained(cfg, params, tmp_path / "good")

@@ -142,7 +142,7 @@ def test_every_judge_kind_must_be_finite():
 
 
 def test_bad_judge_output_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
-    """spjax.train prints a judge's bad output as `spjax: JudgeError: ...` and exits 2 (before: a
+    """spjax.train prints a judge's bad output as `spjax: judge error: ...` and exits 2 (before: a
     traceback through judging.py and judges.py)."""
     from spjax import train
     (tmp_path / "nanjudge.py").write_text("def nan(prompt, responses, reference):\n    return [float('nan')] * "
@@ -152,17 +152,17 @@ def test_bad_judge_output_stops_the_run_with_one_line(tmp_path, monkeypatch, cap
     args = ["--config", TINY, "sampling.num_samples=2", f"data.tfds_dir={tmp_path / 'tfds'}"]
     assert train.main([*args, "--workdir", str(tmp_path / "w1"), "judge.name=python:nanjudge:missing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("spjax: JudgeError: judge.name: python:nanjudge:missing: cannot import it"), err
+    assert err[-1].startswith("spjax: judge error: judge.name: python:nanjudge:missing: cannot import it"), err
     assert train.main([*args, "--workdir", str(tmp_path / "w2"), "judge.name=python:nanjudge:nan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("spjax: JudgeError: judge python:nanjudge:nan returned NaN or inf in 1 of 1 values "
+    assert err[-1].startswith("spjax: judge error: judge python:nanjudge:nan returned NaN or inf in 1 of 1 values "
                               "for the prompt"), err  # the first judge call: the initial model's held-out answers (K=1)
     # A pairwise judge scores no answer alone: its held-out judge_score was 1/2 whatever the model (a 1 x 1
     # matrix's diagonal), so keep_best=judge_score kept round 0 and stop_when_worse stopped on a constant.
     assert train.main([*args, "--workdir", str(tmp_path / "w3"), "run.keep_best=judge_score",
                        "judge.name=python:tests.judge_fixture:first_beats_rest"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("spjax: JudgeError: run.keep_best: judge python:tests.judge_fixture:first_beats_rest returns "
+    assert err[-1] == ("spjax: judge error: run.keep_best: judge python:tests.judge_fixture:first_beats_rest returns "
                        "win matrices, which score no answer alone, so there is no judge_score to keep the best round "
                        "by; pick another metric"), err
 

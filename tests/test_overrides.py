@@ -22,6 +22,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ("run.eval_max_new_tokens=0", "run.eval_max_new_tokens: must be >= 1"),
     ("sampling.batch_size=0", "sampling.batch_size: must be >= 1"),
     ("sampling.top_k=-1", "sampling.top_k: must be >= 0"),
+    ("sampling.weights=replicated", "sampling.weights: 'replicated' not in ('sharded', 'gathered')"),
     ("data.max_examples=-5", "data.max_examples: must be >= 0"),  # before: silently all but the last 5
     ("data.format=bogus", "data.format: 'bogus' not in"),
     ("data.eval_frac=1", "data.eval_frac: must be in [0, 1)"),

@@ -246,7 +246,7 @@ def test_fewer_training_examples_than_one_batch_is_one_line(tmp_path, capsys, tf
     assert train.main(argv) == 2
     err = capsys.readouterr().err  # (after the tokenization progress bars)
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "spjax: ConfigError: run.batch_size: 16 is more than the 8 training examples: no training step would run "
+        "spjax: config error: run.batch_size: 16 is more than the 8 training examples: no training step would run "
         "(lower it, or add data)"), err
 
 
@@ -257,7 +257,7 @@ def test_a_tokenizer_past_the_vocabulary_is_one_line(tmp_path, capsys, tfds_dir)
     argv = ["--config", TINY, "--workdir", str(tmp_path / "w"), "model.vocab_size=200", f"data.tfds_dir={tfds_dir}"]
     assert train.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "spjax: ConfigError: tokenizer_path: the tokenizer (bytes) has ids up to 258, past the model's vocab_size "
+        "spjax: config error: tokenizer_path: the tokenizer (bytes) has ids up to 258, past the model's vocab_size "
         "200: it is not this model's tokenizer")
 
 
@@ -530,7 +530,7 @@ def test_keep_best_without_held_out_examples_is_one_line(tmp_path, capsys):
             f"data.tfds_dir={tmp_path / 'tfds'}", "run.keep_best=nll"]
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1:] == ["spjax: ConfigError: run.keep_best=nll: the data has no held-out examples to pick by "
+    assert err[-1:] == ["spjax: config error: run.keep_best=nll: the data has no held-out examples to pick by "
                         "(set data.eval_frac > 0 or data.eval_path)"], err
 
 
@@ -571,7 +571,7 @@ def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, t
     assert train.main(["--config", TINY, "--workdir", str(work), "--resume", "run.rounds=1",
                        f"data.tfds_dir={tfds_dir}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"spjax: ConfigError: run.rounds=1: the run in {work} is past it (round 2, phase sample); resume with "
+        f"spjax: config error: run.rounds=1: the run in {work} is past it (round 2, phase sample); resume with "
         "run.rounds >= 2")
     assert _export_bytes(work) == _export_bytes(reference_run[0])
 

@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 import spjax
-from spjax import logprobs, sampler
+from spjax import compile_check, logprobs, sampler
 from spjax import sharding as shd
 from spjax.config import MeshConfig
 from tests import oracle
@@ -283,12 +283,42 @@ def test_same_samples_in_other_batches(mixed_batch):
     assert other.tokens[0] != ref.tokens[0]
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "data2-fsdp2-tensor2"])
-def test_same_samples_on_8_devices(mixed_batch, mesh_cfg, devices):
+@pytest.mark.parametrize("mesh_cfg,weights", [(MeshConfig(data=8), "sharded"),
+                                               (MeshConfig(data=2, fsdp=2, tensor=2), "gathered"),
+                                               (MeshConfig(data=2, fsdp=2, tensor=2), "sharded")],
+                         ids=["data8", "data2-fsdp2-tensor2-gathered", "data2-fsdp2-tensor2-sharded"])
+def test_same_samples_on_8_devices(mixed_batch, mesh_cfg, weights, devices):
     cfg, params, prompts, kw, ref = mixed_batch
-    res = sampler.sample(cfg, params, prompts, mesh=shd.make_mesh(mesh_cfg), **kw)
+    res = sampler.sample(cfg, params, prompts, mesh=shd.make_mesh(mesh_cfg), weights=weights, **kw)
     assert res.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("layers", [4, 12], ids=["unrolled", "scanned"])  # CPU unrolls up to 8 layers
+def test_gathered_weights_leave_no_collective_in_the_loops(layers, devices):
+    """On an fsdp mesh the training layout makes every decode step move activations between devices;
+    gathered once per batch, the weights leave no collective in any loop. The same samples either way."""
+    from spjax.config import ModelConfig
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+                      num_kv_heads=2)
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=8))
+    params = shd.init_params(cfg, jax.random.key(0), mesh)
+    found = {}
+    for gather in (False, True):
+        plan = sampler.make_plan(prompt_len=16, max_new_tokens=8, batch_size=8, mesh=mesh, gather_weights=gather)
+        found[gather] = compile_check.loop_collectives(sampler.lower(cfg, plan, params).compile().as_text())
+    assert found[False] and not found[True]
+    prompts = _prompts([3, 9, 16, 5], cfg.vocab_size, seed=1)
+    kw = dict(key=2, max_new_tokens=8, mesh=mesh)
+    assert (sampler.sample(cfg, params, prompts, weights="gathered", **kw).tokens
+            == sampler.sample(cfg, params, prompts, weights="sharded", **kw).tokens)
+
+
+def test_weights_layout_choice():
+    fsdp, data = shd.make_mesh(MeshConfig(data=1, fsdp=8)), shd.make_mesh(MeshConfig(data=8))
+    assert sampler.gather_weights(fsdp, "gathered") and not sampler.gather_weights(fsdp, "sharded")
+    assert not sampler.gather_weights(data, "gathered") and not sampler.gather_weights(None, "gathered")
+    with pytest.raises(ValueError, match="weights"):
+        sampler.gather_weights(fsdp, "replicated")
 
 
 def test_k_samples_per_prompt_keys_invariant(mixed_batch, devices):
