@@ -22,7 +22,8 @@ def _ctx(workdir, batch_size, kill_after=None, echoed=None):
             raise _Killed
 
     cfg = types.SimpleNamespace(
-        sampling=types.SimpleNamespace(batch_size=batch_size, max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0),
+        sampling=types.SimpleNamespace(batch_size=batch_size, max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0,
+                                       weights="sharded"),
         run=types.SimpleNamespace(seed=0))
     return types.SimpleNamespace(cfg=cfg, model_cfg=None, mesh=None, pad_id=0, eos_ids=(2,), fault=fault,
                                  round_dir=lambda t: str(workdir / f"round_{t:03d}"),
