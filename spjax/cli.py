@@ -57,8 +57,9 @@ def export_main(argv=None) -> int:
         failed = io_failure(e)
         if failed is None:
             raise
-        print(f"spjax export: I/O error: {failed[0] or args.out or args.workdir}: {failed[1]} (an earlier export "
-              "there is intact)", file=sys.stderr)
+        out = args.out or os.path.join(args.workdir, "export")
+        kept = " (the earlier export there is intact)" if os.path.exists(os.path.join(out, hf.EXPORT_MARK)) else ""
+        print(f"spjax export: I/O error: {failed[0] or out}: {failed[1]}{kept}", file=sys.stderr)
         return 3
     print(f"exported the checkpoint at round {meta['round']}, phase {meta['phase']}, step {meta['step']} to {out}")
     return 0

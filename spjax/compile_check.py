@@ -49,7 +49,7 @@ class ProgramMemory:
     flops: float = 0.0
     bytes_accessed: float = 0.0
     held: int = 0  # live beside the program, not its argument (a LoRA policy while its merged copy samples)
-    loop_collectives: int = 0  # the sampler's collective ops inside its loops (prefill scan, decode windows)
+    loop_collectives: int = 0  # the sampler's collectives moving arrays inside its loops (prefill scan, decode)
 
     @property
     def peak(self) -> int:
@@ -103,7 +103,8 @@ class Report:
                          f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
         lines.append("XLA cost per device: " + "; ".join(
             f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed"
-            + (f", {p.loop_collectives} collective ops in its loops" if p.name == "sample" else "") for p in self.programs)
+            + (f", {p.loop_collectives} collectives moving arrays in its loops" if p.name == "sample" else "")
+            for p in self.programs)
             + f" (attention: {self.model.get('attention', '?')})")
         if self.memory_bytes is None:
             lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
@@ -149,22 +150,34 @@ def _memory(name, shape, compiled, seconds) -> ProgramMemory:
 
 
 def loop_collectives(hlo: str) -> list:
-    """The collective ops (all-gather, all-reduce, ...) inside the while loops of a compiled program's
-    HLO text, and in what those loops call: in the sampler they run once per decode step."""
+    """(op, result type) of each collective (all-gather, all-reduce, ...) inside the while loops of a
+    compiled program's HLO text (bodies, conditions and all they call): in the sampler they run on
+    every decode step. A scalar one (e.g. `pred[]`: the early-exit check over a split batch) moves no
+    array; `moving_arrays` leaves those out."""
     import re
     comps = {}
     for block in hlo.split("\n\n"):
         m = re.search(r"^(?:ENTRY )?%?([\w.\-]+) ", block.strip(), re.M)
         if m:
             comps[m.group(1)] = block
-    todo, seen = [n for b in comps.values() for n in re.findall(r"body=%?([\w.\-]+)", b)], set()
+    one = r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+    many = r"(?:branch_computations|called_computations)=\{([^}]*)\}"
+    called = lambda b: re.findall(one, b) + [n.strip().lstrip("%") for g in re.findall(many, b) for n in g.split(",")]
+    todo = [n for b in comps.values() for n in re.findall(r"(?:body|condition)=%?([\w.\-]+)", b)]
+    seen = set()
     while todo:
         c = todo.pop()
         if c in comps and c not in seen:
             seen.add(c)
-            todo += re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", comps[c])
-    kinds = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-    return [k for c in sorted(seen) for k in re.findall(kinds, comps[c])]
+            todo += called(comps[c])
+    op = r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+    return [(k, t) for c in sorted(seen) for t, k in re.findall(op, comps[c])]
+
+
+def moving_arrays(collectives: list) -> list:
+    """The collectives of `loop_collectives` whose result is not a scalar."""
+    import re
+    return [(k, t) for k, t in collectives if not re.fullmatch(r"\w+\[\](\{.*\})?", t.strip())]  # u32[]{:T(128)} on TPU
 
 
 def _abstract(shapes, shardings):
@@ -219,7 +232,7 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
     shape = (f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}" + (" gathered" if gather else "")
              + (" merged, + policy" if held else ""))
     return dataclasses.replace(_memory("sample", shape, compiled, time.perf_counter() - t0), held=held,
-                               loop_collectives=len(loop_collectives(compiled.as_text())))
+                               loop_collectives=len(moving_arrays(loop_collectives(compiled.as_text()))))
 
 
 def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",

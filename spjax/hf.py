@@ -300,6 +300,13 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                               "choose a new or empty directory (nothing was written)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    # Refused before a byte is written (as checkpoints are): a full disk midway is a slow way to learn it.
+    need = sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + (8 << 20)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        import errno
+        raise OSError(errno.ENOSPC, f"No space left on device: the export needs {need / 2**20:.1f} MiB, "
+                      f"{free / 2**20:.1f} MiB free", parent)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
     try:
         hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))

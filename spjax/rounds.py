@@ -114,7 +114,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
     model_cfg, params = load_initial(cfg, mesh)
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
-    shd.check_sharded(params, mesh, echo=echo)
+    shd.check_sharded(params, mesh)
+    for line in shd.unsplit_notes(model_cfg, mesh):
+        echo(line)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
     echo(saving.disk_report(cfg, model_cfg, workdir))
     judge = None

@@ -111,13 +111,13 @@ WEIGHTS = ("sharded", "gathered")  # sampling.weights: the decode weights' layou
 def gather_weights(mesh: Optional[Mesh], weights: str = "sharded") -> bool:
     """Decode from weights replicated over the fsdp axis (spjax.sharding.decode_shardings)?
 
-    'sharded' decodes from the training layout: XLA then moves activations, not weights, between the
-    fsdp devices in every decode step (a 7B on 8 devices: ~100 collectives, ~170 MB, a step), each
-    device reading an fsdp-th of the weights. 'gathered' gathers them once per batch into a copy each
-    device keeps (compute dtype, tensor splits kept): no collective in any decode step, but every
-    device reads all the weights each step and holds the copy. Which is faster depends on the
-    interconnect's latency against the memory bandwidth: bench/fsdp_decode.py measures both.
-    Without an fsdp axis the two are the same.
+    'sharded' decodes from the training layout: XLA then moves arrays between the fsdp devices in
+    every decode step, activations (a 7B on 8 devices: ~100 collectives, ~170 MB, a step, each device
+    reading an eighth of the weights) or, for small models, the weights. 'gathered' gathers them once
+    per batch into a copy each device keeps (compute dtype, tensor splits kept): no decode step moves
+    an array over fsdp (tensor's all-reduces remain), but every device reads all the weights each
+    step and holds the copy. Which is faster depends on the interconnect's latency against the
+    memory bandwidth: bench/fsdp_decode.py measures both. Without an fsdp axis the two are the same.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")

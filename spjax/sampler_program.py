@@ -18,8 +18,8 @@ enough for its steps (`_decode_windows`): a step reads the live part of the cach
 all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
 before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
 step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
-On an fsdp mesh they are gathered once per batch where they fit (`gather_weights`): fsdp's layout
-would all-gather every weight on every decode step.
+With sampling.weights=gathered on an fsdp mesh they are also gathered once per batch (the training
+layout moves weights or activations between the fsdp devices on every decode step).
 A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
 after each: XLA:GPU syncs with the host at every check.
 """
@@ -305,8 +305,8 @@ def _step_params(cfg: ModelConfig, settings: _Settings, params):
     """The weights the decode loop reads, made once outside it: in the compute dtype (bf16 steps
     read half of fp32 masters' bytes; `params` come cast), where the layers are unrolled sliced per
     layer (a scan over the stacked layers copies every layer's weights out of the stack on every
-    step), and with gather_weights replicated over fsdp (shd.decode_shardings: no step all-gathers
-    a weight; the slices are gathered, never the stack)."""
+    step), and with gather_weights replicated over fsdp (shd.decode_shardings: no decode step moves
+    them; unrolled, the slices are gathered, not the stack as well)."""
     unrolled = _unroll_layers(settings, cfg.num_layers)
     out = model.unstack_layers(cfg, params) if unrolled else params
     if not (settings.gather_weights and settings.mesh is not None):

@@ -238,29 +238,40 @@ def init_params(cfg, key, mesh: Mesh):
     return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=param_shardings(cfg, mesh))(key)
 
 
-def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM, echo=None):
-    """Fail when a large param is fully replicated although the mesh has fsdp or tensor devices; say
-    (through `echo`) which large params an fsdp or tensor axis could not split (it divides none of
-    their dims, e.g. 14 heads over tensor=4): each device then holds more of them than the mesh suggests."""
+def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM):
+    """Fail when a large param is fully replicated although the mesh has fsdp or tensor devices."""
     if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
         return
-    bad, unsplit = [], {}
+    bad = []
     for path, x in jax.tree_util.tree_leaves_with_path(params):
-        if x.size < min_size:
-            continue
-        used = {a for entry in x.sharding.spec for a in (entry if isinstance(entry, tuple) else (entry,))}
-        if not used - {None}:
+        if x.size >= min_size and all(s is None for s in x.sharding.spec):
             bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
-        for a in ("fsdp", "tensor"):
-            if mesh.shape[a] > 1 and a not in used:
-                unsplit.setdefault(a, []).append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
     if bad:
         raise ConfigError(f"mesh: params left unsharded on mesh {dict(mesh.shape)}: {', '.join(bad)}; "
                           "choose fsdp/tensor sizes that divide the model's dims")
-    for a, names in unsplit.items():
-        if echo is not None:
-            echo(f"note: mesh.{a}={mesh.shape[a]} divides no dim of {len(names)} large params, which stay whole "
-                 f"over it (e.g. {names[0]}): a size that divides the heads and widths splits them")
+
+
+def unsplit_notes(cfg, mesh: Mesh, min_size: int = BIG_PARAM) -> list:
+    """Lines naming the large params that a mesh axis meant for one of their dims left whole because
+    it divides none of them (14 heads over tensor=4: q/k/v/o split 2 of 8 ways on fsdp=2 x tensor=4):
+    each device then holds more of them than the mesh suggests. Silent before; not an error (it runs)."""
+    from spjax import model
+    unsplit = {}
+    for (path, logical), x in zip(jax.tree_util.tree_leaves_with_path(model.param_logical_axes(cfg),
+                                                                     is_leaf=lambda s: isinstance(s, P)),
+                                  jax.tree.leaves(model.param_shapes(cfg))):
+        if x.size < min_size:
+            continue
+        table, got = dict(RULES), logical_to_spec(logical, x.shape, mesh)
+        meant = {a for name in logical if name is not None
+                 for a in ((table.get(name),) if isinstance(table.get(name), str) else table.get(name) or ())}
+        used = {a for e in got for a in (e if isinstance(e, tuple) else (e,))}
+        for a in sorted(meant - used):
+            if mesh.shape[a] > 1:
+                unsplit.setdefault(a, []).append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
+    return [f"note: mesh.{a}={mesh.shape[a]} divides none of the dims it splits in {len(names)} large params, "
+            f"which stay whole over it (e.g. {names[0]}): a size dividing the model's heads and widths splits them"
+            for a, names in unsplit.items()]
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,

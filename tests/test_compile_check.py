@@ -52,6 +52,8 @@ def test_an_fsdp_sampler_is_compiled_with_the_run_s_weights_layout(devices):
     g, s = cc.compile_sampler(gathered, mcfg, mesh), cc.compile_sampler(sharded, mcfg, mesh)
     assert g.shape.endswith(" gathered") and not s.shape.endswith(" gathered")
     assert g.temp > s.temp and g.loop_collectives == 0 < s.loop_collectives
+    assert cc.moving_arrays([("all-reduce", "pred[]"), ("all-reduce", "u32[]{:T(128)}"), ("all-gather", "f32[8,4]")]) \
+        == [("all-gather", "f32[8,4]")]  # scalars (TPU layouts too) move no array
 
 
 def test_report_has_per_device_memory(tiny_report):

@@ -72,20 +72,16 @@ def test_check_sharded_flags_replicated_big_params(devices):
         sharding.check_sharded(replicated, mesh, min_size=1024)
 
 
-def test_check_sharded_names_params_an_axis_could_not_split(devices):
-    """14 heads over tensor=4: q/k/v/o were split 2 of 8 ways (over fsdp only), silently."""
-    from spjax.config import ModelConfig
+def test_params_an_axis_could_not_split_are_named(devices):
+    """14 heads over tensor=4: q/k/v/o were split 2 of 8 ways (over fsdp only), silently. LoRA adapters,
+    whose dims no rule gives fsdp and tensor both, are not named."""
+    from spjax.config import LoraConfig, ModelConfig
     cfg = ModelConfig(vocab_size=256, hidden_size=224, intermediate_size=448, num_layers=2, num_heads=14,
-                      num_kv_heads=2)
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
-    notes = []
-    sharding.check_sharded(sharding.init_params(cfg, jax.random.key(0), mesh), mesh, min_size=1024, echo=notes.append)
-    assert len(notes) == 1 and notes[0].startswith("note: mesh.tensor=4 divides no dim of 4 large params")
-    assert "(e.g. ['layers']['k'] (2, 224, 2, 16))" in notes[0]
-    fits = sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
-    notes.clear()
-    sharding.check_sharded(sharding.init_params(cfg, jax.random.key(0), fits), fits, min_size=1024, echo=notes.append)
-    assert notes == []
+                      num_kv_heads=2, lora=LoraConfig(rank=4))
+    notes = sharding.unsplit_notes(cfg, sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4)), min_size=64)
+    assert len(notes) == 1 and notes[0].startswith("note: mesh.tensor=4 divides none of the dims it splits in 8 ")
+    assert "(e.g. ['layers']['k'] (2, 224, 2, 16))" in notes[0]  # q, k, v, o and their adapters on the heads dim
+    assert sharding.unsplit_notes(cfg, sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1)), min_size=64) == []
 
 
 def test_errors_name_file_and_tensor(tmp_path):
@@ -145,6 +141,15 @@ def test_export_is_atomic_and_replaces(tmp_path, monkeypatch):
                         if str(b) == str(out) and "old" not in str(a) else rename(a, b))
     with pytest.raises(OSError, match="EIO"):
         spjax.save_pretrained(cfg, params, out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    # A disk without room for it: refused before a byte is written (before: written until the disk filled).
+    import collections
+    import shutil
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4 << 20))
+    with pytest.raises(OSError, match=r"the export needs [\d.]+ MiB, 4.0 MiB free"):
+        spjax.save_pretrained(cfg, params, tmp_path / "full")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     # A directory that is not a spjax export (a run, a model) is never replaced: before, a mistyped

@@ -144,3 +144,22 @@ def test_report_skips_rows_it_cannot_place_and_shows_a_run_once(tmp_path):
     rows = open(md).read().splitlines()[2:]
     assert [r.split("|")[1:3] for r in rows] == [[" chi2 ", " initial "], [" chi2 ", " round 0 "]]
     assert "9" not in rows[1].split("|")[3]
+
+
+def test_metric_writer_writes_tensorboard_scalars(tmp_path):
+    """README: TensorBoard event files go to <workdir>/tb (tensorboardX was not installed: none were)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    w = metrics.MetricWriter(str(tmp_path))
+    w.write("train", 3, {"loss": 0.25, "skipped": float("nan")})
+    w.write("round", 0, {"nll": 1.5})
+    w.close()
+    (name,) = os.listdir(tmp_path / "tb")
+    data, got = (tmp_path / "tb" / name).read_bytes(), {}
+    while data:  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        (n,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12:12 + n])
+        got.update({(v.tag, event.step): v.simple_value for v in event.summary.value})
+        data = data[12 + n + 4:]
+    assert got == {("train/loss", 3): 0.25, ("round/nll", 0): 1.5}  # a NaN is no point
