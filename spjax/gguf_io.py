@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import numpy as np
 
@@ -26,7 +27,29 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def read(path: str):
     """The file's gguf.GGUFReader, parsed once: parsing the metadata of a 49k-token vocabulary takes
     ~6 s, and a run reads the same file for its tokenizer and for its weights. Keyed by modification
-    time and size, so a rewritten file is parsed again."""
+    time and size, so a rewritten file is parsed again. For a split file (name-0000k-of-0000n.gguf)
+    the first part's, which holds the metadata."""
+    return _read(parts(path)[0])
+
+
+def parts(path: str) -> list:
+    """The paths of a GGUF file's parts: [path], or every part of a split file (llama.cpp's
+    gguf-split: name-00001-of-00003.gguf ...), whichever part `path` names."""
+    m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path)
+    count = int(_field(_read(path), "split.count", 0) or 0)
+    if count <= 1:
+        return [path]
+    if m is None or int(m.group(3)) != count:
+        raise CheckpointError(f"{path}: part of a GGUF split into {count} files, but not named "
+                              "NAME-0000k-of-0000n.gguf: rename the parts so, or merge them (llama-gguf-split --merge)")
+    out = [f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [p for p in out if not os.path.exists(p)]
+    if missing:
+        raise CheckpointError(f"{path}: part of a GGUF split into {count} files; missing {', '.join(missing)}")
+    return out
+
+
+def _read(path: str):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
     stat = os.stat(path)
@@ -36,7 +59,7 @@ def read(path: str):
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _parsed(path, mtime_ns, size):
     import gguf
     return gguf.GGUFReader(path)  # memory-maps the file: tensors are read when dequantized
@@ -62,12 +85,21 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
             raise CheckpointError(f"{where}: metadata field {arch}.{key} missing")
         return v
 
-    n_heads = int(need("attention.head_count"))
+    def per_model(key, default=None):  # llama.cpp allows a value per layer: spjax needs one for all
+        v = _field(reader, f"{arch}.{key}", default)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise CheckpointError(f"{where}: {arch}.{key} differs by layer ({v}), which spjax does not implement")
+            v = v[0]
+        return v
+
+    n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)  # [V, D] stored as (D, V)
+    vocab = int(_field(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens is not None else 0)
+                or (int(embed.shape[-1]) if embed is not None else 0))
     names = {t.name for t in reader.tensors}
-    rope_type, rope_factor = _rope_scaling(reader, arch, names, where)
     head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or hidden // n_heads
     rotated = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rotated != head_dim:
@@ -79,10 +111,9 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     kw = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=n_heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        num_kv_heads=int(per_model("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_type=rope_type, rope_factor=rope_factor,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
@@ -92,25 +123,49 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         eos_token_ids=stops,
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
     kw.update(overrides)
     return ModelConfig(**kw)
 
 
-def _rope_scaling(reader, arch: str, names: set, where: str):
-    """(rope_type, rope_factor) as llama.cpp reads them: linear scaling is metadata (the type
-    defaults to linear, a factor of 0 or 1 means none; old files use rope.scale_linear). The
-    converter stores Llama-3 scaling as per-frequency divisors (rope_freqs.weight), which spjax's
-    llama3 parameters cannot be recovered from exactly; those, and YaRN etc., are refused."""
+def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConfig) -> dict:
+    """The rope fields as llama.cpp reads them: linear scaling is metadata (the type defaults to
+    linear, a factor of 0 or 1 means none; old files use rope.scale_linear). Llama-3 scaling (3.1,
+    3.2) is a tensor of per-frequency divisors, rope_freqs.weight, which the converter computes from
+    the HF llama3 settings: taken as those settings (factor = its largest divisor, Meta's frequency
+    factors 1 and 4 and 8192 original positions unless the file says) when they give these divisors
+    back, else refused, as YaRN and the other types are."""
     kind = str(_field(reader, f"{arch}.rope.scaling.type", "linear"))
     factor = float(_field(reader, f"{arch}.rope.scaling.factor", 0.0) or
                    _field(reader, f"{arch}.rope.scale_linear", 0.0) or 0.0)
+    if "rope_freqs.weight" in names and kind in ("linear", "none"):
+        llama3 = _llama3_from_divisors(reader, arch, unscaled)
+        if llama3 is not None:
+            return llama3
     if "rope_freqs.weight" in names or kind not in ("linear", "none"):
         what = "tensor rope_freqs.weight" if "rope_freqs.weight" in names else f"{arch}.rope.scaling.type {kind!r}"
         raise CheckpointError(f"{where}: the GGUF carries RoPE scaling ({what}) that spjax does not read from GGUF "
                               f"files: load the model's Hugging Face checkpoint instead")
     if kind == "none" or factor in (0.0, 1.0):
-        return "default", 1.0
-    return "linear", factor
+        return dict(rope_type="default", rope_factor=1.0)
+    return dict(rope_type="linear", rope_factor=factor)
+
+
+def _llama3_from_divisors(reader, arch: str, unscaled: ModelConfig):
+    """llama3 rope fields that reproduce the file's rope_freqs.weight divisors (to 1e-5), or None."""
+    import dataclasses
+
+    import gguf
+    from spjax.model import rope_inv_freq
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+    if divisors.shape != (unscaled.head_dim // 2,) or not np.all(np.isfinite(divisors)) or divisors.min() <= 0:
+        return None
+    fields = dict(rope_type="llama3", rope_factor=float(divisors.max()), rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0,
+                  rope_original_max_position=int(_field(reader, f"{arch}.rope.scaling.original_context_length", 8192)))
+    got = rope_inv_freq(unscaled).astype(np.float64) / rope_inv_freq(dataclasses.replace(unscaled, **fields))
+    return fields if np.allclose(got, divisors, rtol=1e-5, atol=0) else None
 
 
 def load_gguf(path: str, mesh=None, **overrides):
@@ -119,15 +174,20 @@ def load_gguf(path: str, mesh=None, **overrides):
 
     reader = read(path)
     cfg = config_from_gguf(reader, path, **overrides)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: (t, p) for p in parts(path) for t in _read(p).tensors}
+    tensors.pop("rope_freqs.weight", None)  # read into cfg's rope fields (config_from_gguf)
     permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch
 
     def get(name):  # a TensorSource (below): the loader refuses tensors it does not read
-        t = tensors.get(name)
-        if t is None:
+        if name not in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} missing")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        w = np.asarray(w, np.float32)
+        t, where = tensors[name]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{where}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
+                                  f"{getattr(gguf, '__version__', '')} cannot dequantize") from None
+        w = np.asarray(w.reshape([int(d) for d in reversed(t.shape)]), np.float32)
         if permute and (".attn_q." in name or ".attn_k." in name):
             w = _unpermute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
         return w

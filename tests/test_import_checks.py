@@ -36,20 +36,25 @@ def _max_diff(cfg, params, tm, ids):
     return float(np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max())
 
 
-def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None):
-    """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`."""
+def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None, per_layer=False,
+                vocab=True, split_max_tensors=0, cast=None):
+    """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`;
+    per_layer: head counts as one value per layer; split_max_tensors: in parts as gguf-split cuts them;
+    cast: {name: numpy dtype} stored so (F64, ...)."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    layers = lambda n: [n] * c.num_hidden_layers if per_layer else n
+    w.add_head_count(layers(c.num_attention_heads))
+    w.add_head_count_kv(layers(c.num_key_value_heads))
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
+    if vocab:
+        w.add_vocab_size(c.vocab_size)
     if scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(scaling))
     if factor:
@@ -72,12 +77,13 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         if ".attn_q." in dst or ".attn_k." in dst:  # convert_hf_to_gguf's LlamaModel.permute
             n = c.num_attention_heads if ".attn_q." in dst else c.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        w.add_tensor(dst, t)
+        w.add_tensor(dst, t.astype((cast or {}).get(dst, t.dtype)))
     for name, t in (tensors or {}).items():
         w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
+    w.close()
     w.close()
     return str(path)
 
@@ -87,6 +93,59 @@ def test_gguf_linear_rope_scaling_matches_transformers(tmp_path):
     cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "lin.gguf", tm, "linear", 4.0))
     assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
     assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+
+
+def _converter_rope_freqs(theta, dh, factor, lo, hi, old):
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf writes it for llama3 scaling (its formula)."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, dh, 2) / dh):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def test_gguf_llama3_rope_freqs_read_as_llama3_scaling(tmp_path):
+    """Llama 3.1/3.2 GGUFs carry their rope scaling as per-frequency divisors: refused before."""
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    tm = _torch("LlamaConfig", rope_theta=500000.0, rope_scaling=scaling)  # head_dim 8: one medium, one scaled
+    freqs = _converter_rope_freqs(500000.0, 8, 8.0, 1.0, 4.0, 8192)
+    assert np.allclose(sorted(set(freqs.tolist())), [1.0, 2.695, 8.0], atol=1e-3)
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "l3.gguf", tm, tensors={"rope_freqs.weight": freqs}))
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == ("llama3", 8.0, 8192)
+    assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+
+
+def test_gguf_split_files_per_layer_head_counts_and_no_vocab_key(tmp_path):
+    """Files cut by gguf-split (NAME-0000k-of-0000n.gguf) read whole from any part (before: 'tensor
+    missing', or 'architecture None'); head counts per layer (all equal) and the vocabulary size from
+    the embedding (no vocab key, no tokenizer) load too."""
+    tm = _torch("LlamaConfig")
+    _write_gguf(tmp_path / "m.gguf", tm, split_max_tensors=7, per_layer=True, vocab=False)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"], names
+    for part in names[::2]:
+        cfg, params = spjax.load_pretrained(str(tmp_path / part))
+        assert (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (4, 2, TINY["vocab_size"])
+        assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+    os.remove(tmp_path / names[1])
+    with pytest.raises(hf.CheckpointError, match=r"m-00001-of-00003.gguf: part of a GGUF split into 3 files; missing "
+                                                 r".*m-00002-of-00003.gguf"):
+        spjax.load_pretrained(str(tmp_path / names[0]))
+
+
+def test_gguf_tensor_types_it_cannot_dequantize_are_one_line(tmp_path):
+    """gguf.quants cannot dequantize F64, I8..I64, Q8_1, ...: a bare NotImplementedError traceback before."""
+    path = _write_gguf(tmp_path / "f64.gguf", _torch("LlamaConfig"), cast={"output_norm.weight": np.float64})
+    with pytest.raises(hf.CheckpointError, match=r"f64.gguf: tensor 'output_norm.weight' has type F64, which the "
+                                                 r"gguf package .* cannot dequantize"):
+        spjax.load_pretrained(path)
 
 
 @pytest.mark.parametrize("kind", ["rope_freqs", "yarn"])
