@@ -28,6 +28,46 @@ def test_messages_last_assistant_turn_is_the_response(tmp_path):
     assert ex.prompt_messages == msgs[:-1] and ex.response == "d"
 
 
+def test_sharegpt_and_alpaca_layouts(tmp_path):
+    """FastChat's ShareGPT ({from, value} turns: OpenHermes, SlimOrca) and Alpaca (instruction, input,
+    output) records: 'cannot tell the format' before."""
+    share = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "a"},
+                               {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"},
+                               {"from": "gpt", "value": "d"}], "id": "x1"}
+    ex = _one(write_jsonl(tmp_path / "s.jsonl", [share]))
+    assert ex.prompt_messages == chat(("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c"))
+    assert ex.response == "d"
+    top = {"system": "T", "conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}
+    assert _one(write_parquet(tmp_path / "s.parquet", [top])).prompt_messages == chat(("system", "T"), ("user", "a"))
+    alpaca = [{"instruction": "Add them.", "input": "2 and 3", "output": "5"}, {"instruction": "Hi.", "input": "",
+                                                                              "output": "Hello."}]
+    a, b = load_file(write_jsonl(tmp_path / "a.jsonl", alpaca))
+    assert (a.prompt_messages, a.response) == (chat(("user", "Add them.\n\n2 and 3")), "5")
+    assert (b.prompt_messages, b.response) == (chat(("user", "Hi.")), "Hello.")
+
+
+def test_sharegpt_and_alpaca_problems_name_their_fields(tmp_path):
+    bad = [{"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "f()"}]},
+           {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": " "}]},
+           {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]},
+           {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+           {"conversations": "a chat"}]
+    path = write_jsonl(tmp_path / "s.jsonl", bad)
+    got = _problems(path)
+    for line, what in [(1, "conversations[1].from: unknown speaker 'function_call' (expected one of human, user, "
+                           "gpt, assistant, system)"),
+                       (2, "conversations[1].value: empty"), (3, "conversations[1].value: missing"),
+                       (4, "conversations: no assistant turn"), (5, "conversations: expected a list of {from, value} "
+                                                                   "turns, got str")]:
+        assert f"{path}:{line}: {what}" in got, got
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": ""}, {"instruction": 3, "output": "y"},
+                                              {"instruction": "x", "input": 4, "output": "y"}])
+    got = _problems(path)
+    for line, what in [(1, "output: empty"), (2, "instruction: expected a string, got int"),
+                       (3, "input: expected a string, got int")]:
+        assert f"{path}:{line}: {what}" in got, got
+
+
 def test_json_array_lines_are_located(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"prompt": "a", "response": "b"},\n\n  {"prompt": "c", "response": "d"}\n]\n')
