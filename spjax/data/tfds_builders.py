@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import yaml
 
-from spjax.data import records
+from spjax.data import formats, records
 from spjax.data.records import SUFFIXES, DataError, Example, Problem, parse_file
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ def split_heldout(examples: Sequence[Example], frac: float, seed: int) -> tuple[
 
 
 def _parsers_digest() -> str:
-    """The code that turns files into records (records.py and this module): part of a prepared
-    dataset's name, so a tfds_dir prepared by other spjax code is prepared anew, not read as it was."""
+    """The code that turns files into records (records.py, formats.py and this module): part of a
+    prepared dataset's name, so a tfds_dir prepared by other spjax code is prepared anew, not read as it was."""
     h = hashlib.sha256()
-    for path in (records.__file__, __file__):
+    for path in (records.__file__, formats.__file__, __file__):
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]
