@@ -85,7 +85,7 @@ def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: 
     from spjax import checkpoint as ckpt_lib, judges
     held, tok = ctx.held, ctx.tokenizer
     prompts = [tok.decode(e.prompt_ids, skip_special_tokens=True).strip() for e in held]
-    queries = [judges.Query(p, (a,), r, e.prompt_ids, (np.asarray(ids, np.int32),))
+    queries = [judges.Query(p, (a,), r, e.prompt_ids, (np.asarray(ids, np.int32),), e.prompt_messages)
                for p, a, r, e, ids in zip(prompts, preds, refs_text, held, answers)]
     scores, _ = judges.judge_all(ctx.judge, queries)
     out = {"judge_score": float(scores.mean()) if len(scores) else float("nan")}
@@ -97,7 +97,8 @@ def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: 
         prev = ckpt_lib.load_json(prev_path)
         out["win_rate"] = judges.win_rate(ctx.judge, prompts, preds, prev["text"], refs_text,
                                           [e.prompt_ids for e in held], [np.asarray(a, np.int32) for a in answers],
-                                          [np.asarray(a, np.int32) for a in prev["tokens"]])
+                                          [np.asarray(a, np.int32) for a in prev["tokens"]],
+                                          [e.prompt_messages for e in held])
     ckpt_lib.save_json(_answers_path(ctx, t), {"text": preds, "tokens": [list(map(int, a)) for a in answers]})
     return out
 

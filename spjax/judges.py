@@ -52,6 +52,7 @@ class Query:
     reference: str  # the record's real response
     prompt_ids: np.ndarray = None  # int32 tokens (the reward model reads tokens)
     response_ids: tuple = ()  # K int32 arrays
+    messages: tuple = ()  # the prompt's chat turns: a reward model renders them in its own chat template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Judge:
     fn: Callable  # list[Query] -> [n, K] scores or [n, K, K] win probabilities
     bradley_terry: bool  # scores -> sigma(s_i - s_j); else by comparison
     collective: bool = False  # a program every process runs in lockstep (a reward model); else host code
+    reads: str = ""  # what a reward model scores (said at the start)
 
 
 def check_name(name: str):
@@ -200,8 +202,10 @@ def _grades(grade, queries) -> np.ndarray:
     return np.asarray(grades, np.float64).reshape(len(queries), K)
 
 
-def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) -> Judge:
-    """The judge named by `name` (judge.name). A reward model is loaded onto `mesh` here."""
+def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None, today=None,
+          dtype: str = "float32") -> Judge:
+    """The judge named by `name` (judge.name). A reward model is loaded onto `mesh` here, its params and
+    compute in `dtype` (the run's compute dtype); `today`: the date its chat template prints."""
     check_name(name)
     kind, _, arg = name.partition(":")
     if kind == "verifier":
@@ -212,8 +216,10 @@ def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None) 
     if kind == "python":
         return Judge(name, _python(name), True)
     from spjax import reward_model
-    rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer)
-    return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True, collective=True)
+    rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer, today=today, param_dtype=dtype,
+                           compute_dtype=dtype)
+    return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True, collective=True,
+                 reads=rm.describe())
 
 
 def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:
@@ -277,10 +283,10 @@ def _judge_here(judge: Judge, queries: list) -> tuple:
 
 
 def win_rate(judge: Judge, prompts: list, new: list, old: list, references: list,
-             prompt_ids=None, new_ids=None, old_ids=None) -> float:
+             prompt_ids=None, new_ids=None, old_ids=None, messages=None) -> float:
     """Mean P(new answer beats old answer) over the prompts, under the judge."""
     queries = [Query(p, (a, b), r, None if prompt_ids is None else prompt_ids[i],
-                     () if new_ids is None else (new_ids[i], old_ids[i]))
+                     () if new_ids is None else (new_ids[i], old_ids[i]), () if messages is None else messages[i])
                for i, (p, a, b, r) in enumerate(zip(prompts, new, old, references))]
     _, wins = judge_all(judge, queries)
     return float(np.mean(wins[:, 0, 1])) if len(queries) else float("nan")

@@ -29,7 +29,7 @@ def queries(ctx, examples: list, gen: dict, K: int) -> list:
         ids = [gen[e.id * K + k][0] for k in range(K)]
         out.append(judges.Query(prompt=_decode(tok, e.prompt_ids), responses=tuple(_decode(tok, r) for r in ids),
                                 reference=_decode(tok, e.reference_ids),  # uncut: a verifier's answer is at its end
-                                prompt_ids=e.prompt_ids, response_ids=tuple(ids)))
+                                prompt_ids=e.prompt_ids, response_ids=tuple(ids), messages=e.prompt_messages))
     return out
 
 

@@ -1,22 +1,26 @@
 """A reward model judge: a HF Llama-family *ForSequenceClassification checkpoint run on device.
 
 Such a checkpoint is our decoder (model.* tensors, read by spjax.hf's loader and sharded by the same
-rules as the policy) plus `score.weight` [num_labels, D] in place of the LM head. Label 0 is the
-reward, read where transformers reads it: at the rightmost token that is not the config's
+rules as the policy) plus `score.weight` [1, D] (and `score.bias`, if any) in place of the LM head:
+the reward, read where transformers reads it: at the rightmost token that is not the config's
 pad_token_id (position 0 if every token is pad; the last token if the config has no pad id). A
-reward model whose pad id is EOS thus scores a response ending in EOS at the token before it.
+reward model whose pad id is EOS thus scores a response ending in EOS at the token before it. A
+classifier of several labels is refused: which label is the reward is not in the checkpoint.
 
-Tokens: when the reward model's tokenizer has the policy's vocabulary (the usual case: a reward
-model trained from the same base), the policy's prompt + response ids are scored as they are.
-Otherwise the text (chat markup included) is decoded with the policy's tokenizer and encoded with
-the reward model's. Ids outside the reward model's vocabulary are refused (a gather past the
-embedding gives NaN, not an error): at load when the tokenizer that feeds it (the policy's when it
-has no tokenizer files) has more ids than its embedding, and in `scores` for every sequence.
+What it reads: with tokenizer files holding a chat template, each conversation (the prompt's turns and
+the response's text) rendered in that template, as `rm(**tok.apply_chat_template(chat))` scores it
+(its own system prompt, markup and closing tokens; the run's template date). Without a template, the
+policy's prompt + response ids as they are when its tokenizer has the policy's vocabulary, else that
+text decoded and encoded with its tokenizer. Without tokenizer files, the policy's ids. Ids outside
+its vocabulary are refused (a gather past the embedding gives NaN, not an error). A sequence longer
+than its max_position_embeddings loses its oldest tokens (the response and the read position stay),
+with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -27,6 +31,8 @@ import numpy as np
 from spjax import hf, model, sharding as shd
 from spjax.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 _BUCKET = 64  # sequences are right-padded to a multiple of this: few distinct compiled shapes
 
 
@@ -34,12 +40,20 @@ _BUCKET = 64  # sequences are right-padded to a multiple of this: few distinct c
 class RewardModel:
     cfg: ModelConfig
     params: dict  # the decoder's params (no LM head)
-    head_DxC: jax.Array  # score head, transposed: [D, num_labels]
+    head_DxC: jax.Array  # score head, transposed: [D, 1]
+    bias: float  # score.bias (0 without one)
     mesh: object
     tokenizer: object  # None: the policy's ids are used as they are
     policy_tokenizer: object
     pad_id: Optional[int]  # the config's pad_token_id: the score is read at the last token that is not it
     path: str = ""
+    chat: bool = False  # render conversations in the tokenizer's chat template
+    today: Optional[str] = None  # the date a template prints as today's (the run's template date)
+
+    def describe(self) -> str:
+        if self.chat:
+            return "conversations rendered in its own chat template"
+        return "the policy's token ids" if self.tokenizer is None else "the policy's text in its own tokens"
 
 
 def _classifier_arch(config: dict, where: str) -> str:
@@ -52,8 +66,9 @@ def _classifier_arch(config: dict, where: str) -> str:
                              f"of the Llama family ({known})")
 
 
-def load(path: str, mesh=None, policy_tokenizer=None, **overrides) -> RewardModel:
-    """The reward model in `path` (a HF directory), its params placed over `mesh`."""
+def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = None, **overrides) -> RewardModel:
+    """The reward model in `path` (a HF directory), its params placed over `mesh`; overrides: ModelConfig
+    fields (param_dtype, compute_dtype: the run's compute dtype, not its fp32 masters')."""
     where = os.path.join(path, "config.json")
     config = hf._read_json(where)
     config = dict(config, architectures=[_classifier_arch(config, where)])
@@ -61,25 +76,31 @@ def load(path: str, mesh=None, policy_tokenizer=None, **overrides) -> RewardMode
     # embedding is only ever read as the input table here.
     cfg = hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True})
     get = hf._safetensors_getter(path)
-    params = hf.params_from_tensors(cfg, hf.TensorSource(get.get, get.names - {"score.weight"}), path, mesh)
+    params = hf.params_from_tensors(cfg, hf.TensorSource(get.get, get.names - {"score.weight", "score.bias"}), path,
+                                    mesh)
     head = np.asarray(get("score.weight"), np.float32)
     if head.ndim != 2 or head.shape[1] != cfg.hidden_size:
-        raise hf.CheckpointError(f"{path}: score.weight has shape {head.shape}, expected [num_labels, "
-                                 f"{cfg.hidden_size}]")
+        raise hf.CheckpointError(f"{path}: score.weight has shape {head.shape}, expected [1, {cfg.hidden_size}]")
+    if head.shape[0] != 1:
+        raise hf.CheckpointError(f"{path}: a classifier of {head.shape[0]} labels (score.weight {head.shape}), not a "
+                                 "reward model: which label is the reward is not in the checkpoint (num_labels must be 1)")
+    bias = float(np.asarray(get("score.bias"), np.float32).reshape(-1)[0]) if "score.bias" in get.names else 0.0
     head_DxC = jnp.asarray(head.T, cfg.param_dtype)
     if mesh is not None:
         head_DxC = jax.device_put(head_DxC, shd.replicated(mesh))
-    tok = None
+    from spjax.data.tokens import has_chat_template
+    tok, chat = None, False
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
-    if policy_tokenizer is not None and has_tokenizer:
+    if has_tokenizer:
         rm_tok = hf.load_tokenizer(path)
-        if rm_tok.get_vocab() != policy_tokenizer.get_vocab():
+        chat = has_chat_template(rm_tok)
+        if chat or (policy_tokenizer is not None and rm_tok.get_vocab() != policy_tokenizer.get_vocab()):
             tok = rm_tok
-    if policy_tokenizer is not None:
+    if policy_tokenizer is not None or tok is not None:
         _check_vocab(path, cfg.vocab_size, policy_tokenizer if tok is None else tok, has_tokenizer)
     pad = config.get("pad_token_id")
-    return RewardModel(cfg, params, head_DxC, mesh, tok, policy_tokenizer, int(pad) if pad is not None else None,
-                       path)
+    return RewardModel(cfg, params, head_DxC, bias, mesh, tok, policy_tokenizer,
+                       int(pad) if pad is not None else None, path, chat, today)
 
 
 def _check_vocab(path: str, vocab_size: int, feeding_tokenizer, has_tokenizer: bool):
@@ -132,12 +153,16 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
             ids_BxL, length_B = (shd.put_global(x, shd.batch_sharding(rm.mesh, x.ndim)) for x in (ids_BxL, length_B))
         pad = -1 if rm.pad_id is None else rm.pad_id
         got = shd.to_host(_scores(rm.cfg, rm.params, rm.head_DxC, ids_BxL, length_B, pad))
-        out[start:start + len(part)] = got[:len(part)]
+        out[start:start + len(part)] = got[:len(part)] + rm.bias
     return out
 
 
-def _tokens(rm: RewardModel, prompt_ids, response_ids) -> list:
-    ids = [int(i) for i in prompt_ids] + [int(i) for i in response_ids]
+def _tokens(rm: RewardModel, q, k: int) -> list:
+    """The ids the reward model reads for query q's response k."""
+    if rm.chat and q.messages:
+        from spjax.data.tokens import chat_ids
+        return chat_ids(rm.tokenizer, [*q.messages, {"role": "assistant", "content": q.responses[k]}], rm.today)
+    ids = [int(i) for i in q.prompt_ids] + [int(i) for i in q.response_ids[k]]
     if rm.tokenizer is None:
         return ids
     text = rm.policy_tokenizer.decode(ids, skip_special_tokens=False)
@@ -146,6 +171,12 @@ def _tokens(rm: RewardModel, prompt_ids, response_ids) -> list:
 
 def judge_queries(rm: RewardModel, queries: list, batch_size: int = 32) -> np.ndarray:
     """[n, K] rewards of every query's K responses (spjax.judges' interface)."""
-    seqs = [_tokens(rm, q.prompt_ids, r) for q in queries for r in q.response_ids]
-    K = len(queries[0].response_ids) if queries else 0
+    K = len(queries[0].responses) if queries else 0
+    seqs = [_tokens(rm, q, k) for q in queries for k in range(K)]
+    limit = rm.cfg.max_position_embeddings
+    long = sum(len(s) > limit for s in seqs)
+    if long:  # past its trained positions its scores mean nothing; the oldest prompt tokens matter least
+        log.warning("reward model %s: %d of %d sequences are longer than its max_position_embeddings (%d): "
+                    "their oldest tokens are left out", rm.path, long, len(seqs), limit)
+        seqs = [s[-limit:] for s in seqs]
     return scores(rm, seqs, batch_size).reshape(len(queries), K).astype(np.float64)

@@ -122,7 +122,10 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     judge = None
     if cfg.judge.name:
         from spjax import judges
-        judge = judges.build(cfg.judge.name, mesh=mesh, batch_size=cfg.judge.batch_size, policy_tokenizer=tokenizer)
+        judge = judges.build(cfg.judge.name, mesh=mesh, batch_size=cfg.judge.batch_size, policy_tokenizer=tokenizer,
+                             today=cfg.data.template_date or None, dtype=cfg.compute_dtype)
+        if judge.reads:
+            echo(f"judge: the reward model reads {judge.reads}")
         echo(f"judge: {cfg.judge.name}; pairs from {cfg.sampling.num_samples} samples per prompt: {cfg.judge.pairs}"
              if source == "judged" else f"judge: {cfg.judge.name} (held-out metrics only: pairs are {source})")
     if jax.process_index() == 0:

@@ -1,5 +1,6 @@
 """Judged self-play pieces: verifiers, win matrices, pair construction, the SPPO and INPO losses,
 and the reward model against transformers' sequence classifiers."""
+import dataclasses
 import os
 
 import numpy as np
@@ -363,6 +364,79 @@ def test_reward_model_refuses_a_causal_lm(tmp_path):
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path)
     with pytest.raises(hf.CheckpointError, match="no sequence classifier"):
         reward_model.load(str(tmp_path))
+
+
+def _saved_rm(path, extra_tensors=None, **conf):
+    """A tiny Llama reward model in `path` (transformers' own save), its torch model returned."""
+    import torch
+    import transformers
+    from tests.oracle import TINY
+    torch.manual_seed(0)
+    tm = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        **{**TINY, "vocab_size": 300, "max_position_embeddings": 64, **conf}, tie_word_embeddings=False)).float().eval()
+    tm.save_pretrained(path)
+    if extra_tensors:
+        from safetensors.numpy import load_file, save_file
+        save_file({**load_file(str(path / "model.safetensors")), **extra_tensors}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return tm
+
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def test_reward_model_reads_conversations_in_its_own_chat_template(tmp_path):
+    """Its template, not the policy's markup: before, a reward model of the policy's vocabulary was given the
+    policy's ChatML ids as they were (no template of its own, closing newline, default system prompt)."""
+    import torch
+    from spjax import data, reward_model
+    from spjax.byte_tokenizer import byte_tokenizer
+    tm = _saved_rm(tmp_path, num_labels=1, pad_token_id=None)
+    rm_tok = byte_tokenizer()
+    rm_tok.chat_template = ZEPHYR
+    rm_tok.save_pretrained(tmp_path)
+    policy = byte_tokenizer()
+    rm = reward_model.load(str(tmp_path), policy_tokenizer=policy)
+    assert rm.describe() == "conversations rendered in its own chat template"
+    turns = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"})
+    answers = ["4", "It is four."]
+    pids = data.prompt_ids(policy, list(turns))
+    q = judges.Query("2+2?", tuple(answers), "4", pids,
+                     tuple(np.asarray(policy.encode(a + "<|im_end|>", add_special_tokens=False)) for a in answers),
+                     turns)
+    want = []
+    for a in answers:
+        ids = rm_tok.apply_chat_template([*turns, {"role": "assistant", "content": a}], tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert rm_tok.decode(ids).startswith("<|system|>\nBe brief.")
+        with torch.no_grad():
+            want.append(float(tm(torch.tensor([list(ids)])).logits[0, 0]))
+    got = reward_model.judge_queries(rm, [q])[0]
+    assert np.abs(got - want).max() <= 1e-4
+    # without the turns (a caller that has only ids): the policy's text, in the reward model's tokens
+    assert np.abs(reward_model.judge_queries(rm, [dataclasses.replace(q, messages=())])[0] - want).max() > 1e-3
+
+
+def test_reward_model_checkpoint_shapes(tmp_path, caplog):
+    """A score bias is added (it was refused as an unknown tensor); a classifier of 2 labels is refused (label 0
+    was read as the reward, often its 'bad' logit); a sequence past its positions loses its oldest tokens."""
+    import torch
+    from spjax import hf, reward_model
+    tm = _saved_rm(tmp_path / "bias", {"score.bias": np.asarray([0.75], np.float32)}, num_labels=1, pad_token_id=0)
+    rm = reward_model.load(str(tmp_path / "bias"))
+    seq = list(range(3, 40))
+    with torch.no_grad():
+        want = float(tm(torch.tensor([seq])).logits[0, 0]) + 0.75
+    assert abs(reward_model.scores(rm, [seq])[0] - want) <= 1e-4
+    long = list(range(3, 103))  # 100 tokens, 64 positions
+    q = judges.Query("", ("",), "", np.asarray(long[:90]), (np.asarray(long[90:]),))
+    with caplog.at_level("WARNING"):
+        got = reward_model.judge_queries(rm, [q])[0, 0]
+    assert abs(got - reward_model.scores(rm, [long[-64:]])[0]) <= 1e-6 and "1 of 1 sequences are longer" in caplog.text
+    _saved_rm(tmp_path / "two", num_labels=2, pad_token_id=0)
+    with pytest.raises(hf.CheckpointError, match=r"two: a classifier of 2 labels .* not a reward model"):
+        reward_model.load(str(tmp_path / "two"))
 
 
 def test_arithmetic_problems(tmp_path):

@@ -41,6 +41,9 @@ class TokenizedExample:
     generated_ids: Optional[np.ndarray] = None  # the opponent's response, or the rejected one
     source: str = ""  # "file:line" of the record it came from
     uncut_real_ids: Optional[np.ndarray] = None  # the real response before max_len cut it (None: not cut)
+    # The chat turns prompt_ids were rendered from (after whole-turn truncation): a judge with its own
+    # chat template (a reward model's) renders them.
+    prompt_messages: tuple = ()
 
     @property
     def reference_ids(self) -> np.ndarray:
@@ -95,6 +98,13 @@ def _render(tokenizer, messages, generation_prompt: bool, where: Problem, today:
                                                  add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja raises TemplateError (and templates raise their own exceptions)
         raise DataError([dataclasses.replace(where, what=f"the chat template refused this chat: {e}")]) from e
+
+
+def chat_ids(tokenizer, messages: Sequence[dict], today: Optional[str] = None) -> list:
+    """A whole chat (its last turn included, no generation prompt) as `tokenizer`'s chat template renders
+    it: what a reward model trained on that template reads. DataError if the template refuses it."""
+    where = Problem("<chat>", 0, "messages", "")
+    return _encode(tokenizer, _render(tokenizer, messages, False, where, today))
 
 
 def _plain_prompt(tokenizer, prompt_messages, where: Problem) -> list:
@@ -287,7 +297,13 @@ def fit_turns(tokenizer, messages: Sequence[dict], max_prompt_len: int, where: P
 
 def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max_prompt_len: Optional[int] = None,
                      report: Optional[LengthReport] = None, stops: Sequence[int] = ()) -> tuple:
-    """(prompt, real, second side or None) token ids of one example, before the length policy.
+    """(prompt, real, second side or None) token ids of one example, before the length policy."""
+    return _tokenized(tokenizer, ex, today, max_prompt_len, report, stops)[1:]
+
+
+def _tokenized(tokenizer, ex: Example, today: Optional[str], max_prompt_len: Optional[int],
+               report: Optional[LengthReport], stops: Sequence[int]) -> tuple:
+    """(the prompt's kept chat turns, prompt, real, second side or None) of one example.
 
     The pair's second side is the record's `rejected` (preference) or `generated` (SPIN) response.
     today: the date the chat template prints as today's (YYYY-MM-DD; None: the clock's).
@@ -307,7 +323,7 @@ def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max
                                             today=today, prompt=prompt, stops=stops)
     other = ex.rejected if ex.rejected is not None else ex.generated
     gen = None if other is None else side(other, "rejected" if ex.rejected is not None else "generated")
-    return np.asarray(prompt[1], np.int32), side(ex.response, "response"), gen
+    return tuple(messages), np.asarray(prompt[1], np.int32), side(ex.response, "response"), gen
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
@@ -324,7 +340,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     for ex in metrics.progress_iter(examples, f"data {split or 'split'}: tokenize", "example"):
         try:
             fit = max_prompt_len if overlong == "truncate" else None
-            p, real, gen = tokenize_example(tokenizer, ex, today, max_prompt_len=fit, report=report, stops=stops)
+            turns, p, real, gen = _tokenized(tokenizer, ex, today, fit, report, stops)
         except DataError as e:
             problems.extend(e.problems)
             continue
@@ -332,7 +348,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
                                   overlong=overlong, bos_id=bos_id, report=report)
         if cut is not None:
             out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}",
-                                        None if len(cut[1]) == len(real) else np.asarray(real, np.int32)))
+                                        None if len(cut[1]) == len(real) else np.asarray(real, np.int32), turns))
     if problems:
         raise DataError(problems)
     if report.kept != report.examples:
