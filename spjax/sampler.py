@@ -210,7 +210,7 @@ def _as_lists(prompt_ids, prompt_lengths, prompt_mask):
 
 
 def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), num_samples: int = 1,
+           top_k: int = 0, top_p: float = 1.0, eos_ids: Optional[Sequence[int]] = None, num_samples: int = 1,
            example_ids: Optional[Sequence[int]] = None, prompt_lengths: Optional[Sequence[int]] = None,
            prompt_mask=None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
@@ -223,7 +223,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       key: the round key (`round_key(seed, round)`, or an int seed); example i's sample k draws from
       sample_keys(fold_in(key, example_ids[i]))[k] (default ids: 0..n-1), so results do not depend on batch composition, bucket, K's batch neighbours, mesh or host.
       temperature 0 means greedy. top_k 0 and top_p 1 disable truncation. Sampling stops per row at
-      any of `eos_ids` (the EOS is returned) or at max_new_tokens. Prompts are sorted by length and
+      any of `eos_ids` (the EOS is returned; default: the model's, cfg.eos_token_ids, as transformers'
+      generate() stops; () never stops early) or at max_new_tokens. Prompts are sorted by length and
       decoded `batch_size` prompts at a time (default: all at once), each batch padded with dummy
       rows to batch_size and a multiple of the mesh's data-parallel size, and left-padded to a static
       bucket (`buckets`, default powers of two); each prompt is prefilled once for its K samples.
@@ -237,6 +238,7 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
     """
     prompts = _as_lists(prompt_ids, prompt_lengths, prompt_mask)
     n, K = len(prompts), num_samples
+    eos_ids = cfg.eos_token_ids if eos_ids is None else eos_ids
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 
@@ -65,18 +66,22 @@ def cpu_devices_flags(xla_flags: str) -> str:
 
 
 def kill_at(spec: str):
-    """The fault hook for SPJAX_KILL_AT=point:n (tests): SIGKILL this process the n-th time the run
-    reaches `point` (sample, judge, score, train, checkpoint, evaluate), to check that --resume gives the
-    same model."""
-    point, _, n = spec.partition(":")
+    """The fault hook for SPJAX_KILL_AT=point:n[:INT|TERM] (tests): SIGKILL (or SIGINT, SIGTERM) this
+    process the n-th time the run reaches `point` (sample, judge, score, train, checkpoint, record), to
+    check that --resume gives the same model."""
+    point, n, *sig = spec.split(":")
     hits = {point: 0}
 
     def fault(where: str):
         if where == point:
             hits[point] += 1
             if hits[point] == int(n):
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, f"SIG{sig[0]}") if sig else signal.SIGKILL)
     return fault
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def io_failure(e: BaseException):
@@ -118,9 +123,20 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import rounds
     spec = os.environ.get("SPJAX_KILL_AT")
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (preemption): as Ctrl-C, one line
     try:
         rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
                    fault=kill_at(spec) if spec else None)
+    except KeyboardInterrupt as e:
+        how = str(e) or "SIGINT"
+        again = ["python", "-m", "spjax.train", *(argv if argv is not None else sys.argv[1:])]
+        again += [] if args.resume else ["--resume"]
+        if args.workdir is None:
+            again += ["--workdir", workdir]
+        print(f"\nspjax: stopped by {how}; every finished phase and the latest checkpoint are kept (an unfinished "
+              f"write never is). Continue with: {shlex.join(again)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + getattr(signal, how, signal.SIGINT))  # as io errors: no waiting on checkpoint threads
     except (ConfigError, DataError, CheckpointError) as e:  # one line: "spjax: config error: ..." (judge, data, ...)
         print(f"spjax: {type(e).__name__.removesuffix('Error').lower()} error: {e}", file=sys.stderr)
         return 2

@@ -96,7 +96,7 @@ def test_export_loads_in_transformers_with_same_logits(reference_run):
 
 
 def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, tfds_dir, tmp_path):
-    """One run killed five times (each kill during the previous resume), then finished."""
+    """One run killed five times (each kill during the previous resume: SIGKILL, SIGINT, SIGTERM), then finished."""
     ref_dir, _ = reference_run
     work = tmp_path / "run"
     # (where the run dies, counted from its own start): after round 0's final checkpoint and its
@@ -104,10 +104,17 @@ def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, 
     # with its phase times); round 1's sampling after the first chunk is on disk;
     # scoring with the real responses scored and the generated ones not yet; while round 1's step-2
     # save is in flight (async); training at step 3 (the step-2 checkpoint, written again, is the latest).
-    for k, (kill_at, *args) in enumerate([("record:1",), ("sample:1",), ("score:1",),
+    # Ctrl-C (SIGINT) and a scheduler's SIGTERM stop with one line saying how to continue (before: a
+    # 45-line KeyboardInterrupt traceback, or nothing).
+    for k, (kill_at, *args) in enumerate([("record:1",), ("sample:1:INT",), ("score:1:TERM",),
                                           ("checkpoint:1", "run.async_checkpoint=true"), ("train:3",)]):
         killed = _train(work, *(["--resume"] if k else []), *args, kill_at=kill_at, tfds_dir=tfds_dir)
-        assert killed.returncode == -9, (kill_at, killed.returncode, killed.stderr[-2000:])
+        want = {"INT": 130, "TERM": 143}.get(kill_at.split(":")[-1], -9)
+        assert killed.returncode == want, (kill_at, killed.returncode, killed.stderr[-2000:])
+        if want > 0:
+            last = killed.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"spjax: stopped by SIG{kill_at.split(':')[-1]}; every finished phase"), last
+            assert f"Continue with: python -m spjax.train --config {TINY} --workdir {work} --resume" in last, last
         assert not os.path.exists(work / "export")
         if kill_at == "train:3":  # the in-flight save never committed: this resume began the round's training
             assert "resumed at round 1, phase sample, step 0" in killed.stdout, killed.stdout[-2000:]

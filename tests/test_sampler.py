@@ -390,6 +390,13 @@ def test_public_api_and_validation():
         spjax.sample(cfg, params, [[1], []], key=0, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         spjax.sample(cfg, params, [[1]], key=0, max_new_tokens=2, top_p=0.0)
+    # eos_ids defaults to the model's (as generate() stops): the README's call ran on past the end of turn
+    import dataclasses
+    full = spjax.sample(cfg, params, [[5, 6, 7]], key=0, max_new_tokens=8, temperature=0, eos_ids=()).tokens[0]
+    eos = full[2]
+    stopped = spjax.sample(dataclasses.replace(cfg, eos_token_ids=(eos,)), params, [[5, 6, 7]], key=0,
+                           max_new_tokens=8, temperature=0).tokens[0]
+    assert stopped == full[:full.index(eos) + 1] and len(stopped) < len(full)
 
 
 def test_a_pad_id_past_the_vocabulary_is_refused_and_the_driver_picks_one_inside(greedy_llama3):
