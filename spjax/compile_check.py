@@ -285,7 +285,8 @@ def _lora_line(model_cfg) -> str:
 def _config_constants(path: str) -> dict:
     """DEVICES / TOPOLOGY declared at the top of a config file (absent: {})."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_spjax_cc_constants", path.split(":")[0])
+    from spjax.overrides import split_path
+    spec = importlib.util.spec_from_file_location("_spjax_cc_constants", split_path(path)[0])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return {k: getattr(mod, k) for k in ("DEVICES", "TOPOLOGY") if hasattr(mod, k)}

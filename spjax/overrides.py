@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import inspect
 import os
+import re
 import typing
 
 from spjax.config import Config, ConfigError
@@ -93,11 +94,15 @@ def _first_field(typ) -> str:
     return dataclasses.fields(cls)[0].name
 
 
+def split_path(spec: str) -> tuple:
+    """(file, arg or None) of a config spec `file.py[:arg]`: the arg may hold ':' and '/' (a path)."""
+    m = re.match(r"(.*?\.py):(.*)\Z", spec, re.S)
+    return (m.group(1), m.group(2)) if m else (spec, None)
+
+
 def load(path: str, overrides=()) -> Config:
     """spjax.config.load_config: `get_config()` of a Python file (`file.py` or `file.py:arg`), then `key=value`s."""
-    arg = None
-    if ":" in os.path.basename(path):
-        path, arg = path.rsplit(":", 1)
+    path, arg = split_path(path)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"spjax_config_{abs(hash(path))}", path)

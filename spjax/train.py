@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"spjax: config error: {e}", file=sys.stderr)
         return 2
-    name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
+    from spjax.overrides import split_path
+    name = os.path.splitext(os.path.basename(split_path(args.config)[0]))[0]
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import rounds
     spec = os.environ.get("SPJAX_KILL_AT")

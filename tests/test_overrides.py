@@ -59,6 +59,16 @@ def test_bad_config_files_are_one_line(tmp_path):
         load_config(spin + ":iter9")
 
 
+def test_a_stage_argument_may_be_a_path(tmp_path):
+    """`file.py:/data/x.jsonl` was split at the last ':' of the basename only: 'config file not found'."""
+    (tmp_path / "staged.py").write_text(
+        "import dataclasses\nfrom spjax.config import load_config\n"
+        f"def get_config(path):\n    cfg = load_config({TINY!r})\n"
+        "    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))\n")
+    for arg in ("/data/my:file.jsonl", "rel/dir/x.jsonl"):
+        assert load_config(f"{tmp_path}/staged.py:{arg}").data.path == arg
+
+
 def test_overrides_may_follow_the_flags():
     """`--resume mesh.fsdp=8` was 'unrecognized arguments' (argparse stops a positional list at a flag)."""
     from spjax import train
