@@ -31,6 +31,9 @@ MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "da
               "sampling.batch_size", "judge.batch_size", "optim.lr", "optim.clip_norm", "optim.nonfinite",
               "run.rounds", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.async_checkpoint",
               "run.eval_show", "run.stop_when_worse", "run.export", "run.score_batch_size")
+# What `spjax export` reads of the config: the model's structure and storage, and the optimizer whose
+# state a mid-round checkpoint holds. The rest (data, objective, schedule) shaped training, not the export.
+EXPORT_READS = ("model.", "model at model_path.", "lora.", "base_quant", "param_dtype", "optim.name")
 
 
 def _flat(obj, prefix: str = "") -> dict:
@@ -72,17 +75,20 @@ def write_start(cfg: Config, workdir: str, resume: bool):
 
 def check_start(cfg: Config, workdir: str, echo, resume: bool = True) -> Config:
     """`cfg` with data.template_date the first start's; ConfigError if it changes a field outside
-    MAY_CHANGE since then (the fields listed, old -> new); changes inside it are echoed."""
+    MAY_CHANGE since then (an export: one of EXPORT_READS), listed old -> new; other changes are echoed."""
     first = ckpt_lib.load_json(os.path.join(workdir, "start.json"))
     cfg = _dated(cfg, first["date"])
     was, now = first.get("config", {}), _recorded(cfg)
     changed = sorted(k for k in set(was) & set(now) if was[k] != now[k])  # (fields of other versions: skipped)
     say = lambda keys: "; ".join(f"{k}: {was[k]} -> {now[k]}" for k in keys)
-    fixed = [k for k in changed if not k.startswith(MAY_CHANGE)]
+    reads = EXPORT_READS + (() if cfg.model_path else ("run.seed",))  # a random init's base: run.seed draws it
+    fixed = [k for k in changed if (not k.startswith(MAY_CHANGE) if resume else k.startswith(reads))]
+    if fixed and resume:
+        raise ConfigError(f"--resume: {say(fixed)}: these shape the run {workdir} holds (its model, data, samples, "
+                          "pairs, objective, optimizer or batches); use the values it started with, or start a new "
+                          "workdir")
     if fixed:
-        raise ConfigError(f"{'--resume: ' if resume else ''}{say(fixed)}: these shape the run {workdir} holds (its "
-                          "model, data, samples, pairs, objective, optimizer or batches); use the values it started "
-                          "with" + (", or start a new workdir" if resume else ""))
+        raise ConfigError(f"{say(fixed)}: these shape the model the run {workdir} holds; use the values it started with")
     if changed:
         echo(f"{'resuming' if resume else 'exporting'} with changed settings: {say(changed)}")
     return cfg

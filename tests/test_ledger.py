@@ -140,6 +140,11 @@ def test_the_model_at_model_path_may_move_but_not_change(tmp_path):
     with pytest.raises(ConfigError, match=r"--resume: model at model_path.architecture: 'llama' -> 'mistral'"):
         ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'mistral'}"]), str(work), said.append)
     # spjax export rebuilds the run as it ran: a changed lora.alpha merged other weights, without a word
-    with pytest.raises(ConfigError, match=r"^lora.alpha: 16.0 -> 8.0: these shape the run"):
+    with pytest.raises(ConfigError, match=r"^lora.alpha: 16.0 -> 8.0: these shape the model"):
         ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'moved'}", "lora.alpha=8"]), str(work),
                            said.append, resume=False)
+    # ... but not what shaped training only: the run's epochs, data or objective need not be typed again
+    said.clear()
+    ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'llama'}", "run.epochs=4", "objective.name=spin"]),
+                       str(work), said.append, resume=False)
+    assert said == ["exporting with changed settings: objective.name: 'chi2' -> 'spin'; run.epochs: 1 -> 4"], said

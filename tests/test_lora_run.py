@@ -72,7 +72,7 @@ def test_export_joins_the_base_and_refuses_another(lora_run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["export", "--config", TINY, "--workdir", str(lora_run), "--out", str(tmp_path / "x"),
                      LORA, "run.seed=7"]) == 2
-    assert "spjax export: run.seed: 0 -> 7: these shape the run" in capsys.readouterr().err
+    assert "spjax export: run.seed: 0 -> 7: these shape the model" in capsys.readouterr().err
     shutil.copytree(lora_run, tmp_path / "run", ignore=shutil.ignore_patterns("start.json", "rounds", "export"))
     assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "x"),
                      LORA, "run.seed=7"]) == 2

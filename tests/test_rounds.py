@@ -598,8 +598,8 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     shutil.copytree(ref_dir, run)
     before = sorted(os.listdir(run)), sorted(os.listdir(run / "checkpoints"))
     capsys.readouterr()
-    for args, said in [(["model.num_layers=3"], "model.num_layers: 2 -> 3: these shape the run"),  # start.json
-                       (["lora.rank=4"], "lora.rank: 0 -> 4: these shape the run"),
+    for args, said in [(["model.num_layers=3"], "model.num_layers: 2 -> 3: these shape the model"),  # start.json
+                       (["lora.rank=4"], "lora.rank: 0 -> 4: these shape the model"),
                        (["--out", str(run)], "exists and is not a spjax export"),
                        # a run without start.json (or another model at model_path): its checkpoints say so
                        (["model.num_layers=3"], "holds another model than the config's (params['layers']['attn_norm'] "
