@@ -338,7 +338,9 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter is not None:
-            lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"))
+            # its base: the HF directory the run loaded (AutoPeftModelForCausalLM reads it); unknown for a GGUF
+            base = os.path.abspath(source) if source and os.path.isdir(source) else ""
+            lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"), base)
         ckpt_lib.umask_modes(tmp)
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"

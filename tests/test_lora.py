@@ -137,7 +137,8 @@ def test_merged_export_and_peft_adapter_match_torch(torch_base, tmp_path):
     import transformers
     cfg, params = hf.from_transformers(torch_base, **_lora_cfg())
     params = _randomize_b(cfg, params)
-    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"))
+    torch_base.save_pretrained(tmp_path / "base")  # the run's model_path: the adapter names it as its base
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"), source=str(tmp_path / "base"))
     # merged weights == W + (alpha / r) B A in HF's [out, in] layout, from the adapter file itself
     from safetensors.numpy import load_file
     merged = load_file(os.path.join(out, "model.safetensors"))
@@ -154,12 +155,15 @@ def test_merged_export_and_peft_adapter_match_torch(torch_base, tmp_path):
     hf_merged = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     np.testing.assert_allclose(oracle.torch_logits(hf_merged, ids), ours, atol=1e-4)
     with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
-        assert json.load(f)["r"] == R
+        conf = json.load(f)
+    assert conf["r"] == R and conf["base_model_name_or_path"] == str(tmp_path / "base")  # was null
     peft_model = peft.PeftModel.from_pretrained(torch_base, os.path.join(out, "adapter")).eval()
     try:
         np.testing.assert_allclose(oracle.torch_logits(peft_model, ids), ours, atol=1e-4)
     finally:
         peft_model.unload()  # the cached base must come back without adapter layers
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(out, "adapter")).eval()  # base from the config
+    np.testing.assert_allclose(oracle.torch_logits(auto, ids), ours, atol=1e-4)
 
 
 @pytest.mark.parametrize("alpha_pattern", [{}, {"q_proj": 3 * ALPHA, "layers.1.mlp.up_proj": ALPHA / 2},
