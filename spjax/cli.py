@@ -61,7 +61,10 @@ def export_main(argv=None) -> int:
         kept = " (the earlier export there is intact)" if os.path.exists(os.path.join(out, hf.EXPORT_MARK)) else ""
         print(f"spjax export: I/O error: {failed[0] or out}: {failed[1]}{kept}", file=sys.stderr)
         return 3
-    print(f"exported the checkpoint at round {meta['round']}, phase {meta['phase']}, step {meta['step']} to {out}")
+    r, phase = int(meta["round"]), meta["phase"]
+    which = (f"round {r}'s, at training step {meta['step']}" if phase == "train" else
+             "the initial model's" if r == 0 else f"the model after round {r - 1}")
+    print(f"exported the latest checkpoint ({which}) to {out}")
     return 0
 
 

@@ -340,6 +340,8 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
             f"run.rounds={cfg.run.rounds}: the run in {ctx.workdir} is past it (round {rs.round}, phase {rs.phase}); "
             f"resume with run.rounds >= {rs.round + (rs.phase == 'train')} (spjax export writes its latest checkpoint)")
     done_rows = logged.get(rs.round, []) if rs.phase == "train" else []
+    if rs.round == cfg.run.rounds and resume:
+        ctx.echo(f"the run's {cfg.run.rounds} rounds are done: its rows are read back, and the model exported again")
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)
     summary, compiled = {"initial": evaluate.evaluate_initial(ctx, params)}, {}

@@ -581,6 +581,10 @@ def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, t
         f"spjax: config error: run.rounds=1: the run in {work} is past it (round 2, phase sample); resume with "
         "run.rounds >= 2")
     assert _export_bytes(work) == _export_bytes(reference_run[0])
+    # resumed as it is: it says the run was done (before: 'resumed at round 2' and a silent re-export)
+    assert train.main(["--config", TINY, "--workdir", str(work), "--resume", f"data.tfds_dir={tfds_dir}"]) == 0
+    assert "the run's 2 rounds are done: its rows are read back, and the model exported again" in capsys.readouterr().out
+    assert _export_bytes(work) == _export_bytes(reference_run[0])
 
 
 def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_path, capsys):
@@ -588,7 +592,7 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     ref_dir, _ = reference_run
     out = tmp_path / "exported"
     assert cli.main(["export", "--config", TINY, "--workdir", str(ref_dir), "--out", str(out)]) == 0
-    assert "exported the checkpoint at round 2, phase sample" in capsys.readouterr().out
+    assert "exported the latest checkpoint (the model after round 1)" in capsys.readouterr().out
     with open(out / "model.safetensors", "rb") as f:  # the run's final params, as its own export
         assert f.read() == _export_bytes(ref_dir)
     assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "none")]) == 2
