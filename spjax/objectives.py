@@ -164,17 +164,18 @@ def objective_loss(cfg, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
 
     aux['loss'] stays the mean pair loss (the divergence estimate); aux['nll'] is added whenever
     n_tokens_real_B is given, which cfg.nll_weight != 0 requires. name 'sft' is the SFT-only
-    baseline: the loss is the per-token NLL of the real responses alone (pair metrics still reported,
-    under the chi2 reading).
+    baseline: the loss is the per-token NLL of the real responses alone, and aux holds no pair metric
+    (rewards, margins, accuracy: with no opponent and no reference they would read as constants).
     """
-    nll_only = TABLE[cfg.name].pair_loss is None
-    losses_B, aux = pair_loss("chi2" if nll_only else cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
-                              beta=cfg.beta, c=cfg.c, win_real_B=win_real_B, win_gen_B=win_gen_B)
-    loss = jnp.mean(losses_B)
-    if nll_only:
+    if TABLE[cfg.name].pair_loss is None:
         if n_tokens_real_B is None:
             raise ValueError(f"objective {cfg.name!r} needs n_tokens_real_B (response token counts)")
-        loss = 0.0 * loss + nll_term(lp_real_B, n_tokens_real_B)
+        nll = nll_term(jnp.asarray(lp_real_B, jnp.float32), n_tokens_real_B)
+        return nll, {"lp_real": jnp.mean(jax.lax.stop_gradient(jnp.asarray(lp_real_B, jnp.float32))),
+                     "nll": jax.lax.stop_gradient(nll)}
+    losses_B, aux = pair_loss(cfg.name, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B,
+                              beta=cfg.beta, c=cfg.c, win_real_B=win_real_B, win_gen_B=win_gen_B)
+    loss = jnp.mean(losses_B)
     if n_tokens_real_B is None:
         if cfg.nll_weight != 0:
             raise ValueError("objective.nll_weight != 0 needs n_tokens_real_B (response token counts)")

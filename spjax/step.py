@@ -168,7 +168,8 @@ def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig
                                           batch.ref_real_B, batch.ref_gen_B, n_real_B,
                                           win_real_B=batch.win_real_B, win_gen_B=batch.win_gen_B)
     aux = dict(aux)
-    aux["pair_loss"] = aux.pop("loss")  # aux's 'loss' is the pair loss alone; 'loss' below is the total
+    if "loss" in aux:  # aux's 'loss' is the pair loss alone (none for sft); 'loss' below is the total
+        aux["pair_loss"] = aux.pop("loss")
     return loss, aux
 
 

@@ -460,6 +460,12 @@ def test_preference_pairs_grow_the_margin_more_than_sft(preference_runs):
     # Measured (2 rounds of 4 steps): chi2 on the pairs +0.86 nats, SFT on the chosen side +0.09;
     # SFT lifts the shared first word of the rejected answer along with the chosen one.
     assert chi2 - before > 0.5 and chi2 - before > 4 * max(sft - before, 0.0), (before, chi2, sft)
+    # SFT's rows hold its own metrics, no pair metric (before: rewards equal, frac_at_bound 1, accuracy 0.5)
+    rows = [json.loads(line) for line in open(runs["sft"][0] / "metrics.jsonl")]
+    for kind in ("train", "round"):
+        row = next(r for r in rows if r["kind"] == kind)
+        assert not {"accuracy", "margin", "reward_real", "frac_at_bound", "pair_loss", "eval_accuracy"} & set(row), row
+        assert {"lp_real", "train_nll" if kind == "round" else "nll"} <= set(row), row
 
 
 def test_preference_run_killed_then_resumed_is_bitwise_identical(preference_runs, tmp_path):
