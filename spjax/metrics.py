@@ -115,10 +115,12 @@ def mean_metrics(rows: list[dict]) -> dict:
 
 
 def progress(total: int, desc: str, unit: str = "it"):
-    """A tqdm bar on process 0 (stderr); a no-op elsewhere."""
+    """A tqdm bar on process 0 (stderr); a no-op elsewhere. Into a file (a cluster's log) it is redrawn at
+    most once a minute and its last state kept, not rewritten ten times a second."""
     from tqdm.auto import tqdm
+    tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, disable=not _is_main(), dynamic_ncols=True,
-                file=sys.stderr, leave=False)
+                file=sys.stderr, leave=not tty, mininterval=0.1 if tty else 60.0)
 
 
 def progress_iter(items, desc: str, unit: str = "it"):

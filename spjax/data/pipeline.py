@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 from typing import Optional, Sequence
@@ -126,14 +128,34 @@ def _prepared(builder_cls, **kwargs):
     """The builder's dataset, prepared (array_record). Two runs sharing a tfds_dir may prepare the same
     dataset at once: TFDS writes each to a temporary directory, and the rename that comes second fails
     on the first's; that dataset is the same one (named by the files' content), so it is read instead."""
-    builder = builder_cls(file_format="array_record", **kwargs)
-    try:
-        builder.download_and_prepare()
-    except FileExistsError:
+    with _quiet_tfds():
         builder = builder_cls(file_format="array_record", **kwargs)
+        fresh = not builder.is_prepared()
+    if fresh:
+        print(f"data: preparing {builder.name} in {builder.data_dir} (later runs read it from there)", flush=True)
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare()
+    except FileExistsError:
+        with _quiet_tfds():
+            builder = builder_cls(file_format="array_record", **kwargs)
         if not builder.is_prepared():
             raise
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS's notices about a local dataset ('Using custom data configuration', 'Downloading and preparing
+    dataset Unknown size ...'): noise beside the run's own line. Errors still propagate."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
 
 
 def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: Optional[str],
