@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import weakref
 
 import jax
 
@@ -119,8 +120,19 @@ def progress(total: int, desc: str, unit: str = "it"):
     most once a minute and its last state kept, not rewritten ten times a second."""
     from tqdm.auto import tqdm
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, disable=not _is_main(), dynamic_ncols=True,
-                file=sys.stderr, leave=not tty, mininterval=0.1 if tty else 60.0)
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not _is_main(), dynamic_ncols=True,
+               file=sys.stderr, leave=not tty, mininterval=0.1 if tty else 60.0)
+    _BARS.add(bar)
+    return bar
+
+
+_BARS = weakref.WeakSet()  # bars not yet garbage: close_bars ends those a failure left open
+
+
+def close_bars():
+    """Close every open bar now (before a failure's last line: a bar closed later draws after it)."""
+    for bar in list(_BARS):
+        bar.close()
 
 
 def progress_iter(items, desc: str, unit: str = "it"):

@@ -122,12 +122,16 @@ def main(argv=None) -> int:
     from spjax.overrides import split_path
     name = os.path.splitext(os.path.basename(split_path(args.config)[0]))[0]
     workdir = args.workdir or os.path.join("runs", name)
-    from spjax import rounds
+    from spjax import metrics, rounds
     spec = os.environ.get("SPJAX_KILL_AT")
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (preemption): as Ctrl-C, one line
     try:
-        rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
-                   fault=kill_at(spec) if spec else None)
+        try:
+            rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
+                       fault=kill_at(spec) if spec else None)
+        except BaseException:
+            metrics.close_bars()  # a bar left open would draw itself after the line below
+            raise
     except KeyboardInterrupt as e:
         how = str(e) or "SIGINT"
         again = ["python", "-m", "spjax.train", *(argv if argv is not None else sys.argv[1:])]
