@@ -51,8 +51,10 @@ def _fmt(v) -> str:
 
 
 def table(runs: dict) -> str:
-    """Markdown: one row per (run, round), one column per metric in PANELS."""
-    cols = [m for m, _ in PANELS]
+    """Markdown: one row per (run, round), one column per metric in PANELS that some row has (a run without
+    a judge has no judge columns)."""
+    cols = [m for m, _ in PANELS if any(m in r for rows in runs.values() for r in rows.values())] or \
+        [m for m, _ in PANELS]
     out = ["| run | round | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, rows in runs.items():
         for row_name, row in rows.items():
