@@ -33,7 +33,8 @@ MAY_CHANGE = ("model_path", "tokenizer_path", "attention", "remat", "mesh.", "da
               "run.eval_show", "run.stop_when_worse", "run.export", "run.score_batch_size")
 # What `spjax export` reads of the config: the model's structure and storage, and the optimizer whose
 # state a mid-round checkpoint holds. The rest (data, objective, schedule) shaped training, not the export.
-EXPORT_READS = ("model.", "model at model_path.", "lora.", "base_quant", "param_dtype", "optim.name")
+EXPORT_READS = ("model.", "model at model_path.", "lora.", "base_quant", "param_dtype", "optim.name",
+                "run.keep_best")  # keep_best: export/ then holds the best round, which an export must not replace
 
 
 def _flat(obj, prefix: str = "") -> dict:

@@ -28,6 +28,7 @@ class MetricWriter:
         self.tb = None
         if not self.enabled:
             return
+        _WRITERS.add(self)
         os.makedirs(workdir, exist_ok=True)
         self.f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
@@ -127,6 +128,17 @@ def progress(total: int, desc: str, unit: str = "it"):
 
 
 _BARS = weakref.WeakSet()  # bars not yet garbage: close_bars ends those a failure left open
+_WRITERS = weakref.WeakSet()  # open MetricWriters: flush_writers before a process leaves without exiting
+
+
+def flush_writers():
+    """Write out what open writers buffer (TensorBoard events: every 2 minutes otherwise), for a process
+    that ends by os._exit (a stop, an I/O error), which runs no exit handler. Their TensorBoard files
+    are closed: tensorboardX's flush() leaves queued events to a worker thread, close() drains them."""
+    for w in list(_WRITERS):
+        if w.tb is not None:
+            w.tb.close()
+            w.tb = None
 
 
 def close_bars():

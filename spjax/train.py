@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         print(f"\nspjax: stopped by {how}; every finished phase and the latest checkpoint are kept (an unfinished "
               f"write never is). Continue with: {shlex.join(again)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        metrics.flush_writers()
         os._exit(128 + getattr(signal, how, signal.SIGINT))  # as io errors: no waiting on checkpoint threads
     except (ConfigError, DataError, CheckpointError) as e:  # one line: "spjax: config error: ..." (judge, data, ...)
         print(f"spjax: {type(e).__name__.removesuffix('Error').lower()} error: {e}", file=sys.stderr)
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
         print(f"\nspjax: I/O error: {failed[0] or workdir}: {failed[1]}. What was written before is intact: "
               "free space or fix permissions, then rerun with --resume.", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        metrics.flush_writers()
         # Background checkpoint threads would print their own tracebacks while the interpreter shuts
         # down; nothing half-written is committed (writes are atomic), so leave at once.
         os._exit(3)

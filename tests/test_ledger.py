@@ -148,3 +148,7 @@ def test_the_model_at_model_path_may_move_but_not_change(tmp_path):
     ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'llama'}", "run.epochs=4", "objective.name=spin"]),
                        str(work), said.append, resume=False)
     assert said == ["exporting with changed settings: objective.name: 'chi2' -> 'spin'; run.epochs: 1 -> 4"], said
+    # run.keep_best decides what export/ holds (the best round, nowhere else): an export must name it as the run did
+    with pytest.raises(ConfigError, match=r"^run.keep_best: '' -> 'f1': these shape the model"):
+        ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'llama'}", "run.keep_best=f1"]), str(work),
+                           said.append, resume=False)

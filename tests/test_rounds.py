@@ -115,6 +115,9 @@ def test_sigkill_at_five_points_then_resume_is_bitwise_identical(reference_run, 
             last = killed.stderr.strip().splitlines()[-1]
             assert last.startswith(f"spjax: stopped by SIG{kill_at.split(':')[-1]}; every finished phase"), last
             assert f"Continue with: python -m spjax.train --config {TINY} --workdir {work} --resume" in last, last
+        if kill_at == "sample:1:INT":  # this run logged round 0's row (re-evaluated) before the stop: its
+            newest = max((work / "tb").iterdir(), key=lambda p: p.stat().st_mtime_ns)  # TensorBoard file has it
+            assert b"round/" in newest.read_bytes(), newest  # (before: os._exit dropped the queued events)
         assert not os.path.exists(work / "export")
         if kill_at == "train:3":  # the in-flight save never committed: this resume began the round's training
             assert "resumed at round 1, phase sample, step 0" in killed.stdout, killed.stdout[-2000:]
