@@ -39,6 +39,8 @@ def test_sharegpt_and_alpaca_layouts(tmp_path):
     assert ex.response == "d"
     top = {"system": "T", "conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}
     assert _one(write_parquet(tmp_path / "s.parquet", [top])).prompt_messages == chat(("system", "T"), ("user", "a"))
+    roles = {"conversations": chat(("user", "a"), ("assistant", "b"))}  # role/content turns under this key
+    assert _one(write_jsonl(tmp_path / "r.jsonl", [roles])).prompt_messages == chat(("user", "a"))
     alpaca = [{"instruction": "Add them.", "input": "2 and 3", "output": "5"}, {"instruction": "Hi.", "input": "",
                                                                               "output": "Hello."}]
     a, b = load_file(write_jsonl(tmp_path / "a.jsonl", alpaca))
@@ -51,14 +53,18 @@ def test_sharegpt_and_alpaca_problems_name_their_fields(tmp_path):
            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": " "}]},
            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]},
            {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
-           {"conversations": "a chat"}]
+           {"conversations": "a chat"},
+           {"conversations": [{"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}]},  # a TypeError before
+           {"conversations": [{"from": "human", "text": "a"}, {"from": "gpt", "value": "b"}]}]
     path = write_jsonl(tmp_path / "s.jsonl", bad)
     got = _problems(path)
     for line, what in [(1, "conversations[1].from: unknown speaker 'function_call' (expected one of human, user, "
                            "gpt, assistant, system)"),
                        (2, "conversations[1].value: empty"), (3, "conversations[1].value: missing"),
-                       (4, "conversations: no assistant turn"), (5, "conversations: expected a list of {from, value} "
-                                                                   "turns, got str")]:
+                       (4, "conversations: no gpt turn"), (5, "conversations: expected a list of {from, value} "
+                                                             "turns, got str"),
+                       (6, "conversations[0].from: expected a string, got a list"),
+                       (7, "conversations[0].value: missing (unknown key 'text')")]:
         assert f"{path}:{line}: {what}" in got, got
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": ""}, {"instruction": 3, "output": "y"},
                                               {"instruction": "x", "input": 4, "output": "y"}])

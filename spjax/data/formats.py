@@ -222,15 +222,27 @@ def _sharegpt(obj, report):
     if not isinstance(turns, (list, tuple)):
         report("conversations", f"expected a list of {{from, value}} turns, got {kind(turns)}")
         return None
+    if not any(isinstance(m, dict) and ("from" in m or "value" in m) for m in turns):
+        split = _chat(turns, "conversations", report)  # {role, content} turns under this key: as messages'
+        return None if split is None else (_with_system(obj, split[0], report), split[1], None, None)
     chat = []
     for i, m in enumerate(turns):  # as messages' turns, then checked as those are (order, text, ...)
-        who = m.get("from") if isinstance(m, dict) else None
-        if isinstance(who, str) and who not in SPEAKERS:
-            report(f"conversations[{i}].from", f"unknown speaker {who!r} (expected one of {', '.join(SPEAKERS)})")
-            return None
-        chat.append({"role": SPEAKERS.get(who, who), "content": m.get("value")} if isinstance(m, dict) else m)
+        if not isinstance(m, dict):
+            chat.append(m)
+            continue
+        turn = {k: v for k, v in m.items() if k not in ("from", "value", "role", "content")}  # (named if missing)
+        if "from" in m:
+            who = m["from"]
+            if isinstance(who, str) and who not in SPEAKERS:
+                report(f"conversations[{i}].from", f"unknown speaker {who!r} (expected one of {', '.join(SPEAKERS)})")
+                return None
+            turn["role"] = SPEAKERS.get(who, who) if isinstance(who, str) else who
+        if "value" in m:
+            turn["content"] = m["value"]
+        chat.append(turn)
     renamed = lambda field, what: report(field.replace(".role", ".from").replace(".content", ".value"),
-                                         what.replace("role and content", "from and value"))
+                                         what.replace("role and content", "from and value")
+                                         .replace("assistant turn", "gpt turn").replace("a user turn", "a human turn"))
     split = _chat(chat, "conversations", renamed)
     if split is None:
         return None
