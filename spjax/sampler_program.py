@@ -15,12 +15,9 @@ host it landed in (resumed and multi-host rounds reproduce exactly).
 Speed (docs/perf.md): every row's live slots are the same prefix [0, P + j), so the decode loop
 runs in a few segments, each a `while_loop` attending over a fixed window of the cache just large
 enough for its steps (`_decode_windows`): a step reads the live part of the cache, rounded up, not
-all S slots, and only a few loop bodies are compiled. Weights are cast to the compute dtype once
-before the loop and, where it pays (`_unroll_layers`), sliced per layer once so that the decode
-step runs its layers unrolled instead of copying each layer's weights out of the stack per step.
-With sampling.weights=gathered on an fsdp mesh they are also gathered once per batch (the training
-layout moves weights or activations between the fsdp devices on every decode step).
-A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
+all S slots, and only a few loop bodies are compiled. Weights are made once before the loop
+(`_step_params`): cast to the compute dtype, sliced per layer where it pays, gathered over fsdp
+with sampling.weights=gathered. A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
 after each: XLA:GPU syncs with the host at every check.
 """
 from __future__ import annotations
