@@ -35,6 +35,13 @@ def check_config(cfg: Config, n_devices: int):
     if kind == "python":  # imported now: a missing module is one line before any data or model loads
         from spjax import judges
         judges.python_function(cfg.judge.name)
+    if kind == "reward_model":  # its config.json names a sequence classifier: said before the data and policy load
+        from spjax import hf, reward_model
+        where = os.path.join(arg, "config.json")
+        try:
+            reward_model.classifier_arch(hf._read_json(where), where)
+        except hf.CheckpointError as e:
+            raise ConfigError(f"judge.name: {e}") from None
     from spjax.data import pipeline  # (imports tensorflow_datasets, which the run reads its data with next)
     pipeline.check(cfg.data)
     tok = cfg.tokenizer_path or cfg.model_path

@@ -56,7 +56,8 @@ class RewardModel:
         return "the policy's token ids" if self.tokenizer is None else "the policy's text in its own tokens"
 
 
-def _classifier_arch(config: dict, where: str) -> str:
+def classifier_arch(config: dict, where: str) -> str:
+    """The CausalLM architecture whose decoder a *ForSequenceClassification config names; CheckpointError else."""
     for a in config.get("architectures") or []:
         if a.endswith("ForSequenceClassification") and a.replace("ForSequenceClassification", "ForCausalLM") \
                 in hf.HF_ARCHS:
@@ -71,7 +72,7 @@ def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = Non
     fields (param_dtype, compute_dtype: the run's compute dtype, not its fp32 masters')."""
     where = os.path.join(path, "config.json")
     config = hf._read_json(where)
-    config = dict(config, architectures=[_classifier_arch(config, where)])
+    config = dict(config, architectures=[classifier_arch(config, where)])
     # Tied embeddings: the params then hold no LM head (score.weight stands in its place); the
     # embedding is only ever read as the input table here.
     cfg = hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True})

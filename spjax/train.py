@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", name)
     from spjax import metrics, rounds
     spec = os.environ.get("SPJAX_KILL_AT")
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (preemption): as Ctrl-C, one line
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (preemption): as Ctrl-C, one line
     try:
         try:
             rounds.run(cfg, workdir, resume=args.resume, echo=lambda s: print(s, flush=True),
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
         except BaseException:
             metrics.close_bars()  # a bar left open would draw itself after the line below
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # an in-process caller's own handler back
     except KeyboardInterrupt as e:
         how = str(e) or "SIGINT"
         again = ["python", "-m", "spjax.train", *(argv if argv is not None else sys.argv[1:])]

@@ -360,10 +360,17 @@ def test_reward_model_refuses_ids_outside_its_vocabulary(tmp_path):
 def test_reward_model_refuses_a_causal_lm(tmp_path):
     import transformers
     from spjax import hf, reward_model
-    from tests.oracle import TINY
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(tmp_path)
+    from tests.oracle import TINY as SHAPE
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).save_pretrained(tmp_path)
     with pytest.raises(hf.CheckpointError, match="no sequence classifier"):
         reward_model.load(str(tmp_path))
+    # a run says so before it prepares data and loads the policy (before: only at the judge's load)
+    from spjax import preflight
+    from spjax.config import load_config
+    cfg = load_config(TINY, [f"judge.name=reward_model:{tmp_path}", "sampling.num_samples=2"])
+    with pytest.raises(ConfigError, match=r"^judge.name: .*config.json: architectures \['LlamaForCausalLM'\] has no "
+                                          r"sequence classifier"):
+        preflight.check_config(cfg, 8)
 
 
 def _saved_rm(path, extra_tensors=None, **conf):

@@ -593,6 +593,8 @@ def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, t
     # resumed as it is: it says the run was done (before: 'resumed at round 2' and a silent re-export)
     assert train.main(["--config", TINY, "--workdir", str(work), "--resume", f"data.tfds_dir={tfds_dir}"]) == 0
     assert "the run's 2 rounds are done: its rows are read back, and the model exported again" in capsys.readouterr().out
+    import signal
+    assert signal.getsignal(signal.SIGTERM) is not train._interrupt  # an in-process caller's handler is back
     assert _export_bytes(work) == _export_bytes(reference_run[0])
 
 
