@@ -73,6 +73,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     return Mesh(arr, AXES)
 
 
+def _axes(entry) -> tuple:
+    """The mesh axes of a rule's or a PartitionSpec's entry: None, one name, or a tuple of names."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES, fallback=FALLBACK) -> P:
     """Map a PartitionSpec of logical names onto mesh axes for an array of `shape`.
 
@@ -83,10 +88,8 @@ def logical_to_spec(logical: P, shape, mesh: Mesh, rules=RULES, fallback=FALLBAC
     table, names = dict(rules), tuple(logical) + (None,) * (len(shape) - len(logical))
     used, out = set(), []
     for dim, name in zip(shape, names):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         keep, size = [], 1
-        for a in axes:
+        for a in _axes(table.get(name) if name is not None else None):
             n = mesh.shape[a]
             if a in used or n == 1 or dim % (size * n):
                 continue
@@ -118,7 +121,7 @@ def param_shardings(cfg, mesh: Mesh):
 def without_axis(sharding: NamedSharding, axis: str) -> NamedSharding:
     """`sharding` with mesh axis `axis` taken out of its spec: replicated over that axis."""
     def drop(entry):
-        rest = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in (axis, None))
+        rest = tuple(a for a in _axes(entry) if a != axis)
         return None if not rest else rest[0] if len(rest) == 1 else rest
     return NamedSharding(sharding.mesh, P(*map(drop, sharding.spec)))
 
@@ -263,9 +266,8 @@ def unsplit_notes(cfg, mesh: Mesh, min_size: int = BIG_PARAM) -> list:
         if x.size < min_size:
             continue
         table, got = dict(RULES), logical_to_spec(logical, x.shape, mesh)
-        meant = {a for name in logical if name is not None
-                 for a in ((table.get(name),) if isinstance(table.get(name), str) else table.get(name) or ())}
-        used = {a for e in got for a in (e if isinstance(e, tuple) else (e,))}
+        meant = {a for name in logical if name is not None for a in _axes(table.get(name))}
+        used = {a for e in got for a in _axes(e)}
         for a in sorted(meant - used):
             if mesh.shape[a] > 1:
                 unsplit.setdefault(a, []).append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")

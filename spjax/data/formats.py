@@ -142,11 +142,7 @@ def _prompt(obj, report, required=False) -> Optional[list]:
         split = _chat(list(value) + [{"role": "assistant", "content": "-"}], "prompt", report)
         return None if split is None else split[0]
     text = _text(value, "prompt", report)
-    system = _field(obj, "system", report, required=False)
-    system = None if system is None else _text(system, "system", report)
-    if text is None:
-        return None
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return _with_system(obj, None if text is None else [{"role": "user", "content": text}], report)
 
 
 def _answer(obj, key, prompt, report, required=True):
