@@ -13,10 +13,9 @@
 # Model weights and data named by the config must exist at the same path on every worker: put them
 # in the bucket (e.g. model_path=/mnt/gcs/BUCKET/models/...) or copy them in before the run.
 #
-# Interrupted (Ctrl-C, SIGHUP, SIGTERM), it keeps the slice and prints the commands that continue the
-# run on it (--skip-create --resume) or delete it; it exits 128 + the signal's number. Bash acts on a
-# signal once the running command ends: signal the whole process group (as Ctrl-C and a closed terminal
-# do: kill -TERM -- -PGID), not the script alone, or it waits for the training ssh.
+# Interrupted (Ctrl-C, SIGHUP, SIGTERM, to the script alone or to its process group), it stops the running
+# gcloud command, keeps the slice and prints the commands that continue the run on it (--skip-create
+# --resume) or delete it; it exits 128 + the signal's number.
 # The checkout travels as one tarball, built in $TMPDIR (default /tmp) and removed when the script ends.
 set -euo pipefail
 
@@ -149,12 +148,12 @@ tee_args=""; [ "$RESUME" = 1 ] && tee_args="-a "
 train_cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m spjax.train $train_args 2>&1 | tee $tee_args~/spjax-train.log"
 train_cmd+="; exit \${PIPESTATUS[0]}"
 
-delete=(gcloud compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet)
+delete=(compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet)
 cleanup() {  # at exit: the tarball goes, and the slice unless it is kept
   [ "$DRY" = 1 ] || rm -f "$TARBALL"
-  if [ "$KEEP" = 0 ]; then run "${delete[@]}"; return; fi
+  if [ "$KEEP" = 0 ]; then gc "${delete[@]}"; return; fi
   why=--keep; [ "$SKIP_CREATE" = 1 ] && why="--skip-create: this run did not create it"
-  echo "tpu_pod.sh: keeping $NAME ($why); delete it with: $(words "${delete[@]}")" >&2
+  echo "tpu_pod.sh: keeping $NAME ($why); delete it with: $(words gcloud "${delete[@]}")" >&2
 }
 
 # An interrupted run (Ctrl-C, a closed terminal, a kill) keeps the slice: the run continues on it.
@@ -166,6 +165,9 @@ done
 again+=(--skip-create --resume ${OVERRIDES[@]+-- "${OVERRIDES[@]}"})
 interrupted() {  # $1: the signal's name, $2: its number
   trap - EXIT; set +e  # the slice stays; and a closed terminal (failing writes) must not cut this short
+  # Stop the running gcloud and its ssh processes: a signal sent to this script alone never reached them,
+  # and as a background job they ignore SIGINT.
+  [ -n "$CHILD" ] && { pkill -TERM -P "$CHILD"; kill -TERM "$CHILD"; wait "$CHILD"; } 2>/dev/null
   rm -f "$TARBALL"
   { echo "tpu_pod.sh: interrupted by SIG$1: the slice $NAME is not deleted. Continue the run on it with"
     echo "  $(words "${again[@]}")"
@@ -173,33 +175,41 @@ interrupted() {  # $1: the signal's name, $2: its number
     echo "running holds the TPU: stop it first with"
     echo "  $(words gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command 'pkill -f spjax.train'))"
     echo "or delete the slice with"
-    echo "  $(words "${delete[@]}")"; } >&2
+    echo "  $(words gcloud "${delete[@]}")"; } >&2
   exit $((128 + $2))
+}
+# gcloud runs in the background and is waited for: bash runs a trap only once a foreground command ends, but
+# a trapped signal ends `wait` at once. So a bare `kill PID` of this script acts now, not when the ssh ends.
+CHILD=""
+gc() {
+  show gcloud "$@"; [ "$DRY" = 1 ] && return 0
+  local rc=0; gcloud "$@" <&0 & CHILD=$!  # <&0: keep the terminal as stdin (prompts), not /dev/null
+  wait "$CHILD" || rc=$?; CHILD=""; return "$rc"
 }
 if [ "$DRY" = 0 ]; then trap 'interrupted INT 2' INT; trap 'interrupted HUP 1' HUP; trap 'interrupted TERM 15' TERM; fi
 
 # -- create
 if [ "$SKIP_CREATE" = 0 ]; then
-  create=(gcloud compute tpus tpu-vm create "$NAME" "${where[@]}" --accelerator-type="$ACCEL" --version="$VERSION")
+  create=(compute tpus tpu-vm create "$NAME" "${where[@]}" --accelerator-type="$ACCEL" --version="$VERSION")
   [ "$SPOT" = 1 ] && create+=(--spot)
-  run "${create[@]}"
+  gc "${create[@]}"
 fi
 [ "$DRY" = 1 ] || trap cleanup EXIT  # from here on, a failure still deletes the slice (unless it is kept)
 
 # -- install spjax on all workers: this checkout (without venv, runs, git), then launch/setup.sh
 run tar -czf "$TARBALL" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./logs \
   --exclude=./.jax_cache --exclude='*.egg-info' --exclude=__pycache__ .
-run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:~/spjax.tgz" "${where[@]}" --worker=all
-run gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$install_cmd"
+gc compute tpus tpu-vm scp "$TARBALL" "$NAME:~/spjax.tgz" "${where[@]}" --worker=all
+gc compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$install_cmd"
 
 # -- train on all workers at once; keep going to fetch logs when it fails
 status=0
-run gcloud compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$train_cmd" || status=$?
+gc compute tpus tpu-vm ssh "$NAME" "${where[@]}" --worker=all --command="$train_cmd" || status=$?
 
 # -- fetch every worker's log
 run mkdir -p "$LOGS"
 for ((w = 0; w < WORKERS; w++)); do
-  run gcloud compute tpus tpu-vm scp "$NAME:~/spjax-train.log" "$LOGS/worker$w.log" "${where[@]}" --worker="$w" \
+  gc compute tpus tpu-vm scp "$NAME:~/spjax-train.log" "$LOGS/worker$w.log" "${where[@]}" --worker="$w" \
     || echo "tpu_pod.sh: no log from worker $w" >&2
 done
 
