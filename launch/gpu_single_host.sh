@@ -75,5 +75,6 @@ train+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
 run mkdir -p "$(dirname "$LOG")"
 show env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}"
 [ "$DRY" = 1 ] && exit 0
-env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}" 2>&1 | tee -a "$LOG"
-exit "${PIPESTATUS[0]}"
+# exec: the trainer takes this script's PID, so a bare `kill PID` reaches it (it stops with one line
+# and the command that continues the run) rather than ending the shell and leaving it running.
+exec env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}" > >(tee -a "$LOG") 2>&1

@@ -291,3 +291,31 @@ def test_gpu_single_host_stays_one_process_under_srun(tmp_path):
                          env=dict(_no_fake_devices(), **srun_step))
     assert res.returncode == 0, res.stderr
     assert "distributed: False" in res.stdout, res.stdout
+
+
+def test_gpu_single_host_bare_kill_reaches_the_trainer(tmp_path):
+    """`kill PID` of the script stops the trainer (which says so in the log), not only the shell around it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
+    (repo / ".venv/bin").mkdir(parents=True)
+    trainer = ("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *_: (print('stopped by SIGTERM', flush=True), sys.exit(143)))\n"
+               "print('training', flush=True); time.sleep(30)\n")
+    (repo / ".venv/bin/python").write_text(f"#!/bin/sh\nexec {shlex.join([sys.executable, '-c', trainer])}\n")
+    (repo / ".venv/bin/python").chmod(0o755)
+    log = repo / "logs/tiny.log"
+    proc = subprocess.Popen(["bash", str(repo / "launch/gpu_single_host.sh"), "--skip-setup", "--config",
+                             "configs/tiny.py"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(200):
+            if log.exists() and "training" in log.read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "stopped by SIGTERM" in log.read_text()
