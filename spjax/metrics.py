@@ -98,13 +98,15 @@ def _num(v):
         return v
 
 
-COUNTS = ("skipped", "steps")  # summed over rows, not averaged
+COUNTS = ("skipped", "steps", "tokens", "seconds")  # summed over rows, not averaged
 
 
 def mean_metrics(rows: list[dict]) -> dict:
     """Mean of each numeric key over a list of metric dicts, each weighted by its `steps` (a logged
     interval's finite steps; 1 without), so a round's mean is its steps' whatever run.log_every cut;
-    NaN values left out (an interval whose every step was skipped); counts (COUNTS) summed."""
+    NaN values left out (an interval whose every step was skipped); counts (COUNTS) summed. Intervals'
+    `tokens_per_s` becomes all their tokens over all their `seconds` (a mean of rates would weigh a
+    fast interval like a slow one); the seconds are dropped (a round's row has its own phase times)."""
     out = {}
     for k in dict.fromkeys(k for r in rows for k in r):  # every row's keys, in order
         pairs = [(float(r[k]), float(r.get("steps", 1))) for r in rows if k in r]
@@ -113,6 +115,8 @@ def mean_metrics(rows: list[dict]) -> dict:
             out[k] = sum(v for v, _ in pairs)
         else:
             out[k] = sum(v * w for v, w in finite) / sum(w for _, w in finite) if finite else float("nan")
+    if out.get("seconds"):
+        out["tokens_per_s"] = out["tokens"] / out.pop("seconds")
     return out
 
 

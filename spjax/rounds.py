@@ -246,9 +246,10 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
         last = s + 1 == total
         save = not last and (s + 1) % r.checkpoint_every == 0
         if len(pending) >= r.log_every or last or save:  # a resume restarts at `save`: log up to it
-            rows.append(_log_train(ctx, t, rs, pending, time.perf_counter() - t0))
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", acc=f"{rows[-1].get('accuracy', float('nan')):.2f}")
-            pending, t0 = [], time.perf_counter()
+            row, t0 = _log_train(ctx, t, rs, pending, t0)
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
+            pending = []
         bar.update(1)
         ctx.fault("train")
         if save:
@@ -258,19 +259,26 @@ def train_phase(ctx: Context, state, rs: RoundState, t: int, pairs: pairs_lib.Ro
     return state, rs, metrics_lib.mean_metrics(rows) if rows else {}
 
 
-def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, dt: float) -> dict:
+_COUNTERS = ("step", "skipped", "finite", "n_tokens")  # a step's metrics that are not metrics
+
+
+def _log_train(ctx: Context, t: int, rs: RoundState, pending: list, t0: float) -> tuple[dict, float]:
+    """(the interval's metrics row, its end): it ends once its steps' metrics are on the host (dispatch is
+    asynchronous: once the device has run them)."""
     host = [jax.tree.map(shd.to_host, m) for m in pending]
+    now = time.perf_counter()
     for m in host:
         step_lib.check_finite(m, ctx.cfg.optim)
     tokens = sum(float(m["n_tokens"]) for m in host)
     # Scalars averaged over the interval's finite steps (a skipped step's NaNs, and its NaN margins read
-    # as ties, are no metric); `skipped` counts the others. The step counters are not metrics.
-    scalars = lambda m: {k: v for k, v in m.items() if np.ndim(v) == 0 and k not in ("step", "skipped", "finite")}
+    # as ties, are no metric); `skipped` counts the others, `tokens` all. The counters are not metrics.
+    scalars = lambda m: {k: v for k, v in m.items() if np.ndim(v) == 0 and k not in _COUNTERS}
     kept = [scalars(m) for m in host if bool(m["finite"])]
     row = metrics_lib.mean_metrics(kept) if kept else {k: float("nan") for k in scalars(host[0])}
-    row.update(round=t, steps=len(kept), skipped=len(host) - len(kept), tokens_per_s=tokens / max(dt, 1e-9))
+    row.update(round=t, steps=len(kept), skipped=len(host) - len(kept), tokens=tokens, seconds=now - t0,
+               tokens_per_s=tokens / max(now - t0, 1e-9))
     ctx.writer.write("train", rs.global_step, row)
-    return row
+    return row, now
 
 
 def checkpoint_phase(ctx: Context, state, rs: RoundState, t: int) -> RoundState:

@@ -161,13 +161,16 @@ def pair_loss_fn(params, batch, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig
     S = 2 * batch.ref_real_B.shape[0]
     seqs = batch.seqs_RxL.reshape(-1)
     lp_Bx2 = jax.ops.segment_sum(lp_RxL.reshape(-1), seqs, num_segments=S).reshape(-1, 2)
-    n_real_B = jax.ops.segment_sum(_scored(batch).reshape(-1).astype(jnp.float32), seqs, num_segments=S)[0::2]
+    n_Bx2 = jax.ops.segment_sum(_scored(batch).reshape(-1).astype(jnp.float32), seqs, num_segments=S).reshape(-1, 2)
+    n_real_B = n_Bx2[:, 0]
     if n_real_per_micro is not None:  # rescale so the counts sum to n_real_per_micro
         n_real_B = n_real_B * (n_real_per_micro / jnp.maximum(jnp.sum(n_real_B), 1.0))
     loss, aux = objectives.objective_loss(obj_cfg, lp_Bx2[:, 0], lp_Bx2[:, 1],
                                           batch.ref_real_B, batch.ref_gen_B, n_real_B,
                                           win_real_B=batch.win_real_B, win_gen_B=batch.win_gen_B)
-    aux = dict(aux)
+    aux = dict(aux, len_real=jnp.mean(n_Bx2[:, 0]))  # response lengths, in scored tokens
+    if "lp_gen" in aux:  # a pair objective (sft has no second side)
+        aux["len_gen"] = jnp.mean(n_Bx2[:, 1])
     if "loss" in aux:  # aux's 'loss' is the pair loss alone (none for sft); 'loss' below is the total
         aux["pair_loss"] = aux.pop("loss")
     return loss, aux

@@ -212,13 +212,34 @@ def test_nonfinite_skip_and_raise(params0, batch):
     import types
     from spjax import metrics as metrics_lib, rounds
     ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(optim=OPT), writer=types.SimpleNamespace(write=lambda *a: None))
-    rows = [rounds._log_train(ctx, 0, rounds.RoundState(), [metrics, good], 1.0),
-            rounds._log_train(ctx, 0, rounds.RoundState(), [metrics], 1.0)]
+    rows = [rounds._log_train(ctx, 0, rounds.RoundState(), [metrics, good], 1.0)[0],
+            rounds._log_train(ctx, 0, rounds.RoundState(), [metrics], 1.0)[0]]
     assert rows[0]["skipped"] == 1 and rows[0]["loss"] == pytest.approx(float(good["loss"]))
     assert rows[1]["skipped"] == 1 and np.isnan(rows[1]["loss"])  # no finite step in the interval
     assert "finite" not in rows[0] and rows[0]["accuracy"] == pytest.approx(float(good["accuracy"]))
     summary = metrics_lib.mean_metrics(rows)
     assert summary["skipped"] == 2 and summary["loss"] == pytest.approx(float(good["loss"]))
+
+
+def test_logged_speed_waits_for_the_device(monkeypatch):
+    """Steps are dispatched asynchronously: an interval's time must end after its metrics reach the host
+    (when the device has run them), and the next interval start there. Before, the clock was read
+    before the copy, so tokens_per_s timed only the dispatch (about 400x too high on CPU)."""
+    import types
+    from spjax import metrics as metrics_lib, rounds
+    events, clock = [], iter(range(10, 100))
+    monkeypatch.setattr(rounds.time, "perf_counter", lambda: events.append("clock") or next(clock))
+    monkeypatch.setattr(rounds.shd, "to_host", lambda x: events.append("copy") or np.asarray(x))
+    ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(optim=OPT), writer=types.SimpleNamespace(write=lambda *a: None))
+    m = {"loss": 1.0, "finite": True, "n_tokens": 300, "step": 0, "skipped": 0}
+    row, end = rounds._log_train(ctx, 0, rounds.RoundState(), [m, m], t0=4)
+    assert events[-1] == "clock" and "copy" not in events[events.index("clock"):]
+    assert (row["tokens"], row["seconds"], row["tokens_per_s"], end) == (600, 6, 100, 10)
+    row2, _ = rounds._log_train(ctx, 0, rounds.RoundState(), [m], t0=end)
+    # a round's rate: all tokens over all time (900 / 7), not the mean of the rates (100 and 300)
+    summary = metrics_lib.mean_metrics([row, row2])
+    assert (summary["tokens"], summary["tokens_per_s"]) == (900, pytest.approx(900 / 7)) and "seconds" not in summary
+    assert "n_tokens" not in row  # `tokens` counts them
 
 
 def test_training_reduces_chi2_loss_and_compiles_once(params0, batch):
