@@ -187,7 +187,7 @@ class OptimConfig:
 class SamplingConfig:
     """Opponent sampling (SPIN defaults)."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or under 1e-5) means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     max_new_tokens: int = 256

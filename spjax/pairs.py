@@ -17,7 +17,6 @@ import dataclasses
 import os
 from typing import Optional
 
-import jax
 import numpy as np
 
 from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, sampler
@@ -161,9 +160,9 @@ def previous_pairs(ctx, t: int) -> list:
 def split_key(seed: int, t: int, split: str):
     """The sampling key of a round's split. Example ids restart at 0 in every split, so with one key
     held-out example i would reuse training example i's random numbers: held-out pairs would not be
-    independent of the trained ones."""
-    key = sampler.round_key(seed, t)
-    return key if split == "train" else jax.random.fold_in(key, 1)
+    independent of the trained ones. The held-out key is that of a round no run reaches, so none of its
+    keys is a training example's or decode step's (fold_in(round key, 1) was training example 1's)."""
+    return sampler.round_key(seed, t if split == "train" else 2**32 - 1 - t)
 
 
 def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: int = 1) -> dict:

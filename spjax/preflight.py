@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from spjax import sharding as shd
+from spjax import sampler, sharding as shd
 from spjax.config import Config, ConfigError
 
 
@@ -54,8 +54,9 @@ def check_config(cfg: Config, n_devices: int):
 def check_pairs(cfg: Config, source: str, n_train: int, echo):
     """Once the data is read: enough examples for a batch; the pair source said in one line."""
     s = cfg.sampling
-    if source == "judged" and (s.temperature == 0 or s.top_k == 1):  # K equal samples: every prompt ties
-        raise ConfigError(f"sampling.{'temperature' if s.temperature == 0 else 'top_k'}: greedy sampling gives "
+    greedy = sampler.is_greedy(s.temperature)
+    if source == "judged" and (greedy or s.top_k == 1):  # K equal samples: every prompt ties
+        raise ConfigError(f"sampling.{'temperature' if greedy else 'top_k'}: greedy sampling gives "
                           f"the judge {s.num_samples} equal samples per prompt, so no pair to train on (sample, "
                           "e.g. sampling.temperature=1)")
     if source != "judged" and n_train < cfg.run.batch_size:  # one pair per example at most

@@ -97,7 +97,7 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
     dp = 1 if mesh is None else shd.data_parallel_size(mesh)
     eos = list(dict.fromkeys(int(e) for e in eos_ids))
     eos += [-1] * (max(_EOS_ROUND, -(-len(eos) // _EOS_ROUND) * _EOS_ROUND) - len(eos))
-    greedy = temperature == 0
+    greedy = is_greedy(temperature)
     settings = _Settings(max_new_tokens=max_new_tokens, cache_len=cache_len(prompt_len, max_new_tokens),
                          greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
                          mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
@@ -124,9 +124,16 @@ def gather_weights(mesh: Optional[Mesh], weights: str = "sharded") -> bool:
     return mesh is not None and mesh.shape["fsdp"] > 1 and weights == "gathered"
 
 
+GREEDY_BELOW = 1e-5  # a smaller temperature samples greedily: logits / T would overflow float32 (as vLLM)
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
 def knobs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
     """The traced sampling values (greedy runs take temperature 1: it is never applied)."""
-    return dict(temperature=np.float32(1.0 if temperature == 0 else temperature), top_k=np.int32(top_k),
+    return dict(temperature=np.float32(1.0 if is_greedy(temperature) else temperature), top_k=np.int32(top_k),
                 top_p=np.float32(top_p))
 
 

@@ -147,7 +147,7 @@ def _truncate(logits_BxV, top_k, top_p):
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     # Keep a token if the mass strictly above it is < top_p: the smallest set reaching top_p.
     mass_above_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = (mass_above_BxV < top_p).at[:, 0].set(True) & in_k_BxV
+    keep_BxV = ((mass_above_BxV < top_p) | (top_p >= 1.0)).at[:, 0].set(True) & in_k_BxV  # fp32 cumsum hits 1
     n_keep_B = jnp.sum(keep_BxV, axis=-1)
     threshold_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
     return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)

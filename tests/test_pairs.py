@@ -67,6 +67,15 @@ def test_resumed_sampling_with_another_batch_size_keeps_every_sample_its_own(tmp
 def test_held_out_samples_do_not_share_the_training_keys():
     train, held = (jax.random.key_data(pairs.split_key(0, 3, s)) for s in ("train", "held"))
     assert not np.array_equal(train, held)
+    # nor any key below it: no training example's key, nor a decode step's of training example 1 (the
+    # held-out key was fold_in(train key, 1), training example 1's own key)
+    data = lambda k: jax.random.key_data(k).tolist()
+    example_1 = jax.random.fold_in(pairs.split_key(0, 3, "train"), 1)
+    below = [jax.random.fold_in(pairs.split_key(0, 3, "train"), i) for i in range(64)]
+    below += [jax.random.fold_in(example_1, j) for j in range(64)]
+    assert data(pairs.split_key(0, 3, "held")) not in [data(k) for k in below]
+    held_examples = [data(jax.random.fold_in(pairs.split_key(0, 3, "held"), j)) for j in range(64)]
+    assert not set(map(tuple, held_examples)) & set(tuple(data(k)) for k in below)
     # training samples keep the round's key, so runs before this change sample the same training answers
     assert np.array_equal(train, jax.random.key_data(pairs.sampler.round_key(0, 3)))
 

@@ -182,6 +182,23 @@ def test_truncation_keeps_whole_tie_groups(top_k, top_p):
     assert np.isfinite(got).tolist() == (_expected_probs(logits_V, 1.0, top_k, top_p) > 0).tolist()
 
 
+def test_top_p_one_keeps_all_of_top_k_under_peaked_logits():
+    """top_p=1 is off, also beside top_k: float32's running mass reaches 1.0 before the k-th token
+    when the logits are peaked, and the nucleus test then dropped the rest of the top-k (HF keeps them)."""
+    from spjax.sampler_program import _truncate
+    logits_V = np.array([20, 10, 0, -10, -20, -30], np.float32)
+    got = np.asarray(_truncate(jnp.asarray(logits_V)[None], jnp.int32(4), jnp.float32(1.0)))[0]
+    assert np.isfinite(got).tolist() == [True] * 4 + [False] * 2
+
+
+def test_a_tiny_temperature_is_greedy(greedy_llama3):
+    """Below 1e-5 the sampler decodes greedily: logits / T overflow float32 (or T flushes to 0), and the
+    draw then picked the lowest index holding +inf, not the argmax."""
+    cfg, params, prompts, res = greedy_llama3
+    run = lambda t: sampler.sample(cfg, params, prompts, key=3, max_new_tokens=NEW, temperature=t).tokens
+    assert run(1e-39) == run(1e-6) == res.tokens
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 8, 1.0), (1.0, 0, 0.8), (2.0, 20, 0.9)],
                          ids=["plain", "top_k", "top_p", "top_k+top_p"])
 def test_first_token_distribution(temperature, top_k, top_p):
