@@ -72,6 +72,23 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
              "take one response per prompt")
 
 
+def check_examples(cfg: Config, source: str, train: list, held: list, echo):
+    """Said once the data is tokenized: real responses the opponent's samples cannot match in length (a
+    sample stops at sampling.max_new_tokens, with no end of turn: such a pair differs by length alone),
+    and held-out prompts that are also trained on (held-out metrics would partly measure training data)."""
+    cap = cfg.sampling.max_new_tokens
+    longer = [len(e.real_ids) for e in train if len(e.real_ids) > cap]
+    if source == "sampled" and longer:
+        echo(f"note: {len(longer)} of {len(train)} real responses are longer than sampling.max_new_tokens="
+             f"{cap} (up to {max(longer)} tokens), which the opponent's samples cannot reach: raise it, or lower "
+             "data.max_len")
+    trained = {e.prompt_ids.tobytes() for e in train}
+    both = sum(e.prompt_ids.tobytes() in trained for e in held)
+    if both:
+        echo(f"note: {both} of {len(held)} held-out prompts are also training prompts (data.eval_path or a "
+             "test/eval file repeats them): held-out metrics partly measure the training data")
+
+
 def check_lengths(cfg: Config, model_cfg, buckets, echo):
     """A sequence longer than the model's max_position_embeddings runs (RoPE extrapolates), but past the
     context it was trained on: said once, with what to lower."""

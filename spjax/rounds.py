@@ -112,6 +112,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         echo("note: no held-out examples (data.eval_frac=0, no data.eval_path): rounds log training metrics only")
     source = pairs_lib.resolve(cfg, prepared.train)
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
+    preflight.check_examples(cfg, source, prepared.train, prepared.test, echo)
     model_cfg, params = load_initial(cfg, mesh)
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
     shd.check_sharded(params, mesh)

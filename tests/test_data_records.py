@@ -88,6 +88,13 @@ def test_byte_order_mark_and_broken_array(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"prompt": "a", "response": "b"}\n  {"prompt": "c", "response": "d"}\n]')
     assert f"{broken}:3: record: invalid JSON: expected ',' or ']' after an array element" in _problems(broken)
+    # two arrays appended, or JSON Lines of one-element lists: everything after the first ']' was dropped, silently
+    for name, text in [("two.json", '[{"prompt": "a", "response": "b"}]\n\n[{"prompt": "c", "response": "d"}]\n'),
+                       ("lists.jsonl", '[{"prompt": "a", "response": "b"}]\n[{"prompt": "c", "response": "d"}]\n')]:
+        path = tmp_path / name
+        path.write_text(text)
+        line = 3 if name == "two.json" else 2
+        assert f"{path}:{line}: record: content after the JSON array's closing ']'" in _problems(path)
 
 
 def test_ultrachat_and_spin_layouts(tmp_path):

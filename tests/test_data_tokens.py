@@ -103,8 +103,10 @@ def test_long_chat_loses_whole_oldest_turns_first(tok, tmp_path):
     assert len(cut.prompt_ids) == cap and cut.prompt_ids[0] == tok.bos_token_id  # one turn: the token cut
     assert (report.prompts_truncated, report.prompts_by_turns, report.kept) == (2, 1, 2)
     assert "2 prompts (1 by whole turns)" in str(report)
+    assert report.cut == [f"{path}:1", f"{path}:2"] and str(report).endswith(f"({path}:1, {path}:2)")  # where
     _, dropped = tokenize_examples(tok, load_file(path), max_prompt_len=cap, max_len=cap + 32, overlong="drop")
     assert (dropped.kept, dropped.dropped_prompt, dropped.prompts_by_turns) == (0, 2, 0)
+    assert dropped.cut == [f"{path}:1", f"{path}:2"]
 
 
 def test_a_response_ends_at_the_first_stop_id_as_a_sample_does(smollm2):
@@ -202,6 +204,26 @@ def test_sentencepiece_response_continues_the_prompt(template, tmp_path):
         assert p + r == whole[:len(p) + len(r)] and r[-1] == tok.eos_token_id and r.count(tok.eos_token_id) == 1
         if template == "zephyr":  # after '<|assistant|>\n' the first word has no word-start marker
             assert not tok.convert_ids_to_tokens(r[:1])[0].startswith("▁"), tok.convert_ids_to_tokens(r)
+
+
+def test_a_merged_sentencepiece_tail_gets_no_word_start(tmp_path):
+    """Where the prompt's last token merges with the response's first (']' + '(' here, as Mistral v0.2's
+    '[/INST]' + '(a)'), the response is tokenized on its own; a SentencePiece tokenizer then put a
+    word-start '▁' before it, a token the model never sees there and the real text does not have."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + ["▁", "\n", "U", "x", "]", "(", "a", ")", "]("])}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[("]", "(")], unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'U' + m['content'] + ']' }}"
+                "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    msgs = chat(("user", "x"))
+    assert tok.convert_ids_to_tokens(prompt_ids(tok, msgs).tolist()) == ["▁", "U", "x", "]"]
+    assert tok.convert_ids_to_tokens(response_ids(tok, msgs, "(a)").tolist()) == ["(", "a", ")", "</s>"]
 
 
 def test_template_date_is_pinned(tmp_path):

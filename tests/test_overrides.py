@@ -120,6 +120,28 @@ def test_sequences_past_the_models_positions_are_said():
     assert len(said) == 1
 
 
+def test_unreachable_real_lengths_and_held_out_overlap_are_said():
+    """A real response longer than sampling.max_new_tokens makes a pair that differs by length alone;
+    held-out prompts that are trained on (an eval file repeating train's) inflate held-out metrics."""
+    import numpy as np
+    from spjax import preflight
+    from spjax.data.tokens import TokenizedExample
+    cfg = load_config(TINY, ["sampling.max_new_tokens=8"])
+    ex = lambda i, prompt, n: TokenizedExample(id=i, prompt_ids=np.asarray(prompt, np.int32),
+                                               real_ids=np.arange(n, dtype=np.int32))
+    train = [ex(0, [1, 2], 5), ex(1, [3], 12), ex(2, [4, 5], 8), ex(3, [6], 9)]
+    held = [ex(0, [3], 4), ex(1, [3, 1], 4), ex(2, [4, 5], 4)]
+    said = []
+    preflight.check_examples(cfg, "sampled", train, held, said.append)
+    assert said == ["note: 2 of 4 real responses are longer than sampling.max_new_tokens=8 (up to 12 tokens), "
+                    "which the opponent's samples cannot reach: raise it, or lower data.max_len",
+                    "note: 2 of 3 held-out prompts are also training prompts (data.eval_path or a test/eval file "
+                    "repeats them): held-out metrics partly measure the training data"]
+    said.clear()
+    preflight.check_examples(cfg, "data", train, held[1:2], said.append)  # no samples; no overlap
+    assert said == []
+
+
 @pytest.mark.parametrize("items", [["run.stop_when_worse=1", "run.keep_best=nll"],
                                    ["optim.grad_accum=3", "run.batch_size=12"],
                                    ["lora.init_path=/tmp", "lora.rank=4"],

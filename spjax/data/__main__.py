@@ -114,7 +114,7 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
                     print(*e.problems, sep="\n", file=out)
                     return 1
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
-                                bos_id=bos, report=report)
+                                bos_id=bos, report=report, source=f"{ex.file}:{ex.line}")
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)
     return 0
 

@@ -136,6 +136,10 @@ def _json_array(path):
     if i >= len(text):
         line = text.count("\n") + 1
         yield line, Problem(path, line, "record", "invalid JSON: the array is not closed with ']'")
+    elif (rest := _skip_ws(text, i + 1)) < len(text):  # e.g. two arrays appended, or a list per line
+        line = text.count("\n", 0, rest) + 1
+        yield line, Problem(path, line, "record", "content after the JSON array's closing ']' (a file holds one "
+                                                  "JSON array, or one JSON object per line)")
 
 
 def _skip_ws(text, i):

@@ -210,10 +210,14 @@ def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
     carry a token that tells it from a generated one. Where the prompt's last token and the tail's
     first merge (byte-level BPE: a response that starts with whitespace after the template's newline),
     the whole chat's tokens do not begin with the prompt's; the tail alone is then what a sampler given
-    exactly the prompt's tokens can produce.
+    exactly the prompt's tokens can produce; encoded after a newline whose tokens it is cut from, so a
+    SentencePiece tail gets no word-start '▁' (a text's start) there either.
     """
     whole = _encode(tokenizer, prompt_text + tail)
-    return whole[len(prompt):] if whole[:len(prompt)] == prompt else _encode(tokenizer, tail)
+    if whole[:len(prompt)] == prompt:
+        return whole[len(prompt):]
+    anchor, after = _encode(tokenizer, "\n"), _encode(tokenizer, "\n" + tail)
+    return after[len(anchor):] if after[:len(anchor)] == anchor else _encode(tokenizer, tail)
 
 
 # ----------------------------------------------------------------------------- length policy
@@ -230,12 +234,14 @@ class LengthReport:
     responses_truncated: int = 0  # real or generated (or both) cut at max_len
     dropped_prompt: int = 0  # overlong="drop": prompt longer than max_prompt_len
     dropped_total: int = 0  # overlong="drop": prompt + a response longer than max_len
+    cut: list = dataclasses.field(default_factory=list)  # "file:line" of every example cut or dropped
 
     def __str__(self):
         turns = f" ({self.prompts_by_turns} by whole turns)" if self.prompts_by_turns else ""
+        where = f" ({', '.join(self.cut[:3])}{', ...' if len(self.cut) > 3 else ''})" if self.cut else ""
         return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts{turns} and "
                 f"{self.responses_truncated} responses truncated; {self.dropped_prompt} dropped for a long "
-                f"prompt, {self.dropped_total} for a long prompt+response")
+                f"prompt, {self.dropped_total} for a long prompt+response{where}")
 
 
 def check_lengths(max_prompt_len: int, max_len: int, overlong: str):
@@ -254,10 +260,14 @@ def truncate_prompt(ids: np.ndarray, max_prompt_len: int, bos_id: Optional[int])
     return ids[len(ids) - max_prompt_len:]
 
 
-def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, overlong, bos_id, report):
-    """(prompt, real, generated) cut to fit, or None if dropped; counts it in `report`."""
+def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, overlong, bos_id, report,
+                        source: str = ""):
+    """(prompt, real, generated) cut to fit, or None if dropped; counts it (from `source`) in `report`."""
     report.examples += 1
     sides = [real] if generated is None else [real, generated]
+    long = len(prompt) > max_prompt_len or any(len(s) > max_len - min(len(prompt), max_prompt_len) for s in sides)
+    if long and report.cut[-1:] != [source]:  # (a prompt that lost whole turns is listed already)
+        report.cut.append(source)
     if len(prompt) > max_prompt_len:
         if overlong == "drop":
             report.dropped_prompt += 1
@@ -319,6 +329,7 @@ def _tokenized(tokenizer, ex: Example, today: Optional[str], max_prompt_len: Opt
         if report is not None and len(messages) < len(ex.prompt_messages):
             report.prompts_truncated += 1
             report.prompts_by_turns += 1
+            report.cut.append(f"{ex.file}:{ex.line}")
     side = lambda text, field: response_ids(tokenizer, messages, text, where=ex.problem(field, ""),
                                             today=today, prompt=prompt, stops=stops)
     other = ex.rejected if ex.rejected is not None else ex.generated
@@ -345,7 +356,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
             problems.extend(e.problems)
             continue
         cut = apply_length_policy(p, real, gen, max_prompt_len=max_prompt_len, max_len=max_len,
-                                  overlong=overlong, bos_id=bos_id, report=report)
+                                  overlong=overlong, bos_id=bos_id, report=report, source=f"{ex.file}:{ex.line}")
         if cut is not None:
             out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}",
                                         None if len(cut[1]) == len(real) else np.asarray(real, np.int32), turns))
