@@ -231,6 +231,40 @@ def umask_modes(path: str):
         os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~_UMASK)
 
 
+def temp_dir(parent: str, name: str) -> str:
+    """A directory beside parent/name to write it whole in, named with this process's pid: a later
+    writer tells a dead writer's leftovers from a live one's (clear_interrupted)."""
+    return tempfile.mkdtemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=parent)
+
+
+def clear_interrupted(parent: str, name: str):
+    """What a writer of parent/name killed midway (OOM, preemption) left: its partial temp_dir (removed:
+    up to a whole model, hidden, each time) or, killed between its two renames, the old `name` it had
+    moved aside (put back if `name` is missing, else removed)."""
+    prefix, out = f".tmp-{name}-", os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
+        parts = entry[len(prefix):].removesuffix(".old").split("-")
+        if not entry.startswith(prefix) or len(parts) != 2 or not parts[0].isdigit() or _alive(int(parts[0])):
+            continue
+        path = os.path.join(parent, entry)
+        if entry.endswith(".old") and not os.path.lexists(out):
+            os.rename(path, out)
+            print(f"spjax: {out} is back: an interrupted export had moved it aside", flush=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"spjax: removed {path}, left by an interrupted export", flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_atomic(path: str, write_fn):
     """Call write_fn(tmp_path) then rename onto `path`; a crash leaves no partial file."""
     if jax.process_index() != 0:

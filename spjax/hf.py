@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +41,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if missing:
         raise CheckpointError(f"{where}: required key(s) {', '.join(missing)} missing")
     # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling. Where
-    # both are present, transformers reads rope_scaling (a 4.x-style edit of a 5.x config): so do we.
-    rope = dict(hf.get("rope_parameters") or {})
-    rope.update(hf.get("rope_scaling") or {})
+    # both are present, transformers reads rope_scaling alone (a 4.x-style edit of a 5.x config), its
+    # theta from the top level or 10000: so do we.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
@@ -294,12 +293,16 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):  # e.g. --out naming a model file
+        raise CheckpointError(f"{out_dir}: exists and is not a directory, so spjax will not replace it: choose a "
+                              "new or empty directory (nothing was written)")
     if (os.path.isdir(out_dir) and os.listdir(out_dir) and not replace_any
             and not os.path.exists(os.path.join(out_dir, EXPORT_MARK))):
         raise CheckpointError(f"{out_dir}: exists and is not a spjax export, so spjax will not replace it: "
                               "choose a new or empty directory (nothing was written)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    ckpt_lib.clear_interrupted(parent, os.path.basename(out_dir))
     # Refused before a byte is written (as checkpoints are): a full disk midway is a slow way to learn it.
     need = sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + (8 << 20)
     free = shutil.disk_usage(parent).free
@@ -307,7 +310,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         import errno
         raise OSError(errno.ENOSPC, f"No space left on device: the export needs {need / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB free", parent)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    tmp = ckpt_lib.temp_dir(parent, os.path.basename(out_dir))
     try:
         hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
         with open(os.path.join(tmp, "config.json"), "w") as f:

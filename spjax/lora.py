@@ -194,6 +194,11 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
            # Parts of the adapted model beyond the low-rank pairs, which spjax would not read:
            "modules_to_save": (pc.get("modules_to_save") or None, None), "lora_bias": (bool(pc.get("lora_bias")), False),
            "trainable_token_indices": (pc.get("trainable_token_indices") or None, None)}
+    # PEFT variants whose forward is not W + (alpha/r)·B·A on every layer of the targets (aLoRA acts only
+    # after its invocation tokens, KaSA/QALoRA/BD-LoRA/Arrow/MonteCLoRA change the product): all off.
+    bad.update({k: (pc[k], None) for k in ("alora_invocation_tokens", "use_qalora", "layer_replication",
+                                            "layers_to_transform", "target_parameters", "use_bdlora",
+                                            "arrow_config", "kasa_config", "monteclora_config") if pc.get(k)})
     for field, (got, want) in bad.items():
         if got != want:
             raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"

@@ -127,27 +127,27 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
             return jnp.asarray(arr)
         return jax.make_array_from_callback(arr.shape, _get(shardings, path), lambda idx: arr[idx])
 
-    def fetch(name, conv, want):
+    def fetch(name, e, want):
         w = get(name)
         try:
-            x = conv(np.asarray(w))
+            x = e.to_spjax(np.asarray(w))
         except ValueError:
             x = None
-        if x is None or x.shape != tuple(want):
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, "
-                                  f"which does not fit {tuple(want)} for {cfg.architecture} config")
+        if x is None or x.shape != tuple(want):  # said in the file's layout ([out, in]), not spjax's
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, expected "
+                                  f"{e.to_hf(np.empty(want, np.float32)).shape} for {cfg.architecture} config")
         return np.asarray(x, dtype=np.float32).astype(dtype)
 
     base_shapes = model.param_shapes(base_config(cfg))
     _check_all_read(cfg, get, {e.name(names) for e in top_table(cfg).values()} |
                     {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)},
                     where, names)
-    params = {leaf: place(leaf, fetch(e.name(names), e.to_spjax, base_shapes[leaf].shape))
+    params = {leaf: place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape))
               for leaf, e in top_table(cfg).items()}
     layers = {}
     for leaf, e in layer_table(cfg).items():
         want = base_shapes["layers"][leaf].shape[1:]
-        arr = np.stack([fetch(e.name(names).format(i=i), e.to_spjax, want) for i in range(cfg.num_layers)])
+        arr = np.stack([fetch(e.name(names).format(i=i), e, want) for i in range(cfg.num_layers)])
         if cfg.base_quant != "none" and leaf in PROJ_IN_DIMS:
             arr, scale = quant.quantize(arr, cfg.base_quant, PROJ_IN_DIMS[leaf], lead=1)
             layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)

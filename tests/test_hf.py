@@ -116,7 +116,8 @@ def test_errors_name_file_and_tensor(tmp_path):
     bad = shutil.copytree(good, tmp_path / "shape")
     save_file(dict(tensors, **{"model.layers.0.self_attn.k_proj.weight": np.zeros((3, 64), np.float32)}),
               os.path.join(bad, "model.safetensors"))
-    with pytest.raises(hf.CheckpointError, match=r"shape: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(3, 64\)"):
+    with pytest.raises(hf.CheckpointError, match=r"shape: tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
+                                                 r"\(3, 64\), expected \(32, 64\) for llama"):  # [out, in] as HF writes it
         spjax.load_pretrained(bad)
 
 
@@ -160,6 +161,31 @@ def test_export_is_atomic_and_replaces(tmp_path, monkeypatch):
         spjax.save_pretrained(cfg, params, tmp_path / "run")
     assert sorted(os.listdir(tmp_path)) == ["hf", "run"] and os.listdir(tmp_path / "run") == ["metrics.jsonl"]
     assert float(jnp.abs(spjax.load_pretrained(str(out))[1]["layers"]["q"] - params["layers"]["q"]).max()) == 0.0
+    # Nor a file (a model named as --out): before, moved aside to a hidden .old and replaced.
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(hf.CheckpointError, match=r"m.gguf: exists and is not a directory.*nothing was written"):
+        spjax.save_pretrained(cfg, params, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"GGUF" and sorted(os.listdir(tmp_path)) == ["hf", "m.gguf", "run"]
+
+
+def test_an_interrupted_exports_leftovers_are_cleared(tmp_path):
+    """An export killed midway (SIGKILL: no cleanup) left its temp directory, a whole model, hidden, for
+    good; killed between its two renames, the previous export sat moved aside with its place empty."""
+    import subprocess
+    cfg, params = oracle.spjax_model("llama3")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process holds now
+    spjax.save_pretrained(cfg, params, tmp_path / "a")
+    os.rename(tmp_path / "a", tmp_path / f".tmp-a-{dead.pid}-x1y2.old")  # killed after the first rename
+    (tmp_path / f".tmp-a-{dead.pid}-x1y2").mkdir()  # its partial new export
+    (tmp_path / f".tmp-b-{dead.pid}-zz").mkdir()  # another export's: not this one's to clear
+    (tmp_path / f".tmp-a-{os.getpid()}-live").mkdir()  # a live writer's
+    spjax.save_pretrained(cfg, params, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-a-{os.getpid()}-live", f".tmp-b-{dead.pid}-zz", "a"]
+    os.rename(tmp_path / "a", tmp_path / f".tmp-a-{dead.pid}-x1y2.old")
+    from spjax import checkpoint
+    checkpoint.clear_interrupted(str(tmp_path), "a")  # the previous export, put back in its place
+    assert "a" in os.listdir(tmp_path) and spjax.load_pretrained(str(tmp_path / "a"))[0] == cfg
 
 
 @pytest.fixture(scope="module")

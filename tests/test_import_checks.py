@@ -185,10 +185,20 @@ def test_mistral_without_a_window_key_gets_transformers_default():
 def test_config_keys_read_as_transformers_reads_them():
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=1, num_attention_heads=4)
-    # rope_scaling beside rope_parameters (a 4.x-style edit of a 5.x config): transformers applies rope_scaling
-    both = hf.config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
-                                  rope_scaling={"rope_type": "linear", "factor": 4.0}))
-    assert (both.rope_type, both.rope_factor, both.rope_theta) == ("linear", 4.0, 5e5)
+    # rope_scaling beside rope_parameters (a 4.x-style edit of a 5.x config): transformers reads rope_scaling
+    # alone, its theta from the top level or its default (before: the two merged, rope_parameters' type and
+    # theta won over a 4.x {"type": ...})
+    import copy
+    from transformers import LlamaConfig
+    five = {"rope_type": "default", "rope_theta": 5e5}
+    for extra in [dict(rope_parameters=five, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+                  dict(rope_parameters=five, rope_scaling={"type": "linear", "factor": 4.0}),
+                  dict(rope_parameters=five, rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=2e5),
+                  dict(rope_parameters=five), dict(rope_theta=2e5, rope_scaling={"type": "linear", "factor": 4.0})]:
+        theirs = LlamaConfig.from_dict(copy.deepcopy(dict(base, **extra))).rope_parameters  # (it edits the dicts)
+        ours = hf.config_from_hf(dict(base, **extra))
+        assert (ours.rope_type, ours.rope_factor, ours.rope_theta) == (
+            theirs["rope_type"], theirs.get("factor", 1.0), theirs["rope_theta"]), extra
     # llama3 scaling without original_max_position_embeddings: transformers takes max_position_embeddings
     llama3 = hf.config_from_hf(dict(base, max_position_embeddings=64,
                                     rope_scaling={"rope_type": "llama3", "factor": 8.0}))

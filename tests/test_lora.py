@@ -199,7 +199,10 @@ def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path, alpha_patt
         lora.load_peft(cfg, params, cfg.lora.init_path)
     # Parts of an adapted model beyond the LoRA pairs (a trained lm_head, LoRA biases): before, loaded
     # without them, so the starting policy was another model than the adapter's.
-    for extra in ({"modules_to_save": ["lm_head"]}, {"lora_bias": True}):
+    # Nor a variant whose forward is another (aLoRA acts only after its invocation tokens: loaded as plain
+    # LoRA, logits were 0.9 off), nor an adapter on some layers only.
+    for extra in ({"modules_to_save": ["lm_head"]}, {"lora_bias": True}, {"alora_invocation_tokens": [5, 6]},
+                  {"layers_to_transform": [1]}):
         json.dump({**conf, **extra}, open(tmp_path / "adapter" / "adapter_config.json", "w"))
         with pytest.raises(CheckpointError, match=f"{next(iter(extra))} is "):
             lora.load_peft(cfg, params, cfg.lora.init_path)
