@@ -4,7 +4,7 @@
   spjax data validate data.jsonl [--tokenizer MODEL]
   spjax report runs/chi2 runs/spin [--out report]
   spjax compile-check --config configs/spin_zephyr7b_v5p.py --topology v5p-32
-  spjax export --config configs/demo.py --workdir runs/demo [--out DIR]
+  spjax export --config configs/demo.py --workdir runs/demo [--out DIR] [--dtype bfloat16]
 
 Each subcommand is also `python -m spjax.<module>` (train, data, report, compile_check).
 """
@@ -21,6 +21,8 @@ def export_main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="the run's config (file.py[:arg])")
     ap.add_argument("--workdir", required=True, help="the run's directory (with checkpoints/)")
     ap.add_argument("--out", default=None, help="default: WORKDIR/export")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="the weights' dtype in the files (default: the run's model.param_dtype)")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = ap.parse_intermixed_args(argv)
     from spjax import checkpoint as ckpt_lib, hf, ledger, rounds, saving, sharding as shd
@@ -48,7 +50,7 @@ def export_main(argv=None) -> int:
         tok = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
         out = hf.save_pretrained(model_cfg, state.params, args.out or os.path.join(args.workdir, "export"),
                                  tokenizer=tok, replace_any=args.out is None,  # --out: never a workdir
-                                 source=cfg.model_path)
+                                 source=cfg.model_path, dtype=args.dtype)
     except (ConfigError, hf.CheckpointError) as e:
         print(f"spjax export: {e}", file=sys.stderr)
         return 2

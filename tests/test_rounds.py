@@ -606,6 +606,11 @@ def test_spjax_export_writes_the_latest_checkpoint(reference_run, tfds_dir, tmp_
     assert "exported the latest checkpoint (the model after round 1)" in capsys.readouterr().out
     with open(out / "model.safetensors", "rb") as f:  # the run's final params, as its own export
         assert f.read() == _export_bytes(ref_dir)
+    assert cli.main(["export", "--config", TINY, "--workdir", str(ref_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    from safetensors.numpy import load_file
+    with open(out / "config.json") as f:  # bf16 files from the fp32 master weights
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    assert {a.dtype.itemsize for a in load_file(str(out / "model.safetensors")).values()} == {2}
     assert cli.main(["export", "--config", TINY, "--workdir", str(tmp_path / "none")]) == 2
     # Another model's settings, or --out at the run itself: one line, nothing in the run moved or deleted
     # (before: every checkpoint was renamed *.corrupt-*, or the workdir replaced by the export).
