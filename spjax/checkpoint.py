@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -151,6 +152,12 @@ def not_corruption(e: BaseException) -> bool:
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
             return True
         if isinstance(e, OSError) and e.errno in _NOT_CORRUPTION:
+            return True
+        # tensorstore reports a failed read as ValueError('PERMISSION_DENIED: ... [os_error_code=13] ...')
+        code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
+        if code and int(code.group(1) or code.group(2)) in _NOT_CORRUPTION:
+            return True
+        if re.match(r"(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED):", str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -141,7 +141,10 @@ def flush_writers():
     are closed: tensorboardX's flush() leaves queued events to a worker thread, close() drains them."""
     for w in list(_WRITERS):
         if w.tb is not None:
-            w.tb.close()
+            try:
+                w.tb.close()
+            except Exception:  # noqa: BLE001 - e.g. the full disk this process is stopping for: its line first
+                pass
             w.tb = None
 
 
