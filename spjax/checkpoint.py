@@ -89,7 +89,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         out, bad = None, []
         for step in reversed(self.steps()):
-            got, err, fatal = None, None, None
+            got, err, fatal, errors = None, None, None, []
             for attempt_like, to_state in ((like, convert), *others):
                 try:
                     got = self.manager.restore(step, args=ocp.args.Composite(
@@ -99,7 +99,8 @@ class Checkpointer:
                     got, err = ({**got, "state": to_state(got["state"])} if to_state else got), None
                     break
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                    got, err = None, err or e  # the error of the current layout is the one reported
+                    got, err = None, err or e
+                    errors.append(e)
                     fatal = fatal or (e if not_corruption(e) else None)
             # Out of memory or a failing file system says nothing about the checkpoint: stop, keep it.
             fatal = None if err is None else fatal
@@ -115,7 +116,7 @@ class Checkpointer:
             if shd.on_every_process(err is None):
                 out = got["state"], {k: v for k, v in got["meta"].items() if k != "sums"}
                 break
-            why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if err else "failed on another process"
+            why = _reason(errors) if err else "failed on another process"
             msg = (f"checkpoint {self.directory}/{step} could not be restored ({why}); "
                    "falling back to an earlier one")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -138,6 +139,18 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _reason(errors: list) -> str:
+    """Why a step failed: the error of a layout its structure matched (a round-end step holds no optimizer
+    state, so the full layout's "tree structures do not match" says nothing), at its innermost cause
+    (orbax's own wrapper prints a bound method where tensorstore's message would be)."""
+    e = next((e for e in errors if "tree structures do not match" not in str(e)), errors[0])
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 _NOT_CORRUPTION = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ENOTCONN, errno.ESTALE, errno.ENOMEM}

@@ -157,6 +157,22 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     ck.close()
 
 
+def test_a_damaged_round_end_step_is_said_for_what_it_is(tmp_path):
+    """A round-end step (params only) is tried as the full layout first, which never fits it: the warning
+    named that layout's "tree structures do not match" whatever the damage; it names the read that failed."""
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+    params = {"w": jnp.arange(4096, dtype=jnp.float32)}
+    ck.save(1, params, {"round": 0})
+    ck.save(2, {"w": params["w"] + 1}, {"round": 1})
+    d = tmp_path / "ck" / "2" / "state" / "ocdbt.process_0" / "d"
+    os.truncate(max(d.iterdir(), key=lambda f: f.stat().st_size), 100)
+    full = {"params": params, "opt": jnp.zeros(3)}
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*/2 could not be restored \(ValueError: OUT_OF_RANGE: "):
+        got, meta = ck.restore_latest(full, others=[(params, lambda p: {"params": p, "opt": jnp.zeros(3)})])
+    assert meta == {"round": 0} and np.array_equal(np.asarray(got["params"]["w"]), np.arange(4096))
+    ck.close()
+
+
 def test_damaged_bytes_that_still_decompress_fall_back(tmp_path):
     """Damaged bytes inside a step's compressed data often still decompress, to other values: the resume
     went on from them without a word. The checksums saved with each step catch it. (Here the latest
