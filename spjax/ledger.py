@@ -6,6 +6,8 @@
   round rows   each round's row in metrics.jsonl and the round's eval.json; the best round's model
                in best/ (run.keep_best); the stop rule (run.stop_when_worse), re-derived from the
                rows on a resume so a stopped run stays stopped
+  opponent     each round's opponent's checksums beside its files (samples, scores): files of
+               another opponent are moved aside, not reused
   the export   the best round's model (moved from best/, never deleted before its replacement is
                in place), else the last round's; then the report
 Called by spjax.rounds, the driver: ctx is its Context.
@@ -17,6 +19,7 @@ import datetime
 import hashlib
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -118,6 +121,25 @@ def check_data(workdir: str, splits: dict, resume: bool):
                               "the original data and tokenizer, or start a new workdir")
     elif jax.process_index() == 0:
         ckpt_lib.save_json(path, {"digest": digest, **{k: len(v) for k, v in splits.items()}})
+
+
+def check_opponent(ctx, t: int, params):
+    """Round t's files on disk must be its opponent's. A resume from a step before them (an unfinished
+    async checkpoint, a damaged one) redoes round t - 1; with a changed optim.lr or objective.beta that
+    ends at another model than the one that sampled and scored them: they are moved aside and remade."""
+    from spjax import sharding as shd
+    d = ctx.round_dir(t)
+    path, sums = os.path.join(d, "opponent.json"), ckpt_lib.checksums(params)
+    if os.path.exists(path) and ckpt_lib.load_json(path) != sums:
+        stale = f"{d}.stale-{int(time.time())}"
+        if jax.process_index() == 0:
+            os.rename(d, stale)
+        ctx.echo(f"round {t}: its samples and scores on disk are another opponent's (round {t - 1} was redone "
+                 f"from an earlier checkpoint and ended elsewhere, e.g. with another optim.lr): moved to {stale}, "
+                 "made again")
+    shd.barrier(f"spjax-opponent-{t}")
+    if not os.path.exists(path):
+        ckpt_lib.save_json(path, sums)
 
 
 def stop_here(ctx, summary: dict, t: int) -> bool:

@@ -372,6 +372,8 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
             if ledger.stop_here(ctx, summary, t):  # a run that stopped stays stopped
                 break
             continue
+        if not (rs.round == t and rs.phase == "train"):  # (mid-training, params are no longer the opponent)
+            ledger.check_opponent(ctx, t, params)
         times = {}
         with metrics_lib.timed(times, "sample_s"):
             pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)

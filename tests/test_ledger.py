@@ -152,3 +152,22 @@ def test_the_model_at_model_path_may_move_but_not_change(tmp_path):
     with pytest.raises(ConfigError, match=r"^run.keep_best: '' -> 'f1': these shape the model"):
         ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'llama'}", "run.keep_best=f1"]), str(work),
                            said.append, resume=False)
+
+
+def test_a_rounds_files_of_another_opponent_are_moved_aside_not_reused(tmp_path):
+    """A resume that redid round 0 from an earlier checkpoint (an unfinished async save) with another
+    optim.lr ended at another model, and round 1 then trained on samples and reference scores the old
+    model had made (0.4 nats off). Each round's files now carry their opponent's checksums."""
+    import jax.numpy as jnp
+    said = []
+    ctx = types.SimpleNamespace(round_dir=lambda t: str(tmp_path / "rounds" / f"round_{t:03d}"), echo=said.append)
+    old, new = {"w": jnp.arange(6.0)}, {"w": jnp.arange(6.0) * 1.001}
+    ledger.check_opponent(ctx, 1, old)  # the first attempt's round 1: its opponent stamped, files made
+    (tmp_path / "rounds" / "round_001" / "refs.npz").write_bytes(b"old scores")
+    ledger.check_opponent(ctx, 1, old)  # a resume with the same opponent: reused as they are
+    assert said == [] and os.listdir(tmp_path / "rounds") == ["round_001"]
+    ledger.check_opponent(ctx, 1, new)
+    (stale,) = [d for d in os.listdir(tmp_path / "rounds") if d != "round_001"]
+    assert stale.startswith("round_001.stale-") and (tmp_path / "rounds" / stale / "refs.npz").exists()
+    assert os.listdir(tmp_path / "rounds" / "round_001") == ["opponent.json"]  # the new opponent's, no files
+    assert len(said) == 1 and "round 1: its samples and scores on disk are another opponent's" in said[0]

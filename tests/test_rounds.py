@@ -65,6 +65,7 @@ def test_run_prints_rounds_and_exports(reference_run):
     for t in (0, 1):
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "samples_train.npz"))
         assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "refs.npz"))
+        assert os.path.exists(os.path.join(workdir, "rounds", f"round_{t:03d}", "opponent.json"))  # its maker
     # chat templates print the first start's date on every start (data.template_date, resolved)
     date = json.load(open(os.path.join(workdir, "start.json")))["date"]
     assert f"template_date='{date}'" in open(os.path.join(workdir, "config.txt")).read()
