@@ -103,6 +103,14 @@ def io_failure(e: BaseException):
     return None
 
 
+class _IOFailureLogged(logging.Filter):
+    """orbax logs a failed background checkpoint write with a 40-line traceback; the run then stops on
+    that failure with its one line (exit 3), which says it: the logged copy is dropped."""
+
+    def filter(self, record):
+        return not (record.exc_info and io_failure(record.exc_info[1]))
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     # spjax uses transformers for tokenizers only: its note that PyTorch is absent is not news here.
@@ -113,6 +121,7 @@ def main(argv=None) -> int:
     from spjax.hf import CheckpointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").addFilter(_IOFailureLogged())
     try:
         cfg = load_config(args.config, args.overrides)
         _compile_cache()

@@ -235,3 +235,21 @@ def test_a_full_disk_in_safetensors_is_an_io_failure():
     err = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert io_failure(err) == (None, "No space left on device")
     assert io_failure(RuntimeError("shape mismatch")) is None
+
+
+def test_a_background_checkpoint_writes_logged_io_failure_is_left_to_the_one_line():
+    """orbax logs its thread's failed write (a full disk) with a 40-line traceback before the run stops
+    with its one line, exit 3: the logged copy is dropped; other logged errors stay."""
+    import logging
+    import sys
+    from spjax.train import _IOFailureLogged
+
+    def record(e):
+        try:
+            raise e
+        except Exception:  # noqa: BLE001
+            return logging.LogRecord("absl", logging.ERROR, __file__, 1, "raised: %s", (e,), sys.exc_info())
+    keep = _IOFailureLogged().filter
+    assert not keep(record(OSError(28, "No space left on device")))
+    assert keep(record(RuntimeError("shape mismatch")))
+    assert keep(logging.LogRecord("absl", logging.WARNING, __file__, 1, "no exception", (), None))
