@@ -112,8 +112,15 @@ def data_digest(splits: dict) -> str:
 def check_data(workdir: str, splits: dict, resume: bool):
     """A resume must train on the token ids its run started with: a data file edited in place, or
     another tokenizer at the same path, would pair its samples and scores with other prompts."""
+    from spjax import sharding as shd
     path = os.path.join(workdir, "data.json")
     digest = data_digest(splits)
+    # Each host reads its own copy of the data: another copy on one of them would mix two datasets.
+    other = shd.failed_processes(shd.from_process_0(lambda: [np.asarray([int(digest[:12], 16)])], [(1,)])[0][0]
+                                 == int(digest[:12], 16))
+    if other:
+        raise ConfigError(f"the data (data.path, data.eval_path, tokenizer) gives other token ids on process {other[0]} "
+                          "than on process 0: every host must read the same data")
     if resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt")):
         if ckpt_lib.load_json(path)["digest"] != digest:
             raise ConfigError(f"--resume: the data (data.path, data.eval_path, tokenizer) gives other token ids than "

@@ -25,12 +25,12 @@ class MetricWriter:
 
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.enabled = _is_main()
-        self.tb = None
+        self.tb, self.path = None, os.path.join(workdir, "metrics.jsonl")
         if not self.enabled:
             return
         _WRITERS.add(self)
         os.makedirs(workdir, exist_ok=True)
-        self.f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.f = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -55,13 +55,14 @@ class MetricWriter:
 
         A resumed run redoes the work after its checkpoint and logs it again; without this its
         lines would follow the killed run's lines for the same steps. The file is replaced
-        atomically. Returns the rows kept ([] on other processes). TensorBoard files are left as
-        they are.
+        atomically. Returns the rows kept, on every process (the others read process 0's file: the
+        same rows before and after its rewrite). TensorBoard files are left as they are.
         """
-        if not self.enabled:
+        path = self.path
+        if self.enabled:
+            self.f.close()
+        elif not os.path.exists(path):
             return []
-        path = self.f.name
-        self.f.close()
         kept, rows, dropped = [], [], 0
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -75,6 +76,8 @@ class MetricWriter:
                     rows.append(row)
                 else:
                     dropped += 1
+        if not self.enabled:
+            return rows
         if dropped:
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)

@@ -82,7 +82,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     from spjax import data as data_lib
 
     shd.init_distributed()
-    preflight.check_config(cfg, jax.device_count())
+    shd.on_each_process(lambda: preflight.check_config(cfg, jax.device_count()), "checking the config")
     marker = os.path.join(workdir, "config.txt")
     if os.path.exists(marker) and not resume:
         raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
@@ -93,15 +93,17 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     shd.on_process_0(lambda: ledger.write_start(cfg, workdir, resume), "writing start.json")
     cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said
     mesh = shd.make_mesh(cfg.mesh)
-    tokenizer = hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+    tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
+                                    "loading the tokenizer")
     structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
     preflight.check_vocab(cfg, structure, tokenizer)
     stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
     # One process prepares the TFDS dataset, the others then read it.
     prepared = shd.on_process_0(lambda: data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops), "preparing the data")
-    if jax.process_index() != 0:
-        prepared = data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops)
+    if jax.process_count() > 1:  # host-local data (a path each host has its own copy at): read by each
+        prepared = shd.on_each_process(lambda: prepared if jax.process_index() == 0 else
+                                       data_lib.prepare(cfg.data, tokenizer, tfds_dir, stops), "reading the data")
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     ledger.check_data(workdir, {"train": prepared.train, "test": prepared.test}, resume)
@@ -113,7 +115,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     source = pairs_lib.resolve(cfg, prepared.train)
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
     preflight.check_examples(cfg, source, prepared.train, prepared.test, echo)
-    model_cfg, params = load_initial(cfg, mesh)
+    model_cfg, params = shd.on_each_process(lambda: load_initial(cfg, mesh), "loading the model")
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
     shd.check_sharded(params, mesh)
     for line in shd.unsplit_notes(model_cfg, mesh):

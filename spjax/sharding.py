@@ -187,6 +187,32 @@ def on_every_process(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
+def failed_processes(ok: bool) -> list[int]:
+    """The processes where `ok` is false (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    from jax.experimental import multihost_utils
+    oks = np.asarray(multihost_utils.process_allgather(np.asarray([ok]))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(~oks.astype(bool))]
+
+
+def on_each_process(fn, what: str):
+    """fn() on every process (host-local work: a file each host reads). A failure on any stops all: it is
+    raised there, a ConfigError naming that process on the others, which would otherwise wait in their
+    next collective until the runtime's timeout (5 minutes, then an abort that loses the exit status)."""
+    failure, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the others have been told)
+        failure = e
+    failed = failed_processes(failure is None)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ConfigError(f"{what} failed on process {failed[0]}: its output says why")
+    return out
+
+
 def on_process_0(fn, what: str):
     """fn() on process 0 alone (None elsewhere), every process then meeting here. A failure on process 0
     stops every process: it is raised there, a ConfigError saying so on the others, which before waited
@@ -276,6 +302,9 @@ def unsplit_notes(cfg, mesh: Mesh, min_size: int = BIG_PARAM) -> list:
             for a, names in unsplit.items()]
 
 
+DISTRIBUTED = False  # init_distributed started the multi-host runtime
+
+
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, local_device_ids=None):
     """Start JAX's multi-host runtime. On TPU pods and SLURM all arguments are auto-detected.
@@ -298,6 +327,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU stand-ins for hosts
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
+    global DISTRIBUTED
+    DISTRIBUTED = True
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True

@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import sys
+import traceback
 
 
 def parse(argv=None):
@@ -111,6 +112,21 @@ class _IOFailureLogged(logging.Filter):
         return not (record.exc_info and io_failure(record.exc_info[1]))
 
 
+def _distributed() -> bool:
+    shd = sys.modules.get("spjax.sharding")
+    return bool(shd and shd.DISTRIBUTED)
+
+
+def _leave(code: int) -> int:
+    """A failed process of a multi-host run leaves at once: a normal exit meets JAX's shutdown barrier,
+    where it waited for the others (themselves waiting on it) 5 minutes, then aborted, losing `code`."""
+    if _distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     # spjax uses transformers for tokenizers only: its note that PyTorch is absent is not news here.
@@ -156,14 +172,17 @@ def main(argv=None) -> int:
         os._exit(128 + getattr(signal, how, signal.SIGINT))  # as io errors: no waiting on checkpoint threads
     except (ConfigError, DataError, CheckpointError) as e:  # one line: "spjax: config error: ..." (judge, data, ...)
         print(f"spjax: {type(e).__name__.removesuffix('Error').lower()} error: {e}", file=sys.stderr)
-        return 2
+        return _leave(2)
     except FloatingPointError as e:  # optim.nonfinite=raise: the state before that step is checkpointed
         print(f"\nspjax: non-finite step: {e} (checkpointed: --resume after fixing it, e.g. optim.lr)",
               file=sys.stderr)
-        return 4
+        return _leave(4)
     except Exception as e:  # noqa: BLE001 - only I/O failures are handled here; the rest propagate
         failed = io_failure(e)
         if failed is None:
+            if _distributed():  # its traceback, then out (see _leave)
+                traceback.print_exc()
+                _leave(1)
             raise
         print(f"\nspjax: I/O error: {failed[0] or workdir}: {failed[1]}. What was written before is intact: "
               "free space or fix permissions, then rerun with --resume.", file=sys.stderr, flush=True)

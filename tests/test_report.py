@@ -180,3 +180,19 @@ def test_flushing_writers_on_a_full_disk_does_not_raise(tmp_path):
     assert w.tb is None
     real.close()
     w.close()
+
+
+def test_rewind_gives_every_process_the_rows(tmp_path, monkeypatch):
+    """A resumed round averages its earlier steps' rows into its summary: the other processes got none
+    (only process 0 reads and rewrites metrics.jsonl), so their round tables showed other numbers."""
+    w = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3):
+        w.write("train", step, {"loss": float(step)})
+    monkeypatch.setattr(metrics, "_is_main", lambda: False)
+    other = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert [r["loss"] for r in other.rewind(lambda r: r["step"] <= 2)] == [1.0, 2.0]
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # process 0's file: only process 0 rewrites it
+    monkeypatch.undo()
+    assert [r["loss"] for r in w.rewind(lambda r: r["step"] <= 2)] == [1.0, 2.0]
+    w.close()

@@ -354,6 +354,54 @@ def _two_processes(cmd, timeout=600) -> list:
     return [out for out, _ in outs]
 
 
+def test_a_failure_on_one_host_stops_every_host_at_once_with_its_status(tmp_path, tfds_dir):
+    """A file only one host lacks (here its tokenizer_path): before, that process failed alone, the other
+    waited in its next collective, and both aborted 5 minutes later at JAX's shutdown barrier (status
+    134, the config error's 2 lost). Now each says why in one line and leaves with status 2."""
+    port, procs = _free_port(), []
+    for i in range(2):
+        extra = ["tokenizer_path=/nonexistent/tokenizer"] if i == 1 else []
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "spjax.train", "--config", TINY, "--workdir", str(tmp_path / "run"), *extra,
+             f"data.tfds_dir={tfds_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                     SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2", SPJAX_PROCESS_ID=str(i))))
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert "spjax: config error: checking the config failed on process 1" in errs[0], errs[0][-2000:]
+    assert "spjax: config error: tokenizer_path: /nonexistent/tokenizer does not exist" in errs[1], errs[1][-2000:]
+
+
+_HOST_DATA = """
+import sys, tempfile
+import jax, numpy as np
+from spjax import ledger, sharding as shd
+from spjax.config import ConfigError
+from spjax.data.tokens import TokenizedExample
+shd.init_distributed()
+n = 4 + (jax.process_index() if sys.argv[1] == "differ" else 0)  # host 1's copy of the data: other prompts
+ex = [TokenizedExample(id=0, prompt_ids=np.arange(n, dtype=np.int32), real_ids=np.arange(3, dtype=np.int32))]
+try:
+    ledger.check_data(tempfile.mkdtemp(), {"train": ex, "test": []}, resume=False)
+    print("accepted")
+except ConfigError as e:
+    print("refused:", e)
+"""
+
+
+def test_hosts_reading_other_data_are_refused():
+    """Each host reads data.path itself: a host whose copy differs trained on a mix of two datasets
+    without a word (or, with another count, crashed in a collective mismatch)."""
+    for how, said in (("same", "accepted"), ("differ", "refused: the data (data.path, data.eval_path, tokenizer) "
+                                                      "gives other token ids on process 1 than on process 0")):
+        outs = _two_processes([sys.executable, "-c", _HOST_DATA, how], 300)
+        assert all(out.strip().splitlines()[-1].startswith(said) for out in outs), outs
+
+
 _INTERLEAVED = """
 import types
 import jax, numpy as np
