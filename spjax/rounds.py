@@ -91,7 +91,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
         echo(f"--resume: {workdir} holds no run yet: starting one")
     # process 0: the first start's date and config (the others wait: it is read next, and a marker follows)
     shd.on_process_0(lambda: ledger.write_start(cfg, workdir, resume), "writing start.json")
-    cfg = ledger.check_start(cfg, workdir, echo)  # a resume's changes: refused or said
+    cfg = shd.on_each_process(lambda: ledger.check_start(cfg, workdir, echo),  # a resume's changes: refused
+                              "checking the config against start.json")  # or said
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
                                     "loading the tokenizer")

@@ -354,15 +354,18 @@ def _two_processes(cmd, timeout=600) -> list:
     return [out for out, _ in outs]
 
 
-def test_a_failure_on_one_host_stops_every_host_at_once_with_its_status(tmp_path, tfds_dir):
-    """A file only one host lacks (here its tokenizer_path): before, that process failed alone, the other
-    waited in its next collective, and both aborted 5 minutes later at JAX's shutdown barrier (status
-    134, the config error's 2 lost). Now each says why in one line and leaves with status 2."""
+@pytest.mark.parametrize("extra, step, says", [
+    ("tokenizer_path=/nonexistent/tokenizer", "checking the config",
+     "tokenizer_path: /nonexistent/tokenizer does not exist"),
+    ("run.epochs=2", "checking the config against start.json", "run.epochs: 1 -> 2")])
+def test_a_failure_on_one_host_stops_every_host_at_once_with_its_status(tmp_path, tfds_dir, extra, step, says):
+    """A file only one host lacks (its tokenizer_path), a config only one host has: before, that process
+    failed alone, the other waited in its next collective, and both aborted 5 minutes later at JAX's
+    shutdown barrier (status 134, the config error's 2 lost). Now each says why in one line, status 2."""
     port, procs = _free_port(), []
     for i in range(2):
-        extra = ["tokenizer_path=/nonexistent/tokenizer"] if i == 1 else []
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "spjax.train", "--config", TINY, "--workdir", str(tmp_path / "run"), *extra,
+            [sys.executable, "-m", "spjax.train", "--config", TINY, "--workdir", str(tmp_path / "run"), *[extra][:i],
              f"data.tfds_dir={tfds_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                      SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2", SPJAX_PROCESS_ID=str(i))))
@@ -372,8 +375,8 @@ def test_a_failure_on_one_host_stops_every_host_at_once_with_its_status(tmp_path
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [2, 2], errs
-    assert "spjax: config error: checking the config failed on process 1" in errs[0], errs[0][-2000:]
-    assert "spjax: config error: tokenizer_path: /nonexistent/tokenizer does not exist" in errs[1], errs[1][-2000:]
+    assert f"spjax: config error: {step} failed on process 1" in errs[0], errs[0][-2000:]
+    assert says in errs[1], errs[1][-2000:]
 
 
 _HOST_DATA = """
