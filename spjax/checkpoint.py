@@ -156,6 +156,13 @@ def _reason(errors: list) -> str:
 _NOT_CORRUPTION = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ENOTCONN, errno.ESTALE, errno.ENOMEM}
 
 
+def os_errno(e: BaseException):
+    """The errno an error that is no OSError gives in its message, or None: tensorstore's
+    '[os_error_code=N]', safetensors' '(os error N)'."""
+    code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
+    return int(code.group(1) or code.group(2)) if code else None
+
+
 def not_corruption(e: BaseException) -> bool:
     """Whether a failed restore says nothing about the checkpoint's bytes: out of (device) memory, or a
     file system that refused or failed the read (these pass; a damaged step would fail again)."""
@@ -167,8 +174,7 @@ def not_corruption(e: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in _NOT_CORRUPTION:
             return True
         # tensorstore reports a failed read as ValueError('PERMISSION_DENIED: ... [os_error_code=13] ...')
-        code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
-        if code and int(code.group(1) or code.group(2)) in _NOT_CORRUPTION:
+        if os_errno(e) in _NOT_CORRUPTION:
             return True
         if re.match(r"(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED):", str(e)):
             return True

@@ -181,10 +181,7 @@ def barrier(name: str):
 
 def on_every_process(ok: bool) -> bool:
     """True when `ok` holds on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+    return not failed_processes(ok)
 
 
 def failed_processes(ok: bool) -> list[int]:

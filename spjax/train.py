@@ -91,15 +91,15 @@ def io_failure(e: BaseException):
     orbax and asyncio wrap OSErrors; tensorstore reports them as ValueError('... [os_error_code=N]'),
     safetensors as SafetensorError('... I/O error: No space left on device (os error 28)').
     """
+    from spjax.checkpoint import os_errno
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno is not None:
             return e.filename, e.strerror
-        code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(e))
-        if code:
+        if os_errno(e) is not None:
             path = re.search(r'"(/[^"]+)"', str(e))
-            return (path.group(1) if path else None), os.strerror(int(code.group(1) or code.group(2)))
+            return (path.group(1) if path else None), os.strerror(os_errno(e))
         e = e.__cause__ or e.__context__
     return None
 
