@@ -43,6 +43,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True, cleanup_tmp_directories=True))
+        self._reader = ocp.StandardCheckpointHandler()  # (closed with the manager, as its own handlers are)
 
     def save(self, step: int, state, meta: dict, wait: bool = False):
         """Save at a global, increasing step number; async unless `wait`.
@@ -75,6 +76,30 @@ class Checkpointer:
             return None
         return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in flat if hasattr(x, "shape")}
 
+    def _read(self, step: int, like) -> dict:
+        """{"state", "meta"} of a step, read by orbax's handlers: the manager's restore ends in a barrier
+        that a process whose shard failed to read never reaches, so on several hosts the others waited
+        there while it went on to the agreement below (a collective mismatch: both aborted)."""
+        from etils import epath
+        path = epath.Path(self.directory) / str(step)
+        state = self._reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_like(like)))
+        return {"state": state, "meta": ocp.JsonCheckpointHandler().restore(path / "meta")}
+
+    def _read_everywhere(self, step: int, like) -> dict:
+        """_read on every process, or an error on every process: each reads its own shards, and the
+        checks that follow are collectives, which a process whose read failed would not join."""
+        got, failure = None, None
+        try:
+            got = self._read(step, like)
+        except Exception as e:  # noqa: BLE001 (raised below, once the others know)
+            failure = e
+        failed = shd.failed_processes(failure is None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"failed on process {failed[0]}: its output says why")
+        return got
+
     def restore_latest(self, like, others=(), convert=None, mismatch=None, move_bad=True):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
@@ -92,8 +117,7 @@ class Checkpointer:
             got, err, fatal, errors = None, None, None, []
             for attempt_like, to_state in ((like, convert), *others):
                 try:
-                    got = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_like(attempt_like)), meta=ocp.args.JsonRestore()))
+                    got = self._read_everywhere(step, attempt_like)
                     _check_finite_tree(got["state"], step)
                     _check_sums(got["state"], got["meta"], step)
                     got, err = ({**got, "state": to_state(got["state"])} if to_state else got), None
@@ -139,6 +163,7 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+        self._reader.close()
 
 
 def _reason(errors: list) -> str:

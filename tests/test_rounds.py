@@ -229,7 +229,7 @@ def test_restore_out_of_memory_or_io_error_is_not_corruption(tmp_path, monkeypat
 
     def fail(*args, **kwargs):
         raise ValueError("restore failed") from error  # as orbax wraps what it meets
-    monkeypatch.setattr(ck.manager, "restore", fail)
+    monkeypatch.setattr(ck, "_read", fail)
     with pytest.raises(ValueError, match="restore failed"):
         ck.restore_latest({"w": jnp.zeros(8)})
     assert os.listdir(tmp_path / "ck") == ["1"]
@@ -403,6 +403,59 @@ def test_hosts_reading_other_data_are_refused():
                                                       "gives other token ids on process 1 than on process 0")):
         outs = _two_processes([sys.executable, "-c", _HOST_DATA, how], 300)
         assert all(out.strip().splitlines()[-1].startswith(said) for out in outs), outs
+
+
+_ONE_HOST_DAMAGE = """
+import errno, os, sys, warnings
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from spjax import checkpoint as ckpt_lib, sharding as shd
+shd.init_distributed()
+full = np.arange(8 * 4096, dtype=np.float32).reshape(8, 4096)
+mesh = Mesh(np.asarray(jax.devices()), ("x",))
+state = {"w": jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("x")), lambda i: full[i])}
+ck = ckpt_lib.Checkpointer(sys.argv[1], async_save=False)
+ck.save(1, state, {"step": 1}, wait=True)
+ck.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2}, wait=True)
+shd.barrier("saved")
+if jax.process_index() == 1 and sys.argv[2] == "damaged":  # the bytes only process 1's shards are in
+    d = os.path.join(sys.argv[1], "2", "state", "ocdbt.process_1", "d")
+    for f in os.listdir(d):
+        os.truncate(os.path.join(d, f), 100)
+if jax.process_index() == 1 and sys.argv[2] == "unreadable":
+    def fail(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    ck._read = fail
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    try:
+        got, meta = ck.restore_latest(ckpt_lib.abstract_like(state))
+    except Exception as e:
+        print("raised:", e)
+        sys.exit(0)
+w = np.asarray(jax.experimental.multihost_utils.process_allgather(got["w"], tiled=True))
+print(meta, np.array_equal(w, full + meta["step"] - 1), *[str(w.message) for w in said], sorted(os.listdir(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("how", ["damaged", "unreadable"])
+def test_a_checkpoint_failing_on_one_host_falls_back_or_stops_on_every_host(tmp_path, how):
+    """Each host reads its own shards of a step. One whose read failed went on to the processes' agreement
+    while the others waited in orbax's barrier after their read: a collective mismatch, and both aborted
+    (after 100 s). Now: damaged bytes on one host fall back to the step before on both; a failing file
+    system on one stops both, nothing moved."""
+    outs = [out.strip().splitlines()[-1] for out in
+            _two_processes([sys.executable, "-c", _ONE_HOST_DAMAGE, str(tmp_path / "ck"), how], 300)]
+    if how == "unreadable":
+        assert outs[1] == "raised: [Errno 5] Input/output error", outs
+        assert outs[0].startswith("raised: checkpoint ") and "another process ran out of memory or could not " \
+            "read it (not moved aside)" in outs[0], outs
+        assert sorted(os.listdir(tmp_path / "ck")) == ["1", "2"]
+        return
+    assert all(out.startswith("{'step': 1} True checkpoint ") for out in outs), outs
+    assert "/2 could not be restored (ValueError: OUT_OF_RANGE: " in outs[1], outs
+    assert "/2 could not be restored (RuntimeError: failed on process 1: its output says why)" in outs[0], outs
+    assert "['1', '2.corrupt-" in outs[0], outs  # moved aside once, by process 0
 
 
 _INTERLEAVED = """
