@@ -183,6 +183,8 @@ def _python(name: str) -> Callable:
             at = f"sample {first[0]}" if r.ndim == 1 else f"P[{first[0]}, {first[1]}]"
             raise JudgeError(f"judge {name} returned NaN or inf in {int(bad.sum())} of {r.size} values {where} "
                              f"(first: {at} = {r[first]}); a judge must return finite numbers")
+        if r.ndim == 2:  # checked here, where the prompt is known (judge_all's check names a chunk's row)
+            check_wins(name, r[None], rows=[where])
         return r
 
     def fn(queries):
@@ -233,7 +235,7 @@ def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:
 _PREFERENCE_ATOL = 1e-6  # P[i, j] + P[j, i] may miss 1 by float rounding, no more
 
 
-def check_wins(name: str, wins_NxKxK: np.ndarray) -> np.ndarray:
+def check_wins(name: str, wins_NxKxK: np.ndarray, rows: Optional[list] = None) -> np.ndarray:
     """The judge's win matrices with the diagonal set to 1/2 (a sample against itself ties, as in
     SPPO and Bradley-Terry), after checking they are preferences: entries in [0, 1] and
     P[i, j] + P[j, i] = 1 off the diagonal. Raises JudgeError naming the judge and the first bad row."""
@@ -241,14 +243,15 @@ def check_wins(name: str, wins_NxKxK: np.ndarray) -> np.ndarray:
     off_KxK = ~np.eye(K, dtype=bool)
     outside_N = np.any(((wins_NxKxK < 0) | (wins_NxKxK > 1)) & off_KxK, axis=(1, 2))
     gap_NxKxK = np.abs(wins_NxKxK + wins_NxKxK.transpose(0, 2, 1) - 1) * off_KxK
+    row = lambda r: f"row {r}" if rows is None else rows[r]
     if np.any(outside_N):
         r = int(np.argmax(outside_N))
         raise JudgeError(f"judge {name}: {int(outside_N.sum())} win matrices have probabilities outside [0, 1] "
-                         f"(first: row {r}, min {wins_NxKxK[r][off_KxK].min():.4g}, "
+                         f"(first: {row(r)}, min {wins_NxKxK[r][off_KxK].min():.4g}, "
                          f"max {wins_NxKxK[r][off_KxK].max():.4g})")
     if np.any(gap_NxKxK > _PREFERENCE_ATOL):
         r, i, j = np.unravel_index(int(np.argmax(gap_NxKxK)), gap_NxKxK.shape)
-        raise JudgeError(f"judge {name}: win matrix of row {r} has P[{i}, {j}] + P[{j}, {i}] = "
+        raise JudgeError(f"judge {name}: win matrix {row(r)} has P[{i}, {j}] + P[{j}, {i}] = "
                          f"{wins_NxKxK[r, i, j] + wins_NxKxK[r, j, i]:.6g}, not 1 (P[i, j] is P(sample i beats "
                          f"sample j)); symmetrise it, e.g. (P + 1 - P.T) / 2")
     return np.where(off_KxK, wins_NxKxK, 0.5)

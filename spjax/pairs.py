@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, sampler
+from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, objectives, sampler
 from spjax.config import Config, ConfigError
 from spjax.data import tokens as tok_lib
 
@@ -66,8 +66,9 @@ def resolve(cfg: Config, examples: list) -> str:
     """The pair source a run uses: run.pairs, with 'auto' decided by the records and the judge."""
     given = sum(e.generated_ids is not None for e in examples)
     source = cfg.run.pairs
-    if source == "auto":
-        source = "data" if examples and given == len(examples) else "judged" if cfg.judge.name else "sampled"
+    if source == "auto":  # (an objective without an opponent, sft, samples nothing: a judge scores held-out only)
+        judged = cfg.judge.name and objectives.TABLE[cfg.objective.name].opponent
+        source = "data" if examples and given == len(examples) else "judged" if judged else "sampled"
     elif source == "data" and given < len(examples):
         missing = next(e for e in examples if e.generated_ids is None)
         raise ConfigError(f"run.pairs: 'data' needs a rejected response in every record; {missing.source} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from spjax import sampler, sharding as shd
+from spjax import objectives, sampler, sharding as shd
 from spjax.config import Config, ConfigError
 
 
@@ -24,9 +24,8 @@ def check_config(cfg: Config, n_devices: int):
         raise ConfigError("run.pairs: 'judged' needs a judge (judge.name)")
     if cfg.run.keep_best == "judge_score" and not cfg.judge.name:
         raise ConfigError("run.keep_best: 'judge_score' needs a judge (judge.name) to score held-out answers")
-    if cfg.run.pairs in ("auto", "judged") and cfg.judge.name and cfg.sampling.num_samples < 2:
-        raise ConfigError(f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got "
-                          f"{cfg.sampling.num_samples} (or set run.pairs=sampled to use it for evaluation only)")
+    if cfg.run.pairs == "judged" and cfg.judge.name and cfg.sampling.num_samples < 2:  # (auto: check_pairs)
+        raise ConfigError(_one_sample(cfg))
     kind, _, arg = cfg.judge.name.partition(":")
     for field, path in (("model_path", cfg.model_path), ("lora.init_path", cfg.lora.init_path),
                         ("judge.name", arg if kind == "reward_model" else "")):
@@ -51,6 +50,11 @@ def check_config(cfg: Config, n_devices: int):
         raise ConfigError(f"tokenizer_path: {tok} does not exist")
 
 
+def _one_sample(cfg: Config) -> str:
+    return (f"sampling.num_samples: the judge ranks K >= 2 samples per prompt, got {cfg.sampling.num_samples} "
+            "(or set run.pairs=sampled to use it for evaluation only)")
+
+
 def check_pairs(cfg: Config, source: str, n_train: int, echo):
     """Once the data is read: enough examples for a batch; the pair source said in one line."""
     s = cfg.sampling
@@ -59,17 +63,34 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
         raise ConfigError(f"sampling.{'temperature' if greedy else 'top_k'}: greedy sampling gives "
                           f"the judge {s.num_samples} equal samples per prompt, so no pair to train on (sample, "
                           "e.g. sampling.temperature=1)")
+    if source == "judged" and s.num_samples < 2:  # run.pairs=auto picked judged: the records carry no rejected
+        raise ConfigError(_one_sample(cfg))
     if source != "judged" and n_train < cfg.run.batch_size:  # one pair per example at most
         raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {n_train} training "
                           "examples: no training step would run (lower it, or add data)")
-    what = {"data": "the real response vs each record's rejected response",
-            "sampled": "the real response vs the opponent's own sample",
-            "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
-    echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): {what}; reference: "
-         f"{'the initial model' if cfg.run.reference == 'initial' else 'the round opponent'}")
-    if source != "judged" and cfg.sampling.num_samples > 1:
+    # Judged pairs: at most one a prompt (best_worst), or one per pair of its K samples (all). Fewer than a
+    # batch in the best case: no round could ever train, and the run would export the initial model.
+    most = n_train * (1 if cfg.judge.pairs == "best_worst" else s.num_samples * (s.num_samples - 1) // 2)
+    if source == "judged" and most < cfg.run.batch_size:
+        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {most} judged pairs the {n_train} "
+                          f"training prompts can give at most (judge.pairs={cfg.judge.pairs}, sampling.num_samples="
+                          f"{s.num_samples}): no training step would run (lower it, add data, or judge.pairs=all)")
+    if not objectives.TABLE[cfg.objective.name].opponent:  # (sft: no sample is drawn, none judged)
+        source = "none"
+        echo(f"pairs: none (objective.name={cfg.objective.name} trains on the real responses alone)")
+    else:
+        what = {"data": "the real response vs each record's rejected response",
+                "sampled": "the real response vs the opponent's own sample",
+                "judged": "the judge's preferred vs dispreferred of the opponent's samples"}[source]
+        echo(f"pairs: {source} (run.pairs={cfg.run.pairs}): {what}; reference: "
+             f"{'the initial model' if cfg.run.reference == 'initial' else 'the round opponent'}")
+    if source in ("data", "sampled") and cfg.sampling.num_samples > 1:
         echo(f"note: sampling.num_samples={cfg.sampling.num_samples} serves judged pairs only; {source} pairs "
              "take one response per prompt")
+    if cfg.judge.name:
+        echo(f"judge: {cfg.judge.name}; pairs from {s.num_samples} samples per prompt: {cfg.judge.pairs}"
+             if source == "judged" else f"judge: {cfg.judge.name} (held-out metrics only: "
+             f"{'no pairs' if source == 'none' else 'pairs are ' + source})")
 
 
 def check_examples(cfg: Config, source: str, train: list, held: list, echo):

@@ -145,8 +145,9 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
         for r, s in enumerate(part):
             s = np.asarray(s, np.int64)
             bad = np.flatnonzero((s < 0) | (s >= V))
-            if len(bad):
-                raise ValueError(f"reward model {rm.path}: sequence {start + r} has token id {s[bad[0]]} at position "
+            if len(bad):  # a JudgeError: spjax.train says it in one line (a policy may sample ids its tokenizer lacks)
+                from spjax.judges import JudgeError
+                raise JudgeError(f"reward model {rm.path}: sequence {start + r} has token id {s[bad[0]]} at position "
                                  f"{bad[0]}, outside its vocabulary [0, {V}): give the reward model its tokenizer "
                                  f"files, or score ids of its own vocabulary")
             ids_BxL[r, :len(s)], length_B[r] = s, len(s)

@@ -130,8 +130,6 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                              today=cfg.data.template_date or None, dtype=cfg.compute_dtype)
         if judge.reads:
             echo(f"judge: the reward model reads {judge.reads}")
-        echo(f"judge: {cfg.judge.name}; pairs from {cfg.sampling.num_samples} samples per prompt: {cfg.judge.pairs}"
-             if source == "judged" else f"judge: {cfg.judge.name} (held-out metrics only: pairs are {source})")
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(marker, "w") as f:

@@ -123,10 +123,13 @@ def test_python_matrix_judge_is_checked():
     assert wins[0].mean(axis=1).tolist() == [(0.5 + 1 + 1) / 3, (0 + 0.5 + 0.5) / 3, (0 + 0.5 + 0.5) / 3]
     assert np.isnan(scores).all()  # a pairwise judge scores no sample alone (its row means average 1/2 always)
     q2 = judges.Query("p", ("a", "b"), "ref")
-    with pytest.raises(judges.JudgeError,
-                       match=r"inconsistent: win matrix of row 0 has P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
-        judges.judge_all(judges.build("python:tests.judge_fixture:inconsistent"), [q2])
-    with pytest.raises(judges.JudgeError, match=r"above_one: 1 win matrices have probabilities outside \[0, 1\]"):
+    # the prompt is named (before: "row 0", the row within a chunk of judge.batch_size prompts)
+    with pytest.raises(judges.JudgeError, match=r"inconsistent: win matrix for the prompt 'second' has "
+                                                r"P\[0, 1\] \+ P\[1, 0\] = 1.6, not 1"):
+        judges.judge_all(judges.build("python:tests.judge_fixture:inconsistent"),
+                         [judges.Query("second", ("a", "b"), "ref")])
+    with pytest.raises(judges.JudgeError, match=r"above_one: 1 win matrices have probabilities outside \[0, 1\] "
+                                                r"\(first: for the prompt 'p'"):
         judges.judge_all(judges.build("python:tests.judge_fixture:above_one"), [q2])
 
 
@@ -353,7 +356,10 @@ def test_reward_model_refuses_ids_outside_its_vocabulary(tmp_path):
                                                   "put its tokenizer files"):
         reward_model.load(str(tmp_path), policy_tokenizer=byte_tokenizer())
     rm = reward_model.load(str(tmp_path))  # no policy tokenizer to check against: each sequence is checked
-    with pytest.raises(ValueError, match=r"sequence 1 has token id 100 at position 2, outside its vocabulary \[0, 64"):
+    # a JudgeError (one line from spjax.train, not a traceback): a policy whose embedding table is larger than its
+    # tokenizer (Qwen2's 151936 rows, 151665 ids) passes the load check and may still sample such an id
+    with pytest.raises(judges.JudgeError,
+                       match=r"sequence 1 has token id 100 at position 2, outside its vocabulary \[0, 64"):
         reward_model.scores(rm, [[1, 63, 2], [1, 5, 100, 2]])
 
 
@@ -474,7 +480,22 @@ def test_judged_run_config_checks():
         preflight.check_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, pairs="judged")), 8)
     judged = dataclasses.replace(cfg, judge=JudgeConfig(name="verifier:number"))
     with pytest.raises(ConfigError, match="sampling.num_samples"):
-        preflight.check_config(judged, 8)
+        preflight.check_config(dataclasses.replace(judged, run=dataclasses.replace(cfg.run, pairs="judged")), 8)
+    preflight.check_config(judged, 8)  # run.pairs=auto: preference data would make data pairs (the judge: held-out)
+    with pytest.raises(ConfigError, match="sampling.num_samples"):  # ... but these records make judged pairs
+        preflight.check_pairs(judged, "judged", 64, lambda line: None)
+    preflight.check_pairs(judged, "data", 64, lambda line: None)
+    # judged pairs: one a prompt at most (best_worst), K(K-1)/2 with judge.pairs=all; fewer than a batch
+    # trained nothing in any round and exported the initial model, exit 0 (sampled pairs: refused)
+    two = dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32))
+    with pytest.raises(ConfigError, match="run.batch_size: 16 is more than the 15 judged pairs the 15 training"):
+        preflight.check_pairs(two, "judged", 15, lambda line: None)
+    preflight.check_pairs(two, "judged", 16, lambda line: None)
+    four_all = dataclasses.replace(judged, sampling=SamplingConfig(num_samples=4, batch_size=32),
+                                   judge=JudgeConfig(name="verifier:number", pairs="all"))
+    preflight.check_pairs(four_all, "judged", 3, lambda line: None)  # 3 prompts x 6 pairs >= 16
+    with pytest.raises(ConfigError, match="the 12 judged pairs the 2 training prompts"):
+        preflight.check_pairs(four_all, "judged", 2, lambda line: None)
     preflight.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
     preflight.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
     # Greedy sampling gives the judge K equal samples: every prompt tied, every round trained nothing (exit 0)
@@ -482,6 +503,22 @@ def test_judged_run_config_checks():
         g = dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32, **greedy))
         with pytest.raises(ConfigError, match=f"sampling.{field}: greedy sampling gives the judge 2 equal samples"):
             preflight.check_pairs(g, "judged", 64, lambda line: None)
+
+
+def test_an_sft_run_with_a_judge_says_it_judges_held_out_answers_only():
+    """SFT draws no opponent samples: with a judge (the verifier demo's baseline) the run said "pairs: judged
+    ... preferred vs dispreferred of the opponent's samples, pairs from 2 samples per prompt", judged nothing."""
+    from spjax import pairs as pairs_lib, preflight
+    from spjax.config import SamplingConfig, load_config
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py"))
+    sft = dataclasses.replace(cfg, judge=JudgeConfig(name="verifier:number"), objective=ObjectiveConfig(name="sft"),
+                              sampling=SamplingConfig(num_samples=2, batch_size=32))
+    source = pairs_lib.resolve(sft, [])
+    said = []
+    preflight.check_pairs(sft, source, 64, said.append)
+    assert said == ["pairs: none (objective.name=sft trains on the real responses alone)",
+                    "judge: verifier:number (held-out metrics only: no pairs)"]
+    assert pairs_lib.resolve(dataclasses.replace(sft, objective=ObjectiveConfig()), []) == "judged"
 
 
 def test_judges_see_the_reference_before_max_len_cut_it():
