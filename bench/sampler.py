@@ -168,7 +168,7 @@ def main():
         return
     unroll = {"auto": None, "on": True, "off": False}[a.unroll_layers]
     out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
-                                             unroll_layers=unroll).unrolled(cfg.num_layers)
+                                             unroll_layers=unroll).unrolled(cfg)
     runs = {}
     for seg, chunk in variants:
         def run():

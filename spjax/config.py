@@ -109,6 +109,9 @@ class ModelConfig:
         _one_of(self.base_quant, "model.base_quant", BASE_QUANTS)
         _check(self.base_quant == "none" or self.lora.rank > 0, "model.base_quant",
                f"{self.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
+        odd = [f"{n} {getattr(self, n)}" for n in ("hidden_size", "intermediate_size") if getattr(self, n) % 2]
+        _check(self.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
+               f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 

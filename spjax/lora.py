@@ -81,7 +81,14 @@ def count(tree) -> int:
 def describe(cfg: ModelConfig, params) -> str:
     """One line for the run log: trainable and total parameter counts."""
     train, _ = split(cfg, params)
-    n, total = count(train), count(params)
+    # The model's parameters, not the stored elements: int4 packs two weights a byte, and the scales
+    # of a quantized base are storage, not parameters.
+    layers = params["layers"]
+    packed = 2 if cfg.base_quant == "int4" else 1
+    n = count(train)
+    total = (count({k: v for k, v in params.items() if k != "layers"})
+             + sum(int(np.prod(v.shape)) * (packed if k in PROJ_IN_DIMS else 1) for k, v in layers.items()
+                   if not (k.endswith("_scale") and k[:-len("_scale")] in PROJ_IN_DIMS)))
     if not cfg.lora.rank:
         return f"trainable params: {n:,} (full fine-tuning)"
     return (f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%): LoRA r={cfg.lora.rank} "

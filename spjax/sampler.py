@@ -67,9 +67,9 @@ class Plan:
         """((last_step, W), ...): the decode loop's attention windows (spjax.sampler_program)."""
         return _decode_windows(self.prompt_len, self.settings.max_new_tokens, self.cache_len, self.settings.segments)
 
-    def unrolled(self, num_layers: int) -> bool:
+    def unrolled(self, cfg: ModelConfig) -> bool:
         """Whether the decode step runs its layers unrolled (spjax.sampler_program._unroll_layers)."""
-        return _unroll_layers(self.settings, num_layers)
+        return _unroll_layers(self.settings, cfg)
 
     def chunk(self) -> int:
         """Decode steps between two early-exit checks (spjax.sampler_program._decode_chunk)."""
@@ -238,7 +238,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       With a mesh, params are placed by spjax.sharding's rules and batches split over the data axes.
       Every process of a multi-host run calls this with the same arguments. decode_segments: how many
       attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
-      unroll_layers: decode over per-layer weight slices (None: automatic, see _unroll_layers).
+      unroll_layers: decode over per-layer weight slices (None: automatic; a quantized base never: see
+        _unroll_layers).
       decode_chunk: decode steps between two checks for every row done (0: automatic, see
       _decode_chunk); the samples are the same for any value. weights: the decode weights' layout
       on an fsdp mesh (`gather_weights`); the samples are the same for any value.

@@ -230,7 +230,7 @@ class _Settings:
 _CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
 
 
-def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
+def _unroll_layers(settings: _Settings, cfg: ModelConfig) -> bool:
     """Unroll the decode step's layers over weights sliced once (model.unstack_layers)?
 
     A GPU matmul cannot read a weight straight out of the scan's layer stack, so a scanned decode
@@ -238,11 +238,12 @@ def _unroll_layers(settings: _Settings, num_layers: int) -> bool:
     but there unrolling multiplies the loop body's compile time by the layer count (SmolLM2's 30:
     ~5 s more per body, for ~13% per step), so CPU unrolls only shallow models, where it also
     removes the inner loop's fixed per-step cost (tiny: 1.4x). TPU fusions read the stack in place.
-    """
-    if settings.unroll_layers is not None:
-        return settings.unroll_layers
+    Never a quantized base: XLA would hoist every layer's dequantized weight out of the decode loop,
+    a full-precision base live while sampling (7B int8: 48 GiB, not 22)."""
+    if cfg.base_quant != "none" or settings.unroll_layers is not None:
+        return cfg.base_quant == "none" and bool(settings.unroll_layers)
     backend = jax.default_backend()
-    return backend == "gpu" or (backend == "cpu" and num_layers <= _CPU_UNROLL_MAX_LAYERS)
+    return backend == "gpu" or (backend == "cpu" and cfg.num_layers <= _CPU_UNROLL_MAX_LAYERS)
 
 
 GPU_CHUNK = 8  # decode steps a GPU runs between two early-exit checks (each one a host sync)
@@ -304,7 +305,7 @@ def _step_params(cfg: ModelConfig, settings: _Settings, params):
     layer (a scan over the stacked layers copies every layer's weights out of the stack on every
     step), and with gather_weights replicated over fsdp (shd.decode_shardings: no decode step moves
     them; unrolled, the slices are gathered, not the stack as well)."""
-    unrolled = _unroll_layers(settings, cfg.num_layers)
+    unrolled = _unroll_layers(settings, cfg)
     out = model.unstack_layers(cfg, params) if unrolled else params
     if not (settings.gather_weights and settings.mesh is not None):
         return out

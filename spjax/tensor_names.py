@@ -147,10 +147,15 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     layers = {}
     for leaf, e in layer_table(cfg).items():
         want = base_shapes["layers"][leaf].shape[1:]
-        arr = np.stack([fetch(e.name(names).format(i=i), e, want) for i in range(cfg.num_layers)])
+        layer = lambda i: fetch(e.name(names).format(i=i), e, want)
         if cfg.base_quant != "none" and leaf in PROJ_IN_DIMS:
-            arr, scale = quant.quantize(arr, cfg.base_quant, PROJ_IN_DIMS[leaf], lead=1)
+            # Quantized layer by layer as read: quantizing the stack holds ~3 fp32 copies of all layers.
+            qs = [quant.quantize(layer(i), cfg.base_quant, PROJ_IN_DIMS[leaf]) for i in range(cfg.num_layers)]
+            arr, scale = np.stack([q for q, _ in qs]), np.stack([s for _, s in qs])
+            del qs
             layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)
+        else:
+            arr = np.stack([layer(i) for i in range(cfg.num_layers)])
         layers[leaf] = place(f"layers/{leaf}", arr)
     if cfg.lora.rank:
         key = jax.random.key(0) if key is None else key
