@@ -115,6 +115,13 @@ class Checkpointer:
         out, bad = None, []
         for step in reversed(self.steps()):
             got, err, fatal, errors = None, None, None, []
+            # Another model's step is told by its metadata, before any read: a read that fails on its
+            # shapes leaves tensorstore callbacks behind, which printed pages of asyncio tracebacks.
+            other = mismatch(self.stored_shapes(step)) if mismatch else None
+            if not shd.on_every_process(other is None):
+                raise ConfigError(f"checkpoint {self.directory}/{step} holds another model than the config's "
+                                  f"({other or 'on another process'}): use the run's own model and settings "
+                                  "(nothing was moved)")
             for attempt_like, to_state in ((like, convert), *others):
                 try:
                     got = self._read_everywhere(step, attempt_like)
@@ -128,11 +135,6 @@ class Checkpointer:
                     fatal = fatal or (e if not_corruption(e) else None)
             # Out of memory or a failing file system says nothing about the checkpoint: stop, keep it.
             fatal = None if err is None else fatal
-            other = mismatch(self.stored_shapes(step)) if err is not None and mismatch else None
-            if not shd.on_every_process(other is None):
-                raise ConfigError(f"checkpoint {self.directory}/{step} holds another model than the config's "
-                                  f"({other or 'on another process'}): use the run's own model and settings "
-                                  "(nothing was moved)")
             if not shd.on_every_process(fatal is None):
                 raise fatal or RuntimeError(f"checkpoint {self.directory}/{step}: another process ran out of "
                                             "memory or could not read it (not moved aside)")

@@ -306,6 +306,8 @@ class RunConfig:
         _check(not self.stop_when_worse or self.keep_best, "run.stop_when_worse",
                "needs run.keep_best (the metric that must improve)")
         _check(self.rounds >= 1, "run.rounds", "must be >= 1")
+        # the data order's numpy SeedSequence takes no negative seed, jax.random.key none past int64
+        _check(0 <= self.seed < 2**32, "run.seed", f"must be in [0, 2**32), got {self.seed}")
         _check(self.epochs >= 1, "run.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_max_new_tokens", "score_batch_size"):

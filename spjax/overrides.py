@@ -6,10 +6,12 @@ and names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import os
 import re
+import traceback
 import typing
 
 from spjax.config import Config, ConfigError
@@ -20,7 +22,7 @@ def _coerce(value, typ, field):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, [a for a in args if a is not type(None)][0], field)
     if typ is bool:
@@ -44,8 +46,11 @@ def _coerce(value, typ, field):
             raise ConfigError(f"{field}: expected str, got {value!r}")
         return value
     if typ is tuple or origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # 32,64,96; also as Python writes it: [32, 64, 96], ('q', 'v')
+            text = value.strip()
+            if text[:1] + text[-1:] in ("[]", "()"):
+                text = text[1:-1]
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
         inner = args[0] if args else None
         return tuple(_coerce(v, inner, field) if inner not in (None, Ellipsis) else v for v in value)
     return value
@@ -69,7 +74,9 @@ def apply(cfg, items, _prefix: str = ""):
         if not head:
             raise ConfigError(f"{_prefix}{dotted or '='}: an empty key (overrides are key=value)")
         if head not in fields:
-            raise ConfigError(f"{_prefix}{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+            near = difflib.get_close_matches(head, fields, n=1)
+            hint = f"did you mean {_prefix}{near[0]}? " if near else ""
+            raise ConfigError(f"{_prefix}{dotted}: unknown key ({hint}known: {', '.join(sorted(fields))})")
         if rest:
             sub = getattr(cfg, head)
             if sub is None and head == "model":
@@ -100,27 +107,48 @@ def split_path(spec: str) -> tuple:
     return (m.group(1), m.group(2)) if m else (spec, None)
 
 
+def _where(path: str, tb) -> str:
+    """`path:line` of the innermost frame of traceback `tb` that runs in the config file (else `path`)."""
+    line = None
+    for frame, lineno in traceback.walk_tb(tb):
+        if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path):
+            line = lineno
+    return f"{path}:{line}" if line else path
+
+
 def load(path: str, overrides=()) -> Config:
     """spjax.config.load_config: `get_config()` of a Python file (`file.py` or `file.py:arg`), then `key=value`s."""
     path, arg = split_path(path)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"spjax_config_{abs(hash(path))}", path)
+    if spec is None or not os.path.isfile(path):  # a directory, README.md: no loader for it
+        raise ConfigError(f"{path}: not a Python config file (a file.py defining get_config())")
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
+    except ConfigError as e:  # a value the file sets at its top level
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a misspelt import, a NameError: one line naming the file's line
+        raise ConfigError(f"{_where(path, e.__traceback__)}: {type(e).__name__}: {e}") from None
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
-    if arg is not None and not inspect.signature(mod.get_config).parameters:
+    params = inspect.signature(mod.get_config).parameters
+    if arg is not None and not params:
         raise ConfigError(f"{path}: get_config() takes no stage argument (got {arg!r} after the ':')")
+    if arg is None and any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                           for p in params.values()):
+        raise ConfigError(f"{path}: get_config() needs an argument: pass it after a ':' ({path}:ARG)")
     try:
         cfg = mod.get_config(arg) if arg is not None else mod.get_config()
     except ConfigError as e:  # a value the file sets: say which file
         raise ConfigError(f"{path}: {e}") from None
     except ValueError as e:  # e.g. an unknown stage of a staged config
         raise ConfigError(f"{path}: get_config({'' if arg is None else repr(arg)}): {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. RunConfig(round=2), a missing env var: one line with the file's line
+        raise ConfigError(f"{_where(path, e.__traceback__)}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a spjax.config.Config")
     items = []

@@ -59,6 +59,8 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
     """Once the data is read: enough examples for a batch; the pair source said in one line."""
     s = cfg.sampling
     greedy = sampler.is_greedy(s.temperature)
+    if not objectives.TABLE[cfg.objective.name].opponent:  # sft: each example's real response, whatever is asked
+        source = "none"
     if source == "judged" and (greedy or s.top_k == 1):  # K equal samples: every prompt ties
         raise ConfigError(f"sampling.{'temperature' if greedy else 'top_k'}: greedy sampling gives "
                           f"the judge {s.num_samples} equal samples per prompt, so no pair to train on (sample, "
@@ -75,8 +77,7 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
         raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {most} judged pairs the {n_train} "
                           f"training prompts can give at most (judge.pairs={cfg.judge.pairs}, sampling.num_samples="
                           f"{s.num_samples}): no training step would run (lower it, add data, or judge.pairs=all)")
-    if not objectives.TABLE[cfg.objective.name].opponent:  # (sft: no sample is drawn, none judged)
-        source = "none"
+    if source == "none":
         echo(f"pairs: none (objective.name={cfg.objective.name} trains on the real responses alone)")
     else:
         what = {"data": "the real response vs each record's rejected response",

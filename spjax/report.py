@@ -70,6 +70,8 @@ def plot(runs: dict, path: str):
     from matplotlib.ticker import MaxNLocator
 
     panels = [(m, t) for m, t in PANELS if any(m in r for rows in runs.values() for r in rows.values())]
+    if not panels:  # rows, but none with a metric the picture shows
+        return False
     ncol = 3
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), squeeze=False)
@@ -93,6 +95,7 @@ def plot(runs: dict, path: str):
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)  # all or nothing
+    return True
 
 
 def write(workdirs: list, out: str) -> tuple:
@@ -104,13 +107,13 @@ def write(workdirs: list, out: str) -> tuple:
         names = [os.path.normpath(w) for w in workdirs]
     runs = {n: load_run(w) for n, w in zip(names, workdirs)}
     md, png = out + ".md", out + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out runs/compare: runs/ may be new
     with open(md + ".tmp", "w", encoding="utf-8") as f:
         f.write(table(runs) + "\n")
     os.replace(md + ".tmp", md)
     if not any(runs.values()):
         return md, None
-    plot(runs, png)
-    return md, png
+    return md, (png if plot(runs, png) else None)
 
 
 def main(argv=None) -> int:
@@ -120,7 +123,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         md, png = write(args.workdirs, args.out)
-    except FileNotFoundError as e:
+    except ImportError as e:  # an environment of the user's own without matplotlib: the table is written
+        with open(args.out + ".md", encoding="utf-8") as f:
+            print(f.read(), end="")
+        print(f"spjax report: wrote {args.out}.md; no PNG: {e} (pip install matplotlib)", file=sys.stderr)
+        return 1
+    except OSError as e:  # a workdir without metrics.jsonl; --out where no file can be written
         print(f"spjax report: {e}", file=sys.stderr)
         return 2
     with open(md, encoding="utf-8") as f:

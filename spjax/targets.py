@@ -38,6 +38,8 @@ def parse_target(name: str) -> Target:
     m = re.fullmatch(r"(?:(\d+)x)?(h100|h200|a100|b200)", key)
     if m:
         n = int(m.group(1) or 1)
+        if n < 1:
+            raise ValueError(f"--topology {name}: needs at least one GPU")
         return Target(name, "gpu", n, int(_GPU_GiB[m.group(2)] * GiB))
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", key)
     if m:

@@ -108,7 +108,7 @@ def test_parse_target(name, platform, devices, memory_gib):
 
 
 def test_parse_target_rejects_unknown():
-    for bad in ("v5p-33", "tpu", "9xq100"):
+    for bad in ("v5p-33", "tpu", "9xq100", "0xh100"):  # (0xh100: a ZeroDivisionError before)
         with pytest.raises(ValueError):
             cc.parse_target(bad)
 

@@ -163,6 +163,32 @@ def test_prepared_tfds_dataset_named_in_config(tmp_path):
     assert load_examples(DataConfig(path=name, eval_frac=0.0), data_dir) == first  # by name, under data_dir
 
 
+def test_a_prepared_dataset_with_missing_or_damaged_files_is_one_line(tmp_path):
+    """A split's array_record file deleted or cut short, or a damaged dataset_info.json: array_record's
+    RuntimeError (or protobuf's ParseError) traceback before; now one ConfigError naming the dataset."""
+    import shutil
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    data_dir = str(tmp_path / "tfds")
+    load_examples(DataConfig(path=path, eval_frac=0.0), data_dir)
+    (prepared,) = glob.glob(os.path.join(data_dir, "spjax_files", "*", "1.0.0"))
+    (train_file,) = glob.glob(os.path.join(prepared, "*-train.array_record*"))
+    cut, gone, info = (str(tmp_path / n) for n in ("cut", "gone", "info"))
+    for d in (cut, gone, info):
+        shutil.copytree(prepared, d)
+    with open(os.path.join(cut, os.path.basename(train_file)), "r+b") as f:
+        f.truncate(100)
+    os.remove(os.path.join(gone, os.path.basename(train_file)))
+    with open(os.path.join(info, "dataset_info.json"), "w") as f:
+        f.write('{"name": "spjax')
+    for d, said in ((cut, "cannot be read"), (gone, "No such file"), (info, "metadata cannot be read")):
+        with pytest.raises(ConfigError, match=said) as e:
+            load_examples(DataConfig(path=d, eval_frac=0.0), data_dir)
+        assert "\n" not in str(e.value)
+    os.remove(train_file)  # spjax's own prepared copy, damaged: the same line, saying how to prepare it again
+    with pytest.raises(ConfigError, match="prepares its own anew once that directory is removed"):
+        load_examples(DataConfig(path=path, eval_frac=0.0), data_dir)
+
+
 class SpjaxTestForeign(tfds_builders.SpjaxBuilder):
     """Someone else's prepared dataset with its own schema: read through the record parser."""
 

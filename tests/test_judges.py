@@ -519,6 +519,12 @@ def test_an_sft_run_with_a_judge_says_it_judges_held_out_answers_only():
     assert said == ["pairs: none (objective.name=sft trains on the real responses alone)",
                     "judge: verifier:number (held-out metrics only: no pairs)"]
     assert pairs_lib.resolve(dataclasses.replace(sft, objective=ObjectiveConfig()), []) == "judged"
+    # whatever run.pairs asks: greedy sampling is no matter (nothing is sampled for training), a batch
+    # larger than the examples is (before: every round trained no step, and the run exported the initial model)
+    greedy = dataclasses.replace(sft, sampling=SamplingConfig(num_samples=2, batch_size=32, temperature=0.0))
+    preflight.check_pairs(greedy, "judged", 64, said.append)
+    with pytest.raises(ConfigError, match="run.batch_size: 16 is more than the 15 training examples"):
+        preflight.check_pairs(sft, "judged", 15, said.append)
 
 
 def test_judges_see_the_reference_before_max_len_cut_it():

@@ -59,6 +59,45 @@ def test_bad_config_files_are_one_line(tmp_path):
         load_config(spin + ":iter9")
 
 
+@pytest.mark.parametrize("body,message", [
+    ("from spjax.config import RunConfg\ndef get_config():\n    pass\n",
+     r"bad.py:1: ImportError: cannot import name 'RunConfg'"),
+    ("X = undefined_name\ndef get_config():\n    pass\n", r"bad.py:1: NameError: name 'undefined_name'"),
+    ("from spjax.config import Config, RunConfig\ndef get_config():\n    return Config(\n        run=RunConfig(round=2))\n",
+     r"bad.py:4: TypeError: .*unexpected keyword argument 'round'"),
+    ("import os\ndef get_config():\n    return os.environ['SPJAX_NO_SUCH_VAR']\n", r"bad.py:3: KeyError: 'SPJAX_NO_SUCH_VAR'"),
+    ("def get_config(stage):\n    pass\n", r"bad.py: get_config\(\) needs an argument: pass it after a ':'"),
+])
+def test_a_config_file_that_raises_is_one_line_naming_its_line(tmp_path, body, message):
+    """An exception in a config file (a misspelt import or keyword, a missing variable) was a traceback."""
+    (tmp_path / "bad.py").write_text(body)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(str(tmp_path / "bad.py"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_that_is_not_a_python_file_is_one_line(tmp_path):
+    """A directory or a .md file was AttributeError: 'NoneType' object has no attribute 'loader'."""
+    (tmp_path / "notes.md").write_text("hi")
+    for path in (tmp_path, tmp_path / "notes.md"):
+        with pytest.raises(ConfigError, match="not a Python config file"):
+            load_config(str(path))
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64)])
+def test_run_seed_out_of_range_is_refused_at_load(value):
+    """run.seed=-1 sampled and scored round 0, then numpy's SeedSequence raised in training."""
+    with pytest.raises(ConfigError, match=r"run.seed: must be in \[0, 2\*\*32\)"):
+        load_config(TINY, [f"run.seed={value}"])
+
+
+def test_a_typo_is_answered_with_the_nearest_key_and_lists_take_python_syntax():
+    with pytest.raises(ConfigError, match=r"did you mean run.batch_size\?"):
+        load_config(TINY, ["run.batchsize=16"])
+    cfg = load_config(TINY, ["data.buckets=[32, 64]", "lora.targets=('q', 'v')", "model.sliding_window=null"])
+    assert (cfg.data.buckets, cfg.lora.targets, cfg.model.sliding_window) == ((32, 64), ("q", "v"), None)
+
+
 def test_a_stage_argument_may_be_a_path(tmp_path):
     """`file.py:/data/x.jsonl` was split at the last ':' of the basename only: 'config file not found'."""
     (tmp_path / "staged.py").write_text(

@@ -60,6 +60,23 @@ def test_report_of_a_run_without_rows_yet(tmp_path, capsys):
     assert os.path.exists(tmp_path / "rep.md") and not os.path.exists(tmp_path / "rep.png")
 
 
+def test_report_without_matplotlib_writes_the_table_and_says_so_in_one_line(tmp_path):
+    """An environment without matplotlib: `spjax report` was an ImportError traceback (a run's own end
+    already said it in one line)."""
+    _constructed_run(tmp_path / "run", nll=[1.5, 1.4], f1=[0.2, 0.3])
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shim"), ROOT]))
+    out = tmp_path / "new" / "rep"  # a folder that does not exist yet: made
+    proc = subprocess.run([sys.executable, "-m", "spjax", "report", str(tmp_path / "run"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"spjax report: wrote {out}.md; no PNG: No module named matplotlib "
+                                                "(pip install matplotlib)"]
+    assert "| run | round 0 |" in proc.stdout and os.path.exists(f"{out}.md") and not os.path.exists(f"{out}.png")
+
+
 def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

@@ -120,8 +120,15 @@ def _to_python(v):
 
 
 def _splits(builder, label: str, fmt: str) -> dict:
-    sources = builder.as_data_source()
-    return {split: _read_split(src, f"{label}/{split}", fmt) for split, src in sources.items()}
+    try:
+        sources = builder.as_data_source()
+        return {split: _read_split(src, f"{label}/{split}", fmt) for split, src in sources.items()}
+    except (RuntimeError, OSError) as e:  # array_record's: a split's file missing, cut short or damaged
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "" if os.path.abspath(str(builder.data_dir)) == os.path.abspath(label) else f" in {builder.data_dir}"
+        raise ConfigError(f"{label}: the prepared TFDS dataset{where} cannot be read ({why}): its files are missing "
+                          "or damaged; prepare it again (spjax prepares its own anew once that directory is "
+                          "removed)") from None
 
 
 def _prepared(builder_cls, **kwargs):
@@ -166,7 +173,12 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
         config = tfds_builders.files_config([path], tests, fmt, 0.0 if eval_path else eval_frac, seed)
         return _splits(_prepared(tfds_builders.SpjaxFiles, config=config, data_dir=data_dir), path, fmt)
     if os.path.isdir(path) and _is_prepared(path):
-        return _splits(tfds.builder_from_directory(path), path, fmt)
+        try:
+            builder = tfds.builder_from_directory(path)
+        except Exception as e:  # noqa: BLE001 - tfds/protobuf errors of a damaged dataset_info.json: one line
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{field}: {path!r}: a prepared TFDS dataset whose metadata cannot be read ({why})") from None
+        return _splits(builder, path, fmt)
     if os.path.isdir(path):
         train_files, test_files, ignored = tfds_builders.scan_dir(path)
         if ignored:

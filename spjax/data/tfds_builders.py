@@ -219,7 +219,12 @@ class SpjaxFiles(SpjaxBuilder):
 
 
 def chatterbot_dir() -> str:
-    dist = importlib.metadata.distribution("chatterbot-corpus")
+    try:
+        dist = importlib.metadata.distribution("chatterbot-corpus")
+    except importlib.metadata.PackageNotFoundError:
+        from spjax.config import ConfigError
+        raise ConfigError("data.path: 'chatterbot' reads the chatterbot-corpus package, which is not installed "
+                          "(pip install --no-deps -r requirements-assets.txt)") from None
     return str(dist.locate_file("chatterbot_corpus/data/english"))
 
 
