@@ -44,6 +44,8 @@ def _coerce(value, typ, field):
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{field}: expected str, got {value!r}")
+        if value.startswith("~") and field.rsplit(".", 1)[-1].endswith(("path", "_dir")):
+            return os.path.expanduser(value)  # a shell leaves the ~ of `data.path=~/x` as it is (not an assignment)
         return value
     if typ is tuple or origin is tuple:
         if isinstance(value, str):  # 32,64,96; also as Python writes it: [32, 64, 96], ('q', 'v')

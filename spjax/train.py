@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         _compile_cache()
+        if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise ConfigError(f"--workdir {args.workdir}: a file, not a directory")
     except ConfigError as e:
         print(f"spjax: config error: {e}", file=sys.stderr)
         return 2

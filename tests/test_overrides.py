@@ -98,6 +98,12 @@ def test_a_typo_is_answered_with_the_nearest_key_and_lists_take_python_syntax():
     assert (cfg.data.buckets, cfg.lora.targets, cfg.model.sliding_window) == ((32, 64), ("q", "v"), None)
 
 
+def test_a_path_given_with_a_tilde_is_the_home_folder_s():
+    """`data.path=~/x.jsonl` reaches spjax as typed (no shell expands ~ there): it was 'does not exist'."""
+    cfg = load_config(TINY, ["data.path=~/qa.jsonl", "data.tfds_dir=~/tfds", "run.pairs=auto"])
+    assert (cfg.data.path, cfg.data.tfds_dir) == (os.path.expanduser("~/qa.jsonl"), os.path.expanduser("~/tfds"))
+
+
 def test_a_stage_argument_may_be_a_path(tmp_path):
     """`file.py:/data/x.jsonl` was split at the last ':' of the basename only: 'config file not found'."""
     (tmp_path / "staged.py").write_text(

@@ -272,6 +272,16 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, capsys, override, message
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    """It was exit 3, 'I/O error: ... File exists ... free space or fix permissions, then rerun with --resume'."""
+    from spjax import train
+    (tmp_path / "w").write_text("notes")
+    assert train.main(["--config", TINY, "--workdir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"spjax: config error: --workdir {tmp_path / 'w'}: a file, "
+                                                            "not a directory"]
+    assert (tmp_path / "w").read_text() == "notes"
+
+
 def test_fewer_training_examples_than_one_batch_is_one_line(tmp_path, capsys, tfds_dir):
     """Before: the run sampled and scored every round, trained nothing, and exported the initial model."""
     from spjax import train
