@@ -46,6 +46,8 @@ class LoraConfig:
         _check(not bad, "lora.targets", f"{bad} not in {LORA_TARGETS}")
         _check(not self.rank or self.targets, "lora.targets", "empty: name at least one projection")
         _check(not self.init_path or self.rank, "lora.init_path", "needs lora.rank > 0")
+        _check(self.rank or (self.alpha, self.targets) == (16.0, LORA_TARGETS), "lora.rank",  # (not ignored)
+               "0 (full fine-tuning), but lora.alpha or lora.targets is set: set lora.rank > 0 to train adapters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +230,7 @@ class JudgeConfig:
                f"{self.name!r}: the kind {kind!r} is not one of {', '.join(JUDGE_KINDS)}")
         _one_of(self.pairs, "judge.pairs", JUDGE_PAIRS)
         _check(self.batch_size >= 1, "judge.batch_size", "must be >= 1")
+        _check(self.name or self.pairs == "best_worst", "judge.pairs", f"{self.pairs!r} without a judge (judge.name)")
         if self.name:
             from spjax.judges import check_name  # the judge table is the one list of what each kind takes
             check_name(self.name)

@@ -139,9 +139,9 @@ def test_the_model_at_model_path_may_move_but_not_change(tmp_path):
     assert len(said) == 1 and said[0].startswith("resuming with changed settings: model_path:")
     with pytest.raises(ConfigError, match=r"--resume: model at model_path.architecture: 'llama' -> 'mistral'"):
         ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'mistral'}"]), str(work), said.append)
-    # spjax export rebuilds the run as it ran: a changed lora.alpha merged other weights, without a word
-    with pytest.raises(ConfigError, match=r"^lora.alpha: 16.0 -> 8.0: these shape the model"):
-        ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'moved'}", "lora.alpha=8"]), str(work),
+    # spjax export rebuilds the run as it ran: a changed lora.* merged other weights, without a word
+    with pytest.raises(ConfigError, match=r"^lora.alpha: 16.0 -> 8.0; lora.rank: 0 -> 4: these shape the model"):
+        ledger.check_start(load_config(TINY, [f"model_path={tmp_path / 'moved'}", "lora.alpha=8", "lora.rank=4"]), str(work),
                            said.append, resume=False)
     # ... but not what shaped training only: the run's epochs, data or objective need not be typed again
     said.clear()

@@ -94,8 +94,21 @@ def test_run_seed_out_of_range_is_refused_at_load(value):
 def test_a_typo_is_answered_with_the_nearest_key_and_lists_take_python_syntax():
     with pytest.raises(ConfigError, match=r"did you mean run.batch_size\?"):
         load_config(TINY, ["run.batchsize=16"])
-    cfg = load_config(TINY, ["data.buckets=[32, 64]", "lora.targets=('q', 'v')", "model.sliding_window=null"])
+    cfg = load_config(TINY, ["data.buckets=[32, 64]", "lora.targets=('q', 'v')", "model.sliding_window=null",
+                             "lora.rank=4"])
     assert (cfg.data.buckets, cfg.lora.targets, cfg.model.sliding_window) == ((32, 64), ("q", "v"), None)
+
+
+@pytest.mark.parametrize("items,message", [
+    (["lora.alpha=32"], "lora.rank: 0 (full fine-tuning), but lora.alpha or lora.targets is set"),
+    (["lora.targets=q,v"], "lora.rank: 0 (full fine-tuning), but lora.alpha or lora.targets is set"),
+    (["judge.pairs=all"], "judge.pairs: 'all' without a judge"),
+])
+def test_a_setting_that_would_be_ignored_is_refused(items, message):
+    """Adapter settings without a rank trained the full model, judge.pairs without a judge sampled pairs."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, items)
+    load_config(TINY, items + (["lora.rank=4"] if "lora" in items[0] else ["judge.name=similarity"]))
 
 
 def test_a_path_given_with_a_tilde_is_the_home_folder_s():
