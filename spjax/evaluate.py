@@ -6,20 +6,42 @@ driver's evaluate phase. The held-out reward metrics come from the objective tab
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
+import sys
 import unicodedata
 from typing import Optional
 
 import numpy as np
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+
+def _mark_ranges() -> str:
+    """A regex class body of every combining mark (Unicode M*: Devanagari vowel signs and virama, Thai
+    vowels, Arabic harakat, a nukta, accents NFKC cannot compose): parts of a word, which `\\w` is not."""
+    out, start = [], None
+    for c in range(sys.maxunicode + 2):
+        mark = c <= sys.maxunicode and unicodedata.category(chr(c))[0] == "M"
+        if mark and start is None:
+            start = c
+        elif not mark and start is not None:
+            out.append(f"\\u{start:04x}" if c - 1 == start else f"\\U{start:08x}-\\U{c - 1:08x}")
+            start = None
+    return "".join(out)
+
+
+@functools.cache
+def _word():
+    """A word: a letter or digit, then letters, digits and the marks on them. '_' is punctuation (rouge-score
+    and SQuAD drop it), though `\\w` holds it. (Built at first use: the scan of Unicode takes 0.25 s.)"""
+    return re.compile(r"[^\W_](?:[^\W_]|[%s])*" % _mark_ranges())
 
 
 def words(text: str) -> list:
-    """Lower-cased words, NFKC-normalised (a composed and a decomposed 'é' are one letter); punctuation
-    is no word (as in rouge-score and SQuAD: 'No.' and 'Yes.' share nothing)."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    """Lower-cased words, NFKC-normalised (a composed and a decomposed 'é' are one letter), a letter's
+    combining marks kept with it (Hindi 'रहा' and 'रही' are two words); punctuation, '_' included, is no
+    word (as in rouge-score and SQuAD: 'No.' and 'Yes.' share nothing)."""
+    return _word().findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def token_f1(pred: str, ref: str) -> float:
@@ -138,10 +160,12 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
         win_real, win_gen = pairs.win_arrays("held")
         _, aux = objectives.objective_loss(cfg.objective, lp_real, lp_gen, *refs["held"], n_pair,
                                            win_real_B=win_real, win_gen_B=win_gen)
-        out.update({f"eval_{k}": float(v) for k, v in aux.items() if k != "nll"})
+        # named as the train step names them: aux's 'loss' is the pair loss (training's `pair_loss`; its
+        # `loss` adds the NLL term)
+        out.update({f"eval_{'pair_loss' if k == 'loss' else k}": float(v) for k, v in aux.items() if k != "nll"})
     # the prompt's tail: the last user turn (and the template's generation prompt)
     prompts = [" ".join(tok.decode(e.prompt_ids, skip_special_tokens=True).split())[-80:] for e in held]
-    first = list({p: i for i, p in reversed(list(enumerate(prompts)))}.values())[::-1]  # distinct prompts
+    first = sorted({p: i for i, p in reversed(list(enumerate(prompts)))}.values())  # distinct prompts, in order
     pick = lambda xs: [xs[i] for i in first]
     ctx.echo(f"[{name}] held-out samples:\n" + side_by_side(pick(prompts), pick(preds), pick(refs_text),
                                                                        cfg.run.eval_show))

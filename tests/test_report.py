@@ -113,6 +113,13 @@ def test_word_similarity_counts_words_not_punctuation():
     assert token_f1("the the the", "the") == 0.5  # repeated words count once per match
     assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1.0 / 1.75)  # LCS 3 of 4 and of 3
     assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0
+    # a letter's combining marks are part of its word: Hindi vowel signs, a nukta, Arabic harakat
+    assert token_f1("\u0915\u093f\u0924\u093e\u092c", "\u0915\u093e\u0924\u093f\u092c") == 0.0  # kitab, katib
+    assert token_f1("\u092e\u0948\u0902 \u0918\u0930 \u091c\u093e \u0930\u0939\u093e",
+                    "\u092e\u0948\u0902 \u0918\u0930 \u091c\u093e \u0930\u0939\u0940") == 0.75  # raha, rahi
+    assert token_f1("\u0639\u064e\u0644\u0650\u0645\u064e", "\u0639\u064e\u0644\u0650\u0645\u064e \u0639\u0644\u0645") \
+        == pytest.approx(2 / 3)
+    assert token_f1("The answer is _yes_", "the answer is yes") == 1.0 == rouge_l("snake_case", "snake case")
 
 
 def test_plot_gives_each_run_one_colour_in_every_panel(tmp_path, monkeypatch):
