@@ -50,20 +50,26 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/
 SHAPE=${SHAPE:-llama3.2-1b}  # SHAPE=tiny STAGES="sampler graphs" smoke-tests the suite on a CPU
 SAMPLER=(bench/sampler.py --shape "$SHAPE" --chunks 0,1)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null)
+if [ "$BACKEND" != gpu ] && [ "$SHAPE" != tiny ]; then
+  echo "gpu_suite: JAX sees no GPU here (backend '${BACKEND:-none}'): the $SHAPE stages need one; SHAPE=tiny smoke-tests on a CPU" >&2
+  exit 3
+fi
+FAILED=()
 ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
 for s in ${STAGES:-check sampler draw graphs train round}; do
   case $s in
-    check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || ATTENTION=xla ;;
+    check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || { ATTENTION=xla; FAILED+=(check); } ;;
     sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
-      --peer-timeout 150 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" ;;
-    draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py ;;
+      --peer-timeout 150 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" || FAILED+=(sampler) ;;
+    draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py || FAILED+=(draw) ;;
     graphs)  # XLA aborts on a command type it does not know: fall back to a shorter list if one is new
       graph_ok() { XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" "$PY" -c "import jax; jax.jit(lambda x: x + 1)(1)" \
         > /dev/null 2>&1; }
       graph_ok || { GRAPH_FLAGS=${GRAPH_FLAGS/DYNAMIC_SLICE_FUSION,/}; graph_ok; } || echo "== graphs: this XLA \
 rejects $GRAPH_FLAGS"
       XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" TAIL_LINES=12 stage graphs "${GRAPHS_S:-150}" "$PY" \
-      "${SAMPLER[@]}" --peers none
+      "${SAMPLER[@]}" --peers none || FAILED+=(graphs)
       "$PY" - "$OUT/sampler.log" "$OUT/graphs.log" <<'PY' || true
 import json, sys
 def variants(path):  # the sampler bench's JSON line: {variant: its figures}
@@ -79,13 +85,14 @@ for name, g in graphs.items():
 PY
       ;;
     train) TAIL_LINES=36 stage train_step "${TRAIN_S:-240}" "$PY" bench/train_step.py --shape "$SHAPE" \
-      --peer-timeout 150 --attention "$ATTENTION" --trace "${STEP_TRACE_DIR:-/tmp/spjax_step_trace}" ;;
-    round) ROUND_DIR=${ROUND_DIR:-/tmp/spjax_round_1b}
+      --peer-timeout 150 --attention "$ATTENTION" --trace "${STEP_TRACE_DIR:-/tmp/spjax_step_trace}" || FAILED+=(train) ;;
+    round) ROUND_DIR=${ROUND_DIR:-$(mktemp -d /tmp/spjax_round_1b.XXXXXX)}  # fresh: a workdir holding a run is refused
       TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
-        --workdir "$ROUND_DIR" attention="$ATTENTION"
+        --workdir "$ROUND_DIR" attention="$ATTENTION" || FAILED+=(round)
       tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
       cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
     *) echo "unknown stage '$s' in STAGES (check, sampler, draw, graphs, train, round)"; exit 2 ;;
   esac
 done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true
+if [ ${#FAILED[@]} -gt 0 ]; then echo "== failed or skipped: ${FAILED[*]} (logs in $OUT)"; exit 1; fi

@@ -124,7 +124,9 @@ def run_score(examples, buckets, pad_id, cfg, pack: str, batch: int) -> dict:
     from spjax.config import Config, DataConfig, MeshConfig, RunConfig
     mesh = sharding.make_mesh(MeshConfig())
     params = sharding.init_params(cfg, jax.random.key(0), mesh)
-    ctx = SimpleNamespace(cfg=Config(model=cfg, data=DataConfig(pack=pack), run=RunConfig(score_batch_size=batch)),
+    # the model's dtypes and remat at the top level too: Config refuses a model.* field that differs from them
+    top = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, remat=cfg.remat, attention=cfg.attention)
+    ctx = SimpleNamespace(cfg=Config(model=cfg, **top, data=DataConfig(pack=pack), run=RunConfig(score_batch_size=batch)),
                           mesh=mesh, model_cfg=cfg, buckets=buckets, pad_id=pad_id)
     sides = ("real_ids", "generated_ids")
     t = time.perf_counter()
