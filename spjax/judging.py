@@ -58,10 +58,11 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
     reusing judgements on disk."""
     K, n = ctx.cfg.sampling.num_samples, len(examples)
     done_path = os.path.join(ctx.round_dir(t), f"judged_{split}.npz")
-    if os.path.exists(done_path):
-        z = ckpt_lib.load_arrays(done_path)
-        return z["scores"], z["wins"]
     chunk_dir = os.path.join(ctx.round_dir(t), f"judged_{split}")
+    if os.path.exists(done_path):  # remove_tree's barrier on both paths (see pairs.sample_round)
+        z = ckpt_lib.load_arrays(done_path)
+        ckpt_lib.remove_tree(chunk_dir)
+        return z["scores"], z["wins"]
     done = _judged_on_disk(chunk_dir, K)
     per_chunk = ctx.cfg.judge.batch_size
     bar = metrics_lib.progress(n, f"round {t} judge {split}", "prompt")

@@ -176,7 +176,13 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
     chunk_dir = os.path.join(ctx.round_dir(t), f"samples_{split}")
     done_path = os.path.join(ctx.round_dir(t), f"samples_{split}.npz")
     if os.path.exists(done_path):
-        return unpack(ckpt_lib.load_arrays(done_path))
+        # Every process meets remove_tree's barrier on both paths: with every chunk on disk no collective
+        # paces the processes, so process 0 can write done_path before a slower one checks for it; that one
+        # skipped the barrier process 0 waited in, and their next collectives mismatched (both crashed).
+        # It also clears chunks a process killed before that barrier left.
+        out = unpack(ckpt_lib.load_arrays(done_path))
+        ckpt_lib.remove_tree(chunk_dir)
+        return out
     per_chunk = s.batch_size
     bar = metrics_lib.progress(n, f"round {t} sample {split}", "prompt")
     out, sampling = {}, None

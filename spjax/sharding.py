@@ -322,6 +322,13 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         return False
     if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU stand-ins for hosts
+    # JAX's preemption service installs a C-level SIGTERM handler that only records the signal (for
+    # multihost_utils.reached_preemption_sync_point, which spjax does not use): it replaced spjax.train's,
+    # so on several hosts a scheduler's SIGTERM was swallowed and the run went on until SIGKILL.
+    try:
+        jax.config.update("jax_enable_preemption_service", False)
+    except (AttributeError, KeyError):  # a JAX without the option has no such handler either
+        pass
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
     global DISTRIBUTED

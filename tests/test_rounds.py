@@ -468,6 +468,25 @@ def test_a_checkpoint_failing_on_one_host_falls_back_or_stops_on_every_host(tmp_
     assert "['1', '2.corrupt-" in outs[0], outs  # moved aside once, by process 0
 
 
+_SIGTERM = """
+import os, signal, time
+from spjax import sharding as shd
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # as spjax.train.main does, before rounds.setup
+shd.init_distributed()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(1)
+print("handled" if got else "swallowed")
+"""
+
+
+def test_a_schedulers_sigterm_reaches_spjax_on_several_hosts():
+    """JAX's preemption service installed its own SIGTERM handler at jax.distributed.initialize, over spjax.train's:
+    on several hosts a SIGTERM was swallowed and the run went on to the end (exit 0), not one line and exit 143."""
+    assert [out.strip().splitlines()[-1] for out in _two_processes([sys.executable, "-c", _SIGTERM], 300)] == \
+        ["handled", "handled"]
+
+
 _INTERLEAVED = """
 import types
 import jax, numpy as np
