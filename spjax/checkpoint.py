@@ -85,21 +85,6 @@ class Checkpointer:
         state = self._reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_like(like)))
         return {"state": state, "meta": ocp.JsonCheckpointHandler().restore(path / "meta")}
 
-    def _read_everywhere(self, step: int, like) -> dict:
-        """_read on every process, or an error on every process: each reads its own shards, and the
-        checks that follow are collectives, which a process whose read failed would not join."""
-        got, failure = None, None
-        try:
-            got = self._read(step, like)
-        except Exception as e:  # noqa: BLE001 (raised below, once the others know)
-            failure = e
-        failed = shd.failed_processes(failure is None)
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RuntimeError(f"failed on process {failed[0]}: its output says why")
-        return got
-
     def restore_latest(self, like, others=(), convert=None, mismatch=None, move_bad=True):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
@@ -124,7 +109,8 @@ class Checkpointer:
                                   "(nothing was moved)")
             for attempt_like, to_state in ((like, convert), *others):
                 try:
-                    got = self._read_everywhere(step, attempt_like)
+                    # each process reads its own shards; the checks below are collectives: all or none go on
+                    got = shd.on_each_process(lambda: self._read(step, attempt_like), "the read", RuntimeError)
                     _check_finite_tree(got["state"], step)
                     _check_sums(got["state"], got["meta"], step)
                     got, err = ({**got, "state": to_state(got["state"])} if to_state else got), None

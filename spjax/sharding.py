@@ -193,10 +193,10 @@ def failed_processes(ok: bool) -> list[int]:
     return [int(i) for i in np.flatnonzero(~oks.astype(bool))]
 
 
-def on_each_process(fn, what: str):
+def on_each_process(fn, what: str, error=None):
     """fn() on every process (host-local work: a file each host reads). A failure on any stops all: it is
-    raised there, a ConfigError naming that process on the others, which would otherwise wait in their
-    next collective until the runtime's timeout (5 minutes, then an abort that loses the exit status)."""
+    raised there, an `error` (ConfigError) naming that process on the others, which would otherwise wait in
+    their next collective until the runtime's timeout (5 minutes, then an abort that loses the exit status)."""
     failure, out = None, None
     try:
         out = fn()
@@ -206,7 +206,7 @@ def on_each_process(fn, what: str):
     if failure is not None:
         raise failure
     if failed:
-        raise ConfigError(f"{what} failed on process {failed[0]}: its output says why")
+        raise (error or ConfigError)(f"{what} failed on process {failed[0]}: its output says why")
     return out
 
 

@@ -464,7 +464,7 @@ def test_a_checkpoint_failing_on_one_host_falls_back_or_stops_on_every_host(tmp_
         return
     assert all(out.startswith("{'step': 1} True checkpoint ") for out in outs), outs
     assert "/2 could not be restored (ValueError: OUT_OF_RANGE: " in outs[1], outs
-    assert "/2 could not be restored (RuntimeError: failed on process 1: its output says why)" in outs[0], outs
+    assert "/2 could not be restored (RuntimeError: the read failed on process 1: its output says why)" in outs[0], outs
     assert "['1', '2.corrupt-" in outs[0], outs  # moved aside once, by process 0
 
 
