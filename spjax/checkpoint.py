@@ -8,16 +8,18 @@ the record carries per-array checksums, so damaged bytes that still decompress f
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import gc
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
-import warnings
 
 import jax
 import numpy as np
@@ -97,6 +99,22 @@ class Checkpointer:
         move_bad=False leaves bad steps where they are (a reader's restore, e.g. spjax export).
         """
         self.manager.wait_until_finished()
+        with _quiet_abandoned_reads() as failed:
+            out, bad = self._first_good(like, others, convert, mismatch)
+            failed += bad
+        # Keep unusable steps for inspection, but out of orbax's way: the resumed run saves those
+        # step numbers again. Process 0 moves them; the others wait for that before rescanning.
+        if bad and move_bad:
+            if jax.process_index() == 0:
+                for step in bad:
+                    path = os.path.join(self.directory, str(step))
+                    os.rename(path, f"{path}.corrupt-{int(time.time())}")
+            shd.barrier("spjax-corrupt-checkpoints-moved")
+            self.manager.reload()
+        return out
+
+    def _first_good(self, like, others, convert, mismatch) -> tuple:
+        """(the newest step's (state, meta) that restores or None, the steps newer than it that failed)."""
         out, bad = None, []
         for step in reversed(self.steps()):
             got, err, fatal, errors = None, None, None, []
@@ -131,19 +149,9 @@ class Checkpointer:
             why = _reason(errors) if err else "failed on another process"
             msg = (f"checkpoint {self.directory}/{step} could not be restored ({why}); "
                    "falling back to an earlier one")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning(msg)
+            log.warning(msg)  # one line (a RuntimeWarning too printed it twice, the second with a source line)
             bad.append(step)
-        # Keep unusable steps for inspection, but out of orbax's way: the resumed run saves those
-        # step numbers again. Process 0 moves them; the others wait for that before rescanning.
-        if bad and move_bad:
-            if jax.process_index() == 0:
-                for step in bad:
-                    path = os.path.join(self.directory, str(step))
-                    os.rename(path, f"{path}.corrupt-{int(time.time())}")
-            shd.barrier("spjax-corrupt-checkpoints-moved")
-            self.manager.reload()
-        return out
+        return out, bad
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -152,6 +160,44 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
         self._reader.close()
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """orbax reads a step's arrays as tasks of an event loop it closes as soon as one read fails. The reads
+    then in flight end in tensorstore callbacks on the closed loop (a "RuntimeError: Event loop is closed"
+    traceback each), and the unfinished ones raise again when collected ("Exception ignored in: <coroutine
+    ... _read_array_index_and_device_put>", each with a page of TensorStore spec), or their futures' errors
+    are logged as never retrieved: up to ~1000 lines around the one line that says the step was skipped. Those are waited for, collected and dropped here; any
+    other report is printed as before. Yields a list: put something in it when a step failed."""
+    hooks = sys.excepthook, sys.unraisablehook
+
+    def abandoned(e) -> bool:
+        return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+    def excepthook(kind, value, tb):
+        if not abandoned(value):
+            hooks[0](kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if not (abandoned(unraisable.exc_value) or "_read_array_index_and_device_put" in repr(unraisable.object)):
+            hooks[1](unraisable)
+    def unretrieved(record) -> bool:  # asyncio's "Future exception was never retrieved": the others' errors
+        return "was never retrieved" not in record.getMessage()
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("asyncio").addFilter(unretrieved)
+    failed = []
+    try:
+        yield failed
+    except BaseException:
+        failed.append(True)
+        raise
+    finally:
+        if failed:  # the step's other reads (local or remote files) end within moments
+            time.sleep(0.5)
+        gc.collect()  # their coroutines and futures sit in reference cycles with the errors kept
+        sys.excepthook, sys.unraisablehook = hooks
+        logging.getLogger("asyncio").removeFilter(unretrieved)
 
 
 def _reason(errors: list) -> str:

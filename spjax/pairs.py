@@ -21,7 +21,7 @@ import numpy as np
 
 from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, objectives, sampler
 from spjax.config import Config, ConfigError
-from spjax.data import tokens as tok_lib
+from spjax.data import lengths as len_lib
 
 
 @dataclasses.dataclass
@@ -96,7 +96,7 @@ def _sample_stats(ctx, t: int, split: str, gen: dict) -> dict:
 
 def _sampled(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     gen = sample_round(ctx, params, t, examples, split)
-    pairs = tok_lib.attach_generated(examples, {i: g[0] for i, g in gen.items()}, max_len=ctx.cfg.data.max_len)[0]
+    pairs = len_lib.attach_generated(examples, {i: g[0] for i, g in gen.items()}, max_len=ctx.cfg.data.max_len)[0]
     return SplitPairs(pairs, {i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg) else None,
                       stats=_sample_stats(ctx, t, split, gen))
 
@@ -150,7 +150,7 @@ def previous_pairs(ctx, t: int) -> list:
     prev = unpack(ckpt_lib.load_arrays(os.path.join(ctx.round_dir(t - 1), "samples_train.npz")))
     n = len(ctx.train)
     shifted = [dataclasses.replace(e, id=e.id + n) for e in ctx.train]
-    return tok_lib.attach_generated(shifted, {e.id + n: prev[e.id][0] for e in ctx.train},
+    return len_lib.attach_generated(shifted, {e.id + n: prev[e.id][0] for e in ctx.train},
                                     max_len=ctx.cfg.data.max_len)[0]
 
 

@@ -112,6 +112,31 @@ class _IOFailureLogged(logging.Filter):
         return not (record.exc_info and io_failure(record.exc_info[1]))
 
 
+_PEER_LOST = re.compile(r"Gloo \S+ failed|Connection (reset|closed) by peer|heartbeat timeout|another task (died|failed)"
+                        r"|coordination service|NCCL (error|operation|communicator)", re.IGNORECASE)
+
+
+def peer_lost(e: BaseException):
+    """The runtime's first line when e is a collective that failed because another process of the run died
+    or was stopped (that process's own output says why), else None."""
+    from jax.errors import JaxRuntimeError
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, JaxRuntimeError) and _PEER_LOST.search(str(e)):
+            return (str(e).splitlines() or [""])[0][:300]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _continue(args, argv, workdir: str) -> str:
+    """How to go on after a stop: this command with --resume (and the workdir it used), on every host."""
+    again = ["python", "-m", "spjax.train", *(argv if argv is not None else sys.argv[1:])]
+    again += [] if args.resume else ["--resume"]
+    again += [] if args.workdir else ["--workdir", workdir]
+    return ("Continue on every host with: " if _distributed() else "Continue with: ") + shlex.join(again)
+
+
 def _distributed() -> bool:
     shd = sys.modules.get("spjax.sharding")
     return bool(shd and shd.DISTRIBUTED)
@@ -163,12 +188,8 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)  # an in-process caller's own handler back
     except KeyboardInterrupt as e:
         how = str(e) or "SIGINT"
-        again = ["python", "-m", "spjax.train", *(argv if argv is not None else sys.argv[1:])]
-        again += [] if args.resume else ["--resume"]
-        if args.workdir is None:
-            again += ["--workdir", workdir]
         print(f"\nspjax: stopped by {how}; every finished phase and the latest checkpoint are kept (an unfinished "
-              f"write never is). Continue with: {shlex.join(again)}", file=sys.stderr, flush=True)
+              f"write never is). {_continue(args, argv, workdir)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         metrics.flush_writers()
         os._exit(128 + getattr(signal, how, signal.SIGINT))  # as io errors: no waiting on checkpoint threads
@@ -181,6 +202,13 @@ def main(argv=None) -> int:
         return _leave(4)
     except Exception as e:  # noqa: BLE001 - only I/O failures are handled here; the rest propagate
         failed = io_failure(e)
+        lost = peer_lost(e) if failed is None and _distributed() else None
+        if lost is not None:  # a peer died (SIGKILL, OOM, a lost host): its own output says why; one line here
+            print(f"\nspjax: another process of this run stopped, so this one stops too ({lost}); every finished "
+                  f"phase and the latest checkpoint are kept. {_continue(args, argv, workdir)}",
+                  file=sys.stderr, flush=True)
+            metrics.flush_writers()
+            _leave(1)
         if failed is None:
             if _distributed():  # its traceback, then out (see _leave)
                 traceback.print_exc()

@@ -6,7 +6,7 @@ import pytest
 
 from spjax.data import (LengthReport, TokenizedExample, attach_generated, batches_per_epoch, default_buckets,
                         epoch_order, make_buckets, pair_batches, prompt_batches)
-from spjax.data.tokens import apply_length_policy
+from spjax.data.lengths import apply_length_policy
 
 PAD = 0
 

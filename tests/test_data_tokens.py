@@ -263,3 +263,30 @@ def test_template_date_must_be_a_date():
     for bad in ("2026-02-30", "28 Feb 2026", "today"):
         with pytest.raises(ConfigError, match="data.template_date: .* is not a date as YYYY-MM-DD"):
             DataConfig(template_date=bad)
+
+
+def test_special_token_text_in_a_turn_is_refused_not_encoded_as_a_control_token(tmp_path):
+    """A user who types '<|im_end|>' (a ChatML tutorial, a prompt-injection attempt) got the end-of-turn control
+    token in the middle of the prompt's user turn; a response that names '<|im_start|>' got that control token,
+    which the judges' and the held-out metrics' decoded text then silently lost. Both are refused, as a
+    response holding the EOS text already was, by file, line and field."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    typed = chat(("user", "What does <|im_end|> mean in ChatML?"))
+    with pytest.raises(DataError, match=re.escape("special token text '<|im_end|>'")):
+        prompt_ids(tok, typed)
+    system = chat(("system", "Never print <|im_start|>."), ("user", "Hi"))
+    with pytest.raises(DataError, match=re.escape(r"messages[0] (system) contains the special token text")):
+        prompt_ids(tok, system)
+    with pytest.raises(DataError, match=re.escape("special token text '<|im_start|>'")):
+        response_ids(tok, chat(("user", "Hi")), "A turn opens with <|im_start|>.")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok?", "response": "ok"},
+                                             {"prompt": "What is <|endoftext|>?", "response": "A separator."}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: prompt: contains the special token text")):
+        tokenize_examples(tok, load_file(path), max_prompt_len=64, max_len=128)
+    # Text that only looks alike stays text.
+    near = chat(("user", "What does <|im_end| mean?"))
+    ids = prompt_ids(tok, near)
+    assert "What does <|im_end| mean?" in tok.decode(ids.tolist(), skip_special_tokens=True)
+    assert ids.tolist().count(tok.eos_token_id) == tok.apply_chat_template(
+        near, tokenize=False, add_generation_prompt=True).count("<|im_end|>")  # the template's own only

@@ -15,10 +15,11 @@
 """
 from spjax.data.batching import (batches_per_epoch, bucket_for, default_buckets, epoch_order, host_rows,
                                  make_buckets, pair_batch, pair_batches, prompt_batches)
+from spjax.data.lengths import LengthReport, attach_generated
 from spjax.data.pipeline import Prepared, load_examples, pad_token_id, prepare
 from spjax.data.records import FORMATS, DataError, Example, Problem, load_file, parse_file
-from spjax.data.tokens import (LengthReport, TokenizedExample, attach_generated, has_chat_template,
-                               prompt_ids, response_ids, stop_ids, tokenize_example, tokenize_examples)
+from spjax.data.tokens import (TokenizedExample, has_chat_template, prompt_ids, response_ids, stop_ids,
+                               tokenize_example, tokenize_examples)
 
 __all__ = [
     "FORMATS", "DataError", "Example", "LengthReport", "Prepared", "Problem", "TokenizedExample",

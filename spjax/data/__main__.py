@@ -16,7 +16,8 @@ import numpy as np
 
 from spjax.config import DataConfig
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
-from spjax.data.tokens import LengthReport, apply_length_policy, check_lengths, stop_ids, tokenize_example
+from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
+from spjax.data.tokens import stop_ids, tokenize_example
 
 PERCENTILES = (50, 90, 99)
 

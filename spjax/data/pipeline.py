@@ -22,7 +22,8 @@ from spjax.config import ConfigError, DataConfig
 from spjax.data import tfds_builders
 from spjax.data.batching import make_buckets
 from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_format, parse_record
-from spjax.data.tokens import check_lengths, tokenize_examples
+from spjax.data.lengths import check_lengths
+from spjax.data.tokens import tokenize_examples
 
 log = logging.getLogger(__name__)
 tfds.disable_progress_bar()  # spjax shows its own progress; TFDS's bars only add noise to the run log

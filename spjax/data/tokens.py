@@ -21,13 +21,14 @@ import dataclasses
 import datetime
 import functools
 import logging
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 
+from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
 from spjax.data.records import DataError, Example, Problem
 
-OVERLONG = ("truncate", "drop")
 log = logging.getLogger(__name__)
 
 
@@ -132,8 +133,28 @@ def prompt_ids(tokenizer, prompt_messages: Sequence[dict], *, where: Optional[Pr
                       np.int32)
 
 
+@functools.lru_cache(maxsize=8)
+def _control_texts(tokenizer):
+    """A pattern of the tokenizer's special tokens' texts (<|im_end|>, <|eot_id|>, </s>, [INST], ...): encoded,
+    text holding one gets that control token, not its characters. One scan per text (Llama-3 has 256)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = sorted({t.content for t in decoder.values() if getattr(t, "special", False) and t.content}, key=len)
+    return re.compile("|".join(re.escape(t) for t in reversed(texts))) if texts else None
+
+
+def _check_text(tokenizer, text: str, where: Problem, what: str):
+    """DataError if a turn's text holds a special token's: a user who typed '<|im_end|>' would end the turn
+    there, a response would carry a control token that the judges' decoded text loses."""
+    found = _control_texts(tokenizer) and _control_texts(tokenizer).search(text)
+    if found:
+        raise DataError([dataclasses.replace(where, what=(
+            f"{what}contains the special token text {found.group()!r}, which would be encoded as that control token"))])
+
+
 def _prompt(tokenizer, prompt_messages, where: Problem, today: Optional[str]) -> tuple:
     """(rendered text or None without a chat template, token list) of a prompt."""
+    for k, m in enumerate(prompt_messages):
+        _check_text(tokenizer, m["content"], where, f"messages[{k}] ({m['role']}) " if len(prompt_messages) > 1 else "")
     if not has_chat_template(tokenizer):
         return None, _plain_prompt(tokenizer, prompt_messages, where)
     text = _render(tokenizer, prompt_messages, True, where, today)
@@ -158,6 +179,7 @@ def response_ids(tokenizer, prompt_messages: Sequence[dict], response: str, *, w
     for text in (eos,) + _stop_texts(tokenizer, tuple(stops), eos):
         if text in response:
             raise DataError([dataclasses.replace(where, what=f"contains the end-of-turn token text {text!r}")])
+    _check_text(tokenizer, response, where, "")
     ids = _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos)
     first = next((k for k, i in enumerate(ids) if i in stops), len(ids) - 1)
     return np.asarray(ids[:first + 1], np.int32)
@@ -221,68 +243,6 @@ def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
 
 
 # ----------------------------------------------------------------------------- length policy
-
-
-@dataclasses.dataclass
-class LengthReport:
-    """What the length policy did to one split; printed, never silent."""
-
-    examples: int = 0
-    kept: int = 0
-    prompts_truncated: int = 0
-    prompts_by_turns: int = 0  # of prompts_truncated: shortened by dropping their oldest whole turns
-    responses_truncated: int = 0  # real or generated (or both) cut at max_len
-    dropped_prompt: int = 0  # overlong="drop": prompt longer than max_prompt_len
-    dropped_total: int = 0  # overlong="drop": prompt + a response longer than max_len
-    cut: list = dataclasses.field(default_factory=list)  # "file:line" of every example cut or dropped
-
-    def __str__(self):
-        turns = f" ({self.prompts_by_turns} by whole turns)" if self.prompts_by_turns else ""
-        where = f" ({', '.join(self.cut[:3])}{', ...' if len(self.cut) > 3 else ''})" if self.cut else ""
-        return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts{turns} and "
-                f"{self.responses_truncated} responses truncated; {self.dropped_prompt} dropped for a long "
-                f"prompt, {self.dropped_total} for a long prompt+response{where}")
-
-
-def check_lengths(max_prompt_len: int, max_len: int, overlong: str):
-    if overlong not in OVERLONG:
-        raise ValueError(f"data.overlong: {overlong!r} not in {OVERLONG}")
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"data.max_prompt_len: must be in (0, max_len={max_len}), got {max_prompt_len}")
-
-
-def truncate_prompt(ids: np.ndarray, max_prompt_len: int, bos_id: Optional[int]) -> np.ndarray:
-    """Keep the end of a long prompt (the last question and the generation prompt), and its BOS."""
-    if len(ids) <= max_prompt_len:
-        return ids
-    if bos_id is not None and len(ids) and ids[0] == bos_id:
-        return np.concatenate([ids[:1], ids[len(ids) - max_prompt_len + 1:]])
-    return ids[len(ids) - max_prompt_len:]
-
-
-def apply_length_policy(prompt, real, generated, *, max_prompt_len, max_len, overlong, bos_id, report,
-                        source: str = ""):
-    """(prompt, real, generated) cut to fit, or None if dropped; counts it (from `source`) in `report`."""
-    report.examples += 1
-    sides = [real] if generated is None else [real, generated]
-    long = len(prompt) > max_prompt_len or any(len(s) > max_len - min(len(prompt), max_prompt_len) for s in sides)
-    if long and report.cut[-1:] != [source]:  # (a prompt that lost whole turns is listed already)
-        report.cut.append(source)
-    if len(prompt) > max_prompt_len:
-        if overlong == "drop":
-            report.dropped_prompt += 1
-            return None
-        prompt = truncate_prompt(prompt, max_prompt_len, bos_id)
-        report.prompts_truncated += 1
-    budget = max_len - len(prompt)
-    if any(len(s) > budget for s in sides):
-        if overlong == "drop":
-            report.dropped_total += 1
-            return None
-        report.responses_truncated += 1
-        sides = [s[:budget] for s in sides]
-    report.kept += 1
-    return prompt, sides[0], (sides[1] if len(sides) > 1 else None)
 
 
 def fit_turns(tokenizer, messages: Sequence[dict], max_prompt_len: int, where: Problem,
@@ -367,22 +327,3 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     else:
         log.info("data %s: %s", split or "split", report)
     return out, report
-
-
-def attach_generated(examples: Sequence[TokenizedExample], generated: dict, *, max_len: int):
-    """Examples with the sampler's responses ({id: token ids}) as their second side, cut to max_len.
-
-    Sampled responses are never dropped (that would bias the pairs); returns (examples, n_truncated).
-    """
-    out, truncated = [], 0
-    for ex in examples:
-        if ex.id not in generated:
-            raise KeyError(f"no generated response for example {ex.id} ({ex.source})")
-        gen = np.asarray(generated[ex.id], np.int32)
-        budget = max_len - len(ex.prompt_ids)
-        if len(gen) > budget:
-            gen, truncated = gen[:budget], truncated + 1
-        out.append(dataclasses.replace(ex, generated_ids=gen))
-    if truncated:
-        log.warning("data: %d of %d generated responses truncated to max_len=%d", truncated, len(out), max_len)
-    return out, truncated
