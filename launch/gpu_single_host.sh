@@ -77,4 +77,7 @@ show env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}"
 [ "$DRY" = 1 ] && exit 0
 # exec: the trainer takes this script's PID, so a bare `kill PID` reaches it (it stops with one line
 # and the command that continues the run) rather than ending the shell and leaving it running.
-exec env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}" > >(tee -a "$LOG") 2>&1
+# tee ignores INT/TERM/HUP: a Ctrl-C or a scheduler's SIGTERM goes to the whole process group, and a tee
+# killed with it would take the trainer's stop line (and its exit status: a write to the closed pipe fails)
+# with it. It ends when the trainer does (end of input).
+exec env -u SLURM_STEP_NODELIST "${env_args[@]}" "${train[@]}" > >(trap '' INT TERM HUP; exec tee -a "$LOG") 2>&1

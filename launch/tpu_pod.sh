@@ -76,6 +76,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # Both checks come before anything is created: a typo should not cost a slice's start-up.
 # The config as the workers' trainer reads it: relative to the checkout (copied to ~/spjax) or absolute.
 config_file=${CONFIG%%:*}  # without a stage suffix (file.py:iter2)
+# A path into this checkout is this machine's: the workers have the checkout at ~/spjax, so they get it relative.
+[[ "$config_file" == "$ROOT"/* ]] && CONFIG=${CONFIG#"$ROOT"/}
 [[ "$config_file" == /* ]] || config_file=$ROOT/$config_file
 [ -f "$config_file" ] || { echo "tpu_pod.sh: --config $CONFIG: no such file $config_file" >&2; exit 2; }
 

@@ -319,3 +319,72 @@ def test_gpu_single_host_bare_kill_reaches_the_trainer(tmp_path):
             proc.kill()
     assert proc.returncode == 143, out
     assert "stopped by SIGTERM" in out and "stopped by SIGTERM" in log.read_text()
+
+
+def test_slurm_requeued_job_resumes(tmp_path):
+    """A requeued job (preemption, node failure, scontrol requeue) runs the script again with the same
+    variables and SLURM_RESTART_COUNT > 0: it must pass --resume, or spjax.train refuses the workdir."""
+    (tmp_path / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(os.environ, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node01", SPJAX_DIR=ROOT,
+               PATH=f"{tmp_path}:{os.environ['PATH']}")
+    env.pop("RESUME", None)
+    first = bash("launch/slurm_multinode.sbatch", env=env)
+    again = bash("launch/slurm_multinode.sbatch", env=dict(env, SLURM_RESTART_COUNT="1"))
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr, again.stderr)
+    assert "--resume" not in first.stdout.splitlines()[-1].split()
+    assert again.stdout.splitlines()[-1].split()[-1] == "--resume"
+
+
+def test_gpu_single_host_group_signal_keeps_the_trainers_stop_line(tmp_path):
+    """Ctrl-C or a scheduler's SIGTERM goes to the whole process group, tee included: the trainer's stop line
+    (written after the signal) must still reach the console and the log, with its exit status."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+    shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
+    (repo / ".venv/bin").mkdir(parents=True)
+    trainer = ("import signal, sys, time\n"
+               "def stop(*_):\n"
+               "    time.sleep(0.5)  # as spjax.train: the line comes after the signal\n"
+               "    print('stopped by SIGTERM; Continue with ...', flush=True); sys.exit(143)\n"
+               "signal.signal(signal.SIGTERM, stop)\n"
+               "print('training', flush=True); time.sleep(30)\n")
+    (repo / ".venv/bin/python").write_text(f"#!/bin/sh\nexec {shlex.join([sys.executable, '-c', trainer])}\n")
+    (repo / ".venv/bin/python").chmod(0o755)
+    log = repo / "logs/tiny.log"
+    proc = subprocess.Popen(["bash", str(repo / "launch/gpu_single_host.sh"), "--skip-setup", "--config",
+                             "configs/tiny.py"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for _ in range(200):
+            if log.exists() and "training" in log.read_text():
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "stopped by SIGTERM" in log.read_text()
+
+
+def test_tpu_pod_absolute_config_in_the_checkout_reaches_the_workers_relative():
+    """The workers have the checkout at ~/spjax: this machine's absolute path to a config in it names no file there."""
+    res = bash(*TPU, "--config", os.path.join(ROOT, "configs/tiny.py:iter2"))
+    assert res.returncode == 0, res.stderr
+    train = [c for c in commands(res.stdout) if c[0] == "gcloud"][3]
+    train_cmd = next(w for w in train if w.startswith("--command="))
+    run = shlex.split(train_cmd.split("&&", 1)[1].split("2>&1")[0])
+    assert run[run.index("--config") + 1] == "configs/tiny.py:iter2", run
+
+
+def test_slurm_without_the_venv_stops_before_srun(tmp_path):
+    """SPJAX_DIR defaults to the submit directory: one without .venv fails on every node after srun starts."""
+    (tmp_path / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(os.environ, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node01", SPJAX_DIR=str(tmp_path),
+               PATH=f"{tmp_path}:{os.environ['PATH']}")
+    res = bash(os.path.join(ROOT, "launch/slurm_multinode.sbatch"), env=env)
+    assert res.returncode == 2 and "srun" not in res.stdout, res.stdout
+    assert ".venv" in res.stderr and "SPJAX_DIR" in res.stderr
