@@ -147,7 +147,10 @@ if [ -n "$BUCKET" ]; then
 fi
 # A resumed run appends to each worker's log: a run continued after an interruption fetches all of it.
 tee_args=""; [ "$RESUME" = 1 ] && tee_args="-a "
-train_cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m spjax.train $train_args 2>&1 | tee $tee_args~/spjax-train.log"
+# SPJAX_DISTRIBUTED=1: every worker starts JAX's multi-host runtime (found from the TPU VM's metadata; no
+# environment variable there says the slice has several hosts, and without the runtime a failed worker's
+# peers wait on it, orbax has no barriers, and a SIGTERM is not spjax's to handle).
+train_cmd="cd ~/$REMOTE_DIR && SPJAX_DISTRIBUTED=1 .venv/bin/python -m spjax.train $train_args 2>&1 | tee $tee_args~/spjax-train.log"
 train_cmd+="; exit \${PIPESTATUS[0]}"
 
 delete=(compute tpus tpu-vm delete "$NAME" "${where[@]}" --quiet)

@@ -308,6 +308,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
     Explicit values (GPU clusters without SLURM) may also come from SPJAX_COORDINATOR,
     SPJAX_NUM_PROCESSES and SPJAX_PROCESS_ID. A single process with nothing set does nothing.
+    SPJAX_DISTRIBUTED=1 (launch/tpu_pod.sh's workers) starts it with JAX's detection alone: a Cloud TPU
+    VM's workers are known from its metadata server, and no environment variable says there are several.
     """
     coordinator = coordinator or os.environ.get("SPJAX_COORDINATOR")
     if num_processes is None and "SPJAX_NUM_PROCESSES" in os.environ:
@@ -317,7 +319,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     # Auto-detection only inside a real cluster launch: a TPU pod, or an srun step of several tasks
     # (a bare sbatch/salloc shell also sets SLURM_JOB_ID but has no peers to meet).
     slurm = "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    auto = slurm or any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    auto = slurm or os.environ.get("SPJAX_DISTRIBUTED") == "1" or any(
+        k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
     if coordinator is None and not auto:
         return False
     if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":

@@ -57,7 +57,8 @@ def test_tpu_pod_dry_run_prints_the_whole_gcloud_sequence():
     assert "gcsfuse --implicit-dirs b /mnt/gcs/b" in install_cmd  # gs:// workdirs are mounted
     train_cmd = next(w for w in train if w.startswith("--command="))
     run = shlex.split(train_cmd.split("&&", 1)[1].split("2>&1")[0])
-    assert run == [".venv/bin/python", "-m", "spjax.train", "--config", "configs/tiny.py",
+    # SPJAX_DISTRIBUTED=1: nothing else on a TPU VM tells spjax the slice has several hosts
+    assert run == ["SPJAX_DISTRIBUTED=1", ".venv/bin/python", "-m", "spjax.train", "--config", "configs/tiny.py",
                    "--workdir", "/mnt/gcs/b/run", "run.rounds=1", "data.path=a b"]
     assert [c[-1] for c in fetch] == [f"--worker={w}" for w in range(4)]  # v5p-32: 16 chips on 4 hosts
     assert all(c[5] == "n:~/spjax-train.log" for c in fetch)
@@ -291,6 +292,21 @@ def test_gpu_single_host_stays_one_process_under_srun(tmp_path):
                          env=dict(_no_fake_devices(), **srun_step))
     assert res.returncode == 0, res.stderr
     assert "distributed: False" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("env, started", [({"SPJAX_DISTRIBUTED": "1"}, True), ({}, False)])
+def test_a_tpu_pods_workers_start_the_multi_host_runtime(env, started):
+    """A Cloud TPU VM's workers are known from its metadata server, not from its environment: spjax never
+    started JAX's runtime there (a failed worker's peers waited on it; orbax had no barriers)."""
+    probe = ("import jax; jax.distributed.initialize = lambda **kw: print('initialize', kw); "
+             "from spjax.sharding import init_distributed; print('distributed:', init_distributed())")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env=dict(_no_fake_devices(), JAX_PLATFORMS="cpu", **env))
+    assert res.returncode == 0, res.stderr
+    assert f"distributed: {started}" in res.stdout, res.stdout
+    if started:  # every argument left to JAX's cluster detection
+        assert "initialize {'coordinator_address': None, 'num_processes': None, 'process_id': None, " \
+               "'local_device_ids': None}" in res.stdout, res.stdout
 
 
 def test_gpu_single_host_bare_kill_reaches_the_trainer(tmp_path):
