@@ -104,7 +104,7 @@ def _answers_path(ctx, t: Optional[int]) -> str:
 def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: list) -> dict:
     """The judge on the greedy held-out answers: their mean score (a verifier's: exact-match
     accuracy) and, after a round, the win rate of these answers over the previous model's."""
-    from spjax import checkpoint as ckpt_lib, judges
+    from spjax import artifacts, judges
     held, tok = ctx.held, ctx.tokenizer
     prompts = [tok.decode(e.prompt_ids, skip_special_tokens=True).strip() for e in held]
     queries = [judges.Query(p, (a,), r, e.prompt_ids, (np.asarray(ids, np.int32),), e.prompt_messages)
@@ -116,12 +116,12 @@ def judge_metrics(ctx, t: Optional[int], answers: list, preds: list, refs_text: 
                                 "alone, so there is no judge_score to keep the best round by; pick another metric")
     prev_path = _answers_path(ctx, None if not t else t - 1) if t is not None else None
     if prev_path and os.path.exists(prev_path):
-        prev = ckpt_lib.load_json(prev_path)
+        prev = artifacts.load_json(prev_path)
         out["win_rate"] = judges.win_rate(ctx.judge, prompts, preds, prev["text"], refs_text,
                                           [e.prompt_ids for e in held], [np.asarray(a, np.int32) for a in answers],
                                           [np.asarray(a, np.int32) for a in prev["tokens"]],
                                           [e.prompt_messages for e in held])
-    ckpt_lib.save_json(_answers_path(ctx, t), {"text": preds, "tokens": [list(map(int, a)) for a in answers]})
+    artifacts.save_json(_answers_path(ctx, t), {"text": preds, "tokens": [list(map(int, a)) for a in answers]})
     return out
 
 
@@ -174,10 +174,10 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
 
 def evaluate_initial(ctx, params) -> dict:
     """The starting model's held-out row, computed once per run (a resume reads it back)."""
-    from spjax import checkpoint as ckpt_lib
+    from spjax import artifacts
     path = os.path.join(ctx.workdir, "rounds", "init_eval.json")
     if os.path.exists(path):
-        return ckpt_lib.load_json(path)
+        return artifacts.load_json(path)
     row = evaluate_phase(ctx, params, "initial model")
-    ckpt_lib.save_json(path, row)
+    artifacts.save_json(path, row)
     return row

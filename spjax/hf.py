@@ -285,7 +285,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     default, temperature, top_p, ...) is the export's, with bos/eos ids as exported.
     """
     from safetensors.numpy import save_file
-    from spjax import checkpoint as ckpt_lib, lora
+    from spjax import artifacts, lora
     adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
     tensors = params_to_tensors(cfg, params)
     if jax.process_index() != 0:
@@ -302,7 +302,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                               "choose a new or empty directory (nothing was written)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    ckpt_lib.clear_interrupted(parent, os.path.basename(out_dir))
+    artifacts.clear_interrupted(parent, os.path.basename(out_dir))
     # Refused before a byte is written (as checkpoints are): a full disk midway is a slow way to learn it.
     need = sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + (8 << 20)
     free = shutil.disk_usage(parent).free
@@ -310,7 +310,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         import errno
         raise OSError(errno.ENOSPC, f"No space left on device: the export needs {need / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB free", parent)
-    tmp = ckpt_lib.temp_dir(parent, os.path.basename(out_dir))
+    tmp = artifacts.temp_dir(parent, os.path.basename(out_dir))
     try:
         hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -344,7 +344,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             # its base: the HF directory the run loaded (AutoPeftModelForCausalLM reads it); unknown for a GGUF
             base = os.path.abspath(source) if source and os.path.isdir(source) else ""
             lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"), base)
-        ckpt_lib.umask_modes(tmp)
+        artifacts.umask_modes(tmp)
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"
             os.rename(out_dir, old)

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, judges, metrics as metrics_lib
+from spjax import artifacts, judges, metrics as metrics_lib
 
 
 def _decode(tok, ids) -> str:
@@ -44,7 +44,7 @@ def _judged_on_disk(chunk_dir: str, K: int) -> dict:
     for name in sorted(os.listdir(chunk_dir)):
         if not (name.startswith("chunk_") and name.endswith(".npz")):
             continue  # e.g. an atomic write's temporary file
-        z = ckpt_lib.load_arrays(os.path.join(chunk_dir, name))
+        z = artifacts.load_arrays(os.path.join(chunk_dir, name))
         ids = z.get("ids")
         if ids is None or z["scores"].shape != (len(ids), K) or z["wins"].shape != (len(ids), K, K):
             continue
@@ -60,8 +60,8 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
     done_path = os.path.join(ctx.round_dir(t), f"judged_{split}.npz")
     chunk_dir = os.path.join(ctx.round_dir(t), f"judged_{split}")
     if os.path.exists(done_path):  # remove_tree's barrier on both paths (see pairs.sample_round)
-        z = ckpt_lib.load_arrays(done_path)
-        ckpt_lib.remove_tree(chunk_dir)
+        z = artifacts.load_arrays(done_path)
+        artifacts.remove_tree(chunk_dir)
         return z["scores"], z["wins"]
     done = _judged_on_disk(chunk_dir, K)
     per_chunk = ctx.cfg.judge.batch_size
@@ -77,7 +77,7 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
             s, w = judges.judge_all(ctx.judge, queries(ctx, part, gen, K))
             # overwriting a file of other chunk boundaries is safe: its rows were read into `done` (a kill
             # now costs at most judging them again)
-            ckpt_lib.save_arrays(os.path.join(chunk_dir, f"chunk_{c:05d}.npz"), ids=np.asarray(ids, np.int64),
+            artifacts.save_arrays(os.path.join(chunk_dir, f"chunk_{c:05d}.npz"), ids=np.asarray(ids, np.int64),
                                  scores=s, wins=w)
             ctx.fault("judge")
         scores.append(s)
@@ -86,8 +86,8 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
     bar.close()
     out = {"scores": np.concatenate(scores) if scores else np.zeros((0, K)),
            "wins": np.concatenate(wins) if wins else np.zeros((0, K, K))}
-    ckpt_lib.save_arrays(done_path, **out)
-    ckpt_lib.remove_tree(chunk_dir)
+    artifacts.save_arrays(done_path, **out)
+    artifacts.remove_tree(chunk_dir)
     return out["scores"], out["wins"]
 
 

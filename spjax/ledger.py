@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, evaluate, hf, metrics as metrics_lib
+from spjax import artifacts, checkpoint as ckpt_lib, evaluate, hf, metrics as metrics_lib
 from spjax.config import METRIC_GOALS, Config, ConfigError
 
 # Fields a resume may change: paths, placement, speed knobs and bookkeeping, and the two a schedule
@@ -74,13 +74,13 @@ def write_start(cfg: Config, workdir: str, resume: bool):
     path = os.path.join(workdir, "start.json")
     if not (resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt"))):
         today = datetime.date.today().isoformat()
-        ckpt_lib.save_json(path, {"date": today, "config": _recorded(_dated(cfg, today))})
+        artifacts.save_json(path, {"date": today, "config": _recorded(_dated(cfg, today))})
 
 
 def check_start(cfg: Config, workdir: str, echo, resume: bool = True) -> Config:
     """`cfg` with data.template_date the first start's; ConfigError if it changes a field outside
     MAY_CHANGE since then (an export: one of EXPORT_READS), listed old -> new; other changes are echoed."""
-    first = ckpt_lib.load_json(os.path.join(workdir, "start.json"))
+    first = artifacts.load_json(os.path.join(workdir, "start.json"))
     cfg = _dated(cfg, first["date"])
     was, now = first.get("config", {}), _recorded(cfg)
     changed = sorted(k for k in set(was) & set(now) if was[k] != now[k])  # (fields of other versions: skipped)
@@ -122,12 +122,12 @@ def check_data(workdir: str, splits: dict, resume: bool):
         raise ConfigError(f"the data (data.path, data.eval_path, tokenizer) gives other token ids on process {other[0]} "
                           "than on process 0: every host must read the same data")
     if resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt")):
-        if ckpt_lib.load_json(path)["digest"] != digest:
+        if artifacts.load_json(path)["digest"] != digest:
             raise ConfigError(f"--resume: the data (data.path, data.eval_path, tokenizer) gives other token ids than "
                               f"the run {workdir} started with: its samples and scores belong to those; resume with "
                               "the original data and tokenizer, or start a new workdir")
     elif jax.process_index() == 0:
-        ckpt_lib.save_json(path, {"digest": digest, **{k: len(v) for k, v in splits.items()}})
+        artifacts.save_json(path, {"digest": digest, **{k: len(v) for k, v in splits.items()}})
 
 
 def check_opponent(ctx, t: int, params):
@@ -137,7 +137,7 @@ def check_opponent(ctx, t: int, params):
     from spjax import sharding as shd
     d = ctx.round_dir(t)
     path, sums = os.path.join(d, "opponent.json"), ckpt_lib.checksums(params)
-    if os.path.exists(path) and ckpt_lib.load_json(path) != sums:
+    if os.path.exists(path) and artifacts.load_json(path) != sums:
         stale = f"{d}.stale-{int(time.time())}"
         if jax.process_index() == 0:
             os.rename(d, stale)
@@ -146,7 +146,7 @@ def check_opponent(ctx, t: int, params):
                  "made again")
     shd.barrier(f"spjax-opponent-{t}")
     if not os.path.exists(path):
-        ckpt_lib.save_json(path, sums)
+        artifacts.save_json(path, sums)
 
 
 def stop_here(ctx, summary: dict, t: int) -> bool:
@@ -171,7 +171,7 @@ def record_round(ctx, t: int, params, summary: dict) -> bool:
                            replace_any=True, source=ctx.cfg.model_path)
     ctx.writer.write("round", t, row)
     ctx.fault("record")  # (the line logged, eval.json not yet: a resume evaluates the round again)
-    ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
+    artifacts.save_json(os.path.join(ctx.round_dir(t), "eval.json"), row)
     ctx.echo(metrics_lib.table(f"self-play summary after round {t}", summary,
                                evaluate.COLUMNS + (evaluate.JUDGE_COLUMNS if ctx.judge is not None else [])))
     return stop_here(ctx, summary, t)

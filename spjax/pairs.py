@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, judging, lora, metrics as metrics_lib, objectives, sampler
+from spjax import artifacts, judging, lora, metrics as metrics_lib, objectives, sampler
 from spjax.config import Config, ConfigError
 from spjax.data import lengths as len_lib
 
@@ -147,7 +147,7 @@ def form_pairs(ctx, params, t: int, held: list) -> RoundPairs:
 
 def previous_pairs(ctx, t: int) -> list:
     """SPIN's D_{t-1}: last round's sampled pairs (ids shifted past this round's), to re-score under θ_t."""
-    prev = unpack(ckpt_lib.load_arrays(os.path.join(ctx.round_dir(t - 1), "samples_train.npz")))
+    prev = unpack(artifacts.load_arrays(os.path.join(ctx.round_dir(t - 1), "samples_train.npz")))
     n = len(ctx.train)
     shifted = [dataclasses.replace(e, id=e.id + n) for e in ctx.train]
     return len_lib.attach_generated(shifted, {e.id + n: prev[e.id][0] for e in ctx.train},
@@ -180,8 +180,8 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
         # paces the processes, so process 0 can write done_path before a slower one checks for it; that one
         # skipped the barrier process 0 waited in, and their next collectives mismatched (both crashed).
         # It also clears chunks a process killed before that barrier left.
-        out = unpack(ckpt_lib.load_arrays(done_path))
-        ckpt_lib.remove_tree(chunk_dir)
+        out = unpack(artifacts.load_arrays(done_path))
+        artifacts.remove_tree(chunk_dir)
         return out
     per_chunk = s.batch_size
     bar = metrics_lib.progress(n, f"round {t} sample {split}", "prompt")
@@ -190,7 +190,7 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
         path = os.path.join(chunk_dir, f"chunk_{c:05d}.npz")
         part = examples[start:start + per_chunk]
         want = sorted(e.id * K + k for e in part for k in range(K))
-        got = unpack(ckpt_lib.load_arrays(path)) if os.path.exists(path) else None
+        got = unpack(artifacts.load_arrays(path)) if os.path.exists(path) else None
         if got is None or sorted(got) != want:
             # A LoRA policy decodes merged (float base) or with its adapters on the fly (quantized base).
             sampling = sampling or lora.for_sampling(ctx.model_cfg, params)
@@ -202,13 +202,13 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
             got = {e.id * K + k: (np.asarray(res.tokens[j * K + k], np.int32),
                                   np.asarray(res.logprobs[j * K + k], np.float32))
                    for j, e in enumerate(part) for k in range(K)}
-            ckpt_lib.save_arrays(path, **pack(got))
+            artifacts.save_arrays(path, **pack(got))
             ctx.fault("sample")
         out.update(got)
         bar.update(len(part))
     bar.close()
-    ckpt_lib.save_arrays(done_path, **pack(out))
-    ckpt_lib.remove_tree(chunk_dir)
+    artifacts.save_arrays(done_path, **pack(out))
+    artifacts.remove_tree(chunk_dir)
     return out
 
 

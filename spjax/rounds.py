@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib
+from spjax import artifacts, checkpoint as ckpt_lib
 from spjax import evaluate, hf, ledger, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
 from spjax import lora, preflight, saving, scoring, sharding as shd
 from spjax.config import Config, ConfigError
@@ -359,13 +359,13 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
         if t < rs.round:  # finished before the resume: its row is on disk
             done = os.path.join(ctx.round_dir(t), "eval.json")
             if os.path.exists(done):
-                summary[f"round {t}"] = ckpt_lib.load_json(done)
+                summary[f"round {t}"] = artifacts.load_json(done)
             elif t + 1 == rs.round:  # killed after its checkpoint, before its row: evaluate it now (params
                 pairs = pairs_lib.form_pairs(ctx, params, t, ctx.held)  # are its own; pairs, scores on disk)
                 train_row = metrics_lib.mean_metrics(logged[t]) if logged.get(t) else {}
                 times_path = os.path.join(ctx.round_dir(t), "times.json")
                 summary[f"round {t}"] = _row(ctx, params, t, pairs, scoring.score_phase(ctx, params, t, pairs),
-                                             train_row, ckpt_lib.load_json(times_path) if os.path.exists(times_path)
+                                             train_row, artifacts.load_json(times_path) if os.path.exists(times_path)
                                              else None)
                 if ledger.record_round(ctx, t, params, summary):
                     break
@@ -387,7 +387,7 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
                 rs = dataclasses.replace(rs, round=t, phase="train", step=0, cursor=None)
             params = None  # the opponent is no longer needed (its scores are on disk): free it
             state, rs, train_row = train_phase(ctx, state, rs, t, pairs, refs, compiled, done_rows)
-        ckpt_lib.save_json(os.path.join(ctx.round_dir(t), "times.json"), times)  # for a row evaluated on resume
+        artifacts.save_json(os.path.join(ctx.round_dir(t), "times.json"), times)  # for a row evaluated on resume
         rs = checkpoint_phase(ctx, state, rs, t)
         params, state = state.params, None  # the optimizer state is rebuilt next round: free it now
         summary[f"round {t}"] = _row(ctx, params, t, pairs, refs, train_row, times)

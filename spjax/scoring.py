@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from spjax import checkpoint as ckpt_lib, lora, metrics as metrics_lib, objectives, pairs as pairs_lib
+from spjax import artifacts, lora, metrics as metrics_lib, objectives, pairs as pairs_lib
 from spjax import step as step_lib
 from spjax import sharding as shd
 from spjax.data import batching, packing
@@ -65,7 +65,7 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
     first = ctx.cfg.run.reference == "initial"
     path = os.path.join(ctx.round_dir(0 if first else t), "refs.npz")
     if os.path.exists(path):
-        return _mixed(ctx, ckpt_lib.load_arrays(path), pairs.splits)
+        return _mixed(ctx, artifacts.load_arrays(path), pairs.splits)
     bar = metrics_lib.progress(2 * sum(len(v) for v in pairs.splits.values()), f"round {t} score", "seq")
     out = {}
     for split, ex in pairs.splits.items():
@@ -91,7 +91,7 @@ def score_phase(ctx, params, t: int, pairs: pairs_lib.RoundPairs) -> dict:
     z = {f"{s}_{k}": v for s, (r, g) in out.items() for k, v in (("real", r), ("gen", g))}
     if ctx.objective.initial:
         z.update(_initial_scores(ctx, params, t, pairs, z))
-    ckpt_lib.save_arrays(path, **z)
+    artifacts.save_arrays(path, **z)
     return _mixed(ctx, z, pairs.splits)
 
 

@@ -183,9 +183,31 @@ def test_an_interrupted_exports_leftovers_are_cleared(tmp_path):
     spjax.save_pretrained(cfg, params, tmp_path / "a")
     assert sorted(os.listdir(tmp_path)) == [f".tmp-a-{os.getpid()}-live", f".tmp-b-{dead.pid}-zz", "a"]
     os.rename(tmp_path / "a", tmp_path / f".tmp-a-{dead.pid}-x1y2.old")
-    from spjax import checkpoint
-    checkpoint.clear_interrupted(str(tmp_path), "a")  # the previous export, put back in its place
+    from spjax import artifacts
+    artifacts.clear_interrupted(str(tmp_path), "a")  # the previous export, put back in its place
     assert "a" in os.listdir(tmp_path) and spjax.load_pretrained(str(tmp_path / "a"))[0] == cfg
+
+
+def test_a_killed_exports_leftovers_are_cleared_when_its_pid_is_reused(tmp_path, monkeypatch):
+    """A container's entrypoint gets the same pid on every restart: the process holding a killed writer's
+    pid is then not that writer (it started after the leftovers last changed). They were kept for good as
+    a live writer's (a whole model each, hidden; the previous export moved aside, export/ missing)."""
+    import time
+    from spjax import artifacts
+    cfg, params = oracle.spjax_model("llama3")
+    spjax.save_pretrained(cfg, params, tmp_path / "a")
+    me = os.getpid()
+    os.rename(tmp_path / "a", tmp_path / f".tmp-a-{me}-x1y2.old")  # killed between its two renames
+    (tmp_path / f".tmp-a-{me}-x1y2").mkdir()  # its new export, partly written
+    (tmp_path / f".tmp-a-{me}-zz").mkdir()  # an earlier export killed midway
+    assert artifacts._started(me) <= time.time()  # (this process's own start, from /proc)
+    monkeypatch.setattr(artifacts, "_started", lambda pid: time.time() + 60)  # a restart that got the same pid
+    artifacts.clear_interrupted(str(tmp_path), "a")
+    assert sorted(os.listdir(tmp_path)) == ["a"] and spjax.load_pretrained(str(tmp_path / "a"))[0] == cfg
+    monkeypatch.setattr(artifacts, "_started", lambda pid: time.time() - 60)  # a writer that started before
+    (tmp_path / f".tmp-a-{me}-live").mkdir()  # its directory changed: alive, kept
+    spjax.save_pretrained(cfg, params, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-a-{me}-live", "a"]
 
 
 @pytest.fixture(scope="module")

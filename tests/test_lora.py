@@ -89,7 +89,7 @@ def test_on_the_fly_adapter_equals_merged_weights():
 def test_inpo_initial_policy_is_the_starting_adapter(tmp_path):
     """INPO's pi_0 under LoRA is the policy the run started from: with lora.init_path, base + that adapter
     (round 0: the opponent's own scores; later rounds: the adapter reread), never the base alone."""
-    from spjax import checkpoint as ckpt_lib, objectives, pairs as pairs_lib, scoring
+    from spjax import artifacts, objectives, pairs as pairs_lib, scoring
     from spjax.config import Config
     from spjax.data.tokens import TokenizedExample
     mesh = sharding.make_mesh(MeshConfig())
@@ -112,7 +112,7 @@ def test_inpo_initial_policy_is_the_starting_adapter(tmp_path):
     # round 0: pi_t is pi_0, so INPO's mixture pi_0^a pi_t^(1 - a) is pi_t itself
     np.testing.assert_allclose(scoring.score_phase(ctx, start, 0, pairs)["train"][0], real_start, rtol=1e-6)
     scoring.score_phase(ctx, later, 1, pairs)
-    z = ckpt_lib.load_arrays(os.path.join(ctx.round_dir(1), "refs.npz"))
+    z = artifacts.load_arrays(os.path.join(ctx.round_dir(1), "refs.npz"))
     np.testing.assert_allclose(z["train_real0"], real_start, rtol=1e-5)
     np.testing.assert_allclose(z["train_gen0"], score(start, "generated_ids"), rtol=1e-5)
     assert np.abs(z["train_real0"] - score(lora.adapter_off(model_cfg, start), "real_ids")).max() > 0.1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import spjax
-from spjax import checkpoint as ckpt_lib
+from spjax import artifacts, checkpoint as ckpt_lib
 from spjax import rounds
 from spjax.config import ConfigError, load_config
 from tests.torchless import torchless_env
@@ -71,7 +71,7 @@ def test_run_prints_rounds_and_exports(reference_run):
     date = json.load(open(os.path.join(workdir, "start.json")))["date"]
     assert f"template_date='{date}'" in open(os.path.join(workdir, "config.txt")).read()
     # held-out prompts sample from their own key, not the training prompts' (ids restart at 0 per split)
-    train, held = (ckpt_lib.load_arrays(os.path.join(workdir, "rounds", "round_000", f"samples_{s}.npz"))
+    train, held = (artifacts.load_arrays(os.path.join(workdir, "rounds", "round_000", f"samples_{s}.npz"))
                    for s in ("train", "held"))
     n = min(len(train["ids"]), len(held["ids"]), 8)
     first = lambda z: [int(tok) for tok in z["tokens"][np.cumsum(z["lengths"])[:n] - z["lengths"][:n]]]
@@ -775,7 +775,7 @@ def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tm
     _, exported = spjax.load_pretrained(str(work / "export"), mesh=ctx.mesh)
     lp = scoring.score_examples(ctx, exported, ctx.held, "real_ids")
     nll = float(-(lp.sum() / np.asarray([max(len(e.real_ids), 1) for e in ctx.held], np.float32).sum()))
-    evals = [ckpt_lib.load_json(str(work / "rounds" / f"round_{t:03d}" / "eval.json"))["nll"] for t in (0, 1)]
+    evals = [artifacts.load_json(str(work / "rounds" / f"round_{t:03d}" / "eval.json"))["nll"] for t in (0, 1)]
     assert nll == pytest.approx(evals[0], abs=1e-6) and abs(nll - evals[1]) > 1e-4, (nll, evals)
     ctx.checkpointer.close()
     # `spjax export` would have replaced the kept round with the latest checkpoint (and nothing else holds it)
