@@ -271,6 +271,19 @@ def load_tokenizer(path: str):
 EXPORT_MARK = ".spjax-export"  # in every export: a directory without it is replaced only if empty
 
 
+def _save_tokenizer(tokenizer, out_dir: str):
+    """tokenizer.save_pretrained, named for every transformers: 5.x calls a tokenizer built from tokenizer.json
+    alone (a GGUF's, spjax's byte tokenizer) "TokenizersBackend", a class 4.x lacks (vLLM, lm-eval stacks on
+    4.x refused the export); both load the same tokenizer as "PreTrainedTokenizerFast"."""
+    tokenizer.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2, ensure_ascii=False)
+
+
 def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
                     max_shard_bytes: int = 4 << 30, replace_any: bool = False, source: str = ""):
     """Write a HF directory (config.json, safetensors, tokenizer) atomically: all or nothing.
@@ -339,7 +352,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp)
         if adapter is not None:
             # its base: the HF directory the run loaded (AutoPeftModelForCausalLM reads it); unknown for a GGUF
             base = os.path.abspath(source) if source and os.path.isdir(source) else ""

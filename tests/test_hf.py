@@ -243,6 +243,8 @@ def test_smollm2_logits_match_transformers_from_export(smollm2, tmp_path):
     tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tok2 = transformers.AutoTokenizer.from_pretrained(out)
     assert tok2.chat_template == tok.chat_template
+    # A class transformers 4.x has too (5.x wrote "TokenizersBackend", which 4.57 refused: checked by hand)
+    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["tokenizer_class"] == "PreTrainedTokenizerFast"
     text = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}],
                                    add_generation_prompt=True, tokenize=False)
     ids = np.asarray([tok2(text, add_special_tokens=False)["input_ids"]], np.int32)
