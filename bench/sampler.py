@@ -131,6 +131,8 @@ def main():
     B = a.batch or (64 if big else 4)
     P = a.prompt_len or (256 if big else 16)
     N = a.new_tokens or (256 if big else 16)
+    if a.samples < 1 or B % a.samples:  # B/K prompts x K samples against B: the same decode rows only then
+        ap.error(f"--samples {a.samples}: must divide --batch {B}")
     variants = [(int(s), int(c)) for s in a.segments.split(",") for c in a.chunks.split(",")]
     # The backend asked in a child: jax.devices() here would take 75% of a GPU before the peers run.
     backend = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
