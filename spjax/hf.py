@@ -101,9 +101,9 @@ def _sliding_window(hf: dict, arch: str, where: str):
     types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     windowed = {t == "sliding_attention" for t in types}
     if len(windowed) > 1:
-        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {window}) on some "
-                              f"layers only (layer_types / max_window_layers {first}), but spjax windows all layers "
-                              f"or none: it cannot load this model")
+        why = "layer_types" if hf.get("layer_types") else f"max_window_layers {first}"
+        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {window}) on some layers only "
+                              f"({why}), but spjax windows all layers or none: it cannot load this model")
     return window if windowed == {True} else None
 
 
