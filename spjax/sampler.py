@@ -26,10 +26,21 @@ from spjax import sharding as shd
 from spjax.config import ModelConfig
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
     GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_chunk, _decode_windows,
-    _generate, _unroll_layers, decode_step, example_key, left_pad_positions, prefill, round_key, sample_keys)
+    _generate, _unroll_layers, example_key, left_pad_positions, prefill, round_key, sample_keys)
+from spjax.sampler_program import decode_step as _jitted_decode_step
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
 _EOS_ROUND = 4  # EOS id lists are padded (with -1) to a multiple of this: fewer distinct shapes
+
+
+def decode_step(cfg: ModelConfig, params, token_B, position_B, kv_mask_BxS, cache, slot):
+    """Write one token per row at cache `slot` (same for all rows); fp32 next-token logits [B, V] and the
+    cache. For loops of one's own: a slot outside the kv_mask's S slots is refused (jitted, the slot is
+    traced, and the cache write would clamp onto the last slot, overwriting that token without a word)."""
+    if not isinstance(slot, jax.core.Tracer) and not 0 <= int(slot) < kv_mask_BxS.shape[1]:
+        raise ValueError(f"decode_step: slot {int(slot)} is outside the cache's {kv_mask_BxS.shape[1]} slots: "
+                         "prefill a longer cache (cache_len)")
+    return _jitted_decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,20 @@ def _prompts(lengths, vocab, seed=0):
     return [rng.randint(1, vocab, n).tolist() for n in lengths]
 
 
+def test_decode_step_refuses_a_slot_past_the_cache():
+    """Jitted, the slot is traced: a slot past the cache was clamped onto its last slot, overwriting the
+    prompt's last token's keys and values without a word."""
+    cfg, params = oracle.spjax_model("llama3")
+    P = S = 16
+    _, cache, mask = sampler.prefill(cfg, params, jnp.ones((1, P), jnp.int32), jnp.array([P]), cache_len=S)
+    assert mask.shape[1] == S
+    last = np.asarray(jax.tree.leaves(cache)[0]).copy()
+    with pytest.raises(ValueError, match="slot 16 is outside the cache's 16 slots"):
+        sampler.decode_step(cfg, params, jnp.array([3]), jnp.array([P]), mask, cache, S)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(cache)[0]), last)
+    sampler.decode_step(cfg, params, jnp.array([3]), jnp.array([P - 1]), mask, cache, S - 1)  # in range: runs
+
+
 def _hf_greedy(tm, prompts, new, eos=None):
     """transformers generate(do_sample=False) on a LEFT-padded batch: [B, new] new tokens."""
     import torch
