@@ -309,34 +309,6 @@ def test_a_tpu_pods_workers_start_the_multi_host_runtime(env, started):
                "'local_device_ids': None}" in res.stdout, res.stdout
 
 
-def test_gpu_single_host_bare_kill_reaches_the_trainer(tmp_path):
-    """`kill PID` of the script stops the trainer (which says so in the log), not only the shell around it."""
-    repo = tmp_path / "repo"
-    shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
-    shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
-    (repo / ".venv/bin").mkdir(parents=True)
-    trainer = ("import signal, sys, time\n"
-               "signal.signal(signal.SIGTERM, lambda *_: (print('stopped by SIGTERM', flush=True), sys.exit(143)))\n"
-               "print('training', flush=True); time.sleep(30)\n")
-    (repo / ".venv/bin/python").write_text(f"#!/bin/sh\nexec {shlex.join([sys.executable, '-c', trainer])}\n")
-    (repo / ".venv/bin/python").chmod(0o755)
-    log = repo / "logs/tiny.log"
-    proc = subprocess.Popen(["bash", str(repo / "launch/gpu_single_host.sh"), "--skip-setup", "--config",
-                             "configs/tiny.py"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(200):
-            if log.exists() and "training" in log.read_text():
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, out
-    assert "stopped by SIGTERM" in out and "stopped by SIGTERM" in log.read_text()
-
-
 def test_slurm_requeued_job_resumes(tmp_path):
     """A requeued job (preemption, node failure, scontrol requeue) runs the script again with the same
     variables and SLURM_RESTART_COUNT > 0: it must pass --resume, or spjax.train refuses the workdir."""
@@ -352,9 +324,11 @@ def test_slurm_requeued_job_resumes(tmp_path):
     assert again.stdout.splitlines()[-1].split()[-1] == "--resume"
 
 
-def test_gpu_single_host_group_signal_keeps_the_trainers_stop_line(tmp_path):
-    """Ctrl-C or a scheduler's SIGTERM goes to the whole process group, tee included: the trainer's stop line
-    (written after the signal) must still reach the console and the log, with its exit status."""
+@pytest.mark.parametrize("group", [False, True])
+def test_gpu_single_host_sigterm_reaches_the_trainer_and_keeps_its_stop_line(tmp_path, group):
+    """`kill PID` of the script stops the trainer, not only the shell around it. Ctrl-C or a scheduler's
+    SIGTERM goes to the whole process group, tee included: the trainer's stop line (written after the
+    signal) must still reach the console and the log, with its exit status (tee died with it)."""
     repo = tmp_path / "repo"
     shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
     shutil.copy(os.path.join(ROOT, "requirements.lock"), repo)
@@ -376,7 +350,7 @@ def test_gpu_single_host_group_signal_keeps_the_trainers_stop_line(tmp_path):
             if log.exists() and "training" in log.read_text():
                 break
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
