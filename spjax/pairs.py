@@ -73,6 +73,9 @@ def resolve(cfg: Config, examples: list) -> str:
         missing = next(e for e in examples if e.generated_ids is None)
         raise ConfigError(f"run.pairs: 'data' needs a rejected response in every record; {missing.source} "
                           f"has none ({len(examples) - given} of {len(examples)} lack one)")
+    if cfg.run.mix_previous and not objectives.TABLE[cfg.objective.name].opponent:  # (form_pairs skipped it)
+        raise ConfigError(f"run.mix_previous: objective.name={cfg.objective.name} samples no opponent, so there is no "
+                          "previous round's sampled pairs to mix in (it would be ignored)")
     if cfg.run.mix_previous and source != "sampled":  # D_{t-1} is last round's one sample per prompt
         raise ConfigError(f"run.mix_previous: only for sampled pairs (SPIN's D_{{t-1}}), and run.pairs="
                           f"{cfg.run.pairs} gives {source} pairs here")

@@ -97,7 +97,9 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
 def check_examples(cfg: Config, source: str, train: list, held: list, echo):
     """Said once the data is tokenized: real responses the opponent's samples cannot match in length (a
     sample stops at sampling.max_new_tokens, with no end of turn: such a pair differs by length alone),
-    and held-out prompts that are also trained on (held-out metrics would partly measure training data)."""
+    and held-out prompts that are also trained on (held-out metrics would partly measure training data).
+    Refused: data pairs whose held-out records lack a rejected response."""
+    _check_held_pairs(cfg, source, held[:cfg.run.eval_examples] if cfg.run.eval_examples else held)
     cap = cfg.sampling.max_new_tokens
     longer = [len(e.real_ids) for e in train if len(e.real_ids) > cap]
     if source == "sampled" and longer:
@@ -109,6 +111,18 @@ def check_examples(cfg: Config, source: str, train: list, held: list, echo):
     if both:
         echo(f"note: {both} of {len(held)} held-out prompts are also training prompts (data.eval_path or a "
              "test/eval file repeats them): held-out metrics partly measure the training data")
+
+
+def _check_held_pairs(cfg: Config, source: str, held: list):
+    """Data pairs take each held-out record's rejected response as its second side too (held-out pairs,
+    scored and evaluated each round): a held-out split without one (an SFT eval file beside preference
+    training data) was a TypeError after round 0 had sampled and scored."""
+    missing = [e for e in held if e.generated_ids is None] if source == "data" else []
+    if missing:
+        field = "data.eval_path" if cfg.data.eval_path else "data.path"
+        raise ConfigError(f"{field}: run.pairs=data (chosen vs rejected) needs a rejected response in every held-out "
+                          f"record too; {missing[0].source} has none ({len(missing)} of {len(held)} lack one): "
+                          "give the held-out records one, or hold out part of the preference data (data.eval_frac)")
 
 
 def check_lengths(cfg: Config, model_cfg, buckets, echo):

@@ -1,4 +1,6 @@
-"""Pair sources' bookkeeping: sample chunks on disk, the keys of a round's splits, sample statistics."""
+"""Pair sources' bookkeeping: sample chunks on disk, the keys of a round's splits, sample statistics;
+pair settings a run refuses."""
+import json
 import types
 
 import jax
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 from spjax import pairs
+from tests.test_rounds import _train
 
 
 class _Killed(Exception):
@@ -106,3 +109,30 @@ def test_mix_previous_only_where_auto_resolves_to_sampled_pairs(judge, rejected,
     else:
         with pytest.raises(ConfigError, match="run.mix_previous: only for sampled pairs.*run.pairs=auto gives"):
             pairs.resolve(cfg, examples)
+
+
+def test_preference_training_data_with_an_sft_held_out_file_is_one_line(tmp_path):
+    """run.pairs=data (auto: every training record has `rejected`) takes the held-out records' rejected
+    responses for its held-out pairs: an eval file without them was a TypeError traceback in scoring,
+    after round 0 had sampled (and for objective.name=sft, in the evaluation)."""
+    train, held = tmp_path / "pref.jsonl", tmp_path / "sft_eval.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"What is {i} plus 2?", "chosen": f"{i + 2}.",
+                                         "rejected": f"{i * 3}, maybe."}) + "\n" for i in range(40)))
+    held.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "response": f"{i + 1}."}) + "\n"
+                            for i in range(4)))
+    proc = _train(tmp_path / "run", f"data.path={train}", f"data.eval_path={held}", "run.rounds=1",
+                  tfds_dir=tmp_path / "tfds")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("spjax: config error: data.eval_path: run.pairs=data") and "sft_eval.jsonl:1" in last, last
+
+
+def test_mix_previous_with_sft_is_refused_not_ignored(tmp_path):
+    """objective.name=sft samples nothing, so run.mix_previous had nothing to mix: round 1 trained on
+    the same pairs as without it, silently."""
+    proc = _train(tmp_path / "run", "objective.name=sft", "run.mix_previous=true", "run.rounds=2",
+                  tfds_dir=tmp_path / "tfds")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("spjax: config error: run.mix_previous: objective.name=sft"), last
