@@ -168,6 +168,27 @@ def test_logprobs_match_scoring():
         assert abs(float(lp.sum()) - float(seq_B[i])) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_rounds_sampler_check_passes_its_own_dtype_and_catches_a_shift(dtype):
+    """scoring uses the sampler's log-probs after checking a batch against a forward pass. In bf16 the check
+    (1e-4 a token) always failed: the batch's scoring wasted, everything rescored, a warning each round."""
+    import dataclasses
+    from spjax import scoring
+    cfg, params = oracle.spjax_model("llama3")
+    cfg = dataclasses.replace(cfg, compute_dtype=dtype)
+    prompts = _prompts(LENGTHS, cfg.vocab_size)
+    res = sampler.sample(cfg, params, prompts, key=sampler.round_key(3, 1), max_new_tokens=NEW, temperature=1.0)
+    L = max(len(p) + len(t) for p, t in zip(prompts, res.tokens))
+    ids, target, attn = np.zeros((4, L), np.int32), np.zeros((4, L), bool), np.zeros((4, L), bool)
+    for i, (p, t) in enumerate(zip(prompts, res.tokens)):
+        ids[i, :len(p) + len(t)], attn[i, :len(p) + len(t)], target[i, len(p):len(p) + len(t)] = p + t, True, True
+    full = np.asarray(spjax.sequence_logprobs(cfg, params, jnp.asarray(ids), jnp.asarray(target), jnp.asarray(attn)))
+    sampled = np.asarray([lp.sum() for lp in res.logprobs])
+    assert scoring.sampler_agrees(full, sampled, res.lengths, dtype), np.abs(full - sampled).max()
+    one_lost = sampled - np.asarray([lp[-1] for lp in res.logprobs])  # as a position off by one would
+    assert not scoring.sampler_agrees(full, one_lost, res.lengths, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. The sampling distribution
 
