@@ -67,6 +67,9 @@ def check_pairs(cfg: Config, source: str, n_train: int, echo):
                           "e.g. sampling.temperature=1)")
     if source == "judged" and s.num_samples < 2:  # run.pairs=auto picked judged: the records carry no rejected
         raise ConfigError(_one_sample(cfg))
+    if source != "judged" and cfg.judge.pairs != "best_worst":  # the judge scores held-out answers only
+        raise ConfigError(f"judge.pairs: {cfg.judge.pairs!r} forms judged pairs, but this run's pairs are {source} "
+                          "(the judge scores held-out answers only): drop it, or set run.pairs=judged")
     if source != "judged" and n_train < cfg.run.batch_size:  # one pair per example at most
         raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is more than the {n_train} training "
                           "examples: no training step would run (lower it, or add data)")

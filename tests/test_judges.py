@@ -496,6 +496,8 @@ def test_judged_run_config_checks():
     preflight.check_pairs(four_all, "judged", 3, lambda line: None)  # 3 prompts x 6 pairs >= 16
     with pytest.raises(ConfigError, match="the 12 judged pairs the 2 training prompts"):
         preflight.check_pairs(four_all, "judged", 2, lambda line: None)
+    with pytest.raises(ConfigError, match="judge.pairs: 'all' forms judged pairs, but this run's pairs are data"):
+        preflight.check_pairs(four_all, "data", 64, lambda line: None)  # (the judge: held-out only; was ignored)
     preflight.check_config(dataclasses.replace(judged, sampling=SamplingConfig(num_samples=2, batch_size=32)), 8)
     preflight.check_config(dataclasses.replace(judged, run=RunConfig(pairs="sampled", batch_size=16)), 8)  # eval only
     # Greedy sampling gives the judge K equal samples: every prompt tied, every round trained nothing (exit 0)

@@ -1,5 +1,6 @@
 """Config files and `key=value` overrides: every bad value is one ConfigError naming its field, before
 anything runs (before: a traceback, a crash mid-run, or silently accepted)."""
+import dataclasses
 import os
 import re
 
@@ -196,7 +197,8 @@ def test_unreachable_real_lengths_and_held_out_overlap_are_said():
                     "note: 2 of 3 held-out prompts are also training prompts (data.eval_path or a test/eval file "
                     "repeats them): held-out metrics partly measure the training data"]
     said.clear()
-    preflight.check_examples(cfg, "data", train, held[1:2], said.append)  # no samples; no overlap
+    rejected = dataclasses.replace(held[1], generated_ids=np.arange(3, dtype=np.int32))
+    preflight.check_examples(cfg, "data", train, [rejected], said.append)  # no samples; no overlap
     assert said == []
 
 
