@@ -115,7 +115,9 @@ def _judged(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     scores_NxK, wins_NxKxK = judging.judge_round(ctx, t, split, examples, gen)
     pairs, win_real, win_gen = judging.judged_pairs(examples, gen, wins_NxKxK, K, ctx.cfg.judge.pairs,
                                                     ctx.cfg.data.max_len)
-    stats = {"judge_mean": float(scores_NxK.mean()), "judge_best": float(scores_NxK.max(axis=1).mean()),
+    empty = not len(scores_NxK)  # (no held-out examples: numpy warned "Mean of empty slice" each round)
+    stats = {"judge_mean": np.nan if empty else float(scores_NxK.mean()),
+             "judge_best": np.nan if empty else float(scores_NxK.max(axis=1).mean()),
              "judge_pairs": len(pairs) / max(len(examples), 1), **_sample_stats(ctx, t, split, gen)}
     return SplitPairs(pairs, None, win_real, win_gen, stats)
 
