@@ -165,8 +165,9 @@ def _quiet_abandoned_reads():
     then in flight end in tensorstore callbacks on the closed loop (a "RuntimeError: Event loop is closed"
     traceback each), and the unfinished ones raise again when collected ("Exception ignored in: <coroutine
     ... _read_array_index_and_device_put>", each with a page of TensorStore spec), or their futures' errors
-    are logged as never retrieved: up to ~1000 lines around the one line that says the step was skipped. Those are waited for, collected and dropped here; any
-    other report is printed as before. Yields a list: put something in it when a step failed."""
+    are logged as never retrieved: up to ~1000 lines around the one line that says the step was skipped.
+    Those are waited for, collected and dropped here; any other report is printed as before. Yields a
+    list: put something in it when a step failed."""
     hooks = sys.excepthook, sys.unraisablehook
 
     def abandoned(e) -> bool:
@@ -179,6 +180,7 @@ def _quiet_abandoned_reads():
     def unraisablehook(unraisable):
         if not (abandoned(unraisable.exc_value) or "_read_array_index_and_device_put" in repr(unraisable.object)):
             hooks[1](unraisable)
+
     def unretrieved(record) -> bool:  # asyncio's "Future exception was never retrieved": the others' errors
         return "was never retrieved" not in record.getMessage()
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook

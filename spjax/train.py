@@ -112,8 +112,9 @@ class _IOFailureLogged(logging.Filter):
         return not (record.exc_info and io_failure(record.exc_info[1]))
 
 
-_PEER_LOST = re.compile(r"Gloo \S+ failed|Connection (reset|closed) by peer|heartbeat timeout|another task (died|failed)"
-                        r"|coordination service|NCCL (error|operation|communicator)", re.IGNORECASE)
+_PEER_LOST = re.compile(r"Gloo \S+ failed|Connection (reset|closed) by peer|heartbeat timeout"
+                        r"|another task (died|failed)|coordination service|NCCL (error|operation|communicator)",
+                        re.IGNORECASE)
 
 
 def peer_lost(e: BaseException):
