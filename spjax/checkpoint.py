@@ -192,9 +192,9 @@ def _quiet_abandoned_reads():
         failed.append(True)
         raise
     finally:
-        if failed:  # the step's other reads (local or remote files) end within moments
-            time.sleep(0.5)
-        gc.collect()  # their coroutines and futures sit in reference cycles with the errors kept
+        if failed:  # the step's other reads (local or remote files) end within moments; their coroutines and
+            time.sleep(0.5)  # futures sit in reference cycles with the errors kept: collected here, not
+            gc.collect()  # on every resume (a whole-heap collection at start-up for nothing)
         sys.excepthook, sys.unraisablehook = hooks
         logging.getLogger("asyncio").removeFilter(unretrieved)
 
