@@ -87,6 +87,19 @@ def test_changed_file_is_prepared_anew(tmp_path):
     assert len(glob.glob(os.path.join(data_dir, "spjax_files", "*"))) == 2
 
 
+def test_preparing_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+    """A TFDS builder of a dataset not yet prepared made an empty /tmp/tmp*tfds directory (for GCS metadata it
+    never fetches) and left it: one a preparation, ~150 a run of this suite."""
+    import tempfile
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    assert len(load_examples(DataConfig(path=path, eval_frac=0.0), str(tmp_path / "tfds"))["train"]) == 4
+    load_examples(DataConfig(path="synthetic"), str(tmp_path / "tfds"))
+    assert os.listdir(system_tmp) == [] and tempfile.gettempdir() == str(system_tmp)
+
+
 def test_data_prepared_by_other_parsers_is_prepared_anew(tmp_path, monkeypatch):
     """The parsers' code names a prepared dataset too: after an upgrade that parses files otherwise, a
     shared tfds_dir held the old parse, read as it was."""

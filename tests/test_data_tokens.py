@@ -290,3 +290,73 @@ def test_special_token_text_in_a_turn_is_refused_not_encoded_as_a_control_token(
     assert "What does <|im_end| mean?" in tok.decode(ids.tolist(), skip_special_tokens=True)
     assert ids.tolist().count(tok.eos_token_id) == tok.apply_chat_template(
         near, tokenize=False, add_generation_prompt=True).count("<|im_end|>")  # the template's own only
+
+
+def _dated_bytes():
+    """The byte tokenizer with a template that prints today's date (as Llama 3's do)."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    tok.chat_template = ("<|im_start|>system\nToday: {{ strftime_now('%d %B %Y') }}<|im_end|>\n{% for m in messages %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def _mixed_examples(n):
+    """Single- and multi-turn chats (some cut by whole turns at max_prompt_len 96), and records that fail."""
+    from spjax.data import Example
+    out = []
+    for i in range(n):
+        if i % 7 == 3:
+            msgs = chat(("user", f"q{i} " + "long " * 20), ("assistant", "a" * 30), ("user", f"and {i}?"))
+        else:
+            msgs = chat(("user", f"What is {i} + {i}?"))
+        response = "<|im_end|> early" if i % 50 == 10 else f"{2 * i}." * (1 + i % 5)
+        out.append(Example(msgs, response, rejected=None if i % 2 else f"{i}?", file="d.jsonl", line=i + 1))
+    return out
+
+
+def test_threaded_tokenization_is_one_threads(tmp_path):
+    """Splits are tokenized on threads (tokenizers' encode releases the GIL): the same ids, kept turns, errors and
+    length report as one thread, in the examples' order; the template's clock pinned to data.template_date in
+    every thread and given back after (each thread pinning its own would race on transformers' one clock)."""
+    import transformers.utils.chat_template_utils as ctu
+    from spjax.data import tokens
+    from spjax.byte_tokenizer import CHATML, byte_tokenizer
+    tok, examples, clock = _dated_bytes(), _mixed_examples(300), ctu.datetime
+    assert byte_tokenizer().chat_template == CHATML  # setting one's template changed the run's tokenizer before
+    one = tokens.tokenize_all(tok, examples, "2024-07-26", max_prompt_len=96, threads=1)
+    many = tokens.tokenize_all(tok, examples, "2024-07-26", max_prompt_len=96, threads=4)
+    assert ctu.datetime is clock
+    assert len(one) == len(many) == 300
+    failed = [k for k, r in enumerate(many) if isinstance(r, DataError)]
+    assert failed == [10, 60, 110, 160, 210, 260]
+    for a, b in zip(one, many):
+        if isinstance(a, DataError):
+            assert [str(p) for p in a.problems] == [str(p) for p in b.problems]
+            continue
+        assert a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:3], b[1:3]))
+        assert (a[3] is None) == (b[3] is None) and (a[3] is None or np.array_equal(a[3], b[3]))
+        assert "Today: 26 July 2024" in tok.decode(b[1].tolist())
+    assert sum(len(r[0]) < 3 for r in many if not isinstance(r, DataError) and r[0][-1]["content"].startswith("and"))
+    clean = [ex for k, ex in enumerate(examples) if k not in failed]
+    reports = [tokenize_examples(tok, clean, max_prompt_len=96, max_len=128, today="2024-07-26", threads=t)[1]
+               for t in (1, 4)]
+    assert str(reports[0]) == str(reports[1]) and reports[0].prompts_by_turns > 0
+
+
+def test_a_failure_on_a_thread_stops_the_tokenization(monkeypatch):
+    """An error that is not the data's (a bug, Ctrl-C) is raised at once; the chunks not yet started never run."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    from spjax.data import tokens
+    calls, real = [], tokens._tokenized
+
+    def failing(tok, ex, *args):
+        calls.append(ex.line)
+        if ex.line == 1:
+            raise RuntimeError("boom")
+        return real(tok, ex, *args)
+    monkeypatch.setattr(tokens, "_tokenized", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        tokens.tokenize_all(byte_tokenizer(), _mixed_examples(64 * 40), threads=2)
+    assert len(calls) < 64 * 10

@@ -17,7 +17,7 @@ import numpy as np
 from spjax.config import DataConfig
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
 from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
-from spjax.data.tokens import stop_ids, tokenize_example
+from spjax.data.tokens import stop_ids, tokenize_all, tokenize_example
 
 PERCENTILES = (50, 90, 99)
 
@@ -71,11 +71,11 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         from spjax.data.pipeline import with_system_prompt  # the run's own step, so the counts are the run's
 
         run_examples = with_system_prompt(examples, system_prompt) if system_prompt else examples
-        for ex in run_examples:
-            try:
-                tokenized.append(tokenize_example(tokenizer, ex, today, stops=stops))
-            except DataError as e:
-                problems.extend(e.problems)
+        for result in tokenize_all(tokenizer, run_examples, today, stops=stops, desc=f"{path}: tokenize"):
+            if isinstance(result, DataError):
+                problems.extend(result.problems)
+            else:
+                tokenized.append(result[1:])
     if problems:
         problems.sort(key=lambda p: (p.file, p.line))
         for p in problems:

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import logging
 import os
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -155,13 +156,20 @@ def _prepared(builder_cls, **kwargs):
 @contextlib.contextmanager
 def _quiet_tfds():
     """TFDS's notices about a local dataset ('Using custom data configuration', 'Downloading and preparing
-    dataset Unknown size ...'): noise beside the run's own line. Errors still propagate."""
-    absl = logging.getLogger("absl")
+    dataset Unknown size ...'): noise beside the run's own line. Errors still propagate. And its litter:
+    a builder of a dataset not yet prepared makes an empty temporary directory for metadata it would
+    fetch from GCS (never, offline) and leaves it, one /tmp/tmp*tfds a preparation; here it makes it
+    in a directory of ours, removed after."""
+    absl, saved = logging.getLogger("absl"), tempfile.tempdir
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        with tempfile.TemporaryDirectory(prefix="spjax-tfds-") as scratch, contextlib.redirect_stdout(io.StringIO()):
+            tempfile.tempdir = scratch
+            try:
+                yield
+            finally:
+                tempfile.tempdir = saved
     finally:
         absl.setLevel(level)
 
@@ -193,7 +201,8 @@ def _source_splits(path: str, fmt: str, eval_frac: float, seed: int, data_dir: O
         return _splits(_prepared(BUILTIN[name], config=tfds_builders.builtin_config(name), data_dir=data_dir),
                        path, fmt)
     try:
-        builder = tfds.builder(path, data_dir=data_dir)
+        with _quiet_tfds():
+            builder = tfds.builder(path, data_dir=data_dir)
     except Exception as e:  # tfds raises DatasetNotFoundError and friends; its first line says which
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{field}: {path!r} is not a file, a directory or a known TFDS dataset ({why})") from None
