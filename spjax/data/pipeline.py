@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from spjax.config import ConfigError, DataConfig
-from spjax.data import tfds_builders
+from spjax.data import tfds_builders, token_cache
 from spjax.data.batching import make_buckets
 from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_format, parse_record
 from spjax.data.lengths import check_lengths
@@ -254,13 +254,21 @@ def with_system_prompt(examples: list, system: str) -> list:
 
 def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None, stops: Sequence[int] = ()) -> Prepared:
     """Load `cfg`'s data through TFDS, tokenize both splits with the chat template, apply the length policy.
-    stops: the run's stop ids (tokens.stop_ids), where responses end as sampled ones do."""
-    splits = load_examples(cfg, data_dir)
-    out, reports = {}, {}
-    for split, examples in splits.items():
-        out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
-                                                       max_len=cfg.max_len, overlong=cfg.overlong, split=split,
-                                                       today=cfg.template_date or None, stops=stops)
+    stops: the run's stop ids (tokens.stop_ids), where responses end as sampled ones do.
+    With data_dir, the tokenized splits are kept there (token_cache) and read by the next start."""
+    splits, today = load_examples(cfg, data_dir), cfg.template_date or None
+    name = token_cache.digest(splits, tokenizer, cfg, today, stops) if data_dir else None
+    kept = token_cache.load(token_cache.path(data_dir, name), splits) if name else None
+    if kept:
+        out, reports = kept
+    else:
+        out, reports = {}, {}
+        for split, examples in splits.items():
+            out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
+                                                           max_len=cfg.max_len, overlong=cfg.overlong, split=split,
+                                                           today=today, stops=stops)
+        if name:
+            token_cache.save(token_cache.path(data_dir, name), out, reports)
     if not out["train"]:
         raise DataError([Problem(cfg.path, 1, "record", f"no training example is left ({reports['train']})")])
     return Prepared(out["train"], out["test"], reports, make_buckets(cfg.buckets, cfg.max_len),

@@ -47,6 +47,7 @@ class TokenizedExample:
     # The chat turns prompt_ids were rendered from (after whole-turn truncation): a judge with its own
     # chat template (a reward model's) renders them.
     prompt_messages: tuple = ()
+    example_index: int = -1  # its record's place in the examples tokenize_examples was given (dropped ones count)
 
     @property
     def reference_ids(self) -> np.ndarray:
@@ -364,7 +365,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     fit = max_prompt_len if overlong == "truncate" else None
     done = tokenize_all(tokenizer, examples, today, max_prompt_len=fit, stops=stops,
                         desc=f"data {split or 'split'}: tokenize", threads=threads)
-    for ex, result in zip(examples, done):
+    for k, (ex, result) in enumerate(zip(examples, done)):
         if isinstance(result, DataError):
             problems.extend(result.problems)
             continue
@@ -374,7 +375,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
                                   overlong=overlong, bos_id=bos_id, report=report, source=f"{ex.file}:{ex.line}")
         if cut is not None:
             out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}",
-                                        None if len(cut[1]) == len(real) else np.asarray(real, np.int32), turns))
+                                        None if len(cut[1]) == len(real) else np.asarray(real, np.int32), turns, k))
     if problems:
         raise DataError(problems)
     if report.kept != report.examples:
