@@ -247,6 +247,10 @@ class DataConfig:
     max_prompt_len: int = 512
     max_len: int = 1024  # prompt + response
     overlong: str = "truncate"  # truncate | drop
+    # refuse | drop: records the template or tokenizer cannot encode as written (a special token's text in a
+    # turn, the EOS text in a response, a chat the template refuses): each named and the run stopped, or dropped
+    # and counted in the split's report
+    unencodable: str = "refuse"
     buckets: tuple[int, ...] = ()  # static padded lengths; () means powers of two up to max_len
     pack: str = "auto"  # pairs and scored sequences packed into rows (on | off); auto: on unless cuDNN (GPU)
     max_examples: int = 0  # 0: all
@@ -267,6 +271,7 @@ class DataConfig:
         _check(not self.template_date or _iso_date(self.template_date), "data.template_date",
                f"{self.template_date!r} is not a date as YYYY-MM-DD")
         _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
+        _check(self.unencodable in ("refuse", "drop"), "data.unencodable", "must be refuse or drop")
         _one_of(self.pack, "data.pack", ("auto", "on", "off"))
 
 

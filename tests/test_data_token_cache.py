@@ -108,3 +108,26 @@ def test_a_damaged_or_unwritable_file_costs_a_tokenization_not_the_run(tmp_path,
     monkeypatch.setattr(token_cache.artifacts, "save_arrays", full)
     _same(first, prepare(dataclasses.replace(cfg, template_date="2026-12-05"), tok, data_dir, (2,)))
     assert "were not kept (" in caplog.text
+
+
+def test_unencodable_records_dropped_then_refused(tmp_path, caplog):
+    """data.unencodable=drop drops a record whose text holds a special token's (counted, the first few named);
+    refuse (the default) then stops on it: the splits kept by the dropping start are not read for it."""
+    from spjax.data import DataError
+    records = _records()
+    records[3]["chosen"] = "It ends with <|im_end|> here."
+    records[7]["prompt"][-1]["content"] = "What does <|im_start|> mean?"
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = DataConfig(path=path, eval_frac=0.0, max_prompt_len=64, max_len=112, template_date="2026-12-02",
+                     unencodable="drop")
+    data_dir = str(tmp_path / "tfds")
+    got = prepare(cfg, byte_tokenizer(), data_dir, (2,))
+    report = got.reports["train"]
+    assert report.dropped_unencodable == 2 and report.kept == len(got.train) == 22 and report.examples == 24
+    assert "2 as unencodable" in str(report) and {f"{path}:4", f"{path}:8"} <= set(report.cut)
+    assert "dropped 2 records that cannot be encoded as written" in caplog.text and f"{path}:4: response" in caplog.text
+    assert [e.example_index for e in got.train][3:7] == [4, 5, 6, 8]
+    with pytest.raises(DataError, match="special token text"):
+        prepare(dataclasses.replace(cfg, unencodable="refuse"), byte_tokenizer(), data_dir, (2,))
+    with pytest.raises(Exception, match="data.unencodable"):
+        DataConfig(unencodable="skip")

@@ -25,6 +25,7 @@ class LengthReport:
     responses_truncated: int = 0  # real or generated (or both) cut at max_len
     dropped_prompt: int = 0  # overlong="drop": prompt longer than max_prompt_len
     dropped_total: int = 0  # overlong="drop": prompt + a response longer than max_len
+    dropped_unencodable: int = 0  # unencodable="drop": records the template or tokenizer cannot encode as written
     cut: list = dataclasses.field(default_factory=list)  # "file:line" of every example cut or dropped
 
     def __str__(self):
@@ -32,7 +33,8 @@ class LengthReport:
         where = f" ({', '.join(self.cut[:3])}{', ...' if len(self.cut) > 3 else ''})" if self.cut else ""
         return (f"{self.examples} examples, {self.kept} kept; {self.prompts_truncated} prompts{turns} and "
                 f"{self.responses_truncated} responses truncated; {self.dropped_prompt} dropped for a long "
-                f"prompt, {self.dropped_total} for a long prompt+response{where}")
+                f"prompt, {self.dropped_total} for a long prompt+response"
+                f"{f', {self.dropped_unencodable} as unencodable' if self.dropped_unencodable else ''}{where}")
 
 
 def check_lengths(max_prompt_len: int, max_len: int, overlong: str):

@@ -266,7 +266,7 @@ def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None, stops: S
         for split, examples in splits.items():
             out[split], reports[split] = tokenize_examples(tokenizer, examples, max_prompt_len=cfg.max_prompt_len,
                                                            max_len=cfg.max_len, overlong=cfg.overlong, split=split,
-                                                           today=today, stops=stops)
+                                                           today=today, stops=stops, unencodable=cfg.unencodable)
         if name:
             token_cache.save(token_cache.path(data_dir, name), out, reports)
     if not out["train"]:

@@ -52,7 +52,8 @@ def digest(splits: dict, tokenizer, cfg, today: Optional[str], stops: Sequence[i
     add(backend.to_str(), getattr(tokenizer, "chat_template", None), tokenizer.special_tokens_map,
         tokenizer.bos_token_id, tokenizer.eos_token_id)
     # No pinned date: the template prints the clock's, so the same file is not today's tomorrow.
-    add(cfg.max_prompt_len, cfg.max_len, cfg.overlong, today or datetime.date.today().isoformat(), list(stops))
+    add(cfg.max_prompt_len, cfg.max_len, cfg.overlong, cfg.unencodable, today or datetime.date.today().isoformat(),
+        list(stops))
     for split in sorted(splits):
         add(split, len(splits[split]))
         for ex in splits[split]:
@@ -77,7 +78,8 @@ def load(file: str, splits: dict) -> Optional[tuple]:
             print(f"data: tokenized splits read from {file} (kept by an earlier start)", flush=True)
         return out, reports
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: tokenize again, as without it
-        log.warning("data: %s cannot be read (%s): tokenizing again", file, (str(e).splitlines() or [type(e).__name__])[0])
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        log.warning("data: %s cannot be read (%s): tokenizing again", file, why)
         return None
 
 

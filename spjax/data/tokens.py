@@ -353,8 +353,10 @@ def _threads() -> int:
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len: int, max_len: int,
                       overlong: str = "truncate", split: str = "", today: Optional[str] = None,
-                      stops: Sequence[int] = (), threads: Optional[int] = None) -> tuple[list, LengthReport]:
-    """Tokenize a split and apply the length policy. DataError lists every example that fails.
+                      stops: Sequence[int] = (), threads: Optional[int] = None,
+                      unencodable: str = "refuse") -> tuple[list, LengthReport]:
+    """Tokenize a split and apply the length policy. DataError lists every example that fails, or with
+    unencodable="drop" they are dropped, counted in the report and the first few logged.
 
     Ids are dense 0..n-1 over the kept examples; `source` says which record each came from.
     threads: `tokenize_all`'s.
@@ -368,6 +370,9 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
     for k, (ex, result) in enumerate(zip(examples, done)):
         if isinstance(result, DataError):
             problems.extend(result.problems)
+            if unencodable == "drop":
+                report.examples, report.dropped_unencodable = report.examples + 1, report.dropped_unencodable + 1
+                report.cut.append(f"{ex.file}:{ex.line}")
             continue
         turns, p, real, gen = result
         _count_turns_cut(report, ex, turns)
@@ -376,8 +381,12 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
         if cut is not None:
             out.append(TokenizedExample(len(out), cut[0], cut[1], cut[2], f"{ex.file}:{ex.line}",
                                         None if len(cut[1]) == len(real) else np.asarray(real, np.int32), turns, k))
-    if problems:
+    if problems and unencodable != "drop":
         raise DataError(problems)
+    if problems:
+        log.warning("data %s: dropped %d record%s that cannot be encoded as written (data.unencodable=drop), e.g. %s",
+                    split or "split", report.dropped_unencodable, "s" * (report.dropped_unencodable > 1),
+                    "; ".join(map(str, problems[:3])))
     if report.kept != report.examples:
         log.warning("data %s: %s", split or "split", report)
     else:
