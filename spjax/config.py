@@ -324,8 +324,8 @@ class RunConfig:
             _check(getattr(self, name) >= 0, f"run.{name}", f"must be >= 0, got {getattr(self, name)}")
         _one_of(self.pairs, "run.pairs", PAIR_SOURCES)
         _one_of(self.reference, "run.reference", REFERENCES)
-        _check(self.reference == "opponent" or self.pairs == "data", "run.reference",
-               "'initial' needs run.pairs=data (sampled pairs change every round; pi_0 is gone after round 0)")
+        _check(self.reference == "opponent" or self.pairs in ("data", "auto"), "run.reference",  # auto: pairs.resolve
+               "'initial' needs data pairs (sampled pairs change every round; pi_0 is gone after round 0)")
 
 
 @dataclasses.dataclass(frozen=True)

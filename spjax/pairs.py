@@ -73,6 +73,10 @@ def resolve(cfg: Config, examples: list) -> str:
         missing = next(e for e in examples if e.generated_ids is None)
         raise ConfigError(f"run.pairs: 'data' needs a rejected response in every record; {missing.source} "
                           f"has none ({len(examples) - given} of {len(examples)} lack one)")
+    if cfg.run.reference == "initial" and source != "data":
+        raise ConfigError(f"run.reference: 'initial' needs data pairs (a rejected response in every record: pi_0 "
+                          f"scores them once, in round 0), and run.pairs=auto gives {source} pairs here "
+                          f"({len(examples) - given} of {len(examples)} records have no rejected response)")
     if cfg.run.mix_previous and not objectives.TABLE[cfg.objective.name].opponent:  # (form_pairs skipped it)
         raise ConfigError(f"run.mix_previous: objective.name={cfg.objective.name} samples no opponent, so there is no "
                           "previous round's sampled pairs to mix in (it would be ignored)")

@@ -136,3 +136,23 @@ def test_mix_previous_with_sft_is_refused_not_ignored(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("spjax: config error: run.mix_previous: objective.name=sft"), last
+
+
+@pytest.mark.parametrize("rejected,ok", [(True, True), (False, False)])
+def test_reference_initial_under_auto_pairs(rejected, ok):
+    """run.reference=initial was refused under run.pairs=auto before the data was read, even for preference data
+    (where auto gives data pairs); now auto decides, and sampled pairs are refused naming the records."""
+    import os
+    from spjax.config import ConfigError, load_config
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    cfg = load_config(tiny, ["run.reference=initial"])
+    assert cfg.run.pairs == "auto"
+    examples = [types.SimpleNamespace(generated_ids=np.asarray([3, 2]) if rejected else None, source="f:1")] * 3
+    if ok:
+        assert pairs.resolve(cfg, examples) == "data"
+    else:
+        with pytest.raises(ConfigError, match=r"run.reference: 'initial' needs data pairs .* gives sampled pairs "
+                                              r"here \(3 of 3 records have no rejected response\)"):
+            pairs.resolve(cfg, examples)
+    with pytest.raises(ConfigError, match="run.reference: 'initial' needs data pairs"):
+        load_config(tiny, ["run.reference=initial", "run.pairs=sampled"])
