@@ -17,7 +17,7 @@ import numpy as np
 from spjax.config import DataConfig
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
 from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
-from spjax.data.tokens import stop_ids, tokenize_all, tokenize_example
+from spjax.data.tokens import _count_turns_cut, stop_ids, tokenize_all
 
 PERCENTILES = (50, 90, 99)
 
@@ -104,16 +104,20 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
     for line in _table(tokens, "tokens"):
         print(line, file=out)
     bos = getattr(tokenizer, "bos_token_id", None)
+    # The run's way for long prompts under overlong=truncate: their oldest whole turns go first.
+    long = [k for k, (p, _, _) in enumerate(tokenized) if len(p) > max_prompt_len]
+    fitted = dict(zip(long, tokenize_all(tokenizer, [run_examples[k] for k in long], today,
+                                         max_prompt_len=max_prompt_len, stops=stops, desc=f"{path}: fit turns")))
+    for result in fitted.values():
+        if isinstance(result, DataError):  # a template that refuses the shorter chat: said as the run says it
+            print(*result.problems, sep="\n", file=out)
+            return 1
     for overlong in ("truncate", "drop"):
         report = LengthReport()
-        for ex, (p, r, g) in zip(run_examples, tokenized):
-            if overlong == "truncate" and len(p) > max_prompt_len:  # the run's way: oldest whole turns first
-                try:
-                    p, r, g = tokenize_example(tokenizer, ex, today, max_prompt_len=max_prompt_len, report=report,
-                                               stops=stops)
-                except DataError as e:  # a template that refuses the shorter chat: said as the run says it
-                    print(*e.problems, sep="\n", file=out)
-                    return 1
+        for k, (ex, (p, r, g)) in enumerate(zip(run_examples, tokenized)):
+            if overlong == "truncate" and k in fitted:
+                turns, p, r, g = fitted[k]
+                _count_turns_cut(report, ex, turns)
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report, source=f"{ex.file}:{ex.line}")
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)
