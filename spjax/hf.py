@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spjax.config import ModelConfig
+from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401
                                 params_from_tensors, params_to_tensors)
 
@@ -98,6 +99,9 @@ def _sliding_window(hf: dict, arch: str, where: str):
     if arch != "qwen2" or not hf.get("use_sliding_window") or window is None:
         return None
     n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
+    if not isinstance(first, int) and not hf.get("layer_types"):  # null: transformers refuses it too
+        raise CheckpointError(f"{where}: max_window_layers is {first!r} with use_sliding_window true: it must be "
+                              f"the number of leading layers with full attention (an int)")
     types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     windowed = {t == "sliding_attention" for t in types}
     if len(windowed) > 1:
@@ -168,37 +172,54 @@ def _read_json(path):
             raise CheckpointError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
+def _safe_open(path: str):
+    """safetensors' handle on `path`; a truncated or corrupt file (an interrupted download) is one line."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # noqa: BLE001 - SafetensorError: "incomplete metadata, file not fully covered", ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}): truncated or corrupt? "
+                              "download it again") from None
+
+
 def _safetensors_getter(directory: str):
     """A TensorSource over a single or index-sharded safetensors checkpoint."""
-    from safetensors import safe_open
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
         weight_map = _read_json(index).get("weight_map", {})
     elif os.path.exists(single):
-        with safe_open(single, "np") as f:
+        with _safe_open(single) as f:
             weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
-        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json found")
+        bins = sorted(f for f in os.listdir(directory) if f.startswith("pytorch_model") and f.endswith(".bin"))
+        hint = (f" ({bins[0]} is PyTorch's pickle format, which spjax does not read: convert it to safetensors)"
+                if bins else "")
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json found{hint}")
+    # Saved from the base model (LlamaModel, Qwen2Model: no "model." prefix): transformers' CausalLM loads
+    # those names as model.*, and so do we.
+    stored = {k: k for k in weight_map}
+    if weight_map and not any(k.startswith("model.") for k in weight_map) and "embed_tokens.weight" in weight_map:
+        stored = {(k if k.startswith("lm_head.") else "model." + k): k for k in weight_map}
     handles = {}
 
     def get(name):
-        if name not in weight_map:
+        if name not in stored:
             raise CheckpointError(f"{directory}: tensor {name!r} missing from the checkpoint")
-        fname = weight_map[name]
+        fname = weight_map[stored[name]]
         path = os.path.join(directory, fname)
         if fname not in handles:
             if not os.path.exists(path):
                 raise CheckpointError(f"{path}: file not found (named by the safetensors index)")
-            handles[fname] = safe_open(path, "np")
+            handles[fname] = _safe_open(path)
         try:
-            return handles[fname].get_tensor(name)
+            return handles[fname].get_tensor(stored[name])
         except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
             if "bfloat16" in str(e) or "BF16" in str(e):
-                return _bf16_tensor(path, name)
-            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+                return _bf16_tensor(path, stored[name])
+            raise CheckpointError(f"{path}: tensor {stored[name]!r}: {e}") from None
 
-    return TensorSource(get, weight_map)
+    return TensorSource(get, stored)
 
 
 def _bf16_tensor(path, name):
@@ -253,35 +274,7 @@ def with_init_adapter(cfg: ModelConfig, params):
     return lora.load_peft(cfg, params, cfg.lora.init_path)
 
 
-def load_tokenizer(path: str):
-    """A transformers tokenizer from a HF directory, a .gguf file, or 'bytes' (spjax's byte-level ChatML)."""
-    from transformers import AutoTokenizer
-    path = os.fspath(path)
-    if path == "bytes":
-        from spjax.byte_tokenizer import byte_tokenizer
-        return byte_tokenizer()
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: file not found")
-    if path.endswith(".gguf"):  # built by spjax: transformers' GGUF reader needs torch
-        from spjax.gguf_tokenizer import tokenizer_from_gguf
-        return tokenizer_from_gguf(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
 EXPORT_MARK = ".spjax-export"  # in every export: a directory without it is replaced only if empty
-
-
-def _save_tokenizer(tokenizer, out_dir: str):
-    """tokenizer.save_pretrained, named for every transformers: 5.x calls a tokenizer built from tokenizer.json
-    alone (a GGUF's, spjax's byte tokenizer) "TokenizersBackend", a class 4.x lacks (vLLM, lm-eval stacks on
-    4.x refused the export); both load the same tokenizer as "PreTrainedTokenizerFast"."""
-    tokenizer.save_pretrained(out_dir)
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2, ensure_ascii=False)
 
 
 def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtype=None,
@@ -352,7 +345,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
-            _save_tokenizer(tokenizer, tmp)
+            save_tokenizer(tokenizer, tmp)
         if adapter is not None:
             # its base: the HF directory the run loaded (AutoPeftModelForCausalLM reads it); unknown for a GGUF
             base = os.path.abspath(source) if source and os.path.isdir(source) else ""

@@ -138,6 +138,18 @@ def check_lengths(cfg: Config, model_cfg, buckets, echo):
              f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")
 
 
+def check_tokenizer(cfg: Config, tokenizer):
+    """What makes every example fail the same way, said once about the tokenizer, not per example."""
+    where = f"{'tokenizer_path' if cfg.tokenizer_path else 'model_path'}: {cfg.tokenizer_path or cfg.model_path}"
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ConfigError(f"{where}: the tokenizer names no EOS token to end responses with (tokenizer.json alone "
+                          "does not: tokenizer_config.json or special_tokens_map.json is missing)")
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict) and "default" not in template:
+        raise ConfigError(f"{where}: the tokenizer has chat templates {sorted(template)} and none named 'default', "
+                          "so none applies")
+
+
 def check_vocab(cfg: Config, model_cfg, tokenizer):
     """A tokenizer whose ids run past the model's embedding table (another model's tokenizer, or added
     tokens without a resized table) is refused: such an id's embedding is NaN, and the whole row with it."""

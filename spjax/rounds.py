@@ -97,6 +97,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
                                     "loading the tokenizer")
     structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
+    preflight.check_tokenizer(cfg, tokenizer)
     preflight.check_vocab(cfg, structure, tokenizer)
     stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do
     tfds_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
