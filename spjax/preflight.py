@@ -150,6 +150,20 @@ def check_tokenizer(cfg: Config, tokenizer):
                           "so none applies")
 
 
+def check_held_out(cfg: Config, prepared, echo):
+    """No held-out examples (data.eval_frac=0 without data.eval_path: NaN rows before, or every held-out
+    record dropped): refused for run.keep_best, which picks by them; else said once."""
+    if prepared.test:
+        return
+    held = prepared.reports["test"]  # a held-out split whose every record was dropped says so
+    dropped = f"all {held.examples} held-out records were dropped: {held}; " if held.examples else ""
+    if cfg.run.keep_best:
+        raise ConfigError(f"run.keep_best={cfg.run.keep_best}: the data has no held-out examples to pick by "
+                          f"({dropped}set data.eval_frac > 0 or data.eval_path)")
+    echo(f"note: no held-out examples ({dropped or 'data.eval_frac=0, no data.eval_path'}): rounds log "
+         "training metrics only")
+
+
 def check_vocab(cfg: Config, model_cfg, tokenizer):
     """A tokenizer whose ids run past the model's embedding table (another model's tokenizer, or added
     tokens without a resized table) is refused: such an id's embedding is NaN, and the whole row with it."""

@@ -111,11 +111,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     for split, rep in prepared.reports.items():
         echo(f"data {split}: {rep}")
     ledger.check_data(workdir, {"train": prepared.train, "test": prepared.test}, resume)
-    if not prepared.test:  # e.g. data.eval_frac=0 without data.eval_path: NaN rows before
-        if cfg.run.keep_best:
-            raise ConfigError(f"run.keep_best={cfg.run.keep_best}: the data has no held-out examples to pick by "
-                              "(set data.eval_frac > 0 or data.eval_path)")
-        echo("note: no held-out examples (data.eval_frac=0, no data.eval_path): rounds log training metrics only")
+    preflight.check_held_out(cfg, prepared, echo)
     source = pairs_lib.resolve(cfg, prepared.train)
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
     preflight.check_examples(cfg, source, prepared.train, prepared.test, echo)

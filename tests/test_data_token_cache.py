@@ -65,6 +65,11 @@ def test_other_data_tokenizer_or_settings_are_tokenized_anew(tmp_path, capsys):
     cfg = DataConfig(path=path, eval_frac=0.25, max_prompt_len=64, max_len=112, template_date="2026-12-02")
     data_dir = str(tmp_path / "tfds")
     base = prepare(cfg, byte_tokenizer(), data_dir, (2,))
+    split = byte_tokenizer()  # tokenizer_config.json's split_special_tokens: a Python attribute to_str() leaves out
+    split.split_special_tokens = True
+    capsys.readouterr()
+    assert prepare(cfg, split, data_dir, (2,)).train[0].prompt_ids.tolist() != base.train[0].prompt_ids.tolist()
+    assert "read from" not in capsys.readouterr().out
     other_template = byte_tokenizer()
     other_template.chat_template = other_template.chat_template.replace("<|im_end|>\\n' }}", "<|im_end|>\\n\\n' }}")
     assert other_template.chat_template != byte_tokenizer().chat_template
@@ -86,6 +91,23 @@ def test_other_data_tokenizer_or_settings_are_tokenized_anew(tmp_path, capsys):
                                                                           edited.train + edited.test)) >= 1
     kept = os.listdir(os.path.join(data_dir, token_cache.DIR))
     assert len(kept) == token_cache.KEEP and all(n.endswith(".npz") for n in kept)  # the newest only
+
+
+def test_a_start_killed_while_keeping_the_splits_leaves_no_file_for_good(tmp_path, monkeypatch):
+    """A start SIGKILLed between writing the splits' temporary file and its rename (OOM, preemption) left that
+    file, the size of the splits, for good: a later start removes one no writer has touched for hours."""
+    path = write_jsonl(tmp_path / "d.jsonl", _records())
+    cfg = DataConfig(path=path, eval_frac=0.25, max_prompt_len=64, max_len=112, template_date="2026-12-02")
+    data_dir = str(tmp_path / "tfds")
+    prepare(cfg, byte_tokenizer(), data_dir, (2,))
+    d = os.path.join(data_dir, token_cache.DIR)
+    old, fresh = os.path.join(d, ".tmp-killed"), os.path.join(d, ".tmp-writing")
+    for name in (old, fresh):
+        with open(name, "wb") as f:
+            f.write(b"x" * 1000)
+    os.utime(old, (0, os.path.getmtime(old) - token_cache.STALE_TMP_S - 60))
+    prepare(dataclasses.replace(cfg, max_len=100), byte_tokenizer(), data_dir, (2,))
+    assert not os.path.exists(old) and os.path.exists(fresh)  # another run's write in progress is left alone
 
 
 def test_a_damaged_or_unwritable_file_costs_a_tokenization_not_the_run(tmp_path, capsys, caplog, monkeypatch):

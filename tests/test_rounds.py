@@ -755,6 +755,14 @@ def test_keep_best_without_held_out_examples_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1:] == ["spjax: config error: run.keep_best=nll: the data has no held-out examples to pick by "
                         "(set data.eval_frac > 0 or data.eval_path)"], err
+    # An eval file whose every record data.unencodable=drop dropped: said so, not blamed on unset settings.
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"q{i} <|im_end|>", "response": "a."}) + "\n" for i in range(3)))
+    args = args[:3] + [str(tmp_path / "w2"), args[4], f"data.eval_path={held}", "data.unencodable=drop"] + args[6:]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spjax: config error: run.keep_best=nll: the data has no held-out examples to pick by "
+                              "(all 3 held-out records were dropped: 3 examples, 0 kept;") and "3 as unencodable" in err[-1]
 
 
 def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tmp_path):

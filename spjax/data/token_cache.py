@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -49,8 +50,10 @@ def digest(splits: dict, tokenizer, cfg, today: Optional[str], stops: Sequence[i
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     add(FORMAT, transformers.__version__, tokenizers.__version__, jinja2.__version__, type(tokenizer).__name__)
+    # split_special_tokens: a Python attribute (tokenizer_config.json's) the backend's to_str() leaves out; set,
+    # every special token the template writes is encoded as its characters
     add(backend.to_str(), getattr(tokenizer, "chat_template", None), tokenizer.special_tokens_map,
-        tokenizer.bos_token_id, tokenizer.eos_token_id)
+        tokenizer.bos_token_id, tokenizer.eos_token_id, bool(getattr(tokenizer, "split_special_tokens", False)))
     # No pinned date: the template prints the clock's, so the same file is not today's tomorrow.
     add(cfg.max_prompt_len, cfg.max_len, cfg.overlong, cfg.unencodable, today or datetime.date.today().isoformat(),
         list(stops))
@@ -132,11 +135,21 @@ def kept_turns(messages: Sequence[dict], n: int) -> tuple:
     return tuple(messages[:head]) + tuple(messages[len(messages) - (n - head):])
 
 
+STALE_TMP_S = 6 * 3600  # a writer's .tmp- file untouched this long: its start was killed mid-write (SIGKILL)
+
+
 def _prune(d: str):
-    files = sorted((e for e in os.scandir(d) if e.name.endswith(".npz") and not e.name.startswith(".")),
-                   key=lambda e: e.stat().st_mtime, reverse=True)
-    for e in files[KEEP:]:
+    files, stale = [], []
+    for e in os.scandir(d):
         try:
-            os.remove(e.path)
+            if e.name.endswith(".npz") and not e.name.startswith("."):
+                files.append((e.stat().st_mtime, e.path))
+            elif e.name.startswith(".tmp-") and time.time() - e.stat().st_mtime > STALE_TMP_S:
+                stale.append(e.path)
+        except OSError:  # removed meanwhile by another run's prune
+            pass
+    for _, p in sorted(files, reverse=True)[KEEP:] + [(0, p) for p in stale]:
+        try:
+            os.remove(p)
         except OSError:
             pass
