@@ -762,7 +762,8 @@ def test_keep_best_without_held_out_examples_is_one_line(tmp_path, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("spjax: config error: run.keep_best=nll: the data has no held-out examples to pick by "
-                              "(all 3 held-out records were dropped: 3 examples, 0 kept;") and "3 as unencodable" in err[-1]
+                              "(all 3 held-out records were dropped: 3 examples, 0 kept;")
+    assert "3 as unencodable" in err[-1]
 
 
 def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tmp_path):
