@@ -204,3 +204,15 @@ def test_template_date_counts_tokens_as_the_run_does(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["validate", path, "--template-date", "2024-02-30"])
     assert "--template-date: '2024-02-30' is not a date as YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_a_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a large file is tokenized printed a KeyboardInterrupt traceback through the threads."""
+    from spjax.data import __main__ as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "validate", interrupted)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q?", "response": "a."}])
+    assert cli.main(["validate", path, "--tokenizer", "bytes"]) == 130
+    assert capsys.readouterr().err.strip() == "spjax data: interrupted"

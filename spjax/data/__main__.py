@@ -162,8 +162,12 @@ def main(argv=None) -> int:
             print(f"spjax data: --tokenizer: {why if args.tokenizer in why else args.tokenizer + ': ' + why}",
                   file=sys.stderr)
             return 2
-    return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
-                    system_prompt=args.system_prompt, today=args.template_date, stops=stops)
+    try:
+        return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
+                        system_prompt=args.system_prompt, today=args.template_date, stops=stops)
+    except KeyboardInterrupt:  # Ctrl-C on a large file: a line, not a traceback through the tokenizer threads
+        print("\nspjax data: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
