@@ -130,7 +130,7 @@ def model_config(cfg):
             return gguf_io.config_from_gguf(gguf_io.read(path), path, **cfg.model_overrides())
         from spjax import hf
         where = os.path.join(path, "config.json")
-        return hf.config_from_hf(hf._read_json(where), where, **cfg.model_overrides())
+        return hf.config_from_hf(hf.read_json(where), where, **cfg.model_overrides())
     if cfg.model is None:
         raise ConfigError(f"model_path: {path} is not on this machine and the config sets no `model` "
                           "shape to compile for")

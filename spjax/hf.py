@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from spjax.config import ModelConfig
+from spjax.checkpoint_files import read_json, safetensors_getter
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401
-                                params_from_tensors, params_to_tensors)
+                                check_names, params_from_tensors, params_to_tensors)
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 
@@ -162,73 +163,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 # Files
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-
-
-def _safe_open(path: str):
-    """safetensors' handle on `path`; a truncated or corrupt file (an interrupted download) is one line."""
-    from safetensors import safe_open
-    try:
-        return safe_open(path, "np")
-    except Exception as e:  # noqa: BLE001 - SafetensorError: "incomplete metadata, file not fully covered", ...
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}): truncated or corrupt? "
-                              "download it again") from None
-
-
-def _safetensors_getter(directory: str):
-    """A TensorSource over a single or index-sharded safetensors checkpoint."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map", {})
-    elif os.path.exists(single):
-        with _safe_open(single) as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    else:
-        bins = sorted(f for f in os.listdir(directory) if f.startswith("pytorch_model") and f.endswith(".bin"))
-        hint = (f" ({bins[0]} is PyTorch's pickle format, which spjax does not read: convert it to safetensors)"
-                if bins else "")
-        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json found{hint}")
-    # Saved from the base model (LlamaModel, Qwen2Model: no "model." prefix): transformers' CausalLM loads
-    # those names as model.*, and so do we.
-    stored = {k: k for k in weight_map}
-    if weight_map and not any(k.startswith("model.") for k in weight_map) and "embed_tokens.weight" in weight_map:
-        stored = {(k if k.startswith("lm_head.") else "model." + k): k for k in weight_map}
-    handles = {}
-
-    def get(name):
-        if name not in stored:
-            raise CheckpointError(f"{directory}: tensor {name!r} missing from the checkpoint")
-        fname = weight_map[stored[name]]
-        path = os.path.join(directory, fname)
-        if fname not in handles:
-            if not os.path.exists(path):
-                raise CheckpointError(f"{path}: file not found (named by the safetensors index)")
-            handles[fname] = _safe_open(path)
-        try:
-            return handles[fname].get_tensor(stored[name])
-        except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
-            if "bfloat16" in str(e) or "BF16" in str(e):
-                return _bf16_tensor(path, stored[name])
-            raise CheckpointError(f"{path}: tensor {stored[name]!r}: {e}") from None
-
-    return TensorSource(get, stored)
-
-
-def _bf16_tensor(path, name):
-    import ml_dtypes
-    from safetensors import safe_open
-    with safe_open(path, "flax") as f:
-        return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
-
-
 def load_model_config(path: str, **overrides) -> ModelConfig:
     """The ModelConfig of a HF directory or a .gguf file, without reading its weights."""
     path = os.fspath(path)
@@ -236,14 +170,14 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
         from spjax import gguf_io
         return gguf_io.config_from_gguf(gguf_io.read(path), path, **overrides)
     where = os.path.join(path, "config.json")
-    return config_from_hf(_with_generation_eos(_read_json(where), path), where, **overrides)
+    return config_from_hf(_with_generation_eos(read_json(where), path), where, **overrides)
 
 
 def _with_generation_eos(hf: dict, path: str) -> dict:
     """config.json's keys, its eos_token_id joined with generation_config.json's: instruct models
     (Llama 3, Qwen2.5) keep their end-of-turn ids there, which generate() stops at."""
     gen_path = os.path.join(path, "generation_config.json")
-    gen = _read_json(gen_path).get("eos_token_id") if os.path.exists(gen_path) else None
+    gen = read_json(gen_path).get("eos_token_id") if os.path.exists(gen_path) else None
     as_list = lambda v: list(v) if isinstance(v, list) else [] if v is None else [v]
     eos = as_list(hf.get("eos_token_id")) + [i for i in as_list(gen) if i not in as_list(hf.get("eos_token_id"))]
     return dict(hf, eos_token_id=eos or None)
@@ -262,8 +196,15 @@ def load_pretrained(path: str, mesh=None, **overrides):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory or a .gguf file")
     cfg = load_model_config(path, **overrides)
-    get = _safetensors_getter(path)
+    get = safetensors_getter(path)
     return cfg, with_init_adapter(cfg, params_from_tensors(cfg, get, path, mesh))
+
+
+def check_weights(path: str, cfg: ModelConfig):
+    """A HF directory's weight files (each one's header) and tensor names against `cfg`, before the data is
+    tokenized: a missing shard or tensor, or a truncated file, was said only once the data was ready."""
+    if os.path.isdir(path):  # (a .gguf's tensors are listed with the header load_model_config read)
+        check_names(cfg, safetensors_getter(path, open_all=True), path)
 
 
 def with_init_adapter(cfg: ModelConfig, params):
@@ -373,7 +314,7 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
 def _generation_config(cfg: ModelConfig, hf: dict, source: str) -> dict:
     """The export's generation_config.json: the source directory's, its bos/eos ids the exported ones."""
     path = os.path.join(source, "generation_config.json") if source and os.path.isdir(source) else ""
-    gen = _read_json(path) if path and os.path.isfile(path) else {}
+    gen = read_json(path) if path and os.path.isfile(path) else {}
     gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=hf["eos_token_id"])
     return {k: v for k, v in gen.items() if v is not None}
 

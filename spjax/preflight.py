@@ -38,7 +38,7 @@ def check_config(cfg: Config, n_devices: int):
         from spjax import hf, reward_model
         where = os.path.join(arg, "config.json")
         try:
-            reward_model.classifier_arch(hf._read_json(where), where)
+            reward_model.classifier_arch(hf.read_json(where), where)
         except hf.CheckpointError as e:
             raise ConfigError(f"judge.name: {e}") from None
     from spjax.data import pipeline  # (imports tensorflow_datasets, which the run reads its data with next)

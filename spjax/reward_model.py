@@ -71,12 +71,12 @@ def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = Non
     """The reward model in `path` (a HF directory), its params placed over `mesh`; overrides: ModelConfig
     fields (param_dtype, compute_dtype: the run's compute dtype, not its fp32 masters')."""
     where = os.path.join(path, "config.json")
-    config = hf._read_json(where)
+    config = hf.read_json(where)
     config = dict(config, architectures=[classifier_arch(config, where)])
     # Tied embeddings: the params then hold no LM head (score.weight stands in its place); the
     # embedding is only ever read as the input table here.
     cfg = hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True})
-    get = hf._safetensors_getter(path)
+    get = hf.safetensors_getter(path)
     params = hf.params_from_tensors(cfg, hf.TensorSource(get.get, get.names - {"score.weight", "score.bias"}), path,
                                     mesh)
     head = np.asarray(get("score.weight"), np.float32)

@@ -97,6 +97,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
                                     "loading the tokenizer")
     structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
+    if cfg.model_path:  # (their files and names checked now: a missing shard costs no tokenization)
+        hf.check_weights(cfg.model_path, structure)
     preflight.check_tokenizer(cfg, tokenizer)
     preflight.check_vocab(cfg, structure, tokenizer)
     stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do

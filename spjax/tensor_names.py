@@ -139,9 +139,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         return np.asarray(x, dtype=np.float32).astype(dtype)
 
     base_shapes = model.param_shapes(base_config(cfg))
-    _check_all_read(cfg, get, {e.name(names) for e in top_table(cfg).values()} |
-                    {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)},
-                    where, names)
+    check_names(cfg, get, where, names)
     params = {leaf: place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape))
               for leaf, e in top_table(cfg).items()}
     layers = {}
@@ -170,6 +168,17 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     if set(layers) != expected:
         raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
     return params
+
+
+def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
+    """The checkpoint holds every tensor the model reads (the first missing one named) and none it would not."""
+    read = ({e.name(names) for e in top_table(cfg).values()} |
+            {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)})
+    missing = sorted(read - get.names)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} missing from the checkpoint{more}")
+    _check_all_read(cfg, get, read, where, names)
 
 
 def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, names: str):
@@ -231,5 +240,5 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "peft_name", "base_config", "params_from_tensors", "merged_layer",
+           "layer_table", "top_table", "peft_name", "base_config", "params_from_tensors", "check_names", "merged_layer",
            "params_to_tensors"]

@@ -113,3 +113,31 @@ def test_a_tokenizer_that_fails_every_example_is_said_once():
         named = {"rag": "", "tool_use": ""}
         preflight.check_tokenizer(cfg, types.SimpleNamespace(eos_token="</s>", chat_template=named))
     preflight.check_tokenizer(cfg, byte_tokenizer())
+
+
+def test_weights_are_checked_before_the_data_is_tokenized(tmp_path, capsys):
+    """A tensor or shard missing, or a shard cut short, was said when the weights loaded: after the data was
+    tokenized (minutes at scale). Their files and names are now checked first; the data is not touched."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+    from spjax import train
+    config = transformers.LlamaConfig(**{**oracle.TINY, "vocab_size": 320})  # the byte tokenizer's ids fit
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    cfg = hf.load_model_config(str(tmp_path / "hf"))
+    hf.check_weights(str(tmp_path / "hf"), cfg)
+    file = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(file)
+    save_file({k: v for k, v in tensors.items() if ".2." not in k and "layers.1.mlp" not in k}, file)
+    with pytest.raises(hf.CheckpointError, match=r"tensor 'model.layers.1.mlp.down_proj.weight' missing from the "
+                                                 r"checkpoint \(and 2 more\)"):
+        hf.check_weights(str(tmp_path / "hf"), cfg)
+    save_file(tensors, file)
+    args = ["--config", TINY_CONFIG, "--workdir", str(tmp_path / "w"), f"model_path={tmp_path / 'hf'}",
+            "tokenizer_path=bytes", f"data.tfds_dir={tmp_path / 'tfds'}"]
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    assert train.main(args) == 2
+    out = capsys.readouterr()
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("spjax: ") and "model.safetensors: not a readable safetensors file" in last, last
+    assert not os.path.exists(tmp_path / "tfds") and "data train" not in out.out

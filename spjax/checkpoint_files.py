@@ -1,0 +1,85 @@
+"""A Hugging Face checkpoint's files: its JSON (a bad line named), its safetensors, single or index-sharded
+(a missing shard or a truncated file one line naming it; names saved from the base model, without
+'model.', read as transformers' CausalLM reads them)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from spjax.tensor_names import CheckpointError, TensorSource
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def open_safetensors(path: str):
+    """safetensors' handle on `path`; a truncated or corrupt file (an interrupted download) is one line."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # noqa: BLE001 - SafetensorError: "incomplete metadata, file not fully covered", ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}): truncated or corrupt? "
+                              "download it again") from None
+
+
+def safetensors_getter(directory: str, open_all: bool = False):
+    """A TensorSource over a single or index-sharded safetensors checkpoint (open_all: every file's header
+    read now, not as its first tensor is)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+        weight_map = read_json(index).get("weight_map", {})
+    elif os.path.exists(single):
+        with open_safetensors(single) as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        bins = sorted(f for f in os.listdir(directory) if f.startswith("pytorch_model") and f.endswith(".bin"))
+        hint = (f" ({bins[0]} is PyTorch's pickle format, which spjax does not read: convert it to safetensors)"
+                if bins else "")
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json found{hint}")
+    # Saved from the base model (LlamaModel, Qwen2Model: no "model." prefix): transformers' CausalLM loads
+    # those names as model.*, and so do we.
+    stored = {k: k for k in weight_map}
+    if weight_map and not any(k.startswith("model.") for k in weight_map) and "embed_tokens.weight" in weight_map:
+        stored = {(k if k.startswith("lm_head.") else "model." + k): k for k in weight_map}
+    handles = {}
+
+    def handle(fname):
+        path = os.path.join(directory, fname)
+        if fname not in handles:
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: file not found (named by the safetensors index)")
+            handles[fname] = open_safetensors(path)
+        return handles[fname], path
+
+    for fname in sorted(set(weight_map.values())) if open_all else ():
+        handle(fname)
+
+    def get(name):
+        if name not in stored:
+            raise CheckpointError(f"{directory}: tensor {name!r} missing from the checkpoint")
+        f, path = handle(weight_map[stored[name]])
+        try:
+            return f.get_tensor(stored[name])
+        except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
+            if "bfloat16" in str(e) or "BF16" in str(e):
+                return bf16_tensor(path, stored[name])
+            raise CheckpointError(f"{path}: tensor {stored[name]!r}: {e}") from None
+
+    return TensorSource(get, stored)
+
+
+def bf16_tensor(path, name):
+    import ml_dtypes
+    from safetensors import safe_open
+    with safe_open(path, "flax") as f:
+        return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
