@@ -178,8 +178,10 @@ def split_key(seed: int, t: int, split: str):
 def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: int = 1) -> dict:
     """{sample id: (generated token ids, their log-probs under the opponent)}, reusing chunks on disk.
 
-    Sample k of example i has id i*K + k (K = num_samples; with one sample the example id). A chunk on
-    disk is reused only if it holds exactly its prompts' samples (a resume may change sampling.batch_size).
+    Sample k of example i has id i*K + k (K = num_samples; with one sample the example id). Chunk files
+    are matched by sample id, not by position: a resume with another sampling.batch_size (other chunk
+    boundaries) reuses every sample on disk and samples only the prompts missing (a sample depends on
+    its ids alone, not on its batch).
     """
     s, n, K = ctx.cfg.sampling, len(examples), num_samples
     chunk_dir = os.path.join(ctx.round_dir(t), f"samples_{split}")
@@ -193,24 +195,28 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
         artifacts.remove_tree(chunk_dir)
         return out
     per_chunk = s.batch_size
+    done = _sampled_on_disk(chunk_dir)
     bar = metrics_lib.progress(n, f"round {t} sample {split}", "prompt")
     out, sampling = {}, None
     for c, start in enumerate(range(0, n, per_chunk)):
         path = os.path.join(chunk_dir, f"chunk_{c:05d}.npz")
         part = examples[start:start + per_chunk]
-        want = sorted(e.id * K + k for e in part for k in range(K))
-        got = unpack(artifacts.load_arrays(path)) if os.path.exists(path) else None
-        if got is None or sorted(got) != want:
+        todo = [e for e in part if any(e.id * K + k not in done for k in range(K))]
+        missing = {e.id for e in todo}
+        got = {e.id * K + k: done[e.id * K + k] for e in part if e.id not in missing for k in range(K)}
+        if todo:
             # A LoRA policy decodes merged (float base) or with its adapters on the fly (quantized base).
             sampling = sampling or lora.for_sampling(ctx.model_cfg, params)
-            res = sampler.sample(*sampling, [e.prompt_ids.tolist() for e in part],
-                                 key=split_key(ctx.cfg.run.seed, t, split), example_ids=[e.id for e in part],
+            res = sampler.sample(*sampling, [e.prompt_ids.tolist() for e in todo],
+                                 key=split_key(ctx.cfg.run.seed, t, split), example_ids=[e.id for e in todo],
                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, eos_ids=ctx.eos_ids, batch_size=per_chunk, mesh=ctx.mesh,
                                  pad_id=ctx.pad_id, num_samples=K, weights=s.weights)
-            got = {e.id * K + k: (np.asarray(res.tokens[j * K + k], np.int32),
-                                  np.asarray(res.logprobs[j * K + k], np.float32))
-                   for j, e in enumerate(part) for k in range(K)}
+            got.update({e.id * K + k: (np.asarray(res.tokens[j * K + k], np.int32),
+                                       np.asarray(res.logprobs[j * K + k], np.float32))
+                        for j, e in enumerate(todo) for k in range(K)})
+            # overwriting a file of other chunk boundaries is safe: its samples were read into `done`
+            # (a kill now costs at most sampling them again)
             artifacts.save_arrays(path, **pack(got))
             ctx.fault("sample")
         out.update(got)
@@ -219,6 +225,16 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
     artifacts.save_arrays(done_path, **pack(out))
     artifacts.remove_tree(chunk_dir)
     return out
+
+
+def _sampled_on_disk(chunk_dir: str) -> dict:
+    """{sample id: (tokens, log-probs)} from every chunk file in chunk_dir (whatever its boundaries)."""
+    done = {}
+    if os.path.isdir(chunk_dir):
+        for name in sorted(os.listdir(chunk_dir)):
+            if name.startswith("chunk_") and name.endswith(".npz"):  # (not an atomic write's temporary file)
+                done.update(unpack(artifacts.load_arrays(os.path.join(chunk_dir, name))))
+    return done
 
 
 def pack(gen: dict) -> dict:

@@ -131,10 +131,6 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                              today=cfg.data.template_date or None, dtype=cfg.compute_dtype)
         if judge.reads:
             echo(f"judge: the reward model reads {judge.reads}")
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(marker, "w") as f:
-            f.write(repr(cfg) + "\n")
     held = prepared.test[:cfg.run.eval_examples] if cfg.run.eval_examples else prepared.test
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                   train=prepared.train, held=held, eos_ids=stops,
@@ -350,9 +346,14 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
         raise ConfigError(  # is of a later round: the export would be that model, not round {rounds - 1}'s
             f"run.rounds={cfg.run.rounds}: the run in {ctx.workdir} is past it (round {rs.round}, phase {rs.phase}); "
             f"resume with run.rounds >= {rs.round + (rs.phase == 'train')} (spjax export writes its latest checkpoint)")
+    if jax.process_index() == 0:  # the setup finished and the config is accepted (a refused one is not recorded)
+        os.makedirs(ctx.workdir, exist_ok=True)
+        with open(os.path.join(ctx.workdir, "config.txt"), "w") as f:
+            f.write(repr(cfg) + "\n")
     done_rows = logged.get(rs.round, []) if rs.phase == "train" else []
     if rs.round == cfg.run.rounds and resume:
-        ctx.echo(f"the run's {cfg.run.rounds} rounds are done: its rows are read back, and the model exported again")
+        ctx.echo(f"the run's {cfg.run.rounds} rounds are done: its rows are read back"
+                 f"{', and the model exported again' if cfg.run.export else ''}")
     if state is not None:  # a round start needs the params only: drop the optimizer state
         params, state = state.params, (state if rs.phase == "train" else None)
     summary, compiled = {"initial": evaluate.evaluate_initial(ctx, params)}, {}

@@ -806,6 +806,8 @@ def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, t
         f"spjax: config error: run.rounds=1: the run in {work} is past it (round 2, phase sample); resume with "
         "run.rounds >= 2")
     assert _export_bytes(work) == _export_bytes(reference_run[0])
+    # the refused config is not recorded as the run's (before: config.txt said run.rounds=1)
+    assert (work / "config.txt").read_text() == (reference_run[0] / "config.txt").read_text()
     # resumed as it is: it says the run was done (before: 'resumed at round 2' and a silent re-export)
     assert train.main(["--config", TINY, "--workdir", str(work), "--resume", f"data.tfds_dir={tfds_dir}"]) == 0
     assert "the run's 2 rounds are done: its rows are read back, and the model exported again" in capsys.readouterr().out
