@@ -203,7 +203,7 @@ def load_pretrained(path: str, mesh=None, **overrides):
 def check_weights(path: str, cfg: ModelConfig):
     """A HF directory's weight files (each one's header) and tensor names against `cfg`, before the data is
     tokenized: a missing shard or tensor, or a truncated file, was said only once the data was ready."""
-    if os.path.isdir(path):  # (a .gguf's tensors are listed with the header load_model_config read)
+    if path and os.path.isdir(path):  # (a .gguf's tensors are listed with the header load_model_config read)
         check_names(cfg, safetensors_getter(path, open_all=True), path)
 
 

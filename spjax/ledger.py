@@ -130,6 +130,24 @@ def check_data(workdir: str, splits: dict, resume: bool):
         artifacts.save_json(path, {"digest": digest, **{k: len(v) for k, v in splits.items()}})
 
 
+def check_initial(cfg: Config, workdir: str, params, resume: bool):
+    """A resume must start from the weights its run started from: model_path may move, and start.json
+    checks the model's config there, but other weights of the same shape would pass it, and a resume
+    rereads pi_0 (the initial row; INPO's reference each round). <workdir>/initial.json keeps their
+    checksums."""
+    if not cfg.model_path:  # a random init: run.seed (start.json) draws it
+        return
+    path = os.path.join(workdir, "initial.json")
+    sums = ckpt_lib.checksums(params)
+    if resume and os.path.exists(path) and os.path.exists(os.path.join(workdir, "config.txt")):
+        if artifacts.load_json(path) != sums:
+            raise ConfigError(f"--resume: the model at model_path={cfg.model_path} has other weights than the run "
+                              f"{workdir} started from (same config): resume with the original model, or start a "
+                              "new workdir")
+    elif jax.process_index() == 0:
+        artifacts.save_json(path, sums)
+
+
 def check_opponent(ctx, t: int, params):
     """Round t's files on disk must be its opponent's. A resume from a step before them (an unfinished
     async checkpoint, a damaged one) redoes round t - 1; with a changed optim.lr or objective.beta that
@@ -210,6 +228,9 @@ def finish(ctx, params, summary: dict):
         out = hf.save_pretrained(ctx.model_cfg, params, os.path.join(ctx.workdir, "export"), tokenizer=ctx.tokenizer,
                                  replace_any=True, source=ctx.cfg.model_path)
         ctx.echo(f"exported the final model to {out}")
+    elif os.path.isdir(os.path.join(ctx.workdir, "export")) and jax.process_index() == 0:
+        ctx.echo(f"note: run.export=false: {os.path.join(ctx.workdir, 'export')} is an earlier start's export, "
+                 "not this run's result")
     if jax.process_index() == 0:
         try:
             md, png = report.write([ctx.workdir], os.path.join(ctx.workdir, "report"))

@@ -97,8 +97,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
                                     "loading the tokenizer")
     structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
-    if cfg.model_path:  # (their files and names checked now: a missing shard costs no tokenization)
-        hf.check_weights(cfg.model_path, structure)
+    hf.check_weights(cfg.model_path, structure)  # (files and names now: a missing shard costs no tokenization)
     preflight.check_tokenizer(cfg, tokenizer)
     preflight.check_vocab(cfg, structure, tokenizer)
     stops = data_lib.stop_ids(structure, tokenizer)  # where real responses end, as sampled ones do
@@ -119,6 +118,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     preflight.check_examples(cfg, source, prepared.train, prepared.test, echo)
     model_cfg, params = shd.on_each_process(lambda: load_initial(cfg, mesh), "loading the model")
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
+    ledger.check_initial(cfg, workdir, params, resume)
     shd.check_sharded(params, mesh)
     for line in shd.unsplit_notes(model_cfg, mesh):
         echo(line)
@@ -131,9 +131,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                              today=cfg.data.template_date or None, dtype=cfg.compute_dtype)
         if judge.reads:
             echo(f"judge: the reward model reads {judge.reads}")
-    held = prepared.test[:cfg.run.eval_examples] if cfg.run.eval_examples else prepared.test
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
-                  train=prepared.train, held=held, eos_ids=stops,
+                  train=prepared.train, held=prepared.test[:cfg.run.eval_examples or None], eos_ids=stops,
                   pad_id=data_lib.pad_token_id(tokenizer, model_cfg), buckets=prepared.buckets,
                   writer=metrics_lib.MetricWriter(workdir),
                   checkpointer=ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -372,7 +371,8 @@ def _rounds(ctx: Context, params, resume: bool) -> dict:
                 if ledger.record_round(ctx, t, params, summary):
                     break
                 continue
-            if ledger.stop_here(ctx, summary, t):  # a run that stopped stays stopped
+            # a run that stopped stays stopped (a rule changed since: applied at the last round done only)
+            if t + 1 == rs.round and ledger.stop_here(ctx, summary, t):
                 break
             continue
         if not (rs.round == t and rs.phase == "train"):  # (mid-training, params are no longer the opponent)

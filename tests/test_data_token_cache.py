@@ -124,6 +124,13 @@ def test_a_damaged_or_unwritable_file_costs_a_tokenization_not_the_run(tmp_path,
     _same(first, again)
     prepare(cfg, tok, data_dir, (2,))  # written anew: read
     assert "read from" in capsys.readouterr().out
+    z = dict(np.load(file))  # a file that reads cleanly but holds other ids (edited): not read
+    z["train/tokens"] = z["train/tokens"].copy()
+    z["train/tokens"][5] += 1
+    with open(file, "wb") as f:
+        np.savez(f, **z)
+    _same(first, prepare(cfg, tok, data_dir, (2,)))
+    assert "do not match their checksum" in caplog.text and "read from" not in capsys.readouterr().out
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

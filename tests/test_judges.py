@@ -239,8 +239,8 @@ def test_judge_resume_with_another_batch_size(tmp_path):
     del judged[:]
     scores, wins = judging.judge_round(_judge_ctx(tmp_path / "run", judge, 3, K), 0, "train", examples, gen)
     assert scores.tolist() == fresh.tolist() and wins.tolist() == fresh_wins.tolist()
-    # chunks of 3: [0, 3) and [3, 6) are on disk (prompts 0-7), [6, 9) lacks 8 and [9, 10) lacks 9
-    assert judged == [6, 7, 8, 9]
+    # prompts 0-7 are on disk: only 8 and 9 are judged (none twice)
+    assert judged == [8, 9]
 
 
 # ---------------------------------------------------------------------------------------------

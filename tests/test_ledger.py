@@ -171,3 +171,17 @@ def test_a_rounds_files_of_another_opponent_are_moved_aside_not_reused(tmp_path)
     assert stale.startswith("round_001.stale-") and (tmp_path / "rounds" / stale / "refs.npz").exists()
     assert os.listdir(tmp_path / "rounds" / "round_001") == ["opponent.json"]  # the new opponent's, no files
     assert len(said) == 1 and "round 1: its samples and scores on disk are another opponent's" in said[0]
+
+
+def test_other_weights_at_model_path_are_refused_on_resume(tmp_path):
+    """model_path may move, and start.json checks the model's config there, but other weights of the same
+    config passed: a resume rereads pi_0 (the initial row, INPO's reference each round) and trained on them."""
+    import jax.numpy as jnp
+    cfg = load_config(TINY, [f"model_path={tmp_path / 'model'}"])
+    weights = {"w": jnp.arange(6, dtype=jnp.float32), "b": jnp.ones(2)}
+    ledger.check_initial(cfg, str(tmp_path), weights, resume=False)
+    (tmp_path / "config.txt").write_text("(the setup finished)")
+    ledger.check_initial(cfg, str(tmp_path), weights, resume=True)  # the same weights, perhaps moved: fine
+    other = {**weights, "w": weights["w"].at[3].set(7.0)}
+    with pytest.raises(ConfigError, match=r"--resume: the model at model_path=.*model has other weights than the run"):
+        ledger.check_initial(cfg, str(tmp_path), other, resume=True)

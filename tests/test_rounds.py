@@ -793,6 +793,14 @@ def test_keep_best_exports_the_best_round_and_stop_when_worse_stops(tfds_dir, tm
     assert cli.main(["export", "--config", TINY, "--workdir", str(work), "run.rounds=3", "run.keep_best=f1",
                      "run.stop_when_worse=1", f"data.tfds_dir={tfds_dir}"]) == 2
     assert _export_bytes(work) == before
+    # Resumed with a looser rule it trains round 2; a stricter rule at a later resume of the finished run is
+    # applied at its last round only (before: 'stopping after round 1', round 2's row cut from the summary).
+    args = ["run.rounds=3", "run.keep_best=f1"]
+    assert _train(work, "--resume", *args, "run.stop_when_worse=2", tfds_dir=tfds_dir).returncode == 0
+    again = _train(work, "--resume", *args, "run.stop_when_worse=1", tfds_dir=tfds_dir)
+    assert again.returncode == 0 and "stopping after" not in again.stdout, again.stdout[-3000:]
+    assert "the run's 3 rounds are done" in again.stdout and "kept round 0: held-out f1 0, the best of rounds 0-2" \
+        in again.stdout
 
 
 def test_fewer_rounds_than_a_run_has_done_is_one_line(reference_run, tfds_dir, tmp_path, capsys):

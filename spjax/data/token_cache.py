@@ -75,6 +75,8 @@ def load(file: str, splits: dict) -> Optional[tuple]:
     try:
         z = artifacts.load_arrays(file)
         meta = json.loads(str(z["meta"]))
+        if meta.get("sha256") != _sha({k: z[k] for k in z if k != "meta"}):  # (a readable file of other ids)
+            raise ValueError("its token ids do not match their checksum")
         out = {s: _examples(z, s, splits[s]) for s in splits}
         reports = {s: LengthReport(**meta["reports"][s]) for s in splits}
         if jax.process_index() == 0:
@@ -101,12 +103,20 @@ def save(file: str, tokenized: dict, reports: dict):
         arrays[f"{split}/lengths"] = lengths
         arrays[f"{split}/example"] = np.asarray([ex.example_index for ex in examples], np.int64)
         arrays[f"{split}/turns"] = np.asarray([len(ex.prompt_messages) for ex in examples], np.int64)
-    meta = {"reports": {s: dataclasses.asdict(r) for s, r in reports.items()}}
+    meta = {"reports": {s: dataclasses.asdict(r) for s, r in reports.items()}, "sha256": _sha(arrays)}
     try:
         artifacts.save_arrays(file, meta=np.asarray(json.dumps(meta)), **arrays)
         _prune(os.path.dirname(file))
     except OSError as e:
         log.warning("data: the tokenized splits were not kept (%s): the next start tokenizes them again", e)
+
+
+def _sha(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.asarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode() + np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def _side(ex: TokenizedExample, side: str):
