@@ -132,6 +132,15 @@ def load_arrays(path: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def load_chunks(chunk_dir: str):
+    """The arrays of each chunk file a phase wrote in chunk_dir (chunk_*.npz, not an atomic write's temporary
+    file), in name order; none if the directory is absent."""
+    if os.path.isdir(chunk_dir):
+        for name in sorted(os.listdir(chunk_dir)):
+            if name.startswith("chunk_") and name.endswith(".npz"):
+                yield load_arrays(os.path.join(chunk_dir, name))
+
+
 def remove_tree(path: str):
     """Process 0 removes `path` once every process is past reading it (all processes call this):
     on a resume with every chunk on disk no collective paces the processes, so process 0 could

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+from spjax.checkpoint_files import read_json
 from spjax.tensor_names import CheckpointError
 
 
@@ -35,7 +36,6 @@ def load_tokenizer(path: str):
                               f"{(str(e).splitlines() or [''])[0]}") from None
     legacy = os.path.join(path, "chat_template.json")  # a processor's file, which AutoTokenizer does not read
     if not getattr(tok, "chat_template", None) and os.path.isfile(legacy):
-        from spjax.checkpoint_files import read_json
         template = read_json(legacy).get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...], as tokenizer_config.json's
             template = {t["name"]: t["template"] for t in template}

@@ -39,12 +39,7 @@ def _judged_on_disk(chunk_dir: str, K: int) -> dict:
     judge.batch_size (other chunk boundaries) reuses what it can and judges the rest. Files without
     ids (older runs) or with another K are ignored."""
     done = {}
-    if not os.path.isdir(chunk_dir):
-        return done
-    for name in sorted(os.listdir(chunk_dir)):
-        if not (name.startswith("chunk_") and name.endswith(".npz")):
-            continue  # e.g. an atomic write's temporary file
-        z = artifacts.load_arrays(os.path.join(chunk_dir, name))
+    for z in artifacts.load_chunks(chunk_dir):
         ids = z.get("ids")
         if ids is None or z["scores"].shape != (len(ids), K) or z["wins"].shape != (len(ids), K, K):
             continue

@@ -230,10 +230,8 @@ def sample_round(ctx, params, t: int, examples: list, split: str, num_samples: i
 def _sampled_on_disk(chunk_dir: str) -> dict:
     """{sample id: (tokens, log-probs)} from every chunk file in chunk_dir (whatever its boundaries)."""
     done = {}
-    if os.path.isdir(chunk_dir):
-        for name in sorted(os.listdir(chunk_dir)):
-            if name.startswith("chunk_") and name.endswith(".npz"):  # (not an atomic write's temporary file)
-                done.update(unpack(artifacts.load_arrays(os.path.join(chunk_dir, name))))
+    for z in artifacts.load_chunks(chunk_dir):
+        done.update(unpack(z))
     return done
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from spjax.config import DataConfig
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
 from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
-from spjax.data.tokens import _count_turns_cut, stop_ids, tokenize_all
+from spjax.data.tokens import count_turns_cut, stop_ids, tokenize_all
 
 PERCENTILES = (50, 90, 99)
 
@@ -117,7 +117,7 @@ def _validate_file(path, fmt, tokenizer, max_prompt_len, max_len, out, system_pr
         for k, (ex, (p, r, g)) in enumerate(zip(run_examples, tokenized)):
             if overlong == "truncate" and k in fitted:
                 turns, p, r, g = fitted[k]
-                _count_turns_cut(report, ex, turns)
+                count_turns_cut(report, ex, turns)
             apply_length_policy(p, r, g, max_prompt_len=max_prompt_len, max_len=max_len, overlong=overlong,
                                 bos_id=bos, report=report, source=f"{ex.file}:{ex.line}")
         print(f"  overlong={overlong} (max_prompt_len={max_prompt_len}, max_len={max_len}): {report}", file=out)

@@ -31,7 +31,6 @@ from spjax.data.tokens import TokenizedExample
 
 log = logging.getLogger(__name__)
 DIR, KEEP, FORMAT = "spjax_tokenized", 4, 1
-SIDES = ("prompt", "real", "generated", "uncut")  # uncut: the real response before max_len cut it
 
 
 def digest(splits: dict, tokenizer, cfg, today: Optional[str], stops: Sequence[int]) -> Optional[str]:
@@ -95,7 +94,7 @@ def save(file: str, tokenized: dict, reports: dict):
         return
     arrays = {}
     for split, examples in tokenized.items():
-        sides = [[_side(ex, k) for k in SIDES] for ex in examples]
+        sides = [(ex.prompt_ids, ex.real_ids, ex.generated_ids, ex.uncut_real_ids) for ex in examples]
         lengths = np.asarray([[-1 if a is None else len(a) for a in row] for row in sides], np.int64).reshape(-1, 4)
         flat = [a for row in sides for a in row if a is not None]
         tokens = np.concatenate(flat).astype(np.int32) if flat else np.zeros(0, np.int32)
@@ -117,12 +116,6 @@ def _sha(arrays: dict) -> str:
         a = np.asarray(arrays[k])
         h.update(f"{k}:{a.dtype.str}:{a.shape};".encode() + np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def _side(ex: TokenizedExample, side: str):
-    if side == "uncut":
-        return ex.uncut_real_ids
-    return {"prompt": ex.prompt_ids, "real": ex.real_ids, "generated": ex.generated_ids}[side]
 
 
 def _examples(z: dict, split: str, examples: list) -> list:

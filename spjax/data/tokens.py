@@ -272,11 +272,11 @@ def tokenize_example(tokenizer, ex: Example, today: Optional[str] = None, *, max
                      report: Optional[LengthReport] = None, stops: Sequence[int] = ()) -> tuple:
     """(prompt, real, second side or None) token ids of one example, before the length policy."""
     out = _tokenized(tokenizer, ex, today, max_prompt_len, stops)
-    _count_turns_cut(report, ex, out[0])
+    count_turns_cut(report, ex, out[0])
     return out[1:]
 
 
-def _count_turns_cut(report: Optional[LengthReport], ex: Example, turns: tuple):
+def count_turns_cut(report: Optional[LengthReport], ex: Example, turns: tuple):
     if report is not None and len(turns) < len(ex.prompt_messages):
         report.prompts_truncated += 1
         report.prompts_by_turns += 1
@@ -375,7 +375,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], *, max_prompt_len:
                 report.cut.append(f"{ex.file}:{ex.line}")
             continue
         turns, p, real, gen = result
-        _count_turns_cut(report, ex, turns)
+        count_turns_cut(report, ex, turns)
         cut = apply_length_policy(p, real, gen, max_prompt_len=max_prompt_len, max_len=max_len,
                                   overlong=overlong, bos_id=bos_id, report=report, source=f"{ex.file}:{ex.line}")
         if cut is not None:
