@@ -94,7 +94,15 @@ def pair_indices(wins_KxK: np.ndarray, how: str) -> list:
     rate_K = wins_KxK.mean(axis=1)
     if how == "best_worst":
         w, l = int(np.argmax(rate_K)), int(np.argmin(rate_K))
-        return [(w, l)] if rate_K[w] > rate_K[l] else []
+        if not rate_K[w] > rate_K[l]:
+            return []
+        # A pairwise judge need not be transitive: the best by row mean can lose to the worst head to
+        # head. The pair's label is the judge's own verdict on these two (INPO's y_w, y_l ~ lambda_p;
+        # DPO's chosen), never contradicted; a head-to-head tie is no preference. (Scores, BT or graded,
+        # are transitive: there P[w, l] > 1/2 whenever rate_K[w] > rate_K[l], and nothing changes.)
+        if wins_KxK[w, l] == 0.5:
+            return []
+        return [(w, l)] if wins_KxK[w, l] > 0.5 else [(l, w)]
     K = len(rate_K)
     return [(i, j) for i in range(K) for j in range(K) if wins_KxK[i, j] > 0.5]
 

@@ -64,7 +64,8 @@ def _sppo(r_B, rg_B, beta, c, w_B, wg_B):
 class Objective:
     """One row of the objective table: its per-pair loss and what the round driver must supply.
 
-    pair_loss: f(r_B, r'_B, beta, c) -> per-pair losses [B]; None for a loss on the real side alone.
+    pair_loss: f(r_B, r'_B, beta, c, w_B, w'_B) -> per-pair losses [B] (w: the sides' soft win rates);
+      None for a loss on the real side alone.
     opponent: needs a second response per prompt (the opponent's sample, or the record's rejected
       one); without it the pairs are (y, y) and nothing is sampled.
     reference: needs reference log-probs of both sides (scored once per round); without them the

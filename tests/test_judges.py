@@ -203,6 +203,21 @@ def test_pairs_from_judged_samples():
     assert w_real[4] == pytest.approx((1 + 1 + 0.5 + 1) / 4) and w_gen[4] == pytest.approx((0.5 + 0.5 + 0 + 0.5) / 4)
 
 
+def test_best_worst_follows_the_judges_own_verdict():
+    """A non-transitive pairwise judge: sample 0 has the best row mean and 3 the worst, yet 3 beats 0 head
+    to head (P[0, 3] = 0.2). The pair is labelled by the judge's verdict on the two, not against it."""
+    P = np.asarray([[.5, 1, 1, .2], [0, .5, .5, 1], [0, .5, .5, 1], [.8, 0, 0, .5]])
+    wins = judges.check_wins("m", P[None])[0]
+    assert judging.pair_indices(wins, "best_worst") == [(3, 0)]
+    tied = wins.copy()
+    tied[0, 3] = tied[3, 0] = 0.5
+    assert judging.pair_indices(tied, "best_worst") == []
+    for s in (np.asarray([0.3, -1.0, 2.0, 0.1]), np.asarray([1.0, 0.0, 1.0])):  # scores: unchanged
+        for bt in (True, False):
+            w = judges.win_matrix(s, bt)
+            assert judging.pair_indices(w, "best_worst") == [(int(np.argmax(s)), int(np.argmin(s)))]
+
+
 def _judge_ctx(round_dir, judge, batch_size, K, fault=lambda point: None):
     import types
     from spjax.byte_tokenizer import byte_tokenizer
