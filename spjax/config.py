@@ -146,8 +146,8 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         _finite(self, "objective")
-        from spjax.objectives import NAMES  # the table is the one list of names
-        _check(self.name in NAMES, "objective.name", f"{self.name!r} not one of {', '.join(NAMES)}")
+        from spjax.objectives import TABLE  # the table is the one list of names (rows a config file adds too)
+        _check(self.name in TABLE, "objective.name", f"{self.name!r} not one of {', '.join(TABLE)}")
         _check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
         _check(self.c > 0, "objective.c", f"must be > 0, got {self.c}")
         _check(self.nll_weight >= 0, "objective.nll_weight", f"must be >= 0, got {self.nll_weight}")

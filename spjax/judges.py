@@ -25,6 +25,7 @@ import functools
 import importlib
 import math
 import re
+import traceback
 from typing import Callable, Optional
 
 import numpy as np
@@ -161,14 +162,26 @@ def python_function(name: str) -> Callable:
     return f
 
 
+def _raised_at(e: BaseException, f: Callable) -> str:
+    """file:line where e was raised in f's own file (the deepest such frame), else where it was raised."""
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [fr for fr in frames if fr.filename == getattr(getattr(f, "__code__", None), "co_filename", None)]
+    fr = (own or frames)[-1]
+    return f"{fr.filename}:{fr.lineno}"
+
+
 def _python(name: str) -> Callable:
     """A user's f(prompt, responses, reference) as a judge fn, its every return checked: K finite scores
     or a finite K x K matrix for each prompt (JudgeError naming the prompt otherwise)."""
     f = python_function(name)
 
     def checked(q, K):
-        got = f(q.prompt, list(q.responses), q.reference)
         where = f"for the prompt {q.prompt[-60:]!r}"
+        try:
+            got = f(q.prompt, list(q.responses), q.reference)
+        except Exception as e:  # noqa: BLE001 - the user's code: said in one line, where it raised
+            raise JudgeError(f"judge {name} raised {type(e).__name__}: {e} {where} (at {_raised_at(e, f)}); the "
+                             "judgements made so far are kept: fix the function, then --resume") from None
         try:
             r = np.asarray(got, np.float64)
         except (TypeError, ValueError):

@@ -92,8 +92,19 @@ TABLE: dict[str, Objective] = {
     # The SFT-only baseline: per-token NLL of the real responses; no opponent, no reference.
     "sft": Objective(None, opponent=False, reference=False),
 }
-NAMES = tuple(TABLE)  # every objective.name a config may give
-OBJECTIVES = tuple(k for k, v in TABLE.items() if v.pair_loss is not None)  # the pair losses
+NAMES = tuple(TABLE)  # the built-in objective.names (a config file may add rows: see register)
+OBJECTIVES = tuple(k for k, v in TABLE.items() if v.pair_loss is not None)  # the built-in pair losses
+
+
+def register(name: str, pair_loss: Optional[Callable], **needs) -> Objective:
+    """Add a row to the objective table, e.g. from a config file before get_config() names it:
+    register("smooth_hinge", lambda r, rg, beta, c, w, wg: jax.nn.softplus(1 - (r - rg))).
+    pair_loss(r_B, r'_B, beta, c, w_B, w'_B) -> per-pair losses [B] (jnp, traced in the jitted step);
+    needs: Objective's opponent / reference / initial flags. A built-in name cannot be replaced."""
+    if name in NAMES and TABLE[name].pair_loss is not pair_loss:
+        raise ValueError(f"objective {name!r} is built in; register yours under another name")
+    TABLE[name] = Objective(pair_loss, **needs)
+    return TABLE[name]
 
 
 def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: float, c: float = 1.0,
@@ -108,8 +119,9 @@ def pair_loss(name: str, lp_real_B, lp_gen_B, ref_real_B, ref_gen_B, *, beta: fl
     2B rewards r, r' with |.| >= 1/c; meaningful for chi2, reported for all), loss (mean pair loss),
     lp_real, lp_gen (policy means).
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown pair objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    if name not in TABLE or TABLE[name].pair_loss is None:
+        known = ", ".join(k for k, v in TABLE.items() if v.pair_loss is not None)
+        raise ValueError(f"unknown pair objective {name!r}; known: {known}")
     f32 = jnp.float32
     lp_real_B, lp_gen_B = jnp.asarray(lp_real_B, f32), jnp.asarray(lp_gen_B, f32)
     r_B = beta * (lp_real_B - jnp.asarray(ref_real_B, f32))

@@ -153,6 +153,8 @@ def load(path: str, overrides=()) -> Config:
         raise ConfigError(f"{_where(path, e.__traceback__)}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a spjax.config.Config")
+    if isinstance(overrides, str):  # load_config(path, "a=1") would iterate its characters
+        raise ConfigError(f"overrides: a list of key=value strings, got the string {overrides!r}")
     items = []
     for item in overrides:
         if "=" not in item:

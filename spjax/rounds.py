@@ -85,8 +85,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     shd.on_each_process(lambda: preflight.check_config(cfg, jax.device_count()), "checking the config")
     marker = os.path.join(workdir, "config.txt")
     if os.path.exists(marker) and not resume:
-        raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume to continue it, "
-                          "or choose another workdir")
+        raise ConfigError(f"--workdir {workdir}: holds a run already; pass --resume (in Python: resume=True) to "
+                          "continue it, or choose another workdir")
     if resume and not os.path.exists(marker):
         echo(f"--resume: {workdir} holds no run yet: starting one")
     # process 0: the first start's date and config (the others wait: it is read next, and a marker follows)

@@ -15,6 +15,7 @@ callers only ever import spjax.sampler. Layout and randomness: see spjax.sampler
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import jax
@@ -216,6 +217,11 @@ def _to_host(out: dict) -> dict:
 
 
 def _as_lists(prompt_ids, prompt_lengths, prompt_mask):
+    not_ids = lambda x: isinstance(x, (str, Mapping))  # noqa: E731 - text, or a tokenizer's BatchEncoding
+    if not_ids(prompt_ids) or (isinstance(prompt_ids, (list, tuple)) and any(map(not_ids, prompt_ids))):
+        raise ValueError("prompt_ids: token ids expected (a list of token lists, or an int array [n, L]), got "
+                         f"{type(prompt_ids).__name__}: for a chat, spjax.data.tokens.prompt_ids(tokenizer, messages) "
+                         "gives the tokens a run samples from (transformers 5's apply_chat_template returns a dict)")
     if prompt_lengths is not None and prompt_mask is not None:
         raise ValueError("give prompt_lengths (rows read from the left) or prompt_mask, not both")
     if prompt_mask is not None:  # any padding side, e.g. spjax.data.prompt_batches' left-padded rows

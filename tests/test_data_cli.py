@@ -216,3 +216,24 @@ def test_ctrl_c_is_a_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q?", "response": "a."}])
     assert cli.main(["validate", path, "--tokenizer", "bytes"]) == 130
     assert capsys.readouterr().err.strip() == "spjax data: interrupted"
+
+
+def test_config_gives_the_runs_settings(tmp_path, capsys):
+    """--config CFG: its data.path, lengths, system prompt and tokenizer (before: the defaults 512/1024, no
+    system prompt, no tokenizer, whatever the run used), the flags given still winning."""
+    path = _good(tmp_path)
+    system = "You are a careful assistant."
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from spjax.config import load_config\n"
+                   f"def get_config():\n    return load_config({os.path.join(ROOT, 'configs', 'tiny.py')!r}, "
+                   f"['data.path={path}', 'data.max_prompt_len=24', 'data.max_len=32', "
+                   f"'data.system_prompt={system}'])\n")
+    assert main(["validate", "--config", str(cfg)]) == 0
+    got = capsys.readouterr().out
+    assert main(["validate", path, "--tokenizer", "bytes", "--max-prompt-len", "24", "--max-len", "32",
+                 "--system-prompt", system]) == 0
+    assert got == capsys.readouterr().out and "(max_prompt_len=24, max_len=32)" in got
+    assert main(["validate", "--config", str(cfg), "--max-len", "64"]) == 0
+    assert "(max_prompt_len=24, max_len=64)" in capsys.readouterr().out
+    assert main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.py")]) == 2  # data.path=synthetic
+    assert capsys.readouterr().err.startswith("spjax data: 'synthetic' (")

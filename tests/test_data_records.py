@@ -285,3 +285,15 @@ def test_record_in_another_format_than_line_1_says_so(tmp_path):
     assert used == "spin" and len(examples) == 2
     assert [str(p) for p in problems] == [f"{ultra}:2: messages[1].role: unknown role 'bot' "
                                           "(expected one of system, user, assistant)"]
+
+
+def test_a_chat_answers_prompt_that_differs_says_where(tmp_path):
+    """Before: 'its prompt turns differ from the prompt given elsewhere in the record', not which turn."""
+    sys_chat = chat(("system", "Be kind."), ("user", "q"), ("assistant", "good"))
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q", "chosen": sys_chat, "rejected": "bad"},
+        {"prompt": "q", "chosen": chat(("user", "Q"), ("assistant", "good")), "rejected": "bad"}])
+    got = _problems(path, "preference")
+    assert (f"{path}:1: chosen: its prompt turns differ from the prompt given elsewhere in the record: turn 0 is "
+            "system: 'Be kind.' here, user: 'q' there") in got, got
+    assert f"{path}:2: chosen: its prompt turns differ" in got and "turn 0 is user: 'Q' here, user: 'q' there" in got

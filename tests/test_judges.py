@@ -72,7 +72,8 @@ def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
         "def nan(prompt, responses, reference):\n    return [0.0, float('nan'), 1.0]\n"
         "def nan_matrix(prompt, responses, reference):\n    return [[0.5, float('inf')], [float('nan'), 0.5]]\n"
         "def words(prompt, responses, reference):\n    return ['good', 'bad', 'ugly']\n"
-        "def mixed(prompt, responses, reference):\n    return [1.0, 0.0] if prompt == 'p' else [[.5, 1.], [0., .5]]\n")
+        "def mixed(prompt, responses, reference):\n    return [1.0, 0.0] if prompt == 'p' else [[.5, 1.], [0., .5]]\n"
+        "def raises(prompt, responses, reference):\n    return [int(r) for r in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     q = judges.Query("p", ("a", "abc", "ab"), "ref")
     scores, wins = judges.judge_all(judges.build("python:myjudge:longest"), [q])
@@ -92,6 +93,10 @@ def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
     two = [judges.Query("p", ("a", "b"), "ref"), judges.Query("other", ("a", "b"), "ref")]
     with pytest.raises(judges.JudgeError, match="2 scores for some prompts and a 2 x 2 matrix for others"):
         judges.judge_all(judges.build("python:myjudge:mixed"), two)
+    # the user's own exception: one line with where it raised (before: a traceback, exit 1)
+    with pytest.raises(judges.JudgeError, match=r"^judge python:myjudge:raises raised ValueError: invalid literal for "
+                                                r"int\(\) .* for the prompt 'p' \(at .*myjudge.py:14\); the judgements"):
+        judges.judge_all(judges.build("python:myjudge:raises"), [q])
 
 
 def test_python_judge_that_cannot_import_says_where_from(tmp_path, monkeypatch):

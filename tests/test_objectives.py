@@ -1,5 +1,6 @@
 """The objective table: hand-computed values, gradient signs, chi2's bound, and the tabular theory toy."""
 import functools
+import os
 import math
 
 import jax
@@ -254,3 +255,24 @@ def test_theory_toy_chi2_converges_with_bounded_steps():
     # SPIN's own default beta = 0.1: beta c < 1/4, so both overshoot and neither settles.
     for name in ("chi2", "spin"):
         print(f"  beta=0.1 {name:5s} " + _fmt(_run_toy(name, P_DATA[::-1], beta=0.1, rounds=6)))
+
+
+def test_a_registered_objective_trains_by_name(tmp_path):
+    """objectives.register adds a row a config (and objective_loss) accept by name; built-ins are kept."""
+    from spjax import objectives
+    from spjax.config import load_config
+    try:
+        objectives.register("smooth_hinge_t", lambda r, rg, beta, c, w, wg: jax.nn.softplus(1.0 - (r - rg)))
+        cfg = tmp_path / "cfg.py"
+        cfg.write_text("import dataclasses, os\nfrom spjax.config import load_config\n"
+                       "def get_config():\n    return load_config(" + repr(os.path.abspath("configs/tiny.py"))
+                       + ", ['objective.name=smooth_hinge_t'])\n")
+        assert load_config(str(cfg)).objective.name == "smooth_hinge_t"
+        loss, _ = objective_loss(ObjectiveConfig(name="smooth_hinge_t", beta=BETA, c=C),
+                                 *map(jnp.asarray, (LP_REAL, LP_GEN, REF_REAL, REF_GEN)))
+        want = np.mean([math.log1p(math.exp(1 - 1.0)), math.log1p(math.exp(1 + 0.75))])
+        np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+        with pytest.raises(ValueError, match="built in"):
+            objectives.register("chi2", lambda *a: 0.0)
+    finally:
+        objectives.TABLE.pop("smooth_hinge_t", None)

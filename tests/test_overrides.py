@@ -244,3 +244,8 @@ def test_model_keys_on_a_config_that_loads_its_model_say_why():
     demo = os.path.join(os.path.dirname(TINY), "demo.py")
     with pytest.raises(ConfigError, match=r"model.vocab_size: the model is read from model_path; `model` shapes"):
         load_config(demo, ["model.vocab_size=10"])  # before: 'model has no sub-keys'
+
+
+def test_overrides_given_as_one_string_are_named():
+    with pytest.raises(ConfigError, match="overrides: a list of key=value strings"):
+        load_config("configs/tiny.py", "run.rounds=1")

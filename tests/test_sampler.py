@@ -463,3 +463,12 @@ def test_a_pad_id_past_the_vocabulary_is_refused_and_the_driver_picks_one_inside
     eos = cfg.eos_token_ids[0]
     assert pad_token_id(tok(5, eos), cfg) == 5
     assert pad_token_id(tok(cfg.vocab_size, eos), cfg) == eos
+
+
+def test_a_tokenizer_dict_is_refused_in_one_line():
+    """transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding: named, not int('input_ids')."""
+    with pytest.raises(ValueError, match="prompt_ids: token ids expected.*spjax.data.tokens.prompt_ids"):
+        sampler._as_lists({"input_ids": [1, 2]}, None, None)
+    with pytest.raises(ValueError, match="prompt_ids: token ids expected"):
+        sampler._as_lists([{"input_ids": [1, 2]}], None, None)
+    assert sampler._as_lists([[1, 2], np.array([3])], None, None) == [[1, 2], [3]]

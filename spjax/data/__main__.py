@@ -3,7 +3,8 @@
 Prints a summary (records, format, length percentiles, what the length policy would truncate or
 drop), or every problem as `file:line: field: what is wrong` and exits 1. PATH is a file, or a
 directory whose data files are checked one by one, picked as a run picks them (train*, test*, ...).
-Token counts are the run's when the options are its data settings: --system-prompt is data.system_prompt.
+Token counts are the run's when the options are its data settings (--system-prompt is data.system_prompt),
+or with --config CFG: its data.path (and eval_path), format, lengths, system prompt, date and tokenizer.
 """
 from __future__ import annotations
 
@@ -129,17 +130,40 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spjax data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a .jsonl/.json/.parquet data file, or a directory of them")
-    v.add_argument("path")
+    v.add_argument("path", nargs="?", help="a data file or directory (default: the --config's data.path)")
+    v.add_argument("--config", metavar="CFG", help="a run's config (file.py[:arg]): its data.path, format, lengths, "
+                   "system prompt, template date and tokenizer, unless given here")
     v.add_argument("--tokenizer", help="a tokenizer directory, .gguf file or 'bytes' (adds token counts)")
-    v.add_argument("--format", default="auto", choices=FORMATS)
-    v.add_argument("--max-prompt-len", type=int, default=defaults.max_prompt_len)
-    v.add_argument("--max-len", type=int, default=defaults.max_len)
-    v.add_argument("--system-prompt", default=defaults.system_prompt, metavar="TEXT",
+    v.add_argument("--format", choices=FORMATS)
+    v.add_argument("--max-prompt-len", type=int)
+    v.add_argument("--max-len", type=int)
+    v.add_argument("--system-prompt", metavar="TEXT",
                    help="the run's data.system_prompt: a system turn for prompts without one, counted in "
                         "their tokens as the run counts it (set it when the run's config does)")
     v.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
                    help="the run's data.template_date: the date a chat template prints as today's (default: today)")
     args = parser.parse_args(argv)
+    data, paths = defaults, [args.path]
+    if args.config:  # the run's settings, so the counts are the run's (the flags given win)
+        from spjax.config import ConfigError, load_config
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            parser.error(f"--config: {e}")
+        data = cfg.data
+        args.tokenizer = args.tokenizer or cfg.tokenizer_path or cfg.model_path or None
+        paths = [args.path] if args.path else [p for p in (data.path, data.eval_path) if p]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            print(f"spjax data: {missing[0]!r} ({args.config}): not a file or directory here (a TFDS name: a run "
+                  "checks its records as it prepares them)", file=sys.stderr)
+            return 2
+    if not paths[0]:
+        parser.error("give a PATH, or a --config whose data.path is set")
+    for field in ("format", "max_prompt_len", "max_len", "system_prompt"):
+        if getattr(args, field) is None:
+            setattr(args, field, getattr(data, field))
+    args.template_date = args.template_date or data.template_date or None
     try:
         if args.max_len < 2:  # (check_lengths would name data.max_prompt_len, the flag left at its default)
             raise ValueError(f"--max-len: must be >= 2, got {args.max_len}")
@@ -163,8 +187,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        return validate(args.path, args.format, tokenizer, args.max_prompt_len, args.max_len,
-                        system_prompt=args.system_prompt, today=args.template_date, stops=stops)
+        return max(validate(p, args.format, tokenizer, args.max_prompt_len, args.max_len,
+                            system_prompt=args.system_prompt, today=args.template_date, stops=stops) for p in paths)
     except KeyboardInterrupt:  # Ctrl-C on a large file: a line, not a traceback through the tokenizer threads
         print("\nspjax data: interrupted", file=sys.stderr)
         return 130

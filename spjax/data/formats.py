@@ -145,6 +145,16 @@ def _prompt(obj, report, required=False) -> Optional[list]:
     return _with_system(obj, None if text is None else [{"role": "user", "content": text}], report)
 
 
+def _diff(turns: list, prompt: list) -> str:
+    """Where a chat answer's prompt turns first differ from the record's prompt, in a few words."""
+    show = lambda m: f"{m['role']}: {m['content'][:40]!r}"  # noqa: E731
+    for i, (a, b) in enumerate(zip(turns, prompt)):
+        if a != b:
+            return f"turn {i} is {show(a)} here, {show(b)} there"
+    longer, n = (turns, "here") if len(turns) > len(prompt) else (prompt, "there")
+    return f"{len(turns)} turns here, {len(prompt)} there (turn {min(len(turns), len(prompt))}: {show(longer[min(len(turns), len(prompt))])} {n})"
+
+
 def _answer(obj, key, prompt, report, required=True):
     """(prompt, answer) from a string answer next to `prompt`, or a chat answer that carries it."""
     value = _field(obj, key, report, required)
@@ -156,7 +166,7 @@ def _answer(obj, key, prompt, report, required=True):
             return prompt, None
         turns, answer = split
         if turns and prompt is not None and turns != prompt:
-            report(key, "its prompt turns differ from the prompt given elsewhere in the record")
+            report(key, f"its prompt turns differ from the prompt given elsewhere in the record: {_diff(turns, prompt)}")
         return (prompt if prompt is not None else turns), answer
     if prompt is None and obj.get("prompt") is None:
         report("prompt", f"missing (needed next to a string {key})")
