@@ -25,7 +25,7 @@ def export_main(argv=None) -> int:
                     help="the weights' dtype in the files (default: the run's model.param_dtype)")
     ap.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = ap.parse_intermixed_args(argv)
-    from spjax import checkpoint as ckpt_lib, hf, ledger, rounds, saving, sharding as shd
+    from spjax import checkpoint as ckpt_lib, hf, ledger, saving, sharding as shd
     from spjax.config import ConfigError, load_config
 
     try:
@@ -38,9 +38,9 @@ def export_main(argv=None) -> int:
             raise ConfigError(f"{args.workdir}/export holds the round run.keep_best={cfg.run.keep_best} kept, not the "
                               "latest checkpoint: pass --out DIR to write that elsewhere")
         mesh = shd.make_mesh(cfg.mesh)
-        model_cfg = rounds.model_config(cfg)  # the structure only: the weights come from the checkpoint
+        model_cfg = hf.initial_config(cfg)  # the structure only: the weights come from the checkpoint
         # A LoRA checkpoint holds the adapters: the frozen base is loaded as the run loaded it.
-        base = rounds.load_initial(cfg, mesh)[1] if model_cfg.lora.rank else None
+        base = hf.load_initial(cfg, mesh)[1] if model_cfg.lora.rank else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
         restored = saving.restore_latest(checkpointer, model_cfg, cfg.optim, mesh, base, move_bad=False)
         checkpointer.close()

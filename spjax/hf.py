@@ -207,6 +207,24 @@ def check_weights(path: str, cfg: ModelConfig):
         check_names(cfg, safetensors_getter(path, open_all=True), path)
 
 
+def initial_config(cfg) -> ModelConfig:
+    """A run's pi_0's model config (cfg: a spjax.config.Config), without its weights: model_path's, or
+    cfg.model's (a random init)."""
+    if cfg.model_path:
+        return load_model_config(cfg.model_path, **cfg.model_overrides())
+    return dataclasses.replace(cfg.model, **cfg.model_overrides())
+
+
+def load_initial(cfg, mesh) -> tuple:
+    """(model config, params born sharded) of a run's pi_0: model_path's weights, or a random init."""
+    if cfg.model_path:
+        return load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
+    from spjax import sharding
+    model_cfg = initial_config(cfg)
+    params = sharding.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
+    return model_cfg, with_init_adapter(model_cfg, params)
+
+
 def with_init_adapter(cfg: ModelConfig, params):
     """params with cfg.lora.init_path's PEFT adapter loaded in place of fresh adapters (if set)."""
     if not cfg.lora.init_path:

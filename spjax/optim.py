@@ -14,28 +14,42 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from spjax.config import ConfigError, OptimConfig
 
+SCHEDULES = ("linear", "cosine", "constant")
 
-def make_schedule(opt_cfg: OptimConfig, total_steps: int):
-    """Linear warmup from 0 over warmup_frac * total_steps, then linear/cosine decay to 0 or constant."""
+
+def schedule_steps(opt_cfg: OptimConfig, total_steps: int) -> np.ndarray:
+    """int32 [2]: (warmup, decay) steps of a round of total_steps: a linear warmup from 0 over
+    round(warmup_frac * total_steps) steps, then the decay (linear/cosine to 0, or constant) over the rest."""
     if total_steps < 1:
         raise ConfigError(f"optim: total_steps must be >= 1, got {total_steps}")
+    if opt_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: {opt_cfg.schedule!r} not in {SCHEDULES}")
     warmup = int(round(opt_cfg.warmup_frac * total_steps))
-    rest = max(total_steps - warmup, 1)
-    if opt_cfg.schedule == "linear":
-        decay = optax.linear_schedule(opt_cfg.lr, 0.0, rest)
-    elif opt_cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(opt_cfg.lr, rest)
-    elif opt_cfg.schedule == "constant":
-        decay = optax.constant_schedule(opt_cfg.lr)
-    else:
-        raise ConfigError(f"optim.schedule: {opt_cfg.schedule!r} not in ('linear', 'cosine', 'constant')")
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), decay], [warmup])
+    return np.asarray([warmup, max(total_steps - warmup, 1)], np.int32)
+
+
+def schedule_at(opt_cfg: OptimConfig, count, steps_2):
+    """float32 []: the learning rate at update `count` of a round whose schedule_steps are steps_2. Both
+    may be traced: one compiled step serves rounds of any length (a round's step count was a constant
+    of the program: each new length, e.g. run.mix_previous's second round or a judged round with other
+    pair counts, compiled the whole train step again). optax's linear/cosine/join schedules' values."""
+    f32 = jnp.float32
+    c, warmup, rest = (jnp.asarray(x, f32) for x in (count, steps_2[0], steps_2[1]))
+    done = jnp.clip(c - warmup, 0.0, rest) / rest  # the decay's progress, 0 -> 1
+    decay = {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * done)),
+             "constant": jnp.ones_like(done)}[opt_cfg.schedule]
+    return opt_cfg.lr * jnp.where(c < warmup, c / jnp.maximum(warmup, 1.0), decay)
+
+
+def make_schedule(opt_cfg: OptimConfig, total_steps: int):
+    """count -> learning rate for a round of total_steps (schedule_at with its schedule_steps)."""
+    steps_2 = schedule_steps(opt_cfg, total_steps)
+    return lambda count: schedule_at(opt_cfg, count, steps_2)
 
 
 def decay_mask(params):
@@ -53,7 +67,9 @@ class OptState(NamedTuple):
 
 
 def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
-    """update(grads, state, params, finite=True) -> (updates, state); see the module docstring.
+    """update(grads, state, params, finite=True, schedule=None) -> (updates, state); see the module
+    docstring. total_steps sets the schedule; `schedule` (schedule_steps of another total, traced) the
+    schedule of one update instead, so that a program compiled once serves rounds of any length.
 
     adamw: optax.adamw's bias-corrected moments, eps outside the square root, decoupled decay.
     rmsprop follows PyTorch's RMSprop (what SPIN ran): second-moment decay b2, eps outside the
@@ -61,20 +77,20 @@ def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTran
     """
     if opt_cfg.name not in ("adamw", "rmsprop"):
         raise ConfigError(f"optim.name: {opt_cfg.name!r} not in ('adamw', 'rmsprop')")
-    schedule = make_schedule(opt_cfg, total_steps)
+    steps_2 = schedule_steps(opt_cfg, total_steps)
     adam, b1, b2, eps, wd, clip = (opt_cfg.name == "adamw", opt_cfg.b1, opt_cfg.b2, opt_cfg.eps,
                                    opt_cfg.weight_decay, opt_cfg.clip_norm)
 
     def init(params):
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        return OptState(count=jnp.zeros((), jnp.int32), lr=jnp.asarray(schedule(0), jnp.float32),
+        return OptState(count=jnp.zeros((), jnp.int32), lr=schedule_at(opt_cfg, 0, steps_2),
                         mu=zeros() if adam else None, nu=zeros())
 
-    def update(grads, state, params=None, *, finite=True, **extra):
-        del extra
+    def update(grads, state, params=None, *, finite=True, schedule=None, **extra):
+        del extra  # schedule: another round's schedule_steps (traced), else total_steps'
         g_norm = optax.tree.norm(grads)
         ok = jnp.logical_and(finite, jnp.isfinite(g_norm))
-        lr = jnp.asarray(schedule(state.count), jnp.float32)
+        lr = schedule_at(opt_cfg, state.count, steps_2 if schedule is None else schedule)
         t = (state.count + 1).astype(jnp.float32)
         decays = decay_mask(grads) if wd else jax.tree.map(lambda _: False, grads)
 

@@ -96,7 +96,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     mesh = shd.make_mesh(cfg.mesh)
     tokenizer = shd.on_each_process(lambda: hf.load_tokenizer(cfg.tokenizer_path or cfg.model_path),
                                     "loading the tokenizer")
-    structure = model_config(cfg)  # (the weights load after the data: a data error costs no load)
+    structure = hf.initial_config(cfg)  # (the weights load after the data: a data error costs no load)
     hf.check_weights(cfg.model_path, structure)  # (files and names now: a missing shard costs no tokenization)
     preflight.check_tokenizer(cfg, tokenizer)
     preflight.check_vocab(cfg, structure, tokenizer)
@@ -116,7 +116,7 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     source = pairs_lib.resolve(cfg, prepared.train)
     preflight.check_pairs(cfg, source, len(prepared.train), echo)
     preflight.check_examples(cfg, source, prepared.train, prepared.test, echo)
-    model_cfg, params = shd.on_each_process(lambda: load_initial(cfg, mesh), "loading the model")
+    model_cfg, params = shd.on_each_process(lambda: hf.load_initial(cfg, mesh), "loading the model")
     preflight.check_lengths(cfg, model_cfg, prepared.buckets, echo)
     ledger.check_initial(cfg, workdir, params, resume)
     shd.check_sharded(params, mesh)
@@ -139,25 +139,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                                                      keep=cfg.run.keep_checkpoints,
                                                      async_save=cfg.run.async_checkpoint),
                   source=source, objective=objectives.TABLE[cfg.objective.name], judge=judge,
-                  initial_params=lambda: load_initial(cfg, mesh)[1], base_sums=saving.base_sums(model_cfg, params),
+                  initial_params=lambda: hf.load_initial(cfg, mesh)[1], base_sums=saving.base_sums(model_cfg, params),
                   echo=echo, fault=fault or (lambda point: None))
     return ctx, params
-
-
-def model_config(cfg: Config):
-    """pi_0's model config, without its weights: model_path's, or cfg.model's (a random init)."""
-    if cfg.model_path:
-        return hf.load_model_config(cfg.model_path, **cfg.model_overrides())
-    return dataclasses.replace(cfg.model, **cfg.model_overrides())
-
-
-def load_initial(cfg: Config, mesh) -> tuple:
-    """(model config, params born sharded) of pi_0: model_path's weights, or a random init."""
-    if cfg.model_path:
-        return hf.load_pretrained(cfg.model_path, mesh=mesh, **cfg.model_overrides())
-    model_cfg = model_config(cfg)
-    params = shd.init_params(model_cfg, jax.random.key(cfg.run.seed), mesh)
-    return model_cfg, hf.with_init_adapter(model_cfg, params)
 
 
 def _meta(ctx: Context, rs: RoundState) -> dict:
@@ -186,15 +170,21 @@ def _shuffle_seed(cfg: Config, t: int) -> int:
 
 
 def _trainer(ctx: Context, n_pairs: int, compiled: dict):
-    """(optimizer, jitted step) for a round of n_pairs; rounds of the same length share them."""
+    """(optimizer, step(state, batch)) for a round of n_pairs. One jitted step serves every round: the
+    round's length enters it as its schedule's step counts (optim.schedule_steps), an argument."""
     r = ctx.cfg.run
     total = max(1, batching.batches_per_epoch(n_pairs, r.batch_size) * r.epochs)  # (0 batches: no steps)
     if total not in compiled:
-        optimizer = step_lib.make_optimizer(ctx.cfg.optim, total)
-        compiled[total] = optimizer, step_lib.make_train_step(
-            ctx.model_cfg, ctx.cfg.objective, ctx.cfg.optim, optimizer, ctx.mesh,
-            step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0],
-                                       packed=step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1])))
+        optimizer = step_lib.make_optimizer(ctx.cfg.optim, total)  # (its init: the round's first lr)
+        if "step" not in compiled:
+            compiled["step"] = step_lib.make_train_step(
+                ctx.model_cfg, ctx.cfg.objective, ctx.cfg.optim, optimizer, ctx.mesh,
+                step_lib.pair_batch_shapes(r.batch_size, ctx.buckets[0],
+                                           packed=step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1])),
+                schedule_arg=True)
+        jitted, steps_2 = compiled["step"], shd.put_global(step_lib.schedule_steps(ctx.cfg.optim, total),
+                                                           shd.replicated(ctx.mesh))
+        compiled[total] = optimizer, lambda state, batch: jitted(state, batch, steps_2)
     return compiled[total]
 
 

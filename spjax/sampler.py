@@ -216,6 +216,10 @@ def _to_host(out: dict) -> dict:
     return {k: np.asarray(v) for k, v in host.items()}
 
 
+def _same(x):
+    return x
+
+
 def _as_lists(prompt_ids, prompt_lengths, prompt_mask):
     not_ids = lambda x: isinstance(x, (str, Mapping))  # noqa: E731 - text, or a tokenizer's BatchEncoding
     if not_ids(prompt_ids) or (isinstance(prompt_ids, (list, tuple)) and any(map(not_ids, prompt_ids))):
@@ -289,9 +293,13 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
                                    unroll_layers=unroll_layers, decode_chunk=decode_chunk, gather_weights=gather)
     rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
+        # Equivalent, not equal: a jit's outputs (a LoRA policy's merged weights) spell P(None, 'fsdp')
+        # where the rules spell P(None, 'fsdp', None); `!=` copied the whole model, through a newly
+        # compiled program, at every call (every sampling.batch_size prompts).
         want = shd.param_shardings(cfg, mesh)
-        if jax.tree.leaves(jax.tree.map(lambda x, sh: getattr(x, "sharding", None) != sh, params, want)).count(True):
-            params = jax.jit(lambda p: p, out_shardings=want)(params)
+        placed = lambda x, sh: isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim)  # noqa: E731
+        if not all(jax.tree.leaves(jax.tree.map(placed, params, want))):
+            params = jax.jit(_same, out_shardings=want)(params)  # (one function: its program is cached)
     key_data, knob_values = np.asarray(jax.random.key_data(key)), knobs(temperature, top_k, top_p)
     order = sorted(range(n), key=lambda i: len(prompts[i])) if batch_size else list(range(n))
 

@@ -28,21 +28,38 @@ def score_examples(ctx, params, examples: list, which: str) -> np.ndarray:
     if examples and step_lib.packs(ctx.cfg.data.pack, ctx.model_cfg, ctx.buckets[-1]):
         L = batching.bucket_for(max(len(e.prompt_ids) + len(getattr(e, which)) for e in examples), ctx.buckets)
         quantum = packing.row_quantum(B, dp)
-        for rows in packing.side_rows(examples, which, max_rows=B // quantum * quantum, row_len=L,
-                                      quantum=quantum, pad_id=ctx.pad_id):
-            lp_RxL = shd.to_host(step_lib.score_rows(ctx.model_cfg, params, rows, mesh=ctx.mesh))
+        calls = packing.side_rows(examples, which, max_rows=B // quantum * quantum, row_len=L, quantum=quantum,
+                                  pad_id=ctx.pad_id)
+        for rows, lp_RxL in _one_behind(calls, lambda rows: step_lib.score_rows(ctx.model_cfg, params, rows,
+                                                                                mesh=ctx.mesh)):
             scored_RxL = rows["targets_RxL"] > 0
             np.add.at(out, rows["seqs_RxL"][scored_RxL], lp_RxL[scored_RxL])
         return out
-    for start in range(0, len(examples), B):
+
+    def call(start):
         ids_G = np.full(B, -1)
         ids_G[:min(B, len(examples) - start)] = np.arange(start, min(start + B, len(examples)))
         side = batching.side_batch(examples, ids_G, which, buckets=ctx.buckets, pad_id=ctx.pad_id)
-        lp = step_lib.score(ctx.model_cfg, params, side["input_ids_BxL"], side["attention_mask_BxL"],
-                            side["target_mask_BxL"], mesh=ctx.mesh)
-        n = min(B, len(examples) - start)
-        out[start:start + n] = shd.to_host(lp)[:n]
+        return step_lib.score(ctx.model_cfg, params, side["input_ids_BxL"], side["attention_mask_BxL"],
+                              side["target_mask_BxL"], mesh=ctx.mesh)
+
+    for start, lp in _one_behind(range(0, len(examples), B), call):
+        out[start:start + B] = lp[:len(examples) - start]
     return out
+
+
+def _one_behind(items, dispatch):
+    """(item, dispatch(item) on the host) for each item, each result read once the next item's call is
+    dispatched: the device computes call i + 1 while the host reads call i and prepares call i + 2
+    (read at once, the device idled while the host packed each next batch)."""
+    last = None
+    for item in items:
+        result = dispatch(item)
+        if last is not None:
+            yield last[0], shd.to_host(last[1])
+        last = item, result
+    if last is not None:
+        yield last[0], shd.to_host(last[1])
 
 
 def _summed(examples: list, token_lp: dict) -> np.ndarray:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from spjax import logprobs, lora, model, objectives, sharding
 from spjax.config import ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
-from spjax.optim import learning_rate, make_optimizer, make_schedule  # noqa: F401 (the step's optimizer)
+from spjax.optim import learning_rate, make_optimizer, make_schedule, schedule_steps  # noqa: F401 (the step's optimizer)
 
 @flax.struct.dataclass
 class PairBatch:
@@ -91,15 +91,21 @@ def init_state(cfg: ModelConfig, params, optimizer, mesh: Mesh | None = None) ->
     if mesh is None:
         raise ValueError("init_state: pass a mesh, or params sharded with NamedShardings")
     train, frozen = lora.split(cfg, params)
+    p, opt, step, skipped = _init_program(cfg, optimizer, mesh)(train)
+    return TrainState(params=lora.join(p, frozen), opt_state=opt, step=step, skipped=skipped)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_program(cfg: ModelConfig, optimizer, mesh: Mesh):
+    """init_state's program, jitted once per (model, optimizer, mesh): a fresh closure's jit compiled
+    again every round."""
     sh = state_shardings(cfg, mesh, optimizer)
 
     def init(p):
         zero = jnp.zeros((), jnp.int32)
         return p, optimizer.init(p), zero, zero
 
-    p, opt, step, skipped = jax.jit(init, out_shardings=(lora.split(cfg, sh.params)[0], sh.opt_state, sh.step,
-                                                         sh.skipped))(train)
-    return TrainState(params=lora.join(p, frozen), opt_state=opt, step=step, skipped=skipped)
+    return jax.jit(init, out_shardings=(lora.split(cfg, sh.params)[0], sh.opt_state, sh.step, sh.skipped))
 
 
 def batch_shardings(mesh: Mesh, batch_shapes: PairBatch) -> PairBatch:
@@ -183,9 +189,10 @@ def _micro_batches(x, A):
     return x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
 
 
-def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig,
-               optimizer, grad_accum: int = 1, mesh: Mesh | None = None):
+def train_step(state: TrainState, batch: PairBatch, schedule=None, *, model_cfg: ModelConfig,
+               obj_cfg: ObjectiveConfig, optimizer, grad_accum: int = 1, mesh: Mesh | None = None):
     """One optimizer step on a pair batch: (new state, metrics). Pure; jit it via make_train_step.
+    schedule: optim.schedule_steps of the round (int32 [2]), else the optimizer's own total_steps'.
 
     Gradients are taken for the trainable params alone (lora.split): with LoRA the frozen base never
     gets a gradient buffer, and passes through to the new state untouched (donated, so not copied).
@@ -223,7 +230,7 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
     # state here would cost three more passes over params and moments.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optax.with_extra_args_support(optimizer).update(grads, state.opt_state, train_params,
-                                                                       finite=finite)
+                                                                       finite=finite, schedule=schedule)
     new_state = TrainState(params=lora.join(optax.apply_updates(train_params, updates), frozen), opt_state=new_opt,
                            step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
     n_tokens = jnp.sum(batch.segments_RxL > 0)
@@ -233,11 +240,13 @@ def train_step(state: TrainState, batch: PairBatch, *, model_cfg: ModelConfig, o
 
 
 def make_train_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, opt_cfg: OptimConfig, optimizer,
-                    mesh: Mesh, batch_shapes: PairBatch):
+                    mesh: Mesh, batch_shapes: PairBatch, schedule_arg: bool = False):
     """train_step jitted once for this mesh and batch shape: fn(state, batch) -> (state, metrics).
 
     The state argument is donated: its buffers become the new state's, so only one copy of params
     and optimizer state is live. Call check_finite(metrics, opt_cfg) on the host after each step.
+    schedule_arg: fn(state, batch, schedule), schedule a round's optim.schedule_steps (int32 [2]): one
+    program for rounds of any length (the optimizer's own total_steps then sets its initial state only).
     """
     _check_batch(mesh, batch_shapes, opt_cfg.grad_accum)
     state_sh = state_shardings(model_cfg, mesh, optimizer)
@@ -248,7 +257,8 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, opt_cfg: O
         # state: params sharded by the logical-axis RULES (fsdp splits the width, tensor splits
         #   heads/mlp/vocab), optimizer moments exactly like their params, counters replicated.
         # batch: the pair dimension split over data x fsdp; sequence positions stay whole.
-        in_shardings=(state_sh, batch_shardings(mesh, batch_shapes)),
+        in_shardings=(state_sh, batch_shardings(mesh, batch_shapes)) + ((sharding.replicated(mesh),) if schedule_arg
+                                                                         else ()),
         # The new state lands where the old one was (so donation reuses its buffers and the next
         # call hits the same executable); metrics are replicated scalars every host can read.
         out_shardings=(state_sh, sharding.replicated(mesh)),

@@ -96,7 +96,7 @@ def test_inpo_initial_policy_is_the_starting_adapter(tmp_path):
     fresh = sharding.init_params(CFG, jax.random.key(0), mesh)
     lora.save_peft(CFG, _randomize_b(CFG, fresh, std=0.5), str(tmp_path / "adapter"))
     model_cfg = dataclasses.replace(CFG, lora=dataclasses.replace(CFG.lora, init_path=str(tmp_path / "adapter")))
-    start = hf.with_init_adapter(model_cfg, fresh)  # the run's pi_0, loaded as rounds.load_initial does
+    start = hf.with_init_adapter(model_cfg, fresh)  # the run's pi_0, loaded as hf.load_initial does
     later = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding),  # placed as a run's params are
                          _randomize_b(model_cfg, start, seed=2, std=0.5), start)  # a later round's pi_t
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from spjax import checkpoint as ckpt_lib, lora, rounds, saving, sharding as shd
+from spjax import checkpoint as ckpt_lib, hf, lora, saving, sharding as shd
 from spjax.config import MeshConfig, load_config
 from tests.test_rounds import TINY, _export_bytes, _train, tfds_dir  # noqa: F401 (a fixture this module uses)
 
@@ -26,7 +26,7 @@ def lora_run(tmp_path_factory, tfds_dir):
 def test_checkpoints_hold_the_adapters_only(lora_run):
     cfg = load_config(TINY, [LORA])
     mesh = shd.make_mesh(cfg.mesh)
-    model_cfg, base = rounds.load_initial(cfg, mesh)  # as the run loaded it
+    model_cfg, base = hf.load_initial(cfg, mesh)  # as the run loaded it
     ck = ckpt_lib.Checkpointer(os.path.join(lora_run, "checkpoints"), async_save=False)
     with pytest.raises(ValueError, match="needs the run's params"):
         saving.restore_latest(ck, model_cfg, cfg.optim, mesh)

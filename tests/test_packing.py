@@ -89,6 +89,20 @@ def test_packed_loss_and_grads_equal_unpacked(window, A):
     assert abs(float(l0)) > 1e-3 and max(float(np.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3
 
 
+def test_scoring_row_counts_are_few_over_rounds():
+    """A split's rows a call: quantum times a power of two, or max_rows. Every round's counts differ
+    (the generated side's lengths), and each new count compiled a forward pass: R = 2, 4, 6, ..., 12
+    before (up to max_rows / quantum programs a row length), 2, 4, 8, 12 now."""
+    seen = set()
+    for n in range(1, 90, 3):
+        calls = list(packing.side_rows(_examples(n, seed=n), "real_ids", max_rows=12, row_len=L, quantum=2, pad_id=0))
+        assert len({len(c["tokens_RxL"]) for c in calls}) == 1
+        used = sum(int(c["segments_RxL"].any(1).sum()) for c in calls)
+        assert len(calls) == -(-used // 12)  # still as few calls as max_rows allows
+        seen.add(len(calls[0]["tokens_RxL"]))
+    assert seen == {2, 4, 8, 12}, seen
+
+
 def test_packed_scoring_equals_one_sequence_per_row():
     """Reference scores (scoring.score_examples) from packed rows equal the right-padded ones; every
     call has the same row count, and there are fewer rows than sequences."""

@@ -14,6 +14,8 @@ micro-batch its own rows, as it hands it pairs a, a+A, ... of the [B] arrays.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import numpy as np
@@ -137,7 +139,9 @@ def side_rows(examples, which: str, *, max_rows: int, row_len: int, quantum: int
     """One side ('real_ids' or 'generated_ids') of `examples` packed into rows for scoring: yields
     dicts of [R, L] arrays as pair_rows' (seqs_RxL: the example's index in `examples`), R the same for
     every call: as few calls as max_rows rows allow, then as few rows per call as that many calls
-    need (a multiple of quantum, which divides max_rows), the last call padded with empty rows.
+    need, rounded up to quantum (which divides max_rows) times a power of two, or max_rows: a few
+    programs per row length over a run's rounds (rows' counts change every round: R exactly fitted
+    compiled a new forward pass for most), the last call padded with empty rows.
     First-fit decreasing within windows of `window` examples bounds its host time."""
     seqs = [(e.prompt_ids, getattr(e, which), True, i) for i, e in enumerate(examples)]
     rows = []
@@ -147,7 +151,7 @@ def side_rows(examples, which: str, *, max_rows: int, row_len: int, quantum: int
     if not rows:
         return
     per_call = -(-len(rows) // -(-len(rows) // max_rows))
-    R = -(-per_call // quantum) * quantum
+    R = min(quantum << max(0, math.ceil(math.log2(per_call / quantum))), max_rows)
     for start in range(0, len(rows), R):
         out = _empty_rows(R, row_len, pad_id)
         for r, members in enumerate(rows[start:start + R]):
