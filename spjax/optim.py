@@ -41,8 +41,12 @@ def schedule_at(opt_cfg: OptimConfig, count, steps_2):
     f32 = jnp.float32
     c, warmup, rest = (jnp.asarray(x, f32) for x in (count, steps_2[0], steps_2[1]))
     done = jnp.clip(c - warmup, 0.0, rest) / rest  # the decay's progress, 0 -> 1
-    decay = {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * done)),
-             "constant": jnp.ones_like(done)}[opt_cfg.schedule]
+    if opt_cfg.schedule == "linear":
+        decay = 1.0 - done
+    elif opt_cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+    else:
+        decay = jnp.ones_like(done)
     return opt_cfg.lr * jnp.where(c < warmup, c / jnp.maximum(warmup, 1.0), decay)
 
 
@@ -83,7 +87,8 @@ def make_optimizer(opt_cfg: OptimConfig, total_steps: int) -> optax.GradientTran
 
     def init(params):
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        return OptState(count=jnp.zeros((), jnp.int32), lr=schedule_at(opt_cfg, 0, steps_2),
+        first = 0.0 if steps_2[0] else opt_cfg.lr  # schedule_at(0), without eager ops (optax inits it eagerly)
+        return OptState(count=jnp.zeros((), jnp.int32), lr=jnp.asarray(first, jnp.float32),
                         mu=zeros() if adam else None, nu=zeros())
 
     def update(grads, state, params=None, *, finite=True, schedule=None, **extra):

@@ -5,6 +5,7 @@ names its array axes logically ('embed', 'heads', ...); RULES alone decides wher
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -260,8 +261,14 @@ _MESSAGE_BYTES = 1024
 
 def init_params(cfg, key, mesh: Mesh):
     """Random params born sharded: never materialised whole on one device."""
+    return _init_program(cfg, mesh)(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _init_program(cfg, mesh: Mesh):
+    """init_params' program, once per (model, mesh): INPO rereads a random pi_0 every round."""
     from spjax import model
-    return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=param_shardings(cfg, mesh))(key)
+    return jax.jit(functools.partial(model.init_params, cfg), out_shardings=param_shardings(cfg, mesh))
 
 
 def check_sharded(params, mesh: Mesh, min_size: int = BIG_PARAM):
