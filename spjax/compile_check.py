@@ -194,13 +194,14 @@ def state_bytes(state) -> dict:
 def compile_train_step(cfg, model_cfg, mesh):
     """(ProgramMemory, abstract TrainState) of the train step: longest bucket, a row per sequence (the most)."""
     from spjax import step as step_lib
-    optimizer = step_lib.make_optimizer(cfg.optim, 1000)  # the step count does not change shapes
+    optimizer = step_lib.make_optimizer(cfg.optim, 1000)  # (its step count is an argument of the program)
     state = step_lib.abstract_state(model_cfg, optimizer, mesh)
     B, L = cfg.run.batch_size, cfg.data.max_len
     batch_shapes = step_lib.pair_batch_shapes(B, L, packed=step_lib.packs(cfg.data.pack, model_cfg, L))
-    fn = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, optimizer, mesh, batch_shapes)
+    fn = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, optimizer, mesh, batch_shapes,
+                                  schedule_arg=True)  # (as a run's rounds call it)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, batch_shapes).compile()
+    compiled = fn.lower(state, batch_shapes, step_lib.schedule_steps(cfg.optim, 1000)).compile()
     accum = f" A={cfg.optim.grad_accum}" if cfg.optim.grad_accum > 1 else ""
     shape = f"B={B} L={L}{accum}{' packed' * batch_shapes.packed}"
     return _memory("train_step", shape, compiled, time.perf_counter() - t0), state

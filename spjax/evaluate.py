@@ -130,6 +130,7 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
     """Held-out NLL, greedy-answer similarity (and the judge's view of those answers), and (after
     round t) the objective's metrics on held-out pairs, computed by the objective-table code the
     train step runs (ties count 1/2 there too)."""
+    import jax
     from spjax import lora, objectives, sampler, scoring
     cfg, tok, held = ctx.cfg, ctx.tokenizer, ctx.held
     if not held:  # no held-out split (said at the start): the rows hold training metrics only
@@ -158,8 +159,9 @@ def evaluate_phase(ctx, params, name: str, pairs=None,
         lp_gen = scoring.score_examples(ctx, params, held_pairs, "generated_ids")
         n_pair = np.asarray([max(len(e.real_ids), 1) for e in held_pairs], np.float32)
         win_real, win_gen = pairs.win_arrays("held")
-        _, aux = objectives.objective_loss(cfg.objective, lp_real, lp_gen, *refs["held"], n_pair,
-                                           win_real_B=win_real, win_gen_B=win_gen)
+        # one program (per pair count: judged rounds differ), not ~17 eager ops each compiled per count
+        _, aux = jax.jit(objectives.objective_loss, static_argnums=0)(
+            cfg.objective, lp_real, lp_gen, *refs["held"], n_pair, win_real_B=win_real, win_gen_B=win_gen)
         # named as the train step names them: aux's 'loss' is the pair loss (training's `pair_loss`; its
         # `loss` adds the NLL term)
         out.update({f"eval_{'pair_loss' if k == 'loss' else k}": float(v) for k, v in aux.items() if k != "nll"})
