@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import math
 import re
 import traceback
@@ -174,11 +175,17 @@ def _python(name: str) -> Callable:
     """A user's f(prompt, responses, reference) as a judge fn, its every return checked: K finite scores
     or a finite K x K matrix for each prompt (JudgeError naming the prompt otherwise)."""
     f = python_function(name)
+    try:  # a `messages` parameter (or **kwargs) gets the prompt's chat turns, e.g. for an LLM judge
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # (a builtin without a signature)
+        params = ()
+    turns = any(p.name == "messages" or p.kind is p.VAR_KEYWORD for p in params)
 
     def checked(q, K):
         where = f"for the prompt {q.prompt[-60:]!r}"
         try:
-            got = f(q.prompt, list(q.responses), q.reference)
+            got = f(q.prompt, list(q.responses), q.reference,
+                    **({"messages": [dict(m) for m in q.messages]} if turns else {}))
         except Exception as e:  # noqa: BLE001 - the user's code: said in one line, where it raised
             raise JudgeError(f"judge {name} raised {type(e).__name__}: {e} {where} (at {_raised_at(e, f)}); the "
                              "judgements made so far are kept: fix the function, then --resume") from None

@@ -73,7 +73,10 @@ def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
         "def nan_matrix(prompt, responses, reference):\n    return [[0.5, float('inf')], [float('nan'), 0.5]]\n"
         "def words(prompt, responses, reference):\n    return ['good', 'bad', 'ugly']\n"
         "def mixed(prompt, responses, reference):\n    return [1.0, 0.0] if prompt == 'p' else [[.5, 1.], [0., .5]]\n"
-        "def raises(prompt, responses, reference):\n    return [int(r) for r in responses]\n")
+        "def raises(prompt, responses, reference):\n    return [int(r) for r in responses]\n"
+        "def turns(prompt, responses, reference, messages):\n"
+        "    return [len(messages) + (m['role'] == 'system') for m in messages[:1] for _ in responses]\n"
+        "def kw(prompt, responses, reference, **extra):\n    return [len(extra['messages'])] * len(responses)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     q = judges.Query("p", ("a", "abc", "ab"), "ref")
     scores, wins = judges.judge_all(judges.build("python:myjudge:longest"), [q])
@@ -97,6 +100,12 @@ def test_python_judge_and_bad_returns(tmp_path, monkeypatch):
     with pytest.raises(judges.JudgeError, match=r"^judge python:myjudge:raises raised ValueError: invalid literal for "
                                                 r"int\(\) .* for the prompt 'p' \(at .*myjudge.py:14\); the judgements"):
         judges.judge_all(judges.build("python:myjudge:raises"), [q])
+    # a `messages` parameter (or **kwargs) gets the prompt's chat turns; the three-argument form does not
+    chat = ({"role": "system", "content": "S"}, {"role": "user", "content": "p"})
+    qm = judges.Query("p", ("a", "b"), "ref", messages=chat)
+    assert judges.judge_all(judges.build("python:myjudge:turns"), [qm])[0].tolist() == [[3, 3]]
+    assert judges.judge_all(judges.build("python:myjudge:kw"), [qm])[0].tolist() == [[2, 2]]
+    assert judges.judge_all(judges.build("python:myjudge:longest"), [qm])[0].tolist() == [[1, 1]]
 
 
 def test_python_judge_that_cannot_import_says_where_from(tmp_path, monkeypatch):
