@@ -151,8 +151,9 @@ def _diff(turns: list, prompt: list) -> str:
     for i, (a, b) in enumerate(zip(turns, prompt)):
         if a != b:
             return f"turn {i} is {show(a)} here, {show(b)} there"
-    longer, n = (turns, "here") if len(turns) > len(prompt) else (prompt, "there")
-    return f"{len(turns)} turns here, {len(prompt)} there (turn {min(len(turns), len(prompt))}: {show(longer[min(len(turns), len(prompt))])} {n})"
+    i = min(len(turns), len(prompt))  # one is the other's start: the first turn only one has
+    longer, side = (turns, "here") if len(turns) > len(prompt) else (prompt, "there")
+    return f"{len(turns)} turns here, {len(prompt)} there (turn {i}: {show(longer[i])} {side})"
 
 
 def _answer(obj, key, prompt, report, required=True):
