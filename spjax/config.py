@@ -9,7 +9,7 @@ import dataclasses
 from typing import Optional
 
 from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigError is its public name)
-from spjax.config_checks import check as _check, iso_date as _iso_date, one_of as _one_of
+from spjax.config_checks import check as _check, iso_date as _iso_date, one_of as _one_of, template_kwargs
 from spjax.config_checks import typed_and_finite as _finite
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -52,7 +52,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
     vocab_size: int
     hidden_size: int
@@ -70,6 +70,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    qk_norm: bool = False  # Qwen3 RMS-normalizes each head's q and k (over head_dim) before RoPE
     sliding_window: Optional[int] = None  # Mistral; None means full causal attention
     max_position_embeddings: int = 4096
     architecture: str = "llama"  # decides the HF class on export
@@ -102,6 +103,8 @@ class ModelConfig:
         for name in ("rope_theta", "rope_factor", "max_position_embeddings"):  # else NaN logits, silently
             _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
+        _check(not (self.qk_norm and self.qkv_bias), "model.qk_norm",  # Qwen3's attention_bias adds o's too
+               "with qkv_bias: no transformers family computes both, so the model could not be exported")
         from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
         _one_of(self.architecture, "model.architecture", ARCHITECTURES)
         _one_of(self.param_dtype, "model.param_dtype", DTYPES)
@@ -258,6 +261,9 @@ class DataConfig:
     tfds_dir: str = ""  # where TFDS prepares/finds datasets; empty: <workdir>/tfds
     system_prompt: str = ""  # a system turn for prompts without one (replaces a template's default)
     template_date: str = ""  # YYYY-MM-DD a chat template prints as today's; empty: the run's first start
+    # NAME=VALUE variables for the chat template (VALUE as JSON), e.g. ("enable_thinking=false",): Qwen3's
+    # prompts then end in an empty think block and responses are the answer alone (spjax.data.tokens)
+    template_args: tuple[str, ...] = ()
 
     def __post_init__(self):
         _finite(self, "data")
@@ -270,9 +276,14 @@ class DataConfig:
                f"{self.max_prompt_len} must be < data.max_len={self.max_len}")
         _check(not self.template_date or _iso_date(self.template_date), "data.template_date",
                f"{self.template_date!r} is not a date as YYYY-MM-DD")
+        template_kwargs(self.template_args)  # (its checks)
         _check(self.overlong in ("truncate", "drop"), "data.overlong", "must be truncate or drop")
         _check(self.unencodable in ("refuse", "drop"), "data.unencodable", "must be refuse or drop")
         _one_of(self.pack, "data.pack", ("auto", "on", "off"))
+
+    def template_kwargs(self) -> dict:
+        """template_args as the chat template's variables: {NAME: VALUE read as JSON, else as text}."""
+        return template_kwargs(self.template_args)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import json
 import math
 import typing
 
@@ -56,3 +57,26 @@ def iso_date(text: str) -> bool:
         return bool(datetime.date.fromisoformat(text))
     except ValueError:
         return False
+
+
+# apply_chat_template's own parameters: a template variable of one of these names would change the call
+_TEMPLATE_CALL = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                  "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def template_kwargs(args, field: str = "data.template_args") -> dict:
+    """{name: value} of NAME=VALUE texts (data.template_args): VALUE read as JSON (false, 3, "x"), else
+    as the text itself. ConfigError naming the field for a text without a NAME or a reserved NAME."""
+    out = {}
+    for a in args:
+        name, eq, value = str(a).partition("=")
+        name = name.strip()
+        check(bool(eq) and name.isidentifier(), field, f"{a!r} is not NAME=VALUE (e.g. enable_thinking=false)")
+        check(name not in _TEMPLATE_CALL, field, f"{name} is apply_chat_template's own parameter, not a template "
+              "variable: spjax sets it")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value.strip()
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
-_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -116,7 +116,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
+        qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         architecture=_ARCHS[arch],
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),

@@ -56,17 +56,17 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if partial != 1.0:
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} is not supported (spjax rotates every "
                               f"dimension of a head)")
-    if arch == "llama":  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
+    if arch in ("llama", "qwen3"):  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
-            if hf.get(key):
-                raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's llama does not implement: "
+            if hf.get(key) and (arch, key) != ("qwen3", "mlp_bias"):  # (Qwen3's MLP has no bias key)
+                raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
                                       f"it cannot load this model")
     eos = hf.get("eos_token_id")
     kw = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0,
+        head_dim=hf.get("head_dim") or (128 if arch == "qwen3" else 0),  # Qwen3Config's default: not D / H
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
@@ -75,7 +75,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
                                        or hf.get("max_position_embeddings", 8192)),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2",
+        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
         sliding_window=_sliding_window(hf, arch, where),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
@@ -89,15 +89,15 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
 def _sliding_window(hf: dict, arch: str, where: str):
     """spjax's one window for all layers, as transformers reads the config.
 
-    Mistral windows every layer. Qwen2 windows layer i when use_sliding_window and layer_types[i] is
+    Mistral windows every layer. Qwen2 and Qwen3 window layer i when use_sliding_window and layer_types[i] is
     'sliding_attention' (any other type is full attention); without layer_types (transformers 4.x,
     and 5.x's default) when i >= max_window_layers. A mix of windowed and full layers, which one
     window cannot represent, is refused.
     """
-    window = hf.get("sliding_window", 4096)  # Mistral's and Qwen2's config default when the key is absent
+    window = hf.get("sliding_window", 4096)  # Mistral's and Qwen's config default when the key is absent
     if arch == "mistral":
         return window
-    if arch != "qwen2" or not hf.get("use_sliding_window") or window is None:
+    if arch not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or window is None:
         return None
     n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
     if not isinstance(first, int) and not hf.get("layer_types"):  # null: transformers refuses it too
@@ -107,19 +107,21 @@ def _sliding_window(hf: dict, arch: str, where: str):
     windowed = {t == "sliding_attention" for t in types}
     if len(windowed) > 1:
         why = "layer_types" if hf.get("layer_types") else f"max_window_layers {first}"
-        raise CheckpointError(f"{where}: Qwen2 windows attention (sliding_window {window}) on some layers only "
-                              f"({why}), but spjax windows all layers or none: it cannot load this model")
+        raise CheckpointError(f"{where}: {arch.capitalize()} windows attention (sliding_window {window}) on some "
+                              f"layers only ({why}), but spjax windows all layers or none: it cannot load this model")
     return window if windowed == {True} else None
 
 
 def _export_arch(cfg: ModelConfig) -> str:
-    """The transformers family that computes cfg's model: Qwen2 is Llama with q/k/v biases (and only
-    it has them: Llama's attention_bias adds an o_proj bias too), Mistral is Llama with a window.
-    A Llama GGUF can hold q/k/v biases, and an override can set a window or biases on any family."""
-    arch = cfg.architecture
-    if cfg.qkv_bias != (arch == "qwen2"):
-        arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
-    return "mistral" if arch == "llama" and cfg.sliding_window else arch
+    """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms and Qwen2 is
+    Llama with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too),
+    Mistral is Llama with a window. A Llama GGUF can hold q/k/v biases, and an override can set a
+    window, biases or q/k norms on any family."""
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -152,7 +154,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     if cfg.architecture == "mistral":
         out["sliding_window"] = cfg.sliding_window
-    if cfg.architecture == "qwen2":  # every layer windowed or none, read the same by transformers 4.x and 5.x
+    if cfg.architecture == "qwen3":
+        out["attention_bias"] = False
+    if cfg.architecture in ("qwen2", "qwen3"):  # every layer windowed or none, read alike by transformers 4.x, 5.x
         w = cfg.sliding_window
         out.update(use_sliding_window=w is not None, sliding_window=w, max_window_layers=0 if w else cfg.num_layers,
                    layer_types=["sliding_attention" if w else "full_attention"] * cfg.num_layers)

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -43,8 +43,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         scaled = np.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        inv = np.where((wavelen >= old / hi) & (wavelen <= old / lo), smoothed, scaled).astype(np.float32)  # medium
     return inv
 
 
@@ -159,6 +158,9 @@ class Block(nn.Module):
             q_BxLxHxDh += w("q_bias", (H, Dh), ("heads", "head_dim"), zeros)
             k_BxLxKxDh += w("k_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
             v_BxLxKxDh += w("v_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
+        if cfg.qk_norm:  # Qwen3: one scale over head_dim, shared by every head
+            q_BxLxHxDh = _rms_norm(q_BxLxHxDh, w("q_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
+            k_BxLxKxDh = _rms_norm(k_BxLxKxDh, w("k_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
         sin, cos = rope
         q_BxLxHxDh = _rope(q_BxLxHxDh, sin, cos)
         k_BxLxKxDh = _rope(k_BxLxKxDh, sin, cos)
@@ -289,8 +291,7 @@ class Decoder(nn.Module):
 
 
 def _dummy_inputs(cfg):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return tokens, tokens, jnp.ones((1, 1), bool)
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
 
 
 def init_params(cfg: ModelConfig, key) -> dict:
@@ -386,8 +387,7 @@ def unembed(cfg: ModelConfig, params, hidden_BxLxD):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """A zeroed KV cache {'k','v': [N, B, K, S, Dh]} in the compute dtype."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    dtype = dtype or jnp.dtype(cfg.compute_dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {n: jnp.zeros(shape, dtype or jnp.dtype(cfg.compute_dtype)) for n in ("k", "v")}
 
 
 CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")

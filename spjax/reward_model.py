@@ -89,7 +89,7 @@ def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = Non
     head_DxC = jnp.asarray(head.T, cfg.param_dtype)
     if mesh is not None:
         head_DxC = jax.device_put(head_DxC, shd.replicated(mesh))
-    from spjax.data.tokens import has_chat_template
+    from spjax.data.templates import has_chat_template
     tok, chat = None, False
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     if has_tokenizer:
@@ -162,7 +162,7 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
 def _tokens(rm: RewardModel, q, k: int) -> list:
     """The ids the reward model reads for query q's response k."""
     if rm.chat and q.messages:
-        from spjax.data.tokens import chat_ids
+        from spjax.data.templates import chat_ids
         return chat_ids(rm.tokenizer, [*q.messages, {"role": "assistant", "content": q.responses[k]}], rm.today)
     ids = [int(i) for i in q.prompt_ids] + [int(i) for i in q.response_ids[k]]
     if rm.tokenizer is None:

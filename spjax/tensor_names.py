@@ -22,7 +22,8 @@ from spjax import sharding as shd
 from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
-HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+            "Qwen3ForCausalLM": "qwen3"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (model._project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -82,6 +83,9 @@ def layer_table(cfg: ModelConfig) -> dict:
         for n, heads in (("q", H), ("k", K), ("v", K)):
             out[f"{n}_bias"] = Entry(a + f"{n}_proj.bias", b + f"attn_{n}.bias",
                                      lambda w, h=heads: w.reshape(h, Dh), lambda x: x.reshape(-1))
+    if cfg.qk_norm:
+        for n in ("q", "k"):
+            out[f"{n}_norm"] = Entry(a + f"{n}_norm.weight", b + f"attn_{n}_norm.weight", *ident)
     return out
 
 

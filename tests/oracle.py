@@ -13,6 +13,8 @@ FAMILIES = {
         original_max_position_embeddings=64))),
     "mistral": ("MistralConfig", dict(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=4096)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
+    # q/k norms, and a head_dim that is not hidden_size / heads (Qwen3-0.6B: 128 against 1024 / 16)
+    "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=32)),
 }
 
 

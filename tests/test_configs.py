@@ -24,7 +24,7 @@ def module(path):
 
 def test_the_scale_out_configs_are_there():
     names = {os.path.basename(p)[:-3] for p in CONFIGS}
-    assert set(STAGED) | {"single_gpu_qwen2_0.5b", "single_gpu_llama3.2_1b", "tiny"} <= names
+    assert set(STAGED) | {"single_gpu_qwen2_0.5b", "single_gpu_qwen3_0.6b", "single_gpu_llama3.2_1b", "tiny"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS)

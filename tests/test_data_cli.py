@@ -206,6 +206,26 @@ def test_template_date_counts_tokens_as_the_run_does(tmp_path, capsys):
     assert "--template-date: '2024-02-30' is not a date as YYYY-MM-DD" in capsys.readouterr().err
 
 
+def test_template_args_count_tokens_as_the_run_does(tmp_path, capsys):
+    """--template-arg is data.template_args: Qwen3's enable_thinking=false moves the empty think block from the
+    responses into the prompts (19 bytes)."""
+    from spjax.hf import load_tokenizer
+    from tests.test_data_tokens import THINKING
+    tok = load_tokenizer("bytes")
+    tok.chat_template = THINKING
+    tok.save_pretrained(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is 2 + 2?", "response": "4."}])
+    rows = []
+    for extra in ([], ["--template-arg", "enable_thinking=false"]):
+        assert main(["validate", path, "--tokenizer", str(tmp_path / "tok"), *extra]) == 0
+        out = capsys.readouterr().out.splitlines()
+        rows.append([int(line.split()[-1]) for line in out if line.split()[:1] in (["prompt"], ["response"])])
+    assert rows[1] == [rows[0][0] + 19, rows[0][1] - 19]
+    with pytest.raises(SystemExit):
+        main(["validate", path, "--template-arg", "enable_thinking"])
+    assert "--template-arg: 'enable_thinking' is not NAME=VALUE" in capsys.readouterr().err
+
+
 def test_ctrl_c_is_a_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     """Ctrl-C while a large file is tokenized printed a KeyboardInterrupt traceback through the threads."""
     from spjax.data import __main__ as cli

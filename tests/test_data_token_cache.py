@@ -76,7 +76,8 @@ def test_other_data_tokenizer_or_settings_are_tokenized_anew(tmp_path, capsys):
     changes = [(cfg, other_template, (2,)), (cfg, byte_tokenizer(), (2, 0)),
                (dataclasses.replace(cfg, max_len=80), byte_tokenizer(), (2,)),
                (dataclasses.replace(cfg, template_date="2026-12-03"), byte_tokenizer(), (2,)),
-               (dataclasses.replace(cfg, system_prompt="Hi."), byte_tokenizer(), (2,))]
+               (dataclasses.replace(cfg, system_prompt="Hi."), byte_tokenizer(), (2,)),
+               (dataclasses.replace(cfg, template_args=("enable_thinking=false",)), byte_tokenizer(), (2,))]
     capsys.readouterr()
     for c, tok, stops in changes:
         got = prepare(c, tok, data_dir, stops)

@@ -292,6 +292,44 @@ def test_special_token_text_in_a_turn_is_refused_not_encoded_as_a_control_token(
         near, tokenize=False, add_generation_prompt=True).count("<|im_end|>")  # the template's own only
 
 
+# A template written as Qwen3's behave: the last assistant turn after an empty think block; a generation
+# prompt that ends in one when enable_thinking is false
+THINKING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
+            "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+            "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+            "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_template_args_reach_the_template_in_prompts_and_responses(tmp_path):
+    """data.template_args=enable_thinking=false: Qwen3's prompt ends in the empty think block and the real
+    response is the answer alone; without it the block starts every real response (a sample would think)."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    from spjax.data.templates import template_args, with_template_args
+    tok = byte_tokenizer()
+    tok.chat_template = THINKING
+    msgs = chat(("user", "Capital of France?"))
+    quiet = with_template_args(tok, DataConfig(template_args=("enable_thinking=false",)).template_kwargs())
+    assert template_args(quiet) == {"enable_thinking": False} and template_args(tok) == {}  # (a copy)
+    text = lambda ids: tok.decode(ids.tolist())  # noqa: E731
+    assert text(prompt_ids(tok, msgs)).endswith("assistant\n")
+    assert text(response_ids(tok, msgs, "Paris.")) == "<think>\n\n</think>\n\nParis.<|im_end|>"
+    assert text(prompt_ids(quiet, msgs)).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert text(response_ids(quiet, msgs, "Paris.")) == "Paris.<|im_end|>"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
+    cfg = DataConfig(path=path, eval_frac=0.25, template_args=("enable_thinking=false",), max_prompt_len=64,
+                     max_len=128)
+    got = prepare(cfg, tok, None)
+    assert text(got.train[0].prompt_ids).endswith("</think>\n\n") and text(got.train[0].real_ids).startswith("A")
+
+
+def test_template_args_from_the_command_line():
+    import os
+    from spjax.config import load_config
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    cfg = load_config(tiny, ["data.template_args=enable_thinking=false,effort=low,n=3"])
+    assert cfg.data.template_kwargs() == {"enable_thinking": False, "effort": "low", "n": 3}
+
+
 def _dated_bytes():
     """The byte tokenizer with a template that prints today's date (as Llama 3's do)."""
     from spjax.byte_tokenizer import byte_tokenizer

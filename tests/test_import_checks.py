@@ -37,13 +37,16 @@ def _max_diff(cfg, params, tm, ids):
 
 
 def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None, per_layer=False,
-                vocab=True, split_max_tensors=0, cast=None):
+                vocab=True, split_max_tensors=0, cast=None, arch="llama"):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`;
     per_layer: head counts as one value per layer; split_max_tensors: in parts as gguf-split cuts them;
-    cast: {name: numpy dtype} stored so (F64, ...)."""
+    cast: {name: numpy dtype} stored so (F64, ...); arch 'qwen3': its q/k norms, head size and no permutation."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    if arch == "qwen3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -64,17 +67,21 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     if eos_eot:
         w.add_eos_token_id(eos_eot[0])
         w.add_eot_token_id(eos_eot[1])
-    named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+    named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if not c.tie_word_embeddings:
+        named["output.weight"] = "lm_head.weight"
     for i in range(c.num_hidden_layers):
         for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
                          ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
                          ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
                          ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
+        if arch == "qwen3":
+            for n in ("q", "k"):
+                named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
     for dst, src in named.items():
         t = sd[src]
-        if ".attn_q." in dst or ".attn_k." in dst:  # convert_hf_to_gguf's LlamaModel.permute
+        if arch == "llama" and (".attn_q." in dst or ".attn_k." in dst):  # convert_hf_to_gguf's LlamaModel.permute
             n = c.num_attention_heads if ".attn_q." in dst else c.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         w.add_tensor(dst, t.astype((cast or {}).get(dst, t.dtype)))
@@ -92,6 +99,14 @@ def test_gguf_linear_rope_scaling_matches_transformers(tmp_path):
     tm = _torch("LlamaConfig", rope_theta=500000.0, rope_scaling=dict(rope_type="linear", factor=4.0))
     cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "lin.gguf", tm, "linear", 4.0))
     assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+    assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+
+
+def test_gguf_qwen3_matches_transformers(tmp_path):
+    """llama.cpp's qwen3: q/k norm tensors, head size from attention.key_length (not D / H), rows unpermuted."""
+    tm = _torch("Qwen3Config", rope_theta=1000000.0, head_dim=16, tie_word_embeddings=True)
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "q3.gguf", tm, arch="qwen3"))
+    assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.tie_embeddings) == ("qwen3", True, 16, True)
     assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
 
 
@@ -316,7 +331,8 @@ def test_qwen2_window_survives_export_to_transformers(tmp_path):
 @pytest.mark.parametrize("family,extra,exported", [
     ("qwen2", dict(architecture="llama"), "Qwen2ForCausalLM"),
     ("qwen2", dict(architecture="mistral", sliding_window=6), "Qwen2ForCausalLM"),  # before: biases dropped
-    ("llama3", dict(sliding_window=6), "MistralForCausalLM")])
+    ("llama3", dict(sliding_window=6), "MistralForCausalLM"),
+    ("qwen3", dict(architecture="llama"), "Qwen3ForCausalLM")])
 def test_llama_variants_export_as_the_family_that_computes_them(family, extra, exported, tmp_path):
     """A llama with q/k/v biases (a Llama GGUF can hold them) or a window (an override) has no transformers
     Llama equivalent (attention_bias adds an o_proj bias): it exports as Qwen2 or Mistral, the same model."""

@@ -311,15 +311,15 @@ def test_inpo_loss_by_hand():
 # The reward model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_reward_model_matches_transformers(family, tmp_path):
+@pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32))])
+def test_reward_model_matches_transformers(family, extra, tmp_path):
     import torch
     import transformers
     from spjax import reward_model
     from tests.oracle import TINY
-    cls = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}[family]
-    conf = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family](
-        **TINY, num_labels=1, pad_token_id=0, tie_word_embeddings=False)
+    cls = f"{family}ForSequenceClassification"
+    conf = getattr(transformers, f"{family}Config")(**TINY, **extra, num_labels=1, pad_token_id=0,
+                                                     tie_word_embeddings=False)
     torch.manual_seed(0)
     tm = getattr(transformers, cls)(conf).float().eval()
     with torch.no_grad():

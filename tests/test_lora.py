@@ -131,10 +131,12 @@ def _lora_cfg(targets=("q", "k", "v", "o", "gate", "up", "down"), **kw):
     return dict(lora=LoraConfig(rank=R, alpha=ALPHA, targets=targets), **kw)
 
 
-def test_merged_export_and_peft_adapter_match_torch(torch_base, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # qwen3: q/k norms stay the base's
+def test_merged_export_and_peft_adapter_match_torch(family, tmp_path):
     import peft
     import torch
     import transformers
+    torch_base = oracle.torch_model(family)
     cfg, params = hf.from_transformers(torch_base, **_lora_cfg())
     params = _randomize_b(cfg, params)
     torch_base.save_pretrained(tmp_path / "base")  # the run's model_path: the adapter names it as its base

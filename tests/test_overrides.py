@@ -38,10 +38,13 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ("model.rope_theta=0", "model.rope_theta: must be > 0"),  # these: NaN logits, silently
     ("model.rope_factor=0", "model.rope_factor: must be > 0"),
     ("model.rms_norm_eps=-1", "model.rms_norm_eps: must be >= 0"),
+    ("data.template_args=enable_thinking", "data.template_args: 'enable_thinking' is not NAME=VALUE"),
+    ("data.template_args=tokenize=true", "data.template_args: tokenize is apply_chat_template's own parameter"),
+    ("model.qkv_bias=true model.qk_norm=true", "model.qk_norm: with qkv_bias: no transformers family computes both"),
 ])
 def test_bad_override_is_one_config_error(item, message):
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, [item])
+        load_config(TINY, item.split(" "))  # (one override, or several)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

@@ -4,7 +4,8 @@ Prints a summary (records, format, length percentiles, what the length policy wo
 drop), or every problem as `file:line: field: what is wrong` and exits 1. PATH is a file, or a
 directory whose data files are checked one by one, picked as a run picks them (train*, test*, ...).
 Token counts are the run's when the options are its data settings (--system-prompt is data.system_prompt),
-or with --config CFG: its data.path (and eval_path), format, lengths, system prompt, date and tokenizer.
+or with --config CFG: its data.path (and eval_path), format, lengths, system prompt, date, template
+variables and tokenizer.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from spjax.config import DataConfig
+from spjax.config import DataConfig, template_kwargs
 from spjax.data.records import FORMATS, SUFFIXES, DataError, parse_file
 from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
+from spjax.data.templates import with_template_args
 from spjax.data.tokens import count_turns_cut, stop_ids, tokenize_all
 
 PERCENTILES = (50, 90, 99)
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
                         "their tokens as the run counts it (set it when the run's config does)")
     v.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
                    help="the run's data.template_date: the date a chat template prints as today's (default: today)")
+    v.add_argument("--template-arg", action="append", default=None, metavar="NAME=VALUE",
+                   help="the run's data.template_args: a variable for the chat template, VALUE as JSON (Qwen3: "
+                        "enable_thinking=false); repeat for more")
     args = parser.parse_args(argv)
     data, paths = defaults, [args.path]
     if args.config:  # the run's settings, so the counts are the run's (the flags given win)
@@ -164,7 +169,9 @@ def main(argv=None) -> int:
         if getattr(args, field) is None:
             setattr(args, field, getattr(data, field))
     args.template_date = args.template_date or data.template_date or None
+    args.template_arg = data.template_args if args.template_arg is None else tuple(args.template_arg)
     try:
+        variables = template_kwargs(args.template_arg, "--template-arg")
         if args.max_len < 2:  # (check_lengths would name data.max_prompt_len, the flag left at its default)
             raise ValueError(f"--max-len: must be >= 2, got {args.max_len}")
         check_lengths(args.max_prompt_len, args.max_len, "truncate")
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
         from spjax.hf import CheckpointError, load_model_config, load_tokenizer
 
         try:
-            tokenizer = load_tokenizer(args.tokenizer)
+            tokenizer = with_template_args(load_tokenizer(args.tokenizer), variables)
             if args.tokenizer.endswith(".gguf") or os.path.isfile(os.path.join(args.tokenizer, "config.json")):
                 stops = stop_ids(load_model_config(args.tokenizer), tokenizer)  # a model's: its EOS ids too
         except (CheckpointError, OSError, ValueError) as e:  # missing or unreadable: the reason, not a traceback

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from spjax.config import ConfigError, DataConfig
-from spjax.data import tfds_builders, token_cache
+from spjax.data import templates, tfds_builders, token_cache
 from spjax.data.batching import make_buckets
 from spjax.data.records import FORMATS, SUFFIXES, DataError, Problem, detect_format, parse_record
 from spjax.data.lengths import check_lengths
@@ -257,6 +257,7 @@ def prepare(cfg: DataConfig, tokenizer, data_dir: Optional[str] = None, stops: S
     stops: the run's stop ids (tokens.stop_ids), where responses end as sampled ones do.
     With data_dir, the tokenized splits are kept there (token_cache) and read by the next start."""
     splits, today = load_examples(cfg, data_dir), cfg.template_date or None
+    tokenizer = templates.with_template_args(tokenizer, cfg.template_kwargs())
     name = token_cache.digest(splits, tokenizer, cfg, today, stops) if data_dir else None
     kept = token_cache.load(token_cache.path(data_dir, name), splits) if name else None
     if kept:

@@ -3,7 +3,7 @@ length settings, reads them instead of tokenizing again (1-4 ms an example: 3-14
 start and every --resume before).
 
 A file is named by a digest of everything its tokens depend on: the examples' text and where each came
-from, the tokenizer (its vocabulary, merges, normalizer, specials and chat template), the length
+from, the tokenizer (its vocabulary, merges, normalizer, specials, chat template and its variables), the length
 settings, the date the template prints, the stop ids, and the code and library versions that tokenize.
 Any change is another name, so a file is never read for other data. One that cannot be read (cut short,
 damaged) is a miss: the splits are tokenized again and the file written anew. Writing it is best-effort
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from spjax import artifacts
+from spjax.data import templates
 from spjax.data.lengths import LengthReport
 from spjax.data.tokens import TokenizedExample
 
@@ -45,7 +46,7 @@ def digest(splits: dict, tokenizer, cfg, today: Optional[str], stops: Sequence[i
     h = hashlib.sha256()
     add = lambda *xs: h.update(json.dumps(xs, ensure_ascii=False, default=str).encode() + b"\n")  # noqa: E731
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("tokens.py", "lengths.py", "token_cache.py"):
+    for name in ("tokens.py", "templates.py", "lengths.py", "token_cache.py"):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     add(FORMAT, transformers.__version__, tokenizers.__version__, jinja2.__version__, type(tokenizer).__name__)
@@ -55,7 +56,7 @@ def digest(splits: dict, tokenizer, cfg, today: Optional[str], stops: Sequence[i
         tokenizer.bos_token_id, tokenizer.eos_token_id, bool(getattr(tokenizer, "split_special_tokens", False)))
     # No pinned date: the template prints the clock's, so the same file is not today's tomorrow.
     add(cfg.max_prompt_len, cfg.max_len, cfg.overlong, cfg.unencodable, today or datetime.date.today().isoformat(),
-        list(stops))
+        list(stops), sorted(templates.template_args(tokenizer).items()))
     for split in sorted(splits):
         add(split, len(splits[split]))
         for ex in splits[split]:

@@ -16,9 +16,7 @@ is only defined for a prompt of one user turn: a system prompt or several turns 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import functools
 import logging
 import os
@@ -30,6 +28,7 @@ import numpy as np
 
 from spjax.data.lengths import LengthReport, apply_length_policy, check_lengths
 from spjax.data.records import DataError, Example, Problem
+from spjax.data.templates import clock_at, encode, has_chat_template, render
 
 log = logging.getLogger(__name__)
 
@@ -61,62 +60,12 @@ class TokenizedExample:
         return len(self.prompt_ids) + max(len(self.real_ids), other)
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _encode(tokenizer, text: str) -> list:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-@contextlib.contextmanager
-def _clock_at(today: Optional[str]):
-    """Chat templates that print today's date (Llama 3's 'Today Date') call transformers' strftime_now,
-    which reads `datetime.now()` of transformers' chat-template module; with `today` (YYYY-MM-DD) that
-    clock reads midnight of that day instead. So a resume on another day, or a host past midnight,
-    renders the prompts the round's samples and reference scores were made from. (A template's
-    variables cannot carry a function: transformers replaces them by inert strings.)"""
-    from transformers.utils import chat_template_utils as ctu
-    real = getattr(ctu, "datetime", None)
-    if not today or not (isinstance(real, type) and issubclass(real, datetime.datetime)):
-        yield
-        return
-    ctu.datetime = _pinned(real, today)
-    try:
-        yield
-    finally:
-        ctu.datetime = real
-
-
-@functools.lru_cache(maxsize=None)
-def _pinned(real: type, today: str) -> type:
-    """`real` (a datetime class) whose now() is midnight of `today`; one class per date, not per render."""
-    midnight = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time())
-    return type("PinnedDatetime", (real,), {"now": classmethod(lambda cls, tz=None: midnight)})
-
-
-def _render(tokenizer, messages, generation_prompt: bool, where: Problem, today: Optional[str]) -> str:
-    try:
-        with _clock_at(today):
-            return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja raises TemplateError (and templates raise their own exceptions)
-        raise DataError([dataclasses.replace(where, what=f"the chat template refused this chat: {e}")]) from e
-
-
-def chat_ids(tokenizer, messages: Sequence[dict], today: Optional[str] = None) -> list:
-    """A whole chat (its last turn included, no generation prompt) as `tokenizer`'s chat template renders
-    it: what a reward model trained on that template reads. DataError if the template refuses it."""
-    where = Problem("<chat>", 0, "messages", "")
-    return _encode(tokenizer, _render(tokenizer, messages, False, where, today))
-
-
 def _plain_prompt(tokenizer, prompt_messages, where: Problem) -> list:
     if len(prompt_messages) != 1 or prompt_messages[0]["role"] != "user":
         raise DataError([dataclasses.replace(
             where, what="a system prompt or several turns need a chat template, and the tokenizer has none")])
     text = prompt_messages[0]["content"]
-    bare = _encode(tokenizer, text)
+    bare = encode(tokenizer, text)
     full = list(tokenizer.encode(text, add_special_tokens=True))
     # Keep the special tokens the tokenizer puts in front of plain text (its BOS), none behind it.
     for k in range(len(full) - len(bare) + 1):
@@ -160,8 +109,8 @@ def _prompt(tokenizer, prompt_messages, where: Problem, today: Optional[str]) ->
         _check_text(tokenizer, m["content"], where, f"messages[{k}] ({m['role']}) " if len(prompt_messages) > 1 else "")
     if not has_chat_template(tokenizer):
         return None, _plain_prompt(tokenizer, prompt_messages, where)
-    text = _render(tokenizer, prompt_messages, True, where, today)
-    return text, _encode(tokenizer, text)
+    text = render(tokenizer, prompt_messages, True, where, today)
+    return text, encode(tokenizer, text)
 
 
 def stop_ids(model_cfg, tokenizer) -> tuple:
@@ -197,7 +146,7 @@ def _stop_texts(tokenizer, stops: tuple, eos: str) -> tuple:
 
 def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eos) -> list:
     if not has_chat_template(tokenizer):
-        return _encode(tokenizer, response) + [tokenizer.eos_token_id]
+        return encode(tokenizer, response) + [tokenizer.eos_token_id]
     prompt_where = dataclasses.replace(where, field="prompt")
     prompt_text, prompt_tokens = prompt or _prompt(tokenizer, prompt_messages, prompt_where, today)
     # Whatever the template writes between the generation prompt and the response (Llama-2's
@@ -208,7 +157,7 @@ def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eo
         # user's: the chat with the response has none. What follows the generation prompt does not
         # depend on it, so it is read from the chat without it (and follows the prompt that has it).
         bare = list(prompt_messages[1:])
-        tail = _tail(tokenizer, bare, _render(tokenizer, bare, True, prompt_where, today), response, prompt_where,
+        tail = _tail(tokenizer, bare, render(tokenizer, bare, True, prompt_where, today), response, prompt_where,
                      today)
     if tail is None:
         raise DataError([dataclasses.replace(where, what=(
@@ -222,7 +171,7 @@ def _response_ids(tokenizer, prompt_messages, response, where, today, prompt, eo
 def _tail(tokenizer, prompt_messages, prompt_text: str, response: str, where, today) -> Optional[str]:
     """What the template writes after the prompt (with its generation prompt) in the chat with this
     response; None if the prompt is not a prefix of that chat."""
-    full = _render(tokenizer, list(prompt_messages) + [{"role": "assistant", "content": response}], False, where,
+    full = render(tokenizer, list(prompt_messages) + [{"role": "assistant", "content": response}], False, where,
                    today)
     return full[len(prompt_text):] if full.startswith(prompt_text) else None
 
@@ -238,11 +187,11 @@ def _continuation(tokenizer, prompt_text: str, prompt: list, tail: str) -> list:
     exactly the prompt's tokens can produce; encoded after a newline whose tokens it is cut from, so a
     SentencePiece tail gets no word-start '▁' (a text's start) there either.
     """
-    whole = _encode(tokenizer, prompt_text + tail)
+    whole = encode(tokenizer, prompt_text + tail)
     if whole[:len(prompt)] == prompt:
         return whole[len(prompt):]
-    anchor, after = _encode(tokenizer, "\n"), _encode(tokenizer, "\n" + tail)
-    return after[len(anchor):] if after[:len(anchor)] == anchor else _encode(tokenizer, tail)
+    anchor, after = encode(tokenizer, "\n"), encode(tokenizer, "\n" + tail)
+    return after[len(anchor):] if after[:len(anchor)] == anchor else encode(tokenizer, tail)
 
 
 # ----------------------------------------------------------------------------- length policy
@@ -334,7 +283,7 @@ def tokenize_all(tokenizer, examples: Sequence[Example], today: Optional[str] = 
     threads = threads or _threads()
     pool = ThreadPoolExecutor(threads) if len(parts) > 1 and threads > 1 else None
     try:
-        with _clock_at(today):
+        with clock_at(today):
             for part, done in zip(parts, pool.map(chunk, parts) if pool else map(chunk, parts)):
                 results.extend(done)
                 bar.update(len(part))
