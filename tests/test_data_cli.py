@@ -257,3 +257,17 @@ def test_config_gives_the_runs_settings(tmp_path, capsys):
     assert "(max_prompt_len=24, max_len=64)" in capsys.readouterr().out
     assert main(["validate", "--config", os.path.join(ROOT, "configs", "tiny.py")]) == 2  # data.path=synthetic
     assert capsys.readouterr().err.startswith("spjax data: 'synthetic' (")
+
+
+def test_config_with_its_held_out_file_inside_its_data_directory_checks_it_once(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        write_jsonl(data / name, [{"prompt": "What is 2 + 2?", "response": "4."}])
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from spjax.config import load_config\n"
+                   f"def get_config():\n    return load_config({os.path.join(ROOT, 'configs', 'tiny.py')!r}, "
+                   f"['data.path={data}', 'data.eval_path={data / 'test.jsonl'}'])\n")
+    assert main(["validate", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{data / 'test.jsonl'}: 1 records") == 1 and f"{data / 'train.jsonl'}: 1 records" in out

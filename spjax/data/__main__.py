@@ -25,6 +25,11 @@ from spjax.data.tokens import count_turns_cut, stop_ids, tokenize_all
 PERCENTILES = (50, 90, 99)
 
 
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
 def _table(rows: dict, unit: str) -> list:
     head = f"  {unit:<10}" + "".join(f"{'p' + str(q):>8}" for q in PERCENTILES) + f"{'max':>8}"
     lines = [head]
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
         data = cfg.data
         args.tokenizer = args.tokenizer or cfg.tokenizer_path or cfg.model_path or None
         paths = [args.path] if args.path else [p for p in (data.path, data.eval_path) if p]
+        if len(paths) == 2 and os.path.isdir(paths[0]) and _inside(paths[1], paths[0]):
+            paths = paths[:1]  # the directory's check reads it (a held-out file among its data files)
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             print(f"spjax data: {missing[0]!r} ({args.config}): not a file or directory here (a TFDS name: a run "
