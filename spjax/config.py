@@ -262,7 +262,7 @@ class DataConfig:
     system_prompt: str = ""  # a system turn for prompts without one (replaces a template's default)
     template_date: str = ""  # YYYY-MM-DD a chat template prints as today's; empty: the run's first start
     # NAME=VALUE variables for the chat template (VALUE as JSON), e.g. ("enable_thinking=false",): Qwen3's
-    # prompts then end in an empty think block and responses are the answer alone (spjax.data.tokens)
+    # prompts then end in an empty think block and responses are the answer alone (spjax.data.templates)
     template_args: tuple[str, ...] = ()
 
     def __post_init__(self):
