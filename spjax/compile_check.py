@@ -50,6 +50,7 @@ class ProgramMemory:
     bytes_accessed: float = 0.0
     held: int = 0  # live beside the program, not its argument (a LoRA policy while its merged copy samples)
     loop_collectives: int = 0  # the sampler's collectives moving arrays inside its loops (prefill scan, decode)
+    refused: str = ""  # the compiler's own out-of-memory refusal (libtpu checks HBM): only temp is then known
 
     @property
     def peak(self) -> int:
@@ -76,6 +77,8 @@ class Report:
 
     @property
     def fits(self) -> Optional[bool]:
+        if any(p.refused for p in self.programs):
+            return False
         return None if self.memory_bytes is None else self.peak <= self.memory_bytes
 
     def as_dict(self) -> dict:
@@ -106,11 +109,13 @@ class Report:
             + (f", {p.loop_collectives} collectives moving arrays in its loops" if p.name == "sample" else "")
             for p in self.programs)
             + f" (attention: {self.model.get('attention', '?')})")
+        lines += [f"{p.name}: the compiler refused it for want of memory: {p.refused}" for p in self.programs
+                  if p.refused]
         if self.memory_bytes is None:
             lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
         else:
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"need {self.peak / GiB:.2f} GiB of {self.memory_bytes / GiB:.1f} GiB per device "
+            lines.append(f"need {'more than ' * (not self.fits)}{self.peak / GiB:.2f} GiB of {self.memory_bytes / GiB:.1f} GiB per device "
                          f"({100 * self.peak / self.memory_bytes:.0f}%): {verdict}")
         return "\n".join(lines)
 
@@ -147,6 +152,24 @@ def _memory(name, shape, compiled, seconds) -> ProgramMemory:
     return ProgramMemory(name, shape, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
                          int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
                          int(ma.generated_code_size_in_bytes), seconds, flops, accessed)
+
+
+def _compile(name: str, shape: str, lowered) -> tuple:
+    """(ProgramMemory, compiled) of a lowered program, or (a row with the compiler's refusal, None) when
+    the compiler itself finds the program too large for the device (libtpu checks HBM as it compiles)."""
+    import re
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - jax's JaxRuntimeError, or XlaRuntimeError in older jax
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", text)  # e.g. (17.16G): GiB
+        temp = int(float(need.group(1)) * 1024 ** (1 + "KMGT".index(need.group(2)))) if need else 0
+        refused = " ".join(text.split())[:300]
+        return ProgramMemory(name, shape, 0, 0, 0, temp, 0, time.perf_counter() - t0, refused=refused), None
+    return _memory(name, shape, compiled, time.perf_counter() - t0), compiled
 
 
 def loop_collectives(hlo: str) -> list:
@@ -200,11 +223,10 @@ def compile_train_step(cfg, model_cfg, mesh):
     batch_shapes = step_lib.pair_batch_shapes(B, L, packed=step_lib.packs(cfg.data.pack, model_cfg, L))
     fn = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, optimizer, mesh, batch_shapes,
                                   schedule_arg=True)  # (as a run's rounds call it)
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, batch_shapes, step_lib.schedule_steps(cfg.optim, 1000)).compile()
     accum = f" A={cfg.optim.grad_accum}" if cfg.optim.grad_accum > 1 else ""
     shape = f"B={B} L={L}{accum}{' packed' * batch_shapes.packed}"
-    return _memory("train_step", shape, compiled, time.perf_counter() - t0), state
+    lowered = fn.lower(state, batch_shapes, step_lib.schedule_steps(cfg.optim, 1000))
+    return _compile("train_step", shape, lowered)[0], state
 
 
 def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
@@ -227,13 +249,12 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
                              top_k=s.top_k, top_p=s.top_p, mesh=mesh, gather_weights=gather,
                              **(dict(unroll_layers=True, decode_chunk=sampler.GPU_CHUNK) if target_platform == "gpu"
                                 else {}))
-    t0 = time.perf_counter()
-    compiled = sampler.lower(sample_cfg, plan, params).compile()
     k = f" K={s.num_samples}" if s.num_samples > 1 else ""
     shape = (f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}" + (" gathered" if gather else "")
              + (" merged, + policy" if held else ""))
-    return dataclasses.replace(_memory("sample", shape, compiled, time.perf_counter() - t0), held=held,
-                               loop_collectives=len(moving_arrays(loop_collectives(compiled.as_text()))))
+    program, compiled = _compile("sample", shape, sampler.lower(sample_cfg, plan, params))
+    moving = 0 if compiled is None else len(moving_arrays(loop_collectives(compiled.as_text())))
+    return dataclasses.replace(program, held=held, loop_collectives=moving)
 
 
 def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",

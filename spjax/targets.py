@@ -63,8 +63,9 @@ def _tpu_target(name, gen, shape) -> Target:
     chips = math.prod(shape)
     three_d = gen in ("v4", "v5")
     cap = _CAPACITY_GiB["v5p" if gen == "v5" else gen]
-    # Hosts hold 2x2 chips, except a single-host 2x4 v5e/v6e slice; big 3-D slices are full tori.
-    hosts = (2, 4, 1) if (not three_d and shape == (2, 4)) else (2, 2, 1)
+    # Hosts hold 2x2 chips, except a single-host 2x4 v5e/v6e slice and a one-chip one (v5e-1: libtpu
+    # refused a 1x1 slice on 2x2 hosts); big 3-D slices are full tori.
+    hosts = (2, 4, 1) if (not three_d and shape == (2, 4)) else (1, 1, 1) if chips == 1 else (2, 2, 1)
     if three_d:
         wrap = (True, True, True) if chips >= 64 else (False, False, False)
     else:

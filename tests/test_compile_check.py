@@ -107,6 +107,36 @@ def test_parse_target(name, platform, devices, memory_gib):
     assert abs(t.memory_bytes / cc.GiB - memory_gib) < 0.01
 
 
+def test_a_one_chip_slice_is_its_own_host():
+    """v5e-1 on libtpu's default 2x2 hosts: 'Topology layout v5e:1x1 is not divisible by ... 2x2x1', and the
+    check fell back to a CPU stand-in."""
+    assert cc.parse_target("v5e-1").host_bounds == (1, 1, 1)
+    assert cc.parse_target("v5e-4").host_bounds == (2, 2, 1)
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_not_a_traceback():
+    """libtpu checks HBM as it compiles: a program over it raised through compile_check before."""
+    class Lowered:
+        def __init__(self, error):
+            self.error = error
+
+        def compile(self):
+            raise self.error
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                       "temporaries (17.16G) exceeds available HBM (15.75G).")
+    program, compiled = cc._compile("train_step", "B=64 L=1024", Lowered(oom))
+    assert compiled is None and program.temp == int(17.16 * cc.GiB) and "exceeds available HBM" in program.refused
+    report = cc.Report("v5e-1", "tpu", "", 1, {"data": 1}, dict(architecture="qwen3", params=1, layers=1,
+                       param_dtype="float32", compute_dtype="bfloat16", remat="full"), {"params": 0},
+                       [program], 16 * cc.GiB)
+    assert report.fits is False
+    text = report.format()
+    assert "train_step: the compiler refused it for want of memory: RESOURCE_EXHAUSTED" in text
+    assert text.endswith("need more than 17.16 GiB of 16.0 GiB per device (107%): DOES NOT FIT")
+    with pytest.raises(RuntimeError, match="INTERNAL"):  # any other failure is not a verdict
+        cc._compile("train_step", "B=64 L=1024", Lowered(RuntimeError("INTERNAL: a compiler bug")))
+
+
 def test_parse_target_rejects_unknown():
     for bad in ("v5p-33", "tpu", "9xq100", "0xh100"):  # (0xh100: a ZeroDivisionError before)
         with pytest.raises(ValueError):

@@ -74,3 +74,12 @@ def test_splash_memory_is_linear_in_the_context(v5p8):
     assert temp["xla", 4096] > 8 * temp["xla", 1024]
     assert temp["auto", 4096] < 5 * temp["auto", 1024]
     assert temp["auto", 4096] < temp["xla", 4096] / 4
+
+
+def test_a_program_over_a_chips_memory_is_refused_by_the_compiler_and_reported(capsys):
+    """Qwen3-0.6B's config on one v5e chip (16 GiB): libtpu refuses both programs as it compiles them; the check
+    says so and exits 1 (a traceback before; and v5e-1 itself fell back to a CPU stand-in)."""
+    rc = cc.main(["--config", os.path.join(ROOT, "configs", "single_gpu_qwen3_0.6b.py"), "--topology", "v5e-1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "stand-in" not in out and "the compiler refused it for want of memory" in out
+    assert "DOES NOT FIT" in out
