@@ -277,12 +277,12 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
     # TPU topology compiled from a CPU host), and splash runs per shard of this mesh.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         attention = model.attention_impl(model_cfg, cached=False, right_padded=True, q_len=cfg.data.max_len)
+        said = lambda p: (echo or (lambda line: None))(  # noqa: E731 - progress: a 7B compiles for a minute
+            f"{'refused (out of memory)' if p.refused else 'compiled'} {p.name} in {p.compile_s:.1f}s") or p
         train, state = compile_train_step(cfg, model_cfg, mesh)
-        programs.append(train)
-        (echo or (lambda line: None))(f"compiled train_step in {train.compile_s:.1f}s")
+        programs.append(said(train))
         if sample:
-            programs.append(compile_sampler(cfg, model_cfg, mesh, target.platform if target else ""))
-            (echo or (lambda line: None))(f"compiled sample in {programs[-1].compile_s:.1f}s")
+            programs.append(said(compile_sampler(cfg, model_cfg, mesh, target.platform if target else "")))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
     return Report(
         target=target.name if target else f"{len(devices)} local devices",
