@@ -12,7 +12,7 @@ from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigEr
 from spjax.config_checks import check as _check, iso_date as _iso_date, one_of as _one_of, template_kwargs
 from spjax.config_checks import typed_and_finite as _finite
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 # spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply; the rest force a path
@@ -63,10 +63,14 @@ class ModelConfig:
     head_dim: int = 0  # 0: hidden_size // num_heads (resolved at construction, kept by replace())
     rope_theta: float = 10000.0
     rope_type: str = "default"  # one of ROPE_TYPES
-    rope_factor: float = 1.0  # linear and llama3 scaling factor
+    rope_factor: float = 1.0  # linear, llama3 and yarn scaling factor
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_position: int = 8192  # llama3 only
+    rope_original_max_position: int = 8192  # llama3 and yarn: the context length of pretraining
+    rope_beta_fast: float = 32.0  # yarn only: dims turning more often than this over that context are kept,
+    rope_beta_slow: float = 1.0  # yarn only: less often than this, interpolated (a ramp between)
+    rope_attention_factor: float = 0.0  # yarn only: cos/sin scale; 0: 0.1 ln(rope_factor) + 1, as the paper
+    rope_truncate: bool = True  # yarn only: the ramp's ends rounded to whole dims (transformers' default)
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
@@ -100,8 +104,11 @@ class ModelConfig:
         _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
                f"must be >= 1 or None (full attention), got {self.sliding_window}")
         _one_of(self.rope_type, "model.rope_type", ROPE_TYPES)
-        for name in ("rope_theta", "rope_factor", "max_position_embeddings"):  # else NaN logits, silently
+        for name in ("rope_theta", "rope_factor", "max_position_embeddings", "rope_original_max_position",
+                     "rope_beta_fast", "rope_beta_slow"):  # else NaN logits, silently
             _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.rope_attention_factor >= 0, "model.rope_attention_factor",
+               f"must be >= 0 (0: derived from rope_factor), got {self.rope_attention_factor}")
         _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
         _check(not (self.qk_norm and self.qkv_bias), "model.qk_norm",  # Qwen3's attention_bias adds o's too
                "with qkv_bias: no transformers family computes both, so the model could not be exported")

@@ -156,7 +156,7 @@ def _llama3_from_divisors(reader, arch: str, unscaled: ModelConfig):
     import dataclasses
 
     import gguf
-    from spjax.model import rope_inv_freq
+    from spjax.rope import inv_freq
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     divisors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
     if divisors.shape != (unscaled.head_dim // 2,) or not np.all(np.isfinite(divisors)) or divisors.min() <= 0:
@@ -164,7 +164,7 @@ def _llama3_from_divisors(reader, arch: str, unscaled: ModelConfig):
     fields = dict(rope_type="llama3", rope_factor=float(divisors.max()), rope_low_freq_factor=1.0,
                   rope_high_freq_factor=4.0,
                   rope_original_max_position=int(_field(reader, f"{arch}.rope.scaling.original_context_length", 8192)))
-    got = rope_inv_freq(unscaled).astype(np.float64) / rope_inv_freq(dataclasses.replace(unscaled, **fields))
+    got = inv_freq(unscaled).astype(np.float64) / inv_freq(dataclasses.replace(unscaled, **fields))
     return fields if np.allclose(got, divisors, rtol=1e-5, atol=0) else None
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spjax.config import ModelConfig
+from spjax.config import ROPE_TYPES, ModelConfig
 from spjax.checkpoint_files import read_json, safetensors_getter
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401
@@ -47,8 +47,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     # theta from the top level or 10000: so do we.
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers reads both as SiLU; spjax's MLP is SwiGLU only
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (spjax's MLP computes silu)")
@@ -68,11 +68,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or (128 if arch == "qwen3" else 0),  # Qwen3Config's default: not D / H
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_type=rope_type, rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings")  # transformers' default:
-                                       or hf.get("max_position_embeddings", 8192)),
+        **_rope_scale(rope, rope_type, hf),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
@@ -84,6 +82,26 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def _rope_scale(rope: dict, rope_type: str, hf: dict) -> dict:
+    """The scaling fields of rope settings as transformers reads them. The pretraining context is
+    the settings' original_max_position_embeddings, else max_position_embeddings. A null YaRN factor
+    is the context's growth (max / original, DeepSeek's convention); YaRN's attention factor, when not
+    given, is mscale's ratio when both mscale keys are set, else left to spjax.rope (0.1 ln f + 1)."""
+    max_pos = int(hf.get("max_position_embeddings", 8192))
+    original = int(rope.get("original_max_position_embeddings") or max_pos)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_pos / original if rope_type == "yarn" else 1.0
+    out = dict(rope_factor=float(factor), rope_original_max_position=original)
+    if rope_type != "yarn":
+        return out
+    attention, mscale, mscale_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all and factor > 1:
+        attention = (0.1 * mscale * np.log(factor) + 1) / (0.1 * mscale_all * np.log(factor) + 1)
+    return dict(out, rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
+                rope_attention_factor=float(attention or 0.0), rope_truncate=bool(rope.get("truncate", True)))
 
 
 def _sliding_window(hf: dict, arch: str, where: str):
@@ -147,6 +165,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type == "yarn":
+        rope.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_position,
+                    beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        if cfg.rope_attention_factor > 0:
+            rope["attention_factor"] = cfg.rope_attention_factor
     if cfg.rope_type != "default":
         out["rope_scaling"] = dict(rope)
     out["rope_parameters"] = rope

@@ -23,34 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spjax import mlp, quant
+from spjax import mlp, quant, rope
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
 from spjax.quant import QMAX
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[Dh/2] inverse frequencies, computed in float32 like transformers (incl. llama3 scaling)."""
-    dh = cfg.head_dim
-    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))).astype(np.float32)
-    if cfg.rope_type == "linear":
-        inv = inv / np.float32(cfg.rope_factor)
-    elif cfg.rope_type == "llama3":
-        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        old = cfg.rope_original_max_position
-        wavelen = 2 * np.pi / inv
-        scaled = np.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        inv = np.where((wavelen >= old / hi) & (wavelen <= old / lo), smoothed, scaled).astype(np.float32)  # medium
-    return inv
-
-
-def _rope(x_BxLxNxDh, sin_BxLxDh, cos_BxLxDh):
-    half = x_BxLxNxDh.shape[-1] // 2
-    rot = jnp.concatenate([-x_BxLxNxDh[..., half:], x_BxLxNxDh[..., :half]], axis=-1)
-    return x_BxLxNxDh * cos_BxLxDh[:, :, None] + rot * sin_BxLxDh[:, :, None]
 
 
 def _rms_norm(x, scale, eps):
@@ -139,7 +116,7 @@ class Block(nn.Module):
     attention: str = "xla"  # attention_impl's choice: 'xla', 'cudnn', 'xla_fused' or 'splash'
 
     @nn.compact
-    def __call__(self, carry, layer, rope, mask_BxLxW, cache_index):
+    def __call__(self, carry, layer, sin_cos, mask_BxLxW, cache_index):
         x_BxLxD, cache = carry
         cfg = self.cfg
         D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
@@ -161,9 +138,8 @@ class Block(nn.Module):
         if cfg.qk_norm:  # Qwen3: one scale over head_dim, shared by every head
             q_BxLxHxDh = _rms_norm(q_BxLxHxDh, w("q_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
             k_BxLxKxDh = _rms_norm(k_BxLxKxDh, w("k_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
-        sin, cos = rope
-        q_BxLxHxDh = _rope(q_BxLxHxDh, sin, cos)
-        k_BxLxKxDh = _rope(k_BxLxKxDh, sin, cos)
+        q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
+        k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
 
         if cache is not None:
             # The whole [N, B, K, S, Dh] buffer rides in the scan carry and only this layer's new
@@ -254,9 +230,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"tokens go to slots [{cache_index}, {cache_index + L}) but only {S} are attended")
         x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(cdt)
 
-        angles_BxLxDh2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-        angles_BxLxDh = jnp.concatenate([angles_BxLxDh2, angles_BxLxDh2], axis=-1)
-        rope = (jnp.sin(angles_BxLxDh).astype(cdt), jnp.cos(angles_BxLxDh).astype(cdt))
+        sin_cos = rope.sin_cos(positions_BxL, cfg, cdt)
 
         if self.attention == "splash":  # the kernel masks by slot and segment: no [B, L, S] mask is built
             mask_BxLxS = segment_ids(kv_mask_BxS, segment_ids_BxS)  # [B, S], S == L
@@ -278,10 +252,10 @@ class Decoder(nn.Module):
             carry = (x_BxLxD, cache)
             for n, layer_params in enumerate(self.variables["params"]["layers"]):
                 carry, _ = Block(cfg, self.attention, parent=None).apply(
-                    {"params": layer_params}, carry, n, rope, mask_BxLxS, cache_index)
+                    {"params": layer_params}, carry, n, sin_cos, mask_BxLxS, cache_index)
             x_BxLxD, cache = carry
         else:
-            (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), rope, mask_BxLxS,
+            (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), sin_cos, mask_BxLxS,
                                               cache_index)
         return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps), cache
 
