@@ -134,7 +134,8 @@ def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConf
     3.2) is a tensor of per-frequency divisors, rope_freqs.weight, which the converter computes from
     the HF llama3 settings: taken as those settings (factor = its largest divisor, Meta's frequency
     factors 1 and 4 and 8192 original positions unless the file says) when they give these divisors
-    back, else refused, as YaRN and the other types are."""
+    back, else refused. YaRN as the converter writes it from a Hugging Face yarn config is read as those
+    settings (`_yarn`); the other types are refused."""
     kind = str(_field(reader, f"{arch}.rope.scaling.type", "linear"))
     factor = float(_field(reader, f"{arch}.rope.scaling.factor", 0.0) or
                    _field(reader, f"{arch}.rope.scale_linear", 0.0) or 0.0)
@@ -142,6 +143,8 @@ def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConf
         llama3 = _llama3_from_divisors(reader, arch, unscaled)
         if llama3 is not None:
             return llama3
+    if kind == "yarn" and "rope_freqs.weight" not in names:
+        return _yarn(reader, arch, factor, where)
     if "rope_freqs.weight" in names or kind not in ("linear", "none"):
         what = "tensor rope_freqs.weight" if "rope_freqs.weight" in names else f"{arch}.rope.scaling.type {kind!r}"
         raise CheckpointError(f"{where}: the GGUF carries RoPE scaling ({what}) that spjax does not read from GGUF "
@@ -149,6 +152,27 @@ def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConf
     if kind == "none" or factor in (0.0, 1.0):
         return dict(rope_type="default", rope_factor=1.0)
     return dict(rope_type="linear", rope_factor=factor)
+
+
+# llama.cpp keys that change its YaRN attention factor or ramp away from what the converter derives from a
+# Hugging Face config (DeepSeek's log multiplier, explicit factors), with the values that change nothing.
+_YARN_DEFAULTS = {"yarn_attn_factor": 1.0, "attn_factor": 1.0, "yarn_ext_factor": 1.0, "yarn_log_multiplier": 0.0}
+
+
+def _yarn(reader, arch: str, factor: float, where: str) -> dict:
+    """The HF yarn settings llama.cpp's converter wrote as type, factor, pretraining context (and the
+    betas, which llama.cpp defaults to HF's 32 and 1): its ramp and attention factor are then HF's."""
+    key = lambda name: f"{arch}.rope.scaling.{name}"
+    for name, neutral in _YARN_DEFAULTS.items():
+        if _field(reader, key(name), neutral) != neutral:
+            raise CheckpointError(f"{where}: {key(name)} = {_field(reader, key(name))} changes llama.cpp's YaRN in a way "
+                                  f"spjax does not compute: load the model's Hugging Face checkpoint instead")
+    original = int(_field(reader, key("original_context_length"), 0) or 0)
+    if factor <= 0 or original <= 0:
+        raise CheckpointError(f"{where}: YaRN scaling needs {key('factor')} and {key('original_context_length')}")
+    return dict(rope_type="yarn", rope_factor=factor, rope_original_max_position=original,
+                rope_beta_fast=float(_field(reader, key("yarn_beta_fast"), 32.0)),
+                rope_beta_slow=float(_field(reader, key("yarn_beta_slow"), 1.0)))
 
 
 def _llama3_from_divisors(reader, arch: str, unscaled: ModelConfig):

@@ -1,5 +1,5 @@
 """Import refuses what it would get wrong: RoPE scaling in GGUF files, Llama biases, tensors it does
-not read, per-layer Qwen2 windows; and what it reads (GGUF linear RoPE, Qwen2 windows) matches
+not read, per-layer Qwen2 windows; and what it reads (GGUF linear, llama3 and YaRN RoPE, Qwen2 windows) matches
 transformers, through an export too."""
 import dataclasses
 import os
@@ -37,10 +37,11 @@ def _max_diff(cfg, params, tm, ids):
 
 
 def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None, per_layer=False,
-                vocab=True, split_max_tensors=0, cast=None, arch="llama"):
+                vocab=True, split_max_tensors=0, cast=None, arch="llama", floats=None, orig_ctx=None):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`;
     per_layer: head counts as one value per layer; split_max_tensors: in parts as gguf-split cuts them;
-    cast: {name: numpy dtype} stored so (F64, ...); arch 'qwen3': its q/k norms, head size and no permutation."""
+    cast: {name: numpy dtype} stored so (F64, ...); arch 'qwen3': its q/k norms, head size and no permutation;
+    floats: more float32 metadata, {key with {arch}: value}; orig_ctx: rope scaling's pretraining context."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -62,6 +63,10 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         w.add_rope_scaling_type(gguf.RopeScalingType(scaling))
     if factor:
         w.add_rope_scaling_factor(factor)
+    if orig_ctx:
+        w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    for key, value in (floats or {}).items():
+        w.add_float32(key.format(arch=arch), value)
     if rot_dims:
         w.add_rope_dimension_count(rot_dims)
     if eos_eot:
@@ -163,14 +168,30 @@ def test_gguf_tensor_types_it_cannot_dequantize_are_one_line(tmp_path):
         spjax.load_pretrained(path)
 
 
-@pytest.mark.parametrize("kind", ["rope_freqs", "yarn"])
-def test_gguf_refuses_rope_scaling_it_cannot_read(kind, tmp_path):
+def test_gguf_refuses_rope_scaling_it_cannot_read(tmp_path):
     tm = _torch("LlamaConfig")
-    path = _write_gguf(tmp_path / "m.gguf", tm, **(
-        dict(tensors={"rope_freqs.weight": np.linspace(1, 8, 4, dtype=np.float32)}) if kind == "rope_freqs"
-        else dict(scaling="yarn", factor=4.0)))
-    with pytest.raises(hf.CheckpointError, match=rf"m.gguf: the GGUF carries RoPE scaling .*{kind}.*Hugging Face"):
+    path = _write_gguf(tmp_path / "m.gguf", tm, tensors={"rope_freqs.weight": np.linspace(1, 8, 4, dtype=np.float32)})
+    with pytest.raises(hf.CheckpointError, match=r"m.gguf: the GGUF carries RoPE scaling .*rope_freqs.*Hugging Face"):
         spjax.load_pretrained(path)
+    path = _write_gguf(tmp_path / "l.gguf", tm, scaling="longrope", factor=4.0)
+    with pytest.raises(hf.CheckpointError, match=r"l.gguf: the GGUF carries RoPE scaling .*longrope.*Hugging Face"):
+        spjax.load_pretrained(path)
+
+
+def test_gguf_yarn_matches_transformers(tmp_path):
+    """YaRN as llama.cpp's converter writes it (type, factor, pretraining context): refused before."""
+    tm = _torch("Qwen3Config", rope_theta=1e6, head_dim=16, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=16.0))
+    path = _write_gguf(tmp_path / "y.gguf", tm, "yarn", 4.0, arch="qwen3", orig_ctx=32,
+                       floats={"{arch}.rope.scaling.yarn_beta_fast": 16.0})
+    cfg, params = spjax.load_pretrained(path)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position, cfg.rope_beta_fast) == ("yarn", 4.0, 32, 16.0)
+    assert _max_diff(cfg, params, tm, _ids()) <= 1e-5
+    for extra, message in [(dict(orig_ctx=32, floats={"{arch}.rope.scaling.yarn_log_multiplier": 0.1}),
+                            r"qwen3.rope.scaling.yarn_log_multiplier = 0.1\d* changes llama.cpp's YaRN"),
+                           ({}, r"YaRN scaling needs qwen3.rope.scaling.factor and qwen3.rope.scaling.original")]:
+        with pytest.raises(hf.CheckpointError, match=rf"n.gguf: {message}"):
+            spjax.load_pretrained(_write_gguf(tmp_path / "n.gguf", tm, "yarn", 4.0, arch="qwen3", **extra))
 
 
 def test_gguf_refuses_partial_rotary(tmp_path):
