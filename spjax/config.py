@@ -9,10 +9,10 @@ import dataclasses
 from typing import Optional
 
 from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigError is its public name)
-from spjax.config_checks import check as _check, iso_date as _iso_date, one_of as _one_of, template_kwargs
+from spjax.config_checks import check as _check, check_rope, iso_date as _iso_date, one_of as _one_of, template_kwargs
 from spjax.config_checks import typed_and_finite as _finite
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 # spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply; the rest force a path
@@ -52,7 +52,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, SmolLM2)."""
 
     vocab_size: int
     hidden_size: int
@@ -63,14 +63,17 @@ class ModelConfig:
     head_dim: int = 0  # 0: hidden_size // num_heads (resolved at construction, kept by replace())
     rope_theta: float = 10000.0
     rope_type: str = "default"  # one of ROPE_TYPES
-    rope_factor: float = 1.0  # linear, llama3 and yarn scaling factor
+    rope_factor: float = 1.0  # linear, llama3, yarn and longrope scaling factor
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_position: int = 8192  # llama3 and yarn: the context length of pretraining
+    rope_original_max_position: int = 8192  # llama3, yarn, longrope: the context length of pretraining
     rope_beta_fast: float = 32.0  # yarn only: dims turning more often than this over that context are kept,
     rope_beta_slow: float = 1.0  # yarn only: less often than this, interpolated (a ramp between)
-    rope_attention_factor: float = 0.0  # yarn only: cos/sin scale; 0: 0.1 ln(rope_factor) + 1, as the paper
+    rope_attention_factor: float = 0.0  # yarn, longrope: cos/sin scale; 0: derived from rope_factor (spjax.rope)
     rope_truncate: bool = True  # yarn only: the ramp's ends rounded to whole dims (transformers' default)
+    rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within the original context
+    rope_long_factor: tuple[float, ...] = ()  # longrope: beyond it (kept for export: spjax refuses longer runs)
+    partial_rotary_factor: float = 1.0  # the fraction of each head's dims rotated (Phi-4-mini: 0.75)
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
@@ -96,22 +99,17 @@ class ModelConfig:
                    f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
             _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
         _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
                f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
-        _check(self.head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head_dim")
         _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
                f"must be >= 1 or None (full attention), got {self.sliding_window}")
         _one_of(self.rope_type, "model.rope_type", ROPE_TYPES)
-        for name in ("rope_theta", "rope_factor", "max_position_embeddings", "rope_original_max_position",
-                     "rope_beta_fast", "rope_beta_slow"):  # else NaN logits, silently
-            _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
-        _check(self.rope_attention_factor >= 0, "model.rope_attention_factor",
-               f"must be >= 0 (0: derived from rope_factor), got {self.rope_attention_factor}")
+        for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_rope(self)  # and the q/k norms and biases that no exported family computes with them
         _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
-        _check(not (self.qk_norm and self.qkv_bias), "model.qk_norm",  # Qwen3's attention_bias adds o's too
-               "with qkv_bias: no transformers family computes both, so the model could not be exported")
         from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
         _one_of(self.architecture, "model.architecture", ARCHITECTURES)
         _one_of(self.param_dtype, "model.param_dtype", DTYPES)
@@ -124,7 +122,11 @@ class ModelConfig:
         odd = [f"{n} {getattr(self, n)}" for n in ("hidden_size", "intermediate_size") if getattr(self, n) % 2]
         _check(self.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
                f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (transformers' int(head_dim * partial))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,33 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def check_rope(cfg):
+    """A ModelConfig's rope fields: positive where a zero or a negative gives NaN logits silently, a
+    rotated part of each head of whole pairs, longrope's divisors one per rotated pair; and the q/k
+    norms and q/k/v biases that no exported family computes together with what it has."""
+    for name in ("rope_theta", "rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow"):
+        check(getattr(cfg, name) > 0, f"model.{name}", f"must be > 0, got {getattr(cfg, name)}")
+    check(cfg.rope_attention_factor >= 0, "model.rope_attention_factor",
+          f"must be >= 0 (0: derived from rope_factor), got {cfg.rope_attention_factor}")
+    check(0 < cfg.partial_rotary_factor <= 1, "model.partial_rotary_factor",
+          f"must be in (0, 1], got {cfg.partial_rotary_factor}")
+    check(cfg.rotary_dim % 2 == 0 and cfg.rotary_dim > 0, "model.head_dim" if cfg.partial_rotary_factor == 1
+          else "model.partial_rotary_factor", f"RoPE rotates pairs of dims: {cfg.rotary_dim} of head_dim "
+          f"{cfg.head_dim} is not a positive even number")
+    check(not (cfg.qk_norm and cfg.qkv_bias), "model.qk_norm",  # Qwen3's attention_bias adds o's too
+          "with qkv_bias: no transformers family computes both, so the model could not be exported")
+    check(not ((cfg.qk_norm or cfg.qkv_bias) and (cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope")),
+          "model.qk_norm" if cfg.qk_norm else "model.qkv_bias", "with partial rotary or longrope: no transformers "
+          "family computes both, so the model could not be exported")
+    pairs = cfg.rotary_dim // 2
+    for name in ("rope_short_factor", "rope_long_factor"):
+        factors = getattr(cfg, name)
+        if cfg.rope_type == "longrope" or factors:
+            check(len(factors) == pairs and all(f > 0 for f in factors), f"model.{name}",
+                  f"longrope needs {pairs} positive divisors (one per rotated pair of dims), got {len(factors)}"
+                  + ("" if all(f > 0 for f in factors) else " with some <= 0"))
+
+
 def iso_date(text: str) -> bool:
     try:
         return bool(datetime.date.fromisoformat(text))

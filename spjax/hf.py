@@ -20,7 +20,7 @@ from spjax.config import ROPE_TYPES, ModelConfig
 from spjax.checkpoint_files import read_json, safetensors_getter
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (ARCHITECTURES, HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401
-                                check_names, params_from_tensors, params_to_tensors)
+                                check_names, export_arch, params_from_tensors, params_to_tensors)
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 
@@ -47,15 +47,17 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     # theta from the top level or 10000: so do we.
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if arch == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names of longrope in older configs
+        rope_type = "longrope"
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers reads both as SiLU; spjax's MLP is SwiGLU only
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (spjax's MLP computes silu)")
     partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
-    if partial != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor {partial} is not supported (spjax rotates every "
-                              f"dimension of a head)")
+    if partial != 1.0 and arch != "phi3":  # (transformers' other families rotate every dim whatever the key says)
+        raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
+                              f"every dimension of a head, so spjax cannot tell which model this is")
     if arch in ("llama", "qwen3"):  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key) and (arch, key) != ("qwen3", "mlp_bias"):  # (Qwen3's MLP has no bias key)
@@ -70,7 +72,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_type=rope_type, rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        **_rope_scale(rope, rope_type, hf),
+        **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
@@ -84,17 +86,24 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     return ModelConfig(**kw)
 
 
-def _rope_scale(rope: dict, rope_type: str, hf: dict) -> dict:
+def _rope_scale(rope: dict, rope_type: str, hf: dict, arch: str) -> dict:
     """The scaling fields of rope settings as transformers reads them. The pretraining context is
-    the settings' original_max_position_embeddings, else max_position_embeddings. A null YaRN factor
-    is the context's growth (max / original, DeepSeek's convention); YaRN's attention factor, when not
-    given, is mscale's ratio when both mscale keys are set, else left to spjax.rope (0.1 ln f + 1)."""
+    the settings' original_max_position_embeddings, else max_position_embeddings (Phi-3: its config's
+    top-level key, default 4096). A null YaRN or LongRoPE factor is the context's growth (max /
+    original); YaRN's attention factor, when not given, is mscale's ratio when both mscale keys are
+    set; else spjax.rope derives it from the factor, as transformers does."""
     max_pos = int(hf.get("max_position_embeddings", 8192))
     original = int(rope.get("original_max_position_embeddings") or max_pos)
+    if arch == "phi3":
+        original = int(hf.get("original_max_position_embeddings", 4096))
     factor = rope.get("factor")
     if factor is None:
-        factor = max_pos / original if rope_type == "yarn" else 1.0
+        factor = max_pos / original if rope_type in ("yarn", "longrope") else 1.0
     out = dict(rope_factor=float(factor), rope_original_max_position=original)
+    if rope_type == "longrope":
+        return dict(out, rope_attention_factor=float(rope.get("attention_factor") or 0.0),
+                    rope_short_factor=tuple(map(float, rope.get("short_factor") or ())),
+                    rope_long_factor=tuple(map(float, rope.get("long_factor") or ())))
     if rope_type != "yarn":
         return out
     attention, mscale, mscale_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
@@ -115,6 +124,8 @@ def _sliding_window(hf: dict, arch: str, where: str):
     window = hf.get("sliding_window", 4096)  # Mistral's and Qwen's config default when the key is absent
     if arch == "mistral":
         return window
+    if arch == "phi3":  # every layer, as Mistral; Phi3Config's default is none
+        return hf.get("sliding_window")
     if arch not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or window is None:
         return None
     n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)  # 28: transformers' default
@@ -130,21 +141,9 @@ def _sliding_window(hf: dict, arch: str, where: str):
     return window if windowed == {True} else None
 
 
-def _export_arch(cfg: ModelConfig) -> str:
-    """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms and Qwen2 is
-    Llama with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too),
-    Mistral is Llama with a window. A Llama GGUF can hold q/k/v biases, and an override can set a
-    window, biases or q/k norms on any family."""
-    if cfg.qk_norm:
-        return "qwen3"
-    if cfg.qkv_bias:
-        return "qwen2"
-    return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
-
-
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json dict that transformers 4.x and 5.x both read."""
-    cfg = dataclasses.replace(cfg, architecture=_export_arch(cfg))
+    cfg = dataclasses.replace(cfg, architecture=export_arch(cfg))
     out = {
         "architectures": [_ARCH_TO_HF[cfg.architecture]], "model_type": cfg.architecture,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -170,13 +169,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                     beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
         if cfg.rope_attention_factor > 0:
             rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rope_type == "longrope":
+        rope.update(factor=cfg.rope_factor, short_factor=list(cfg.rope_short_factor),
+                    long_factor=list(cfg.rope_long_factor))
+        if cfg.rope_attention_factor > 0:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rotary_dim != cfg.head_dim:
+        rope["partial_rotary_factor"] = out["partial_rotary_factor"] = cfg.partial_rotary_factor
     if cfg.rope_type != "default":
         out["rope_scaling"] = dict(rope)
     out["rope_parameters"] = rope
     if cfg.architecture == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
-    if cfg.architecture == "mistral":
+    if cfg.architecture in ("mistral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "phi3":  # (Phi3Config reads the pretraining context from the top level)
+        out["original_max_position_embeddings"] = cfg.rope_original_max_position
     if cfg.architecture == "qwen3":
         out["attention_bias"] = False
     if cfg.architecture in ("qwen2", "qwen3"):  # every layer windowed or none, read alike by transformers 4.x, 5.x
@@ -272,13 +280,14 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
 
     Only process 0 writes; every process must call it (params are gathered collectively).
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
-    under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
+    under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")), except for
+    Phi-3, whose fused projections PEFT adapts as one (lora.peft_exportable).
     source: the HF directory the model came from: its generation_config.json (a greedy or a sampling
     default, temperature, top_p, ...) is the export's, with bos/eos ids as exported.
     """
     from safetensors.numpy import save_file
     from spjax import artifacts, lora
-    adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
+    adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank and lora.peft_exportable(cfg) else None
     tensors = params_to_tensors(cfg, params)
     if jax.process_index() != 0:
         return out_dir

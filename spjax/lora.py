@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from spjax import quant
 from spjax.config import ModelConfig
-from spjax.tensor_names import PROJ_IN_DIMS, CheckpointError, base_config, layer_table, peft_name
+from spjax.tensor_names import PROJ_IN_DIMS, CheckpointError, base_config, export_arch, layer_table, peft_name
 
 _ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -139,6 +140,18 @@ def _merged(cfg: ModelConfig, params):
 # PEFT adapter directories (adapter_config.json + adapter_model.safetensors)
 
 
+def peft_exportable(cfg: ModelConfig) -> bool:
+    """Whether spjax's adapters are PEFT's for cfg's exported family: not for Phi-3, whose q/k/v and
+    gate/up are one fused module each in transformers (one adapter each there, one per part here).
+    Said once, as the export then writes the merged model alone."""
+    if export_arch(cfg) != "phi3":
+        return True
+    logging.getLogger(__name__).warning(
+        "export: no adapter/ directory: transformers' Phi-3 fuses q/k/v and gate/up, so spjax's per-projection "
+        "adapters have no PEFT layout there; the merged model is written")
+    return False
+
+
 def _peft_module(cfg: ModelConfig, target: str) -> str:
     return layer_table(cfg)[target].hf.split(".")[-2]  # q_proj, gate_proj, ...
 
@@ -191,6 +204,9 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     """params with their adapter leaves replaced by a PEFT adapter's (placed like the old leaves)."""
     from safetensors import safe_open
     where = os.path.join(adapter_dir, "adapter_config.json")
+    if export_arch(cfg) == "phi3":
+        raise CheckpointError(f"{where}: spjax does not read PEFT adapters of Phi-3 models (transformers fuses their "
+                              f"q/k/v and gate/up projections, which spjax adapts one by one)")
     if not os.path.exists(where):
         raise CheckpointError(f"{where}: file not found (lora.init_path must be a PEFT adapter directory)")
     with open(where, encoding="utf-8") as f:

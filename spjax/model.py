@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, SmolLM2) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),

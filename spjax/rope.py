@@ -16,8 +16,8 @@ from spjax.config import ModelConfig
 
 
 def _base_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    dh = cfg.head_dim
-    return (1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))).astype(np.float32)
+    dim = cfg.rotary_dim
+    return (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
 
 
 def _llama3(cfg: ModelConfig, inv: np.ndarray) -> np.ndarray:
@@ -35,7 +35,7 @@ def _yarn(cfg: ModelConfig) -> np.ndarray:
     # YaRN (arXiv 2309.00071): dimensions that turn fewer than beta_slow times over the original context
     # are interpolated (divided by the factor), those turning more than beta_fast times are kept, with a
     # linear ramp over the dimension indices between.
-    dh, base = cfg.head_dim, cfg.rope_theta
+    dh, base = cfg.rotary_dim, cfg.rope_theta
     pos_freqs = base ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / np.float32(dh))
     extrapolated = (1.0 / pos_freqs).astype(np.float32)
     interpolated = (1.0 / (np.float32(cfg.rope_factor) * pos_freqs)).astype(np.float32)
@@ -54,10 +54,21 @@ def _yarn(cfg: ModelConfig) -> np.ndarray:
     return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
 
 
+def _longrope(cfg: ModelConfig) -> np.ndarray:
+    # Phi-3/4 (LongRoPE): each frequency divided by its own searched factor. transformers takes the short
+    # factors while a batch's positions stay within the original context and the long ones past it; spjax
+    # takes the short ones and refuses runs longer than that context (spjax.preflight), so both agree.
+    dim = cfg.rotary_dim
+    shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.asarray(cfg.rope_short_factor, np.float32) * np.float32(cfg.rope_theta) ** shape)).astype(np.float32)
+
+
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[Dh/2] float32 inverse frequencies of cfg's rope type."""
+    """[R/2] float32 inverse frequencies of cfg's rope type (R = cfg.rotary_dim, the rotated dims)."""
     if cfg.rope_type == "yarn":
         return _yarn(cfg)
+    if cfg.rope_type == "longrope":
+        return _longrope(cfg)
     inv = _base_inv_freq(cfg)
     if cfg.rope_type == "linear":
         return inv / np.float32(cfg.rope_factor)
@@ -67,27 +78,35 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def attention_factor(cfg: ModelConfig) -> float:
-    """The factor cos and sin are scaled by: YaRN's (given, or 0.1 ln(factor) + 1), else 1."""
-    if cfg.rope_type != "yarn":
+    """The factor cos and sin are scaled by: given, or derived from the factor f as each paper does
+    (YaRN: 0.1 ln f + 1; LongRoPE: sqrt(1 + ln f / ln original context)); 1 for the other types."""
+    if cfg.rope_type not in ("yarn", "longrope"):
         return 1.0
     if cfg.rope_attention_factor > 0:
         return float(cfg.rope_attention_factor)
-    return 1.0 if cfg.rope_factor <= 1 else 0.1 * math.log(cfg.rope_factor) + 1.0
+    if cfg.rope_factor <= 1:
+        return 1.0
+    if cfg.rope_type == "yarn":
+        return 0.1 * math.log(cfg.rope_factor) + 1.0
+    return math.sqrt(1 + math.log(cfg.rope_factor) / math.log(cfg.rope_original_max_position))
 
 
 def sin_cos(positions_BxL, cfg: ModelConfig, dtype):
-    """(sin, cos) [B, L, Dh] in dtype for the token positions (both halves of a head share the angles)."""
-    angles_BxLxDh2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
-    angles_BxLxDh = jnp.concatenate([angles_BxLxDh2, angles_BxLxDh2], axis=-1)
+    """(sin, cos) [B, L, R] in dtype for the token positions (both halves of the rotated dims share the angles)."""
+    angles_BxLxR2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+    angles_BxLxR = jnp.concatenate([angles_BxLxR2, angles_BxLxR2], axis=-1)
     scale = attention_factor(cfg)
-    sin_BxLxDh, cos_BxLxDh = jnp.sin(angles_BxLxDh), jnp.cos(angles_BxLxDh)
+    sin_BxLxR, cos_BxLxR = jnp.sin(angles_BxLxR), jnp.cos(angles_BxLxR)
     if scale != 1.0:
-        sin_BxLxDh, cos_BxLxDh = sin_BxLxDh * scale, cos_BxLxDh * scale
-    return sin_BxLxDh.astype(dtype), cos_BxLxDh.astype(dtype)
+        sin_BxLxR, cos_BxLxR = sin_BxLxR * scale, cos_BxLxR * scale
+    return sin_BxLxR.astype(dtype), cos_BxLxR.astype(dtype)
 
 
-def rotate(x_BxLxNxDh, sin_BxLxDh, cos_BxLxDh):
-    """x rotated by the angles (the half-split layout of transformers' rotate_half)."""
-    half = x_BxLxNxDh.shape[-1] // 2
-    rot = jnp.concatenate([-x_BxLxNxDh[..., half:], x_BxLxNxDh[..., :half]], axis=-1)
-    return x_BxLxNxDh * cos_BxLxDh[:, :, None] + rot * sin_BxLxDh[:, :, None]
+def rotate(x_BxLxNxDh, sin_BxLxR, cos_BxLxR):
+    """x's first R dims rotated by the angles (the half-split layout of transformers' rotate_half), the
+    rest passed through (partial rotary: R < Dh)."""
+    R = sin_BxLxR.shape[-1]
+    x_rot, x_pass = (x_BxLxNxDh, None) if R == x_BxLxNxDh.shape[-1] else (x_BxLxNxDh[..., :R], x_BxLxNxDh[..., R:])
+    rot = jnp.concatenate([-x_rot[..., R // 2:], x_rot[..., :R // 2]], axis=-1)
+    out = x_rot * cos_BxLxR[:, :, None] + rot * sin_BxLxR[:, :, None]
+    return out if x_pass is None else jnp.concatenate([out, x_pass], axis=-1)

@@ -23,7 +23,7 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}
+            "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (model._project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -98,6 +98,74 @@ def top_table(cfg: ModelConfig) -> dict:
     return out
 
 
+def export_arch(cfg: ModelConfig) -> str:
+    """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms, Qwen2 is Llama
+    with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too), Phi-3 is
+    Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window. A Llama
+    GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
+    config_checks refuses what no family computes."""
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias:
+        return "qwen2"
+    if cfg.architecture == "phi3" or cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope":
+        return "phi3"
+    return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
+
+
+def _fused(cfg: ModelConfig) -> dict:
+    """Phi-3's fused per-layer tensors: {name ({i}): [(the part's layer_table name, its rows)]}, the parts
+    stacked along the out dim (qkv_proj: q, k, v; gate_up_proj: gate, up)."""
+    Dh, F = cfg.head_dim, cfg.intermediate_size
+    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    return {a + "qkv_proj.weight": [(a + "q_proj.weight", cfg.num_heads * Dh), (a + "k_proj.weight", cfg.num_kv_heads * Dh),
+                                    (a + "v_proj.weight", cfg.num_kv_heads * Dh)],
+            m + "gate_up_proj.weight": [(m + "gate_proj.weight", F), (m + "up_proj.weight", F)]}
+
+
+def split_fused(cfg: ModelConfig, get: TensorSource, where: str) -> TensorSource:
+    """A Phi-3 checkpoint seen under layer_table's names: each part a row slice of its fused tensor. A
+    fused tensor is read once and kept until its last part is taken (the loader reads leaf by leaf)."""
+    parts = {}  # part name -> (fused name, first row, end row, all rows, number of parts)
+    for fused, pieces in _fused(cfg).items():
+        rows = sum(n for _, n in pieces)
+        for i in range(cfg.num_layers):
+            start = 0
+            for name, n in pieces:
+                parts[name.format(i=i)] = (fused.format(i=i), start, start + n, rows, len(pieces))
+                start += n
+    parts = {k: v for k, v in parts.items() if v[0] in get.names}
+    if not parts:
+        return get
+    held, left = {}, {}
+
+    def read(name):
+        if name not in parts:
+            return get(name)
+        fused, start, end, rows, n_parts = parts[name]
+        if fused not in held:
+            held[fused], left[fused] = np.asarray(get(fused)), n_parts
+        w = held[fused]
+        if w.ndim != 2 or w.shape[0] != rows:
+            raise CheckpointError(f"{where}: tensor {fused!r} has shape {w.shape}, expected {rows} rows (the "
+                                  f"stacked parts) for the {cfg.architecture} config")
+        left[fused] -= 1
+        if not left[fused]:
+            del held[fused], left[fused]
+        return w[start:end]
+
+    return TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts))
+
+
+def fuse(cfg: ModelConfig, tensors: dict) -> dict:
+    """HF tensors under layer_table's names with Phi-3's parts stacked into its fused tensors."""
+    out = dict(tensors)
+    for fused, pieces in _fused(cfg).items():
+        for i in range(cfg.num_layers):
+            out[fused.format(i=i)] = np.concatenate([out.pop(name.format(i=i)) for name, _ in pieces], axis=0)
+    return out
+
+
 def peft_name(cfg: ModelConfig, target: str, i: int, which: str) -> str:
     """PEFT's key for adapter matrix `which` ('A' or 'B') of projection `target` in layer i."""
     return "base_model.model." + layer_table(cfg)[target].hf.format(i=i)[:-len(".weight")] + f".lora_{which}.weight"
@@ -118,6 +186,8 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     read (get.names) is refused: see _check_all_read.
     """
     from spjax import model
+    if names == "hf":
+        get = split_fused(cfg, get, where)
     shapes = model.param_shapes(cfg)
     shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
     dtype = jnp.dtype(cfg.param_dtype)
@@ -176,6 +246,8 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
 
 def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
     """The checkpoint holds every tensor the model reads (the first missing one named) and none it would not."""
+    if names == "hf":
+        get = split_fused(cfg, get, where)
     read = ({e.name(names) for e in top_table(cfg).values()} |
             {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)})
     missing = sorted(read - get.names)
@@ -234,7 +306,7 @@ def params_to_tensors(cfg: ModelConfig, params) -> dict:
         w = merged_layer(cfg, host["layers"], leaf).astype(dtype)
         for i in range(cfg.num_layers):
             out[e.hf.format(i=i)] = np.ascontiguousarray(e.to_hf(w[i]))
-    return out
+    return fuse(cfg, out) if export_arch(cfg) == "phi3" else out
 
 
 def _get(tree, path):
@@ -244,5 +316,5 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "peft_name", "base_config", "params_from_tensors", "check_names", "merged_layer",
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_name", "base_config", "params_from_tensors", "check_names", "merged_layer",
            "params_to_tensors"]

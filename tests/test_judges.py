@@ -311,7 +311,8 @@ def test_inpo_loss_by_hand():
 # The reward model
 
 
-@pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32))])
+@pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32)),
+                                          ("Phi3", dict(partial_rotary_factor=0.5))])
 def test_reward_model_matches_transformers(family, extra, tmp_path):
     import torch
     import transformers
