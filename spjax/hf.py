@@ -280,14 +280,13 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
 
     Only process 0 writes; every process must call it (params are gathered collectively).
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
-    under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")), except for
-    Phi-3, whose fused projections PEFT adapts as one (lora.peft_exportable).
+    under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
     source: the HF directory the model came from: its generation_config.json (a greedy or a sampling
     default, temperature, top_p, ...) is the export's, with bos/eos ids as exported.
     """
     from safetensors.numpy import save_file
     from spjax import artifacts, lora
-    adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank and lora.peft_exportable(cfg) else None
+    adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
     tensors = params_to_tensors(cfg, params)
     if jax.process_index() != 0:
         return out_dir

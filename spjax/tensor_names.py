@@ -166,9 +166,21 @@ def fuse(cfg: ModelConfig, tensors: dict) -> dict:
     return out
 
 
-def peft_name(cfg: ModelConfig, target: str, i: int, which: str) -> str:
-    """PEFT's key for adapter matrix `which` ('A' or 'B') of projection `target` in layer i."""
-    return "base_model.model." + layer_table(cfg)[target].hf.format(i=i)[:-len(".weight")] + f".lora_{which}.weight"
+def peft_modules(cfg: ModelConfig) -> list:
+    """[(HF module name with {i}, [(projection, first row, end row)])]: the modules a PEFT adapter of cfg's
+    exported family adapts and the projections each holds (several: Phi-3's fused ones, their rows in the
+    fused weight; one: rows None, all of them)."""
+    own = {e.hf: t for t, e in layer_table(cfg).items() if t in PROJ_IN_DIMS}
+    fused = _fused(cfg) if export_arch(cfg) == "phi3" else {}
+    out, inside = [], set()
+    for name, pieces in fused.items():
+        start, parts = 0, []
+        for part, rows in pieces:
+            parts.append((own[part], start, start + rows))
+            inside.add(part)
+            start += rows
+        out.append((name[:-len(".weight")], parts))
+    return out + [(name[:-len(".weight")], [(t, None, None)]) for name, t in own.items() if name not in inside]
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
@@ -316,5 +328,5 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_name", "base_config", "params_from_tensors", "check_names", "merged_layer",
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config", "params_from_tensors", "check_names", "merged_layer",
            "params_to_tensors"]

@@ -73,21 +73,68 @@ def test_a_fused_tensor_of_the_wrong_size_is_one_line(tmp_path):
         spjax.load_pretrained(str(tmp_path))
 
 
-def test_lora_export_writes_the_merged_model_and_no_adapter(tmp_path, caplog):
-    """transformers' Phi-3 adapts its fused modules as one: the merged export is exact, no PEFT adapter."""
+def _random_b(params, seed=1):
+    rng = np.random.default_rng(seed)
+    return {**params, "layers": {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith("_lora_b") else v)
+                                 for k, v in params["layers"].items()}}
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("q", "v", "up")])
+def test_lora_export_is_a_peft_adapter_of_the_fused_modules(targets, tmp_path):
+    """transformers' Phi-3 adapts qkv_proj and gate_up_proj as one module each: the adapter holds the
+    parts' adapters side by side (rank m·r, block-diagonal B) and reads back to the same policy."""
+    import json
+
+    import peft
     import torch
     import transformers
-    cfg, params = hf.from_transformers(oracle.torch_model("phi3"), lora=LoraConfig(rank=4, alpha=8.0))
-    rng = np.random.default_rng(1)
-    params = {**params, "layers": {k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith("_lora_b") else v)
-                                   for k, v in params["layers"].items()}}
-    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"))
-    assert not os.path.exists(os.path.join(out, "adapter")) and "no adapter/ directory" in caplog.text
+    base = oracle.torch_model("phi3")
+    base.save_pretrained(tmp_path / "base")
+    cfg, params = hf.from_transformers(base, lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
+    params = _random_b(params)
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"), source=str(tmp_path / "base"))
+    conf = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    m = {"qkv_proj": sum(t in targets for t in "qkv"), "gate_up_proj": sum(t in targets for t in ("gate", "up"))}
+    assert conf["rank_pattern"] == {k: 4 * n for k, n in m.items() if n > 1}
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    ours = np.asarray(spjax.forward(cfg, params, ids))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    np.testing.assert_allclose(oracle.torch_logits(merged, ids), np.asarray(spjax.forward(cfg, params, ids)), atol=1e-4)
-    with pytest.raises(CheckpointError, match=r"does not read PEFT adapters of Phi-3"):
-        hf.with_init_adapter(dataclasses.replace(cfg, lora=LoraConfig(rank=4, init_path=str(tmp_path))), params)
+    np.testing.assert_allclose(oracle.torch_logits(merged, ids), ours, atol=1e-4)
+    adapted = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    try:
+        np.testing.assert_allclose(oracle.torch_logits(adapted, ids), ours, atol=1e-4)
+    finally:
+        adapted.unload()
+    again = hf.with_init_adapter(dataclasses.replace(cfg, lora=dataclasses.replace(
+        cfg.lora, init_path=os.path.join(out, "adapter"))), hf.from_transformers(base, lora=cfg.lora)[1])
+    for k, v in params["layers"].items():
+        np.testing.assert_allclose(np.asarray(again["layers"][k]), np.asarray(v), atol=1e-6, err_msg=k)
+
+
+def test_a_peft_trained_fused_adapter_is_read_as_parts_sharing_its_a(tmp_path):
+    """A PEFT adapter of rank r on qkv_proj/gate_up_proj (as PEFT trains one on Phi-3): each part takes
+    the shared A and its rows of B, with PEFT's alpha folded in."""
+    import peft
+    import torch
+    base = oracle.torch_model("phi3")
+    pc = peft.LoraConfig(r=4, lora_alpha=12.0, target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"],
+                         init_lora_weights=False)
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(base, pc).eval()
+    ids = np.random.default_rng(1).integers(0, 256, (2, 9)).astype(np.int32)
+    try:
+        adapted.save_pretrained(str(tmp_path / "adapter"))
+        want = oracle.torch_logits(adapted, ids)
+    finally:
+        adapted.unload()
+    cfg, params = hf.from_transformers(base, lora=LoraConfig(rank=4, alpha=8.0, init_path=str(tmp_path / "adapter")))
+    params = hf.with_init_adapter(cfg, params)
+    np.testing.assert_allclose(np.asarray(spjax.forward(cfg, params, ids)), want, atol=1e-4)
+    with pytest.raises(CheckpointError, match=r"qkv_proj: its B is not zero outside the blocks of the parts "
+                                              r"lora.targets adapts \(q, v\)"):
+        two = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "gate", "up", "down"),
+                         init_path=str(tmp_path / "adapter"))
+        hf.with_init_adapter(dataclasses.replace(cfg, lora=two), hf.from_transformers(base, lora=two)[1])
 
 
 def test_longrope_runs_past_the_original_context_are_refused():

@@ -1,0 +1,199 @@
+"""PEFT adapter directories (adapter_config.json + adapter_model.safetensors): spjax's adapters
+written in PEFT's layout, and a PEFT adapter read back as a run's starting adapters.
+
+PEFT adapts a transformers module; spjax adapts a projection (model.Block's q, k, ..., down). They
+are one and the same except in Phi-3, where transformers fuses q/k/v into qkv_proj and gate/up into
+gate_up_proj (tensor_names.peft_modules). A fused module's adapter is then its adapted parts' side by
+side: A stacks the m parts' A (rank m·r), B is block-diagonal (each part's B on its rows and its r
+columns), and rank_pattern/alpha_pattern give the module m·r and m·alpha so that alpha / rank stays
+spjax's. Read back, such an adapter splits exactly; a fused adapter of rank r (as PEFT trains one on
+Phi-3) is its parts sharing A, each with its rows of B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spjax.config import ModelConfig
+from spjax.tensor_names import CheckpointError, peft_modules
+
+
+def _name(module: str, i: int, which: str) -> str:
+    """PEFT's key for adapter matrix `which` ('A' or 'B') of a module ({i}: its layer)."""
+    return f"base_model.model.{module.format(i=i)}.lora_{which}.weight"
+
+
+def _adapted(cfg: ModelConfig) -> list:
+    """[(module, its parts [(target, first row, end row)], the adapted ones)] for modules with an adapted part."""
+    out = []
+    for module, parts in peft_modules(cfg):
+        adapted = [p for p in parts if p[0] in cfg.lora.targets]
+        if adapted:
+            out.append((module, parts, adapted))
+    return out
+
+
+def _short(module: str) -> str:
+    return module.rsplit(".", 1)[-1]  # q_proj, qkv_proj, ...
+
+
+def peft_tensors(cfg: ModelConfig, params) -> dict:
+    """PEFT-named host tensors of the adapters (collective: every process calls it)."""
+    from spjax import sharding as shd
+    if not cfg.lora.rank:
+        raise ValueError("the model has no adapters (lora.rank is 0)")
+    tensors, r = {}, cfg.lora.rank
+    host = {t: (shd.to_host(params["layers"][f"{t}_lora_a"]).astype(np.float32),
+                shd.to_host(params["layers"][f"{t}_lora_b"]).astype(np.float32)) for t in cfg.lora.targets}
+    for module, parts, adapted in _adapted(cfg):
+        rows = max(end for _, _, end in parts) if len(parts) > 1 else None
+        for i in range(cfg.num_layers):  # PEFT: lora_A [rank, in_features], lora_B [out_features, rank]
+            a = np.concatenate([host[t][0][i].reshape(-1, r).T for t, _, _ in adapted])
+            bs = [host[t][1][i].reshape(r, -1).T for t, _, _ in adapted]
+            b = np.zeros((rows or bs[0].shape[0], len(adapted) * r), np.float32)
+            for j, ((_, start, end), b_part) in enumerate(zip(adapted, bs)):
+                b[start:end, j * r:(j + 1) * r] = b_part
+            # (contiguous: safetensors writes the buffer as laid out, and a lone part's A is a transposed view)
+            tensors[_name(module, i, "A")], tensors[_name(module, i, "B")] = np.ascontiguousarray(a), b
+    return tensors
+
+
+def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = "") -> str:
+    """Write peft_tensors' output as adapter_config.json + adapter_model.safetensors."""
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    adapted = _adapted(cfg)
+    fused = {_short(module): len(parts) for module, _, parts in adapted if len(parts) > 1}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+              "target_modules": sorted(_short(module) for module, _, _ in adapted), "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+              "rank_pattern": {k: m * cfg.lora.rank for k, m in fused.items()},
+              "alpha_pattern": {k: m * cfg.lora.alpha for k, m in fused.items()},
+              "base_model_name_or_path": base_model or None}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def save_peft(cfg: ModelConfig, params, out_dir: str, base_model: str = "") -> str:
+    """The adapter alone in PEFT's layout: peft.PeftModel.from_pretrained(hf_base, out_dir) loads it."""
+    tensors = peft_tensors(cfg, params)
+    if jax.process_index() != 0:
+        return out_dir
+    return write_peft(cfg, tensors, out_dir, base_model)
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's per-module override (rank_pattern, alpha_pattern): the first key naming the module's end,
+    matched as PEFT matches it (the key one group: 'q_proj|v_proj' names either)."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+
+def _check_config(cfg: ModelConfig, pc: dict, where: str):
+    bad = {"peft_type": (pc.get("peft_type"), "LORA"), "use_rslora": (bool(pc.get("use_rslora")), False),
+           "use_dora": (bool(pc.get("use_dora")), False), "bias": (pc.get("bias", "none"), "none"),
+           "fan_in_fan_out": (bool(pc.get("fan_in_fan_out")), False), "r": (pc.get("r"), cfg.lora.rank),
+           # Parts of the adapted model beyond the low-rank pairs, which spjax would not read:
+           "modules_to_save": (pc.get("modules_to_save") or None, None), "lora_bias": (bool(pc.get("lora_bias")), False),
+           "trainable_token_indices": (pc.get("trainable_token_indices") or None, None)}
+    # PEFT variants whose forward is not W + (alpha/r)·B·A on every layer of the targets (aLoRA acts only
+    # after its invocation tokens, KaSA/QALoRA/BD-LoRA/Arrow/MonteCLoRA change the product): all off.
+    bad.update({k: (pc[k], None) for k in ("alora_invocation_tokens", "use_qalora", "layer_replication",
+                                            "layers_to_transform", "target_parameters", "use_bdlora",
+                                            "arrow_config", "kasa_config", "monteclora_config") if pc.get(k)})
+    for field, (got, want) in bad.items():
+        if got != want:
+            raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"
+                                  + (" (set lora.rank to match)" if field == "r" else ""))
+    mods = pc.get("target_modules") or []
+    want_mods = {_short(module) for module, _, _ in _adapted(cfg)}
+    if isinstance(mods, str) or set(mods) != want_mods:
+        raise CheckpointError(f"{where}: target_modules {mods!r} differ from lora.targets {sorted(want_mods)}")
+
+
+def _split(a, b, parts, adapted, r: int, where: str):
+    """Per-part ([in, r], [r, out]) of one module's PEFT A [rank, in] and B [out, rank]: block-diagonal
+    (rank m·r) or one A shared by the parts (rank r); else CheckpointError (B must be zero on the rows
+    of parts spjax does not adapt, and off its blocks)."""
+    rank, m = a.shape[0], len(adapted)
+    keep = np.zeros(b.shape, bool)
+    out = {}
+    for j, (t, start, end) in enumerate(adapted):
+        cols = slice(j * r, (j + 1) * r) if rank == m * r else slice(0, r)
+        keep[start:end, cols] = True
+        out[t] = (a[cols].T, b[start:end, cols].T)
+    if len(parts) > 1 and np.any(b[~keep]):
+        raise CheckpointError(f"{where}: its B is not zero outside the blocks of the parts lora.targets adapts "
+                              f"({', '.join(t for t, _, _ in adapted)}), so spjax would start from another policy")
+    return out
+
+
+def load_peft(cfg: ModelConfig, params, adapter_dir: str):
+    """params with their adapter leaves replaced by a PEFT adapter's (placed like the old leaves)."""
+    from safetensors import safe_open
+    where = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(where):
+        raise CheckpointError(f"{where}: file not found (lora.init_path must be a PEFT adapter directory)")
+    with open(where, encoding="utf-8") as f:
+        pc = json.load(f)
+    _check_config(cfg, pc, where)
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    r, layers, parts_of = cfg.lora.rank, dict(params["layers"]), {}
+    with safe_open(path, "flax") as f:
+        keys = set(f.keys())
+
+        def get(module, i, which):
+            name = _name(module, i, which)
+            if name not in keys:  # PEFT also writes names with the adapter name ('.default.') left out or in
+                alt = name.replace(f".lora_{which}.weight", f".lora_{which}.default.weight")
+                if alt not in keys:
+                    raise CheckpointError(f"{path}: tensor {name!r} missing")
+                name = alt
+            return np.asarray(f.get_tensor(name).astype(jnp.float32))
+
+        adapted = _adapted(cfg)
+        read = {_name(module, i, w) for module, _, _ in adapted for i in range(cfg.num_layers) for w in "AB"}
+        left = sorted(k for k in keys if k not in read and k.replace(".default.weight", ".weight") not in read)
+        if left:
+            raise CheckpointError(f"{path}: tensor(s) {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are not "
+                                  "LoRA pairs of lora.targets: spjax would start from another policy than the adapter's")
+        for module, parts, mine in adapted:
+            for i in range(cfg.num_layers):
+                name = module.format(i=i)
+                a, b = get(module, i, "A"), get(module, i, "B")
+                rank, m = _pattern(pc.get("rank_pattern") or {}, name, pc.get("r")), len(mine)
+                if rank not in (r, m * r):  # (pc["r"] is r: checked)
+                    raise CheckpointError(f"{where}: rank_pattern gives {name} rank {rank}; spjax needs lora.rank={r} "
+                                          f"for every adapter" + (f" (or {m}×{r}, block-diagonal, for its {m} adapted "
+                                                                  f"parts)" if m > 1 else ""))
+                if a.shape[0] != rank or b.shape[-1] != rank:
+                    raise CheckpointError(f"{path}: {name}'s adapter has rank {a.shape[0]}, its config says {rank}")
+                # The file's scale alpha / rank (per module: alpha_pattern) folded into B: cfg's alpha / r
+                # then reproduces the adapter's policy.
+                scale = float(_pattern(pc.get("alpha_pattern") or {}, name, pc.get("lora_alpha", cfg.lora.alpha)))
+                scale = scale / rank / (cfg.lora.alpha / r)
+                for t, (a_t, b_t) in _split(a, b, parts, mine, r, f"{path}: {name}").items():
+                    parts_of.setdefault(t, []).append((a_t, b_t * scale))
+    for t, per_layer in parts_of.items():
+        old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]
+        a, b = np.stack([x for x, _ in per_layer]), np.stack([y for _, y in per_layer])
+        try:
+            a, b = a.reshape(old_a.shape), b.reshape(old_b.shape)
+        except ValueError:
+            raise CheckpointError(f"{path}: {t} adapter shapes {a.shape[1:]}, {b.shape[1:]} do not fit "
+                                  f"{old_a.shape[1:]}, {old_b.shape[1:]}") from None
+        layers[f"{t}_lora_a"] = jax.device_put(a.astype(old_a.dtype), old_a.sharding)
+        layers[f"{t}_lora_b"] = jax.device_put(b.astype(old_b.dtype), old_b.sharding)
+    return {**params, "layers": layers}
+
+
+__all__ = ["peft_tensors", "write_peft", "save_peft", "load_peft"]
