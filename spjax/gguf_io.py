@@ -6,6 +6,7 @@ module undoes that, so the result matches the original HF checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -15,7 +16,7 @@ import numpy as np
 from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
-_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -102,9 +103,10 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or hidden // n_heads
     rotated = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
-    if rotated != head_dim:
+    partial = rotated / head_dim
+    if rotated != head_dim and (arch != "phi3" or int(head_dim * partial) != rotated):
         raise CheckpointError(f"{where}: {arch}.rope.dimension_count {rotated} rotates part of each head "
-                              f"(head size {head_dim}), which spjax does not implement")
+                              f"(head size {head_dim}), which spjax implements for phi3 only")
     # llama.cpp stops at end-of-turn / end-of-message ids too (Llama 3 instruct GGUFs carry them).
     stops = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     stops = tuple(dict.fromkeys(int(i) for i in stops if i is not None))
@@ -117,7 +119,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)), partial_rotary_factor=partial,
         architecture=_ARCHS[arch],
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=stops,
@@ -145,6 +147,8 @@ def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConf
             return llama3
     if kind == "yarn" and "rope_freqs.weight" not in names:
         return _yarn(reader, arch, factor, where)
+    if "rope_factors_short.weight" in names or "rope_factors_long.weight" in names:
+        return _longrope(reader, arch, unscaled, where)
     if "rope_freqs.weight" in names or kind not in ("linear", "none"):
         what = "tensor rope_freqs.weight" if "rope_freqs.weight" in names else f"{arch}.rope.scaling.type {kind!r}"
         raise CheckpointError(f"{where}: the GGUF carries RoPE scaling ({what}) that spjax does not read from GGUF "
@@ -175,10 +179,31 @@ def _yarn(reader, arch: str, factor: float, where: str) -> dict:
                 rope_beta_slow=float(_field(reader, key("yarn_beta_slow"), 1.0)))
 
 
+def _longrope(reader, arch: str, unscaled: ModelConfig, where: str) -> dict:
+    """Phi-3's LongRoPE as llama.cpp's converter writes it: the HF factors as tensors rope_factors_short and
+    _long, the pretraining context, and the attention factor it derives as transformers does (checked)."""
+    import gguf
+    factors = {}
+    for kind in ("short", "long"):
+        t = next((t for t in reader.tensors if t.name == f"rope_factors_{kind}.weight"), None)
+        if t is None:
+            raise CheckpointError(f"{where}: rope_factors_{kind}.weight missing beside the other LongRoPE factors")
+        factors[kind] = tuple(float(x) for x in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1))
+    original = int(_field(reader, f"{arch}.rope.scaling.original_context_length", 0) or 0)
+    if original <= 0:
+        raise CheckpointError(f"{where}: LongRoPE factors without {arch}.rope.scaling.original_context_length")
+    fields = dict(rope_type="longrope", rope_original_max_position=original, rope_short_factor=factors["short"],
+                  rope_long_factor=factors["long"], rope_factor=unscaled.max_position_embeddings / original)
+    from spjax.rope import attention_factor
+    written = float(_field(reader, f"{arch}.rope.scaling.attn_factor", 1.0))
+    derived = attention_factor(dataclasses.replace(unscaled, **fields))
+    if abs(written - derived) > 1e-6 * derived:  # (the file says it in float32)
+        fields["rope_attention_factor"] = written
+    return fields
+
+
 def _llama3_from_divisors(reader, arch: str, unscaled: ModelConfig):
     """llama3 rope fields that reproduce the file's rope_freqs.weight divisors (to 1e-5), or None."""
-    import dataclasses
-
     import gguf
     from spjax.rope import inv_freq
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
@@ -199,7 +224,8 @@ def load_gguf(path: str, mesh=None, **overrides):
     reader = read(path)
     cfg = config_from_gguf(reader, path, **overrides)
     tensors = {t.name: (t, p) for p in parts(path) for t in _read(p).tensors}
-    tensors.pop("rope_freqs.weight", None)  # read into cfg's rope fields (config_from_gguf)
+    for name in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"):
+        tensors.pop(name, None)  # read into cfg's rope fields (config_from_gguf)
     permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch
 
     def get(name):  # a TensorSource (below): the loader refuses tensors it does not read

@@ -113,21 +113,25 @@ def export_arch(cfg: ModelConfig) -> str:
     return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
 
 
-def _fused(cfg: ModelConfig) -> dict:
+def _fused(cfg: ModelConfig, names: str = "hf") -> dict:
     """Phi-3's fused per-layer tensors: {name ({i}): [(the part's layer_table name, its rows)]}, the parts
-    stacked along the out dim (qkv_proj: q, k, v; gate_up_proj: gate, up)."""
-    Dh, F = cfg.head_dim, cfg.intermediate_size
-    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-    return {a + "qkv_proj.weight": [(a + "q_proj.weight", cfg.num_heads * Dh), (a + "k_proj.weight", cfg.num_kv_heads * Dh),
-                                    (a + "v_proj.weight", cfg.num_kv_heads * Dh)],
-            m + "gate_up_proj.weight": [(m + "gate_proj.weight", F), (m + "up_proj.weight", F)]}
+    stacked along the out dim (HF qkv_proj: q, k, v; gate_up_proj: gate, up; llama.cpp's phi3 keeps the
+    layout as attn_qkv and ffn_up, so its fused gate/up bears the up part's name)."""
+    Dh, F, table = cfg.head_dim, cfg.intermediate_size, layer_table(cfg)
+    part = lambda leaf, rows: (table[leaf].name(names), rows)
+    qkv, gate_up = (("blk.{i}.attn_qkv.weight", "blk.{i}.ffn_up.weight") if names == "gguf" else
+                    ("model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"))
+    return {qkv: [part("q", cfg.num_heads * Dh), part("k", cfg.num_kv_heads * Dh), part("v", cfg.num_kv_heads * Dh)],
+            gate_up: [part("gate", F), part("up", F)]}
 
 
-def split_fused(cfg: ModelConfig, get: TensorSource, where: str) -> TensorSource:
+def split_fused(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf") -> TensorSource:
     """A Phi-3 checkpoint seen under layer_table's names: each part a row slice of its fused tensor. A
     fused tensor is read once and kept until its last part is taken (the loader reads leaf by leaf)."""
+    if cfg.architecture != "phi3" or getattr(get, "split", False):  # (GGUF: ffn_up names fused and part)
+        return get
     parts = {}  # part name -> (fused name, first row, end row, all rows, number of parts)
-    for fused, pieces in _fused(cfg).items():
+    for fused, pieces in _fused(cfg, names).items():
         rows = sum(n for _, n in pieces)
         for i in range(cfg.num_layers):
             start = 0
@@ -154,7 +158,9 @@ def split_fused(cfg: ModelConfig, get: TensorSource, where: str) -> TensorSource
             del held[fused], left[fused]
         return w[start:end]
 
-    return TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts))
+    out = TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts))
+    out.split = True
+    return out
 
 
 def fuse(cfg: ModelConfig, tensors: dict) -> dict:
@@ -198,8 +204,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     read (get.names) is refused: see _check_all_read.
     """
     from spjax import model
-    if names == "hf":
-        get = split_fused(cfg, get, where)
+    get = split_fused(cfg, get, where, names)
     shapes = model.param_shapes(cfg)
     shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
     dtype = jnp.dtype(cfg.param_dtype)
@@ -258,8 +263,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
 
 def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
     """The checkpoint holds every tensor the model reads (the first missing one named) and none it would not."""
-    if names == "hf":
-        get = split_fused(cfg, get, where)
+    get = split_fused(cfg, get, where, names)
     read = ({e.name(names) for e in top_table(cfg).values()} |
             {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)})
     missing = sorted(read - get.names)

@@ -1,5 +1,5 @@
 """Import refuses what it would get wrong: RoPE scaling in GGUF files, Llama biases, tensors it does
-not read, per-layer Qwen2 windows; and what it reads (GGUF linear, llama3 and YaRN RoPE, Qwen2 windows) matches
+not read, per-layer Qwen2 windows; and what it reads (GGUF linear, llama3, YaRN and Phi-3 LongRoPE, Qwen2 windows) matches
 transformers, through an export too."""
 import dataclasses
 import os
@@ -75,11 +75,12 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     if not c.tie_word_embeddings:
         named["output.weight"] = "lm_head.weight"
+    projections = ([("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")] if arch == "phi3" else
+                   [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                    ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")])
     for i in range(c.num_hidden_layers):
         for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                         ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
-                         ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                         ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+                         ("attn_output", "self_attn.o_proj"), ("ffn_down", "mlp.down_proj")] + projections:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
         if arch == "qwen3":
             for n in ("q", "k"):
@@ -194,11 +195,30 @@ def test_gguf_yarn_matches_transformers(tmp_path):
             spjax.load_pretrained(_write_gguf(tmp_path / "n.gguf", tm, "yarn", 4.0, arch="qwen3", **extra))
 
 
+def test_gguf_phi3_matches_transformers(tmp_path):
+    """llama.cpp's phi3 as its converter writes it: fused attn_qkv and ffn_up (gate, up), the rotated dims,
+    LongRoPE factors as tensors, the pretraining context and the attention factor: refused before."""
+    import math
+    tm = oracle.torch_model("phi3")
+    c = tm.config
+    rope = c.rope_parameters
+    scale = c.max_position_embeddings / rope["original_max_position_embeddings"]
+    attn = math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+    factors = {f"rope_factors_{k}.weight": np.asarray(rope[f"{k}_factor"], np.float32) for k in ("short", "long")}
+    path = _write_gguf(tmp_path / "phi.gguf", tm, arch="phi3", rot_dims=12, tensors=factors,
+                       orig_ctx=rope["original_max_position_embeddings"], floats={"{arch}.rope.scaling.attn_factor": attn})
+    cfg, params = spjax.load_pretrained(path)
+    assert (cfg.architecture, cfg.rotary_dim, cfg.rope_type, cfg.rope_attention_factor) == ("phi3", 12, "longrope", 0.0)
+    assert cfg.rope_short_factor == pytest.approx(rope["short_factor"])
+    assert _max_diff(cfg, params, tm, _ids()) <= 1e-5  # (100 positions: within the original 256)
+
+
 def test_gguf_refuses_partial_rotary(tmp_path):
     tm = _torch("LlamaConfig")
     cfg = spjax.load_pretrained(_write_gguf(tmp_path / "full.gguf", tm, rot_dims=8, eos_eot=(2, 9)))[0]
     assert cfg.head_dim == 8 and cfg.eos_token_ids == (2, 9)  # eos and end-of-turn: both stop the sampler
-    with pytest.raises(hf.CheckpointError, match=r"part.gguf: llama.rope.dimension_count 4 rotates part of each"):
+    with pytest.raises(hf.CheckpointError, match=r"part.gguf: llama.rope.dimension_count 4 rotates part of each .* "
+                                                 r"for phi3 only"):
         spjax.load_pretrained(_write_gguf(tmp_path / "part.gguf", tm, rot_dims=4))
 
 
