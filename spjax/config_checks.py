@@ -70,6 +70,10 @@ def check_rope(cfg):
     check(not ((cfg.qk_norm or cfg.qkv_bias) and (cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope")),
           "model.qk_norm" if cfg.qk_norm else "model.qkv_bias", "with partial rotary or longrope: no transformers "
           "family computes both, so the model could not be exported")
+    phi3 = not (cfg.qk_norm or cfg.qkv_bias) and (  # exported as Phi-3 (tensor_names.export_arch)
+        cfg.architecture == "phi3" or cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope")
+    check(not phi3 or cfg.rope_type in ("default", "longrope"), "model.rope_type", f"{cfg.rope_type!r} with a "
+          "Phi-3 model (partial rotary or architecture phi3): transformers' Phi3 computes default or longrope only")
     pairs = cfg.rotary_dim // 2
     for name in ("rope_short_factor", "rope_long_factor"):
         factors = getattr(cfg, name)

@@ -169,8 +169,8 @@ def _yarn(reader, arch: str, factor: float, where: str) -> dict:
     key = lambda name: f"{arch}.rope.scaling.{name}"
     for name, neutral in _YARN_DEFAULTS.items():
         if _field(reader, key(name), neutral) != neutral:
-            raise CheckpointError(f"{where}: {key(name)} = {_field(reader, key(name))} changes llama.cpp's YaRN in a way "
-                                  f"spjax does not compute: load the model's Hugging Face checkpoint instead")
+            raise CheckpointError(f"{where}: {key(name)} = {_field(reader, key(name))} changes llama.cpp's YaRN in a "
+                                  f"way spjax does not compute: load the model's Hugging Face checkpoint instead")
     original = int(_field(reader, key("original_context_length"), 0) or 0)
     if factor <= 0 or original <= 0:
         raise CheckpointError(f"{where}: YaRN scaling needs {key('factor')} and {key('original_context_length')}")

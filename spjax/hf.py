@@ -109,8 +109,9 @@ def _rope_scale(rope: dict, rope_type: str, hf: dict, arch: str) -> dict:
     attention, mscale, mscale_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
     if attention is None and mscale and mscale_all and factor > 1:
         attention = (0.1 * mscale * np.log(factor) + 1) / (0.1 * mscale_all * np.log(factor) + 1)
-    return dict(out, rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
-                rope_attention_factor=float(attention or 0.0), rope_truncate=bool(rope.get("truncate", True)))
+    return dict(out, rope_beta_fast=float(rope.get("beta_fast") or 32),
+                rope_beta_slow=float(rope.get("beta_slow") or 1), rope_attention_factor=float(attention or 0.0),
+                rope_truncate=bool(rope.get("truncate", True)))
 
 
 def _sliding_window(hf: dict, arch: str, where: str):

@@ -126,36 +126,31 @@ def _fused(cfg: ModelConfig, names: str = "hf") -> dict:
 
 
 def split_fused(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf") -> TensorSource:
-    """A Phi-3 checkpoint seen under layer_table's names: each part a row slice of its fused tensor. A
-    fused tensor is read once and kept until its last part is taken (the loader reads leaf by leaf)."""
+    """A Phi-3 checkpoint seen under layer_table's names: each part a row slice of its fused tensor (read
+    again for each part: the loader reads leaf by leaf over all layers, so keeping fused tensors for their
+    other parts would hold up to a whole leaf's worth of them)."""
     if cfg.architecture != "phi3" or getattr(get, "split", False):  # (GGUF: ffn_up names fused and part)
         return get
-    parts = {}  # part name -> (fused name, first row, end row, all rows, number of parts)
+    parts = {}  # part name -> (fused name, first row, end row, all rows)
     for fused, pieces in _fused(cfg, names).items():
         rows = sum(n for _, n in pieces)
         for i in range(cfg.num_layers):
             start = 0
             for name, n in pieces:
-                parts[name.format(i=i)] = (fused.format(i=i), start, start + n, rows, len(pieces))
+                parts[name.format(i=i)] = (fused.format(i=i), start, start + n, rows)
                 start += n
     parts = {k: v for k, v in parts.items() if v[0] in get.names}
     if not parts:
         return get
-    held, left = {}, {}
 
-    def read(name):
+    def read(name):  # the fused tensor read again for each part: one at a time in host memory
         if name not in parts:
             return get(name)
-        fused, start, end, rows, n_parts = parts[name]
-        if fused not in held:
-            held[fused], left[fused] = np.asarray(get(fused)), n_parts
-        w = held[fused]
-        if w.ndim != 2 or w.shape[0] != rows:
-            raise CheckpointError(f"{where}: tensor {fused!r} has shape {w.shape}, expected {rows} rows (the "
+        fused, start, end, rows = parts[name]
+        w = get(fused)
+        if len(w.shape) != 2 or w.shape[0] != rows:
+            raise CheckpointError(f"{where}: tensor {fused!r} has shape {tuple(w.shape)}, expected {rows} rows (the "
                                   f"stacked parts) for the {cfg.architecture} config")
-        left[fused] -= 1
-        if not left[fused]:
-            del held[fused], left[fused]
         return w[start:end]
 
     out = TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts))
@@ -332,5 +327,5 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config", "params_from_tensors", "check_names", "merged_layer",
-           "params_to_tensors"]
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config",
+           "params_from_tensors", "check_names", "merged_layer", "params_to_tensors"]

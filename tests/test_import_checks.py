@@ -1,6 +1,6 @@
 """Import refuses what it would get wrong: RoPE scaling in GGUF files, Llama biases, tensors it does
-not read, per-layer Qwen2 windows; and what it reads (GGUF linear, llama3, YaRN and Phi-3 LongRoPE, Qwen2 windows) matches
-transformers, through an export too."""
+not read, per-layer Qwen2 windows; and what it reads (GGUF linear, llama3, YaRN and Phi-3 LongRoPE,
+Qwen2 windows) matches transformers, through an export too."""
 import dataclasses
 import os
 

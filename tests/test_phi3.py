@@ -154,6 +154,7 @@ def test_longrope_runs_past_the_original_context_are_refused():
     (dict(partial_rotary_factor=0.72), r"model.partial_rotary_factor: RoPE rotates pairs of dims: 23 of head_dim 32"),
     (dict(rope_short_factor=(1.0,) * 3), r"model.rope_short_factor: longrope needs 12 positive divisors"),
     (dict(qkv_bias=True), r"model.qkv_bias: with partial rotary or longrope: no transformers family"),
+    (dict(rope_type="yarn"), r"model.rope_type: 'yarn' with a Phi-3 model .* default or longrope only"),
 ])
 def test_bad_phi3_settings_are_one_line(change, message):
     phi = hf.config_from_hf(dict(BASE, partial_rotary_factor=0.75, rope_scaling=copy.deepcopy(LONG)))
