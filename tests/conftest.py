@@ -42,9 +42,21 @@ def devices():
 
 # The suite runs on two pytest-xdist workers, one test file at a time each, in this order (pyproject's
 # addopts turn off xdist's reordering by size).
-# The files that run whole spjax.train processes go first so that neither worker is left with
-# one of them at the end while the other idles.
-_FIRST = ("test_rounds.py", "test_judged_run.py", "test_lora_run.py", "test_gguf_tokenizer.py", "test_step.py")
+# The longest files go first, longest first (their cold-cache seconds on 2 cores, 2026-12-03, in the
+# comments), so that neither worker is left with a long one at the end while the other idles: before,
+# test_sampler (234 s) started late and the suite ran ~80 s past half its total.
+_FIRST = ("test_rounds.py",  # 349
+          "test_sampler.py",  # 234
+          "test_perf_equivalence.py",  # 115
+          "test_judged_run.py",  # 93
+          "test_lora.py",  # 79
+          "test_model.py",  # 70
+          "test_lora_run.py",  # 66
+          "test_gguf_tokenizer.py",  # 64
+          "test_step.py",  # 61
+          "test_splash.py",  # 52
+          "test_logprobs.py",  # 44
+          "test_packing.py", "test_compile_check.py", "test_compile_once.py", "test_optim.py")  # 34-38
 
 
 def pytest_collection_modifyitems(items):
