@@ -4,7 +4,7 @@
 
 Times spjax.sample (temperature 1, no EOS, compile excluded: each variant runs once untimed) on a
 random-init model with rank-16 adapters on every projection (random B, so the adapter counts), for
-each base storage: 'on the fly' samples from the policy's params as they are (model._project adds
+each base storage: 'on the fly' samples from the policy's params as they are (projection.project adds
 (x A) B per projection per step, and dequantizes an int8/int4 base per step); 'merged' first runs
 lora.merge (W + (alpha / r) A B, dequantized, in the compute dtype; its time is reported and
 counted once per round) and samples from the plain model. Prints one JSON line

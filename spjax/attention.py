@@ -25,24 +25,29 @@ from spjax.config import ModelConfig
 _NEG = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
 
 
-def attend_xla(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS):
+def attend_xla(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxLxS, *, scale: Optional[float] = None,
+               softcap: float = 0.0):
     """Masked softmax attention as two einsums; scores and softmax in fp32, output in q's dtype.
 
-    Grouped-query heads share their kv head through the G axis, so K/V are never repeated.
+    Grouped-query heads share their kv head through the G axis, so K/V are never repeated. Scores are
+    q.k times scale (default Dh ** -0.5), then softcap * tanh(scores / softcap) where softcap is set (Gemma 2).
     """
     B, L, H, Dh = q_BxLxHxDh.shape
     K = k_BxKxSxDh.shape[1]
     cdt = q_BxLxHxDh.dtype
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
     scores = jnp.einsum("BLKGk,BKSk->BKGLS", q_BxLxKxGxDh, k_BxKxSxDh.astype(cdt),
-                        preferred_element_type=jnp.float32) * (Dh ** -0.5)
+                        preferred_element_type=jnp.float32) * (Dh ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask_BxLxS[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
     attn_BxLxKxGxDh = jnp.einsum("BKGLS,BKSk->BLKGk", probs, v_BxKxSxDh.astype(cdt))
     return attn_BxLxKxGxDh.reshape(B, L, H, Dh)
 
 
-def attend_fused(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, *, window: Optional[int], implementation: str):
+def attend_fused(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, *, window: Optional[int], implementation: str,
+                 scale: Optional[float] = None):
     """Causal self-attention through jax.nn.dot_product_attention (no cache, right-padded rows).
 
     implementation='cudnn' is the GPU path; 'xla' runs the same call on any backend, which is how the
@@ -51,7 +56,8 @@ def attend_fused(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, *, window: Optional[int], i
     """
     local = None if window is None else (window - 1, 0)  # keys with q_pos - k_pos < window
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, is_causal=True,
-                                        local_window_size=local, scale=q_BxLxHxDh.shape[-1] ** -0.5,
+                                        local_window_size=local,
+                                        scale=q_BxLxHxDh.shape[-1] ** -0.5 if scale is None else scale,
                                         implementation=implementation)
 
 
@@ -89,7 +95,7 @@ def segment_ids(kv_mask_BxS, segment_ids_BxS=None):
     return jnp.where(kv_mask_BxS.astype(bool), ids_BxS.astype(jnp.int32), 0)
 
 
-def _kernel(num_heads: int, length: int, window: Optional[int], interpret: bool):
+def _kernel(num_heads: int, length: int, window: Optional[int], interpret: bool, softcap: float):
     """A splash kernel over [H, length, Dh] queries and [K, length, Dh] keys/values (GQA: query head h
     reads kv head h // (H // K) inside the kernel, nothing is repeated)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
@@ -100,7 +106,7 @@ def _kernel(num_heads: int, length: int, window: Optional[int], interpret: bool)
     # LocalMask((w - 1, 0)) keeps keys with 0 <= q - k < w: causal plus Mistral's window, as attend_xla.
     one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
     return sa.make_splash_mha(sa.MultiHeadMask([one] * num_heads), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=1, interpret=interpret, attn_logits_soft_cap=softcap or None)
 
 
 def _specs(mesh, q_shape, kv_shape):
@@ -116,7 +122,7 @@ def _specs(mesh, q_shape, kv_shape):
 
 
 def attend_splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, window: Optional[int] = None,
-                  interpret: Optional[bool] = None):
+                  interpret: Optional[bool] = None, scale: Optional[float] = None, softcap: float = 0.0):
     """Causal self-attention within segments (keys with q - k < window when given), by splash attention.
 
     Queries and keys share slots 0..L-1; the window counts slots, which equals attend_xla's count of
@@ -135,11 +141,11 @@ def attend_splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, window
         segment_ids_BxL = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad)))
     Lp = L + pad
     window = None if window is None or window >= Lp else window  # a window that never binds: plain causal
-    q_BxLxHxDh = q_BxLxHxDh * jnp.asarray(Dh ** -0.5, q_BxLxHxDh.dtype)  # the kernel does not scale
+    q_BxLxHxDh = q_BxLxHxDh * jnp.asarray(Dh ** -0.5 if scale is None else scale, q_BxLxHxDh.dtype)  # (not the kernel)
 
     def per_shard(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, seg_BxL):
         from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-        kernel = _kernel(q_BxLxHxDh.shape[2], Lp, window, interpret)
+        kernel = _kernel(q_BxLxHxDh.shape[2], Lp, window, interpret, softcap)
 
         def one_row(q_LxHxDh, k_LxKxDh, v_LxKxDh, seg_L):  # the kernel takes one sequence, heads first
             out_HxLxDh = kernel(q_LxHxDh.transpose(1, 0, 2), k_LxKxDh.transpose(1, 0, 2),
@@ -178,7 +184,8 @@ def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len:
     the masked half) runs on CUDA GPUs for a bf16/fp16 forward without a cache over a right-padded
     batch (valid tokens first: causality alone then hides every pad key from every real query),
     head_dim a multiple of 8 up to 128, and a sliding window only where positions are the default
-    0..L-1. Everything else (CPU, fp32, cached decode, left padding) takes the XLA path.
+    0..L-1, and no soft cap on the scores (Gemma 2). Everything else (CPU, fp32, cached decode, left
+    padding) takes the XLA path.
     cfg.attention (part of the jit cache key, validated by ModelConfig) overrides the backend check:
     auto decides as above; xla forces the einsum path everywhere; cudnn asks for cuDNN wherever the
     call qualifies (jax raises where cuDNN cannot run); xla_fused runs the cuDNN path's
@@ -193,7 +200,7 @@ def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len:
     if mode == "splash" or (mode == "auto" and target_platform() == "tpu" and splash_placeable()):
         if (not cached or prefill) and (window_ok or prefill or segmented):
             return "splash"
-    fused_ok = not cached and right_padded and not segmented and window_ok
+    fused_ok = not cached and right_padded and not segmented and window_ok and not cfg.attn_softcap
     if mode == "xla_fused":
         return "xla_fused" if fused_ok else "xla"
     cudnn_ok = (fused_ok and cfg.compute_dtype in ("bfloat16", "float16")

@@ -9,10 +9,11 @@ import dataclasses
 from typing import Optional
 
 from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigError is its public name)
-from spjax.config_checks import check as _check, check_rope, iso_date as _iso_date, one_of as _one_of, template_kwargs
+from spjax.config_checks import check as _check, check_model, iso_date as _iso_date, one_of as _one_of, template_kwargs
 from spjax.config_checks import typed_and_finite as _finite
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 # spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply; the rest force a path
@@ -52,7 +53,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, SmolLM2)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2)."""
 
     vocab_size: int
     hidden_size: int
@@ -79,6 +80,12 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     qk_norm: bool = False  # Qwen3 RMS-normalizes each head's q and k (over head_dim) before RoPE
     sliding_window: Optional[int] = None  # Mistral; None means full causal attention
+    layer_types: tuple[str, ...] = ()  # per layer, LAYER_TYPES (Gemma, Qwen2): () = every layer as sliding_window
+    rope_local_theta: float = 0.0  # Gemma 3: the windowed layers' rope theta (unscaled); 0: as the others'
+    # Gemma 2/3 only (config_checks.check_family; their other parts follow from `architecture`, see `gemma`)
+    query_scale: float = 0.0  # attention scores times query_scale ** -0.5 (query_pre_attn_scalar); 0: head_dim
+    attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: none
+    final_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0: none
     max_position_embeddings: int = 4096
     architecture: str = "llama"  # decides the HF class on export
     bos_token_id: Optional[int] = None
@@ -98,35 +105,27 @@ class ModelConfig:
             _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
                    f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
-        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
-               f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
-        _check(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
-               f"must be >= 1 or None (full attention), got {self.sliding_window}")
-        _one_of(self.rope_type, "model.rope_type", ROPE_TYPES)
-        for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids"):
+        for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids", "layer_types"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        check_rope(self)  # and the q/k norms and biases that no exported family computes with them
-        _check(self.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
-        from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
-        _one_of(self.architecture, "model.architecture", ARCHITECTURES)
-        _one_of(self.param_dtype, "model.param_dtype", DTYPES)
-        _one_of(self.compute_dtype, "model.compute_dtype", DTYPES)
-        _one_of(self.remat, "model.remat", REMAT)
-        _one_of(self.attention, "model.attention", ATTENTION)
-        _one_of(self.base_quant, "model.base_quant", BASE_QUANTS)
-        _check(self.base_quant == "none" or self.lora.rank > 0, "model.base_quant",
-               f"{self.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
-        odd = [f"{n} {getattr(self, n)}" for n in ("hidden_size", "intermediate_size") if getattr(self, n) % 2]
-        _check(self.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
-               f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
+        check_model(self)  # shapes, names, rope, Gemma's parts, a quantized base: spjax.config_checks
 
     @property
     def rotary_dim(self) -> int:
         """The leading dims of each head that RoPE rotates (transformers' int(head_dim * partial))."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 2/3's decoder: a GeGLU MLP (tanh GELU), RMSNorms scaling by 1 + weight, norms after attention
+        and the MLP as well (before each residual add), embeddings times sqrt(hidden_size)."""
+        return self.architecture in ("gemma2", "gemma3")
+
+    @property
+    def windowed(self) -> tuple[bool, ...]:
+        """Per layer: whether its attention is windowed (sliding_window set, and layer_types says so)."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types) or (True,) * self.num_layers
 
 
 @dataclasses.dataclass(frozen=True)

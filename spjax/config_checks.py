@@ -52,6 +52,35 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def check_model(cfg):
+    """A ModelConfig's fields: positive sizes, known names, rope (check_rope), Gemma's parts and windows
+    by layer (check_family), and what a quantized base needs."""
+    from spjax.config import ATTENTION, BASE_QUANTS, DTYPES, REMAT, ROPE_TYPES
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+        check(getattr(cfg, name) > 0, f"model.{name}", f"must be positive, got {getattr(cfg, name)}")
+    check(cfg.num_heads % cfg.num_kv_heads == 0, "model.num_kv_heads",
+          f"{cfg.num_heads} query heads are not a multiple of {cfg.num_kv_heads} kv heads")
+    check(cfg.sliding_window is None or cfg.sliding_window >= 1, "model.sliding_window",
+          f"must be >= 1 or None (full attention), got {cfg.sliding_window}")
+    one_of(cfg.rope_type, "model.rope_type", ROPE_TYPES)
+    check_rope(cfg)  # and the q/k norms and biases that no exported family computes with them
+    check_family(cfg)
+    check(cfg.rms_norm_eps >= 0, "model.rms_norm_eps", f"must be >= 0, got {cfg.rms_norm_eps}")
+    from spjax.tensor_names import ARCHITECTURES  # the name table is the one list of names
+    one_of(cfg.architecture, "model.architecture", ARCHITECTURES)
+    one_of(cfg.param_dtype, "model.param_dtype", DTYPES)
+    one_of(cfg.compute_dtype, "model.compute_dtype", DTYPES)
+    one_of(cfg.remat, "model.remat", REMAT)
+    one_of(cfg.attention, "model.attention", ATTENTION)
+    one_of(cfg.base_quant, "model.base_quant", BASE_QUANTS)
+    check(cfg.base_quant == "none" or cfg.lora.rank > 0, "model.base_quant",
+          f"{cfg.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
+    odd = [f"{n} {getattr(cfg, n)}" for n in ("hidden_size", "intermediate_size") if getattr(cfg, n) % 2]
+    check(cfg.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
+          f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
+
+
 def check_rope(cfg):
     """A ModelConfig's rope fields: positive where a zero or a negative gives NaN logits silently, a
     rotated part of each head of whole pairs, longrope's divisors one per rotated pair; and the q/k
@@ -81,6 +110,33 @@ def check_rope(cfg):
             check(len(factors) == pairs and all(f > 0 for f in factors), f"model.{name}",
                   f"longrope needs {pairs} positive divisors (one per rotated pair of dims), got {len(factors)}"
                   + ("" if all(f > 0 for f in factors) else " with some <= 0"))
+
+
+def check_family(cfg):
+    """Gemma's settings only on a Gemma, windows by layer only where a transformers family computes them
+    (Gemma, Qwen2, Qwen3), and nothing on a Gemma that transformers' Gemma would not compute."""
+    from spjax.config import LAYER_TYPES
+    types = cfg.layer_types
+    check(not types or len(types) == cfg.num_layers, "model.layer_types",
+          f"{len(types)} entries for {cfg.num_layers} layers")
+    check(set(types) <= set(LAYER_TYPES), "model.layer_types", f"{sorted(set(types) - set(LAYER_TYPES))} not in "
+          f"{LAYER_TYPES}")
+    for name in ("query_scale", "attn_softcap", "final_softcap", "rope_local_theta"):
+        check(getattr(cfg, name) >= 0, f"model.{name}", f"must be >= 0 (0: none), got {getattr(cfg, name)}")
+        check(cfg.gemma or not getattr(cfg, name), f"model.{name}", f"is Gemma's (architecture gemma2/gemma3), "
+              f"not {cfg.architecture}'s: no transformers family computes it with this model")
+    check(not cfg.rope_local_theta or cfg.architecture == "gemma3", "model.rope_local_theta", "is Gemma 3's")
+    check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
+          "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
+    mixed = len(set(cfg.windowed)) > 1
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3"), "model.layer_types",
+          f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2 and Qwen3 compute that")
+    if cfg.gemma:
+        what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
+                                ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
+                                ("rope_type", cfg.rope_type not in ("default", "linear"))) if on]
+        check(not what, f"model.{what[0] if what else ''}", f"{getattr(cfg, what[0]) if what else ''} with "
+              f"{cfg.architecture}: transformers' {cfg.architecture} does not compute it")
 
 
 def iso_date(text: str) -> bool:

@@ -1,7 +1,7 @@
 """LoRA policies: which leaves train and merging (PEFT adapter files in and out: spjax.peft_io).
 
 The policy's params are one tree: the frozen base (optionally quantized, spjax.quant) plus leaves
-`<proj>_lora_a` [N, *in, r] and `<proj>_lora_b` [N, r, *out] that model._project applies on the
+`<proj>_lora_a` [N, *in, r] and `<proj>_lora_b` [N, r, *out] that projection.project applies on the
 fly. The driver keeps treating `state.params` as the policy (sampling, scoring, eval, checkpoint,
 export); only the train step and the optimizer look inside, through `split`/`join`: gradients and
 optimizer state exist for the adapter leaves alone. pi_0 is the base with the run's starting adapter

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, SmolLM2) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -12,92 +12,55 @@ batches, left-padded prompts and a preallocated KV cache alike. `attention_impl`
 time, between that XLA einsum path, cuDNN's fused flash attention (GPU, bf16/fp16, right-padded
 batches without a cache) and Pallas splash attention (TPU: training, scoring and the sampler's
 prefill), as ModelConfig.attention asks; kernels in spjax.attention, see docs/perf.md.
+Gemma (ModelConfig.gemma) differs by a few lines in Block: norms that scale by 1 + w and follow
+attention and the MLP too, a tanh-GELU gate, sqrt(D)-scaled embeddings, scaled and soft-capped scores.
+A model whose layers differ in window (Gemma; some Qwen2) gets a mask, and Gemma 3 a rope, of each kind
+(`ByKind`) and each layer picks its own: by a select inside the scan, in Python when unrolled.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from spjax import mlp, quant, rope
+from spjax import mlp, rope
+from spjax.projection import NORMAL as _normal, param as _param, project as _project
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
-from spjax.quant import QMAX
 
 
-def _rms_norm(x, scale, eps):
+def _rms_norm(x, scale, eps, gemma=False):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if gemma:  # Gemma stores scale - 1 and multiplies in fp32 before the cast (transformers' Gemma RMSNorm)
+        return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * xf.astype(x.dtype)
 
 
-def _param(module, name, shape, axes, init, dtype):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+class ByKind(NamedTuple):
+    """A mask or rope of each kind of layer, for a model with both full and windowed layers."""
+    full: Any
+    windowed: Any
 
 
-_normal = nn.initializers.normal(0.02)
+def _pick(value, windowed):
+    """The full-attention or the windowed layer's value where it comes ByKind: chosen in Python for an
+    unrolled layer (layer index an int), per scanned layer by a select."""
+    if not isinstance(value, ByKind):
+        return value
+    if isinstance(windowed, bool):
+        return value[windowed]
+    return jax.tree.map(lambda full, win: jnp.where(windowed, win, full), value.full, value.windowed)
 
 
-def lora_a_init(key, shape, dtype=jnp.float32):
-    """PEFT's default for A (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) over [*in, r]."""
-    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _quant_init(kind):
-    # A random quantized base (tests, benches): uniform integers whose dequantized std is 0.02.
-    def init(key, shape, dtype):
-        if kind == "int4":
-            return jax.random.randint(key, shape, 0, 256, jnp.int32).astype(dtype)  # two nibbles a byte
-        return jax.random.randint(key, shape, -QMAX[kind], QMAX[kind] + 1, jnp.int32).astype(dtype)
-    return init
-
-
-def _project(module, name: str, eq: str, x, shape, axes):
-    """einsum(eq, x, W) for projection `name` with W [*in, *out]: the base weight dequantized when
-    cfg.base_quant asks, plus the LoRA term (alpha / r) (x A) B when cfg.lora targets it.
-
-    The adapter is applied on the fly (two thin matmuls through rank r), so the base is never
-    rewritten and its gradient is never formed: the train step differentiates the adapters only.
-    """
-    cfg = module.cfg
-    pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
-    x_spec, w_spec = eq.split("->")[0].split(",")
-    n_in = sum(c in x_spec for c in w_spec)
-    kind = cfg.base_quant
-    if kind == "none":
-        stored = (_param(module, name, shape, axes, _normal, pdt),)
-        base = lambda x, w: jnp.einsum(eq, x, w.astype(cdt))
-    else:
-        stored = (_param(module, name, quant.stored_shape(kind, shape, n_in), axes, _quant_init(kind),
-                         quant.storage_dtype(kind)),
-                  _param(module, name + "_scale", quant.scale_shape(kind, shape, n_in),
-                         ("quant_groups",) + tuple(axes[n_in:]),
-                         nn.initializers.constant(0.02 * np.sqrt(3) / QMAX[kind]), jnp.float32))
-        base = lambda x, q, scale: jnp.einsum(eq, x, quant.dequantize(q, scale, kind, n_in, dtype=cdt))
-    lora = cfg.lora
-    if lora.rank:
-        # A frozen base: the backward pass recomputes the cast/dequantized weight from the stored
-        # leaf instead of keeping a compute-dtype copy of every layer's weight as a residual (for an
-        # int8 base that copy would be larger than the base itself).
-        base = jax.checkpoint(base)
-    y = base(x, *stored)
-    if lora.rank and name in lora.targets:
-        r, w_in, w_out = lora.rank, w_spec[:n_in], w_spec[n_in:]
-        batch = "".join(c for c in x_spec if c not in w_in)
-        # Adapters stay fp32 whatever the base's dtype: they are small, and they are what trains.
-        a = _param(module, name + "_lora_a", tuple(shape[:n_in]) + (r,), tuple(axes[:n_in]) + ("lora",),
-                   lora_a_init, jnp.float32)
-        b = _param(module, name + "_lora_b", (r,) + tuple(shape[n_in:]), ("lora",) + tuple(axes[n_in:]),
-                   nn.initializers.zeros, jnp.float32)
-        xa = jnp.einsum(f"{x_spec},{w_in}r->{batch}r", x, a.astype(cdt))
-        y = y + jnp.einsum(f"{batch}r,r{w_out}->{eq.split('->')[1]}", xa * (lora.alpha / r), b.astype(cdt))
-    return y
+def softcap(x, cap: float):
+    """Gemma's tanh soft cap, cap * tanh(x / cap) (cap 0: x)."""
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,11 +85,19 @@ class Block(nn.Module):
         D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         B, L, _ = x_BxLxD.shape
-        W = mask_BxLxW.shape[-1]
-        ones = nn.initializers.ones
+        ones = nn.initializers.zeros if cfg.gemma else nn.initializers.ones  # (Gemma's norms scale by 1 + w)
         w = lambda name, shape, axes, init=_normal: _param(self, name, shape, axes, init, pdt).astype(cdt)
+        norm = lambda name, x, dim=D: _rms_norm(x, w(name, (dim,), ("norm",), ones), cfg.rms_norm_eps, cfg.gemma)
+        # A model with windowed and full layers (Gemma, some Qwen2) gets both masks (and Gemma 3 both
+        # ropes) and picks this layer's; `layer` is traced in the scan, a Python int unrolled.
+        if len(set(cfg.windowed)) == 1 or isinstance(layer, int):
+            windowed = cfg.windowed[0 if len(set(cfg.windowed)) == 1 else layer]
+        else:
+            windowed = jnp.asarray(cfg.windowed)[layer]
+        mask_BxLxW, sin_cos = _pick(mask_BxLxW, windowed), _pick(sin_cos, windowed)
+        W = mask_BxLxW.shape[-1]
 
-        h = _rms_norm(x_BxLxD, w("attn_norm", (D,), ("norm",), ones), cfg.rms_norm_eps)
+        h = norm("attn_norm", x_BxLxD)
         q_BxLxHxDh = _project(self, "q", "BLD,DHk->BLHk", h, (D, H, Dh), ("embed", "heads", "head_dim"))
         k_BxLxKxDh = _project(self, "k", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
         v_BxLxKxDh = _project(self, "v", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
@@ -135,9 +106,8 @@ class Block(nn.Module):
             q_BxLxHxDh += w("q_bias", (H, Dh), ("heads", "head_dim"), zeros)
             k_BxLxKxDh += w("k_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
             v_BxLxKxDh += w("v_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
-        if cfg.qk_norm:  # Qwen3: one scale over head_dim, shared by every head
-            q_BxLxHxDh = _rms_norm(q_BxLxHxDh, w("q_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
-            k_BxLxKxDh = _rms_norm(k_BxLxKxDh, w("k_norm", (Dh,), ("norm",), ones), cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: one scale over head_dim, shared by every head
+            q_BxLxHxDh, k_BxLxKxDh = norm("q_norm", q_BxLxHxDh, Dh), norm("k_norm", k_BxLxKxDh, Dh)
         q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
         k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
 
@@ -150,32 +120,40 @@ class Block(nn.Module):
             new = {"k": k_BxLxKxDh, "v": v_BxLxKxDh}
             cache = {n: jax.lax.dynamic_update_slice(
                 cache[n], new[n].transpose(0, 2, 1, 3)[None].astype(cache[n].dtype), at) for n in ("k", "v")}
-        if self.attention == "splash":  # a prefill's L slots hold exactly the new k, v: no cache read
-            attn_BxLxHxDh = attend_splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxW, window=cfg.sliding_window)
+        scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
+        if self.attention in ("splash", "cudnn", "xla_fused"):  # kernels whose window is static: one per kind
+            if self.attention == "splash":  # a prefill's L slots hold exactly the new k, v: no cache read
+                kernel = lambda window, *qkv: attend_splash(*qkv, mask_BxLxW, window=window, scale=scale, softcap=cap)
+            else:
+                kernel = lambda window, *qkv: attend_fused(*qkv, window=window if window and window < L else None,
+                                                           scale=scale,
+                                                           implementation="cudnn" if self.attention == "cudnn" else "xla")
+            qkv = (q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
+            if isinstance(windowed, bool):
+                attn_BxLxHxDh = kernel(cfg.sliding_window if windowed else None, *qkv)
+            else:
+                attn_BxLxHxDh = jax.lax.cond(windowed, functools.partial(kernel, cfg.sliding_window),
+                                             functools.partial(kernel, None), *qkv)
         elif cache is not None:
             k_BxKxWxDh, v_BxKxWxDh = (jax.lax.dynamic_slice(cache[n], (layer, 0, 0, 0, 0), (1, B, K, W, Dh))[0]
                                       for n in ("k", "v"))
-            attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxKxWxDh, v_BxKxWxDh, mask_BxLxW)
-        elif self.attention in ("cudnn", "xla_fused"):
-            window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < L else None
-            attn_BxLxHxDh = attend_fused(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, window=window,
-                                         implementation="cudnn" if self.attention == "cudnn" else "xla")
+            attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxKxWxDh, v_BxKxWxDh, mask_BxLxW, scale=scale, softcap=cap)
         else:
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxLxKxDh.transpose(0, 2, 1, 3),
-                                       v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW)
-        x_BxLxD = x_BxLxD + _project(self, "o", "BLHk,HkD->BLD", attn_BxLxHxDh, (H, Dh, D),
-                                     ("heads", "head_dim", "embed"))
+                                       v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW, scale=scale, softcap=cap)
+        out_BxLxD = _project(self, "o", "BLHk,HkD->BLD", attn_BxLxHxDh, (H, Dh, D), ("heads", "head_dim", "embed"))
+        x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
 
-        h = _rms_norm(x_BxLxD, w("mlp_norm", (D,), ("norm",), ones), cfg.rms_norm_eps)
+        h = norm("mlp_norm", x_BxLxD)
         if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
             weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),
                        w("down", (F, D), ("mlp", "embed")))
-            x_BxLxD = x_BxLxD + mlp.gated_mlp(h, *weights)
-            return (x_BxLxD, cache), None
+            return (x_BxLxD + mlp.gated_mlp(h, *weights), cache), None
         gate_BxLxF = _project(self, "gate", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         up_BxLxF = _project(self, "up", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
-        x_BxLxD = x_BxLxD + _project(self, "down", "BLF,FD->BLD", nn.silu(gate_BxLxF) * up_BxLxF, (F, D),
-                                     ("mlp", "embed"))
+        act = functools.partial(nn.gelu, approximate=True) if cfg.gemma else nn.silu  # Gemma's gelu_pytorch_tanh
+        out_BxLxD = _project(self, "down", "BLF,FD->BLD", act(gate_BxLxF) * up_BxLxF, (F, D), ("mlp", "embed"))
+        x_BxLxD = x_BxLxD + (norm("mlp_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
         return (x_BxLxD, cache), None
 
 
@@ -206,7 +184,8 @@ class Decoder(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = self.param("embed", nn.with_logical_partitioning(_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), pdt)
-        self.final_norm = self.param("final_norm", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        ones = nn.initializers.zeros if cfg.gemma else nn.initializers.ones
+        self.final_norm = self.param("final_norm", nn.with_logical_partitioning(ones, ("norm",)),
                                      (cfg.hidden_size,), pdt)
         if not cfg.tie_embeddings:
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_normal, ("embed", "vocab")),
@@ -229,8 +208,14 @@ class Decoder(nn.Module):
             if isinstance(cache_index, int) and cache_index + L > S:
                 raise ValueError(f"tokens go to slots [{cache_index}, {cache_index + L}) but only {S} are attended")
         x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(cdt)
+        if cfg.gemma:  # sqrt(D) rounded to the compute dtype first, as transformers' Gemma does
+            x_BxLxD = x_BxLxD * jnp.asarray(cfg.hidden_size ** 0.5, cdt)
 
         sin_cos = rope.sin_cos(positions_BxL, cfg, cdt)
+        if cfg.rope_local_theta and any(cfg.windowed):  # Gemma 3: windowed layers rotate by their own theta
+            local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_type="default", rope_factor=1.0)
+            local = rope.sin_cos(positions_BxL, local, cdt)
+            sin_cos = local if all(cfg.windowed) else ByKind(sin_cos, local)  # Block picks
 
         if self.attention == "splash":  # the kernel masks by slot and segment: no [B, L, S] mask is built
             mask_BxLxS = segment_ids(kv_mask_BxS, segment_ids_BxS)  # [B, S], S == L
@@ -239,14 +224,15 @@ class Decoder(nn.Module):
             q_slot_L = cache_index + jnp.arange(L)
             mask_BxLxS = ((jnp.arange(S)[None, None, :] <= q_slot_L[None, :, None])
                           & kv_mask_BxS[:, None, :].astype(bool))
-            if cfg.sliding_window is not None:
+            if segment_ids_BxS is not None:
+                mask_BxLxS &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
+            if any(cfg.windowed):
                 if cache is None:
                     k_pos_BxS = positions_BxL
                 else:  # positions are not stored in the cache: a valid slot's position is its rank
                     k_pos_BxS = jnp.cumsum(kv_mask_BxS.astype(jnp.int32), axis=1) - 1  # valid slots count up
-                mask_BxLxS &= (positions_BxL[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window
-            if segment_ids_BxS is not None:
-                mask_BxLxS &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
+                window_BxLxS = mask_BxLxS & ((positions_BxL[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window)
+                mask_BxLxS = window_BxLxS if all(cfg.windowed) else ByKind(mask_BxLxS, window_BxLxS)  # Block picks
 
         if self.unstacked:
             carry = (x_BxLxD, cache)
@@ -257,7 +243,7 @@ class Decoder(nn.Module):
         else:
             (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), sin_cos, mask_BxLxS,
                                               cache_index)
-        return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps), cache
+        return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps, cfg.gemma), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +340,8 @@ def lm_head(cfg: ModelConfig, params):
 def unembed(cfg: ModelConfig, params, hidden_BxLxD):
     """float32 logits [B, L, V] for hidden states (any subset of positions): one matmul in the
     hidden states' dtype, accumulated in fp32."""
-    return jnp.einsum("BLD,DV->BLV", hidden_BxLxD, lm_head(cfg, params).astype(hidden_BxLxD.dtype),
-                      preferred_element_type=jnp.float32)
+    return softcap(jnp.einsum("BLD,DV->BLV", hidden_BxLxD, lm_head(cfg, params).astype(hidden_BxLxD.dtype),
+                              preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:

@@ -23,9 +23,10 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
+            "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
+            "Gemma3ForCausalLM": "gemma3"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
-# How many leading dims of each projection weight are contracted (model._project's [*in, *out]).
+# How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
@@ -86,6 +87,12 @@ def layer_table(cfg: ModelConfig) -> dict:
     if cfg.qk_norm:
         for n in ("q", "k"):
             out[f"{n}_norm"] = Entry(a + f"{n}_norm.weight", b + f"attn_{n}_norm.weight", *ident)
+    if cfg.gemma:  # a norm before and after each of attention and the MLP (llama.cpp's names for them)
+        n = "model.layers.{i}."
+        out.update(mlp_norm=Entry(n + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", *ident),
+                   attn_out_norm=Entry(n + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
+                                       *ident),
+                   mlp_out_norm=Entry(n + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", *ident))
     return out
 
 
@@ -104,6 +111,8 @@ def export_arch(cfg: ModelConfig) -> str:
     Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window. A Llama
     GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
     config_checks refuses what no family computes."""
+    if cfg.gemma:
+        return cfg.architecture
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias:
@@ -198,7 +207,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     quantized on the host before they are placed. A checkpoint holding tensors the model does not
     read (get.names) is refused: see _check_all_read.
     """
-    from spjax import model
+    from spjax import model, projection
     get = split_fused(cfg, get, where, names)
     shapes = model.param_shapes(cfg)
     shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
@@ -245,7 +254,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         key = jax.random.key(0) if key is None else key
         for n, t in enumerate(cfg.lora.targets):
             a = shapes["layers"][f"{t}_lora_a"]
-            a_init = jax.vmap(lambda k: model.lora_a_init(k, a.shape[1:]))(
+            a_init = jax.vmap(lambda k: projection.lora_a_init(k, a.shape[1:]))(
                 jax.random.split(jax.random.fold_in(key, n), cfg.num_layers))
             layers[f"{t}_lora_a"] = place(f"layers/{t}_lora_a", np.asarray(a_init))
             layers[f"{t}_lora_b"] = place(f"layers/{t}_lora_b", np.zeros(shapes["layers"][f"{t}_lora_b"].shape))

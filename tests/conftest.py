@@ -50,6 +50,7 @@ _FIRST = ("test_rounds.py",  # 349
           "test_perf_equivalence.py",  # 115
           "test_judged_run.py",  # 93
           "test_lora.py",  # 79
+          "test_gemma.py",  # ~70 (2026-12-03, warm: 40)
           "test_model.py",  # 70
           "test_lora_run.py",  # 66
           "test_gguf_tokenizer.py",  # 64

@@ -21,6 +21,16 @@ FAMILIES = {
                                 eos_token_id=2, original_max_position_embeddings=256, rope_scaling=dict(
                                     rope_type="longrope", short_factor=[1.0, 1.3, 1.9, 2.6, 3.1, 4.0],
                                     long_factor=[1.5, 2.5, 4.0, 6.0, 9.0, 12.0]))),
+    # a window on every other layer (8 tokens: it binds at the tests' lengths), scores scaled by
+    # query_pre_attn_scalar 24 (not head_dim 16), soft caps low enough to bind on random weights
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0)),
+    # q/k norms, windowed layers rotating by their own theta, the full ones by linearly scaled rope
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, pad_token_id=0,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        final_logit_softcapping=4.0, rope_parameters={
+                                            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                                            "sliding_attention": dict(rope_type="default", rope_theta=100.0)})),
 }
 
 

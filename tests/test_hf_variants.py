@@ -2,7 +2,6 @@
 refused in one line naming the file (a truncated download, a tokenizer spjax cannot build here)."""
 import json
 import os
-import shutil
 import types
 
 import jax.numpy as jnp

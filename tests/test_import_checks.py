@@ -341,19 +341,27 @@ def test_unread_tensors_are_refused_but_derivable_ones_load(tmp_path):
         load_with(**o_bias, **up_bias)
 
 
-@pytest.mark.parametrize("max_window_layers,window", [(0, 6), (2, None), (1, "refused")])
-def test_qwen2_sliding_window_layers_as_transformers(max_window_layers, window):
+@pytest.mark.parametrize("max_window_layers,window", [(0, 6), (2, None), (1, "layer 1")])
+def test_qwen2_sliding_window_layers_as_transformers(max_window_layers, window, tmp_path):
     tm = _torch("Qwen2Config", use_sliding_window=True, sliding_window=6, max_window_layers=max_window_layers)
-    if window == "refused":  # layer 0 full, layer 1 windowed: one window cannot say that
-        with pytest.raises(hf.CheckpointError, match=r"Qwen2 windows attention .* on some layers only \(layer_types\)"):
-            hf.from_transformers(tm)
-        conf = {k: v for k, v in tm.config.to_dict().items() if k != "layer_types"}  # transformers 4.x's keys
-        with pytest.raises(hf.CheckpointError, match=r"config.json: Qwen2 windows attention .*\(max_window_layers 1\)"):
-            hf.config_from_hf(conf)
-        return
     cfg, params = hf.from_transformers(tm)
-    assert cfg.sliding_window == window
     assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
+    if window != "layer 1":
+        assert cfg.sliding_window == window and cfg.layer_types == ()
+        return
+    # layer 0 full, layer 1 windowed: read from 5.x's layer_types and from 4.x's max_window_layers alike,
+    # and exported so that transformers computes the same model again
+    assert cfg.windowed == (False, True) and cfg.sliding_window == 6
+    conf = {k: v for k, v in tm.config.to_dict().items() if k != "layer_types"}  # transformers 4.x's keys
+    assert hf.config_from_hf(conf).windowed == (False, True)
+    import torch
+    import transformers
+    back = transformers.AutoModelForCausalLM.from_pretrained(spjax.save_pretrained(cfg, params, tmp_path / "hf"),
+                                                             dtype=torch.float32)
+    assert back.config.layer_types == ["full_attention", "sliding_attention"]
+    assert _max_diff(cfg, params, back, _ids((2, 24))) <= 1e-4
+    full, _ = hf.from_transformers(tm, sliding_window=None)
+    assert _max_diff(full, params, tm, _ids((2, 24))) > 1e-3  # the window binds: the checks above count
 
 
 def test_qwen2_window_survives_export_to_transformers(tmp_path):

@@ -312,7 +312,8 @@ def test_inpo_loss_by_hand():
 
 
 @pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32)),
-                                          ("Phi3", dict(partial_rotary_factor=0.5))])
+                                          ("Phi3", dict(partial_rotary_factor=0.5)),
+                                          ("Gemma2", dict(head_dim=16, sliding_window=8))])  # (Skywork's RMs)
 def test_reward_model_matches_transformers(family, extra, tmp_path):
     import torch
     import transformers

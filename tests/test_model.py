@@ -1,6 +1,7 @@
 """The decoder against transformers' PyTorch models, and its structural properties."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,10 +129,10 @@ def test_cpu_mlp_backward_matches_autodiff(monkeypatch):
         return jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).sum()
 
     def created():
-        names, param = [], model._param
-        monkeypatch.setattr(model, "_param", lambda m, name, *a: names.append(name) or param(m, name, *a))
+        names, param = [], nn.Module.param  # every param, whichever helper creates it
+        monkeypatch.setattr(nn.Module, "param", lambda m, name, *a, **k: names.append(name) or param(m, name, *a, **k))
         jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))  # a fresh trace (param_shapes caches)
-        monkeypatch.setattr(model, "_param", param)
+        monkeypatch.setattr(nn.Module, "param", param)
         return names
 
     fast, fast_names = jax.jit(jax.value_and_grad(seq_logp))(params), created()

@@ -62,7 +62,7 @@ def greedy_llama3():
 # 1. Greedy parity
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_greedy_matches_transformers(family, greedy_llama3):
     if family == "llama3":
         cfg, params, prompts, res = greedy_llama3
@@ -349,7 +349,8 @@ def test_same_samples_on_8_devices(mixed_batch, mesh_cfg, weights, devices):
 def test_gathered_weights_leave_no_collective_in_the_loops(layers, devices):
     """On an fsdp mesh the training layout makes every decode step move weights or activations between
     devices; gathered once per batch, no loop moves an array (only the early-exit check's scalar
-    all-reduce over the split batch is left). The same samples either way."""
+    all-reduce over the split batch is left). The same samples either way (scanned layers here;
+    unrolled ones on meshes with and without gathering: test_same_samples_on_8_devices)."""
     from spjax.config import ModelConfig
     cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
                       num_kv_heads=2)
@@ -361,6 +362,8 @@ def test_gathered_weights_leave_no_collective_in_the_loops(layers, devices):
         found[gather] = compile_check.loop_collectives(sampler.lower(cfg, plan, params).compile().as_text())
     assert compile_check.moving_arrays(found[False]) and not compile_check.moving_arrays(found[True])
     assert found[True] and {t for _, t in found[True]} == {"pred[]"}  # the parser sees loop conditions too
+    if layers <= 8:
+        return
     prompts = _prompts([3, 9, 16, 5], cfg.vocab_size, seed=1)
     kw = dict(key=2, max_new_tokens=8, mesh=mesh)
     assert (sampler.sample(cfg, params, prompts, weights="gathered", **kw).tokens

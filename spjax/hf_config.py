@@ -1,0 +1,236 @@
+"""transformers' config.json dicts to ModelConfig and back, as transformers 4.x and 5.x read them.
+
+Every family's quirks live here: where a key sits (rope settings nested in 5.x's rope_parameters,
+Gemma 3's per layer type), which defaults a missing key takes (each family's config class), and what
+spjax cannot compute (refused in one line naming the file and key).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from spjax.config import ROPE_TYPES, ModelConfig
+from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_arch
+
+_ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # where transformers' model_type is not spjax's architecture name
+_HEAD_DIMS = {"qwen3": 128, "gemma2": 256, "gemma3": 256}  # config classes' defaults where not D / H
+
+
+def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
+    """ModelConfig from a transformers config dict (config.json)."""
+    archs = hf.get("architectures") or []
+    arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
+    if arch is None:
+        model_type = {v: k for k, v in _MODEL_TYPES.items()}.get(hf.get("model_type"), hf.get("model_type"))
+        arch = model_type if model_type in ARCHITECTURES else None
+    if arch is None:
+        raise CheckpointError(f"{where}: architecture {archs or hf.get('model_type')} is not supported "
+                              f"(supported: {', '.join(HF_ARCHS)})")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: required key(s) {', '.join(missing)} missing")
+    # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling. Where
+    # both are present, transformers reads rope_scaling alone (a 4.x-style edit of a 5.x config), its
+    # theta from the top level or 10000: so do we.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    gemma = _gemma(hf, arch, where) if arch in ("gemma2", "gemma3") else {}
+    rope = gemma.pop("rope", rope)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if arch == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names of longrope in older configs
+        rope_type = "longrope"
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{where}: rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish") and not gemma:  # transformers reads both as SiLU; spjax's MLP is SwiGLU here
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (spjax's {arch} MLP computes silu)")
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
+    if partial != 1.0 and arch != "phi3":  # (transformers' other families rotate every dim whatever the key says)
+        raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
+                              f"every dimension of a head, so spjax cannot tell which model this is")
+    if arch in ("llama", "qwen3"):  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
+        for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
+            if hf.get(key) and (arch, key) != ("qwen3", "mlp_bias"):  # (Qwen3's MLP has no bias key)
+                raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
+                                      f"it cannot load this model")
+    eos = hf.get("eos_token_id")
+    kw = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or _HEAD_DIMS.get(arch, 0),  # the families' defaults: not D / H
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6 if arch == "gemma3" else 10000.0))),
+        rope_type=rope_type, rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
+        qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
+        **_windows(hf, arch, where), **gemma,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        architecture=arch, bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def _rope_scale(rope: dict, rope_type: str, hf: dict, arch: str) -> dict:
+    """The scaling fields of rope settings as transformers reads them. The pretraining context is
+    the settings' original_max_position_embeddings, else max_position_embeddings (Phi-3: its config's
+    top-level key, default 4096). A null YaRN or LongRoPE factor is the context's growth (max /
+    original); YaRN's attention factor, when not given, is mscale's ratio when both mscale keys are
+    set; else spjax.rope derives it from the factor, as transformers does."""
+    max_pos = int(hf.get("max_position_embeddings", 8192))
+    original = int(rope.get("original_max_position_embeddings") or max_pos)
+    if arch == "phi3":
+        original = int(hf.get("original_max_position_embeddings", 4096))
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_pos / original if rope_type in ("yarn", "longrope") else 1.0
+    out = dict(rope_factor=float(factor), rope_original_max_position=original)
+    if rope_type == "longrope":
+        return dict(out, rope_attention_factor=float(rope.get("attention_factor") or 0.0),
+                    rope_short_factor=tuple(map(float, rope.get("short_factor") or ())),
+                    rope_long_factor=tuple(map(float, rope.get("long_factor") or ())))
+    if rope_type != "yarn":
+        return out
+    attention, mscale, mscale_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all and factor > 1:
+        attention = (0.1 * mscale * np.log(factor) + 1) / (0.1 * mscale_all * np.log(factor) + 1)
+    return dict(out, rope_beta_fast=float(rope.get("beta_fast") or 32),
+                rope_beta_slow=float(rope.get("beta_slow") or 1), rope_attention_factor=float(attention or 0.0),
+                rope_truncate=bool(rope.get("truncate", True)))
+
+
+def _windows(hf: dict, arch: str, where: str) -> dict:
+    """sliding_window and layer_types as transformers reads the config (layer_types only for a mix).
+
+    Mistral and Phi-3 window every layer. Gemma windows layer i when layer_types[i] is 'sliding_attention',
+    by default every other layer from the first (Gemma 2) or five of every six (Gemma 3's
+    sliding_window_pattern). Qwen2 and Qwen3 window layer i when use_sliding_window and layer_types[i]
+    is 'sliding_attention'; without layer_types (transformers 4.x, and 5.x's default) when
+    i >= max_window_layers.
+    """
+    window, n = hf.get("sliding_window", 4096), hf["num_hidden_layers"]  # 4096: the families' default
+    if arch == "mistral":
+        return dict(sliding_window=window)
+    if arch == "phi3":  # every layer, as Mistral; Phi3Config's default is none
+        return dict(sliding_window=hf.get("sliding_window"))
+    if arch in ("gemma2", "gemma3"):
+        every = 2 if arch == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                          for i in range(n)]
+    elif arch not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or window is None:
+        return dict(sliding_window=None)
+    else:
+        first = hf.get("max_window_layers", 28)  # 28: transformers' default
+        if not isinstance(first, int) and not hf.get("layer_types"):  # null: transformers refuses it too
+            raise CheckpointError(f"{where}: max_window_layers is {first!r} with use_sliding_window true: it must "
+                                  f"be the number of leading layers with full attention (an int)")
+        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    windowed = {t == "sliding_attention" for t in types}
+    if window is None or windowed == {False}:
+        return dict(sliding_window=None)
+    return dict(sliding_window=window, layer_types=() if windowed == {True} else tuple(types))
+
+
+def _gemma(hf: dict, arch: str, where: str) -> dict:
+    """Gemma 2/3's settings, with their config classes' defaults, and the full layers' rope settings
+    ("rope"): Gemma 3's rope_parameters in transformers 5 hold one set per layer type."""
+    act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise CheckpointError(f"{where}: hidden_activation {act!r} is not supported (spjax's {arch} computes "
+                              f"gelu_pytorch_tanh)")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise CheckpointError(f"{where}: {key} is true, which spjax's {arch} does not implement: it cannot "
+                                  f"load this model")
+    out = dict(query_scale=float(hf.get("query_pre_attn_scalar", 256)))
+    caps = {"final_logit_softcapping": "final_softcap", "attn_logit_softcapping": "attn_softcap"}
+    for key, field in caps.items():
+        if arch == "gemma2" or field == "final_softcap":  # (transformers' Gemma 3 never caps scores)
+            out[field] = float(hf.get(key, {"gemma2": 50.0 if field == "attn_softcap" else 30.0}.get(arch)) or 0)
+    if arch == "gemma3":
+        params = hf.get("rope_parameters") or {}
+        local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+        if "full_attention" in params:  # (a rope_scaling key updates it, as transformers 5 reads it)
+            out["rope"] = dict(params["full_attention"], **(hf.get("rope_scaling") or {}))
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{where}: rope_parameters.sliding_attention is {local.get('rope_type')!r}: "
+                                  f"spjax's gemma3 rotates its windowed layers by default rope")
+        out["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+    return out
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A config.json dict that transformers 4.x and 5.x both read."""
+    cfg = dataclasses.replace(cfg, architecture=export_arch(cfg))
+    out = {
+        "architectures": [_ARCH_TO_HF[cfg.architecture]], "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype,
+        "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+                         else cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
+        "initializer_range": 0.02, "use_cache": True,
+    }
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type == "linear":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type == "yarn":
+        rope.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_position,
+                    beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        if cfg.rope_attention_factor > 0:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rope_type == "longrope":
+        rope.update(factor=cfg.rope_factor, short_factor=list(cfg.rope_short_factor),
+                    long_factor=list(cfg.rope_long_factor))
+        if cfg.rope_attention_factor > 0:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rotary_dim != cfg.head_dim:
+        rope["partial_rotary_factor"] = out["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.rope_type != "default":
+        out["rope_scaling"] = dict(rope)
+    out["rope_parameters"] = rope
+    if cfg.architecture == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    if cfg.architecture in ("mistral", "phi3"):
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "phi3":  # (Phi3Config reads the pretraining context from the top level)
+        out["original_max_position_embeddings"] = cfg.rope_original_max_position
+    if cfg.architecture == "qwen3":
+        out["attention_bias"] = False
+    types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed]
+    if cfg.architecture in ("qwen2", "qwen3"):
+        # max_window_layers for transformers 4.x, which reads no layer_types: the leading full layers (a
+        # mix other than full layers first, then windowed ones, is read as that by 4.x alone)
+        lead = next((i for i, w in enumerate(cfg.windowed) if w), cfg.num_layers)
+        out.update(use_sliding_window=any(cfg.windowed), sliding_window=cfg.sliding_window,
+                   max_window_layers=lead, layer_types=types)
+    if cfg.gemma:
+        out.update(model_type=_MODEL_TYPES.get(cfg.architecture, cfg.architecture), hidden_act="gelu_pytorch_tanh",
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_int_if_whole(cfg.query_scale or cfg.head_dim),
+                   final_logit_softcapping=cfg.final_softcap or None, attn_logit_softcapping=cfg.attn_softcap or None,
+                   sliding_window=cfg.sliding_window, layer_types=types, attention_bias=False)
+    if cfg.architecture == "gemma3":  # 5.x: rope settings per layer type; 4.x: the local theta on its own
+        local = cfg.rope_local_theta or cfg.rope_theta
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                                  "rope_theta": local}},
+                   rope_local_base_freq=local)
+    return out
+
+
+def _int_if_whole(x: float):
+    return int(x) if float(x).is_integer() else x  # (transformers 5's strict configs type some floats as int)
