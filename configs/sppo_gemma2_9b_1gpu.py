@@ -12,10 +12,12 @@ attention scores (50) and the final logits (30): spjax reads all of it from DIR/
 the attention runs on XLA's einsum path on a GPU (cuDNN's call has no cap); sequences stay within the
 window here, so no layer masks anything the full ones would not.
 Check memory first: python -m spjax.compile_check --config configs/sppo_gemma2_9b_1gpu.py
-(CPU compiler standing in for an H100, 2026-12-04: 29.2 GiB peak with the int8 base below, the sampler's;
-with `base_quant=none`, a bf16 base, 103.9 GiB, "does not fit": the sampler decodes a merged bf16 copy
-beside the policy, and the CPU compiler over-counts bf16 programs, see docs/lora.md; not yet compiled
-on a GPU.)
+(CPU compiler standing in for an H100, 2026-12-04, with the int8 base below and JUDGE_MODEL's 8B reward
+model (13.98 GiB) held beside every program: 56.6 GiB peak, the judge's batch (train step 39.1, sampler
+43.2). The judge's 32.9 GiB of temporaries are mostly the CPU compiler's fp32 copy of the reward
+model's bf16 weights (28.3 GiB at judge.batch_size=4): a GPU needs far less. With `base_quant=none`, a
+bf16 base, 117.9 GiB, "does not fit": the sampler decodes a merged bf16 copy beside the policy, and the
+CPU compiler over-counts bf16 programs, see docs/lora.md. Not yet compiled on a GPU.)
 """
 from spjax.config import Config, DataConfig, JudgeConfig, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, \
     OptimConfig, RunConfig, SamplingConfig
@@ -30,6 +32,14 @@ GEMMA2_9B = ModelConfig(
     layer_types=("sliding_attention", "full_attention") * 21, query_scale=256.0, attn_softcap=50.0,
     final_softcap=30.0, max_position_embeddings=8192, architecture="gemma2", bos_token_id=2,
     eos_token_ids=(1, 107), pad_token_id=0)
+
+# The reward model's shape, for compile_check where /data/models/reward_model is absent (a run reads its
+# config.json): here a Llama-3.1-8B classifier's, e.g. Skywork-Reward-Llama-3.1-8B. The run holds it in
+# the compute dtype beside the policy from start to end.
+JUDGE_MODEL = ModelConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+    rope_theta=500000.0, rope_type="llama3", rope_factor=8.0, rope_original_max_position=8192,
+    rms_norm_eps=1e-5, max_position_embeddings=131072, architecture="llama")
 
 
 def get_config() -> Config:

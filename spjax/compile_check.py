@@ -5,6 +5,10 @@
 Compiles the pair train step and the sampler's prefill + decode loop for the config's mesh (refused
 as a run would refuse it) and prints each program's per-device memory (`memory_analysis()`). Nothing
 runs: state, params and batches are ShapeDtypeStructs with their shardings (a 7B checks on a laptop).
+With a reward model as the judge (judge.name reward_model:PATH), its scoring program is compiled too,
+and its params, loaded once for the whole run, count beside every program: their shapes come from
+PATH/config.json, else from a JUDGE_MODEL ModelConfig the config file declares (as `model` does for
+the policy); with neither, the report says the reward model is not counted.
 
 Targets (`--topology`, else the config file's TOPOLOGY constant, else this machine's devices):
   TPU slices (v4-8, v5p-32, v5e-16, v6e-8, ... or a raw libtpu name like v5:2x2x4) compile for the
@@ -22,102 +26,11 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Optional
 
+from spjax.program_memory import (ProgramMemory, Report, compile_lowered, loop_collectives,  # noqa: F401
+                                  moving_arrays)  # (and spjax.compile_check's API)
 from spjax.targets import GiB, Target, parse_target, tpu_devices  # noqa: F401 (spjax.compile_check API)
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-
-
-@dataclasses.dataclass
-class ProgramMemory:
-    """One compiled program's per-device bytes (XLA's memory_analysis)."""
-
-    name: str
-    shape: str  # the static shape it was compiled for, e.g. 'B=64 L=1024'
-    argument: int
-    output: int
-    alias: int  # output bytes that reuse donated argument buffers
-    temp: int
-    code: int  # generated code
-    compile_s: float
-    # XLA's cost analysis, per device. Pallas kernels (TPU splash attention) carry no cost estimate:
-    # their work is not in these counts.
-    flops: float = 0.0
-    bytes_accessed: float = 0.0
-    held: int = 0  # live beside the program, not its argument (a LoRA policy while its merged copy samples)
-    loop_collectives: int = 0  # the sampler's collectives moving arrays inside its loops (prefill scan, decode)
-    refused: str = ""  # the compiler's own out-of-memory refusal (libtpu checks HBM): only temp is then known
-
-    @property
-    def peak(self) -> int:
-        # arguments and outputs are live together except where donation aliases them
-        return self.argument + self.output - self.alias + self.temp + self.code + self.held
-
-
-@dataclasses.dataclass
-class Report:
-    target: str
-    platform: str  # what compiled: tpu (topology, compile-only), gpu, cpu
-    stand_in: str  # '' when compiled for the target itself, else why CPU devices stand in
-    n_devices: int
-    mesh: dict
-    model: dict  # architecture, params, dtypes
-    state_bytes: dict  # per device, from the shardings: params, opt_state
-    programs: list
-    memory_bytes: Optional[int]  # usable per device; None: unknown
-
-    @property
-    def peak(self) -> int:
-        # rounds.run frees the train state before sampling, so each program's own peak is the need
-        return max((p.peak for p in self.programs), default=0)
-
-    @property
-    def fits(self) -> Optional[bool]:
-        if any(p.refused for p in self.programs):
-            return False
-        return None if self.memory_bytes is None else self.peak <= self.memory_bytes
-
-    def as_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["programs"] = [dict(dataclasses.asdict(p), peak=p.peak) for p in self.programs]
-        out.update(peak=self.peak, fits=self.fits)
-        return out
-
-    def format(self) -> str:
-        unit, scale = ("GiB", GiB) if self.peak >= GiB // 4 else ("MiB", 1 << 20)
-        g = lambda b: f"{b / scale:8.2f}"
-        m, w = self.model, max([34] + [len(p.name) + len(p.shape) + 4 for p in self.programs])
-        lines = [f"compile check for {self.target}: {self.n_devices} {self.platform} devices"
-                 + (f" (stand-in: {self.stand_in})" if self.stand_in else ""),
-                 "mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items())
-                 + f"; model {m['architecture']} {m['params'] / 1e6:,.1f}M params, {m['layers']} layers, "
-                 f"params {m['param_dtype']}, compute {m['compute_dtype']}, remat {m['remat']}"
-                 + (f"; {m['lora']}" if m.get("lora") else ""),
-                 f"state per device ({unit}): "
-                 + ", ".join(f"{k} {v / scale:.2f}" for k, v in self.state_bytes.items()),
-                 f"{'per device, ' + unit:<{w}}{'args':>8}{'output':>8}{'alias':>8}{'temp':>8}{'code':>8}{'peak':>8}"
-                 f"{'compile':>9}"]
-        for p in self.programs:
-            lines.append(f"{p.name + ' (' + p.shape + ')':<{w}}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
-                         f"{g(p.code)}{g(p.peak)}{p.compile_s:8.1f}s")
-        lines.append("XLA cost per device: " + "; ".join(
-            f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed"
-            + (f", {p.loop_collectives} collectives moving arrays in its loops" if p.name == "sample" else "")
-            for p in self.programs)
-            + f" (attention: {self.model.get('attention', '?')})")
-        lines += [f"{p.name}: the compiler refused it for want of memory: {p.refused}" for p in self.programs
-                  if p.refused]
-        if self.memory_bytes is None:
-            lines.append(f"need {self.peak / scale:.2f} {unit} per device; device memory unknown (pass --topology)")
-        else:
-            verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"need {'more than ' * (not self.fits)}{self.peak / GiB:.2f} GiB of {self.memory_bytes / GiB:.1f} GiB per device "
-                         f"({100 * self.peak / self.memory_bytes:.0f}%): {verdict}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,67 +53,6 @@ def model_config(cfg):
         raise ConfigError(f"model_path: {path} is not on this machine and the config sets no `model` "
                           "shape to compile for")
     return dataclasses.replace(cfg.model, **cfg.model_overrides())
-
-
-def _memory(name, shape, compiled, seconds) -> ProgramMemory:
-    ma = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    if ma is None:  # some backends do not report; keep the row, zeros say so
-        return ProgramMemory(name, shape, 0, 0, 0, 0, 0, seconds, flops, accessed)
-    return ProgramMemory(name, shape, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                         int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
-                         int(ma.generated_code_size_in_bytes), seconds, flops, accessed)
-
-
-def _compile(name: str, shape: str, lowered) -> tuple:
-    """(ProgramMemory, compiled) of a lowered program, or (a row with the compiler's refusal, None) when
-    the compiler itself finds the program too large for the device (libtpu checks HBM as it compiles)."""
-    import re
-    t0 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - jax's JaxRuntimeError, or XlaRuntimeError in older jax
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text:
-            raise
-        need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", text)  # e.g. (17.16G): GiB
-        temp = int(float(need.group(1)) * 1024 ** (1 + "KMGT".index(need.group(2)))) if need else 0
-        refused = " ".join(text.split())[:300]
-        return ProgramMemory(name, shape, 0, 0, 0, temp, 0, time.perf_counter() - t0, refused=refused), None
-    return _memory(name, shape, compiled, time.perf_counter() - t0), compiled
-
-
-def loop_collectives(hlo: str) -> list:
-    """(op, result type) of each collective (all-gather, all-reduce, ...) inside the while loops of a
-    compiled program's HLO text (bodies, conditions and all they call): in the sampler they run on
-    every decode step. A scalar one (e.g. `pred[]`: the early-exit check over a split batch) moves no
-    array; `moving_arrays` leaves those out."""
-    import re
-    comps = {}
-    for block in hlo.split("\n\n"):
-        m = re.search(r"^(?:ENTRY )?%?([\w.\-]+) ", block.strip(), re.M)
-        if m:
-            comps[m.group(1)] = block
-    one = r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-    many = r"(?:branch_computations|called_computations)=\{([^}]*)\}"
-    called = lambda b: re.findall(one, b) + [n.strip().lstrip("%") for g in re.findall(many, b) for n in g.split(",")]
-    todo = [n for b in comps.values() for n in re.findall(r"(?:body|condition)=%?([\w.\-]+)", b)]
-    seen = set()
-    while todo:
-        c = todo.pop()
-        if c in comps and c not in seen:
-            seen.add(c)
-            todo += called(comps[c])
-    op = r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-    return [(k, t) for c in sorted(seen) for t, k in re.findall(op, comps[c])]
-
-
-def moving_arrays(collectives: list) -> list:
-    """The collectives of `loop_collectives` whose result is not a scalar."""
-    import re
-    return [(k, t) for k, t in collectives if not re.fullmatch(r"\w+\[\](\{.*\})?", t.strip())]  # u32[]{:T(128)} on TPU
 
 
 def _abstract(shapes, shardings):
@@ -226,7 +78,7 @@ def compile_train_step(cfg, model_cfg, mesh):
     accum = f" A={cfg.optim.grad_accum}" if cfg.optim.grad_accum > 1 else ""
     shape = f"B={B} L={L}{accum}{' packed' * batch_shapes.packed}"
     lowered = fn.lower(state, batch_shapes, step_lib.schedule_steps(cfg.optim, 1000))
-    return _compile("train_step", shape, lowered)[0], state
+    return compile_lowered("train_step", shape, lowered)[0], state
 
 
 def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
@@ -252,14 +104,58 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
     k = f" K={s.num_samples}" if s.num_samples > 1 else ""
     shape = (f"B={plan.rows} P={plan.prompt_len} T={s.max_new_tokens}{k}" + (" gathered" if gather else "")
              + (" merged, + policy" if held else ""))
-    program, compiled = _compile("sample", shape, sampler.lower(sample_cfg, plan, params))
+    program, compiled = compile_lowered("sample", shape, sampler.lower(sample_cfg, plan, params))
     moving = 0 if compiled is None else len(moving_arrays(loop_collectives(compiled.as_text())))
     return dataclasses.replace(program, held=held, loop_collectives=moving)
 
 
+def judge_model_config(cfg, declared=None) -> tuple:
+    """(the reward model judge's ModelConfig, '') as the run loads it (params and compute in the run's
+    compute dtype, no LM head): PATH/config.json when on this machine, else `declared` (a config file's
+    JUDGE_MODEL). (None, why) when neither is there; (None, '') when the judge is not a reward model."""
+    kind, _, path = cfg.judge.name.partition(":")
+    if kind != "reward_model":
+        return None, ""
+    dtypes = dict(param_dtype=cfg.compute_dtype, compute_dtype=cfg.compute_dtype)
+    if os.path.exists(os.path.join(path, "config.json")):
+        from spjax import reward_model
+        return reward_model.model_config(path, **dtypes)[0], ""
+    if declared is not None:
+        return dataclasses.replace(declared, tie_embeddings=True, **dtypes), ""
+    return None, (f"the reward model judge ({path}) is not on this machine and the config file declares no "
+                  "JUDGE_MODEL shape: its params and its scoring program are not counted")
+
+
+def judge_params(rm_cfg, mesh) -> tuple:
+    """(abstract decoder params, abstract score head [D, 1]) of a reward model, sharded as a run places them."""
+    import jax
+    from spjax import model, sharding as shd
+    params = _abstract(model.param_shapes(rm_cfg), shd.param_shardings(rm_cfg, mesh))
+    return params, jax.ShapeDtypeStruct((rm_cfg.hidden_size, 1), rm_cfg.param_dtype, sharding=shd.replicated(mesh))
+
+
+def compile_judge(cfg, rm_cfg, mesh, policy_bytes: int) -> ProgramMemory:
+    """ProgramMemory of one reward model batch (judge.batch_size sequences) at the longest a round scores:
+    the prompt + new tokens in the policy's tokens, bucketed (a reward model's own chat template adds its
+    markup: a few tokens more), within its max_position_embeddings. The policy's params stay live."""
+    import jax
+    import jax.numpy as jnp
+    from spjax import reward_model, sharding as shd
+    dp = shd.data_parallel_size(mesh)
+    B = -(-cfg.judge.batch_size // dp) * dp
+    up = lambda n: -(-n // reward_model.BUCKET) * reward_model.BUCKET  # noqa: E731
+    L = min(up(cfg.data.max_prompt_len + cfg.sampling.max_new_tokens), up(rm_cfg.max_position_embeddings))
+    params, head = judge_params(rm_cfg, mesh)
+    ids = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
+    length = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=shd.batch_sharding(mesh, 1))
+    lowered = reward_model._scores.lower(rm_cfg, params, head, ids, length, 0)
+    return dataclasses.replace(compile_lowered("judge", f"B={B} L={L}, + policy", lowered)[0], held=policy_bytes)
+
+
 def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", stand_in: str = "",
-          sample: bool = True, echo=None) -> Report:
-    """Compile `cfg`'s programs for a mesh over `devices` (real or compile-only) and report memory."""
+          sample: bool = True, echo=None, judge_model=None) -> Report:
+    """Compile `cfg`'s programs for a mesh over `devices` (real or compile-only) and report memory.
+    judge_model: the reward model judge's shape where its directory is absent (a config's JUDGE_MODEL)."""
     import jax
     from spjax import model, sharding as shd
     from spjax.config import ConfigError
@@ -272,7 +168,10 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
             raise ConfigError(f"{field}: {n} is not divisible by the data-parallel size {dp}")
     shd.check_sharded(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                    model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh)), mesh)
-    programs = []
+    programs, notes = [], []
+    rm_cfg, why = judge_model_config(cfg, judge_model)
+    notes += [why] if why else []
+    rm_bytes = 0 if rm_cfg is None else sum(map(shd.bytes_per_device, judge_params(rm_cfg, mesh)))
     # Traced under the mesh: attention_impl then picks kernels for the target's devices (splash for a
     # TPU topology compiled from a CPU host), and splash runs per shard of this mesh.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -280,18 +179,33 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
         said = lambda p: (echo or (lambda line: None))(  # noqa: E731 - progress: a 7B compiles for a minute
             f"{'refused (out of memory)' if p.refused else 'compiled'} {p.name} in {p.compile_s:.1f}s") or p
         train, state = compile_train_step(cfg, model_cfg, mesh)
-        programs.append(said(train))
+        # the reward model is loaded at the start and stays live: its params are beside every program
+        programs.append(said(dataclasses.replace(train, held=train.held + rm_bytes)))
         if sample:
-            programs.append(said(compile_sampler(cfg, model_cfg, mesh, target.platform if target else "")))
+            sampler_row = compile_sampler(cfg, model_cfg, mesh, target.platform if target else "")
+            programs.append(said(dataclasses.replace(sampler_row, held=sampler_row.held + rm_bytes)))
+            if rm_cfg is not None:
+                programs.append(said(compile_judge(cfg, rm_cfg, mesh, state_bytes(state)["params"])))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
     return Report(
         target=target.name if target else f"{len(devices)} local devices",
         platform=platform or devices[0].platform, stand_in=stand_in, n_devices=len(devices),
-        mesh=dict(mesh.shape), state_bytes=state_bytes(state),
+        mesh=dict(mesh.shape), state_bytes=dict(state_bytes(state), **({"reward model": rm_bytes} if rm_cfg else {})),
         model=dict(architecture=model_cfg.architecture, params=n_params, layers=model_cfg.num_layers,
                    param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
-                   attention=attention, lora=_lora_line(model_cfg)),
-        programs=programs, memory_bytes=target.memory_bytes if target else None)
+                   attention=attention, lora=_lora_line(model_cfg), judge=_judge_line(rm_cfg)),
+        programs=programs, memory_bytes=target.memory_bytes if target else None, notes=notes)
+
+
+def _judge_line(rm_cfg) -> str:
+    """'' without a reward model judge, else what it is."""
+    if rm_cfg is None:
+        return ""
+    import jax
+    from spjax import model
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(rm_cfg))) + rm_cfg.hidden_size
+    return (f"reward model {rm_cfg.architecture} {n / 1e6:,.1f}M params in {rm_cfg.param_dtype}, {rm_cfg.num_layers} "
+            "layers, live beside every program (its state bytes below are in each program's `held`)")
 
 
 def _lora_line(model_cfg) -> str:
@@ -305,13 +219,13 @@ def _lora_line(model_cfg) -> str:
 
 
 def _config_constants(path: str) -> dict:
-    """DEVICES / TOPOLOGY declared at the top of a config file (absent: {})."""
+    """DEVICES / TOPOLOGY / JUDGE_MODEL declared at the top of a config file (absent: {})."""
     import importlib.util
     from spjax.overrides import split_path
     spec = importlib.util.spec_from_file_location("_spjax_cc_constants", split_path(path)[0])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return {k: getattr(mod, k) for k in ("DEVICES", "TOPOLOGY") if hasattr(mod, k)}
+    return {k: getattr(mod, k) for k in ("DEVICES", "TOPOLOGY", "JUDGE_MODEL") if hasattr(mod, k)}
 
 
 def _resolve_devices(target: Optional[Target], n_local: Optional[int], echo):
@@ -377,7 +291,7 @@ def main(argv=None) -> int:
     try:
         devices, platform, stand_in = _resolve_devices(target, n_local, print)
         report = check(cfg, devices, target=target, platform=platform, stand_in=stand_in,
-                       sample=not args.no_sample, echo=print)
+                       sample=not args.no_sample, echo=print, judge_model=consts.get("JUDGE_MODEL"))
     except ConfigError as e:
         print(f"compile_check: config error: {e}", file=sys.stderr)
         return 2

@@ -69,7 +69,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
         qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
         **_windows(hf, arch, where), **gemma,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_max_positions(hf),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         pad_token_id=hf.get("pad_token_id"),
@@ -78,13 +78,19 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     return ModelConfig(**kw)
 
 
+def _max_positions(hf: dict) -> int:
+    """max_position_embeddings, ModelConfig's default when a config omits it (one default for the
+    model's length limit and the rope scaling's pretraining context)."""
+    return int(hf.get("max_position_embeddings", ModelConfig.max_position_embeddings))
+
+
 def _rope_scale(rope: dict, rope_type: str, hf: dict, arch: str) -> dict:
     """The scaling fields of rope settings as transformers reads them. The pretraining context is
     the settings' original_max_position_embeddings, else max_position_embeddings (Phi-3: its config's
     top-level key, default 4096). A null YaRN or LongRoPE factor is the context's growth (max /
     original); YaRN's attention factor, when not given, is mscale's ratio when both mscale keys are
     set; else spjax.rope derives it from the factor, as transformers does."""
-    max_pos = int(hf.get("max_position_embeddings", 8192))
+    max_pos = _max_positions(hf)
     original = int(rope.get("original_max_position_embeddings") or max_pos)
     if arch == "phi3":
         original = int(hf.get("original_max_position_embeddings", 4096))

@@ -33,7 +33,7 @@ from spjax.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-_BUCKET = 64  # sequences are right-padded to a multiple of this: few distinct compiled shapes
+BUCKET = 64  # sequences are right-padded to a multiple of this: few distinct compiled shapes
 
 
 @dataclasses.dataclass
@@ -67,15 +67,20 @@ def classifier_arch(config: dict, where: str) -> str:
                              f"of the Llama family ({known})")
 
 
-def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = None, **overrides) -> RewardModel:
-    """The reward model in `path` (a HF directory), its params placed over `mesh`; overrides: ModelConfig
-    fields (param_dtype, compute_dtype: the run's compute dtype, not its fp32 masters')."""
+def model_config(path: str, **overrides) -> tuple:
+    """(ModelConfig of the reward model's decoder, its config.json dict) in HF directory `path`."""
     where = os.path.join(path, "config.json")
     config = hf.read_json(where)
     config = dict(config, architectures=[classifier_arch(config, where)])
     # Tied embeddings: the params then hold no LM head (score.weight stands in its place); the
     # embedding is only ever read as the input table here.
-    cfg = hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True})
+    return hf.config_from_hf(config, where, **{**overrides, "tie_embeddings": True}), config
+
+
+def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = None, **overrides) -> RewardModel:
+    """The reward model in `path` (a HF directory), its params placed over `mesh`; overrides: ModelConfig
+    fields (param_dtype, compute_dtype: the run's compute dtype, not its fp32 masters')."""
+    cfg, config = model_config(path, **overrides)
     get = hf.safetensors_getter(path)
     params = hf.params_from_tensors(cfg, hf.TensorSource(get.get, get.names - {"score.weight", "score.bias"}), path,
                                     mesh)
@@ -139,7 +144,7 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
     out = np.zeros(len(sequences), np.float32)
     for start in range(0, len(sequences), B):
         part = sequences[start:start + B]
-        L = -(-max(len(s) for s in part) // _BUCKET) * _BUCKET
+        L = -(-max(len(s) for s in part) // BUCKET) * BUCKET
         ids_BxL = np.zeros((B, L), np.int32)  # any in-vocabulary filler: padded positions are masked out
         length_B = np.ones(B, np.int32)
         for r, s in enumerate(part):

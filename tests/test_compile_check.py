@@ -56,6 +56,34 @@ def test_an_fsdp_sampler_is_compiled_with_the_run_s_weights_layout(devices):
         == [("all-gather", "f32[8,4]")]  # scalars (TPU layouts too) move no array
 
 
+def test_a_reward_model_judge_is_counted_beside_every_program(devices, tmp_path):
+    """The run loads its reward model once and keeps it: compile_check left it out (with the Gemma-2-9B
+    SPPO config's 8B judge, 15 GiB per device unreported) and never compiled its scoring program."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForSequenceClassification"], vocab_size=259, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False)))  # the shape is all compile_check reads: no weights
+    judged = ["sampling.num_samples=2", "judge.batch_size=6"]
+    cfg = load_config(TINY, [f"judge.name=reward_model:{tmp_path}", *judged])
+    rm_cfg, why = cc.judge_model_config(cfg)
+    assert not why and rm_cfg.tie_embeddings and rm_cfg.num_layers == 3  # as the run loads it: no LM head
+    assert rm_cfg.param_dtype == rm_cfg.compute_dtype == cfg.compute_dtype
+    r = cc.check(cfg, devices, target=cc.Target("test", "cpu", 8, memory_bytes=1 << 30))
+    rm = r.state_bytes["reward model"]
+    train, sample, judge = r.programs
+    assert rm > 0 and train.held == rm and sample.held == rm
+    # judge.batch_size rows (over 8 devices: 8) at the longest a round scores: 48 prompt + 24 new tokens
+    # would be 128 once bucketed, but the run cuts sequences to the reward model's 64 positions
+    assert judge.shape == "B=8 L=64, + policy" and judge.held == r.state_bytes["params"] and judge.argument >= rm
+    assert "judge: reward model llama" in r.format() and "note:" not in r.format()
+    # absent from this machine: a declared shape stands in, else the report says what it leaves out
+    missing = load_config(TINY, ["judge.name=reward_model:/absent/rm", *judged])
+    assert cc.judge_model_config(missing, rm_cfg)[0] == rm_cfg
+    none, why = cc.judge_model_config(missing)
+    assert none is None and "/absent/rm" in why and "not counted" in why
+    assert cc.judge_model_config(load_config(TINY)) == (None, "")
+
+
 def test_report_has_per_device_memory(tiny_report):
     r = tiny_report
     assert r.n_devices == 8 and r.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -124,7 +152,7 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_not_a_traceback(
             raise self.error
     oom = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                        "temporaries (17.16G) exceeds available HBM (15.75G).")
-    program, compiled = cc._compile("train_step", "B=64 L=1024", Lowered(oom))
+    program, compiled = cc.compile_lowered("train_step", "B=64 L=1024", Lowered(oom))
     assert compiled is None and program.temp == int(17.16 * cc.GiB) and "exceeds available HBM" in program.refused
     report = cc.Report("v5e-1", "tpu", "", 1, {"data": 1}, dict(architecture="qwen3", params=1, layers=1,
                        param_dtype="float32", compute_dtype="bfloat16", remat="full"), {"params": 0},
@@ -134,7 +162,7 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_not_a_traceback(
     assert "train_step: the compiler refused it for want of memory: RESOURCE_EXHAUSTED" in text
     assert text.endswith("need more than 17.16 GiB of 16.0 GiB per device (107%): DOES NOT FIT")
     with pytest.raises(RuntimeError, match="INTERNAL"):  # any other failure is not a verdict
-        cc._compile("train_step", "B=64 L=1024", Lowered(RuntimeError("INTERNAL: a compiler bug")))
+        cc.compile_lowered("train_step", "B=64 L=1024", Lowered(RuntimeError("INTERNAL: a compiler bug")))
 
 
 def test_parse_target_rejects_unknown():

@@ -62,6 +62,15 @@ def test_yarn_frequencies_interpolate_only_the_slow_dimensions():
     assert rope.attention_factor(cfg) == pytest.approx(0.1 * np.log(4.0) + 1)
 
 
+def test_an_omitted_max_position_is_one_default():
+    """A config without max_position_embeddings: the length limit said 4096 while YaRN's pretraining
+    context (its original_max_position_embeddings fallback) assumed 8192."""
+    from spjax.config import ModelConfig
+    bare = {k: v for k, v in BASE.items() if k != "max_position_embeddings"}
+    cfg = hf.config_from_hf(dict(bare, rope_scaling=dict(rope_type="yarn", factor=2.0)))
+    assert cfg.rope_original_max_position == cfg.max_position_embeddings == ModelConfig.max_position_embeddings
+
+
 def test_yarn_model_logits_equal_transformers(tmp_path):
     """A Qwen3 with YaRN (positions past the original context): before, its config was refused."""
     import torch
