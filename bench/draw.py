@@ -1,4 +1,4 @@
-"""The sampler's categorical draw: the two-stage draw (spjax.sampler_program._categorical) against
+"""The sampler's categorical draw: the two-stage draw (spjax.drawing._categorical) against
 one Gumbel number per vocabulary entry (vmap(jax.random.categorical)), in the same run.
 
 Both draw one token per row from softmax(logits) [B, V] with a per-row key, as every decode step

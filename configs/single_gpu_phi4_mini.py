@@ -7,9 +7,9 @@ or, with jax's CUDA wheels already installed,
 
   python -m spjax.train --config configs/single_gpu_phi4_mini.py --workdir runs/phi4_mini
 
-Phi-4-mini rotates 96 of each head's 128 dims (partial_rotary_factor 0.75) with LongRoPE factors that
-transformers switches past its original 4096 positions: sequences stay within them here (spjax refuses
-longer ones). Its q/k/v and gate/up are fused tensors, split on import; the export stacks them back and
+Phi-4-mini rotates 96 of each head's 128 dims (partial_rotary_factor 0.75) with LongRoPE factors: the
+short ones within its original 4096 positions (all sequences here), the long ones past them (a longer
+data.max_len or sampling.max_new_tokens: spjax.rope). Its q/k/v and gate/up are fused tensors, split on import; the export stacks them back and
 writes the adapter in PEFT's layout for the fused modules. Another Phi-3/Phi-4 checkpoint:
 `model_path=DIR` (the run reads DIR/config.json, LongRoPE factors included; the `model` below only gives
 compile_check the shapes where the weights are absent, so its factors are placeholders).

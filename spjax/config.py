@@ -73,7 +73,7 @@ class ModelConfig:
     rope_attention_factor: float = 0.0  # yarn, longrope: cos/sin scale; 0: derived from rope_factor (spjax.rope)
     rope_truncate: bool = True  # yarn only: the ramp's ends rounded to whole dims (transformers' default)
     rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within the original context
-    rope_long_factor: tuple[float, ...] = ()  # longrope: beyond it (kept for export: spjax refuses longer runs)
+    rope_long_factor: tuple[float, ...] = ()  # longrope: for sequences past it (spjax.rope)
     partial_rotary_factor: float = 1.0  # the fraction of each head's dims rotated (Phi-4-mini: 0.75)
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False

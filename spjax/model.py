@@ -211,7 +211,9 @@ class Decoder(nn.Module):
         if cfg.gemma:  # sqrt(D) rounded to the compute dtype first, as transformers' Gemma does
             x_BxLxD = x_BxLxD * jnp.asarray(cfg.hidden_size ** 0.5, cdt)
 
-        sin_cos = rope.sin_cos(positions_BxL, cfg, cdt)
+        # LongRoPE picks its divisors per sequence by its real tokens' positions (a cached call's tokens:
+        # all of its rows' new tokens, a left-padded prompt's padding counting up into it)
+        sin_cos = rope.sin_cos(positions_BxL, cfg, cdt, kv_mask_BxS if cache is None and S == L else None)
         if cfg.rope_local_theta and any(cfg.windowed):  # Gemma 3: windowed layers rotate by their own theta
             local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_type="default", rope_factor=1.0)
             local = rope.sin_cos(positions_BxL, local, cdt)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from spjax import artifacts, judging, lora, metrics as metrics_lib, objectives, sampler
+from spjax import artifacts, judging, lora, metrics as metrics_lib, objectives, rope, sampler
 from spjax.config import Config, ConfigError
 from spjax.data import lengths as len_lib
 
@@ -56,10 +56,15 @@ class RoundPairs:
         return self.wins.get(split, (np.ones(n, np.float32), np.zeros(n, np.float32)))
 
 
-def sampler_scores_usable(cfg: Config) -> bool:
-    """Untempered, untruncated sampling: the sampler's token log-probs are the opponent's own."""
+def sampler_scores_usable(cfg: Config, model_cfg) -> bool:
+    """Untempered, untruncated sampling: the sampler's token log-probs are the opponent's own. Not where a
+    LongRoPE model's samples can pass its original context: the tokens sampled before that point were
+    scored with its short divisors (as transformers' generate), a forward pass over the finished
+    sequence scores every token with the long ones (spjax.rope)."""
     s = cfg.sampling
-    return s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0
+    crosses = (rope.long_inv_freq(model_cfg) is not None
+               and cfg.data.max_prompt_len + s.max_new_tokens > model_cfg.rope_original_max_position)
+    return s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0 and not crosses
 
 
 def resolve(cfg: Config, examples: list) -> str:
@@ -104,7 +109,7 @@ def _sample_stats(ctx, t: int, split: str, gen: dict) -> dict:
 def _sampled(ctx, params, t: int, split: str, examples: list) -> SplitPairs:
     gen = sample_round(ctx, params, t, examples, split)
     pairs = len_lib.attach_generated(examples, {i: g[0] for i, g in gen.items()}, max_len=ctx.cfg.data.max_len)[0]
-    return SplitPairs(pairs, {i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg) else None,
+    return SplitPairs(pairs, {i: g[1] for i, g in gen.items()} if sampler_scores_usable(ctx.cfg, ctx.model_cfg) else None,
                       stats=_sample_stats(ctx, t, split, gen))
 
 

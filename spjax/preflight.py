@@ -130,14 +130,9 @@ def _check_held_pairs(cfg: Config, source: str, held: list):
 
 def check_lengths(cfg: Config, model_cfg, buckets, echo):
     """A sequence longer than the model's max_position_embeddings runs (RoPE extrapolates), but past the
-    context it was trained on: said once, with what to lower. LongRoPE past its original context is refused."""
+    context it was trained on: said once, with what to lower."""
     longest = max(buckets[-1], cfg.data.max_prompt_len + max(cfg.sampling.max_new_tokens, cfg.run.eval_max_new_tokens))
-    limit, original = model_cfg.max_position_embeddings, model_cfg.rope_original_max_position
-    if model_cfg.rope_type == "longrope" and longest > original:
-        raise ConfigError(f"data.max_len: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + "
-                          f"sampling/eval new tokens) pass the model's original context of {original} positions, past "
-                          f"which transformers' LongRoPE switches a whole batch to its long factors; spjax computes the "
-                          f"short ones only: keep sequences within {original} tokens")
+    limit = model_cfg.max_position_embeddings
     if longest > limit:
         echo(f"note: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + sampling/eval "
              f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")

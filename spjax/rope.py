@@ -4,11 +4,23 @@ Frequencies are computed on the host in float32 exactly as transformers' ROPE_IN
 them (a trace-time constant of [Dh/2] values), so that imported checkpoints see the angles they were
 trained with. YaRN also scales cos and sin by an attention factor (its "mscale"), which transformers
 applies in float32 before casting to the compute dtype: so does `sin_cos`.
+
+LongRoPE (Phi-3/Phi-4) has two sets of divisors: the short ones within the original context, the long
+ones past it. transformers picks one set per forward call, by the call's largest position (+ 1 against
+original_max_position_embeddings). spjax picks per sequence, by the largest position of each sequence
+in the call (a row, or a packed row's segment): the same as transformers on each sequence alone, and a
+sequence's log-probs do not depend on what it is batched or padded with. Decoding, a prompt past the
+original context is prefilled with the long divisors, and where a response passes it, that row's
+whole cache is recomputed with them (spjax.sampler_program._recompute_crossed), as transformers' Phi-3
+generate recomputes its cache there. The tokens sampled before that point were scored with the short
+ones (the sequence was shorter then): a forward pass over the finished sequence scores them with the
+long ones, so those samples' log-probs are scored again (spjax.pairs.sampler_scores_usable).
 """
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,13 +66,19 @@ def _yarn(cfg: ModelConfig) -> np.ndarray:
     return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
 
 
-def _longrope(cfg: ModelConfig) -> np.ndarray:
-    # Phi-3/4 (LongRoPE): each frequency divided by its own searched factor. transformers takes the short
-    # factors while a batch's positions stay within the original context and the long ones past it; spjax
-    # takes the short ones and refuses runs longer than that context (spjax.preflight), so both agree.
+def _longrope(cfg: ModelConfig, factors) -> np.ndarray:
+    # Phi-3/4 (LongRoPE): each frequency divided by its own searched factor (short or long: module docstring)
     dim = cfg.rotary_dim
     shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (1.0 / (np.asarray(cfg.rope_short_factor, np.float32) * np.float32(cfg.rope_theta) ** shape)).astype(np.float32)
+    return (1.0 / (np.asarray(factors, np.float32) * np.float32(cfg.rope_theta) ** shape)).astype(np.float32)
+
+
+def long_inv_freq(cfg: ModelConfig):
+    """[R/2] float32 inverse frequencies past the original context (LongRoPE's long divisors); None for
+    every other type."""
+    if cfg.rope_type != "longrope":
+        return None
+    return _longrope(cfg, cfg.rope_long_factor)
 
 
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -68,7 +86,7 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
     if cfg.rope_type == "yarn":
         return _yarn(cfg)
     if cfg.rope_type == "longrope":
-        return _longrope(cfg)
+        return _longrope(cfg, cfg.rope_short_factor)
     inv = _base_inv_freq(cfg)
     if cfg.rope_type == "linear":
         return inv / np.float32(cfg.rope_factor)
@@ -91,9 +109,28 @@ def attention_factor(cfg: ModelConfig) -> float:
     return math.sqrt(1 + math.log(cfg.rope_factor) / math.log(cfg.rope_original_max_position))
 
 
-def sin_cos(positions_BxL, cfg: ModelConfig, dtype):
-    """(sin, cos) [B, L, R] in dtype for the token positions (both halves of the rotated dims share the angles)."""
-    angles_BxLxR2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+def past_original_BxL(positions_BxL, valid_BxL, original: int):
+    """[B, L] bool: whether each token's sequence in this call reaches past `original` positions (its
+    largest position + 1 > original). A sequence is a run of valid tokens whose positions count up by one:
+    a row, or a packed row's segment (its positions restart). Invalid tokens (padding) end a sequence."""
+    B, L = positions_BxL.shape
+    next_pos_BxL = jnp.concatenate([positions_BxL[:, 1:], positions_BxL[:, -1:]], axis=1)
+    next_valid_BxL = jnp.concatenate([valid_BxL[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+    ends_BxL = ~(next_valid_BxL & (next_pos_BxL == positions_BxL + 1))  # the last column always ends one
+    end_at_BxL = jax.lax.cummin(jnp.where(ends_BxL, jnp.arange(L), L - 1), axis=1, reverse=True)
+    return jnp.take_along_axis(positions_BxL, end_at_BxL, axis=1) + 1 > original
+
+
+def sin_cos(positions_BxL, cfg: ModelConfig, dtype, valid_BxL=None):
+    """(sin, cos) [B, L, R] in dtype for the token positions (both halves of the rotated dims share the angles).
+    valid_BxL (None: all valid): the real tokens, for LongRoPE's choice of divisors per sequence."""
+    inv_R2 = jnp.asarray(inv_freq(cfg))
+    long_R2 = long_inv_freq(cfg)
+    if long_R2 is not None:
+        valid_BxL = jnp.ones(positions_BxL.shape, bool) if valid_BxL is None else valid_BxL.astype(bool)
+        past_BxL = past_original_BxL(positions_BxL, valid_BxL, cfg.rope_original_max_position)
+        inv_R2 = jnp.where(past_BxL[..., None], jnp.asarray(long_R2), inv_R2)  # [B, L, R/2]
+    angles_BxLxR2 = positions_BxL.astype(jnp.float32)[..., None] * inv_R2
     angles_BxLxR = jnp.concatenate([angles_BxLxR2, angles_BxLxR2], axis=-1)
     scale = attention_factor(cfg)
     sin_BxLxR, cos_BxLxR = jnp.sin(angles_BxLxR), jnp.cos(angles_BxLxR)

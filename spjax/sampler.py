@@ -7,10 +7,10 @@ list. `sample` places params by spjax.sharding's rules, sorts prompts by length,
 batches, runs the compiled program once per batch (`run_batch`) and gathers the results back, in the
 prompts' order (`SampleResult`). compile_check and the benches lower a Plan without data (`lower`).
 
-The on-device program (prefill, the decode loop, token choice, per-example keys) lives in
-spjax.sampler_program; its public names (`prefill`, `decode_step`, `round_key`, `example_key`,
+The on-device program (prefill, the decode loop) lives in spjax.sampler_program, token choice and
+per-example keys in spjax.drawing; their public names (`prefill`, `decode_step`, `round_key`, `example_key`,
 `left_pad_positions`) and the internals tests and benchmarks reach for are re-exported here, so
-callers only ever import spjax.sampler. Layout and randomness: see spjax.sampler_program.
+callers only ever import spjax.sampler. Layout: see spjax.sampler_program; randomness: spjax.drawing.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from jax.sharding import Mesh
 
 from spjax import sharding as shd
 from spjax.config import ModelConfig
+from spjax.drawing import _argmax, _categorical, example_key, round_key, sample_keys  # noqa: F401 (as below)
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
-    GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _argmax, _categorical, _decode_chunk, _decode_windows,
-    _generate, _unroll_layers, example_key, left_pad_positions, prefill, round_key, sample_keys)
+    GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _decode_chunk, _decode_windows, _generate, _unroll_layers,
+    left_pad_positions, prefill)
 from spjax.sampler_program import decode_step as _jitted_decode_step
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape

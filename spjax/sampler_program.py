@@ -8,9 +8,8 @@ S (KV cache slots, P + T rounded up) and E (EOS ids, padded).
 
 Layout: prompts are LEFT-padded into [B, P], so every prompt ends at slot P-1 and generated token j
 sits at slot P+j for every row; its position is prompt_len + j. Pad slots are invisible as keys
-(kv_mask). Randomness is per example: example i of a round samples token j with
-fold_in(fold_in(round_key, i), j), so a sample does not depend on the batch, the bucket or the
-host it landed in (resumed and multi-host rounds reproduce exactly).
+(kv_mask). Randomness is per example (spjax.drawing): a sample does not depend on the batch, the
+bucket or the host it landed in (resumed and multi-host rounds reproduce exactly).
 
 Speed (docs/perf.md): every row's live slots are the same prefix [0, P + j), so the decode loop
 runs in a few segments, each a `while_loop` attending over a fixed window of the cache just large
@@ -33,36 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spjax import model
 from spjax import sharding as shd
+from spjax.drawing import choose, sample_keys
 from spjax.config import ModelConfig
 
 _WINDOW_ROUND = 16  # decode windows are multiples of this many slots
 _STEPS_PER_SEGMENT = 32  # auto segments: one per started run of this many decode steps, at most _MAX_SEGMENTS
 _MAX_SEGMENTS = 4  # each segment compiles its own loop body: compile time grows with the count
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-
-
-def round_key(seed: int, round_index: int):
-    """The key of one sampling round: fold_in(key(seed), round)."""
-    return jax.random.fold_in(jax.random.key(seed), round_index)
-
-
-def example_key(seed: int, round_index: int, example_id: int, sample: int = 0):
-    """The key of one sample of one example in one round; token j is drawn with fold_in(that key, j)."""
-    return sample_keys(jax.random.fold_in(round_key(seed, round_index), example_id)[None], sample + 1)[0, sample]
-
-
-def sample_keys(keys_B, K: int):
-    """[B, K] keys of K samples per example: sample 0 draws from the example's key itself (so one
-    sample per prompt is the single-sample draw), sample k >= 1 from fold_in(key, 2**32 - k): the
-    top of the uint32 range, which no token index (the fold_in of each decode step) ever reaches."""
-    if K == 1:
-        return keys_B[:, None]
-    others = jnp.asarray([2 ** 32 - k for k in range(1, K)], jnp.uint32)
-    rest_BxK1 = jax.vmap(lambda key: jax.vmap(lambda d: jax.random.fold_in(key, d))(others))(keys_B)
-    return jnp.concatenate([keys_B[:, None], rest_BxK1], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +88,39 @@ def _decode_step(cfg, params, token_B, position_B, kv_mask_BxW, cache, slot, mes
     return model.unembed(cfg, params, hidden_Bx1xD)[:, 0], _constrain_cache(cache, mesh)
 
 
+def _crosses_original(cfg: ModelConfig, P: int, T: int) -> bool:
+    """Can a decode step feed a token at LongRoPE's original context (position == original): a prompt
+    within it (its last position P - 1 at most) whose response runs past it (fed positions up to P + T - 2)?"""
+    return cfg.rope_type == "longrope" and P + T - 2 >= cfg.rope_original_max_position
+
+
+def _recompute_crossed(cfg, params, prompt_RxP, prompt_len_R, tokens_RxT, kv_mask_RxW, slot, position_R,
+                       logits_RxV, cache, mesh=None):
+    """LongRoPE past the original context. A row whose fed token sits at position `original` (its
+    sequence just passed it) has its whole cache recomputed, every key and value of every layer, by a
+    prefill over its W live slots with the long divisors, and its next-token logits taken from that
+    pass: as transformers' Phi-3 generate drops and recomputes its cache there. Other rows keep theirs.
+    Once per row and run, under a cond: the steps without a crossing skip it."""
+    crossed_R = position_R == cfg.rope_original_max_position
+
+    def recompute(_):
+        R, P = prompt_RxP.shape
+        W, S, T = kv_mask_RxW.shape[1], cache["k"].shape[3], tokens_RxT.shape[1]
+        # slots [0, P): the left-padded prompt; slot P + t: token t (future ones: causality hides them)
+        tokens_RxS = jnp.pad(jnp.concatenate([prompt_RxP, tokens_RxT], axis=1), ((0, 0), (0, max(0, S - P - T))))
+        positions_RxS = jnp.concatenate([left_pad_positions(prompt_len_R, P),
+                                         prompt_len_R[:, None] + jnp.arange(S - P, dtype=jnp.int32)[None]], axis=1)
+        fresh = _constrain_cache(model.init_cache(cfg, R, S, cache["k"].dtype), mesh)
+        # (a cached call's tokens form one sequence per row, ending past the original context: long divisors)
+        hidden_RxWxD, new = model.apply(cfg, params, tokens_RxS[:, :W], positions_RxS[:, :W], kv_mask_RxW, fresh, 0)
+        new_RxV = model.unembed(cfg, params, jax.lax.dynamic_slice_in_dim(hidden_RxWxD, slot, 1, axis=1))[:, 0]
+        rows = crossed_R[None, :, None, None, None]
+        return (jnp.where(crossed_R[:, None], new_RxV, logits_RxV),
+                _constrain_cache({n: jnp.where(rows, new[n], c) for n, c in cache.items()}, mesh))
+
+    return jax.lax.cond(jnp.any(crossed_R), recompute, lambda _: (logits_RxV, cache), None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def prefill(cfg: ModelConfig, params, prompt_BxP, prompt_len_B, cache_len: int):
     """Run a left-padded prompt batch into a fresh cache of `cache_len` slots.
@@ -126,84 +134,6 @@ def prefill(cfg: ModelConfig, params, prompt_BxP, prompt_len_B, cache_len: int):
 def decode_step(cfg: ModelConfig, params, token_B, position_B, kv_mask_BxS, cache, slot):
     """Write one token per row at cache `slot` (same for all rows); fp32 next-token logits [B, V]."""
     return _decode_step(cfg, params, token_B, position_B, kv_mask_BxS, cache, slot)
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing a token
-
-
-def _truncate(logits_BxV, top_k, top_p):
-    """Mask (to -inf) all but the top-k, then all but the smallest top-p nucleus of what is left.
-
-    Both keep whole groups of tied logits (top-k: every token >= the k-th largest, as HF's; top-p: the
-    smallest set of groups reaching top_p), so no token is kept or dropped for its index alone.
-    """
-    V = logits_BxV.shape[-1]
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth_B1 = jnp.take_along_axis(sorted_BxV, jnp.broadcast_to(k - 1, (sorted_BxV.shape[0], 1)), axis=-1)
-    in_k_BxV = sorted_BxV >= kth_B1  # the k-th's ties too: the nucleus's mass is over what top-k keeps
-    sorted_BxV = jnp.where(in_k_BxV, sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Keep a token if the mass strictly above it is < top_p: the smallest set reaching top_p.
-    mass_above_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = ((mass_above_BxV < top_p) | (top_p >= 1.0)).at[:, 0].set(True) & in_k_BxV  # fp32 cumsum hits 1
-    n_keep_B = jnp.sum(keep_BxV, axis=-1)
-    threshold_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
-    return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
-
-
-def _argmax(x_BxV):
-    """jnp.argmax over the last axis: the first maximum (the first NaN if any), as int32.
-
-    XLA:CPU runs argmax's (value, index) pair reduction several times slower than a max followed
-    by a min over matching indices, so CPU takes that form; other backends keep argmax.
-    """
-    if jax.default_backend() != "cpu":
-        return jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
-    V = x_BxV.shape[-1]
-    hit_BxV = (x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)) | jnp.isnan(x_BxV)
-    return jnp.min(jnp.where(hit_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
-
-
-_DRAW_BLOCK = 256  # tokens per block of the two-stage draw: V/256 + 256 random numbers a row, not V
-
-
-def _categorical(keys_B, logits_BxV):
-    """One draw per row from softmax(logits), exactly, in two stages: one of N blocks of C tokens with
-    probability its share of the mass (Gumbel-max over the blocks' logsumexps), then a token in that
-    block (Gumbel-max over its C logits); P(block) * P(token | block) = softmax(logits)[token].
-
-    One Gumbel draw per vocabulary entry (jax.random.categorical) costs a threefry hash per entry per
-    row every decode step (128k x 64 rows for the 1B shape); this takes N + C per row (757 there)
-    and one logsumexp pass over the logits. Blocks of -inf (truncated, or the padding up to C*N)
-    have no mass and are never drawn. Block n holds tokens n, N + n, 2N + n, ...: with the vocabulary
-    split over devices (tensor-parallel logits) each device holds a slice of every block, so the
-    block sums reduce across devices and nothing [B, V]-sized moves.
-    """
-    B, V = logits_BxV.shape
-    C = min(_DRAW_BLOCK, V)
-    N = -(-V // C)
-    x_BxCxN = jnp.pad(logits_BxV, ((0, 0), (0, C * N - V)), constant_values=-jnp.inf).reshape(B, C, N)
-    block_keys_B, token_keys_B = jnp.moveaxis(jax.vmap(jax.random.split)(keys_B), 1, 0)
-    gumbel = lambda keys, n: jax.vmap(lambda k: jax.random.gumbel(k, (n,), logits_BxV.dtype))(keys)
-    block_B = _argmax(jax.nn.logsumexp(x_BxCxN, axis=1) + gumbel(block_keys_B, N))
-    x_BxC = jnp.take_along_axis(x_BxCxN, block_B[:, None, None], axis=2)[:, :, 0]
-    return _argmax(x_BxC + gumbel(token_keys_B, C)) * N + block_B
-
-
-def _choose(logits_BxV, keys_B, step, knobs, settings):
-    """(token [B], its log-prob under the untempered model distribution [B])."""
-    if settings.greedy:
-        token_B = _argmax(logits_BxV)
-    else:
-        scaled_BxV = logits_BxV / knobs["temperature"]
-        if settings.truncate:
-            scaled_BxV = _truncate(scaled_BxV, knobs["top_k"], knobs["top_p"])
-        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-        token_B = _categorical(step_keys_B, scaled_BxV)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
-    return token_B, logprob_B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,20 +291,26 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     cache = _constrain_cache({n: _repeat_rows(c, K, axis=1) for n, c in cache.items()}, mesh)
     kv_mask_RxS = _batch(_repeat_rows(kv_mask_BxS, K), mesh)
     prompt_len_R, live_R = (_batch(_repeat_rows(x, K), mesh) for x in (prompt_len_B, live_B))
-    token_R, logprob_R = _choose(logits_RxV, keys_R, 0, knobs, settings)
+    token_R, logprob_R = choose(logits_RxV, keys_R, 0, knobs, settings)
     state = _State(step=jnp.int32(1), tokens_BxT=_batch(jnp.full((R, T), settings.pad_id, jnp.int32), mesh),
                    logprobs_BxT=_batch(jnp.zeros((R, T), jnp.float32), mesh),
                    lengths_B=_batch(jnp.zeros((R,), jnp.int32), mesh),
                    done_B=~live_R,  # dummy rows start done, so they never hold the loop open
                    cache=cache, kv_mask_BxS=kv_mask_RxS, keys_B=keys_R)
     state = _record(state, 0, token_R, logprob_R, live_R, eos_E, settings.pad_id)
+    crossing = _crosses_original(cfg, P, T)
+    prompt_RxP = _batch(_repeat_rows(prompt_BxP, K), mesh) if crossing else None
 
     def step(s: _State, W) -> _State:
         prev_R = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
         position_R = prompt_len_R + s.step - 1
         logits_RxV, cache = _decode_step(cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
                                          P + s.step - 1, mesh)
-        token_R, logprob_R = _choose(logits_RxV, s.keys_B, s.step, knobs, settings)
+        if crossing:
+            logits_RxV, cache = _recompute_crossed(cfg, step_params, prompt_RxP, prompt_len_R, s.tokens_BxT,
+                                                   s.kv_mask_BxS[:, :W], P + s.step - 1, position_R, logits_RxV,
+                                                   cache, mesh)
+        token_R, logprob_R = choose(logits_RxV, s.keys_B, s.step, knobs, settings)
         s = _record(s.replace(cache=cache), s.step, token_R, logprob_R, ~s.done_B, eos_E, settings.pad_id)
         return s.replace(step=s.step + 1)
 

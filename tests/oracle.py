@@ -16,7 +16,7 @@ FAMILIES = {
     # q/k norms, and a head_dim that is not hidden_size / heads (Qwen3-0.6B: 128 against 1024 / 16)
     "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=32)),
     # fused qkv_proj and gate_up_proj, 12 of each head's 16 dims rotated (Phi-4-mini: 0.75), LongRoPE's
-    # per-frequency divisors (the short ones: the tests stay within the original 256 positions)
+    # per-frequency divisors (the short ones: these tests stay within the original 256 positions; test_phi3 passes it)
     "phi3": ("Phi3Config", dict(tie_word_embeddings=True, partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=1,
                                 eos_token_id=2, original_max_position_embeddings=256, rope_scaling=dict(
                                     rope_type="longrope", short_factor=[1.0, 1.3, 1.9, 2.6, 3.1, 4.0],

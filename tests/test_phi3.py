@@ -137,17 +137,93 @@ def test_a_peft_trained_fused_adapter_is_read_as_parts_sharing_its_a(tmp_path):
         hf.with_init_adapter(dataclasses.replace(cfg, lora=two), hf.from_transformers(base, lora=two)[1])
 
 
-def test_longrope_runs_past_the_original_context_are_refused():
-    """transformers switches a whole batch to the long factors past the original context; spjax
-    computes the short ones: a run that long is refused before anything is computed."""
-    from spjax import preflight
+@pytest.fixture(scope="module")
+def phi_long():
+    """A tiny Phi-3 whose original context is 16 positions (LongRoPE switches to its long divisors past
+    it): (transformers model, spjax config, params)."""
+    import torch
+    import transformers
+    conf = dict(oracle.TINY, **copy.deepcopy(oracle.FAMILIES["phi3"][1]), max_position_embeddings=64)
+    conf["original_max_position_embeddings"] = 16
+    torch.manual_seed(0)
+    tm = transformers.Phi3ForCausalLM(transformers.Phi3Config(**conf)).float().eval()
+    qk = (conf["num_attention_heads"] + conf["num_key_value_heads"]) * (conf["hidden_size"] // conf["num_attention_heads"])
+    with torch.no_grad():  # sharper attention than random init's: the rotation (which divisors) then shows
+        for layer in tm.model.layers:
+            layer.self_attn.qkv_proj.weight[:qk] *= 6.0
+    cfg, params = hf.from_transformers(tm)
+    assert cfg.rope_original_max_position == 16 and cfg.rope_long_factor
+    return tm, cfg, params
+
+
+def _alone(tm, ids):
+    return oracle.torch_logits(tm, np.asarray([ids]))[0]
+
+
+def test_longrope_past_the_original_context_equals_transformers_per_sequence(phi_long):
+    """transformers takes the long divisors when a call's largest position passes the original context;
+    spjax decides per sequence: each row of a padded batch, each segment of a packed row, equals
+    transformers on that sequence alone (16 and under: short divisors; 17 and over: long)."""
+    import jax.numpy as jnp
+    from spjax import model
+    tm, cfg, params = phi_long
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (10, 16, 17, 29)]
+    ids, mask = np.zeros((4, 32), np.int32), np.zeros((4, 32), bool)
+    for r, q in enumerate(seqs):
+        ids[r, :len(q)], mask[r, :len(q)] = q, True
+    hidden, _ = model.apply(cfg, params, jnp.asarray(ids), kv_mask_BxS=jnp.asarray(mask), right_padded=True)
+    logits = np.asarray(model.unembed(cfg, params, hidden))
+    short = dataclasses.replace(cfg, rope_long_factor=cfg.rope_short_factor)  # before: the short ones everywhere
+    hidden_short, _ = model.apply(short, params, jnp.asarray(ids), kv_mask_BxS=jnp.asarray(mask), right_padded=True)
+    logits_short = np.asarray(model.unembed(short, params, hidden_short))
+    for r, q in enumerate(seqs):
+        theirs = _alone(tm, q)
+        np.testing.assert_allclose(logits[r, :len(q)], theirs, atol=2e-5, rtol=1e-5, err_msg=f"length {len(q)}")
+        assert (np.abs(logits_short[r, :len(q)] - theirs).max() > 1e-3) == (len(q) > 16)  # the switch matters
+    # packed: 12 and 20 tokens in one row, positions restarting, each segment its own choice
+    packed = seqs[0][:10] + [5, 6] + seqs[3][:20]
+    positions = np.asarray([list(range(12)) + list(range(20))], np.int32)
+    segments = np.asarray([[1] * 12 + [2] * 20], np.int32)
+    hidden, _ = model.apply(cfg, params, jnp.asarray([packed]), jnp.asarray(positions),
+                            kv_mask_BxS=jnp.ones((1, 32), bool), segment_ids_BxL=jnp.asarray(segments))
+    logits = np.asarray(model.unembed(cfg, params, hidden))[0]
+    np.testing.assert_allclose(logits[:12], _alone(tm, packed[:12]), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits[12:], _alone(tm, packed[12:]), atol=2e-5, rtol=1e-5)
+
+
+def test_longrope_greedy_decoding_equals_transformers_across_the_original_context(phi_long):
+    """Prompts within the original context whose responses pass it (10 and 5 tokens, 14 new: each row's
+    cache is recomputed with the long divisors where it crosses, as transformers' Phi-3 generate
+    recomputes its cache) and one past it from the start (20): tokens and log-probs as transformers'
+    generate, each prompt alone there (its choice is per call, ours per row); K = 2 samples each too."""
+    import torch
+    from spjax import sampler
+    tm, cfg, params = phi_long
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (10, 5, 20)]
+    res = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=14, temperature=0)
+    twice = sampler.sample(cfg, params, prompts, key=0, max_new_tokens=14, temperature=0, num_samples=2)
+    for i, (p, mine, lp) in enumerate(zip(prompts, res.tokens, res.logprobs)):
+        with torch.no_grad():
+            out = tm.generate(torch.tensor([p]), do_sample=False, max_new_tokens=14, pad_token_id=0, eos_token_id=None,
+                              output_logits=True, return_dict_in_generate=True)
+        assert mine == out.sequences[0, len(p):].tolist() == twice.tokens[2 * i] == twice.tokens[2 * i + 1], len(p)
+        theirs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, mine)]
+        np.testing.assert_allclose(lp, theirs, atol=1e-4, err_msg=f"prompt of {len(p)}")
+        np.testing.assert_allclose(twice.logprobs[2 * i + 1], theirs, atol=1e-4, err_msg=f"prompt of {len(p)}, K=2")
+
+
+def test_longrope_sampler_log_probs_are_not_reused_past_the_original_context(phi_long):
+    """A forward pass over a sequence past the original context rotates every token by the long divisors;
+    decoding rotated the earlier ones by the short: the score phase then scores the samples itself."""
+    from spjax import pairs
     from spjax.config import load_config
-    cfg = load_config("configs/tiny.py")
-    phi = hf.config_from_hf(dict(BASE, partial_rotary_factor=0.75, rope_scaling=copy.deepcopy(LONG)))
-    with pytest.raises(ConfigError, match=r"^data.max_len: sequences of up to 600 tokens .* pass the model's "
-                                          r"original context of 512 positions"):
-        preflight.check_lengths(cfg, phi, (600,), print)
-    preflight.check_lengths(cfg, phi, (512,), print)  # within it: runs
+    _, cfg, _ = phi_long
+    within = load_config("configs/tiny.py", ["data.max_prompt_len=8", "sampling.max_new_tokens=8"])
+    past = load_config("configs/tiny.py", ["data.max_prompt_len=8", "sampling.max_new_tokens=9"])
+    assert pairs.sampler_scores_usable(within, cfg) and not pairs.sampler_scores_usable(past, cfg)
+    assert pairs.sampler_scores_usable(past, dataclasses.replace(cfg, rope_type="default"))
 
 
 @pytest.mark.parametrize("change,message", [

@@ -211,7 +211,7 @@ def test_truncation_keeps_whole_tie_groups(top_k, top_p):
     """Tied logits at the top-k or top-p boundary (identical embedding rows: padded or untrained vocab
     entries) are kept or dropped together. Before, top-k's mass for top-p counted k positions while its
     threshold kept the ties, so the nucleus held less than top_p of what top-k kept."""
-    from spjax.sampler_program import _truncate
+    from spjax.drawing import _truncate
     logits_V = np.array([2, 1, 1, 1, 0, 0, -1], np.float32)
     got = np.asarray(_truncate(jnp.asarray(logits_V)[None], jnp.int32(top_k), jnp.float32(top_p)))[0]
     assert np.isfinite(got).tolist() == (_expected_probs(logits_V, 1.0, top_k, top_p) > 0).tolist()
@@ -220,7 +220,7 @@ def test_truncation_keeps_whole_tie_groups(top_k, top_p):
 def test_top_p_one_keeps_all_of_top_k_under_peaked_logits():
     """top_p=1 is off, also beside top_k: float32's running mass reaches 1.0 before the k-th token
     when the logits are peaked, and the nucleus test then dropped the rest of the top-k (HF keeps them)."""
-    from spjax.sampler_program import _truncate
+    from spjax.drawing import _truncate
     logits_V = np.array([20, 10, 0, -10, -20, -30], np.float32)
     got = np.asarray(_truncate(jnp.asarray(logits_V)[None], jnp.int32(4), jnp.float32(1.0)))[0]
     assert np.isfinite(got).tolist() == [True] * 4 + [False] * 2
