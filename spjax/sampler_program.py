@@ -94,14 +94,14 @@ def _crosses_original(cfg: ModelConfig, P: int, T: int) -> bool:
     return cfg.rope_type == "longrope" and P + T - 2 >= cfg.rope_original_max_position
 
 
-def _recompute_crossed(cfg, params, prompt_RxP, prompt_len_R, tokens_RxT, kv_mask_RxW, slot, position_R,
+def _recompute_crossed(cfg, params, prompt_RxP, prompt_len_R, tokens_RxT, kv_mask_RxW, slot, position_R, alive_R,
                        logits_RxV, cache, mesh=None):
     """LongRoPE past the original context. A row whose fed token sits at position `original` (its
     sequence just passed it) has its whole cache recomputed, every key and value of every layer, by a
     prefill over its W live slots with the long divisors, and its next-token logits taken from that
     pass: as transformers' Phi-3 generate drops and recomputes its cache there. Other rows keep theirs.
-    Once per row and run, under a cond: the steps without a crossing skip it."""
-    crossed_R = position_R == cfg.rope_original_max_position
+    Once per live row, under a cond: the steps without a crossing skip it (finished rows never cross)."""
+    crossed_R = (position_R == cfg.rope_original_max_position) & alive_R
 
     def recompute(_):
         R, P = prompt_RxP.shape
@@ -308,8 +308,8 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
                                          P + s.step - 1, mesh)
         if crossing:
             logits_RxV, cache = _recompute_crossed(cfg, step_params, prompt_RxP, prompt_len_R, s.tokens_BxT,
-                                                   s.kv_mask_BxS[:, :W], P + s.step - 1, position_R, logits_RxV,
-                                                   cache, mesh)
+                                                   s.kv_mask_BxS[:, :W], P + s.step - 1, position_R, ~s.done_B,
+                                                   logits_RxV, cache, mesh)
         token_R, logprob_R = choose(logits_RxV, s.keys_B, s.step, knobs, settings)
         s = _record(s.replace(cache=cache), s.step, token_R, logprob_R, ~s.done_B, eos_E, settings.pad_id)
         return s.replace(step=s.step + 1)
