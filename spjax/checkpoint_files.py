@@ -1,6 +1,6 @@
 """A Hugging Face checkpoint's files: its JSON (a bad line named), its safetensors, single or index-sharded
 (a missing shard or a truncated file one line naming it; names saved from the base model, without
-'model.', read as transformers' CausalLM reads them)."""
+'model.', read as transformers' CausalLM reads them), and tensors copied byte for byte into a new file."""
 from __future__ import annotations
 
 import json
@@ -83,3 +83,52 @@ def bf16_tensor(path, name):
     from safetensors import safe_open
     with safe_open(path, "flax") as f:
         return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
+
+
+
+def _stored(directory: str, names) -> dict:
+    """{name: (file path, its data's first byte, its header entry)} of a safetensors checkpoint's tensors."""
+    import struct
+    index = os.path.join(directory, "model.safetensors.index.json")
+    weight_map = (read_json(index).get("weight_map", {}) if os.path.exists(index)
+                  else dict.fromkeys(names, "model.safetensors"))
+    headers, out = {}, {}
+    for name in names:
+        path = os.path.join(directory, weight_map[name])
+        if path not in headers:
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                headers[path] = (8 + size, json.loads(f.read(size)))
+        out[name] = (path, headers[path][0], headers[path][1][name])
+    return out
+
+
+def stored_sizes(directory: str, names) -> dict:
+    """{name: bytes} of tensors as a safetensors checkpoint stores them."""
+    return {n: end - start for n, (_, _, meta) in _stored(directory, names).items()
+            for start, end in [meta["data_offsets"]]}
+
+
+def copy_tensors(directory: str, names, out_path: str):
+    """Tensors of a safetensors checkpoint copied byte for byte (any dtype, one piece at a time) into a new file."""
+    import struct
+    stored, entries, offset = _stored(directory, names), {}, 0
+    for name, (_, _, meta) in stored.items():
+        start, end = meta["data_offsets"]
+        entries[name] = dict(meta, data_offsets=[offset, offset + end - start])
+        offset += end - start
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}).encode()
+    header += b" " * (-len(header) % 8)  # (the data 8-byte aligned, as safetensors writes it)
+    with open(out_path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header)
+        for name, (path, base, meta) in stored.items():
+            start, end = meta["data_offsets"]
+            with open(path, "rb") as f:
+                f.seek(base + start)
+                left = end - start
+                while left:  # (in 64 MiB pieces: a vision tower's embedding need not be in memory at once)
+                    chunk = f.read(min(left, 64 << 20))
+                    if not chunk:
+                        raise CheckpointError(f"{path}: truncated in tensor {name!r}")
+                    out.write(chunk)
+                    left -= len(chunk)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from spjax.config import ModelConfig
-from spjax.checkpoint_files import read_json, safetensors_getter
+from spjax.checkpoint_files import copy_tensors, read_json, safetensors_getter, stored_sizes
+from spjax.hf_wrapped import copy_files, export_parts, text_config, text_tensors
 from spjax.hf_config import config_from_hf, config_to_hf  # noqa: F401 - public as spjax.hf.config_*
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401 (public names)
@@ -32,8 +33,8 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
     if path.endswith(".gguf"):
         from spjax import gguf_io
         return gguf_io.config_from_gguf(gguf_io.read(path), path, **overrides)
-    where = os.path.join(path, "config.json")
-    return config_from_hf(_with_generation_eos(read_json(where), path), where, **overrides)
+    where = os.path.join(path, "config.json")  # (a multimodal model's: its language model's, spjax.hf_wrapped)
+    return config_from_hf(_with_generation_eos(text_config(read_json(where), where), path), where, **overrides)
 
 
 def _with_generation_eos(hf: dict, path: str) -> dict:
@@ -59,7 +60,7 @@ def load_pretrained(path: str, mesh=None, **overrides):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory or a .gguf file")
     cfg = load_model_config(path, **overrides)
-    get = safetensors_getter(path)
+    get = text_tensors(safetensors_getter(path))
     return cfg, with_init_adapter(cfg, params_from_tensors(cfg, get, path, mesh))
 
 
@@ -67,7 +68,7 @@ def check_weights(path: str, cfg: ModelConfig):
     """A HF directory's weight files (each one's header) and tensor names against `cfg`, before the data is
     tokenized: a missing shard or tensor, or a truncated file, was said only once the data was ready."""
     if path and os.path.isdir(path):  # (a .gguf's tensors are listed with the header load_model_config read)
-        check_names(cfg, safetensors_getter(path, open_all=True), path)
+        check_names(cfg, text_tensors(safetensors_getter(path, open_all=True)), path)
 
 
 def initial_config(cfg) -> ModelConfig:
@@ -110,7 +111,8 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
     under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
     source: the HF directory the model came from: its generation_config.json (a greedy or a sampling
-    default, temperature, top_p, ...) is the export's, with bos/eos ids as exported.
+    default, temperature, top_p, ...) is the export's, with bos/eos ids as exported. A multimodal source's
+    export is that model again, its language model as trained (spjax.hf_wrapped).
     """
     from safetensors.numpy import save_file
     from spjax import artifacts, lora
@@ -131,8 +133,13 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     artifacts.clear_interrupted(parent, os.path.basename(out_dir))
+    text_hf = hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
+    wrapped = export_parts(source, hf, tensors)  # (a multimodal source: this model again, spjax.hf_wrapped)
+    hf, tensors, carried = wrapped or (hf, tensors, [])
+    carried_bytes = sum(stored_sizes(source, carried).values()) if carried else 0
     # Refused before a byte is written (as checkpoints are): a full disk midway is a slow way to learn it.
-    need = sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + (8 << 20)
+    need = (sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + carried_bytes
+            + (8 << 20))
     free = shutil.disk_usage(parent).free
     if free < need:
         import errno
@@ -140,13 +147,12 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
                       f"{free / 2**20:.1f} MiB free", parent)
     tmp = artifacts.temp_dir(parent, os.path.basename(out_dir))
     try:
-        hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         with open(os.path.join(tmp, EXPORT_MARK), "w") as f:
             f.write("written by spjax.save_pretrained; a later export may replace this directory\n")
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(_generation_config(cfg, hf, source), f, indent=2)
+            json.dump(_generation_config(cfg, text_hf, source), f, indent=2)
         shards, cur, size = [], {}, 0
         for name, arr in tensors.items():
             if cur and size + arr.nbytes > max_shard_bytes:
@@ -155,23 +161,28 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             cur[name] = arr
             size += arr.nbytes
         shards.append(cur)
-        if len(shards) == 1:
+        n = len(shards) + bool(carried)  # (a multimodal source's other tensors: a shard of their own, last)
+        if n == 1:
             save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
-            weight_map = {}
+            weight_map, name = {}, lambda i: f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(a.nbytes for a in tensors.values())
+                save_file(shard, os.path.join(tmp, name(i)), metadata={"format": "pt"})
+                weight_map.update({k: name(i) for k in shard})
+            if carried:
+                copy_tensors(source, carried, os.path.join(tmp, name(n - 1)))
+                weight_map.update({k: name(n - 1) for k in carried})
+            total = sum(a.nbytes for a in tensors.values()) + carried_bytes
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
+        if wrapped:
+            copy_files(source, tmp)
         if adapter is not None:
             # its base: the HF directory the run loaded (AutoPeftModelForCausalLM reads it); unknown for a GGUF
             base = os.path.abspath(source) if source and os.path.isdir(source) else ""
-            lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"), base)
+            lora.write_peft(cfg, adapter, os.path.join(tmp, "adapter"), base, wrapped=wrapped is not None)
         artifacts.umask_modes(tmp)
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash loses nothing
             old = tmp + ".old"
@@ -203,10 +214,10 @@ def _generation_config(cfg: ModelConfig, hf: dict, source: str) -> dict:
 def from_transformers(model, mesh=None, **overrides):
     """(cfg, params) from an in-memory transformers PyTorch model (tests use it as an oracle)."""
     hf = model.config.to_dict()
-    hf.setdefault("architectures", [type(model).__name__])
+    hf["architectures"] = hf.get("architectures") or [type(model).__name__]
     cfg = config_from_hf(hf, f"<{type(model).__name__}>", **overrides)
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    get = TensorSource(lambda name: state[name] if name in state else _missing(name), state)
+    get = text_tensors(TensorSource(lambda name: state[name] if name in state else _missing(name), state))
     return cfg, params_from_tensors(cfg, get, f"<{type(model).__name__}>", mesh)
 
 

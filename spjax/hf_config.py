@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from spjax.config import ROPE_TYPES, ModelConfig
+from spjax.hf_wrapped import text_config
 from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_arch
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
@@ -19,7 +20,8 @@ _HEAD_DIMS = {"qwen3": 128, "gemma2": 256, "gemma3": 256}  # config classes' def
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
-    """ModelConfig from a transformers config dict (config.json)."""
+    """ModelConfig from a transformers config dict (config.json; a multimodal model's: its language model's)."""
+    hf = text_config(hf, where)
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
     if arch is None:

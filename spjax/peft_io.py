@@ -8,6 +8,10 @@ side: A stacks the m parts' A (rank m·r), B is block-diagonal (each part's B on
 columns), and rank_pattern/alpha_pattern give the module m·r and m·alpha so that alpha / rank stays
 spjax's. Read back, such an adapter splits exactly; a fused adapter of rank r (as PEFT trains one on
 Phi-3) is its parts sharing A, each with its rows of B.
+
+A multimodal model's adapter (spjax.hf_wrapped: Gemma 3 4B+) names its language model's modules where
+transformers holds them (model.language_model.*), and its target_modules are a pattern matching them
+alone: PEFT would otherwise put adapters on the vision tower's q_proj/k_proj/v_proj too.
 """
 from __future__ import annotations
 
@@ -20,12 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from spjax.config import ModelConfig
+from spjax.hf_wrapped import module_name
 from spjax.tensor_names import CheckpointError, peft_modules
 
 
-def _name(module: str, i: int, which: str) -> str:
-    """PEFT's key for adapter matrix `which` ('A' or 'B') of a module ({i}: its layer)."""
-    return f"base_model.model.{module.format(i=i)}.lora_{which}.weight"
+def _name(module: str, i: int, which: str, wrapped: bool = False) -> str:
+    """PEFT's key for adapter matrix `which` ('A' or 'B') of a module ({i}: its layer; wrapped: in a
+    multimodal model)."""
+    return f"base_model.model.{module_name(module, wrapped).format(i=i)}.lora_{which}.weight"
+
+
+def _targets(cfg: ModelConfig, wrapped: bool):
+    """adapter_config.json's target_modules: the modules' short names, or (wrapped) a pattern PEFT matches
+    against whole module names, the language model's alone."""
+    short = sorted({_short(module) for module, _, _ in _adapted(cfg)})
+    return module_name(r"model\..*\.({})".format("|".join(short)), wrapped, pattern=True) if wrapped else short
 
 
 def _adapted(cfg: ModelConfig) -> list:
@@ -63,14 +76,15 @@ def peft_tensors(cfg: ModelConfig, params) -> dict:
     return tensors
 
 
-def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = "") -> str:
-    """Write peft_tensors' output as adapter_config.json + adapter_model.safetensors."""
+def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = "", wrapped: bool = False) -> str:
+    """Write peft_tensors' output as adapter_config.json + adapter_model.safetensors (wrapped: the adapter of
+    a multimodal model's language model)."""
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
     adapted = _adapted(cfg)
     fused = {_short(module): len(parts) for module, _, parts in adapted if len(parts) > 1}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
-              "target_modules": sorted(_short(module) for module, _, _ in adapted), "lora_dropout": 0.0,
+              "target_modules": _targets(cfg, wrapped), "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "rank_pattern": {k: m * cfg.lora.rank for k, m in fused.items()},
@@ -78,6 +92,9 @@ def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = 
               "base_model_name_or_path": base_model or None}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if wrapped:
+        prefix = "base_model.model."
+        tensors = {prefix + module_name(k[len(prefix):], True): v for k, v in tensors.items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
 
@@ -96,7 +113,7 @@ def _pattern(patterns: dict, module: str, default):
     return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
 
 
-def _check_config(cfg: ModelConfig, pc: dict, where: str):
+def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool):
     bad = {"peft_type": (pc.get("peft_type"), "LORA"), "use_rslora": (bool(pc.get("use_rslora")), False),
            "use_dora": (bool(pc.get("use_dora")), False), "bias": (pc.get("bias", "none"), "none"),
            "fan_in_fan_out": (bool(pc.get("fan_in_fan_out")), False), "r": (pc.get("r"), cfg.lora.rank),
@@ -112,10 +129,9 @@ def _check_config(cfg: ModelConfig, pc: dict, where: str):
         if got != want:
             raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"
                                   + (" (set lora.rank to match)" if field == "r" else ""))
-    mods = pc.get("target_modules") or []
-    want_mods = {_short(module) for module, _, _ in _adapted(cfg)}
-    if isinstance(mods, str) or set(mods) != want_mods:
-        raise CheckpointError(f"{where}: target_modules {mods!r} differ from lora.targets {sorted(want_mods)}")
+    mods, want = pc.get("target_modules") or [], _targets(cfg, wrapped)
+    if (mods != want) if isinstance(mods, str) or wrapped else set(mods) != set(want):
+        raise CheckpointError(f"{where}: target_modules {mods!r} differ from lora.targets' {want!r}")
 
 
 def _split(a, b, parts, adapted, r: int, where: str):
@@ -143,16 +159,17 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         raise CheckpointError(f"{where}: file not found (lora.init_path must be a PEFT adapter directory)")
     with open(where, encoding="utf-8") as f:
         pc = json.load(f)
-    _check_config(cfg, pc, where)
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
     r, layers, parts_of = cfg.lora.rank, dict(params["layers"]), {}
     with safe_open(path, "flax") as f:
         keys = set(f.keys())
+        wrapped = any(module_name("model.", True) in k for k in keys)  # (a multimodal model's adapter)
+        _check_config(cfg, pc, where, wrapped)
 
         def get(module, i, which):
-            name = _name(module, i, which)
+            name = _name(module, i, which, wrapped)
             if name not in keys:  # PEFT also writes names with the adapter name ('.default.') left out or in
                 alt = name.replace(f".lora_{which}.weight", f".lora_{which}.default.weight")
                 if alt not in keys:
@@ -161,7 +178,7 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
             return np.asarray(f.get_tensor(name).astype(jnp.float32))
 
         adapted = _adapted(cfg)
-        read = {_name(module, i, w) for module, _, _ in adapted for i in range(cfg.num_layers) for w in "AB"}
+        read = {_name(module, i, w, wrapped) for module, _, _ in adapted for i in range(cfg.num_layers) for w in "AB"}
         left = sorted(k for k in keys if k not in read and k.replace(".default.weight", ".weight") not in read)
         if left:
             raise CheckpointError(f"{path}: tensor(s) {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are not "

@@ -1,0 +1,143 @@
+"""Multimodal Gemma 3 (Gemma3ForConditionalGeneration: gemma-3-4b/12b/27b): its language model loaded, trained
+and written back into the whole multimodal checkpoint, against transformers' PyTorch classes."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spjax
+from spjax import hf
+from spjax.config import LoraConfig
+from tests import oracle
+
+WRAPPED = "Gemma3ForConditionalGeneration"
+TEXT = dict(oracle.TINY, **oracle.FAMILIES["gemma3"][1], vocab_size=320)  # (the byte tokenizer's ids fit)
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
+IMAGE_TOKEN = 302
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random tiny multimodal Gemma 3 as the hub holds one: bf16, index-sharded, with processor settings."""
+    import torch
+    import transformers
+    config = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
+                                       boi_token_index=300, eoi_token_index=301, image_token_index=IMAGE_TOKEN)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # (norms start at 0 in Gemma: random ones make them count)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("gemma3mm")
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
+    with open(path / "preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 32, "width": 32}}, f)
+    assert len(set(json.load(open(path / "model.safetensors.index.json"))["weight_map"].values())) > 2
+    return str(path)
+
+
+def _module(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("config_module", os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _torch(path):
+    import torch
+    import transformers
+    return transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model, ids, **kw):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+IDS = np.random.RandomState(0).randint(3, 299, (2, 20))  # longer than the 8-token window of the first layer
+
+
+def test_text_config_is_read_as_transformers_reads_it():
+    """gemma-3-4b-it's config.json gives only its text model's sizes, rope scaling and window: the rest are
+    Gemma3TextConfig's defaults (and the top level's eos ids, generation's end of turn among them)."""
+    import transformers
+    four_b = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, model_type="gemma3_text",
+                  rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    for text in ({}, four_b):
+        wrapped = {"architectures": [WRAPPED], "model_type": "gemma3", "text_config": text, "eos_token_id": [1, 106]}
+        full = transformers.Gemma3Config(**wrapped).text_config.to_dict()
+        want = hf.config_from_hf(dict(full, architectures=["Gemma3ForCausalLM"], eos_token_id=[1, 106]))
+        assert hf.config_from_hf(wrapped) == want
+    assert want.vocab_size == 262208 and want.rope_factor == 8.0 and want.eos_token_ids == (1, 106)
+    assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
+    with pytest.raises(hf.CheckpointError, match=r"config.json: text_config missing: Gemma3ForConditionalGeneration"):
+        hf.config_from_hf({"architectures": [WRAPPED], "model_type": "gemma3"})
+
+
+def test_language_model_loads_and_exports_as_the_whole_multimodal_model(source, tmp_path):
+    import torch
+    import transformers
+    from safetensors import safe_open
+    ref = _torch(source)
+    cfg, params = hf.load_pretrained(source)
+    assert cfg.architecture == "gemma3" and cfg.windowed == (True, False)
+    got = np.asarray(spjax.forward(cfg, params, jnp.asarray(IDS, jnp.int32)))
+    assert np.abs(got - _logits(ref, IDS)).max() <= 2e-5
+    # trained: every text tensor moved; the export holds these, the source's vision tower and its processor file
+    trained = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
+    out = hf.save_pretrained(cfg, trained, tmp_path / "export", source=source)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["architectures"] == [WRAPPED] and config["vision_config"] == json.load(
+        open(os.path.join(source, "config.json")))["vision_config"]
+    assert os.path.exists(os.path.join(out, "preprocessor_config.json"))
+    export = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # (as lm-eval loads it)
+    assert type(export).__name__ == WRAPPED
+    want = np.asarray(spjax.forward(cfg, trained, jnp.asarray(IDS, jnp.int32)))
+    assert np.abs(_logits(export, IDS) - want).max() <= 2e-5
+    # the vision tower and projector: byte for byte the source's (bf16, as stored)
+    names = lambda d: json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]
+    carried = {n: f for n, f in names(out).items() if not n.startswith("language_model.")}
+    assert carried and set(carried) == {n for n in names(source) if not n.startswith("language_model.")}
+    for name, fname in carried.items():
+        with safe_open(os.path.join(out, fname), "pt") as a, \
+                safe_open(os.path.join(source, names(source)[name]), "pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+            assert x.dtype == y.dtype == torch.bfloat16 and torch.equal(x, y), name
+    # an image still goes through: the export answers an image prompt as the source's vision tower sees it
+    image = torch.randn(1, 3, 32, 32)
+    ids = np.array([[2, 300] + [IMAGE_TOKEN] * 4 + [301, 40, 41]])
+    kw = dict(pixel_values=image, token_type_ids=torch.tensor((ids == IMAGE_TOKEN).astype(np.int64)))
+    with_image = _logits(export, ids, **kw)
+    source_as_trained = _torch(source)
+    source_as_trained.model.language_model.load_state_dict(export.model.language_model.state_dict())
+    assert np.abs(with_image - _logits(source_as_trained, ids, **kw)).max() <= 1e-5
+
+
+def test_a_lora_run_exports_an_adapter_of_the_language_model_alone(source, tmp_path):
+    """A LoRA self-play run from the multimodal checkpoint: its merged export and its PEFT adapter on the source
+    are the same model, PEFT adapts no vision module, and spjax reads the adapter back."""
+    import peft
+    from spjax import train
+    work = tmp_path / "run"
+    args = ["--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", str(work), f"model_path={source}", "tokenizer_path=bytes", "lora.rank=4",
+            "run.rounds=1", "run.eval_examples=0", f"data.tfds_dir={tmp_path / 'tfds'}"]
+    assert train.main(args) == 0
+    export = os.path.join(work, "export")
+    assert json.load(open(os.path.join(export, "config.json")))["architectures"] == [WRAPPED]
+    merged = _logits(_torch(export), IDS)
+    assert np.abs(merged - _logits(_torch(source), IDS)).max() > 1e-3  # (the run moved it)
+    adapted = peft.PeftModel.from_pretrained(_torch(source), os.path.join(export, "adapter")).eval()
+    lora_modules = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A")]
+    assert lora_modules and all(".language_model." in n for n in lora_modules), lora_modules[:3]
+    assert np.abs(_logits(adapted, IDS) - merged).max() <= 1e-4
+    cfg, params = hf.load_pretrained(source, lora=LoraConfig(rank=4, init_path=os.path.join(export, "adapter")))
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(IDS, jnp.int32))) - merged).max() <= 1e-4
