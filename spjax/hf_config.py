@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from spjax.config import ROPE_TYPES, ModelConfig
-from spjax.hf_wrapped import text_config
+from spjax.hf_wrapped import WRAPPERS, text_config
 from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_arch
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
@@ -29,7 +29,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         arch = model_type if model_type in ARCHITECTURES else None
     if arch is None:
         raise CheckpointError(f"{where}: architecture {archs or hf.get('model_type')} is not supported "
-                              f"(supported: {', '.join(HF_ARCHS)})")
+                              f"(supported: {', '.join([*HF_ARCHS, *WRAPPERS])})")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
     if missing:

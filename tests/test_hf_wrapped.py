@@ -80,6 +80,9 @@ def test_text_config_is_read_as_transformers_reads_it():
     assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
     with pytest.raises(hf.CheckpointError, match=r"config.json: text_config missing: Gemma3ForConditionalGeneration"):
         hf.config_from_hf({"architectures": [WRAPPED], "model_type": "gemma3"})
+    with pytest.raises(hf.CheckpointError, match=r"architecture \['LlavaForConditionalGeneration'\] is not supported "
+                                                 r"\(supported: LlamaForCausalLM, .*, Gemma3ForConditionalGeneration\)"):
+        hf.config_from_hf({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": {}})
 
 
 def test_language_model_loads_and_exports_as_the_whole_multimodal_model(source, tmp_path):
