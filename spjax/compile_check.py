@@ -134,17 +134,34 @@ def judge_params(rm_cfg, mesh) -> tuple:
     return params, jax.ShapeDtypeStruct((rm_cfg.hidden_size, 1), rm_cfg.param_dtype, sharding=shd.replicated(mesh))
 
 
+def judge_markup(cfg) -> int:
+    """The tokens a reward model judge's own chat template puts around a prompt and its answer: it reads
+    the conversation rendered that way. 0 where its directory holds no tokenizer with a chat template (it
+    then reads the policy's tokens), or is not on this machine (a declared JUDGE_MODEL)."""
+    path = cfg.judge.name.partition(":")[2]
+    if not cfg.judge.name.startswith("reward_model:") or not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        return 0
+    from spjax import hf
+    from spjax.data.templates import chat_ids, has_chat_template
+    tok = hf.load_tokenizer(path)
+    if not has_chat_template(tok):
+        return 0
+    return len(chat_ids(tok, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]))
+
+
 def compile_judge(cfg, rm_cfg, mesh, policy_bytes: int) -> ProgramMemory:
     """ProgramMemory of one reward model batch (judge.batch_size sequences) at the longest a round scores:
-    the prompt + new tokens in the policy's tokens, bucketed (a reward model's own chat template adds its
-    markup: a few tokens more), within its max_position_embeddings. The policy's params stay live."""
+    the prompt + new tokens, plus the markup of the reward model's own chat template where it has one (an
+    upper bound: the prompt's tokens hold the policy's markup, which that one replaces), bucketed, within its
+    max_position_embeddings. The policy's params stay live."""
     import jax
     import jax.numpy as jnp
     from spjax import reward_model, sharding as shd
     dp = shd.data_parallel_size(mesh)
     B = -(-cfg.judge.batch_size // dp) * dp
     up = lambda n: -(-n // reward_model.BUCKET) * reward_model.BUCKET  # noqa: E731
-    L = min(up(cfg.data.max_prompt_len + cfg.sampling.max_new_tokens), up(rm_cfg.max_position_embeddings))
+    longest = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens + judge_markup(cfg)
+    L = min(up(longest), up(rm_cfg.max_position_embeddings))
     params, head = judge_params(rm_cfg, mesh)
     ids = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
     length = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=shd.batch_sharding(mesh, 1))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from spjax import compile_check as cc
+from spjax import compile_check as cc, sharding
 from spjax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +82,24 @@ def test_a_reward_model_judge_is_counted_beside_every_program(devices, tmp_path)
     none, why = cc.judge_model_config(missing)
     assert none is None and "/absent/rm" in why and "not counted" in why
     assert cc.judge_model_config(load_config(TINY)) == (None, "")
+
+
+def test_the_judge_length_counts_the_reward_models_chat_markup(devices, tmp_path):
+    """A reward model with a chat template reads the conversation rendered by it: its markup comes on top of
+    the prompt + new tokens (before: left out, one bucket short where those filled theirs)."""
+    from spjax.byte_tokenizer import byte_tokenizer
+    from spjax.hf import save_tokenizer
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForSequenceClassification"], vocab_size=259, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)))
+    # 104 prompt + 24 new tokens fill two buckets of 64 exactly
+    cfg = load_config(TINY, [f"judge.name=reward_model:{tmp_path}", "sampling.num_samples=2",
+                             "data.max_prompt_len=104", "data.max_len=128", "data.buckets=128"])
+    rm_cfg, _ = cc.judge_model_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices[:1])
+    assert cc.judge_markup(cfg) == 0 and cc.compile_judge(cfg, rm_cfg, mesh, 0).shape.startswith("B=32 L=128,")
+    save_tokenizer(byte_tokenizer(), str(tmp_path))  # ChatML: <|im_start|>user ... <|im_end|> around each turn
+    assert cc.judge_markup(cfg) > 10 and cc.compile_judge(cfg, rm_cfg, mesh, 0).shape.startswith("B=32 L=192,")
 
 
 def test_report_has_per_device_memory(tiny_report):
