@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from spjax.config import ModelConfig
 from spjax.checkpoint_files import copy_tensors, read_json, safetensors_getter, stored_sizes
-from spjax.hf_wrapped import copy_files, export_parts, text_config, text_tensors
+from spjax.hf_wrapped import copy_files, export_parts, text_config, text_tensors, wrapper
 from spjax.hf_config import config_from_hf, config_to_hf  # noqa: F401 - public as spjax.hf.config_*
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401 (public names)
@@ -33,8 +33,15 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
     if path.endswith(".gguf"):
         from spjax import gguf_io
         return gguf_io.config_from_gguf(gguf_io.read(path), path, **overrides)
-    where = os.path.join(path, "config.json")  # (a multimodal model's: its language model's, spjax.hf_wrapped)
-    return config_from_hf(_with_generation_eos(text_config(read_json(where), where), path), where, **overrides)
+    where = os.path.join(path, "config.json")
+    hf = read_json(where)
+    if wrapper(hf):  # a multimodal model: its language model's config (spjax.hf_wrapped), tied as its files say
+        try:
+            names = safetensors_getter(path).names
+        except CheckpointError:  # (config.json alone: compile_check reads the shapes only)
+            names = None
+        hf = text_config(hf, where, names)
+    return config_from_hf(_with_generation_eos(hf, path), where, **overrides)
 
 
 def _with_generation_eos(hf: dict, path: str) -> dict:

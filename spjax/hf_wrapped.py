@@ -1,8 +1,9 @@
-"""Multimodal checkpoints whose language model spjax trains: Gemma 3 4B, 12B and 27B.
+"""Multimodal checkpoints whose language model spjax trains: Gemma 3 4B/12B/27B, Mistral Small 3.1/3.2.
 
-google/gemma-3-{4b,12b,27b}-it ship as Gemma3ForConditionalGeneration: a Gemma 3 text model beside a
-SigLIP vision tower and a projector. Self-play trains the text model, so spjax reads that model's
-config (`text_config`, filled with the text config class's defaults for the keys these files leave
+google/gemma-3-{4b,12b,27b}-it ship as Gemma3ForConditionalGeneration (a Gemma 3 text model beside a
+SigLIP vision tower and a projector), Mistral-Small-3.1/3.2-24B-Instruct as Mistral3ForConditionalGeneration
+(a Mistral text model beside a Pixtral vision tower). Self-play trains the text model, so spjax reads that
+model's config (`text_config`, filled with its config class's defaults for the keys these files leave
 out) and its tensors, and leaves the rest unread. Its export is the whole multimodal checkpoint again:
 the source's config with the text part as trained, the text tensors under the source's names, every
 other tensor copied byte for byte from the source, and the source's processor files; it loads wherever
@@ -19,24 +20,31 @@ from spjax.tensor_names import CheckpointError, TensorSource
 
 @dataclasses.dataclass(frozen=True)
 class Wrapper:
-    text_class: str  # the text model's transformers class (a key of tensor_names.HF_ARCHS)
-    text_defaults: dict  # its config class's defaults for the keys real config.json files omit
-    files: tuple  # the source's files (processor settings) an export keeps
+    text_type: str  # the text model's model_type, where text_config names none (a key of TEXT_MODELS)
     unused: tuple = ()  # text config keys the wrapper's class does not compute: read as unset
+    files: tuple = ("preprocessor_config.json", "processor_config.json")  # the source's files an export keeps
 
 
 WRAPPERS = {
-    "Gemma3ForConditionalGeneration": Wrapper(
-        "Gemma3ForCausalLM",
-        # Gemma3TextConfig's defaults (tests compare them with transformers'): gemma-3-4b-it's text_config
-        # gives only its sizes, rope scaling and window.
-        dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-             num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
-             query_pre_attn_scalar=256, sliding_window=4096, rms_norm_eps=1e-6, rope_theta=1e6,
-             rope_local_base_freq=10000.0, bos_token_id=2, eos_token_id=1, pad_token_id=0),
-        ("preprocessor_config.json", "processor_config.json"),
-        # (transformers' Gemma3ForConditionalGeneration never caps its logits; gemma-3's files leave it null)
-        ("final_logit_softcapping",)),
+    # (transformers' Gemma3ForConditionalGeneration never caps its logits; gemma-3's files leave it null)
+    "Gemma3ForConditionalGeneration": Wrapper("gemma3_text", unused=("final_logit_softcapping",)),
+    # (tekken.json: the same tokenizer in mistral-common's format, which vLLM's mistral mode reads)
+    "Mistral3ForConditionalGeneration": Wrapper("mistral", files=("preprocessor_config.json", "processor_config.json",
+                                                                 "tekken.json")),
+}
+# The text models a wrapper may hold (text_config.model_type): their transformers class and their config
+# class's defaults for the keys real config.json files omit (tests compare them with transformers'):
+# gemma-3-4b-it's text_config gives only its sizes, rope scaling and window.
+TEXT_MODELS = {
+    "gemma3_text": ("Gemma3ForCausalLM", dict(
+        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=131072, query_pre_attn_scalar=256,
+        sliding_window=4096, rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=10000.0, bos_token_id=2,
+        eos_token_id=1, pad_token_id=0)),
+    "mistral": ("MistralForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, sliding_window=4096, rms_norm_eps=1e-6,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2)),
 }
 # (top-level keys that, where a file sets them, are the text model's: transformers reads them there)
 _TOP_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
@@ -50,8 +58,13 @@ def wrapper(hf: dict):
     return next((WRAPPERS[a] for a in hf.get("architectures") or [] if a in WRAPPERS), None)
 
 
-def text_config(hf: dict, where: str) -> dict:
-    """A wrapped model's text config as a config.json of its text class; any other config unchanged."""
+def text_config(hf: dict, where: str, names=None) -> dict:
+    """A wrapped model's text config as a config.json of its text class; any other config unchanged.
+
+    names: its checkpoint's tensor names, where known. transformers 5 ties the head to the embedding unless
+    the checkpoint holds a head of its own (Gemma 3's hold none, Mistral Small's one), whatever the text
+    config's tie_word_embeddings says; so does spjax where it knows the names.
+    """
     w = wrapper(hf)
     if w is None:
         return hf
@@ -59,8 +72,16 @@ def text_config(hf: dict, where: str) -> dict:
     if not isinstance(text, dict):
         raise CheckpointError(f"{where}: text_config missing: {hf['architectures'][0]} holds its language "
                               "model's settings there")
-    out = {**w.text_defaults, **text, "architectures": [w.text_class], **dict.fromkeys(w.unused)}
-    return dict(out, **{k: hf[k] for k in _TOP_KEYS if hf.get(k) is not None})
+    kind = text.get("model_type", w.text_type)
+    if kind not in TEXT_MODELS:
+        raise CheckpointError(f"{where}: text_config.model_type {kind!r} is not supported in "
+                              f"{hf['architectures'][0]} (supported: {', '.join(TEXT_MODELS)})")
+    text_class, defaults = TEXT_MODELS[kind]
+    out = {**defaults, **text, "architectures": [text_class], "model_type": kind, **dict.fromkeys(w.unused)}
+    out.update({k: hf[k] for k in _TOP_KEYS if hf.get(k) is not None})
+    if names is not None:
+        out["tie_word_embeddings"] = not any(text_name(n) == "lm_head.weight" or n == "lm_head.weight" for n in names)
+    return out
 
 
 def text_name(name: str):

@@ -1,5 +1,6 @@
-"""Multimodal Gemma 3 (Gemma3ForConditionalGeneration: gemma-3-4b/12b/27b): its language model loaded, trained
-and written back into the whole multimodal checkpoint, against transformers' PyTorch classes."""
+"""Multimodal Gemma 3 (Gemma3ForConditionalGeneration: gemma-3-4b/12b/27b) and Mistral Small 3.x
+(Mistral3ForConditionalGeneration): the language model loaded, trained and written back into the whole
+multimodal checkpoint, against transformers' PyTorch classes."""
 import json
 import os
 
@@ -65,24 +66,43 @@ def _logits(model, ids, **kw):
 IDS = np.random.RandomState(0).randint(3, 299, (2, 20))  # longer than the 8-token window of the first layer
 
 
-def test_text_config_is_read_as_transformers_reads_it():
-    """gemma-3-4b-it's config.json gives only its text model's sizes, rope scaling and window: the rest are
-    Gemma3TextConfig's defaults (and the top level's eos ids, generation's end of turn among them)."""
+# gemma-3-4b-it's text_config gives only its sizes, rope scaling and window; Mistral-Small-3.1-24B's all of them
+FOUR_B = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, model_type="gemma3_text",
+              rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+SMALL_3_1 = dict(head_dim=128, hidden_act="silu", hidden_size=5120, intermediate_size=32768, max_position_embeddings=131072,
+                 model_type="mistral", num_attention_heads=32, num_hidden_layers=40, num_key_value_heads=8,
+                 rms_norm_eps=1e-05, rope_theta=1e9, sliding_window=None, vocab_size=131072)
+
+
+@pytest.mark.parametrize("wrapped_class, config_class, text_class, texts, eos", [
+    (WRAPPED, "Gemma3Config", "Gemma3ForCausalLM", ({}, FOUR_B), [1, 106]),
+    ("Mistral3ForConditionalGeneration", "Mistral3Config", "MistralForCausalLM", ({}, SMALL_3_1), None)])
+def test_text_config_is_read_as_transformers_reads_it(wrapped_class, config_class, text_class, texts, eos):
+    """The keys a text_config omits are its config class's defaults (and the top level's eos ids, Gemma's
+    end of turn among them, are the text model's)."""
     import transformers
-    four_b = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, model_type="gemma3_text",
-                  rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
-    for text in ({}, four_b):
-        wrapped = {"architectures": [WRAPPED], "model_type": "gemma3", "text_config": text, "eos_token_id": [1, 106]}
-        full = transformers.Gemma3Config(**wrapped).text_config.to_dict()
-        want = hf.config_from_hf(dict(full, architectures=["Gemma3ForCausalLM"], eos_token_id=[1, 106]))
+    for text in texts:
+        wrapped = {"architectures": [wrapped_class], "text_config": text, "eos_token_id": eos}
+        full = getattr(transformers, config_class)(**wrapped).text_config.to_dict()
+        want = hf.config_from_hf(dict(full, architectures=[text_class], eos_token_id=eos or full["eos_token_id"]))
         assert hf.config_from_hf(wrapped) == want
-    assert want.vocab_size == 262208 and want.rope_factor == 8.0 and want.eos_token_ids == (1, 106)
-    assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
+    if wrapped_class == WRAPPED:
+        assert want.vocab_size == 262208 and want.rope_factor == 8.0 and want.eos_token_ids == (1, 106)
+        assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
+    else:
+        assert want.rope_theta == 1e9 and want.sliding_window is None and want.num_layers == 40
+
+
+def test_unsupported_multimodal_configs_are_one_line():
     with pytest.raises(hf.CheckpointError, match=r"config.json: text_config missing: Gemma3ForConditionalGeneration"):
         hf.config_from_hf({"architectures": [WRAPPED], "model_type": "gemma3"})
     with pytest.raises(hf.CheckpointError, match=r"architecture \['LlavaForConditionalGeneration'\] is not supported "
-                                                 r"\(supported: LlamaForCausalLM, .*, Gemma3ForConditionalGeneration\)"):
+                                                 r"\(supported: LlamaForCausalLM, .*, Gemma3ForConditionalGeneration, "
+                                                 r"Mistral3ForConditionalGeneration\)"):
         hf.config_from_hf({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": {}})
+    with pytest.raises(hf.CheckpointError, match=r"text_config.model_type 'qwen3_moe' is not supported in "
+                                                 r"Mistral3ForConditionalGeneration \(supported: gemma3_text, mistral\)"):
+        hf.config_from_hf({"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"model_type": "qwen3_moe"}})
 
 
 def test_language_model_loads_and_exports_as_the_whole_multimodal_model(source, tmp_path):
@@ -144,3 +164,32 @@ def test_a_lora_run_exports_an_adapter_of_the_language_model_alone(source, tmp_p
     assert np.abs(_logits(adapted, IDS) - merged).max() <= 1e-4
     cfg, params = hf.load_pretrained(source, lora=LoraConfig(rank=4, init_path=os.path.join(export, "adapter")))
     assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(IDS, jnp.int32))) - merged).max() <= 1e-4
+
+
+def test_mistral_small_with_its_own_head_loads_and_exports(tmp_path):
+    """Mistral Small's files hold a head of its own: untied, even where the top level says tie_word_embeddings
+    true (transformers 5 unties a head present and unequal); a Mistral3 saved tied holds none."""
+    import torch
+    import transformers
+    text = dict(oracle.TINY, model_type="mistral", vocab_size=320, sliding_window=None, head_dim=16)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8, head_dim=16)
+    for untied in (True, False):
+        config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=302,
+                                             spatial_merge_size=2, tie_word_embeddings=not untied)
+        torch.manual_seed(0)
+        model = transformers.Mistral3ForConditionalGeneration(config).eval()
+        path = tmp_path / f"untied{untied}"
+        model.save_pretrained(path)
+        if untied:  # as transformers 5 saves Mistral Small again (its own file sets no top-level key: false)
+            conf = json.load(open(path / "config.json"))
+            json.dump(dict(conf, tie_word_embeddings=True), open(path / "config.json", "w"))
+        cfg, params = hf.load_pretrained(str(path))
+        assert cfg.architecture == "mistral" and cfg.tie_embeddings == (not untied)
+        want = _logits(model, IDS)
+        assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(IDS, jnp.int32))) - want).max() <= 1e-4
+        out = hf.save_pretrained(cfg, params, tmp_path / f"export{untied}", source=str(path))
+        export = transformers.Mistral3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+        assert np.abs(_logits(export, IDS) - want).max() <= 1e-5
+        theirs = model.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in export.state_dict().items())  # (vision tower included)
