@@ -113,7 +113,8 @@ def export_parts(source: str, text_hf: dict, tensors: dict):
     if wrapper(hf) is None:
         return None
     text = {k: v for k, v in text_hf.items() if k not in ("architectures", "torch_dtype")}
-    config = dict(hf, text_config=dict(hf.get("text_config") or {}, **text), torch_dtype=text_hf["torch_dtype"])
+    kept = {k: v for k, v in (hf.get("text_config") or {}).items() if k not in ("dtype", "torch_dtype")}
+    config = dict(hf, text_config=dict(kept, **text), torch_dtype=text_hf["torch_dtype"])
     config.pop("dtype", None)  # (transformers 5's name for torch_dtype: the export's is the one above)
     config.update({k: text[k] for k in _TOP_KEYS if k in hf and k in text})
     # The text tensors are written under the source's names (either layout); the others are copied from it.
