@@ -101,7 +101,9 @@ def text_tensors(get: TensorSource) -> TensorSource:
         return get
     if "lm_head.weight" in get.names:  # (a state_dict's head: not under the language model)
         stored.setdefault("lm_head.weight", "lm_head.weight")
-    return TensorSource(lambda name: get(stored.get(name, _SAVED + name)), stored)  # (a missing one: its saved name)
+    modules = any(n.startswith(_MODULE) for n in get.names)
+    as_stored = lambda name: stored.get(name, _wrapped_name(name, modules))  # noqa: E731 (a missing one: where it would be)
+    return TensorSource(lambda name: get(as_stored(name)), stored, as_stored)
 
 
 def export_parts(source: str, text_hf: dict, tensors: dict):

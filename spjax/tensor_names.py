@@ -36,10 +36,11 @@ class CheckpointError(ValueError):
 
 class TensorSource:
     """`get(name) -> np.ndarray` over one checkpoint, with the names it holds: the loader refuses a
-    checkpoint holding tensors it did not read, since those are parts of a model spjax would not compute."""
+    checkpoint holding tensors it did not read, since those are parts of a model spjax would not compute.
+    `stored(name)`: the name as the file holds it, for messages (a multimodal model's: spjax.hf_wrapped)."""
 
-    def __init__(self, get: Callable, names):
-        self.get, self.names = get, frozenset(names)
+    def __init__(self, get: Callable, names, stored: Callable = lambda name: name):
+        self.get, self.names, self.stored = get, frozenset(names), stored
 
     def __call__(self, name: str):
         return self.get(name)
@@ -162,7 +163,7 @@ def split_fused(cfg: ModelConfig, get: TensorSource, where: str, names: str = "h
                                   f"stacked parts) for the {cfg.architecture} config")
         return w[start:end]
 
-    out = TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts))
+    out = TensorSource(read, (get.names - {p[0] for p in parts.values()}) | set(parts), get.stored)
     out.split = True
     return out
 
@@ -229,7 +230,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         except ValueError:
             x = None
         if x is None or x.shape != tuple(want):  # said in the file's layout ([out, in]), not spjax's
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(np.shape(w))}, expected "
+            raise CheckpointError(f"{where}: tensor {get.stored(name)!r} has shape {tuple(np.shape(w))}, expected "
                                   f"{e.to_hf(np.empty(want, np.float32)).shape} for {cfg.architecture} config")
         return np.asarray(x, dtype=np.float32).astype(dtype)
 
@@ -273,7 +274,7 @@ def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "h
     missing = sorted(read - get.names)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: tensor {missing[0]!r} missing from the checkpoint{more}")
+        raise CheckpointError(f"{where}: tensor {get.stored(missing[0])!r} missing from the checkpoint{more}")
     _check_all_read(cfg, get, read, where, names)
 
 
@@ -291,7 +292,7 @@ def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, 
             left.remove(head)
     if left:
         more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-        raise CheckpointError(f"{where}: tensor(s) {', '.join(left[:3])}{more} are not part of spjax's "
+        raise CheckpointError(f"{where}: tensor(s) {', '.join(map(get.stored, left[:3]))}{more} are not part of spjax's "
                               f"{cfg.architecture} model with this config, so spjax would compute another model than "
                               f"the checkpoint's: check the config (e.g. tie_word_embeddings) or use a supported model")
 

@@ -193,3 +193,13 @@ def test_mistral_small_with_its_own_head_loads_and_exports(tmp_path):
         assert np.abs(_logits(export, IDS) - want).max() <= 1e-5
         theirs = model.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in export.state_dict().items())  # (vision tower included)
+    # what is wrong with a file is said under the name the file holds
+    from safetensors.numpy import load_file, save_file
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    save_file({k: v for k, v in tensors.items() if k != "language_model.model.layers.1.mlp.up_proj.weight"}, file)
+    with pytest.raises(hf.CheckpointError, match=r"tensor 'language_model.model.layers.1.mlp.up_proj.weight' missing"):
+        hf.load_pretrained(str(path))
+    save_file(dict(tensors, **{"language_model.model.layers.0.mlp.up_proj.bias": np.zeros(128, np.float32)}), file)
+    with pytest.raises(hf.CheckpointError, match=r"tensor\(s\) language_model.model.layers.0.mlp.up_proj.bias are not "):
+        hf.load_pretrained(str(path))
