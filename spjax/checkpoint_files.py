@@ -85,7 +85,6 @@ def bf16_tensor(path, name):
         return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
 
 
-
 def _stored(directory: str, names) -> dict:
     """{name: (file path, its data's first byte, its header entry)} of a safetensors checkpoint's tensors."""
     import struct
