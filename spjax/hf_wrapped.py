@@ -106,6 +106,18 @@ def text_tensors(get: TensorSource) -> TensorSource:
     return TensorSource(lambda name: get(as_stored(name)), stored, as_stored)
 
 
+def describe(path: str):
+    """The line a run says about a multimodal model_path (None for any other model)."""
+    from spjax.checkpoint_files import read_json, safetensors_getter
+    where = os.path.join(path, "config.json") if path and os.path.isdir(path) else ""
+    arch = (read_json(where).get("architectures") or [None])[0] if where and os.path.isfile(where) else None
+    if arch not in WRAPPERS:
+        return None
+    other = [n for n in safetensors_getter(path).names if text_name(n) is None and n != "lm_head.weight"]
+    return (f"model: the language model of {arch}; its {len(other)} other tensors (vision tower, projector) stay on "
+            f"disk, and exports copy them from {path}")
+
+
 def export_parts(source: str, text_hf: dict, tensors: dict):
     """(config.json dict, the tensors under the source's names, the names of the source's other tensors, to be
     copied from it) of an export whose source directory holds a wrapped model; None for any other source."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from spjax import artifacts, checkpoint as ckpt_lib
 from spjax import evaluate, hf, ledger, metrics as metrics_lib, objectives, pairs as pairs_lib, step as step_lib
-from spjax import lora, preflight, saving, scoring, sharding as shd
+from spjax import hf_wrapped, lora, preflight, saving, scoring, sharding as shd
 from spjax.config import Config, ConfigError
 from spjax.data import batching, packing
 
@@ -123,6 +123,9 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
     for line in shd.unsplit_notes(model_cfg, mesh):
         echo(line)
     echo(lora.describe(model_cfg, params))  # e.g. "trainable params: 1,234 of 5,678 (...): LoRA r=16 ..."
+    wrapped = hf_wrapped.describe(cfg.model_path)  # (a multimodal model: what of it the run trains)
+    if wrapped:
+        echo(wrapped)
     echo(saving.disk_report(cfg, model_cfg, workdir))
     judge = None
     if cfg.judge.name:

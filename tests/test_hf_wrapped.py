@@ -144,7 +144,7 @@ def test_language_model_loads_and_exports_as_the_whole_multimodal_model(source, 
     assert np.abs(with_image - _logits(source_as_trained, ids, **kw)).max() <= 1e-5
 
 
-def test_a_lora_run_exports_an_adapter_of_the_language_model_alone(source, tmp_path):
+def test_a_lora_run_exports_an_adapter_of_the_language_model_alone(source, tmp_path, capsys):
     """A LoRA self-play run from the multimodal checkpoint: its merged export and its PEFT adapter on the source
     are the same model, PEFT adapts no vision module, and spjax reads the adapter back."""
     import peft
@@ -154,6 +154,8 @@ def test_a_lora_run_exports_an_adapter_of_the_language_model_alone(source, tmp_p
             "--workdir", str(work), f"model_path={source}", "tokenizer_path=bytes", "lora.rank=4",
             "run.rounds=1", "run.eval_examples=0", f"data.tfds_dir={tmp_path / 'tfds'}"]
     assert train.main(args) == 0
+    assert (f"model: the language model of {WRAPPED}; its 34 other tensors (vision tower, projector) stay on disk, "
+            f"and exports copy them from {source}") in capsys.readouterr().out
     export = os.path.join(work, "export")
     assert json.load(open(os.path.join(export, "config.json")))["architectures"] == [WRAPPED]
     merged = _logits(_torch(export), IDS)
