@@ -91,6 +91,7 @@ def test_text_config_is_read_as_transformers_reads_it(wrapped_class, config_clas
         assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
     else:
         assert want.rope_theta == 1e9 and want.sliding_window is None and want.num_layers == 40
+        assert want == _module("configs/single_gpu_mistral_small_24b.py").MISTRAL_SMALL_24B
 
 
 def test_unsupported_multimodal_configs_are_one_line():
