@@ -1,6 +1,7 @@
-"""chi2 self-play with QLoRA on one GPU: Mistral-Small-3.2-24B-Instruct (a local HF directory of the
-multimodal Mistral3ForConditionalGeneration; 3.1 is the same shape) on the SPIN UltraChat data (the 7B
-configs' files; see docs/scale_out.md).
+"""chi2 self-play with QLoRA on one GPU: Mistral-Small-3.1-24B-Instruct (a local HF directory of the
+multimodal Mistral3ForConditionalGeneration; 3.2 is the same shape, `model_path=DIR`, with `tokenizer_path`
+naming a directory with its tokenizer.json where DIR holds only Mistral's tekken.json) on the SPIN
+UltraChat data (the 7B configs' files; see docs/scale_out.md).
 
   bash launch/gpu_single_host.sh --cuda --config configs/single_gpu_mistral_small_24b.py --workdir runs/mistral_small
 
@@ -31,7 +32,7 @@ MISTRAL_SMALL_24B = ModelConfig(
 
 def get_config() -> Config:
     return Config(
-        model_path="/data/models/Mistral-Small-3.2-24B-Instruct-2506",  # HF directory (config.json, safetensors, tokenizer)
+        model_path="/data/models/Mistral-Small-3.1-24B-Instruct-2503",  # HF directory (config.json, safetensors, tokenizer)
         model=MISTRAL_SMALL_24B,
         param_dtype="bfloat16",  # the frozen base before quantization; adapters train in fp32 regardless
         compute_dtype="bfloat16",
