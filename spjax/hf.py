@@ -21,7 +21,7 @@ from spjax.hf_wrapped import copy_files, export_parts, text_config, text_tensors
 from spjax.hf_config import config_from_hf, config_to_hf  # noqa: F401 - public as spjax.hf.config_*
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401 (public names)
-                                check_names, params_from_tensors, params_to_tensors)
+                                check_names, params_from_tensors, params_to_tensors, tensors_bytes)
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -121,14 +121,12 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     default, temperature, top_p, ...) is the export's, with bos/eos ids as exported. A multimodal source's
     export is that model again, its language model as trained (spjax.hf_wrapped).
     """
-    from safetensors.numpy import save_file
     from spjax import artifacts, lora
     adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
-    tensors = params_to_tensors(cfg, params)
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    tensors = params_to_tensors(cfg, params, dtype)  # (made as they are written, a shard at a time)
     if jax.process_index() != 0:
         return out_dir
-    if dtype is not None:
-        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):  # e.g. --out naming a model file
         raise CheckpointError(f"{out_dir}: exists and is not a directory, so spjax will not replace it: choose a "
@@ -140,13 +138,13 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     artifacts.clear_interrupted(parent, os.path.basename(out_dir))
-    text_hf = hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(jnp.dtype(dtype or cfg.param_dtype))))
-    wrapped = export_parts(source, hf, tensors)  # (a multimodal source: this model again, spjax.hf_wrapped)
-    hf, tensors, carried = wrapped or (hf, tensors, [])
+    text_hf = hf = config_to_hf(dataclasses.replace(cfg, param_dtype=str(dtype)))
+    wrapped = export_parts(source, hf)  # (a multimodal source: this model again, spjax.hf_wrapped)
+    hf, rename, carried = wrapped or (hf, None, [])
     carried_bytes = sum(stored_sizes(source, carried).values()) if carried else 0
     # Refused before a byte is written (as checkpoints are): a full disk midway is a slow way to learn it.
-    need = (sum(a.nbytes for a in tensors.values()) + sum(a.nbytes for a in (adapter or {}).values()) + carried_bytes
-            + (8 << 20))
+    total = tensors_bytes(cfg, dtype) + carried_bytes
+    need = total + sum(a.nbytes for a in (adapter or {}).values()) + (8 << 20)
     free = shutil.disk_usage(parent).free
     if free < need:
         import errno
@@ -160,26 +158,18 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
             f.write("written by spjax.save_pretrained; a later export may replace this directory\n")
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(_generation_config(cfg, text_hf, source), f, indent=2)
-        shards, cur, size = [], {}, 0
-        for name, arr in tensors.items():
-            if cur and size + arr.nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name] = arr
-            size += arr.nbytes
-        shards.append(cur)
+        shards = _write_shards(tmp, tensors, max_shard_bytes, rename)
         n = len(shards) + bool(carried)  # (a multimodal source's other tensors: a shard of their own, last)
         if n == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            os.rename(shards[0][0], os.path.join(tmp, "model.safetensors"))
         else:
             weight_map, name = {}, lambda i: f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            for i, shard in enumerate(shards):
-                save_file(shard, os.path.join(tmp, name(i)), metadata={"format": "pt"})
-                weight_map.update({k: name(i) for k in shard})
+            for i, (path, names) in enumerate(shards):
+                os.rename(path, os.path.join(tmp, name(i)))
+                weight_map.update(dict.fromkeys(names, name(i)))
             if carried:
                 copy_tensors(source, carried, os.path.join(tmp, name(n - 1)))
-                weight_map.update({k: name(n - 1) for k in carried})
-            total = sum(a.nbytes for a in tensors.values()) + carried_bytes
+                weight_map.update(dict.fromkeys(carried, name(n - 1)))
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
@@ -208,6 +198,27 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_shards(tmp: str, tensors, max_shard_bytes: int, rename=None) -> list:
+    """(file, its tensor names) of each shard written from (name, tensor) pairs as they come: one shard in
+    memory at a time. Files are named part-N here; the caller names them once all are counted."""
+    from safetensors.numpy import save_file
+    shards, cur, size = [], {}, 0
+
+    def flush():
+        path = os.path.join(tmp, f"part-{len(shards):05d}.safetensors")
+        save_file(cur, path, metadata={"format": "pt"})
+        shards.append((path, list(cur)))
+
+    for name, arr in tensors:
+        if cur and size + arr.nbytes > max_shard_bytes:
+            flush()
+            cur, size = {}, 0
+        cur[rename(name) if rename else name] = arr
+        size += arr.nbytes
+    flush()
+    return shards
 
 
 def _generation_config(cfg: ModelConfig, hf: dict, source: str) -> dict:

@@ -118,9 +118,10 @@ def describe(path: str):
             f"disk, and exports copy them from {path}")
 
 
-def export_parts(source: str, text_hf: dict, tensors: dict):
-    """(config.json dict, the tensors under the source's names, the names of the source's other tensors, to be
-    copied from it) of an export whose source directory holds a wrapped model; None for any other source."""
+def export_parts(source: str, text_hf: dict):
+    """(config.json dict, the source's name of each text tensor (a function), the names of the source's other
+    tensors, to be copied from it) of an export whose source directory holds a wrapped model; None for any
+    other source."""
     from spjax.checkpoint_files import read_json, safetensors_getter
     path = os.path.join(source, "config.json") if source and os.path.isdir(source) else ""
     hf = read_json(path) if path and os.path.isfile(path) else {}
@@ -135,7 +136,7 @@ def export_parts(source: str, text_hf: dict, tensors: dict):
     names = safetensors_getter(source).names
     modules = any(n.startswith(_MODULE) for n in names)
     carried = sorted(n for n in names if text_name(n) is None and not (modules and n == "lm_head.weight"))
-    return config, {_wrapped_name(k, modules): v for k, v in tensors.items()}, carried
+    return config, lambda name: _wrapped_name(name, modules), carried
 
 
 def _wrapped_name(name: str, modules: bool) -> str:

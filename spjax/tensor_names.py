@@ -168,11 +168,12 @@ def split_fused(cfg: ModelConfig, get: TensorSource, where: str, names: str = "h
     return out
 
 
-def fuse(cfg: ModelConfig, tensors: dict) -> dict:
-    """HF tensors under layer_table's names with Phi-3's parts stacked into its fused tensors."""
+def fuse(cfg: ModelConfig, tensors: dict, layers=None) -> dict:
+    """HF tensors under layer_table's names with Phi-3's parts stacked into its fused tensors (of `layers`,
+    default all)."""
     out = dict(tensors)
     for fused, pieces in _fused(cfg).items():
-        for i in range(cfg.num_layers):
+        for i in range(cfg.num_layers) if layers is None else layers:
             out[fused.format(i=i)] = np.concatenate([out.pop(name.format(i=i)) for name, _ in pieces], axis=0)
     return out
 
@@ -297,37 +298,50 @@ def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, 
                               f"the checkpoint's: check the config (e.g. tie_word_embeddings) or use a supported model")
 
 
-def merged_layer(cfg: ModelConfig, layers: dict, leaf: str) -> np.ndarray:
-    """Host float32 weight [N, *in, *out] of one layer leaf: dequantized, plus (alpha / r) A B."""
-    w = np.asarray(layers[leaf])
+def merged_layer(cfg: ModelConfig, layers: dict, leaf: str, i: int) -> np.ndarray:
+    """Host float32 weight [*in, *out] of layer i's leaf: dequantized, plus (alpha / r) A B."""
+    w = np.asarray(layers[leaf][i])
     if leaf not in PROJ_IN_DIMS:
         return w
     if cfg.base_quant != "none":
-        w = quant.dequantize(w, np.asarray(layers[f"{leaf}_scale"]), cfg.base_quant, PROJ_IN_DIMS[leaf], lead=1,
+        w = quant.dequantize(w, np.asarray(layers[f"{leaf}_scale"][i]), cfg.base_quant, PROJ_IN_DIMS[leaf],
                              dtype=np.float32)
-    w = w.astype(np.float32)
+    w = w.astype(np.float32, copy=False)
     if cfg.lora.rank and leaf in cfg.lora.targets:
-        a = np.asarray(layers[f"{leaf}_lora_a"], np.float32)
-        b = np.asarray(layers[f"{leaf}_lora_b"], np.float32)
-        N, r = a.shape[0], a.shape[-1]
-        delta = np.matmul(a.reshape(N, -1, r), b.reshape(N, r, -1)) * (cfg.lora.alpha / r)
+        a = np.asarray(layers[f"{leaf}_lora_a"][i], np.float32)
+        b = np.asarray(layers[f"{leaf}_lora_b"][i], np.float32)
+        r = a.shape[-1]
+        delta = np.matmul(a.reshape(-1, r), b.reshape(r, -1)) * (cfg.lora.alpha / r)
         w = w + delta.reshape(w.shape)
     return w
 
 
-def params_to_tensors(cfg: ModelConfig, params) -> dict:
-    """HF-named numpy tensors (in the param dtype) for a params tree (gathered to host); a LoRA
-    policy is written merged, so the result is a plain checkpoint of base + adapter."""
-    out = {}
+def params_to_tensors(cfg: ModelConfig, params, dtype=None):
+    """(HF name, numpy tensor) pairs of a params tree, in the param dtype (then in `dtype`, if given), made a
+    layer at a time as they are taken: an export holds one shard of them, not a second copy of the model
+    (nor a float32 copy of a whole stacked leaf). A LoRA policy's are merged: a plain checkpoint of base +
+    adapter. The params are gathered to host now (a collective: every process calls it)."""
     host = jax.tree.map(shd.to_host, params)
-    dtype = jnp.dtype(cfg.param_dtype)
+    return _host_tensors(cfg, host, jnp.dtype(dtype or cfg.param_dtype))
+
+
+def _host_tensors(cfg: ModelConfig, host: dict, dtype):
+    # (cast before the HF layout's transposes: their strided copies then move the export dtype's bytes)
+    cast = lambda w: w.astype(cfg.param_dtype, copy=False).astype(dtype, copy=False)  # noqa: E731
     for leaf, e in top_table(cfg).items():
-        out[e.hf] = np.ascontiguousarray(e.to_hf(host[leaf]))
-    for leaf, e in layer_table(cfg).items():
-        w = merged_layer(cfg, host["layers"], leaf).astype(dtype)
-        for i in range(cfg.num_layers):
-            out[e.hf.format(i=i)] = np.ascontiguousarray(e.to_hf(w[i]))
-    return fuse(cfg, out) if export_arch(cfg) == "phi3" else out
+        yield e.hf, np.ascontiguousarray(e.to_hf(cast(host[leaf])))
+    table = layer_table(cfg)
+    for i in range(cfg.num_layers):
+        layer = {e.hf.format(i=i): np.ascontiguousarray(e.to_hf(cast(merged_layer(cfg, host["layers"], leaf, i))))
+                 for leaf, e in table.items()}
+        yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
+
+
+def tensors_bytes(cfg: ModelConfig, dtype=None) -> int:
+    """The bytes params_to_tensors' tensors take (in `dtype`, else the param dtype), from the shapes alone."""
+    from spjax import model
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.param_shapes(base_config(cfg))))
+    return n * jnp.dtype(dtype or cfg.param_dtype).itemsize
 
 
 def _get(tree, path):
@@ -338,4 +352,4 @@ def _get(tree, path):
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config",
-           "params_from_tensors", "check_names", "merged_layer", "params_to_tensors"]
+           "params_from_tensors", "check_names", "merged_layer", "params_to_tensors", "tensors_bytes"]

@@ -46,12 +46,29 @@ def test_transformers_checkpoint_loads(family, tmp_path):
     assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - oracle.torch_logits(tm, ids)).max() <= 1e-4
 
 
-def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices):
-    """Several safetensors files with an index; loading onto a 2x4 fsdp x tensor mesh shards params."""
+def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices, monkeypatch):
+    """Several safetensors files with an index, each written as soon as it is full: the export holds one
+    shard of tensors, not the model (made as taken); loading onto a 2x4 fsdp x tensor mesh shards params."""
+    from safetensors import numpy as st
     cfg, params = oracle.spjax_model("qwen2")
+    made, written, unwritten = [0], [0], []
+    real_tensors, real_save = hf.params_to_tensors, st.save_file
+
+    def counted(*a):
+        for item in real_tensors(*a):
+            made[0] += 1
+            yield item
+
+    def save(tensors, path, **kw):
+        written[0] += len(tensors)
+        unwritten.append(made[0] - written[0])  # made and in no file yet: at most the next shard's first
+        return real_save(tensors, path, **kw)
+    monkeypatch.setattr(hf, "params_to_tensors", counted)
+    monkeypatch.setattr(st, "save_file", save)
     out = spjax.save_pretrained(cfg, params, tmp_path / "hf", max_shard_bytes=64 << 10)
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    assert len(unwritten) > 2 and max(unwritten) <= 1, unwritten  # (before: every tensor made first)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     cfg2, sharded = spjax.load_pretrained(out, mesh=mesh)
     assert cfg2 == cfg
