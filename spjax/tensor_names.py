@@ -329,12 +329,24 @@ def _host_tensors(cfg: ModelConfig, host: dict, dtype):
     # (cast before the HF layout's transposes: their strided copies then move the export dtype's bytes)
     cast = lambda w: w.astype(cfg.param_dtype, copy=False).astype(dtype, copy=False)  # noqa: E731
     for leaf, e in top_table(cfg).items():
-        yield e.hf, np.ascontiguousarray(e.to_hf(cast(host[leaf])))
+        yield e.hf, c_order(e.to_hf(cast(host[leaf])))
     table = layer_table(cfg)
     for i in range(cfg.num_layers):
-        layer = {e.hf.format(i=i): np.ascontiguousarray(e.to_hf(cast(merged_layer(cfg, host["layers"], leaf, i))))
+        layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host["layers"], leaf, i))))
                  for leaf, e in table.items()}
         yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
+
+
+def c_order(x: np.ndarray, block: int = 256) -> np.ndarray:
+    """x in C order. A transposed matrix (the HF layout of spjax's [in, out] weights) is copied a block of
+    its columns at a time, each a run of the source's rows: 3x numpy's element-by-element strided copy
+    (2048 x 8192 bf16: 0.03 vs 0.09 s)."""
+    if x.ndim != 2 or x.flags.c_contiguous or not x.flags.f_contiguous:
+        return np.ascontiguousarray(x)
+    out = np.empty(x.shape, x.dtype)
+    for j in range(0, x.shape[1], block):
+        out[:, j:j + block] = x[:, j:j + block]
+    return out
 
 
 def tensors_bytes(cfg: ModelConfig, dtype=None) -> int:

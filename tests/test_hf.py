@@ -294,3 +294,17 @@ def test_a_background_checkpoint_writes_logged_io_failure_is_left_to_the_one_lin
     assert not keep(record(OSError(28, "No space left on device")))
     assert keep(record(RuntimeError("shape mismatch")))
     assert keep(logging.LogRecord("absl", logging.WARNING, __file__, 1, "no exception", (), None))
+
+
+def test_c_order_copies_a_transposed_matrix_exactly():
+    """The export's blocked copy of transposed weights (HF's [out, in]) equals numpy's, bit for bit."""
+    import ml_dtypes
+    from spjax.tensor_names import c_order
+    r = np.random.RandomState(0)
+    for shape in [(3, 5), (300, 700), (1, 1000), (1000, 1), (257, 513)]:
+        for dtype in (np.float32, ml_dtypes.bfloat16, np.int8):
+            x = (r.randn(*shape) * 50).astype(dtype)
+            for view in (x, x.T, x[:, ::2], x.T[:, 1:]):
+                got = c_order(view, block=64)
+                assert got.flags.c_contiguous and got.dtype == view.dtype
+                assert got.tobytes() == np.ascontiguousarray(view).tobytes(), (shape, dtype)
