@@ -145,13 +145,12 @@ def _wrapped_name(name: str, modules: bool) -> str:
     return module_name(name, True)
 
 
-def module_name(name: str, wrapped: bool, pattern: bool = False) -> str:
-    """A text model's module or tensor name (model.*) where a multimodal model holds it (model.language_model.*;
-    pattern: in a regular expression, its dots escaped); unchanged when not wrapped."""
-    start = r"model\." if pattern else "model."
-    if not wrapped or not name.startswith(start):
+def module_name(name: str, wrapped: bool) -> str:
+    """A text model's module or tensor name (model.*) where a multimodal model holds it (model.language_model.*);
+    unchanged when not wrapped."""
+    if not wrapped or not name.startswith("model."):
         return name
-    return (r"model\.language_model\." if pattern else _MODULE) + name[len(start):]
+    return _MODULE + name[len("model."):]
 
 
 def copy_files(source: str, out_dir: str):

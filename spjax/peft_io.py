@@ -38,7 +38,7 @@ def _targets(cfg: ModelConfig, wrapped: bool):
     """adapter_config.json's target_modules: the modules' short names, or (wrapped) a pattern PEFT matches
     against whole module names, the language model's alone."""
     short = sorted({_short(module) for module, _, _ in _adapted(cfg)})
-    return module_name(r"model\..*\.({})".format("|".join(short)), wrapped, pattern=True) if wrapped else short
+    return re.escape(module_name("model.", True)) + r".*\.({})".format("|".join(short)) if wrapped else short
 
 
 def _adapted(cfg: ModelConfig) -> list:
