@@ -13,11 +13,12 @@ the attention runs on XLA's einsum path on a GPU (cuDNN's call has no cap); sequ
 window here, so no layer masks anything the full ones would not.
 Check memory first: python -m spjax.compile_check --config configs/sppo_gemma2_9b_1gpu.py
 (CPU compiler standing in for an H100, 2026-12-04, with the int8 base below and JUDGE_MODEL's 8B reward
-model (13.98 GiB) held beside every program: 56.6 GiB peak, the judge's batch (train step 39.1, sampler
-43.2). The judge's 32.9 GiB of temporaries are mostly the CPU compiler's fp32 copy of the reward
-model's bf16 weights (28.3 GiB at judge.batch_size=4): a GPU needs far less. With `base_quant=none`, a
-bf16 base, 117.9 GiB, "does not fit": the sampler decodes a merged bf16 copy beside the policy, and the
-CPU compiler over-counts bf16 programs, see docs/lora.md. Not yet compiled on a GPU.)
+model (13.98 GiB, on the device for the judge phases only): 56.6 GiB peak, the judge's batch (train step
+25.1, sampler 29.2; 39.1 and 43.2 while the reward model stayed on the device). The judge's 32.9 GiB of
+temporaries are mostly the CPU compiler's fp32 copy of the reward model's bf16 weights (28.3 GiB at
+judge.batch_size=4): a GPU needs far less. With `base_quant=none`, a bf16 base, 103.9 GiB (117.9 before),
+"does not fit": the sampler decodes a merged bf16 copy beside the policy, and the CPU compiler
+over-counts bf16 programs, see docs/lora.md. Not yet compiled on a GPU.)
 """
 from spjax.config import Config, DataConfig, JudgeConfig, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, \
     OptimConfig, RunConfig, SamplingConfig

@@ -6,9 +6,10 @@ Compiles the pair train step and the sampler's prefill + decode loop for the con
 as a run would refuse it) and prints each program's per-device memory (`memory_analysis()`). Nothing
 runs: state, params and batches are ShapeDtypeStructs with their shardings (a 7B checks on a laptop).
 With a reward model as the judge (judge.name reward_model:PATH), its scoring program is compiled too,
-and its params, loaded once for the whole run, count beside every program: their shapes come from
-PATH/config.json, else from a JUDGE_MODEL ModelConfig the config file declares (as `model` does for
-the policy); with neither, the report says the reward model is not counted.
+with its params beside it: their shapes come from PATH/config.json, else from a JUDGE_MODEL ModelConfig
+the config file declares (as `model` does for the policy); with neither, the report says the reward
+model is not counted. Between judge phases they wait in host memory (spjax.reward_model), so they count
+beside the train step and the sampler only on devices without pinned host memory.
 
 Targets (`--topology`, else the config file's TOPOLOGY constant, else this machine's devices):
   TPU slices (v4-8, v5p-32, v5e-16, v6e-8, ... or a raw libtpu name like v5:2x2x4) compile for the
@@ -189,6 +190,7 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
     rm_cfg, why = judge_model_config(cfg, judge_model)
     notes += [why] if why else []
     rm_bytes = 0 if rm_cfg is None else sum(map(shd.bytes_per_device, judge_params(rm_cfg, mesh)))
+    resident = 0 if shd.host_memory(devices) else rm_bytes  # (what waits on the devices beside other programs)
     # Traced under the mesh: attention_impl then picks kernels for the target's devices (splash for a
     # TPU topology compiled from a CPU host), and splash runs per shard of this mesh.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -196,11 +198,10 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
         said = lambda p: (echo or (lambda line: None))(  # noqa: E731 - progress: a 7B compiles for a minute
             f"{'refused (out of memory)' if p.refused else 'compiled'} {p.name} in {p.compile_s:.1f}s") or p
         train, state = compile_train_step(cfg, model_cfg, mesh)
-        # the reward model is loaded at the start and stays live: its params are beside every program
-        programs.append(said(dataclasses.replace(train, held=train.held + rm_bytes)))
+        programs.append(said(dataclasses.replace(train, held=train.held + resident)))
         if sample:
             sampler_row = compile_sampler(cfg, model_cfg, mesh, target.platform if target else "")
-            programs.append(said(dataclasses.replace(sampler_row, held=sampler_row.held + rm_bytes)))
+            programs.append(said(dataclasses.replace(sampler_row, held=sampler_row.held + resident)))
             if rm_cfg is not None:
                 programs.append(said(compile_judge(cfg, rm_cfg, mesh, state_bytes(state)["params"])))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
@@ -210,19 +211,21 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
         mesh=dict(mesh.shape), state_bytes=dict(state_bytes(state), **({"reward model": rm_bytes} if rm_cfg else {})),
         model=dict(architecture=model_cfg.architecture, params=n_params, layers=model_cfg.num_layers,
                    param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
-                   attention=attention, lora=_lora_line(model_cfg), judge=_judge_line(rm_cfg)),
+                   attention=attention, lora=_lora_line(model_cfg), judge=_judge_line(rm_cfg, resident)),
         programs=programs, memory_bytes=target.memory_bytes if target else None, notes=notes)
 
 
-def _judge_line(rm_cfg) -> str:
-    """'' without a reward model judge, else what it is."""
+def _judge_line(rm_cfg, resident: int) -> str:
+    """'' without a reward model judge, else what it is and where its params are."""
     if rm_cfg is None:
         return ""
     import jax
     from spjax import model
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(rm_cfg))) + rm_cfg.hidden_size
+    where = ("live beside every program (its state bytes below are in each program's `held`)" if resident else
+             "on the devices for its own program (`held` there), in host memory beside the others")
     return (f"reward model {rm_cfg.architecture} {n / 1e6:,.1f}M params in {rm_cfg.param_dtype}, {rm_cfg.num_layers} "
-            "layers, live beside every program (its state bytes below are in each program's `held`)")
+            f"layers, {where}")
 
 
 def _lora_line(model_cfg) -> str:

@@ -20,6 +20,7 @@ Output that breaks these rules (a wrong shape, NaN or inf, not a preference) rai
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -64,6 +65,8 @@ class Judge:
     bradley_terry: bool  # scores -> sigma(s_i - s_j); else by comparison
     collective: bool = False  # a program every process runs in lockstep (a reward model); else host code
     reads: str = ""  # what a reward model scores (said at the start)
+    waits: str = ""  # where a reward model's params wait between judge phases (said at the start)
+    on_device: Callable = contextlib.nullcontext  # `with judge.on_device():` a phase's calls share one placement
 
 
 def check_name(name: str):
@@ -241,7 +244,7 @@ def build(name: str, *, mesh=None, batch_size: int = 32, policy_tokenizer=None, 
     rm = reward_model.load(arg, mesh=mesh, policy_tokenizer=policy_tokenizer, today=today, param_dtype=dtype,
                            compute_dtype=dtype)
     return Judge(name, functools.partial(reward_model.judge_queries, rm, batch_size=batch_size), True, collective=True,
-                 reads=rm.describe())
+                 reads=rm.describe(), waits=rm.waiting(), on_device=rm.on_device)
 
 
 def win_matrix(scores_K: np.ndarray, bradley_terry: bool) -> np.ndarray:

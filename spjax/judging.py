@@ -62,24 +62,25 @@ def judge_round(ctx, t: int, split: str, examples: list, gen: dict) -> tuple:
     per_chunk = ctx.cfg.judge.batch_size
     bar = metrics_lib.progress(n, f"round {t} judge {split}", "prompt")
     scores, wins = [], []
-    for c, start in enumerate(range(0, n, per_chunk)):
-        part = examples[start:start + per_chunk]
-        ids = [int(e.id) for e in part]
-        todo = [e for e in part if int(e.id) not in done]  # judged on disk: reused, never judged again
-        if todo:
-            s_new, w_new = judges.judge_all(ctx.judge, queries(ctx, todo, gen, K))
-            done.update((int(e.id), (s_new[j], w_new[j])) for j, e in enumerate(todo))
-        s = np.stack([done[i][0] for i in ids]) if ids else np.zeros((0, K))
-        w = np.stack([done[i][1] for i in ids]) if ids else np.zeros((0, K, K))
-        if todo:
-            # overwriting a file of other chunk boundaries is safe: its rows were read into `done` (a kill
-            # now costs at most judging them again)
-            artifacts.save_arrays(os.path.join(chunk_dir, f"chunk_{c:05d}.npz"), ids=np.asarray(ids, np.int64),
-                                 scores=s, wins=w)
-            ctx.fault("judge")
-        scores.append(s)
-        wins.append(w)
-        bar.update(len(part))
+    with ctx.judge.on_device():  # (a reward model's params: on the devices for the phase, not per chunk)
+        for c, start in enumerate(range(0, n, per_chunk)):
+            part = examples[start:start + per_chunk]
+            ids = [int(e.id) for e in part]
+            todo = [e for e in part if int(e.id) not in done]  # judged on disk: reused, never judged again
+            if todo:
+                s_new, w_new = judges.judge_all(ctx.judge, queries(ctx, todo, gen, K))
+                done.update((int(e.id), (s_new[j], w_new[j])) for j, e in enumerate(todo))
+            s = np.stack([done[i][0] for i in ids]) if ids else np.zeros((0, K))
+            w = np.stack([done[i][1] for i in ids]) if ids else np.zeros((0, K, K))
+            if todo:
+                # overwriting a file of other chunk boundaries is safe: its rows were read into `done` (a kill
+                # now costs at most judging them again)
+                artifacts.save_arrays(os.path.join(chunk_dir, f"chunk_{c:05d}.npz"), ids=np.asarray(ids, np.int64),
+                                     scores=s, wins=w)
+                ctx.fault("judge")
+            scores.append(s)
+            wins.append(w)
+            bar.update(len(part))
     bar.close()
     out = {"scores": np.concatenate(scores) if scores else np.zeros((0, K)),
            "wins": np.concatenate(wins) if wins else np.zeros((0, K, K))}

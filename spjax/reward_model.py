@@ -15,9 +15,15 @@ text decoded and encoded with its tokenizer. Without tokenizer files, the policy
 its vocabulary are refused (a gather past the embedding gives NaN, not an error). A sequence longer
 than its max_position_embeddings loses its oldest tokens (the response and the read position stay),
 with a warning.
+
+Where it waits: a run loads it once, and its params wait in pinned host memory between judge phases
+(`on_device` brings them to the devices for a phase, shard by shard, and drops them after), so the
+sampler and the train step have that memory back: an 8B reward model is 15 GiB of a GPU's 80 that
+self-play would otherwise lose for the whole run. Devices without pinned host memory keep them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -39,7 +45,7 @@ BUCKET = 64  # sequences are right-padded to a multiple of this: few distinct co
 @dataclasses.dataclass
 class RewardModel:
     cfg: ModelConfig
-    params: dict  # the decoder's params (no LM head)
+    params: dict  # the decoder's params (no LM head), in memory `waits` between judge phases (see on_device)
     head_DxC: jax.Array  # score head, transposed: [D, 1]
     bias: float  # score.bias (0 without one)
     mesh: object
@@ -49,6 +55,29 @@ class RewardModel:
     path: str = ""
     chat: bool = False  # render conversations in the tokenizer's chat template
     today: Optional[str] = None  # the date a template prints as today's (the run's template date)
+    waits: str = "device"  # where params are between judge phases: 'pinned_host' or 'device'
+    live: Optional[dict] = dataclasses.field(default=None, repr=False)  # params on device, inside on_device
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The params on the devices for the block (a judge phase: brought once, not once a batch); then
+        dropped from them again when they wait in host memory."""
+        if self.waits == "device" or self.live is not None:
+            yield self.live if self.live is not None else self.params
+            return
+        self.live = shd.to_memory(self.params, "device")
+        try:
+            yield self.live
+        finally:
+            self.live = None
+
+    def waiting(self) -> str:
+        """'' when the params stay on the devices, else the line a run says about where they wait."""
+        if self.waits == "device":
+            return ""
+        from spjax.saving import size_text
+        return (f"its params ({size_text(shd.bytes_per_device(self.params))} per device) wait in host memory between "
+                "judge phases")
 
     def describe(self) -> str:
         if self.chat:
@@ -94,6 +123,9 @@ def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = Non
     head_DxC = jnp.asarray(head.T, cfg.param_dtype)
     if mesh is not None:
         head_DxC = jax.device_put(head_DxC, shd.replicated(mesh))
+    waits = shd.host_memory(mesh.devices.flat if mesh is not None else jax.devices()[:1]) or "device"
+    if waits != "device":
+        params = shd.to_memory(params, waits)
     from spjax.data.templates import has_chat_template
     tok, chat = None, False
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
@@ -106,7 +138,7 @@ def load(path: str, mesh=None, policy_tokenizer=None, today: Optional[str] = Non
         _check_vocab(path, cfg.vocab_size, policy_tokenizer if tok is None else tok, has_tokenizer)
     pad = config.get("pad_token_id")
     return RewardModel(cfg, params, head_DxC, bias, mesh, tok, policy_tokenizer,
-                       int(pad) if pad is not None else None, path, chat, today)
+                       int(pad) if pad is not None else None, path, chat, today, waits)
 
 
 def _check_vocab(path: str, vocab_size: int, feeding_tokenizer, has_tokenizer: bool):
@@ -140,28 +172,34 @@ def scores(rm: RewardModel, sequences: list, batch_size: int = 32) -> np.ndarray
     """[n] float32 rewards of token sequences (prompt + response ids), batch_size at a time."""
     dp = 1 if rm.mesh is None else shd.data_parallel_size(rm.mesh)
     B = -(-batch_size // dp) * dp
-    V = rm.cfg.vocab_size
     out = np.zeros(len(sequences), np.float32)
-    for start in range(0, len(sequences), B):
-        part = sequences[start:start + B]
-        L = -(-max(len(s) for s in part) // BUCKET) * BUCKET
-        ids_BxL = np.zeros((B, L), np.int32)  # any in-vocabulary filler: padded positions are masked out
-        length_B = np.ones(B, np.int32)
-        for r, s in enumerate(part):
-            s = np.asarray(s, np.int64)
-            bad = np.flatnonzero((s < 0) | (s >= V))
-            if len(bad):  # a JudgeError: spjax.train says it in one line (a policy may sample ids its tokenizer lacks)
-                from spjax.judges import JudgeError
-                raise JudgeError(f"reward model {rm.path}: sequence {start + r} has token id {s[bad[0]]} at position "
-                                 f"{bad[0]}, outside its vocabulary [0, {V}): give the reward model its tokenizer "
-                                 f"files, or score ids of its own vocabulary")
-            ids_BxL[r, :len(s)], length_B[r] = s, len(s)
-        if rm.mesh is not None:
-            ids_BxL, length_B = (shd.put_global(x, shd.batch_sharding(rm.mesh, x.ndim)) for x in (ids_BxL, length_B))
-        pad = -1 if rm.pad_id is None else rm.pad_id
-        got = shd.to_host(_scores(rm.cfg, rm.params, rm.head_DxC, ids_BxL, length_B, pad))
-        out[start:start + len(part)] = got[:len(part)] + rm.bias
+    with rm.on_device() as params:
+        for start in range(0, len(sequences), B):
+            out[start:start + B] = _batch(rm, params, sequences, start, B)
     return out
+
+
+def _batch(rm: RewardModel, params, sequences: list, start: int, B: int) -> np.ndarray:
+    """The rewards of sequences[start:start + B], a batch of B rows (dummy rows past the end)."""
+    V = rm.cfg.vocab_size
+    part = sequences[start:start + B]
+    L = -(-max(len(s) for s in part) // BUCKET) * BUCKET
+    ids_BxL = np.zeros((B, L), np.int32)  # any in-vocabulary filler: padded positions are masked out
+    length_B = np.ones(B, np.int32)
+    for r, s in enumerate(part):
+        s = np.asarray(s, np.int64)
+        bad = np.flatnonzero((s < 0) | (s >= V))
+        if len(bad):  # a JudgeError: spjax.train says it in one line (a policy may sample ids its tokenizer lacks)
+            from spjax.judges import JudgeError
+            raise JudgeError(f"reward model {rm.path}: sequence {start + r} has token id {s[bad[0]]} at position "
+                             f"{bad[0]}, outside its vocabulary [0, {V}): give the reward model its tokenizer "
+                             f"files, or score ids of its own vocabulary")
+        ids_BxL[r, :len(s)], length_B[r] = s, len(s)
+    if rm.mesh is not None:
+        ids_BxL, length_B = (shd.put_global(x, shd.batch_sharding(rm.mesh, x.ndim)) for x in (ids_BxL, length_B))
+    pad = -1 if rm.pad_id is None else rm.pad_id
+    got = shd.to_host(_scores(rm.cfg, params, rm.head_DxC, ids_BxL, length_B, pad))
+    return got[:len(part)] + rm.bias
 
 
 def _tokens(rm: RewardModel, q, k: int) -> list:

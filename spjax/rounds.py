@@ -134,6 +134,8 @@ def setup(cfg: Config, workdir: str, resume: bool, echo=print, fault=None) -> tu
                              today=cfg.data.template_date or None, dtype=cfg.compute_dtype)
         if judge.reads:
             echo(f"judge: the reward model reads {judge.reads}")
+        if judge.waits:
+            echo(f"judge: {judge.waits}")
     ctx = Context(cfg=cfg, workdir=workdir, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                   train=prepared.train, held=prepared.test[:cfg.run.eval_examples or None], eos_ids=stops,
                   pad_id=data_lib.pad_token_id(tokenizer, model_cfg), buckets=prepared.buckets,

@@ -9,7 +9,7 @@ import functools
 import logging
 import math
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -164,6 +164,22 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def host_memory(devices) -> Optional[str]:
+    """'pinned_host' where every one of `devices` can hold arrays in pinned host memory (GPU, TPU, and CPU
+    too), else None: the memory params may wait in while other programs run."""
+    try:
+        kinds = [{m.kind for m in d.addressable_memories()} for d in devices]
+    except Exception:  # noqa: BLE001 - a runtime without memory spaces: nowhere to wait but the device
+        return None
+    return "pinned_host" if kinds and all("pinned_host" in k for k in kinds) else None
+
+
+def to_memory(tree, kind: str):
+    """A tree of arrays moved to memory `kind` ('device', 'pinned_host') of the devices they are on, shards
+    where they were: each process moves its own shards."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(kind)), tree)
 
 
 def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -56,9 +56,11 @@ def test_an_fsdp_sampler_is_compiled_with_the_run_s_weights_layout(devices):
         == [("all-gather", "f32[8,4]")]  # scalars (TPU layouts too) move no array
 
 
-def test_a_reward_model_judge_is_counted_beside_every_program(devices, tmp_path):
-    """The run loads its reward model once and keeps it: compile_check left it out (with the Gemma-2-9B
-    SPPO config's 8B judge, 15 GiB per device unreported) and never compiled its scoring program."""
+def test_a_reward_model_judge_is_counted_where_it_is_on_the_devices(devices, tmp_path, monkeypatch):
+    """The run loads its reward model once: compile_check left it out (with the Gemma-2-9B SPPO config's 8B
+    judge, 15 GiB per device unreported) and never compiled its scoring program. Its params wait in host
+    memory between judge phases, so they count beside its own program, and beside the others only where
+    the devices have no pinned host memory."""
     (tmp_path / "config.json").write_text(json.dumps(dict(
         architectures=["LlamaForSequenceClassification"], vocab_size=259, hidden_size=64, intermediate_size=96,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -71,11 +73,15 @@ def test_a_reward_model_judge_is_counted_beside_every_program(devices, tmp_path)
     r = cc.check(cfg, devices[:2], target=cc.Target("test", "cpu", 2, memory_bytes=1 << 30))
     rm = r.state_bytes["reward model"]
     train, sample, judge = r.programs
-    assert rm > 0 and train.held == rm and sample.held == rm
+    assert rm > 0 and train.held == 0 and sample.held == 0
     # judge.batch_size rows (5, over 2 devices: 6) at the longest a round scores: 48 prompt + 24 new
     # tokens would be 128 once bucketed, but the run cuts sequences to the reward model's 64 positions
     assert judge.shape == "B=6 L=64, + policy" and judge.held == r.state_bytes["params"] and judge.argument >= rm
     assert "judge: reward model llama" in r.format() and "note:" not in r.format()
+    assert "in host memory beside the others" in r.format()
+    monkeypatch.setattr(sharding, "host_memory", lambda devices: None)  # (a runtime without memory spaces)
+    resident = cc.check(cfg, devices[:2], target=cc.Target("test", "cpu", 2, memory_bytes=1 << 30), sample=False)
+    assert resident.programs[0].held == rm and "live beside every program" in resident.format()
     # absent from this machine: a declared shape stands in, else the report says what it leaves out
     missing = load_config(TINY, ["judge.name=reward_model:/absent/rm", *judged])
     assert cc.judge_model_config(missing, rm_cfg)[0] == rm_cfg

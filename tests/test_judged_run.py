@@ -38,6 +38,7 @@ def judged_run(tmp_path_factory, tfds_dir):
 def test_judged_run_reports_the_judge(judged_run):
     workdir, out, args = judged_run
     assert "pairs: judged (run.pairs=auto)" in out and f"judge: {args[-1][len('judge.name='):]}" in out
+    assert "judge: its params (" in out and "per device) wait in host memory between judge phases" in out
     assert "held-out judge score" in out and "win rate over the previous model" in out
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     rounds = [r for r in rows if r["kind"] == "round"]

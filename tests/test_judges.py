@@ -483,6 +483,37 @@ def test_reward_model_checkpoint_shapes(tmp_path, caplog):
         reward_model.load(str(tmp_path / "two"))
 
 
+def test_a_reward_model_waits_in_host_memory_between_judge_phases(tmp_path, devices, monkeypatch):
+    """An 8B reward model held on the devices for the whole run took 15 GiB of a GPU's 80 from the sampler and
+    the train step. Its params wait in pinned host memory, shard by shard; a judge phase brings them once (not
+    once a batch) and drops them after; the rewards are those of params kept on the devices, bit for bit."""
+    import jax
+    from spjax import reward_model, sharding as shd
+    from spjax.config import MeshConfig
+    _saved_rm(tmp_path, num_labels=1, pad_token_id=0)
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=4), devices)
+    judge = judges.build(f"reward_model:{tmp_path}", mesh=mesh, batch_size=2)
+    rm = judge.fn.args[0]
+    kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert kinds(rm.params) == {"pinned_host"} and "wait in host memory between judge phases" in judge.waits
+    assert all(x.sharding.spec == y.spec for x, y in zip(jax.tree.leaves(rm.params), jax.tree.leaves(
+        shd.param_shardings(rm.cfg, mesh))))  # (placed as on the devices: each host moves only its shards)
+    kept = dataclasses.replace(rm, params=shd.to_memory(rm.params, "device"), waits="device")
+    seqs = [list(range(3, 3 + n)) for n in (5, 17, 9, 30, 2)]  # 3 batches of 2
+    moves = []
+    monkeypatch.setattr(shd, "to_memory", lambda tree, kind, to=shd.to_memory: moves.append(kind) or to(tree, kind))
+    with judge.on_device():
+        assert kinds(rm.live) == {"device"}
+        got = reward_model.scores(rm, seqs, batch_size=2)
+        again = judges.judge_all(judge, [judges.Query("", ("", ""), "", np.asarray(seqs[0]), (np.asarray(seqs[1]),
+                                                                                               np.asarray(seqs[2])))])
+    assert moves == ["device"] and rm.live is None and kinds(rm.params) == {"pinned_host"}
+    assert np.array_equal(got, reward_model.scores(kept, seqs, batch_size=2)) and len(moves) == 1
+    assert np.array_equal(again[0][0], reward_model.scores(kept, [seqs[0] + seqs[1], seqs[0] + seqs[2]], batch_size=2))
+    reward_model.scores(rm, seqs[:1])  # outside a phase: brought for the call alone
+    assert moves == ["device", "device"] and rm.live is None
+
+
 def test_arithmetic_problems(tmp_path):
     import re
     from spjax.config import DataConfig
