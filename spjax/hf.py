@@ -21,7 +21,8 @@ from spjax.hf_wrapped import copy_files, export_parts, text_config, text_tensors
 from spjax.hf_config import config_from_hf, config_to_hf  # noqa: F401 - public as spjax.hf.config_*
 from spjax.hf_tokenizer import load_tokenizer, save_tokenizer  # noqa: F401 - spjax.hf.load_tokenizer is public
 from spjax.tensor_names import (HF_ARCHS, CheckpointError, TensorSource,  # noqa: F401 (public names)
-                                check_names, params_from_tensors, params_to_tensors, tensors_bytes)
+                                check_names, drain, host_pieces, params_from_tensors, params_to_tensors,
+                                tensors_bytes)
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -114,19 +115,33 @@ def save_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer=None, dtyp
     An existing out_dir is replaced only if it is empty or an earlier spjax export (EXPORT_MARK), so
     a mistyped path never deletes a run or a model; replace_any: a run's own export/ and best/.
 
-    Only process 0 writes; every process must call it (params are gathered collectively).
+    Only process 0 writes; every process must call it (params are gathered collectively, a layer at a time
+    as the tensors are written; where process 0 fails, it still takes its part in the rest before raising).
     A LoRA policy is written merged (base + adapter), with the adapter alone in PEFT's layout
     under adapter/ (peft.PeftModel.from_pretrained(<the base>, out_dir + "/adapter")).
     source: the HF directory the model came from: its generation_config.json (a greedy or a sampling
     default, temperature, top_p, ...) is the export's, with bos/eos ids as exported. A multimodal source's
     export is that model again, its language model as trained (spjax.hf_wrapped).
     """
-    from spjax import artifacts, lora
+    from spjax import lora
     adapter = lora.peft_tensors(cfg, params) if cfg.lora.rank else None
-    dtype = jnp.dtype(dtype or cfg.param_dtype)
-    tensors = params_to_tensors(cfg, params, dtype)  # (made as they are written, a shard at a time)
+    pieces = host_pieces(params)  # (gathered as taken: every process takes every piece)
     if jax.process_index() != 0:
+        drain(pieces)
         return out_dir
+    try:
+        return _save(cfg, params_to_tensors(cfg, params, dtype, pieces), adapter, out_dir, tokenizer, dtype,
+                     max_shard_bytes, replace_any, source)
+    except Exception:
+        drain(pieces)  # the other processes' gathers still need this one's part: they would wait in them
+        raise
+
+
+def _save(cfg: ModelConfig, tensors, adapter, out_dir: str, tokenizer, dtype, max_shard_bytes: int,
+          replace_any: bool, source: str) -> str:
+    """save_pretrained on process 0: (name, tensor) pairs in, the directory out."""
+    from spjax import artifacts, lora
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):  # e.g. --out naming a model file
         raise CheckpointError(f"{out_dir}: exists and is not a directory, so spjax will not replace it: choose a "

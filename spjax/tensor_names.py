@@ -298,42 +298,63 @@ def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, 
                               f"the checkpoint's: check the config (e.g. tie_word_embeddings) or use a supported model")
 
 
-def merged_layer(cfg: ModelConfig, layers: dict, leaf: str, i: int) -> np.ndarray:
-    """Host float32 weight [*in, *out] of layer i's leaf: dequantized, plus (alpha / r) A B."""
-    w = np.asarray(layers[leaf][i])
+def merged_layer(cfg: ModelConfig, layer: dict, leaf: str) -> np.ndarray:
+    """Host float32 weight [*in, *out] of a layer's leaf (layer: that layer's host leaves, host_pieces'):
+    dequantized, plus (alpha / r) A B."""
+    w = np.asarray(layer[leaf])
     if leaf not in PROJ_IN_DIMS:
         return w
     if cfg.base_quant != "none":
-        w = quant.dequantize(w, np.asarray(layers[f"{leaf}_scale"][i]), cfg.base_quant, PROJ_IN_DIMS[leaf],
+        w = quant.dequantize(w, np.asarray(layer[f"{leaf}_scale"]), cfg.base_quant, PROJ_IN_DIMS[leaf],
                              dtype=np.float32)
     w = w.astype(np.float32, copy=False)
     if cfg.lora.rank and leaf in cfg.lora.targets:
-        a = np.asarray(layers[f"{leaf}_lora_a"][i], np.float32)
-        b = np.asarray(layers[f"{leaf}_lora_b"][i], np.float32)
+        a = np.asarray(layer[f"{leaf}_lora_a"], np.float32)
+        b = np.asarray(layer[f"{leaf}_lora_b"], np.float32)
         r = a.shape[-1]
         delta = np.matmul(a.reshape(-1, r), b.reshape(r, -1)) * (cfg.lora.alpha / r)
         w = w + delta.reshape(w.shape)
     return w
 
 
-def params_to_tensors(cfg: ModelConfig, params, dtype=None):
+def host_pieces(params):
+    """(None, the params outside the layers), then (i, layer i's leaves) for each layer, as numpy on every
+    process: gathered a piece at a time as they are taken, so the host never holds the whole model. A
+    collective: every process takes every piece, in order (hosts that write nothing too: `drain`)."""
+    yield None, jax.tree.map(shd.to_host, {k: v for k, v in params.items() if k != "layers"})
+    layers = params["layers"]
+    for i in range(jax.tree.leaves(layers)[0].shape[0]):
+        yield i, jax.tree.map(lambda x: shd.to_host(_layer(x, i)), layers)
+
+
+@jax.jit
+def _layer(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)  # (i traced: one program per leaf shape)
+
+
+def drain(pieces):
+    """Take the rest of host_pieces' pieces: this process's part in the gathers, where it writes nothing."""
+    for _ in pieces:
+        pass
+
+
+def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
     """(HF name, numpy tensor) pairs of a params tree, in the param dtype (then in `dtype`, if given), made a
-    layer at a time as they are taken: an export holds one shard of them, not a second copy of the model
-    (nor a float32 copy of a whole stacked leaf). A LoRA policy's are merged: a plain checkpoint of base +
-    adapter. The params are gathered to host now (a collective: every process calls it)."""
-    host = jax.tree.map(shd.to_host, params)
-    return _host_tensors(cfg, host, jnp.dtype(dtype or cfg.param_dtype))
-
-
-def _host_tensors(cfg: ModelConfig, host: dict, dtype):
+    layer at a time as they are taken: an export holds one layer of the params and one shard of tensors, not a
+    copy of the model (nor a float32 copy of a whole stacked leaf). A LoRA policy's are merged: a plain
+    checkpoint of base + adapter. The params are gathered as the pairs are taken (`pieces`: host_pieces(params),
+    where the caller drains it): a collective, so every process takes every pair or drains."""
+    pieces = host_pieces(params) if pieces is None else pieces
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
     # (cast before the HF layout's transposes: their strided copies then move the export dtype's bytes)
     cast = lambda w: w.astype(cfg.param_dtype, copy=False).astype(dtype, copy=False)  # noqa: E731
+    _, top = next(pieces)
     for leaf, e in top_table(cfg).items():
-        yield e.hf, c_order(e.to_hf(cast(host[leaf])))
+        yield e.hf, c_order(e.to_hf(cast(top[leaf])))
+    del top
     table = layer_table(cfg)
-    for i in range(cfg.num_layers):
-        layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host["layers"], leaf, i))))
-                 for leaf, e in table.items()}
+    for i, host in pieces:
+        layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host, leaf)))) for leaf, e in table.items()}
         yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
 
 
@@ -364,4 +385,5 @@ def _get(tree, path):
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config",
-           "params_from_tensors", "check_names", "merged_layer", "params_to_tensors", "tensors_bytes"]
+           "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
+           "tensors_bytes"]

@@ -48,10 +48,13 @@ def test_transformers_checkpoint_loads(family, tmp_path):
 
 def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices, monkeypatch):
     """Several safetensors files with an index, each written as soon as it is full: the export holds one
-    shard of tensors, not the model (made as taken); loading onto a 2x4 fsdp x tensor mesh shards params."""
+    shard of tensors and one layer of params, not the model (made and gathered as taken); loading onto a 2x4
+    fsdp x tensor mesh shards params."""
     from safetensors import numpy as st
     cfg, params = oracle.spjax_model("qwen2")
-    made, written, unwritten = [0], [0], []
+    made, written, unwritten, gathered, seen = [0], [0], [], [0], []
+    real_to_host = sharding.to_host
+    monkeypatch.setattr(sharding, "to_host", lambda x: gathered.__setitem__(0, gathered[0] + 1) or real_to_host(x))
     real_tensors, real_save = hf.params_to_tensors, st.save_file
 
     def counted(*a):
@@ -62,6 +65,7 @@ def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices, monkeypatch):
     def save(tensors, path, **kw):
         written[0] += len(tensors)
         unwritten.append(made[0] - written[0])  # made and in no file yet: at most the next shard's first
+        seen.append(gathered[0])
         return real_save(tensors, path, **kw)
     monkeypatch.setattr(hf, "params_to_tensors", counted)
     monkeypatch.setattr(st, "save_file", save)
@@ -69,6 +73,8 @@ def test_index_sharded_checkpoint_and_mesh_load(tmp_path, devices, monkeypatch):
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
     assert len(unwritten) > 2 and max(unwritten) <= 1, unwritten  # (before: every tensor made first)
+    per_layer = len(params["layers"])  # (its leaves: gathered a layer at a time; before: the whole tree first)
+    assert seen[0] < gathered[0] == len(params) - 1 + per_layer * cfg.num_layers, (seen, gathered)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     cfg2, sharded = spjax.load_pretrained(out, mesh=mesh)
     assert cfg2 == cfg

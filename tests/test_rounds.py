@@ -449,6 +449,55 @@ def test_hosts_reading_other_data_are_refused():
         assert all(out.strip().splitlines()[-1].startswith(said) for out in outs), outs
 
 
+_EXPORT_FAILS = """
+import os, sys
+import jax, numpy as np
+from safetensors import numpy as st
+from spjax import hf, sharding as shd
+from spjax.config import MeshConfig, load_config
+shd.init_distributed()
+cfg = load_config(sys.argv[2]).model
+mesh = shd.make_mesh(MeshConfig(data=1, fsdp=8))
+params = shd.init_params(cfg, jax.random.key(0), mesh)  # every leaf split over both hosts
+assert not params["layers"]["q"].is_fully_addressable
+real_save, saves = st.save_file, []
+def save(*a, **kw):  # process 0's disk fills at its second shard, mid-export
+    saves.append(1)
+    if len(saves) == 2 and sys.argv[3] == "full":
+        raise OSError(28, "No space left on device")
+    return real_save(*a, **kw)
+st.save_file = save
+out = os.path.join(sys.argv[1], "export")
+try:
+    hf.save_pretrained(cfg, params, out, max_shard_bytes=64 << 10)
+    print("exported")
+except OSError as e:
+    print("raised:", e)
+shd.barrier("after the export")  # (a process left inside a gather never gets here)
+want = jax.tree.map(shd.to_host, params)  # (a collective: both hosts)
+if jax.process_index() == 0 and sys.argv[3] == "ok":
+    _, back = hf.load_pretrained(out)
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), back, want)
+    print("equal" if all(jax.tree.leaves(same)) else "differ")
+print("done")
+"""
+
+
+def test_an_export_failing_on_host_0_midway_leaves_no_host_waiting(tmp_path):
+    """Params are gathered a layer at a time as process 0 writes them, so that host never holds the whole
+    model; a write failing midway (a full disk at the second shard) must still take its part in the other
+    host's remaining gathers, or that host waits in one for good. The same export, not failing, loads back
+    to the params bit for bit."""
+    for how in ("full", "ok"):
+        outs = _two_processes([sys.executable, "-c", _EXPORT_FAILS, str(tmp_path / how), TINY, how], 120)
+        if how == "full":
+            assert "raised: [Errno 28] No space left on device" in outs[0] and "exported" in outs[1], outs
+            assert not os.path.exists(tmp_path / how / "export")  # nothing half-written
+        else:
+            assert "equal" in outs[0] and all("exported" in out for out in outs), outs
+        assert all(out.strip().endswith("done") for out in outs), outs
+
+
 _ONE_HOST_DAMAGE = """
 import errno, logging, os, sys
 import jax, numpy as np
