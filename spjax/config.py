@@ -53,7 +53,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral and
+    Qwen3-MoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
     hidden_size: int
@@ -98,6 +99,11 @@ class ModelConfig:
     attention: str = "auto"  # one of ATTENTION: the attention path (model.attention_impl); not exported
     lora: LoraConfig = LoraConfig()  # rank > 0: train adapters only (spjax.lora); export merges them
     base_quant: str = "none"  # one of BASE_QUANTS: int8/int4 store the frozen base projections quantized
+    # Mixture of experts (Mixtral, Qwen3-MoE; spjax.moe): every layer's MLP is num_experts SwiGLU experts of
+    # width intermediate_size, experts_per_token of them per token by the router's softmax
+    num_experts: int = 0  # 0: a dense MLP
+    experts_per_token: int = 0
+    norm_topk: bool = True  # the chosen experts' weights renormalized to sum to 1 (Qwen3-MoE: norm_topk_prob)
 
     def __post_init__(self):
         _finite(self, "model")
@@ -119,6 +125,11 @@ class ModelConfig:
         """Gemma 2/3's decoder: a GeGLU MLP (tanh GELU), RMSNorms scaling by 1 + weight, norms after attention
         and the MLP as well (before each residual add), embeddings times sqrt(hidden_size)."""
         return self.architecture in ("gemma2", "gemma3")
+
+    @property
+    def moe(self) -> bool:
+        """Each layer's MLP a mixture of experts (spjax.moe)."""
+        return self.num_experts > 0
 
     @property
     def windowed(self) -> tuple[bool, ...]:

@@ -76,9 +76,38 @@ def check_model(cfg):
     one_of(cfg.base_quant, "model.base_quant", BASE_QUANTS)
     check(cfg.base_quant == "none" or cfg.lora.rank > 0, "model.base_quant",
           f"{cfg.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
+    check_experts(cfg)
     odd = [f"{n} {getattr(cfg, n)}" for n in ("hidden_size", "intermediate_size") if getattr(cfg, n) % 2]
     check(cfg.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
           f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
+
+
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")  # the families whose MLPs are mixtures of experts
+
+
+def check_experts(cfg):
+    """A mixture of experts only where a transformers family computes one (Mixtral: Mistral's attention;
+    Qwen3-MoE: Qwen3's), with a router choosing 1..num_experts of them, and what spjax does not do with
+    one refused: adapters on the experts, a quantized base."""
+    moe = cfg.architecture in MOE_ARCHITECTURES
+    check(cfg.num_experts >= 0 and (cfg.num_experts > 0) == moe, "model.num_experts",
+          f"{cfg.num_experts} with architecture {cfg.architecture}: " + (
+              "a mixture of experts needs num_experts > 0" if moe else
+              f"only {' and '.join(MOE_ARCHITECTURES)} have experts" if cfg.num_experts > 0 else "must be >= 0"))
+    if not moe:
+        return
+    check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
+          f"must be in [1, num_experts {cfg.num_experts}], got {cfg.experts_per_token}")
+    check(cfg.qk_norm == (cfg.architecture == "qwen3_moe") and not cfg.qkv_bias and not cfg.gemma,
+          "model.qk_norm" if not cfg.qkv_bias else "model.qkv_bias",
+          f"with {cfg.architecture}: transformers' {cfg.architecture} does not compute it")
+    check(cfg.norm_topk or cfg.architecture == "qwen3_moe", "model.norm_topk",
+          "false with mixtral: transformers' Mixtral always renormalizes the chosen experts' weights")
+    mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
+    check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
+          "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]")
+    check(cfg.base_quant == "none", "model.base_quant", f"{cfg.base_quant} with {cfg.architecture}: spjax "
+          "quantizes dense projections, and the experts (most of the model) would stay as they are")
 
 
 def check_rope(cfg):
@@ -129,7 +158,7 @@ def check_family(cfg):
     check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
           "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
     mixed = len(set(cfg.windowed)) > 1
-    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3"), "model.layer_types",
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe"), "model.layer_types",
           f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2 and Qwen3 compute that")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),

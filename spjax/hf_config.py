@@ -16,7 +16,7 @@ from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # where transformers' model_type is not spjax's architecture name
-_HEAD_DIMS = {"qwen3": 128, "gemma2": 256, "gemma3": 256}  # config classes' defaults where not D / H
+_HEAD_DIMS = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256, "gemma3": 256}  # config classes' defaults where not D / H
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
@@ -52,9 +52,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if partial != 1.0 and arch != "phi3":  # (transformers' other families rotate every dim whatever the key says)
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
                               f"every dimension of a head, so spjax cannot tell which model this is")
-    if arch in ("llama", "qwen3"):  # transformers' Mistral and Qwen2 ignore these keys (their biases are fixed)
+    if arch in ("llama", "qwen3", "qwen3_moe"):  # transformers' Mistral and Qwen2 ignore these keys (fixed biases)
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
-            if hf.get(key) and (arch, key) != ("qwen3", "mlp_bias"):  # (Qwen3's MLP has no bias key)
+            if hf.get(key) and (arch, key) not in (("qwen3", "mlp_bias"), ("qwen3_moe", "mlp_bias")):  # (no such key)
                 raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
                                       f"it cannot load this model")
     eos = hf.get("eos_token_id")
@@ -69,13 +69,14 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
-        qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
+        qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
         **_windows(hf, arch, where), **gemma,
         max_position_embeddings=_max_positions(hf),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         pad_token_id=hf.get("pad_token_id"),
     )
+    kw.update(_experts(hf, arch, where))
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -126,13 +127,13 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
     window, n = hf.get("sliding_window", 4096), hf["num_hidden_layers"]  # 4096: the families' default
     if arch == "mistral":
         return dict(sliding_window=window)
-    if arch == "phi3":  # every layer, as Mistral; Phi3Config's default is none
+    if arch in ("phi3", "mixtral"):  # every layer, as Mistral; their config classes' default is none
         return dict(sliding_window=hf.get("sliding_window"))
     if arch in ("gemma2", "gemma3"):
         every = 2 if arch == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
                                           for i in range(n)]
-    elif arch not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or window is None:
+    elif arch not in ("qwen2", "qwen3", "qwen3_moe") or not hf.get("use_sliding_window") or window is None:
         return dict(sliding_window=None)
     else:
         first = hf.get("max_window_layers", 28)  # 28: transformers' default
@@ -144,6 +145,24 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
     if window is None or windowed == {False}:
         return dict(sliding_window=None)
     return dict(sliding_window=window, layer_types=() if windowed == {True} else tuple(types))
+
+
+def _experts(hf: dict, arch: str, where: str) -> dict:
+    """A mixture of experts' settings (spjax.moe), with their config classes' defaults; {} for a dense model.
+    Mixtral's experts are intermediate_size wide, Qwen3-MoE's moe_intermediate_size (its intermediate_size
+    is the width of dense layers, which spjax refuses: every layer must be sparse, as released)."""
+    if arch == "mixtral":
+        return dict(num_experts=int(hf.get("num_local_experts", 8)), experts_per_token=int(hf.get("num_experts_per_tok", 2)))
+    if arch != "qwen3_moe":
+        return {}
+    dense = sorted(set(hf.get("mlp_only_layers") or []) | {
+        i for i in range(hf["num_hidden_layers"]) if (i + 1) % int(hf.get("decoder_sparse_step", 1) or 1)})
+    if dense:
+        raise CheckpointError(f"{where}: layers {dense[:8]} have a dense MLP (mlp_only_layers, decoder_sparse_step), "
+                              "which spjax's qwen3_moe does not implement: every layer must be a mixture of experts")
+    experts = hf.get("num_experts", hf.get("num_local_experts", 128))  # (transformers 5 writes the second name)
+    return dict(num_experts=int(experts), experts_per_token=int(hf.get("num_experts_per_tok", 8)),
+                norm_topk=bool(hf.get("norm_topk_prob", False)), intermediate_size=int(hf.get("moe_intermediate_size", 768)))
 
 
 def _gemma(hf: dict, arch: str, where: str) -> dict:
@@ -218,10 +237,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out["sliding_window"] = cfg.sliding_window
     if cfg.architecture == "phi3":  # (Phi3Config reads the pretraining context from the top level)
         out["original_max_position_embeddings"] = cfg.rope_original_max_position
-    if cfg.architecture == "qwen3":
+    if cfg.architecture in ("qwen3", "qwen3_moe"):
         out["attention_bias"] = False
+    if cfg.architecture == "mixtral":
+        out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                   sliding_window=cfg.sliding_window)
+    if cfg.architecture == "qwen3_moe":  # (intermediate_size: dense layers' width; there are none)
+        out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk,
+                   moe_intermediate_size=cfg.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
     types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed]
-    if cfg.architecture in ("qwen2", "qwen3"):
+    if cfg.architecture in ("qwen2", "qwen3", "qwen3_moe"):
         # max_window_layers for transformers 4.x, which reads no layer_types: the leading full layers (a
         # mix other than full layers first, then windowed ones, is read as that by 4.x alone)
         lead = next((i for i, w in enumerate(cfg.windowed) if w), cfg.num_layers)

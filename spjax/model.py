@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral and Qwen3-MoE,
+whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spjax import mlp, rope
+from spjax import mlp, moe, rope
 from spjax.projection import NORMAL as _normal, param as _param, project as _project
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
@@ -145,6 +146,13 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
 
         h = norm("mlp_norm", x_BxLxD)
+        if cfg.moe:  # Mixtral, Qwen3-MoE (spjax.moe)
+            E = cfg.num_experts
+            out_BxLxD = moe.mlp(cfg, h, w("router", (D, E), ("embed", "experts")),
+                                w("experts_gate", (E, D, F), ("experts", "embed", "mlp")),
+                                w("experts_up", (E, D, F), ("experts", "embed", "mlp")),
+                                w("experts_down", (E, F, D), ("experts", "mlp", "embed")))
+            return (x_BxLxD + out_BxLxD, cache), None
         if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
             weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),
                        w("down", (F, D), ("mlp", "embed")))

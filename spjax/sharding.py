@@ -35,6 +35,7 @@ RULES = (
     ("norm", None),
     ("length", None),
     ("lora", None),  # the adapter rank: small, whole on every device
+    ("experts", None),  # a mixture of experts: every device holds each expert's slice (spjax.moe)
     ("quant_groups", None),  # a quantized base's scale groups along the inputs (spjax.quant)
 )
 

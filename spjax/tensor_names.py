@@ -24,7 +24,7 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3"}
+            "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -88,12 +88,68 @@ def layer_table(cfg: ModelConfig) -> dict:
     if cfg.qk_norm:
         for n in ("q", "k"):
             out[f"{n}_norm"] = Entry(a + f"{n}_norm.weight", b + f"attn_{n}_norm.weight", *ident)
+    if cfg.moe:  # the router and the experts, each expert's weights stacked (stack_experts: one tensor each)
+        out.pop("gate"), out.pop("up"), out.pop("down")
+        m = "model.layers.{i}." + ("block_sparse_moe." if cfg.architecture == "mixtral" else "mlp.")
+        names = _EXPERT_NAMES[cfg.architecture]
+        swap = (lambda w: w.transpose(0, 2, 1), lambda x: x.transpose(0, 2, 1))  # [E, out, in] <-> [E, in, out]
+        out.update(router=Entry(m + "gate.weight", None, *T),
+                   **{f"experts_{leaf}": Entry(m + f"experts.{names[leaf]}.weight", None, *swap)
+                      for leaf in ("gate", "up", "down")})
     if cfg.gemma:  # a norm before and after each of attention and the MLP (llama.cpp's names for them)
         n = "model.layers.{i}."
         out.update(mlp_norm=Entry(n + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", *ident),
                    attn_out_norm=Entry(n + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
                                        *ident),
                    mlp_out_norm=Entry(n + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", *ident))
+    return out
+
+
+# Each expert's projections, as transformers' state_dict and checkpoints name them (experts.{e}.<name>.weight).
+_EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
+                 "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+
+
+def _expert_parts(cfg: ModelConfig) -> dict:
+    """{a stacked experts tensor's name ({i}): [its experts' own names ({i}), in expert order]}."""
+    table = layer_table(cfg)
+    stacked = [table[f"experts_{leaf}"].hf for leaf in ("gate", "up", "down")]
+    return {name: [name.replace("experts.", f"experts.{e}.") for e in range(cfg.num_experts)] for name in stacked}
+
+
+def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
+    """A mixture of experts' checkpoint seen under layer_table's names: each stacked experts tensor [E, ...] made
+    of its experts' own tensors, as checkpoints hold them (experts.{e}.w1.weight, ...), or cut from transformers
+    5's fused ones in memory (mlp.experts.gate_up_proj [E, 2F, D]: gate rows first; down_proj [E, D, F]; Mixtral's
+    router there as mlp.gate.weight). Read when read. Any other checkpoint unchanged."""
+    if not cfg.moe:
+        return get
+    F, table, views = cfg.intermediate_size, layer_table(cfg), {}  # name -> (read it, the names it stands for)
+    for i in range(cfg.num_layers):
+        fused = f"model.layers.{i}.mlp.experts."
+        for (stacked, own), rows in zip(_expert_parts(cfg).items(), (slice(0, F), slice(F, 2 * F), slice(None))):
+            stacked, own = stacked.format(i=i), [name.format(i=i) for name in own]
+            if any(name in get.names for name in own):
+                views[stacked] = (lambda own=own: np.stack([np.asarray(get(name)) for name in own]), own)
+            elif fused + ("down_proj" if rows.start is None else "gate_up_proj") in get.names:
+                name = fused + ("down_proj" if rows.start is None else "gate_up_proj")
+                views[stacked] = (lambda name=name, rows=rows: np.asarray(get(name))[:, rows], [name])
+        router, moved = table["router"].hf.format(i=i), f"model.layers.{i}.mlp.gate.weight"
+        if router not in get.names and moved in get.names:
+            views[router] = (lambda moved=moved: get(moved), [moved])
+    if not views:
+        return get
+    replaced = {name for _, names in views.values() for name in names}
+    return TensorSource(lambda name: views[name][0]() if name in views else get(name),
+                        (get.names - replaced) | set(views), get.stored)
+
+
+def unstack_experts(cfg: ModelConfig, tensors: dict, i: int) -> dict:
+    """Layer i's HF tensors under layer_table's names with each stacked experts tensor split into its experts'."""
+    out = dict(tensors)
+    for stacked, own in _expert_parts(cfg).items():
+        x = out.pop(stacked.format(i=i))
+        out.update({name.format(i=i): x[e] for e, name in enumerate(own)})
     return out
 
 
@@ -112,7 +168,7 @@ def export_arch(cfg: ModelConfig) -> str:
     Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window. A Llama
     GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
     config_checks refuses what no family computes."""
-    if cfg.gemma:
+    if cfg.gemma or cfg.moe:
         return cfg.architecture
     if cfg.qk_norm:
         return "qwen3"
@@ -210,7 +266,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     read (get.names) is refused: see _check_all_read.
     """
     from spjax import model, projection
-    get = split_fused(cfg, get, where, names)
+    get = stack_experts(cfg, split_fused(cfg, get, where, names))
     shapes = model.param_shapes(cfg)
     shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
     dtype = jnp.dtype(cfg.param_dtype)
@@ -269,7 +325,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
 
 def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
     """The checkpoint holds every tensor the model reads (the first missing one named) and none it would not."""
-    get = split_fused(cfg, get, where, names)
+    get = stack_experts(cfg, split_fused(cfg, get, where, names))
     read = ({e.name(names) for e in top_table(cfg).values()} |
             {e.name(names).format(i=i) for e in layer_table(cfg).values() for i in range(cfg.num_layers)})
     missing = sorted(read - get.names)
@@ -355,6 +411,8 @@ def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
     table = layer_table(cfg)
     for i, host in pieces:
         layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host, leaf)))) for leaf, e in table.items()}
+        if cfg.moe:
+            layer = unstack_experts(cfg, layer, i)
         yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
 
 
@@ -384,6 +442,6 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "peft_modules", "base_config",
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "base_config",
            "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

@@ -31,6 +31,12 @@ FAMILIES = {
                                         final_logit_softcapping=4.0, rope_parameters={
                                             "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
                                             "sliding_attention": dict(rope_type="default", rope_theta=100.0)})),
+    # mixtures of experts: 4 experts, 2 a token (Mixtral's weights renormalized); 8 experts of width 48, 3 a token,
+    # not renormalized (Qwen3-MoE's norm_topk_prob false), q/k norms
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+                                      tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, head_dim=32,
+                                         norm_topk_prob=False, tie_word_embeddings=False)),
 }
 
 

@@ -37,11 +37,12 @@ def _max_diff(cfg, params, tm, ids):
 
 
 def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None, per_layer=False,
-                vocab=True, split_max_tensors=0, cast=None, arch="llama", floats=None, orig_ctx=None):
+                vocab=True, split_max_tensors=0, cast=None, arch="llama", floats=None, orig_ctx=None, ints=None):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`;
     per_layer: head counts as one value per layer; split_max_tensors: in parts as gguf-split cuts them;
     cast: {name: numpy dtype} stored so (F64, ...); arch 'qwen3': its q/k norms, head size and no permutation;
-    floats: more float32 metadata, {key with {arch}: value}; orig_ctx: rope scaling's pretraining context."""
+    floats, ints: more float32 / uint32 metadata, {key with {arch}: value}; orig_ctx: rope scaling's pretraining
+    context."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -67,6 +68,8 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
     for key, value in (floats or {}).items():
         w.add_float32(key.format(arch=arch), value)
+    for key, value in (ints or {}).items():
+        w.add_uint32(key.format(arch=arch), value)
     if rot_dims:
         w.add_rope_dimension_count(rot_dims)
     if eos_eot:
@@ -176,6 +179,15 @@ def test_gguf_refuses_rope_scaling_it_cannot_read(tmp_path):
         spjax.load_pretrained(path)
     path = _write_gguf(tmp_path / "l.gguf", tm, scaling="longrope", factor=4.0)
     with pytest.raises(hf.CheckpointError, match=r"l.gguf: the GGUF carries RoPE scaling .*longrope.*Hugging Face"):
+        spjax.load_pretrained(path)
+
+
+def test_gguf_mixture_of_experts_is_one_line(tmp_path):
+    """llama.cpp files Mixtral as a llama with expert_count: read as a dense llama, its missing ffn_gate tensors
+    were the error."""
+    path = _write_gguf(tmp_path / "moe.gguf", _torch("LlamaConfig"), ints={"{arch}.expert_count": 8})
+    with pytest.raises(hf.CheckpointError, match=r"moe.gguf: llama.expert_count 8: a mixture of experts, which spjax "
+                                                 r"reads from Hugging Face checkpoints only"):
         spjax.load_pretrained(path)
 
 

@@ -1,0 +1,79 @@
+"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE: a router picks k of E SwiGLU experts for each token.
+
+Dimension names: T tokens, E experts, k experts a token, A = T * k assignments, D model width, F an
+expert's width.
+
+As transformers computes it: router logits x W_r in the compute dtype, a float32 softmax, the k largest
+probabilities (renormalized to sum to 1 where cfg.norm_topk), and the token's output their weighted sum of
+its experts' down(silu(x W_gate) * (x W_up)) (summed in float32, then cast). The assignments are sorted by
+expert, and each expert's run meets its weights in one grouped matmul (jax.lax.ragged_dot): exact (no
+capacity, no token dropped), and E / k times fewer FLOPs than every expert on every token.
+
+Under a context mesh (a run and compile_check trace under one: jax.sharding.use_abstract_mesh) the
+dispatch runs per shard of the batch rows (shard_map), so each data-parallel device sorts its own tokens
+rather than all of them; the experts' weights come whole over fsdp, as every FSDP layer's do, and stay
+split over tensor along F, where each device's partial outputs are summed. Without a mesh (one device,
+a test's forward) it runs over the whole batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from spjax.config import ModelConfig
+
+
+def route(x_TxD, router_DxE, k: int, norm: bool):
+    """(float32 weights [T, k], expert ids [T, k]) of each token's k chosen experts."""
+    logits_TxE = jnp.einsum("TD,DE->TE", x_TxD, router_DxE)
+    weight_Txk, expert_Txk = jax.lax.top_k(jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1), k)
+    if norm:
+        weight_Txk = weight_Txk / jnp.sum(weight_Txk, axis=-1, keepdims=True)
+    return weight_Txk, expert_Txk
+
+
+def experts(x_TxD, weight_Txk, expert_Txk, gate_ExDxF, up_ExDxF, down_ExFxD):
+    """float32 [T, D]: each token's weighted sum of its experts' outputs."""
+    (T, k), E = expert_Txk.shape, gate_ExDxF.shape[0]
+    expert_A = expert_Txk.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)  # assignments grouped by expert, in token order within one
+    x_AxD = jnp.take(x_TxD, order_A // k, axis=0)
+    sizes_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
+    gate_AxF = jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E)
+    up_AxF = jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E)
+    y_AxD = jax.lax.ragged_dot(nn.silu(gate_AxF) * up_AxF, down_ExFxD, sizes_E)
+    back_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(T * k, dtype=order_A.dtype))  # order's inverse
+    y_TxkxD = jnp.take(y_AxD, back_A, axis=0).reshape(T, k, -1)
+    return jnp.einsum("TkD,Tk->TD", y_TxkxD.astype(jnp.float32), weight_Txk)
+
+
+def _local(cfg: ModelConfig, x_BxLxD, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD, tensor=None):
+    B, L, D = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    weight_Txk, expert_Txk = route(x_TxD, router_DxE, cfg.experts_per_token, cfg.norm_topk)
+    y_TxD = experts(x_TxD, weight_Txk, expert_Txk, gate_ExDxF, up_ExDxF, down_ExFxD)
+    if tensor:  # each device summed its slice of F: the whole sum (before the cast, as unsplit)
+        y_TxD = jax.lax.psum(y_TxD, tensor)
+    return y_TxD.astype(x_BxLxD.dtype).reshape(B, L, D)
+
+
+def mlp(cfg: ModelConfig, x_BxLxD, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD):
+    """[B, L, D] -> [B, L, D]: the mixture of experts, per shard of the rows under a context mesh."""
+    from spjax import sharding as shd
+    mesh = jax.sharding.get_abstract_mesh()
+    weights = (router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD)
+    if mesh.empty or not set(shd.AXES) <= set(mesh.axis_names):
+        return _local(cfg, x_BxLxD, *weights)
+    dp, tp, F = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"], gate_ExDxF.shape[-1]
+    if x_BxLxD.shape[0] % dp:  # (rows that do not split: the whole batch on every device, as XLA places it)
+        return _local(cfg, x_BxLxD, *weights)
+    tensor = "tensor" if tp > 1 and F % tp == 0 else None
+    rows = P(shd.BATCH)
+    per_shard = jax.shard_map(functools.partial(_local, cfg, tensor=tensor), mesh=mesh,
+                              in_specs=(rows, P(), P(None, None, tensor), P(None, None, tensor), P(None, tensor)),
+                              out_specs=rows, check_vma=False)
+    return per_shard(x_BxLxD, *weights)

@@ -1,0 +1,143 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE; spjax.moe). Parity with transformers (logits, export, greedy
+decoding) is in test_model, test_hf and test_sampler's family lists; here: the grouped dispatch against every
+expert on every token, values and gradients; per-shard dispatch on a mesh against one device; LoRA on the
+attention through PEFT; what is refused; and a self-play run of a MoE policy end to end."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spjax import hf, model, moe, sharding
+from spjax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig
+from tests import oracle
+from tests.test_rounds import _train, tfds_dir  # noqa: F401 (tfds_dir: a fixture this module uses)
+
+# F = 32 splits over tensor=2; E = 4 experts, k = 2 a token
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  architecture="mixtral", num_experts=4, experts_per_token=2)
+
+
+def _dense(x_TxD, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD, k, norm):
+    """Every expert on every token, weighted by the router's choice (zero for the experts not chosen)."""
+    weight_Txk, expert_Txk = moe.route(x_TxD, router_DxE, k, norm)
+    E = gate_ExDxF.shape[0]
+    choice_TxE = jnp.sum(jax.nn.one_hot(expert_Txk, E) * weight_Txk[..., None], axis=1)
+    h_TxExF = jax.nn.silu(jnp.einsum("TD,EDF->TEF", x_TxD, gate_ExDxF)) * jnp.einsum("TD,EDF->TEF", x_TxD, up_ExDxF)
+    return jnp.einsum("TEF,EFD,TE->TD", h_TxExF, down_ExFxD, choice_TxE)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grouped_dispatch_equals_every_expert_on_every_token(norm):
+    """The sort, the grouped matmuls and the unsort give the dense mixture, and so do their gradients
+    (the router's through the chosen weights)."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    T, D, F, E, k = 40, 16, 24, 5, 2
+    args = (jax.random.normal(keys[0], (T, D)), jax.random.normal(keys[1], (D, E)),
+            *(jax.random.normal(key, shape) * 0.3 for key, shape in zip(keys[2:], ((E, D, F), (E, D, F), (E, F, D)))))
+
+    def grouped(x, r, g, u, d):
+        return moe.experts(x, *moe.route(x, r, k, norm), g, u, d)
+    assert len(set(np.asarray(moe.route(args[0], args[1], k, norm)[1]).ravel())) == E  # every expert gets tokens
+    np.testing.assert_allclose(grouped(*args), _dense(*args, k, norm), atol=2e-5, rtol=0)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    got = jax.grad(loss(grouped), argnums=range(5))(*args)
+    want = jax.grad(loss(lambda *a: _dense(*a, k, norm)), argnums=range(5))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_per_shard_dispatch_equals_one_device(devices):
+    """Under a run's mesh each data-parallel device routes its own rows (shard_map), the experts split over
+    tensor along F: logits and every gradient equal one device's, and the program has the per-shard part."""
+    params = model.init_params(CFG, jax.random.key(1))
+    ids_BxL = jax.random.randint(jax.random.key(2), (8, 12), 0, CFG.vocab_size)
+
+    def loss(p, ids):
+        hidden, _ = model.apply(CFG, p, ids)
+        return jnp.mean(jax.nn.log_softmax(model.unembed(CFG, p, hidden))[..., 0]), hidden
+    one = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (want, want_h), want_g = one(params, ids_BxL)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices)
+    placed = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+    rows = jax.device_put(ids_BxL, sharding.batch_sharding(mesh, 2))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert "shard_map" in str(jax.make_jaxpr(loss)(placed, rows))
+        (got, got_h), got_g = jax.jit(jax.value_and_grad(loss, has_aux=True))(placed, rows)
+    assert "shard_map" not in str(jax.make_jaxpr(loss)(params, ids_BxL))  # (no mesh: the whole batch at once)
+    np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), atol=1e-5, rtol=0)
+    assert abs(float(got) - float(want)) <= 1e-6
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_lora_on_the_attention_exports_an_adapter_peft_applies(tmp_path):
+    """A MoE policy's adapters sit on q, k, v, o: the merged export and PEFT's adapter on transformers' Mixtral
+    give spjax's logits; the experts and router come out as they went in."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    base = oracle.torch_model("mixtral")
+    base.save_pretrained(tmp_path / "base")
+    cfg, params = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=8.0,
+                                                                             targets=("q", "k", "v", "o")))
+    params["layers"] = {k: (v + 0.05 * jax.random.normal(jax.random.key(3), v.shape) if k.endswith("_lora_b") else v)
+                        for k, v in params["layers"].items()}
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"), source=str(tmp_path / "base"))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    ours = np.asarray(model.forward(cfg, params, ids))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(oracle.torch_logits(merged, ids), ours, atol=1e-4)
+    with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+        assert sorted(json.load(f)["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    adapted = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    try:
+        np.testing.assert_allclose(oracle.torch_logits(adapted, ids), ours, atol=1e-4)
+    finally:
+        adapted.unload()
+    source, written = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(
+        os.path.join(out, "model.safetensors"))
+    moe_names = [n for n in source if ".block_sparse_moe." in n]
+    assert len(moe_names) == cfg.num_layers * (1 + 3 * cfg.num_experts)  # router + each expert's w1, w2, w3
+    for name in moe_names:
+        np.testing.assert_array_equal(written[name], source[name])
+
+
+def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"lora.targets: gate, up, down: mixtral's MLPs are mixtures of experts"):
+        dataclasses.replace(CFG, lora=LoraConfig(rank=4))
+    with pytest.raises(ConfigError, match="model.base_quant: int8 with mixtral"):
+        dataclasses.replace(CFG, lora=LoraConfig(rank=4, targets=("q", "v")), base_quant="int8")
+    with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
+        dataclasses.replace(CFG, experts_per_token=5)
+    with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral and qwen3_moe"):
+        dataclasses.replace(CFG, architecture="llama")
+    with pytest.raises(ConfigError, match="model.num_experts: 0 with architecture mixtral"):
+        dataclasses.replace(CFG, num_experts=0)
+    conf = oracle.torch_model("qwen3_moe").config.to_dict()
+    with pytest.raises(hf.CheckpointError, match=r"c.json: layers \[0\] have a dense MLP"):
+        hf.config_from_hf(dict(conf, mlp_only_layers=[0]), "c.json")
+    with pytest.raises(hf.CheckpointError, match=r"c.json: layers \[0\] have a dense MLP"):
+        hf.config_from_hf(dict(conf, decoder_sparse_step=2), "c.json")
+    assert hf.config_from_hf(dict(conf, num_experts=8)).num_experts == 8  # (the hub's name; 5.x writes the other)
+
+
+def test_a_moe_policy_plays_and_exports(tmp_path, tfds_dir):
+    """configs/tiny.py with a Mixtral policy: sampled, scored, trained on 8 devices (the dispatch per shard of
+    data=8), checkpointed, and exported as a MixtralForCausalLM that loads back to the trained params."""
+    work = tmp_path / "run"
+    proc = _train(work, "model.architecture=mixtral", "model.num_experts=4", "model.experts_per_token=2",
+                  "run.rounds=1", tfds_dir=tfds_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exported the final model" in proc.stdout
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert any(r["kind"] == "round" for r in rows) and all(np.isfinite(r.get("loss", 0.0)) for r in rows)
+    with open(work / "export" / "config.json") as f:
+        conf = json.load(f)
+    assert conf["architectures"] == ["MixtralForCausalLM"] and conf["num_local_experts"] == 4
+    cfg, params = hf.load_pretrained(str(work / "export"))
+    assert cfg.moe and cfg.experts_per_token == 2 and params["layers"]["experts_gate"].shape == (2, 4, 64, 128)
