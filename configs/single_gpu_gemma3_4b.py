@@ -11,7 +11,7 @@ only gives compile_check the 4B's shapes where the weights are absent). Five lay
 a 1024-token window and rotate by their own theta; the full ones rotate by linearly scaled rope (x8).
 Check memory first: python -m spjax.compile_check --config configs/single_gpu_gemma3_4b.py
 (CPU compiler standing in for an H100, 2026-12-04: the 3.9B-param language model in bf16 (7.34 GiB), LoRA
-r=16 on every projection (29.8M trainable): 50.1 GiB peak, the sampler's (train step 35.0). The vision
+r=16 on every projection (29.8M trainable): 48.8 GiB peak, the sampler's (train step 35.0). The vision
 tower is never on the device. Not yet compiled on a GPU.)
 """
 from spjax.config import Config, DataConfig, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig, \

@@ -91,10 +91,12 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
     s = cfg.sampling
     params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
     sample_cfg, held = model_cfg, 0
-    if model_cfg.lora.rank and model_cfg.base_quant == "none":  # lora.for_sampling: the run decodes a merged
-        from spjax import lora, tensor_names  # copy while the policy's params stay live beside it
-        sample_cfg, held = tensor_names.base_config(model_cfg), shd.bytes_per_device(params)
-        merged = jax.eval_shape(lambda p: lora.merge(model_cfg, p)[1], params)
+    if model_cfg.lora.rank and model_cfg.base_quant == "none":  # lora.for_sampling: the run decodes merged
+        from spjax import lora, tensor_names  # projections while the policy's params stay live beside them
+        sample_cfg = tensor_names.base_config(model_cfg)
+        # held: the policy's leaves the sampler does not read (the rest it reads as they are: its arguments)
+        held = shd.bytes_per_device(params) - shd.bytes_per_device(lora.shared_for_sampling(model_cfg, params))
+        merged = jax.eval_shape(lambda p: lora.for_sampling(model_cfg, p)[1], params)
         params = _abstract(merged, shd.param_shardings(sample_cfg, mesh))
     gather = sampler.gather_weights(mesh, s.weights)
     plan = sampler.make_plan(prompt_len=cfg.data.max_prompt_len, max_new_tokens=s.max_new_tokens,

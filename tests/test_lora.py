@@ -81,6 +81,12 @@ def test_on_the_fly_adapter_equals_merged_weights():
     assert np.abs(np.asarray(model.forward(CFG, params, ids) - model.forward(cfg_m, base, ids))).max() > 1e-3
     cfg_s, sampled = lora.for_sampling(CFG, params)  # a float base: merged for the sampler
     assert cfg_s == cfg_m and set(sampled["layers"]) == set(merged["layers"])
+    for leaf, w in sampled["layers"].items():  # the adapted projections merged; the rest the policy's own arrays
+        if leaf in CFG.lora.targets:
+            np.testing.assert_array_equal(np.asarray(w), np.asarray(merged["layers"][leaf]))
+        else:  # (before: copies, so a merged copy of the whole model: of a MoE's frozen experts too)
+            assert w is params["layers"][leaf], leaf
+    assert sampled["embed"] is params["embed"]
     # pi_0: the adapter off is the base alone
     np.testing.assert_allclose(model.forward(CFG, lora.adapter_off(CFG, params), ids),
                                model.forward(cfg_m, base, ids), atol=1e-6)

@@ -127,11 +127,12 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
 
 
 def test_a_moe_policy_plays_and_exports(tmp_path, tfds_dir):
-    """configs/tiny.py with a Mixtral policy: sampled, scored, trained on 8 devices (the dispatch per shard of
-    data=8), checkpointed, and exported as a MixtralForCausalLM that loads back to the trained params."""
+    """configs/tiny.py with a Mixtral policy and adapters on its attention: sampled (the adapted projections
+    merged, the experts the policy's own), scored, trained on 8 devices (the dispatch per shard of data=8),
+    checkpointed, and exported as a MixtralForCausalLM with its PEFT adapter."""
     work = tmp_path / "run"
     proc = _train(work, "model.architecture=mixtral", "model.num_experts=4", "model.experts_per_token=2",
-                  "run.rounds=1", tfds_dir=tfds_dir)
+                  "lora.rank=4", "lora.targets=q,k,v,o", "run.rounds=1", tfds_dir=tfds_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported the final model" in proc.stdout
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
@@ -141,3 +142,4 @@ def test_a_moe_policy_plays_and_exports(tmp_path, tfds_dir):
     assert conf["architectures"] == ["MixtralForCausalLM"] and conf["num_local_experts"] == 4
     cfg, params = hf.load_pretrained(str(work / "export"))
     assert cfg.moe and cfg.experts_per_token == 2 and params["layers"]["experts_gate"].shape == (2, 4, 64, 128)
+    assert os.path.exists(work / "export" / "adapter" / "adapter_model.safetensors")
