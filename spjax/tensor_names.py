@@ -110,11 +110,11 @@ _EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
                  "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 
 
-def _expert_parts(cfg: ModelConfig) -> dict:
-    """{a stacked experts tensor's name ({i}): [its experts' own names ({i}), in expert order]}."""
-    table = layer_table(cfg)
-    stacked = [table[f"experts_{leaf}"].hf for leaf in ("gate", "up", "down")]
-    return {name: [name.replace("experts.", f"experts.{e}.") for e in range(cfg.num_experts)] for name in stacked}
+def _experts(cfg: ModelConfig, leaf: str, i: int) -> tuple:
+    """(layer i's stacked experts tensor of `leaf` (gate, up, down) as layer_table names it, [each expert's own
+    tensor, in expert order])."""
+    stacked = layer_table(cfg)[f"experts_{leaf}"].hf.format(i=i)
+    return stacked, [stacked.replace("experts.", f"experts.{e}.") for e in range(cfg.num_experts)]
 
 
 def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
@@ -124,17 +124,19 @@ def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
     router there as mlp.gate.weight). Read when read. Any other checkpoint unchanged."""
     if not cfg.moe:
         return get
-    F, table, views = cfg.intermediate_size, layer_table(cfg), {}  # name -> (read it, the names it stands for)
+    F = cfg.intermediate_size
+    cuts = {"gate": ("gate_up_proj", slice(0, F)), "up": ("gate_up_proj", slice(F, 2 * F)), "down": ("down_proj", None)}
+    views = {}  # name -> (a function reading it, the checkpoint's names it stands for)
     for i in range(cfg.num_layers):
-        fused = f"model.layers.{i}.mlp.experts."
-        for (stacked, own), rows in zip(_expert_parts(cfg).items(), (slice(0, F), slice(F, 2 * F), slice(None))):
-            stacked, own = stacked.format(i=i), [name.format(i=i) for name in own]
+        for leaf, (fused, rows) in cuts.items():
+            stacked, own = _experts(cfg, leaf, i)
+            fused = f"model.layers.{i}.mlp.experts.{fused}"
             if any(name in get.names for name in own):
                 views[stacked] = (lambda own=own: np.stack([np.asarray(get(name)) for name in own]), own)
-            elif fused + ("down_proj" if rows.start is None else "gate_up_proj") in get.names:
-                name = fused + ("down_proj" if rows.start is None else "gate_up_proj")
-                views[stacked] = (lambda name=name, rows=rows: np.asarray(get(name))[:, rows], [name])
-        router, moved = table["router"].hf.format(i=i), f"model.layers.{i}.mlp.gate.weight"
+            elif fused in get.names:
+                views[stacked] = (lambda fused=fused, rows=rows: np.asarray(get(fused))[:, rows or slice(None)],
+                                  [fused])
+        router, moved = layer_table(cfg)["router"].hf.format(i=i), f"model.layers.{i}.mlp.gate.weight"
         if router not in get.names and moved in get.names:
             views[router] = (lambda moved=moved: get(moved), [moved])
     if not views:
@@ -147,9 +149,10 @@ def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
 def unstack_experts(cfg: ModelConfig, tensors: dict, i: int) -> dict:
     """Layer i's HF tensors under layer_table's names with each stacked experts tensor split into its experts'."""
     out = dict(tensors)
-    for stacked, own in _expert_parts(cfg).items():
-        x = out.pop(stacked.format(i=i))
-        out.update({name.format(i=i): x[e] for e, name in enumerate(own)})
+    for leaf in ("gate", "up", "down"):
+        stacked, own = _experts(cfg, leaf, i)
+        x = out.pop(stacked)
+        out.update({name: x[e] for e, name in enumerate(own)})
     return out
 
 

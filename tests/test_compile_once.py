@@ -44,5 +44,10 @@ def test_later_rounds_compile_nothing_new(tmp_path):
         logger.setLevel(level)
     assert set(summary) == {"initial", "round 0", "round 1", "round 2"} and set(marks) == {0, 1, 2}
     assert "jit(train_step)" in lowered.names[:marks[0]]  # (seen: the handler hears the lowering)
-    later = lowered.names[marks[0]:]
+    later = lowered.names[marks[0]:marks[2]]
     assert set(later) <= {"jit(init)"} and len(later) <= 1, later
+    # then the export, which gathers the params a layer at a time: one slicing program per kind of leaf
+    export = lowered.names[marks[2]:]
+    from spjax import hf, model
+    kinds = len(model.param_shapes(hf.initial_config(cfg))["layers"])  # (at most one per layer leaf)
+    assert set(export) <= {"jit(_layer)"} and len(export) <= kinds, (export, kinds)
