@@ -126,9 +126,8 @@ def for_sampling(cfg: ModelConfig, params):
     """
     if not cfg.lora.rank or cfg.base_quant != "none":
         return cfg, params
-    merged = _merged_targets(cfg, params)
-    kept = {leaf: w for leaf, w in params["layers"].items() if leaf not in merged and not is_adapter(leaf)}
-    return base_config(cfg), {**params, "layers": {**kept, **merged}}
+    shared = shared_for_sampling(cfg, params)
+    return base_config(cfg), {**shared, "layers": {**shared["layers"], **_merged_targets(cfg, params)}}
 
 
 def shared_for_sampling(cfg: ModelConfig, params) -> dict:
