@@ -18,7 +18,7 @@ with a warning.
 
 Where it waits: a run loads it once, and its params wait in pinned host memory between judge phases
 (`on_device` brings them to the devices for a phase, shard by shard, and drops them after), so the
-sampler and the train step have that memory back: an 8B reward model is 15 GiB of a GPU's 80 that
+sampler and the train step have that memory back: an 8B reward model in bf16 is 14 GiB of a GPU's 80 that
 self-play would otherwise lose for the whole run. Devices without pinned host memory keep them.
 """
 from __future__ import annotations
