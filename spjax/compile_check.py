@@ -177,7 +177,7 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
     """Compile `cfg`'s programs for a mesh over `devices` (real or compile-only) and report memory.
     judge_model: the reward model judge's shape where its directory is absent (a config's JUDGE_MODEL)."""
     import jax
-    from spjax import model, sharding as shd
+    from spjax import lora, model, sharding as shd
     from spjax.config import ConfigError
     model_cfg = model_config(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
@@ -206,7 +206,7 @@ def check(cfg, devices, *, target: Optional[Target] = None, platform: str = "", 
             programs.append(said(dataclasses.replace(sampler_row, held=sampler_row.held + resident)))
             if rm_cfg is not None:
                 programs.append(said(compile_judge(cfg, rm_cfg, mesh, state_bytes(state)["params"])))
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model_cfg)))
+    n_params = lora.model_params(model_cfg, model.param_shapes(model_cfg))  # (int4: two a stored byte)
     return Report(
         target=target.name if target else f"{len(devices)} local devices",
         platform=platform or devices[0].platform, stand_in=stand_in, n_devices=len(devices),

@@ -88,7 +88,7 @@ MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")  # the families whose MLPs are mixt
 def check_experts(cfg):
     """A mixture of experts only where a transformers family computes one (Mixtral: Mistral's attention;
     Qwen3-MoE: Qwen3's), with a router choosing 1..num_experts of them, and what spjax does not do with
-    one refused: adapters on the experts, a quantized base."""
+    one refused: adapters on the experts."""
     moe = cfg.architecture in MOE_ARCHITECTURES
     check(cfg.num_experts >= 0 and (cfg.num_experts > 0) == moe, "model.num_experts",
           f"{cfg.num_experts} with architecture {cfg.architecture}: " + (
@@ -106,8 +106,6 @@ def check_experts(cfg):
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
     check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
           "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]")
-    check(cfg.base_quant == "none", "model.base_quant", f"{cfg.base_quant} with {cfg.architecture}: spjax "
-          "quantizes dense projections, and the experts (most of the model) would stay as they are")
 
 
 def check_rope(cfg):

@@ -23,7 +23,7 @@ import numpy as np
 
 from spjax import quant
 from spjax.config import ModelConfig
-from spjax.tensor_names import PROJ_IN_DIMS, base_config
+from spjax.tensor_names import QUANTIZED, base_config
 
 _ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -75,19 +75,21 @@ def count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def model_params(cfg: ModelConfig, params) -> int:
+    """The model's parameter count (of params or their shapes), not its stored elements: int4 packs two
+    weights a byte, and the scales of a quantized base are storage, not parameters."""
+    packed = 2 if cfg.base_quant == "int4" else 1
+    return (count({k: v for k, v in params.items() if k != "layers"})
+            + sum(int(np.prod(v.shape)) * (packed if k in QUANTIZED else 1) for k, v in params["layers"].items()
+                  if not (k.endswith("_scale") and k[:-len("_scale")] in QUANTIZED)))
+
+
 def describe(cfg: ModelConfig, params) -> str:
     """One line for the run log: trainable and total parameter counts."""
-    train, _ = split(cfg, params)
-    # The model's parameters, not the stored elements: int4 packs two weights a byte, and the scales
-    # of a quantized base are storage, not parameters.
-    layers = params["layers"]
-    packed = 2 if cfg.base_quant == "int4" else 1
-    n = count(train)
-    total = (count({k: v for k, v in params.items() if k != "layers"})
-             + sum(int(np.prod(v.shape)) * (packed if k in PROJ_IN_DIMS else 1) for k, v in layers.items()
-                   if not (k.endswith("_scale") and k[:-len("_scale")] in PROJ_IN_DIMS)))
+    n = count(split(cfg, params)[0])
     if not cfg.lora.rank:
         return f"trainable params: {n:,} (full fine-tuning)"
+    total = model_params(cfg, params)
     return (f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%): LoRA r={cfg.lora.rank} "
             f"alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}; base {cfg.base_quant}")
 
@@ -100,12 +102,12 @@ def merge(cfg: ModelConfig, params):
         return out_cfg, params
     cdt = jnp.dtype(cfg.compute_dtype)
     layers = dict(params["layers"])
-    for leaf, n_in in PROJ_IN_DIMS.items():
-        if leaf not in layers:  # (a mixture of experts: no dense MLP projections)
+    for leaf, (lead, n_in) in QUANTIZED.items():
+        if leaf not in layers:  # (a mixture of experts: no dense MLP projections; a dense model: no experts)
             continue
         w = layers.pop(leaf)
         if cfg.base_quant != "none":
-            w = quant.dequantize(w, layers.pop(f"{leaf}_scale"), cfg.base_quant, n_in, lead=1, dtype=jnp.float32)
+            w = quant.dequantize(w, layers.pop(f"{leaf}_scale"), cfg.base_quant, n_in, 1 + lead, dtype=jnp.float32)
         if cfg.lora.rank and leaf in cfg.lora.targets:
             a, b = layers.pop(f"{leaf}_lora_a"), layers.pop(f"{leaf}_lora_b")
             N, r = a.shape[0], a.shape[-1]
@@ -149,5 +151,5 @@ def _merged_targets(cfg: ModelConfig, params):
 from spjax.peft_io import load_peft, peft_tensors, save_peft, write_peft  # noqa: E402
 
 
-__all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "describe", "merge", "for_sampling",
+__all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "model_params", "describe", "merge", "for_sampling",
            "peft_tensors", "write_peft", "save_peft", "load_peft"]

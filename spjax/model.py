@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from spjax import mlp, moe, rope
-from spjax.projection import NORMAL as _normal, param as _param, project as _project
+from spjax.projection import NORMAL as _normal, param as _param, project as _project, weight as _weight
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
@@ -148,10 +148,16 @@ class Block(nn.Module):
         h = norm("mlp_norm", x_BxLxD)
         if cfg.moe:  # Mixtral, Qwen3-MoE (spjax.moe)
             E = cfg.num_experts
-            out_BxLxD = moe.mlp(cfg, h, w("router", (D, E), ("embed", "experts")),
-                                w("experts_gate", (E, D, F), ("experts", "embed", "mlp")),
-                                w("experts_up", (E, D, F), ("experts", "embed", "mlp")),
-                                w("experts_down", (E, F, D), ("experts", "mlp", "embed")))
+            router_DxE = w("router", (D, E), ("embed", "experts"))  # (never quantized: small, and it picks)
+            experts = [_weight(self, f"experts_{n}", shape, ("experts",) + axes, n_in=1, lead=1)
+                       for n, shape, axes in (("gate", (E, D, F), ("embed", "mlp")), ("up", (E, D, F), ("embed", "mlp")),
+                                              ("down", (E, F, D), ("mlp", "embed")))]
+
+            def mixture(h, router_DxE, stored):
+                return moe.mlp(cfg, h, router_DxE, *(read(*leaves) for (_, read), leaves in zip(experts, stored)))
+            if cfg.lora.rank:  # a frozen base, as spjax.projection's: its compute-dtype (dequantized) copy is remade
+                mixture = jax.checkpoint(mixture, policy=_MOE_SAVED)  # in the backward pass, not kept per layer
+            out_BxLxD = mixture(h, router_DxE, [stored for stored, _ in experts])
             return (x_BxLxD + out_BxLxD, cache), None
         if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
             weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),
@@ -165,6 +171,7 @@ class Block(nn.Module):
         return (x_BxLxD, cache), None
 
 
+_MOE_SAVED = jax.checkpoint_policies.save_only_these_names(moe.ACTIVATIONS)
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

@@ -22,9 +22,14 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from spjax.config import ModelConfig
+
+# The grouped matmuls' inputs and outputs, named for a remat policy that keeps them and remakes the rest
+# (spjax.model: a quantized base's experts are dequantized again rather than kept in the compute dtype).
+ACTIVATIONS = "moe_activations"
 
 
 def route(x_TxD, router_DxE, k: int, norm: bool):
@@ -41,11 +46,11 @@ def experts(x_TxD, weight_Txk, expert_Txk, gate_ExDxF, up_ExDxF, down_ExFxD):
     (T, k), E = expert_Txk.shape, gate_ExDxF.shape[0]
     expert_A = expert_Txk.reshape(-1)
     order_A = jnp.argsort(expert_A, stable=True)  # assignments grouped by expert, in token order within one
-    x_AxD = jnp.take(x_TxD, order_A // k, axis=0)
+    x_AxD = checkpoint_name(jnp.take(x_TxD, order_A // k, axis=0), ACTIVATIONS)
     sizes_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
-    gate_AxF = jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E)
-    up_AxF = jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E)
-    y_AxD = jax.lax.ragged_dot(nn.silu(gate_AxF) * up_AxF, down_ExFxD, sizes_E)
+    gate_AxF = checkpoint_name(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), ACTIVATIONS)
+    up_AxF = checkpoint_name(jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E), ACTIVATIONS)
+    y_AxD = checkpoint_name(jax.lax.ragged_dot(nn.silu(gate_AxF) * up_AxF, down_ExFxD, sizes_E), ACTIVATIONS)
     back_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(T * k, dtype=order_A.dtype))  # order's inverse
     y_TxkxD = jnp.take(y_AxD, back_A, axis=0).reshape(T, k, -1)
     return jnp.einsum("TkD,Tk->TD", y_TxkxD.astype(jnp.float32), weight_Txk)

@@ -37,6 +37,23 @@ def _quant_init(kind):
     return init
 
 
+def weight(module, name: str, shape, axes, n_in: int, lead: int = 0):
+    """(stored leaves, read) of a base weight [*lead, *in, *out]: `read(*stored)` is it in the compute dtype,
+    dequantized where cfg.base_quant asks (lead: axes before the inputs, each quantized on its own: a mixture
+    of experts' expert axis)."""
+    cfg = module.cfg
+    pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+    kind = cfg.base_quant
+    if kind == "none":
+        return (param(module, name, shape, axes, NORMAL, pdt),), lambda w: w.astype(cdt)
+    stored = (param(module, name, quant.stored_shape(kind, shape, n_in, lead), axes, _quant_init(kind),
+                    quant.storage_dtype(kind)),
+              param(module, name + "_scale", tuple(shape[:lead]) + quant.scale_shape(kind, shape[lead:], n_in),
+                    tuple(axes[:lead]) + ("quant_groups",) + tuple(axes[lead + n_in:]),
+                    nn.initializers.constant(0.02 * np.sqrt(3) / QMAX[kind]), jnp.float32))
+    return stored, lambda q, scale: quant.dequantize(q, scale, kind, n_in, lead, dtype=cdt)
+
+
 def project(module, name: str, eq: str, x, shape, axes):
     """einsum(eq, x, W) for projection `name` with W [*in, *out]: the base weight dequantized when
     cfg.base_quant asks, plus the LoRA term (alpha / r) (x A) B when cfg.lora targets it.
@@ -45,20 +62,11 @@ def project(module, name: str, eq: str, x, shape, axes):
     rewritten and its gradient is never formed: the train step differentiates the adapters only.
     """
     cfg = module.cfg
-    pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+    cdt = jnp.dtype(cfg.compute_dtype)
     x_spec, w_spec = eq.split("->")[0].split(",")
     n_in = sum(c in x_spec for c in w_spec)
-    kind = cfg.base_quant
-    if kind == "none":
-        stored = (param(module, name, shape, axes, NORMAL, pdt),)
-        base = lambda x, w: jnp.einsum(eq, x, w.astype(cdt))
-    else:
-        stored = (param(module, name, quant.stored_shape(kind, shape, n_in), axes, _quant_init(kind),
-                         quant.storage_dtype(kind)),
-                  param(module, name + "_scale", quant.scale_shape(kind, shape, n_in),
-                         ("quant_groups",) + tuple(axes[n_in:]),
-                         nn.initializers.constant(0.02 * np.sqrt(3) / QMAX[kind]), jnp.float32))
-        base = lambda x, q, scale: jnp.einsum(eq, x, quant.dequantize(q, scale, kind, n_in, dtype=cdt))
+    stored, read = weight(module, name, shape, axes, n_in)
+    base = lambda x, *stored: jnp.einsum(eq, x, read(*stored))  # noqa: E731
     lora = cfg.lora
     if lora.rank:
         # A frozen base: the backward pass recomputes the cast/dequantized weight from the stored

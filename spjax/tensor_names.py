@@ -28,6 +28,11 @@ HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+# The leaves a quantized base (ModelConfig.base_quant) stores quantized, with (lead, n_in) of a layer's weight:
+# the axes before its inputs (a mixture's expert axis: each expert quantized on its own) and the inputs
+# contracted (spjax.quant). A mixture's router stays as it is: small, and it picks the experts.
+QUANTIZED = {**{leaf: (0, n_in) for leaf, n_in in PROJ_IN_DIMS.items()},
+             **{f"experts_{leaf}": (1, 1) for leaf in ("gate", "up", "down")}}
 
 
 class CheckpointError(ValueError):
@@ -302,9 +307,10 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     for leaf, e in layer_table(cfg).items():
         want = base_shapes["layers"][leaf].shape[1:]
         layer = lambda i: fetch(e.name(names).format(i=i), e, want)
-        if cfg.base_quant != "none" and leaf in PROJ_IN_DIMS:
+        if cfg.base_quant != "none" and leaf in QUANTIZED:
             # Quantized layer by layer as read: quantizing the stack holds ~3 fp32 copies of all layers.
-            qs = [quant.quantize(layer(i), cfg.base_quant, PROJ_IN_DIMS[leaf]) for i in range(cfg.num_layers)]
+            lead, n_in = QUANTIZED[leaf]
+            qs = [quant.quantize(layer(i), cfg.base_quant, n_in, lead) for i in range(cfg.num_layers)]
             arr, scale = np.stack([q for q, _ in qs]), np.stack([s for _, s in qs])
             del qs
             layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)
@@ -358,22 +364,19 @@ def _check_all_read(cfg: ModelConfig, get: TensorSource, read: set, where: str, 
 
 
 def merged_layer(cfg: ModelConfig, layer: dict, leaf: str) -> np.ndarray:
-    """Host float32 weight [*in, *out] of a layer's leaf (layer: that layer's host leaves, host_pieces'):
-    dequantized, plus (alpha / r) A B."""
+    """Host weight of a layer's leaf (layer: that layer's host leaves, host_pieces'): dequantized (float32),
+    plus (alpha / r) A B where adapted (float32); else as stored."""
     w = np.asarray(layer[leaf])
-    if leaf not in PROJ_IN_DIMS:
+    if cfg.base_quant != "none" and leaf in QUANTIZED:
+        lead, n_in = QUANTIZED[leaf]
+        w = quant.dequantize(w, np.asarray(layer[f"{leaf}_scale"]), cfg.base_quant, n_in, lead, dtype=np.float32)
+    if not (cfg.lora.rank and leaf in cfg.lora.targets):
         return w
-    if cfg.base_quant != "none":
-        w = quant.dequantize(w, np.asarray(layer[f"{leaf}_scale"]), cfg.base_quant, PROJ_IN_DIMS[leaf],
-                             dtype=np.float32)
-    w = w.astype(np.float32, copy=False)
-    if cfg.lora.rank and leaf in cfg.lora.targets:
-        a = np.asarray(layer[f"{leaf}_lora_a"], np.float32)
-        b = np.asarray(layer[f"{leaf}_lora_b"], np.float32)
-        r = a.shape[-1]
-        delta = np.matmul(a.reshape(-1, r), b.reshape(r, -1)) * (cfg.lora.alpha / r)
-        w = w + delta.reshape(w.shape)
-    return w
+    a = np.asarray(layer[f"{leaf}_lora_a"], np.float32)
+    b = np.asarray(layer[f"{leaf}_lora_b"], np.float32)
+    r = a.shape[-1]
+    delta = np.matmul(a.reshape(-1, r), b.reshape(r, -1)) * (cfg.lora.alpha / r)
+    return w.astype(np.float32, copy=False) + delta.reshape(w.shape)
 
 
 def host_pieces(params):
@@ -444,7 +447,7 @@ def _get(tree, path):
     return tree
 
 
-__all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "CheckpointError", "TensorSource", "Entry",
+__all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "base_config",
            "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

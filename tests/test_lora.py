@@ -270,6 +270,7 @@ def test_a_quantized_base_is_read_layer_by_layer_and_counted_as_parameters(torch
             assert np.array_equal(params["layers"][leaf], q) and np.array_equal(params["layers"][leaf + "_scale"], scale)
         n = lora.count(lora.split(cfg, params)[0])
         assert f"trainable params: {n:,} of {total + n:,} " in lora.describe(cfg, params), kind
+        assert lora.model_params(cfg, model.param_shapes(cfg)) == total + n  # (compile_check's count: shapes)
 
 
 def test_int4_refuses_an_odd_size_at_the_config():

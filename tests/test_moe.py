@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spjax import hf, model, moe, sharding
+from spjax import hf, lora, model, moe, quant, sharding
 from spjax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig
+from spjax.tensor_names import QUANTIZED
 from tests import oracle
 from tests.test_rounds import _train, tfds_dir  # noqa: F401 (tfds_dir: a fixture this module uses)
 
@@ -107,11 +108,70 @@ def test_lora_on_the_attention_exports_an_adapter_peft_applies(tmp_path):
         np.testing.assert_array_equal(written[name], source[name])
 
 
+def _float_twin(cfg, params):
+    """(cfg, params) of the same model with its quantized leaves dequantized: a float base, the adapters as they are."""
+    layers = dict(params["layers"])
+    for leaf, (lead, n_in) in QUANTIZED.items():
+        if leaf in layers:
+            layers[leaf] = quant.dequantize(layers[leaf], layers.pop(f"{leaf}_scale"), cfg.base_quant, n_in, 1 + lead)
+    return dataclasses.replace(cfg, base_quant="none"), {**params, "layers": layers}
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_base_quantizes_every_expert(kind, tmp_path):
+    """QLoRA over a Mixtral: every expert is quantized on its own as read (the router is not), the policy
+    computes what a float model of the dequantized weights computes (logits, the adapters' gradients),
+    and the export writes those weights per expert."""
+    from safetensors.numpy import load_file
+    base = oracle.torch_model("mixtral")
+    _, p32 = hf.from_transformers(base)
+    cfg, params = hf.from_transformers(base, lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o")),
+                                       base_quant=kind)
+    layers = params["layers"]
+    assert layers["experts_down"].dtype == quant.storage_dtype(kind) and layers["router"].dtype == jnp.float32
+    for leaf in ("experts_gate", "experts_up", "experts_down"):  # [N, E, *in, *out]: each expert its own scales
+        q, scale = quant.quantize(np.asarray(p32["layers"][leaf]), kind, 1, lead=2)
+        assert np.array_equal(layers[leaf], q) and np.array_equal(layers[f"{leaf}_scale"], scale)
+    assert layers["experts_down_scale"].shape == (2, 4, 128 // quant.group_size(kind, 128), 64)
+    assert lora.model_params(cfg, params) == lora.count(p32) + lora.count(lora.split(cfg, params)[0])
+    params["layers"] = {k: (v + 0.05 * jax.random.normal(jax.random.key(3), v.shape) if k.endswith("_lora_b") else v)
+                        for k, v in layers.items()}
+    twin_cfg, twin = _float_twin(cfg, params)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+
+    def value_and_grad(c, p):  # (of the adapters, what the train step differentiates)
+        train, frozen = lora.split(c, p)
+        loss = lambda t: jnp.mean(jax.nn.log_softmax(model.forward(c, lora.join(t, frozen), ids))[..., 1])  # noqa: E731
+        return jax.value_and_grad(loss)(train)
+    (got, got_g), (want, want_g) = value_and_grad(cfg, params), value_and_grad(twin_cfg, twin)
+    assert abs(float(got) - float(want)) <= 1e-6
+    for leaf, g in got_g["layers"].items():
+        np.testing.assert_allclose(g, want_g["layers"][leaf], atol=1e-6, rtol=0, err_msg=leaf)
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"))
+    written = load_file(os.path.join(out, "model.safetensors"))
+    np.testing.assert_array_equal(written["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+                                  np.asarray(twin["layers"]["experts_down"][1, 3]).T)
+    np.testing.assert_array_equal(written["model.layers.1.block_sparse_moe.gate.weight"],
+                                  np.asarray(p32["layers"]["router"][1]).T)
+
+
+def test_a_quantized_mixture_keeps_no_dequantized_expert_for_the_backward_pass():
+    """Without remat the backward pass would keep every layer's dequantized experts (a float copy of most of
+    the model) as residuals; the mixture remakes them from the stored integers instead."""
+    cfg = dataclasses.replace(CFG, num_layers=8, hidden_size=128, intermediate_size=256, num_experts=8,
+                              lora=LoraConfig(rank=4, targets=("q", "v")), base_quant="int8")
+    shapes = model.param_shapes(cfg)
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    train, frozen = lora.split(cfg, shapes)
+    grad = jax.jit(jax.grad(lambda t, f, ids: jnp.mean(model.forward(cfg, lora.join(t, f), ids))))
+    temp = grad.lower(train, frozen, ids).compile().memory_analysis().temp_size_in_bytes
+    experts_f32 = sum(4 * int(np.prod(shapes["layers"][f"experts_{n}"].shape)) for n in ("gate", "up", "down"))
+    assert temp < experts_f32 / 4, (temp, experts_f32)  # two layers' worth (before: 1.3x all eight layers')
+
+
 def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"lora.targets: gate, up, down: mixtral's MLPs are mixtures of experts"):
         dataclasses.replace(CFG, lora=LoraConfig(rank=4))
-    with pytest.raises(ConfigError, match="model.base_quant: int8 with mixtral"):
-        dataclasses.replace(CFG, lora=LoraConfig(rank=4, targets=("q", "v")), base_quant="int8")
     with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
         dataclasses.replace(CFG, experts_per_token=5)
     with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral and qwen3_moe"):
@@ -126,15 +186,29 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
     assert hf.config_from_hf(dict(conf, num_experts=8)).num_experts == 8  # (the hub's name; 5.x writes the other)
 
 
+def test_lora_sampling_merges_the_attention_and_shares_the_experts():
+    """A float MoE policy samples with its adapted projections merged (the same logits) and the experts,
+    router and everything else it does not adapt as its own arrays."""
+    cfg = dataclasses.replace(CFG, lora=LoraConfig(rank=4, targets=("q", "k", "v", "o")))
+    params = model.init_params(cfg, jax.random.key(4))
+    params["layers"] = {k: (v + 0.05 if k.endswith("_lora_b") else v) for k, v in params["layers"].items()}
+    scfg, sparams = lora.for_sampling(cfg, params)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    np.testing.assert_allclose(model.forward(scfg, sparams, ids), model.forward(cfg, params, ids), atol=1e-5, rtol=0)
+    assert all(sparams["layers"][k] is params["layers"][k] for k in ("router", "experts_gate", "experts_up",
+                                                                      "experts_down", "mlp_norm"))
+
+
 def test_a_moe_policy_plays_and_exports(tmp_path, tfds_dir):
-    """configs/tiny.py with a Mixtral policy and adapters on its attention: sampled (the adapted projections
-    merged, the experts the policy's own), scored, trained on 8 devices (the dispatch per shard of data=8),
+    """configs/tiny.py with a Mixtral policy, its experts in int4 and adapters on its attention: sampled,
+    scored, trained on 8 devices (the dispatch per shard of data x fsdp, the experts split over tensor),
     checkpointed, and exported as a MixtralForCausalLM with its PEFT adapter."""
     work = tmp_path / "run"
     proc = _train(work, "model.architecture=mixtral", "model.num_experts=4", "model.experts_per_token=2",
-                  "lora.rank=4", "lora.targets=q,k,v,o", "run.rounds=1", tfds_dir=tfds_dir)
+                  "lora.rank=4", "lora.targets=q,k,v,o", "base_quant=int4", "run.rounds=1", "mesh.data=2",
+                  "mesh.fsdp=2", "mesh.tensor=2", tfds_dir=tfds_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exported the final model" in proc.stdout
+    assert "exported the final model" in proc.stdout and "on q,k,v,o; base int4" in proc.stdout
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert any(r["kind"] == "round" for r in rows) and all(np.isfinite(r.get("loss", 0.0)) for r in rows)
     with open(work / "export" / "config.json") as f:
