@@ -313,7 +313,10 @@ def test_inpo_loss_by_hand():
 
 @pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32)),
                                           ("Phi3", dict(partial_rotary_factor=0.5)),
-                                          ("Gemma2", dict(head_dim=16, sliding_window=8))])  # (Skywork's RMs)
+                                          ("Gemma2", dict(head_dim=16, sliding_window=8)),  # (Skywork's RMs)
+                                          ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+                                          ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=3, head_dim=32,
+                                                            moe_intermediate_size=48))])
 def test_reward_model_matches_transformers(family, extra, tmp_path):
     import torch
     import transformers
