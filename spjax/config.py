@@ -53,8 +53,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral and
-    Qwen3-MoE: its MLPs mixtures of experts)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral,
+    Qwen2-MoE and Qwen3-MoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
     hidden_size: int
@@ -99,11 +99,12 @@ class ModelConfig:
     attention: str = "auto"  # one of ATTENTION: the attention path (model.attention_impl); not exported
     lora: LoraConfig = LoraConfig()  # rank > 0: train adapters only (spjax.lora); export merges them
     base_quant: str = "none"  # one of BASE_QUANTS: int8/int4 store the frozen base projections quantized
-    # Mixture of experts (Mixtral, Qwen3-MoE; spjax.moe): every layer's MLP is num_experts SwiGLU experts of
-    # width intermediate_size, experts_per_token of them per token by the router's softmax
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; spjax.moe): every layer's MLP is num_experts SwiGLU
+    # experts of width intermediate_size, experts_per_token of them per token by the router's softmax
     num_experts: int = 0  # 0: a dense MLP
     experts_per_token: int = 0
-    norm_topk: bool = True  # the chosen experts' weights renormalized to sum to 1 (Qwen3-MoE: norm_topk_prob)
+    norm_topk: bool = True  # the chosen experts' weights renormalized to sum to 1 (Qwen2/3-MoE: norm_topk_prob)
+    shared_expert_size: int = 0  # Qwen2-MoE: the width of a SwiGLU expert every token takes, gated by sigmoid(x w)
 
     def __post_init__(self):
         _finite(self, "model")

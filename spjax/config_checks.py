@@ -82,26 +82,32 @@ def check_model(cfg):
           f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
 
 
-MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")  # the families whose MLPs are mixtures of experts
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")  # the families whose MLPs are mixtures of experts
 
 
 def check_experts(cfg):
     """A mixture of experts only where a transformers family computes one (Mixtral: Mistral's attention;
-    Qwen3-MoE: Qwen3's), with a router choosing 1..num_experts of them, and what spjax does not do with
-    one refused: adapters on the experts."""
+    Qwen2-MoE: Qwen2's, and a shared expert; Qwen3-MoE: Qwen3's), with a router choosing 1..num_experts of
+    them, and what spjax does not do with one refused: adapters on the experts."""
     moe = cfg.architecture in MOE_ARCHITECTURES
     check(cfg.num_experts >= 0 and (cfg.num_experts > 0) == moe, "model.num_experts",
           f"{cfg.num_experts} with architecture {cfg.architecture}: " + (
               "a mixture of experts needs num_experts > 0" if moe else
-              f"only {' and '.join(MOE_ARCHITECTURES)} have experts" if cfg.num_experts > 0 else "must be >= 0"))
+              f"only {', '.join(MOE_ARCHITECTURES)} have experts" if cfg.num_experts > 0 else "must be >= 0"))
+    shared = cfg.architecture == "qwen2_moe"
+    check(cfg.shared_expert_size > 0 if shared else cfg.shared_expert_size == 0, "model.shared_expert_size",
+          f"{cfg.shared_expert_size} with architecture {cfg.architecture}: " + (
+              "qwen2_moe's shared expert needs a width > 0" if shared else "only qwen2_moe has a shared expert"))
     if not moe:
         return
     check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
           f"must be in [1, num_experts {cfg.num_experts}], got {cfg.experts_per_token}")
-    check(cfg.qk_norm == (cfg.architecture == "qwen3_moe") and not cfg.qkv_bias and not cfg.gemma,
-          "model.qk_norm" if not cfg.qkv_bias else "model.qkv_bias",
-          f"with {cfg.architecture}: transformers' {cfg.architecture} does not compute it")
-    check(cfg.norm_topk or cfg.architecture == "qwen3_moe", "model.norm_topk",
+    arch, norms = cfg.architecture, cfg.architecture == "qwen3_moe"
+    check(cfg.qkv_bias == shared, "model.qkv_bias", f"{cfg.qkv_bias} with {arch}: transformers' {arch} "
+          + ("adds q/k/v biases" if shared else "has no q/k/v biases"))
+    check(cfg.qk_norm == norms, "model.qk_norm", f"{cfg.qk_norm} with {arch}: transformers' {arch} "
+          + ("normalizes q and k" if norms else "has no q/k norms"))
+    check(cfg.norm_topk or cfg.architecture != "mixtral", "model.norm_topk",
           "false with mixtral: transformers' Mixtral always renormalizes the chosen experts' weights")
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
     check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
@@ -156,7 +162,7 @@ def check_family(cfg):
     check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
           "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
     mixed = len(set(cfg.windowed)) > 1
-    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe"), "model.layer_types",
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"), "model.layer_types",
           f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2 and Qwen3 compute that")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),

@@ -69,7 +69,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
-        qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
+        qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
         **_windows(hf, arch, where), **gemma,
         max_position_embeddings=_max_positions(hf),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
@@ -133,8 +133,12 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
         every = 2 if arch == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
                                           for i in range(n)]
-    elif arch not in ("qwen2", "qwen3", "qwen3_moe") or not hf.get("use_sliding_window") or window is None:
+    elif arch not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") or not hf.get("use_sliding_window") or window is None:
         return dict(sliding_window=None)
+    elif arch == "qwen2_moe" and not hf.get("layer_types"):
+        # (Qwen2MoeConfig 5.x windows the odd layers below max_window_layers, Qwen2's rule the layers from it on)
+        raise CheckpointError(f"{where}: use_sliding_window is true without layer_types: transformers versions "
+                              "window different layers of such a Qwen2-MoE; name them in layer_types")
     else:
         first = hf.get("max_window_layers", 28)  # 28: transformers' default
         if not isinstance(first, int) and not hf.get("layer_types"):  # null: transformers refuses it too
@@ -149,17 +153,25 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
 
 def _experts(hf: dict, arch: str, where: str) -> dict:
     """A mixture of experts' settings (spjax.moe), with their config classes' defaults; {} for a dense model.
-    Mixtral's experts are intermediate_size wide, Qwen3-MoE's moe_intermediate_size (its intermediate_size
+    Mixtral's experts are intermediate_size wide, Qwen2/3-MoE's moe_intermediate_size (their intermediate_size
     is the width of dense layers, which spjax refuses: every layer must be sparse, as released)."""
     if arch == "mixtral":
         return dict(num_experts=int(hf.get("num_local_experts", 8)), experts_per_token=int(hf.get("num_experts_per_tok", 2)))
-    if arch != "qwen3_moe":
+    if arch not in ("qwen2_moe", "qwen3_moe"):
         return {}
+    if arch == "qwen2_moe" and not hf.get("qkv_bias", True):
+        raise CheckpointError(f"{where}: qkv_bias is false, which spjax's qwen2_moe does not implement (transformers "
+                              "4.x adds the biases whatever it says)")
     dense = sorted(set(hf.get("mlp_only_layers") or []) | {
         i for i in range(hf["num_hidden_layers"]) if (i + 1) % int(hf.get("decoder_sparse_step", 1) or 1)})
     if dense:
         raise CheckpointError(f"{where}: layers {dense[:8]} have a dense MLP (mlp_only_layers, decoder_sparse_step), "
-                              "which spjax's qwen3_moe does not implement: every layer must be a mixture of experts")
+                              f"which spjax's {arch} does not implement: every layer must be a mixture of experts")
+    if arch == "qwen2_moe":  # (Qwen2MoeConfig's defaults: Qwen1.5-MoE-A2.7B's)
+        return dict(num_experts=int(hf.get("num_experts", 60)), experts_per_token=int(hf.get("num_experts_per_tok", 4)),
+                    norm_topk=bool(hf.get("norm_topk_prob", False)),
+                    intermediate_size=int(hf.get("moe_intermediate_size", 1408)),
+                    shared_expert_size=int(hf.get("shared_expert_intermediate_size", 5632)))
     experts = hf.get("num_experts", hf.get("num_local_experts", 128))  # (transformers 5 writes the second name)
     return dict(num_experts=int(experts), experts_per_token=int(hf.get("num_experts_per_tok", 8)),
                 norm_topk=bool(hf.get("norm_topk_prob", False)), intermediate_size=int(hf.get("moe_intermediate_size", 768)))
@@ -242,11 +254,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.architecture == "mixtral":
         out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
                    sliding_window=cfg.sliding_window)
-    if cfg.architecture == "qwen3_moe":  # (intermediate_size: dense layers' width; there are none)
+    if cfg.architecture in ("qwen2_moe", "qwen3_moe"):  # (intermediate_size: dense layers' width; there are none)
         out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk,
                    moe_intermediate_size=cfg.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
+    if cfg.architecture == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_expert_size, qkv_bias=True)
     types = ["sliding_attention" if w else "full_attention" for w in cfg.windowed]
-    if cfg.architecture in ("qwen2", "qwen3", "qwen3_moe"):
+    if cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         # max_window_layers for transformers 4.x, which reads no layer_types: the leading full layers (a
         # mix other than full layers first, then windowed ones, is read as that by 4.x alone)
         lead = next((i for i, w in enumerate(cfg.windowed) if w), cfg.num_layers)

@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral and Qwen3-MoE,
-whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral, Qwen2-MoE and
+Qwen3-MoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -146,7 +146,7 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
 
         h = norm("mlp_norm", x_BxLxD)
-        if cfg.moe:  # Mixtral, Qwen3-MoE (spjax.moe)
+        if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE (spjax.moe)
             E = cfg.num_experts
             router_DxE = w("router", (D, E), ("embed", "experts"))  # (never quantized: small, and it picks)
             experts = [_weight(self, f"experts_{n}", shape, ("experts",) + axes, n_in=1, lead=1)
@@ -158,6 +158,14 @@ class Block(nn.Module):
             if cfg.lora.rank:  # a frozen base, as spjax.projection's: its compute-dtype (dequantized) copy is remade
                 mixture = jax.checkpoint(mixture, policy=_MOE_SAVED)  # in the backward pass, not kept per layer
             out_BxLxD = mixture(h, router_DxE, [stored for stored, _ in experts])
+            if cfg.shared_expert_size:  # Qwen2-MoE: an expert every token takes (Fs wide), scaled by sigmoid(x w)
+                Fs = cfg.shared_expert_size
+                gate_BxLxFs = _project(self, "shared_gate", "BLD,DF->BLF", h, (D, Fs), ("embed", "mlp"))
+                up_BxLxFs = _project(self, "shared_up", "BLD,DF->BLF", h, (D, Fs), ("embed", "mlp"))
+                shared_BxLxD = _project(self, "shared_down", "BLF,FD->BLD", nn.silu(gate_BxLxFs) * up_BxLxFs,
+                                        (Fs, D), ("mlp", "embed"))
+                scale_BxLx1 = jax.nn.sigmoid(h @ w("shared_expert_gate", (D, 1), ("embed", None)))
+                out_BxLxD = out_BxLxD + scale_BxLx1 * shared_BxLxD
             return (x_BxLxD + out_BxLxD, cache), None
         if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
             weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),

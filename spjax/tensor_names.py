@@ -24,7 +24,8 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+            "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+            "Qwen3MoeForCausalLM": "qwen3_moe"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -32,7 +33,8 @@ PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 # the axes before its inputs (a mixture's expert axis: each expert quantized on its own) and the inputs
 # contracted (spjax.quant). A mixture's router stays as it is: small, and it picks the experts.
 QUANTIZED = {**{leaf: (0, n_in) for leaf, n_in in PROJ_IN_DIMS.items()},
-             **{f"experts_{leaf}": (1, 1) for leaf in ("gate", "up", "down")}}
+             **{f"experts_{leaf}": (1, 1) for leaf in ("gate", "up", "down")},
+             **{f"shared_{leaf}": (0, 1) for leaf in ("gate", "up", "down")}}  # (Qwen2-MoE's shared expert)
 
 
 class CheckpointError(ValueError):
@@ -101,6 +103,10 @@ def layer_table(cfg: ModelConfig) -> dict:
         out.update(router=Entry(m + "gate.weight", None, *T),
                    **{f"experts_{leaf}": Entry(m + f"experts.{names[leaf]}.weight", None, *swap)
                       for leaf in ("gate", "up", "down")})
+        if cfg.shared_expert_size:  # Qwen2-MoE: a SwiGLU MLP every token takes, scaled by sigmoid(x w)
+            out.update(shared_expert_gate=Entry(m + "shared_expert_gate.weight", None, *T),
+                       **{f"shared_{leaf}": Entry(m + f"shared_expert.{leaf}_proj.weight", None, *T)
+                          for leaf in ("gate", "up", "down")})
     if cfg.gemma:  # a norm before and after each of attention and the MLP (llama.cpp's names for them)
         n = "model.layers.{i}."
         out.update(mlp_norm=Entry(n + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", *ident),
@@ -112,6 +118,7 @@ def layer_table(cfg: ModelConfig) -> dict:
 
 # Each expert's projections, as transformers' state_dict and checkpoints name them (experts.{e}.<name>.weight).
 _EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
+                 "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
                  "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 
 

@@ -37,6 +37,10 @@ FAMILIES = {
                                       tie_word_embeddings=False)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, head_dim=32,
                                          norm_topk_prob=False, tie_word_embeddings=False)),
+    # 4 experts of width 48, 2 a token, not renormalized, beside a shared expert of width 80 (sigmoid-gated); q/k/v biases
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=80, norm_topk_prob=False, rope_theta=1e6,
+                                         tie_word_embeddings=False)),
 }
 
 

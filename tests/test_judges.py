@@ -315,6 +315,8 @@ def test_inpo_loss_by_hand():
                                           ("Phi3", dict(partial_rotary_factor=0.5)),
                                           ("Gemma2", dict(head_dim=16, sliding_window=8)),  # (Skywork's RMs)
                                           ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+                                          ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2,
+                                                            moe_intermediate_size=48, shared_expert_intermediate_size=80)),
                                           ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=3, head_dim=32,
                                                             moe_intermediate_size=48))])
 def test_reward_model_matches_transformers(family, extra, tmp_path):

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Mixtral, Qwen3-MoE; spjax.moe). Parity with transformers (logits, export, greedy
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; spjax.moe). Parity with transformers (logits, export, greedy
 decoding) is in test_model, test_hf and test_sampler's family lists; here: the grouped dispatch against every
 expert on every token, values and gradients; per-shard dispatch on a mesh against one device; LoRA on the
 attention through PEFT; what is refused; and a self-play run of a MoE policy end to end."""
@@ -155,6 +155,23 @@ def test_a_quantized_base_quantizes_every_expert(kind, tmp_path):
                                   np.asarray(p32["layers"]["router"][1]).T)
 
 
+def test_a_quantized_qwen2_moe_exports_the_model_it_computed(tmp_path):
+    """Qwen2-MoE's shared expert is quantized with the rest of the base; the merged export, loaded in
+    transformers, computes spjax's logits."""
+    import torch
+    import transformers
+    cfg, params = hf.from_transformers(oracle.torch_model("qwen2_moe"), lora=LoraConfig(rank=4, targets=("q", "v")),
+                                       base_quant="int8")
+    assert params["layers"]["shared_down"].dtype == jnp.int8 and params["layers"]["experts_up"].dtype == jnp.int8
+    params["layers"] = {k: (v + 0.05 if k.endswith("_lora_b") else v) for k, v in params["layers"].items()}
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    ours = np.asarray(model.forward(cfg, params, ids))
+    np.testing.assert_allclose(ours, model.forward(*_float_twin(cfg, params), ids), atol=1e-5, rtol=0)
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(oracle.torch_logits(merged, ids), ours, atol=1e-4)
+
+
 def test_a_quantized_mixture_keeps_no_dequantized_expert_for_the_backward_pass():
     """Without remat the backward pass would keep every layer's dequantized experts (a float copy of most of
     the model) as residuals; the mixture remakes them from the stored integers instead."""
@@ -174,8 +191,23 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
         dataclasses.replace(CFG, lora=LoraConfig(rank=4))
     with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
         dataclasses.replace(CFG, experts_per_token=5)
-    with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral and qwen3_moe"):
+    with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral, qwen2_moe, qwen3_moe"):
         dataclasses.replace(CFG, architecture="llama")
+    with pytest.raises(ConfigError, match="model.shared_expert_size: 8 with architecture mixtral: only qwen2_moe"):
+        dataclasses.replace(CFG, shared_expert_size=8)
+    with pytest.raises(ConfigError, match="model.shared_expert_size: 0 with architecture qwen2_moe: .* needs a width"):
+        dataclasses.replace(CFG, architecture="qwen2_moe", qkv_bias=True)
+    with pytest.raises(ConfigError, match="model.qkv_bias: False with qwen2_moe: transformers' qwen2_moe adds q/k/v"):
+        dataclasses.replace(CFG, architecture="qwen2_moe", shared_expert_size=8)
+    with pytest.raises(ConfigError, match="model.qk_norm: False with qwen3_moe: transformers' qwen3_moe normalizes"):
+        dataclasses.replace(CFG, architecture="qwen3_moe")
+    qwen2 = oracle.torch_model("qwen2_moe").config.to_dict()
+    with pytest.raises(hf.CheckpointError, match="c.json: qkv_bias is false"):
+        hf.config_from_hf(dict(qwen2, qkv_bias=False), "c.json")
+    with pytest.raises(hf.CheckpointError, match="c.json: use_sliding_window is true without layer_types"):
+        hf.config_from_hf({k: v for k, v in dict(qwen2, use_sliding_window=True).items() if k != "layer_types"}, "c.json")
+    with pytest.raises(hf.CheckpointError, match=r"c.json: layers \[1\] have a dense MLP .* spjax's qwen2_moe"):
+        hf.config_from_hf(dict(qwen2, mlp_only_layers=[1]), "c.json")
     with pytest.raises(ConfigError, match="model.num_experts: 0 with architecture mixtral"):
         dataclasses.replace(CFG, num_experts=0)
     conf = oracle.torch_model("qwen3_moe").config.to_dict()
