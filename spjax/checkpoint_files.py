@@ -51,7 +51,7 @@ def safetensors_getter(directory: str, open_all: bool = False):
     stored = {k: k for k in weight_map}
     if weight_map and not any(k.startswith("model.") for k in weight_map) and "embed_tokens.weight" in weight_map:
         stored = {(k if k.startswith("lm_head.") else "model." + k): k for k in weight_map}
-    handles = {}
+    handles, headers = {}, {}
 
     def handle(fname):
         path = os.path.join(directory, fname)
@@ -72,22 +72,41 @@ def safetensors_getter(directory: str, open_all: bool = False):
             return f.get_tensor(stored[name])
         except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
             if "bfloat16" in str(e) or "BF16" in str(e):
-                return bf16_tensor(path, stored[name])
+                return bf16_tensor(path, stored[name], headers)
             raise CheckpointError(f"{path}: tensor {stored[name]!r}: {e}") from None
 
     return TensorSource(get, stored)
 
 
-def bf16_tensor(path, name):
+def bf16_tensor(path, name, headers=None):
+    """A bfloat16 tensor, which safetensors' numpy reader refuses, read from the file's bytes as bfloat16: one copy
+    on the host (through safetensors' flax reader it was four, a device's among them, and a float32 one).
+    `headers`: {path: (data start, header)} read before (filled here)."""
     import ml_dtypes
-    from safetensors import safe_open
-    with safe_open(path, "flax") as f:
-        return np.asarray(f.get_tensor(name).astype(ml_dtypes.bfloat16)).astype(np.float32)
+    headers = {} if headers is None else headers
+    if path not in headers:
+        headers[path] = _header(path)
+    base, header = headers[path]
+    meta = header[name]
+    start, end = meta["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(base + start)
+        x = np.fromfile(f, dtype=ml_dtypes.bfloat16, count=(end - start) // 2)
+    if x.size * 2 != end - start:
+        raise CheckpointError(f"{path}: truncated in tensor {name!r}")
+    return x.reshape(meta["shape"])
+
+
+def _header(path: str) -> tuple:
+    """(the first data byte, the header dict) of a safetensors file."""
+    import struct
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return 8 + size, json.loads(f.read(size))
 
 
 def _stored(directory: str, names) -> dict:
     """{name: (file path, its data's first byte, its header entry)} of a safetensors checkpoint's tensors."""
-    import struct
     index = os.path.join(directory, "model.safetensors.index.json")
     weight_map = (read_json(index).get("weight_map", {}) if os.path.exists(index)
                   else dict.fromkeys(names, "model.safetensors"))
@@ -95,9 +114,7 @@ def _stored(directory: str, names) -> dict:
     for name in names:
         path = os.path.join(directory, weight_map[name])
         if path not in headers:
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                headers[path] = (8 + size, json.loads(f.read(size)))
+            headers[path] = _header(path)
         out[name] = (path, headers[path][0], headers[path][1][name])
     return out
 

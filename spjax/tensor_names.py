@@ -11,6 +11,7 @@ policy starts as the base), and export writes the merged weights W + (alpha / r)
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
@@ -290,7 +291,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         want = _get(shapes, path)
         if arr.shape != want.shape:  # the fetch functions already checked per-tensor shapes
             raise CheckpointError(f"{where}: {path} has shape {arr.shape}, expected {want.shape}")
-        arr = arr.astype(want.dtype)
+        arr = arr.astype(want.dtype, copy=False)
         if mesh is None:
             return jnp.asarray(arr)
         return jax.make_array_from_callback(arr.shape, _get(shardings, path), lambda idx: arr[idx])
@@ -304,7 +305,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         if x is None or x.shape != tuple(want):  # said in the file's layout ([out, in]), not spjax's
             raise CheckpointError(f"{where}: tensor {get.stored(name)!r} has shape {tuple(np.shape(w))}, expected "
                                   f"{e.to_hf(np.empty(want, np.float32)).shape} for {cfg.architecture} config")
-        return np.asarray(x, dtype=np.float32).astype(dtype)
+        return np.asarray(x).astype(dtype, copy=False)  # (bf16 -> bf16: no copy; the stack is the copy)
 
     base_shapes = model.param_shapes(base_config(cfg))
     check_names(cfg, get, where, names)
@@ -317,13 +318,13 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         if cfg.base_quant != "none" and leaf in QUANTIZED:
             # Quantized layer by layer as read: quantizing the stack holds ~3 fp32 copies of all layers.
             lead, n_in = QUANTIZED[leaf]
-            qs = [quant.quantize(layer(i), cfg.base_quant, n_in, lead) for i in range(cfg.num_layers)]
-            arr, scale = np.stack([q for q, _ in qs]), np.stack([s for _, s in qs])
-            del qs
+            arr, scale = stacked(cfg.num_layers, lambda i: quant.quantize(layer(i), cfg.base_quant, n_in, lead))
             layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)
+            del scale
         else:
-            arr = np.stack([layer(i) for i in range(cfg.num_layers)])
+            arr, = stacked(cfg.num_layers, lambda i: (layer(i),))
         layers[leaf] = place(f"layers/{leaf}", arr)
+        del arr
     if cfg.lora.rank:
         key = jax.random.key(0) if key is None else key
         for n, t in enumerate(cfg.lora.targets):
@@ -337,6 +338,19 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     if set(layers) != expected:
         raise CheckpointError(f"{where}: layer params {sorted(set(layers) ^ expected)} unmatched")
     return params
+
+
+def stacked(n: int, piece: Callable) -> tuple:
+    """(arrays [n, ...]) of piece(0..n-1)'s arrays (a tuple of them each), each layer written in place as it is
+    made: the host holds one copy of a stacked leaf, not its layers listed beside their stack."""
+    out = None
+    for i in range(n):
+        xs = piece(i)
+        if out is None:
+            out = tuple(np.empty((n,) + x.shape, x.dtype) for x in xs)
+        for o, x in zip(out, xs):
+            put(o[i], x)
+    return out
 
 
 def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
@@ -430,15 +444,33 @@ def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
 
 
 def c_order(x: np.ndarray, block: int = 256) -> np.ndarray:
-    """x in C order. A transposed matrix (the HF layout of spjax's [in, out] weights) is copied a block of
-    its columns at a time, each a run of the source's rows: 3x numpy's element-by-element strided copy
-    (2048 x 8192 bf16: 0.03 vs 0.09 s)."""
-    if x.ndim != 2 or x.flags.c_contiguous or not x.flags.f_contiguous:
-        return np.ascontiguousarray(x)
+    """x in C order (a new array unless it is already), copied as `put` copies."""
+    if x.flags.c_contiguous:
+        return x
     out = np.empty(x.shape, x.dtype)
-    for j in range(0, x.shape[1], block):
-        out[:, j:j + block] = x[:, j:j + block]
+    put(out, x, block)
     return out
+
+
+def put(dst: np.ndarray, x: np.ndarray, block: int = 256):
+    """dst[...] = x, dst in C order. A transposed x (spjax's [in, out] layout of an HF [out, in] matrix, reshaped
+    or stacked, or the other way round) is copied a block of columns of its 2-D view at a time, each a run of
+    the source's rows: 3x numpy's element-by-element strided copy (2048 x 8192 bf16: 0.03 vs 0.09 s)."""
+    if x.ndim >= 2 and not x.flags.c_contiguous:
+        n = x.ndim
+        for split in (1, n - 1):  # [dims before, dims after] as one each, where that needs no copy
+            if all(x.strides[i] == x.strides[i + 1] * x.shape[i + 1] for i in range(n - 1) if i + 1 != split):
+                x2 = x.reshape(math.prod(x.shape[:split]), -1)
+                if x2.flags.f_contiguous:
+                    d2 = dst.reshape(x2.shape)
+                    for j in range(0, x2.shape[1], block):
+                        d2[:, j:j + block] = x2[:, j:j + block]
+                    return
+        if n > 2:  # (stacked transposed matrices: a mixture's experts)
+            for k in range(x.shape[0]):
+                put(dst[k], x[k], block)
+            return
+    dst[...] = x
 
 
 def tensors_bytes(cfg: ModelConfig, dtype=None) -> int:
@@ -456,5 +488,5 @@ def _get(tree, path):
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "base_config",
-           "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
+           "params_from_tensors", "stacked", "put", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

@@ -314,3 +314,32 @@ def test_c_order_copies_a_transposed_matrix_exactly():
                 got = c_order(view, block=64)
                 assert got.flags.c_contiguous and got.dtype == view.dtype
                 assert got.tobytes() == np.ascontiguousarray(view).tobytes(), (shape, dtype)
+
+
+def test_put_copies_the_import_layouts_exactly():
+    """The import's blocked copy into a stacked leaf: every layout_table transform of an HF tensor (q's and o's
+    heads reshaped out of a transposed matrix, a mixture's experts transposed each) lands as numpy's copy."""
+    from spjax.tensor_names import put
+    r = np.random.RandomState(1)
+    D, H, Dh, E, F = 24, 3, 8, 4, 40
+    q, o, experts = r.randn(H * Dh, D), r.randn(D, H * Dh), r.randn(E, F, D)  # (HF layouts)
+    for x in (q.T.reshape(D, H, Dh), o.T.reshape(H, Dh, D), experts.transpose(0, 2, 1), q.T, q.T[::2], q):
+        dst = np.full((2,) + x.shape, np.nan)
+        put(dst[1], x, block=7)
+        assert np.array_equal(dst[1], x) and np.isnan(dst[0]).all()
+
+
+def test_a_bf16_checkpoint_is_read_as_its_bytes(tmp_path):
+    """bfloat16 tensors (safetensors' numpy reader refuses them) are read from the file's bytes: the params are
+    the checkpoint's values exactly, in float32 and in bfloat16 params."""
+    import copy
+    import ml_dtypes
+    import torch
+    bf16 = copy.deepcopy(oracle.torch_model("qwen2")).to(torch.bfloat16)
+    bf16.save_pretrained(tmp_path)
+    _, want = hf.from_transformers(bf16)  # (its state_dict in float32: exact)
+    for dtype in ("float32", "bfloat16"):
+        _, got = hf.load_pretrained(str(tmp_path), param_dtype=dtype)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert np.array_equal(np.asarray(g, np.float32), np.asarray(w).astype(ml_dtypes.bfloat16).astype(np.float32)), \
+                (dtype, jax.tree_util.keystr(path))
