@@ -1,9 +1,11 @@
-"""What the bench scripts share: the peer's model shapes, where the peer is, and the JSON record."""
+"""What the bench scripts share: the peer's model shapes, where the peer is, host memory traced, and the JSON record."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
+import tracemalloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,3 +96,15 @@ def peak_memory() -> tuple:
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"], "device"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def traced(fn):
+    """(peak traced host bytes (Python's allocations, numpy's included), seconds) of one call, its result ready."""
+    import jax
+    tracemalloc.start()
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, seconds

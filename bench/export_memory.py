@@ -20,26 +20,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-import tracemalloc
 
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import SHAPES, emit, model_config  # noqa: E402
+from bench.common import SHAPES, emit, model_config, traced  # noqa: E402
 from spjax import hf, sharding  # noqa: E402
 from spjax.config import LoraConfig, MeshConfig  # noqa: E402
-
-
-def _traced(fn):
-    """(peak traced bytes, seconds) of one call."""
-    tracemalloc.start()
-    t = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, seconds
 
 
 def main(argv=None):
@@ -57,7 +44,7 @@ def main(argv=None):
     params = jax.block_until_ready(sharding.init_params(cfg, jax.random.key(0), mesh))
     model_bytes = hf.tensors_bytes(cfg, a.dtype)
     out = tempfile.mkdtemp()
-    export = lambda name: _traced(lambda: hf.save_pretrained(  # noqa: E731
+    export = lambda name: traced(lambda: hf.save_pretrained(  # noqa: E731
         cfg, params, os.path.join(out, name), dtype=a.dtype, max_shard_bytes=a.shard_mib << 20))
     pieces, tensors = hf.host_pieces, hf.params_to_tensors
     try:

@@ -16,27 +16,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-import tracemalloc
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import SHAPES, emit, model_config  # noqa: E402
+from bench.common import SHAPES, emit, model_config, traced  # noqa: E402
 from spjax import hf, model  # noqa: E402
 from spjax.config import LoraConfig  # noqa: E402
-
-
-def _traced(fn):
-    """(peak traced bytes, seconds) of one call, its result ready."""
-    tracemalloc.start()
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    seconds = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, seconds
 
 
 def main(argv=None):
@@ -52,8 +39,8 @@ def main(argv=None):
         hf.save_pretrained(cfg, model.init_params(cfg, jax.random.key(0)), out, dtype=a.file_dtype or a.dtype)
         lora = dict(lora=LoraConfig(rank=16), base_quant=a.quant) if a.quant != "none" else {}
         load = lambda: hf.load_pretrained(out, param_dtype=a.dtype, **lora)[1]  # noqa: E731
-        _traced(load)
-        peak, seconds = _traced(load)
+        traced(load)
+        peak, seconds = traced(load)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(model.param_shapes(cfg))]
