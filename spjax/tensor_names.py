@@ -11,7 +11,6 @@ policy starts as the base), and export writes the merged weights W + (alpha / r)
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 
 from spjax import quant
 from spjax import sharding as shd
+from spjax.host_copy import c_order, stacked
 from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
@@ -340,19 +340,6 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     return params
 
 
-def stacked(n: int, piece: Callable) -> tuple:
-    """(arrays [n, ...]) of piece(0..n-1)'s arrays (a tuple of them each), each layer written in place as it is
-    made: the host holds one copy of a stacked leaf, not its layers listed beside their stack."""
-    out = None
-    for i in range(n):
-        xs = piece(i)
-        if out is None:
-            out = tuple(np.empty((n,) + x.shape, x.dtype) for x in xs)
-        for o, x in zip(out, xs):
-            put(o[i], x)
-    return out
-
-
 def check_names(cfg: ModelConfig, get: TensorSource, where: str, names: str = "hf"):
     """The checkpoint holds every tensor the model reads (the first missing one named) and none it would not."""
     get = stack_experts(cfg, split_fused(cfg, get, where, names))
@@ -443,36 +430,6 @@ def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
         yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
 
 
-def c_order(x: np.ndarray, block: int = 256) -> np.ndarray:
-    """x in C order (a new array unless it is already), copied as `put` copies."""
-    if x.flags.c_contiguous:
-        return x
-    out = np.empty(x.shape, x.dtype)
-    put(out, x, block)
-    return out
-
-
-def put(dst: np.ndarray, x: np.ndarray, block: int = 256):
-    """dst[...] = x, dst in C order. A transposed x (spjax's [in, out] layout of an HF [out, in] matrix, reshaped
-    or stacked, or the other way round) is copied a block of columns of its 2-D view at a time, each a run of
-    the source's rows: 3x numpy's element-by-element strided copy (2048 x 8192 bf16: 0.03 vs 0.09 s)."""
-    if x.ndim >= 2 and not x.flags.c_contiguous:
-        n = x.ndim
-        for split in (1, n - 1):  # [dims before, dims after] as one each, where that needs no copy
-            if all(x.strides[i] == x.strides[i + 1] * x.shape[i + 1] for i in range(n - 1) if i + 1 != split):
-                x2 = x.reshape(math.prod(x.shape[:split]), -1)
-                if x2.flags.f_contiguous:
-                    d2 = dst.reshape(x2.shape)
-                    for j in range(0, x2.shape[1], block):
-                        d2[:, j:j + block] = x2[:, j:j + block]
-                    return
-        if n > 2:  # (stacked transposed matrices: a mixture's experts)
-            for k in range(x.shape[0]):
-                put(dst[k], x[k], block)
-            return
-    dst[...] = x
-
-
 def tensors_bytes(cfg: ModelConfig, dtype=None) -> int:
     """The bytes params_to_tensors' tensors take (in `dtype`, else the param dtype), from the shapes alone."""
     from spjax import model
@@ -488,5 +445,5 @@ def _get(tree, path):
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
            "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "base_config",
-           "params_from_tensors", "stacked", "put", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
+           "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

@@ -305,7 +305,7 @@ def test_a_background_checkpoint_writes_logged_io_failure_is_left_to_the_one_lin
 def test_c_order_copies_a_transposed_matrix_exactly():
     """The export's blocked copy of transposed weights (HF's [out, in]) equals numpy's, bit for bit."""
     import ml_dtypes
-    from spjax.tensor_names import c_order
+    from spjax.host_copy import c_order
     r = np.random.RandomState(0)
     for shape in [(3, 5), (300, 700), (1, 1000), (1000, 1), (257, 513)]:
         for dtype in (np.float32, ml_dtypes.bfloat16, np.int8):
@@ -319,7 +319,7 @@ def test_c_order_copies_a_transposed_matrix_exactly():
 def test_put_copies_the_import_layouts_exactly():
     """The import's blocked copy into a stacked leaf: every layout_table transform of an HF tensor (q's and o's
     heads reshaped out of a transposed matrix, a mixture's experts transposed each) lands as numpy's copy."""
-    from spjax.tensor_names import put
+    from spjax.host_copy import put
     r = np.random.RandomState(1)
     D, H, Dh, E, F = 24, 3, 8, 4, 40
     q, o, experts = r.randn(H * Dh, D), r.randn(D, H * Dh), r.randn(E, F, D)  # (HF layouts)
