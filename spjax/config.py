@@ -54,7 +54,7 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral,
-    Qwen2-MoE and Qwen3-MoE: its MLPs mixtures of experts)."""
+    Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
     hidden_size: int
@@ -80,6 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     qk_norm: bool = False  # Qwen3 RMS-normalizes each head's q and k (over head_dim) before RoPE
+    qk_norm_full: bool = False  # OLMoE: the q/k norms over all heads at once (hidden_size wide), not per head
     sliding_window: Optional[int] = None  # Mistral; None means full causal attention
     layer_types: tuple[str, ...] = ()  # per layer, LAYER_TYPES (Gemma, Qwen2): () = every layer as sliding_window
     rope_local_theta: float = 0.0  # Gemma 3: the windowed layers' rope theta (unscaled); 0: as the others'
@@ -99,7 +100,7 @@ class ModelConfig:
     attention: str = "auto"  # one of ATTENTION: the attention path (model.attention_impl); not exported
     lora: LoraConfig = LoraConfig()  # rank > 0: train adapters only (spjax.lora); export merges them
     base_quant: str = "none"  # one of BASE_QUANTS: int8/int4 store the frozen base projections quantized
-    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; spjax.moe): every layer's MLP is num_experts SwiGLU
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; spjax.moe): every layer's MLP is num_experts SwiGLU
     # experts of width intermediate_size, experts_per_token of them per token by the router's softmax
     num_experts: int = 0  # 0: a dense MLP
     experts_per_token: int = 0

@@ -82,13 +82,13 @@ def check_model(cfg):
           f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
 
 
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")  # the families whose MLPs are mixtures of experts
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the families whose MLPs are mixtures of experts
 
 
 def check_experts(cfg):
     """A mixture of experts only where a transformers family computes one (Mixtral: Mistral's attention;
-    Qwen2-MoE: Qwen2's, and a shared expert; Qwen3-MoE: Qwen3's), with a router choosing 1..num_experts of
-    them, and what spjax does not do with one refused: adapters on the experts."""
+    Qwen2-MoE: Qwen2's, and a shared expert; Qwen3-MoE: Qwen3's; OLMoE: q/k norms over all heads), with a
+    router choosing 1..num_experts of them, and what spjax does not do with one refused: adapters on the experts."""
     moe = cfg.architecture in MOE_ARCHITECTURES
     check(cfg.num_experts >= 0 and (cfg.num_experts > 0) == moe, "model.num_experts",
           f"{cfg.num_experts} with architecture {cfg.architecture}: " + (
@@ -98,15 +98,22 @@ def check_experts(cfg):
     check(cfg.shared_expert_size > 0 if shared else cfg.shared_expert_size == 0, "model.shared_expert_size",
           f"{cfg.shared_expert_size} with architecture {cfg.architecture}: " + (
               "qwen2_moe's shared expert needs a width > 0" if shared else "only qwen2_moe has a shared expert"))
+    olmoe = cfg.architecture == "olmoe"
+    check(not cfg.qk_norm_full or cfg.qk_norm, "model.qk_norm_full", "true without qk_norm: set both")
+    check(cfg.qk_norm_full == olmoe, "model.qk_norm_full", f"{cfg.qk_norm_full} with {cfg.architecture}: " + (
+        "transformers' OLMoE normalizes q and k over all heads at once" if olmoe else "only olmoe computes it"))
     if not moe:
         return
     check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
           f"must be in [1, num_experts {cfg.num_experts}], got {cfg.experts_per_token}")
-    arch, norms = cfg.architecture, cfg.architecture == "qwen3_moe"
+    arch, norms = cfg.architecture, cfg.architecture in ("qwen3_moe", "olmoe")
     check(cfg.qkv_bias == shared, "model.qkv_bias", f"{cfg.qkv_bias} with {arch}: transformers' {arch} "
           + ("adds q/k/v biases" if shared else "has no q/k/v biases"))
     check(cfg.qk_norm == norms, "model.qk_norm", f"{cfg.qk_norm} with {arch}: transformers' {arch} "
           + ("normalizes q and k" if norms else "has no q/k norms"))
+    check(cfg.head_dim * cfg.num_heads == cfg.hidden_size or arch != "olmoe", "model.head_dim",
+          f"{cfg.head_dim} with olmoe: its q norm is hidden_size {cfg.hidden_size} wide, so head_dim must be "
+          f"hidden_size / num_heads")
     check(cfg.norm_topk or cfg.architecture != "mixtral", "model.norm_topk",
           "false with mixtral: transformers' Mixtral always renormalizes the chosen experts' weights")
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]

@@ -97,7 +97,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     if int(_field(reader, f"{arch}.expert_count", 0) or 0):  # (llama.cpp files Mixtral as a llama)
         raise CheckpointError(f"{where}: {arch}.expert_count {_field(reader, f'{arch}.expert_count')}: a mixture of "
                               "experts, which spjax reads from Hugging Face checkpoints only (MixtralForCausalLM, "
-                              "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM), not from GGUF")
+                              "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM), not from GGUF")
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")

@@ -1,5 +1,5 @@
 """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral, Qwen2-MoE and
-Qwen3-MoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
+Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -107,7 +107,10 @@ class Block(nn.Module):
             q_BxLxHxDh += w("q_bias", (H, Dh), ("heads", "head_dim"), zeros)
             k_BxLxKxDh += w("k_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
             v_BxLxKxDh += w("v_bias", (K, Dh), ("kv_heads", "head_dim"), zeros)
-        if cfg.qk_norm:  # Qwen3, Gemma 3: one scale over head_dim, shared by every head
+        if cfg.qk_norm_full:  # OLMoE: one norm over all heads' q (and k), a scale per dim of them
+            q_BxLxHxDh = norm("q_norm", q_BxLxHxDh.reshape(B, L, H * Dh), H * Dh).reshape(q_BxLxHxDh.shape)
+            k_BxLxKxDh = norm("k_norm", k_BxLxKxDh.reshape(B, L, K * Dh), K * Dh).reshape(k_BxLxKxDh.shape)
+        elif cfg.qk_norm:  # Qwen3, Gemma 3: one scale over head_dim, shared by every head
             q_BxLxHxDh, k_BxLxKxDh = norm("q_norm", q_BxLxHxDh, Dh), norm("k_norm", k_BxLxKxDh, Dh)
         q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
         k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
@@ -146,7 +149,7 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
 
         h = norm("mlp_norm", x_BxLxD)
-        if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE (spjax.moe)
+        if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (spjax.moe)
             E = cfg.num_experts
             router_DxE = w("router", (D, E), ("embed", "experts"))  # (never quantized: small, and it picks)
             experts = [_weight(self, f"experts_{n}", shape, ("experts",) + axes, n_in=1, lead=1)

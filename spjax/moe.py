@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP of Mixtral, Qwen2-MoE and Qwen3-MoE: a router picks k of E SwiGLU experts for each
+"""The mixture-of-experts MLP of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: a router picks k of E SwiGLU experts for each
 token (Qwen2-MoE adds a shared expert every token takes: spjax.model).
 
 Dimension names: T tokens, E experts, k experts a token, A = T * k assignments, D model width, F an

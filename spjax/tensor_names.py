@@ -26,7 +26,7 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-            "Qwen3MoeForCausalLM": "qwen3_moe"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -120,7 +120,8 @@ def layer_table(cfg: ModelConfig) -> dict:
 # Each expert's projections, as transformers' state_dict and checkpoints name them (experts.{e}.<name>.weight).
 _EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
                  "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                 "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+                 "qwen3_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                 "olmoe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 
 
 def _experts(cfg: ModelConfig, leaf: str, i: int) -> tuple:

@@ -41,6 +41,9 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          shared_expert_intermediate_size=80, norm_topk_prob=False, rope_theta=1e6,
                                          tie_word_embeddings=False)),
+    # 4 experts, 2 a token, not renormalized; q/k norms over all heads at once
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, rope_theta=1e4,
+                                  tie_word_embeddings=False)),
 }
 
 

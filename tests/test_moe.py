@@ -1,4 +1,4 @@
-"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; spjax.moe). Parity with transformers (logits, export, greedy
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; spjax.moe). Parity with transformers (logits, export, greedy
 decoding) is in test_model, test_hf and test_sampler's family lists; here: the grouped dispatch against every
 expert on every token, values and gradients; per-shard dispatch on a mesh against one device; LoRA on the
 attention through PEFT; what is refused; and a self-play run of a MoE policy end to end."""
@@ -191,7 +191,7 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
         dataclasses.replace(CFG, lora=LoraConfig(rank=4))
     with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
         dataclasses.replace(CFG, experts_per_token=5)
-    with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral, qwen2_moe, qwen3_moe"):
+    with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral, qwen2_moe, qwen3_moe, olmoe"):
         dataclasses.replace(CFG, architecture="llama")
     with pytest.raises(ConfigError, match="model.shared_expert_size: 8 with architecture mixtral: only qwen2_moe"):
         dataclasses.replace(CFG, shared_expert_size=8)
@@ -201,6 +201,14 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
         dataclasses.replace(CFG, architecture="qwen2_moe", shared_expert_size=8)
     with pytest.raises(ConfigError, match="model.qk_norm: False with qwen3_moe: transformers' qwen3_moe normalizes"):
         dataclasses.replace(CFG, architecture="qwen3_moe")
+    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3_moe: only olmoe computes it"):
+        dataclasses.replace(CFG, architecture="qwen3_moe", qk_norm=True, qk_norm_full=True)
+    with pytest.raises(ConfigError, match="model.qk_norm_full: False with olmoe: transformers' OLMoE normalizes"):
+        dataclasses.replace(CFG, architecture="olmoe", qk_norm=True)
+    with pytest.raises(ConfigError, match="model.head_dim: 32 with olmoe: its q norm is hidden_size 64 wide"):
+        dataclasses.replace(CFG, architecture="olmoe", qk_norm=True, qk_norm_full=True, head_dim=32)
+    with pytest.raises(hf.CheckpointError, match="c.json: clip_qkv 8.0: clamping q, k and v is not implemented"):
+        hf.config_from_hf(dict(oracle.torch_model("olmoe").config.to_dict(), clip_qkv=8.0), "c.json")
     qwen2 = oracle.torch_model("qwen2_moe").config.to_dict()
     with pytest.raises(hf.CheckpointError, match="c.json: qkv_bias is false"):
         hf.config_from_hf(dict(qwen2, qkv_bias=False), "c.json")
