@@ -53,7 +53,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral,
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2, SmolLM2; Mixtral,
     Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
@@ -80,7 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     qk_norm: bool = False  # Qwen3 RMS-normalizes each head's q and k (over head_dim) before RoPE
-    qk_norm_full: bool = False  # OLMoE: the q/k norms over all heads at once (hidden_size wide), not per head
+    qk_norm_full: bool = False  # OLMo 2, OLMoE: the q/k norms over all heads at once, not per head
     sliding_window: Optional[int] = None  # Mistral; None means full causal attention
     layer_types: tuple[str, ...] = ()  # per layer, LAYER_TYPES (Gemma, Qwen2): () = every layer as sliding_window
     rope_local_theta: float = 0.0  # Gemma 3: the windowed layers' rope theta (unscaled); 0: as the others'
@@ -121,6 +121,12 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """The leading dims of each head that RoPE rotates (transformers' int(head_dim * partial))."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def post_norms(self) -> bool:
+        """OLMo 2's decoder: no norm before attention or the MLP, one after each (before the residual add),
+        its scale multiplied in fp32 before the cast."""
+        return self.architecture == "olmo2"
 
     @property
     def gemma(self) -> bool:

@@ -77,6 +77,7 @@ def check_model(cfg):
     check(cfg.base_quant == "none" or cfg.lora.rank > 0, "model.base_quant",
           f"{cfg.base_quant} needs lora.rank > 0 (a quantized base is frozen; only adapters train)")
     check_experts(cfg)
+    check_olmo(cfg)
     odd = [f"{n} {getattr(cfg, n)}" for n in ("hidden_size", "intermediate_size") if getattr(cfg, n) % 2]
     check(cfg.base_quant != "int4" or not odd, "model.base_quant",  # head_dim (o's last input) is even
           f"int4 packs two values a byte along each projection's last input dim, but {' and '.join(odd)} is odd")
@@ -98,10 +99,6 @@ def check_experts(cfg):
     check(cfg.shared_expert_size > 0 if shared else cfg.shared_expert_size == 0, "model.shared_expert_size",
           f"{cfg.shared_expert_size} with architecture {cfg.architecture}: " + (
               "qwen2_moe's shared expert needs a width > 0" if shared else "only qwen2_moe has a shared expert"))
-    olmoe = cfg.architecture == "olmoe"
-    check(not cfg.qk_norm_full or cfg.qk_norm, "model.qk_norm_full", "true without qk_norm: set both")
-    check(cfg.qk_norm_full == olmoe, "model.qk_norm_full", f"{cfg.qk_norm_full} with {cfg.architecture}: " + (
-        "transformers' OLMoE normalizes q and k over all heads at once" if olmoe else "only olmoe computes it"))
     if not moe:
         return
     check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
@@ -119,6 +116,19 @@ def check_experts(cfg):
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
     check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
           "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]")
+
+
+def check_olmo(cfg):
+    """OLMo 2's and OLMoE's attention: q and k normalized over all heads at once, no window; no other family's."""
+    olmo = cfg.architecture in ("olmoe", "olmo2")
+    check(not cfg.qk_norm_full or cfg.qk_norm, "model.qk_norm_full", "true without qk_norm: set both")
+    check(cfg.qk_norm_full == olmo, "model.qk_norm_full", f"{cfg.qk_norm_full} with {cfg.architecture}: " + (
+        f"transformers' {cfg.architecture} normalizes q and k over all heads at once" if olmo else
+        "only olmo2 and olmoe compute it"))
+    check(cfg.qk_norm or not olmo, "model.qk_norm", f"false with {cfg.architecture}: transformers' "
+          f"{cfg.architecture} normalizes q and k")
+    check(not (olmo and any(cfg.windowed)), "model.sliding_window", f"{cfg.sliding_window} with {cfg.architecture}: "
+          f"transformers' {cfg.architecture} attends to every earlier token")
 
 
 def check_rope(cfg):

@@ -52,7 +52,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if partial != 1.0 and arch != "phi3":  # (transformers' other families rotate every dim whatever the key says)
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
                               f"every dimension of a head, so spjax cannot tell which model this is")
-    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe"):  # transformers' Mistral and Qwen2 ignore these keys (fixed biases)
+    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2"):  # transformers' Mistral and Qwen2 ignore these keys (fixed biases)
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key) and (arch, key) not in (("qwen3", "mlp_bias"), ("qwen3_moe", "mlp_bias")):  # (no such key)
                 raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
@@ -69,8 +69,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
-        qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3", "olmoe"),
-        qk_norm_full=arch == "olmoe",
+        qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3", "olmoe", "olmo2"),
+        qk_norm_full=arch in ("olmoe", "olmo2"),
         **_windows(hf, arch, where), **gemma,
         max_position_embeddings=_max_positions(hf),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
@@ -265,6 +265,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                    moe_intermediate_size=cfg.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
     if cfg.architecture == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_size, qkv_bias=True)
+    if cfg.architecture == "olmo2":
+        out["attention_bias"] = False
     if cfg.architecture == "olmoe":
         out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk,
                    clip_qkv=None, attention_bias=False)

@@ -24,7 +24,8 @@ def fast_path(cfg: ModelConfig) -> bool:
     """Whether Block uses gated_mlp: a plain float SwiGLU base without LoRA (the quantized and adapter paths
     keep spjax.projection.project), traced for CPU. The layout problem is XLA:CPU's: on GPU/TPU this
     would only change a program that was not measured with it (matmul operand order, sharding)."""
-    return cfg.lora.rank == 0 and cfg.base_quant == "none" and not cfg.gemma and target_platform() == "cpu"
+    return (cfg.lora.rank == 0 and cfg.base_quant == "none" and not cfg.gemma and not cfg.post_norms
+            and target_platform() == "cpu")
 
 
 @jax.custom_vjp

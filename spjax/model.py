@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, SmolLM2; Mixtral, Qwen2-MoE and
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2, SmolLM2; Mixtral, Qwen2-MoE and
 Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
@@ -35,11 +35,13 @@ from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_
 from spjax.config import ModelConfig
 
 
-def _rms_norm(x, scale, eps, gemma=False):
+def _rms_norm(x, scale, eps, gemma=False, fp32_scale=False):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if gemma:  # Gemma stores scale - 1 and multiplies in fp32 before the cast (transformers' Gemma RMSNorm)
         return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    if fp32_scale:  # OLMo 2 multiplies in fp32 before the cast too
+        return (xf * scale.astype(jnp.float32)).astype(x.dtype)
     return scale.astype(x.dtype) * xf.astype(x.dtype)
 
 
@@ -88,7 +90,9 @@ class Block(nn.Module):
         B, L, _ = x_BxLxD.shape
         ones = nn.initializers.zeros if cfg.gemma else nn.initializers.ones  # (Gemma's norms scale by 1 + w)
         w = lambda name, shape, axes, init=_normal: _param(self, name, shape, axes, init, pdt).astype(cdt)
-        norm = lambda name, x, dim=D: _rms_norm(x, w(name, (dim,), ("norm",), ones), cfg.rms_norm_eps, cfg.gemma)
+        norm = lambda name, x, dim=D: _rms_norm(x, w(name, (dim,), ("norm",), ones), cfg.rms_norm_eps, cfg.gemma,
+                                                cfg.post_norms)
+        after = cfg.gemma or cfg.post_norms  # a norm on attention's and the MLP's outputs (OLMo 2: those alone)
         # A model with windowed and full layers (Gemma, some Qwen2) gets both masks (and Gemma 3 both
         # ropes) and picks this layer's; `layer` is traced in the scan, a Python int unrolled.
         if len(set(cfg.windowed)) == 1 or isinstance(layer, int):
@@ -98,7 +102,7 @@ class Block(nn.Module):
         mask_BxLxW, sin_cos = _pick(mask_BxLxW, windowed), _pick(sin_cos, windowed)
         W = mask_BxLxW.shape[-1]
 
-        h = norm("attn_norm", x_BxLxD)
+        h = x_BxLxD if cfg.post_norms else norm("attn_norm", x_BxLxD)
         q_BxLxHxDh = _project(self, "q", "BLD,DHk->BLHk", h, (D, H, Dh), ("embed", "heads", "head_dim"))
         k_BxLxKxDh = _project(self, "k", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
         v_BxLxKxDh = _project(self, "v", "BLD,DKk->BLKk", h, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
@@ -146,9 +150,9 @@ class Block(nn.Module):
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxLxKxDh.transpose(0, 2, 1, 3),
                                        v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW, scale=scale, softcap=cap)
         out_BxLxD = _project(self, "o", "BLHk,HkD->BLD", attn_BxLxHxDh, (H, Dh, D), ("heads", "head_dim", "embed"))
-        x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
+        x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if after else out_BxLxD)
 
-        h = norm("mlp_norm", x_BxLxD)
+        h = x_BxLxD if cfg.post_norms else norm("mlp_norm", x_BxLxD)
         if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (spjax.moe)
             E = cfg.num_experts
             router_DxE = w("router", (D, E), ("embed", "experts"))  # (never quantized: small, and it picks)
@@ -178,7 +182,7 @@ class Block(nn.Module):
         up_BxLxF = _project(self, "up", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         act = functools.partial(nn.gelu, approximate=True) if cfg.gemma else nn.silu  # Gemma's gelu_pytorch_tanh
         out_BxLxD = _project(self, "down", "BLF,FD->BLD", act(gate_BxLxF) * up_BxLxF, (F, D), ("mlp", "embed"))
-        x_BxLxD = x_BxLxD + (norm("mlp_out_norm", out_BxLxD) if cfg.gemma else out_BxLxD)
+        x_BxLxD = x_BxLxD + (norm("mlp_out_norm", out_BxLxD) if after else out_BxLxD)
         return (x_BxLxD, cache), None
 
 
@@ -271,7 +275,7 @@ class Decoder(nn.Module):
         else:
             (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), sin_cos, mask_BxLxS,
                                               cache_index)
-        return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps, cfg.gemma), cache
+        return _rms_norm(x_BxLxD, self.final_norm, cfg.rms_norm_eps, cfg.gemma, cfg.post_norms), cache
 
 
 # ---------------------------------------------------------------------------------------------

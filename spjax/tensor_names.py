@@ -26,7 +26,7 @@ from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe", "Olmo2ForCausalLM": "olmo2"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -108,12 +108,15 @@ def layer_table(cfg: ModelConfig) -> dict:
             out.update(shared_expert_gate=Entry(m + "shared_expert_gate.weight", None, *T),
                        **{f"shared_{leaf}": Entry(m + f"shared_expert.{leaf}_proj.weight", None, *T)
                           for leaf in ("gate", "up", "down")})
-    if cfg.gemma:  # a norm before and after each of attention and the MLP (llama.cpp's names for them)
+    if cfg.gemma or cfg.post_norms:  # norms after attention and the MLP (llama.cpp's names for them)
         n = "model.layers.{i}."
-        out.update(mlp_norm=Entry(n + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", *ident),
-                   attn_out_norm=Entry(n + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
+        out.update(attn_out_norm=Entry(n + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
                                        *ident),
                    mlp_out_norm=Entry(n + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", *ident))
+    if cfg.gemma:  # and before them
+        out["mlp_norm"] = Entry("model.layers.{i}.pre_feedforward_layernorm.weight", b + "ffn_norm.weight", *ident)
+    if cfg.post_norms:  # and none before them (OLMo 2)
+        del out["attn_norm"], out["mlp_norm"]
     return out
 
 
@@ -185,7 +188,7 @@ def export_arch(cfg: ModelConfig) -> str:
     Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window. A Llama
     GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
     config_checks refuses what no family computes."""
-    if cfg.gemma or cfg.moe:
+    if cfg.gemma or cfg.moe or cfg.post_norms:
         return cfg.architecture
     if cfg.qk_norm:
         return "qwen3"

@@ -31,6 +31,8 @@ FAMILIES = {
                                         final_logit_softcapping=4.0, rope_parameters={
                                             "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
                                             "sliding_attention": dict(rope_type="default", rope_theta=100.0)})),
+    # no norms before attention or the MLP, one after each; q/k norms over all heads at once
+    "olmo2": ("Olmo2Config", dict(rope_theta=500000.0, tie_word_embeddings=False)),
     # mixtures of experts: 4 experts, 2 a token (Mixtral's weights renormalized); 8 experts of width 48, 3 a token,
     # not renormalized (Qwen3-MoE's norm_topk_prob false), q/k norms
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,

@@ -13,6 +13,7 @@ from spjax import hf, preflight
 hf_tokenizer = types.SimpleNamespace(importlib=__import__("importlib.util").util and __import__("importlib"))
 from spjax.byte_tokenizer import CHATML, byte_tokenizer
 from spjax.config import ConfigError, load_config
+from spjax.tensor_names import export_arch
 from tests import oracle
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
@@ -59,6 +60,20 @@ def _tokenizer_dir(tmp_path, name="tok"):
     d = tmp_path / name
     byte_tokenizer().save_pretrained(d)
     return d
+
+
+def test_olmo_settings_no_family_computes_are_one_line():
+    """OLMo 2 (q/k norms over all heads, norms after attention and the MLP alone): a window, per-head q/k norms,
+    or a q norm other than OLMoE's hidden_size wide are refused where they are set."""
+    import dataclasses
+    cfg = hf.config_from_hf(oracle.torch_model("olmo2").config.to_dict(), "c.json")
+    assert cfg.post_norms and cfg.qk_norm_full and export_arch(cfg) == "olmo2"
+    with pytest.raises(ConfigError, match="model.sliding_window: 8 with olmo2: transformers' olmo2 attends to every"):
+        dataclasses.replace(cfg, sliding_window=8)
+    with pytest.raises(ConfigError, match="model.qk_norm_full: False with olmo2: transformers' olmo2 normalizes"):
+        dataclasses.replace(cfg, qk_norm_full=False)
+    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3: only olmo2 and olmoe compute it"):
+        dataclasses.replace(cfg, architecture="qwen3")
 
 
 def test_tokenizer_directories_spjax_cannot_build_are_one_line(tmp_path, monkeypatch):

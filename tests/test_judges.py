@@ -314,6 +314,7 @@ def test_inpo_loss_by_hand():
 @pytest.mark.parametrize("family,extra", [("Llama", {}), ("Qwen2", {}), ("Qwen3", dict(head_dim=32)),
                                           ("Phi3", dict(partial_rotary_factor=0.5)),
                                           ("Gemma2", dict(head_dim=16, sliding_window=8)),  # (Skywork's RMs)
+                                          ("Olmo2", {}),
                                           ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
                                           ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2,
                                                             moe_intermediate_size=48, shared_expert_intermediate_size=80)),
