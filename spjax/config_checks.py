@@ -179,7 +179,8 @@ def check_family(cfg):
     check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
           "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
     mixed = len(set(cfg.windowed)) > 1
-    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"), "model.layer_types",
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"),
+          "model.layer_types",
           f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2 and Qwen3 compute that")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),

@@ -52,7 +52,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     if partial != 1.0 and arch != "phi3":  # (transformers' other families rotate every dim whatever the key says)
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
                               f"every dimension of a head, so spjax cannot tell which model this is")
-    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2"):  # transformers' Mistral and Qwen2 ignore these keys (fixed biases)
+    # (transformers' Mistral and Qwen2 ignore these keys: their biases are fixed)
+    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2"):
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key) and (arch, key) not in (("qwen3", "mlp_bias"), ("qwen3_moe", "mlp_bias")):  # (no such key)
                 raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "

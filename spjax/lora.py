@@ -151,5 +151,5 @@ def _merged_targets(cfg: ModelConfig, params):
 from spjax.peft_io import load_peft, peft_tensors, save_peft, write_peft  # noqa: E402
 
 
-__all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "model_params", "describe", "merge", "for_sampling",
-           "peft_tensors", "write_peft", "save_peft", "load_peft"]
+__all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "model_params", "describe", "merge",
+           "for_sampling", "peft_tensors", "write_peft", "save_peft", "load_peft"]
