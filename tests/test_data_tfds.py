@@ -293,6 +293,28 @@ print(len(splits["train"]), len(splits["test"]), tried)
     assert out.stdout.split("\n")[-2] == "3 1 []"
 
 
+def test_model_and_sampler_import_without_tensorflow_datasets():
+    """Machines that only sample or bench (the lent GPU hosts) may lack tensorflow-datasets: spjax.config
+    reads the record formats, and spjax.data loads its TFDS pipeline on first use only. Asking for the
+    pipeline then says what is missing."""
+    code = """
+import sys
+sys.modules["tensorflow_datasets"] = None  # as on a machine without it
+import spjax.sampler, spjax.train, bench.sampler, bench.train_step
+from spjax.config import DataConfig
+print(DataConfig().path)
+try:
+    from spjax.data import prepare
+except ImportError as e:
+    print("pipeline:", e)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    assert "pipeline: import of tensorflow_datasets halted" in out.stdout
+
+
 def test_directory_splits_by_file_name(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()

@@ -16,7 +16,6 @@
 from spjax.data.batching import (batches_per_epoch, bucket_for, default_buckets, epoch_order, host_rows,
                                  make_buckets, pair_batch, pair_batches, prompt_batches)
 from spjax.data.lengths import LengthReport, attach_generated
-from spjax.data.pipeline import Prepared, load_examples, pad_token_id, prepare
 from spjax.data.records import FORMATS, DataError, Example, Problem, load_file, parse_file
 from spjax.data.tokens import (TokenizedExample, has_chat_template, prompt_ids, response_ids, stop_ids,
                                tokenize_example, tokenize_examples)
@@ -28,3 +27,13 @@ __all__ = [
     "pair_batches", "parse_file", "prepare", "prompt_batches", "prompt_ids", "response_ids", "stop_ids",
     "tokenize_example", "tokenize_examples",
 ]
+_PIPELINE = ("Prepared", "load_examples", "pad_token_id", "prepare")
+
+
+def __getattr__(name):
+    # The TFDS pipeline loads on first use: a model, the sampler or a bench on a machine without
+    # tensorflow_datasets (spjax.config reads data.records for its format list) must still import.
+    if name in _PIPELINE:
+        from spjax.data import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'spjax.data' has no attribute {name!r}")
