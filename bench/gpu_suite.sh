@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/perf.md from one card, most wanted first, inside one device call:
-#   check    bench/gpu_check.py: cuDNN attention and the unrolled, chunked decode agree with the CPU-tested
-#            paths (if not, the stages that train use the XLA einsum attention: attention=xla);
+#   check    bench/gpu_check.py: cuDNN attention and the unrolled, chunked decode (a KV buffer per layer)
+#            agree with the CPU-tested paths (if not, the stages that train use the XLA einsum attention:
+#            attention=xla);
 #   sampler  bench/sampler.py --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(), eager
-#            and static-cache compiled, with the roofline fraction; the decode loop checking for early exit
-#            every 8 steps (the GPU default) and every step, then a profile of one call (under $TRACE_DIR,
-#            summarized in the log: how busy the card's streams were, the costliest kernels);
+#            and static-cache compiled, with the roofline fraction; variants (SAMPLER_VARIANTS, default: a
+#            KV buffer per layer or one stack, x attention windows or the whole cache), then a profile of
+#            one call (under $TRACE_DIR, summarized in the log: how busy the card's streams were, the
+#            costliest kernels);
+#   samples  bench/sampler.py --batch 256 --samples 4: 64 prompts x 4 samples (one prefill a prompt) against
+#            256 distinct prompts x 1, prefill and whole call;
 #   draw     bench/draw.py: the sampler's two-stage categorical draw against one Gumbel number per
 #            vocabulary entry, 64 rows x 49k and 128k vocabularies;
 #   graphs   the same sampler under XLA command buffers for the whole decode loop (WHILE and CONDITIONAL
 #            recorded into CUDA graphs: the loop's condition then runs on the card, with no host sync and
-#            no launch per kernel), checks 1 and 8; compared with `sampler`: speed, and the same samples
-#            (crc32 of the tokens) from the same key;
+#            no launch per kernel); compared with `sampler`: speed, and the same samples (crc32 of the
+#            tokens) from the same key. Not in the default list: 0.99-1.00x on an H200 (2026-12-04), whose
+#            stream was already 97% busy;
 #   train    bench/train_step.py --shape llama3.2-1b: the pair step against the PyTorch peer, eager and
 #            compiled, with MFU against a matmul peak measured in the same run, then a profile of one step;
-#   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training.
+#   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training
+#            (its data comes through tensorflow-datasets: carry its wheels where the machine lacks them).
 # Each stage has a time limit, cut to what is left of SUITE_S (default 570 s: one device call is at most
-# 600 s); a stage that would get under 60 s is skipped. STAGES picks and orders them (default: all, as
-# above), e.g. two calls: STAGES="check sampler draw graphs", then STAGES="train round" (ATTENTION=xla if
+# 600 s); a stage that would get under 60 s is skipped. STAGES picks and orders them (default: all but
+# graphs, as above), e.g. two calls: STAGES="check sampler samples draw", then STAGES="train round" (ATTENTION=xla if
 # the check failed). Logs go to $OUT/<stage>.log (default ./bench_out), their JSON lines to summary.jsonl.
 #
 #   SPJAX_PEERS=/path/to/peers bash bench/gpu_suite.sh      # the folder holding torch_pair_bench.py
@@ -48,7 +54,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/
 }
 
 SHAPE=${SHAPE:-llama3.2-1b}  # SHAPE=tiny STAGES="sampler graphs" smoke-tests the suite on a CPU
-SAMPLER=(bench/sampler.py --shape "$SHAPE" --chunks 0,1)
+SAMPLER=(bench/sampler.py --shape "$SHAPE" ${SAMPLER_VARIANTS:---layer-caches on,off --segments 0,1})
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null)
 if [ "$BACKEND" != gpu ] && [ "$SHAPE" != tiny ]; then
@@ -57,11 +63,14 @@ if [ "$BACKEND" != gpu ] && [ "$SHAPE" != tiny ]; then
 fi
 FAILED=()
 ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
-for s in ${STAGES:-check sampler draw graphs train round}; do
+for s in ${STAGES:-check sampler samples draw train round}; do
   case $s in
     check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || { ATTENTION=xla; FAILED+=(check); } ;;
     sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
-      --peer-timeout 150 --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" || FAILED+=(sampler) ;;
+      --peer-timeout 150 --peer-repeats "${PEER_REPEATS:-1}" --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" \
+      || FAILED+=(sampler) ;;
+    samples) TAIL_LINES=4 stage samples "${SAMPLES_S:-120}" "$PY" bench/sampler.py --shape "$SHAPE" \
+      --batch "${SAMPLES_BATCH:-256}" --samples 4 --peers none || FAILED+=(samples) ;;
     draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py || FAILED+=(draw) ;;
     graphs)  # XLA aborts on a command type it does not know: fall back to a shorter list if one is new
       graph_ok() { XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" "$PY" -c "import jax; jax.jit(lambda x: x + 1)(1)" \
@@ -91,7 +100,7 @@ PY
         --workdir "$ROUND_DIR" attention="$ATTENTION" || FAILED+=(round)
       tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
       cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
-    *) echo "unknown stage '$s' in STAGES (check, sampler, draw, graphs, train, round)"; exit 2 ;;
+    *) echo "unknown stage '$s' in STAGES (check, sampler, samples, draw, graphs, train, round)"; exit 2 ;;
   esac
 done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

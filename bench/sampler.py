@@ -13,6 +13,7 @@ card's peak bandwidth, against the measured decode time (total minus a separatel
   python bench/sampler.py --shape smollm2-135m --batch 16 --prompt-len 128 --new-tokens 128 --segments 0,1
   python bench/sampler.py --shape llama3.2-1b --batch 256 --samples 4   # 64 prompts x 4 samples vs 256 x 1
   python bench/sampler.py --shape llama3.2-1b --chunks 1,8 --trace /tmp/sampler_trace   # A/B, then a trace
+  python bench/sampler.py --shape llama3.2-1b --xla '' --xla xla_gpu_enable_triton_gemm=false --hlo /tmp/hlo
 
 --segments is a comma list of decode-loop segment counts, each timed in the same run (0: the
 automatic attention windows, 1: every step attends over the whole cache); the first is the
@@ -22,13 +23,17 @@ call of the first variant (jax.profiler) and prints where the time went (bench/t
 --unroll-layers on/off/auto picks the decode step's layer loop (auto: unrolled
 over per-layer weight slices on GPUs and for shallow models on CPU, scanned elsewhere). The
 DESIGN.md §4 targets (GPU: >= 3.5x the compiled static-cache peer, >= 50% of the HBM roofline) are
-marked as met or not; a CPU has none (the peer compiles on CUDA only).
+marked as met or not; a CPU has none (the peer compiles on CUDA only). --xla (repeatable) adds a
+variant compiled with those XLA options (`name=value,...`; '' for XLA's defaults), crossed with the
+others; --hlo DIR writes each variant's compiled program there (hlo_<n>.txt.gz): which op each
+kernel of the trace is.
 
 Prints a few readable lines and one JSON line (also $OUT/sampler_bench.json when OUT is set).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -76,6 +81,17 @@ def tokens_crc32(tokens) -> str:
     return f"{zlib.crc32(np.concatenate([np.asarray(t, np.int32) for t in tokens]).tobytes()):08x}"
 
 
+def xla_options(text: str) -> dict:
+    """'name=value,...' -> {name: value}, values typed as XLA's option parser wants them."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        low = value.strip().lower()
+        out[name.strip()] = (low == "true") if low in ("true", "false") else int(low) if low.lstrip("-").isdigit() \
+            else value.strip()
+    return out
+
+
 def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -> dict:
     """B/K prompts x K samples (one prefill per prompt, K decode rows each) against B distinct prompts
     x 1 sample: the same decode rows, a K-times smaller prefill. Times the prefill alone and the
@@ -120,6 +136,11 @@ def main():
     ap.add_argument("--segments", default="0", help="comma list of decode segment counts (0: automatic)")
     ap.add_argument("--chunks", default="0", help="comma list of decode steps per early-exit check (0: automatic)")
     ap.add_argument("--trace", metavar="DIR", help="profile one more call of the first variant into DIR and summarize")
+    ap.add_argument("--trace-top", type=int, default=12, help="kernels listed in the trace summary")
+    ap.add_argument("--xla", action="append", metavar="NAME=VALUE,...",
+                    help="a variant compiled with these XLA options ('' : defaults); repeat for more")
+    ap.add_argument("--layer-caches", default="on", help="comma list of on/off: unrolled layers' KV buffer per layer")
+    ap.add_argument("--hlo", metavar="DIR", help="write each variant's compiled program (gzipped HLO text) here")
     ap.add_argument("--unroll-layers", default="auto", choices=("auto", "on", "off"),
                     help="decode over per-layer weight slices (auto: GPUs, shallow CPU models)")
     ap.add_argument("--samples", type=int, default=1,
@@ -133,7 +154,8 @@ def main():
     N = a.new_tokens or (256 if big else 16)
     if a.samples < 1 or B % a.samples:  # B/K prompts x K samples against B: the same decode rows only then
         ap.error(f"--samples {a.samples}: must divide --batch {B}")
-    variants = [(int(s), int(c)) for s in a.segments.split(",") for c in a.chunks.split(",")]
+    variants = [(int(s), int(c), x, lc == "on") for s in a.segments.split(",") for c in a.chunks.split(",")
+                for x in (a.xla or [""]) for lc in a.layer_caches.split(",")]
     # The backend asked in a child: jax.devices() here would take 75% of a GPU before the peers run.
     backend = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                              capture_output=True, text=True).stdout.strip() or "cpu"
@@ -175,10 +197,11 @@ def main():
     out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
                                              unroll_layers=unroll).unrolled(cfg)
     runs = {}
-    for seg, chunk in variants:
+    for seg, chunk, xla, own in variants:
         def run():
             res = sampler.sample(cfg, params, prompts, key=key, max_new_tokens=N, temperature=1.0,
-                                 decode_segments=seg, unroll_layers=unroll, decode_chunk=chunk)
+                                 decode_segments=seg, unroll_layers=unroll, decode_chunk=chunk,
+                                 xla_options=xla_options(xla), layer_caches=own)
             assert res.lengths.min() == N  # no EOS: every row made all N tokens
             return res
 
@@ -187,13 +210,19 @@ def main():
         first_s = time.perf_counter() - t
         total_s = best_time(lambda: run().lengths, a.repeats)
         plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg,
-                                 decode_chunk=chunk)
-        runs[f"segments={seg},chunk={chunk}"] = {"windows": [list(w) for w in plan.windows()], "chunk": plan.chunk(),
-                                                 "s": total_s, "first_call_s": first_s,
-                                                 "new_tokens_per_s": B * N / total_s,
-                                                 "tokens_crc32": tokens_crc32(res.tokens)}
+                                 decode_chunk=chunk, unroll_layers=unroll, xla_options=xla_options(xla),
+                                 layer_caches=own)
+        if a.hlo:
+            os.makedirs(a.hlo, exist_ok=True)
+            with gzip.open(os.path.join(a.hlo, f"hlo_{len(runs)}.txt.gz"), "wt") as f:
+                f.write(f"# {seg=} {chunk=} xla={xla!r}\n" + sampler.lower(cfg, plan, params).compile().as_text())
+        name = f"segments={seg},chunk={chunk}" + (f",xla={xla}" if xla else "") + ("" if own else ",stacked cache")
+        runs[name] = {"windows": [list(w) for w in plan.windows(cfg)], "chunk": plan.chunk(), "s": total_s,
+                      "first_call_s": first_s, "new_tokens_per_s": B * N / total_s,
+                      "tokens_crc32": tokens_crc32(res.tokens)}
         if a.trace and len(runs) == 1:
-            trace_summary.trace_and_report(a.trace, run, f"one call ({seg=}, {chunk=})")
+            trace_summary.trace_and_report(a.trace, run, f"one call ({seg=}, {chunk=}, {xla=}, layer_caches={own})",
+                                           top=a.trace_top)
     out["variants"] = runs
     head = next(iter(runs.values()))
     out["tokens_crc32"] = head_crc = head["tokens_crc32"]

@@ -91,14 +91,14 @@ def report(summary: dict) -> None:
             print(f"  {ms:10.2f} ms {n:7d}x  {name[:100]}")
 
 
-def trace_and_report(log_dir: str, fn, label: str = "one call") -> dict:
+def trace_and_report(log_dir: str, fn, label: str = "one call", top: int = 12) -> dict:
     """Profile one call of fn (blocking on its result) into log_dir, print the summary, return it."""
     import jax
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         jax.block_until_ready(fn())
     path = newest_trace(log_dir)
     print(f"trace of {label}: {path}")
-    summary = summarize(path)
+    summary = summarize(path, top)
     report(summary)
     return summary
 

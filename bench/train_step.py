@@ -129,7 +129,7 @@ def run_spjax(a) -> dict:
     peak, mem_kind = peak_memory()
     if a.trace:  # one more step, after the timing and the memory reading
         from bench import trace_summary
-        trace_summary.trace_and_report(a.trace, lambda: fn(state, batch), "one pair step")
+        trace_summary.trace_and_report(a.trace, lambda: fn(state, batch), "one pair step", top=a.trace_top)
     peak /= 1e9
     dev = jax.devices()[0]
     del state, metrics, batch
@@ -163,6 +163,7 @@ def main(argv=None):
     ap.add_argument("--matmul-size", type=int, help="n of the n^3 peak matmul (default 2048 CPU, 8192 else)")
     ap.add_argument("--no-peer", action="store_true", help="measure spjax only")
     ap.add_argument("--trace", metavar="DIR", help="profile one more step into DIR and summarize it")
+    ap.add_argument("--trace-top", type=int, default=12, help="kernels listed in the trace summary")
     ap.add_argument("--peer-timeout", type=int, default=1800)
     a = ap.parse_args(argv)
     big = a.shape != "tiny"

@@ -27,8 +27,8 @@ from spjax import sharding as shd
 from spjax.config import ModelConfig
 from spjax.drawing import _argmax, _categorical, example_key, round_key, sample_keys  # noqa: F401 (as below)
 from spjax.sampler_program import (  # noqa: F401 - the device program, reachable as spjax.sampler.<name>
-    GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _decode_chunk, _decode_windows, _generate, _unroll_layers,
-    left_pad_positions, prefill)
+    GPU_CHUNK, _MAX_SEGMENTS, _WINDOW_ROUND, _Settings, _decode_chunk, _decode_windows, _generate, _segments,
+    _unroll_layers, left_pad_positions, prefill, program)
 from spjax.sampler_program import decode_step as _jitted_decode_step
 
 _CACHE_ROUND = 16  # cache slots are rounded up to this: nearby max_new_tokens share a shape
@@ -76,9 +76,10 @@ class Plan:
     def cache_len(self) -> int:
         return self.settings.cache_len
 
-    def windows(self) -> tuple:
+    def windows(self, cfg: ModelConfig) -> tuple:
         """((last_step, W), ...): the decode loop's attention windows (spjax.sampler_program)."""
-        return _decode_windows(self.prompt_len, self.settings.max_new_tokens, self.cache_len, self.settings.segments)
+        return _decode_windows(self.prompt_len, self.settings.max_new_tokens, self.cache_len,
+                               _segments(self.settings, cfg))
 
     def unrolled(self, cfg: ModelConfig) -> bool:
         """Whether the decode step runs its layers unrolled (spjax.sampler_program._unroll_layers)."""
@@ -97,7 +98,8 @@ def cache_len(prompt_len: int, max_new_tokens: int) -> int:
 def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samples: int = 1,
               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
               pad_id: int = 0, mesh: Optional[Mesh] = None, decode_segments: int = 0,
-              unroll_layers: Optional[bool] = None, decode_chunk: int = 0, gather_weights: bool = False) -> Plan:
+              unroll_layers: Optional[bool] = None, decode_chunk: int = 0, gather_weights: bool = False,
+              xla_options: Optional[dict] = None, layer_caches: bool = True) -> Plan:
     """Check the sampling arguments and fix one batch's static shape (rows, P, cache, EOS list)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -114,7 +116,8 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
     settings = _Settings(max_new_tokens=max_new_tokens, cache_len=cache_len(prompt_len, max_new_tokens),
                          greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
                          mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
-                         num_samples=num_samples, chunk=decode_chunk, gather_weights=gather_weights)
+                         num_samples=num_samples, chunk=decode_chunk, gather_weights=gather_weights,
+                         xla_options=tuple(sorted((xla_options or {}).items())), layer_caches=layer_caches)
     return Plan(rows=-(-batch_size // dp) * dp, prompt_len=prompt_len, settings=settings, eos=tuple(eos))
 
 
@@ -166,7 +169,7 @@ def abstract_inputs(plan: Plan, params) -> tuple:
 def lower(cfg: ModelConfig, plan: Plan, params):
     """The batch program lowered for `plan` (params may be ShapeDtypeStructs): .compile() it to
     read its memory without running it (spjax.compile_check)."""
-    return _generate.lower(cfg, plan.settings, *abstract_inputs(plan, params))
+    return program(plan.settings.xla_options).lower(cfg, plan.settings, *abstract_inputs(plan, params))
 
 
 def run_batch(cfg: ModelConfig, plan: Plan, params, prompts: list, example_ids: list, key_data, knob_values) -> dict:
@@ -180,9 +183,9 @@ def run_batch(cfg: ModelConfig, plan: Plan, params, prompts: list, example_ids: 
     for r, (p, i) in enumerate(zip(prompts, example_ids)):
         prompt_BxP[r, P - len(p):] = p
         prompt_len_B[r], live_B[r], ids_B[r] = len(p), True, i
-    out = _generate(cfg, plan.settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
-                    _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knob_values,
-                    np.asarray(plan.eos, np.int32))
+    out = program(plan.settings.xla_options)(
+        cfg, plan.settings, params, _to_device(prompt_BxP, mesh), _to_device(prompt_len_B, mesh),
+        _to_device(live_B, mesh), _to_device(ids_B, mesh), key_data, knob_values, np.asarray(plan.eos, np.int32))
     return _to_host(out)
 
 
@@ -244,7 +247,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
            prompt_mask=None,
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
-           unroll_layers: Optional[bool] = None, decode_chunk: int = 0, weights: str = "sharded") -> SampleResult:
+           unroll_layers: Optional[bool] = None, decode_chunk: int = 0, weights: str = "sharded",
+           xla_options: Optional[dict] = None, layer_caches: bool = True) -> SampleResult:
     """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
@@ -259,12 +263,14 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       bucket (`buckets`, default powers of two); each prompt is prefilled once for its K samples.
       With a mesh, params are placed by spjax.sharding's rules and batches split over the data axes.
       Every process of a multi-host run calls this with the same arguments. decode_segments: how many
-      attention windows the decode loop is cut into (0: automatic; 1: attend over the whole cache).
+      attention windows the decode loop is cut into (0: automatic, see _segments; 1: attend over the whole cache).
       unroll_layers: decode over per-layer weight slices (None: automatic; a quantized base never: see
         _unroll_layers).
       decode_chunk: decode steps between two checks for every row done (0: automatic, see
       _decode_chunk); the samples are the same for any value. weights: the decode weights' layout
-      on an fsdp mesh (`gather_weights`); the samples are the same for any value.
+      on an fsdp mesh (`gather_weights`); the samples are the same for any value. xla_options: XLA
+      compiler options for the sampling program alone ({name: value}; `program`). layer_caches: with
+      unrolled layers, a KV buffer per layer (False: one stack, which a GPU copies from every step).
     """
     prompts = _as_lists(prompt_ids, prompt_lengths, prompt_mask)
     n, K = len(prompts), num_samples
@@ -291,7 +297,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
     plan_for = lambda P: make_plan(prompt_len=P, max_new_tokens=max_new_tokens, batch_size=batch_size or n,
                                    num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,
-                                   unroll_layers=unroll_layers, decode_chunk=decode_chunk, gather_weights=gather)
+                                   unroll_layers=unroll_layers, decode_chunk=decode_chunk, gather_weights=gather,
+                                   xla_options=xla_options, layer_caches=layer_caches)
     rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
         # Equivalent, not equal: a jit's outputs (a LoRA policy's merged weights) spell P(None, 'fsdp')

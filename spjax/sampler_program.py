@@ -15,8 +15,9 @@ Speed (docs/perf.md): every row's live slots are the same prefix [0, P + j), so 
 runs in a few segments, each a `while_loop` attending over a fixed window of the cache just large
 enough for its steps (`_decode_windows`): a step reads the live part of the cache, rounded up, not
 all S slots, and only a few loop bodies are compiled. Weights are made once before the loop
-(`_step_params`): cast to the compute dtype, sliced per layer where it pays, gathered over fsdp
-with sampling.weights=gathered. A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
+(`_step_params`): cast to the compute dtype, sliced per layer where it pays (each layer then
+keeps its own KV buffer, read whole: `_segments`), gathered over fsdp with sampling.weights=gathered.
+A GPU checks for early exit (every row done) once per chunk of decode steps (`_decode_chunk`), not
 after each: XLA:GPU syncs with the host at every check.
 """
 from __future__ import annotations
@@ -61,19 +62,21 @@ def _constrain(x, mesh: Optional[Mesh], logical):
 
 
 def _constrain_cache(cache, mesh):
-    return {k: _constrain(v, mesh, model.CACHE_LOGICAL_AXES) for k, v in cache.items()}
+    # Stacked [N, B, K, S, Dh] or one [B, K, S, Dh] buffer per layer (model.unstack_cache).
+    return jax.tree.map(lambda c: _constrain(c, mesh, model.CACHE_LOGICAL_AXES[-c.ndim:]), cache)
 
 
 def _batch(x, mesh):
     return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
 
 
-def _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len, mesh=None):
+def _prefill(cfg, params, prompt_BxP, prompt_len_B, cache_len, mesh=None, layer_caches=False):
     B, P = prompt_BxP.shape
     valid_BxP = jnp.arange(P)[None, :] >= (P - prompt_len_B[:, None])
     # Slots past the prompt are marked valid up front: causality hides them until they are written.
     kv_mask_BxS = jnp.concatenate([valid_BxP, jnp.ones((B, cache_len - P), bool)], axis=1)
-    cache = _constrain_cache(model.init_cache(cfg, B, cache_len), mesh)
+    cache = model.init_cache(cfg, B, cache_len)
+    cache = _constrain_cache(model.unstack_cache(cache) if layer_caches else cache, mesh)
     # The prompt attends over its own P slots only (the mask's width), not the empty rest.
     hidden_BxPxD, cache = model.apply(cfg, params, prompt_BxP, left_pad_positions(prompt_len_B, P),
                                       valid_BxP, cache, 0)
@@ -105,18 +108,19 @@ def _recompute_crossed(cfg, params, prompt_RxP, prompt_len_R, tokens_RxT, kv_mas
 
     def recompute(_):
         R, P = prompt_RxP.shape
-        W, S, T = kv_mask_RxW.shape[1], cache["k"].shape[3], tokens_RxT.shape[1]
+        W, S, T = kv_mask_RxW.shape[1], model.cache_slots(cache), tokens_RxT.shape[1]
         # slots [0, P): the left-padded prompt; slot P + t: token t (future ones: causality hides them)
         tokens_RxS = jnp.pad(jnp.concatenate([prompt_RxP, tokens_RxT], axis=1), ((0, 0), (0, max(0, S - P - T))))
         positions_RxS = jnp.concatenate([left_pad_positions(prompt_len_R, P),
                                          prompt_len_R[:, None] + jnp.arange(S - P, dtype=jnp.int32)[None]], axis=1)
-        fresh = _constrain_cache(model.init_cache(cfg, R, S, cache["k"].dtype), mesh)
+        fresh = model.init_cache(cfg, R, S, jax.tree.leaves(cache)[0].dtype)
+        fresh = _constrain_cache(model.unstack_cache(fresh) if isinstance(cache["k"], tuple) else fresh, mesh)
         # (a cached call's tokens form one sequence per row, ending past the original context: long divisors)
         hidden_RxWxD, new = model.apply(cfg, params, tokens_RxS[:, :W], positions_RxS[:, :W], kv_mask_RxW, fresh, 0)
         new_RxV = model.unembed(cfg, params, jax.lax.dynamic_slice_in_dim(hidden_RxWxD, slot, 1, axis=1))[:, 0]
-        rows = crossed_R[None, :, None, None, None]
+        rows = lambda c: crossed_R.reshape((1,) * (c.ndim - 4) + (R, 1, 1, 1))  # noqa: E731 (either layout)
         return (jnp.where(crossed_R[:, None], new_RxV, logits_RxV),
-                _constrain_cache({n: jnp.where(rows, new[n], c) for n, c in cache.items()}, mesh))
+                _constrain_cache(jax.tree.map(lambda n, c: jnp.where(rows(c), n, c), new, cache), mesh))
 
     return jax.lax.cond(jnp.any(crossed_R), recompute, lambda _: (logits_RxV, cache), None)
 
@@ -150,11 +154,13 @@ class _Settings:
     truncate: bool  # top-k or top-p in use (costs a vocab sort per step)
     pad_id: int
     mesh: Optional[Mesh] = None  # only for sharding constraints inside; None: one device
-    segments: int = 0  # decode loop segments (attention windows); 0: one per 32 steps begun, at most 4
+    segments: int = 0  # decode loop segments (attention windows); 0: automatic (_segments)
     unroll_layers: Optional[bool] = None  # decode over per-layer weight slices; None: _unroll_layers decides
     num_samples: int = 1  # K decodes per prompt, sharing the prompt's one prefill
     chunk: int = 0  # decode steps per loop iteration (between two early-exit checks); 0: _decode_chunk decides
     gather_weights: bool = False  # decode from weights replicated over fsdp (spjax.sampler.gather_weights)
+    layer_caches: bool = True  # unrolled layers: a KV buffer per layer (model.unstack_cache), not one stack
+    xla_options: tuple = ()  # ((name, value), ...): XLA compiler options for this program alone (see `program`)
 
 
 _CPU_UNROLL_MAX_LAYERS = 8  # XLA:CPU compile time grows with the unrolled layer count
@@ -193,6 +199,25 @@ def _decode_chunk(settings: _Settings) -> int:
     return GPU_CHUNK if jax.default_backend() == "gpu" else 1
 
 
+def _layer_caches(settings: _Settings, cfg: ModelConfig) -> bool:
+    """A KV buffer per layer (model.unstack_cache)? With unrolled layers whose weights need no gather
+    (no fsdp split, or sampling.weights=gathered), unless settings turn it off: the prefill then runs
+    unrolled too and fills the buffers. Over fsdp-sharded weights an unrolled prefill has XLA gather
+    every layer's weights up front (an 8-way fsdp tiny model's sampler: 4.2x the temp memory), so
+    those keep the stack."""
+    mesh = settings.mesh
+    whole = mesh is None or settings.gather_weights or dict(mesh.shape).get("fsdp", 1) == 1
+    return settings.layer_caches and whole and _unroll_layers(settings, cfg)
+
+
+def _segments(settings: _Settings, cfg: ModelConfig) -> int:
+    """Decode loop segments: as asked, else one (the whole cache) where each layer has its own buffer,
+    else _decode_windows' rule. A window of a layer's buffer is a strided slice, which XLA:GPU copies
+    before the attention matmuls every step: on an H200 (1B shape, batch 64, 256 + 256 tokens)
+    attending over all 512 slots gave 33.7k new tok/s, four windows 29.1k (docs/perf.md)."""
+    return settings.segments or (1 if _layer_caches(settings, cfg) else 0)
+
+
 def _decode_windows(P: int, T: int, S: int, segments: int = 0) -> tuple:
     """((last_step, W), ...): decode steps up to last_step attend over the first W cache slots.
 
@@ -224,7 +249,7 @@ class _State:
     logprobs_BxT: jax.Array  # fp32 untempered log-probs; 0 after EOS
     lengths_B: jax.Array  # int32 tokens sampled so far (incl. EOS)
     done_B: jax.Array  # bool: sampled an EOS (or a dummy row)
-    cache: dict  # {'k','v': [N, B, S, K, Dh]}
+    cache: dict  # {'k','v': [N, B, K, S, Dh]}, or N buffers [B, K, S, Dh] each (layer_caches)
     kv_mask_BxS: jax.Array  # bool validity of every cache slot
     keys_B: jax.Array  # per-example PRNG keys
 
@@ -261,8 +286,7 @@ def _repeat_rows(x, K: int, axis: int = 0):
     return x if K == 1 else jnp.repeat(x, K, axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
-def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
+def _generate_batch(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_len_B, live_B,
               example_ids_B, key_data, knobs, eos_E):
     """Sample up to T tokens, K times per prompt: outputs have R = B*K rows, row b*K + k holding
     prompt b's sample k. Params are an argument (not a closed-over constant) so one compiled program
@@ -283,12 +307,15 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     keys_R = _batch(keys_BxK.reshape(R), mesh)
     params = model.cast_params(cfg, params)
     step_params = _step_params(cfg, settings, params)
+    layer_caches = _layer_caches(settings, cfg)
 
-    # Gathered weights serve the prefill too: no collective is left in the program's loops.
-    prefill_params = step_params if settings.gather_weights and mesh is not None else params
-    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, prefill_params, prompt_BxP, prompt_len_B, settings.cache_len, mesh)
+    # Gathered weights serve the prefill too: no collective is left in the program's loops. So do
+    # unrolled layers with a buffer each: the prefill fills those buffers (no copy out of a stack).
+    prefill_params = step_params if (settings.gather_weights and mesh is not None) or layer_caches else params
+    logits_BxV, cache, kv_mask_BxS = _prefill(cfg, prefill_params, prompt_BxP, prompt_len_B, settings.cache_len, mesh,
+                                              layer_caches)
     logits_RxV = _batch(_repeat_rows(logits_BxV, K), mesh)
-    cache = _constrain_cache({n: _repeat_rows(c, K, axis=1) for n, c in cache.items()}, mesh)
+    cache = _constrain_cache(jax.tree.map(lambda c: _repeat_rows(c, K, axis=c.ndim - 4), cache), mesh)
     kv_mask_RxS = _batch(_repeat_rows(kv_mask_BxS, K), mesh)
     prompt_len_R, live_R = (_batch(_repeat_rows(x, K), mesh) for x in (prompt_len_B, live_B))
     token_R, logprob_R = choose(logits_RxV, keys_R, 0, knobs, settings)
@@ -326,7 +353,7 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
     # A segment runs whole chunks, then its remainder as one shorter run (rows that finish inside a
     # run just record padding until it ends: `steps` counts the longest sample, not the loop's turns).
     first, chunk = 1, _decode_chunk(settings)
-    for last, W in _decode_windows(P, T, settings.cache_len, settings.segments):
+    for last, W in _decode_windows(P, T, settings.cache_len, _segments(settings, cfg)):
         n = min(chunk, last - first + 1)
         state = run(state, last, W, n)
         if (last - first + 1) % n:
@@ -334,3 +361,15 @@ def _generate(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, prompt_
         first = last + 1
     return dict(tokens_BxT=state.tokens_BxT, logprobs_BxT=state.logprobs_BxT, lengths_B=state.lengths_B,
                 finished_B=state.done_B & live_R, steps=jnp.max(state.lengths_B))
+
+
+@functools.cache
+def program(xla_options: tuple = ()):
+    """The batch program, jitted with these XLA compiler options ((name, value) pairs; () is XLA's
+    defaults): options for the sampler alone, where XLA_FLAGS would change every program of the run
+    (bench/sampler.py --xla times variants in one process)."""
+    return jax.jit(_generate_batch, static_argnames=("cfg", "settings"),
+                   compiler_options=dict(xla_options) or None)
+
+
+_generate = program()

@@ -195,14 +195,16 @@ def test_segmented_unrolled_decode_equals_one_scanned_loop(params, temperature):
             np.asarray(jax.random.key_data(jax.random.key(8))),
             dict(temperature=np.float32(1.0), top_k=np.int32(0), top_p=np.float32(1.0)), np.full(4, -1, np.int32))
     out = {}
-    for segments, unroll in ((1, False), (4, False), (4, True)):
+    # unrolled: a KV buffer per layer (the default), or slices of one stack
+    for segments, unroll, own in ((1, False, True), (4, False, True), (4, True, True), (4, True, False),
+                                  (1, True, True)):
         assert len(sampler._decode_windows(P, T, S, segments)) == (1 if segments == 1 else 3)  # 32, 48, 64
         settings = sampler._Settings(max_new_tokens=T, cache_len=S, greedy=temperature == 0, truncate=False,
-                                     pad_id=0, segments=segments, unroll_layers=unroll)
-        out[segments, unroll] = jax.tree.map(np.asarray, sampler._generate(CFG, settings, *args))
-    for key in ((4, False), (4, True)):
-        np.testing.assert_array_equal(out[key]["tokens_BxT"], out[1, False]["tokens_BxT"])
-        np.testing.assert_allclose(out[key]["logprobs_BxT"], out[1, False]["logprobs_BxT"], rtol=0, atol=1e-5)
+                                     pad_id=0, segments=segments, unroll_layers=unroll, layer_caches=own)
+        out[segments, unroll, own] = jax.tree.map(np.asarray, sampler._generate(CFG, settings, *args))
+    for key in ((4, False, True), (4, True, True), (4, True, False), (1, True, True)):
+        np.testing.assert_array_equal(out[key]["tokens_BxT"], out[1, False, True]["tokens_BxT"])
+        np.testing.assert_allclose(out[key]["logprobs_BxT"], out[1, False, True]["logprobs_BxT"], rtol=0, atol=1e-5)
 
 
 def test_unstacked_layers_equal_the_scan(params):
@@ -219,6 +221,27 @@ def test_unstacked_layers_equal_the_scan(params):
     np.testing.assert_allclose(np.asarray(outs[1][0]), np.asarray(outs[0][0]), rtol=0, atol=1e-5)
     for n in ("k", "v"):
         np.testing.assert_allclose(np.asarray(outs[1][1][n]), np.asarray(outs[0][1][n]), rtol=0, atol=1e-5)
+    # a buffer per layer: the same hidden states and cache, and the layout comes back as given
+    own = model.apply(CFG, flat, ids, pos, valid, model.unstack_cache(model.init_cache(CFG, B, S)), 0)
+    np.testing.assert_allclose(np.asarray(own[0]), np.asarray(outs[0][0]), rtol=0, atol=1e-5)
+    assert model.cache_slots(own[1]) == S and all(len(own[1][n]) == CFG.num_layers for n in ("k", "v"))
+    for n in ("k", "v"):
+        np.testing.assert_allclose(np.stack(own[1][n]), np.asarray(outs[0][1][n]), rtol=0, atol=1e-5)
+
+
+def test_unrolled_decode_keeps_no_stacked_cache(params):
+    """With a KV buffer per layer the sampling program never builds the [N, B, K, S, Dh] stack, whose
+    per-layer window XLA:GPU copied on every decode step (docs/perf.md, 2026-12-04)."""
+    B, P, T = 4, 16, 16
+    S = sampler.cache_len(P, T)
+    stack = f"f32[{CFG.num_layers},{B},{CFG.num_kv_heads},{S},{CFG.head_dim}]"
+    text = {}
+    for own in (True, False):
+        plan = sampler.make_plan(prompt_len=P, max_new_tokens=T, batch_size=B, unroll_layers=True, layer_caches=own)
+        text[own] = sampler.lower(CFG, plan, params).compile().as_text()
+    assert stack in text[False] and stack not in text[True]
+    plan = sampler.make_plan(prompt_len=P, max_new_tokens=T, batch_size=B, unroll_layers=True)
+    assert plan.windows(CFG) == ((T - 1, S),)  # buffers of its own: each layer reads its buffer whole
 
 
 def test_params_cast_once_is_bit_identical(params):

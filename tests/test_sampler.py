@@ -297,7 +297,7 @@ def test_decode_chunks_give_the_same_samples(greedy_llama3, mixed_batch):
     cfg, params, prompts, kw, ref = mixed_batch
     res = sampler.sample(cfg, params, prompts, decode_chunk=5, decode_segments=3, **kw)
     plan = sampler.make_plan(prompt_len=32, max_new_tokens=24, batch_size=8, decode_chunk=5, decode_segments=3)
-    assert plan.chunk() == 5 and plan.windows() == ((16, 48), (23, 64))  # 16 and 7 steps: 3 + 1 and 1 + 1 runs
+    assert plan.chunk() == 5 and plan.windows(cfg) == ((16, 48), (23, 64))  # 16 and 7 steps: 3 + 1 and 1 + 1 runs
     assert res.tokens == ref.tokens and res.lengths.tolist() == ref.lengths.tolist()
     for a, b in zip(res.logprobs, ref.logprobs):
         assert np.abs(a - b).max() <= 1e-5
