@@ -19,6 +19,9 @@
 #            stream was already 97% busy;
 #   train    bench/train_step.py --shape llama3.2-1b: the pair step against the PyTorch peer, eager and
 #            compiled, with MFU against a matmul peak measured in the same run, then a profile of one step;
+#   compile  spjax.compile_check --topology local of configs/lora_zephyr7b_1gpu.py (bf16 and int8 bases):
+#            the 7B single-GPU run's memory as the GPU compiler sees it (a CPU stand-in over-counts, see
+#            docs/lora.md);
 #   round    configs/bench_1b_round.py: two self-play rounds of the 1B shape, their sampling/scoring/training
 #            (its data comes through tensorflow-datasets: carry its wheels where the machine lacks them).
 # Each stage has a time limit, cut to what is left of SUITE_S (default 570 s: one device call is at most
@@ -63,7 +66,7 @@ if [ "$BACKEND" != gpu ] && [ "$SHAPE" != tiny ]; then
 fi
 FAILED=()
 ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
-for s in ${STAGES:-check sampler samples draw train round}; do
+for s in ${STAGES:-check sampler samples draw train compile round}; do
   case $s in
     check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || { ATTENTION=xla; FAILED+=(check); } ;;
     sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
@@ -95,12 +98,15 @@ PY
       ;;
     train) TAIL_LINES=36 stage train_step "${TRAIN_S:-240}" "$PY" bench/train_step.py --shape "$SHAPE" \
       --peer-timeout 150 --attention "$ATTENTION" --trace "${STEP_TRACE_DIR:-/tmp/spjax_step_trace}" || FAILED+=(train) ;;
+    compile) TAIL_LINES=14 stage compile_7b "${COMPILE_S:-150}" bash -c "for c in '' :int8; do \
+      $PY -m spjax.compile_check --config configs/lora_zephyr7b_1gpu.py\$c --topology local || exit; done" \
+      || FAILED+=(compile) ;;
     round) ROUND_DIR=${ROUND_DIR:-$(mktemp -d /tmp/spjax_round_1b.XXXXXX)}  # fresh: a workdir holding a run is refused
       TAIL_LINES=0 stage round_1b "${ROUND_S:-200}" "$PY" -m spjax.train --config configs/bench_1b_round.py \
         --workdir "$ROUND_DIR" attention="$ATTENTION" || FAILED+=(round)
       tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
       cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
-    *) echo "unknown stage '$s' in STAGES (check, sampler, samples, draw, graphs, train, round)"; exit 2 ;;
+    *) echo "unknown stage '$s' in STAGES (check, sampler, samples, draw, graphs, train, compile, round)"; exit 2 ;;
   esac
 done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

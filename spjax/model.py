@@ -272,18 +272,11 @@ class Decoder(nn.Module):
 
         if self.unstacked:
             own = cache is not None and isinstance(cache["k"], tuple)  # one buffer per layer (unstack_cache)
-            layers_cache = {k: list(v) for k, v in cache.items()} if own else None
             for n, layer_params in enumerate(self.variables["params"]["layers"]):
-                layer_cache = {k: v[n] for k, v in layers_cache.items()} if own else cache
+                layer_cache = {k: v[n] for k, v in cache.items()} if own else cache
                 (x_BxLxD, layer_cache), _ = Block(cfg, self.attention, parent=None).apply(
                     {"params": layer_params}, (x_BxLxD, layer_cache), n, sin_cos, mask_BxLxS, cache_index)
-                if own:
-                    for k in layers_cache:
-                        layers_cache[k][n] = layer_cache[k]
-                else:
-                    cache = layer_cache
-            if own:
-                cache = {k: tuple(v) for k, v in layers_cache.items()}
+                cache = {k: v[:n] + (layer_cache[k],) + v[n + 1:] for k, v in cache.items()} if own else layer_cache
         else:
             (x_BxLxD, cache), _ = self.layers((x_BxLxD, cache), jnp.arange(cfg.num_layers), sin_cos, mask_BxLxS,
                                               cache_index)

@@ -93,7 +93,7 @@ class Report:
         for p in self.programs:
             lines.append(f"{p.name + ' (' + p.shape + ')':<{w}}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}"
                          f"{g(p.code)}{g(p.held)}{g(p.peak)}{p.compile_s:8.1f}s")
-        lines.append("XLA cost per device: " + "; ".join(
+        lines.append("XLA cost per device (a loop's body counted once, whatever its trips): " + "; ".join(
             f"{p.name} {p.flops / 1e12:,.1f} TFLOP, {p.bytes_accessed / GiB:,.1f} GiB accessed"
             + (f", {p.loop_collectives} collectives moving arrays in its loops" if p.name == "sample" else "")
             for p in self.programs)
