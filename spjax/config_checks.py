@@ -99,6 +99,9 @@ def check_experts(cfg):
     check(cfg.shared_expert_size > 0 if shared else cfg.shared_expert_size == 0, "model.shared_expert_size",
           f"{cfg.shared_expert_size} with architecture {cfg.architecture}: " + (
               "qwen2_moe's shared expert needs a width > 0" if shared else "only qwen2_moe has a shared expert"))
+    adapted = [t for t in cfg.lora.targets if t.startswith("shared_")] if cfg.lora.rank else []
+    check(not adapted or shared, "lora.targets", f"{', '.join(adapted)} with {cfg.architecture}: only qwen2_moe has "
+          "a shared expert")
     if not moe:
         return
     check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
@@ -115,7 +118,8 @@ def check_experts(cfg):
           "false with mixtral: transformers' Mixtral always renormalizes the chosen experts' weights")
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
     check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
-          "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]")
+          "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]"
+          + (" (and the shared expert: shared_gate, shared_up, shared_down)" if shared else ""))
 
 
 def check_olmo(cfg):

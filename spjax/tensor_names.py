@@ -20,7 +20,7 @@ import numpy as np
 from spjax import quant
 from spjax import sharding as shd
 from spjax.host_copy import c_order, stacked
-from spjax.config import LORA_TARGETS, LoraConfig, ModelConfig
+from spjax.config import LORA_TARGETS, SHARED_EXPERT_TARGETS, LoraConfig, ModelConfig
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -258,7 +258,7 @@ def peft_modules(cfg: ModelConfig) -> list:
     """[(HF module name with {i}, [(projection, first row, end row)])]: the modules a PEFT adapter of cfg's
     exported family adapts and the projections each holds (several: Phi-3's fused ones, their rows in the
     fused weight; one: rows None, all of them)."""
-    own = {e.hf: t for t, e in layer_table(cfg).items() if t in PROJ_IN_DIMS}
+    own = {e.hf: t for t, e in layer_table(cfg).items() if t in PROJ_IN_DIMS or t in SHARED_EXPERT_TARGETS}
     fused = _fused(cfg) if export_arch(cfg) == "phi3" else {}
     out, inside = [], set()
     for name, pieces in fused.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spjax import hf, lora, model, quant, sharding, step
-from spjax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
+from spjax.config import LORA_TARGETS, ConfigError, LoraConfig, MeshConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from spjax.tensor_names import CheckpointError, base_config
 from tests import oracle
 
@@ -137,13 +137,17 @@ def _lora_cfg(targets=("q", "k", "v", "o", "gate", "up", "down"), **kw):
     return dict(lora=LoraConfig(rank=R, alpha=ALPHA, targets=targets), **kw)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # qwen3: q/k norms stay the base's
-def test_merged_export_and_peft_adapter_match_torch(family, tmp_path):
+SHARED_EXPERT = ("q", "k", "v", "o", "shared_gate", "shared_up", "shared_down")
+
+
+@pytest.mark.parametrize("family, targets", [("qwen2", LORA_TARGETS), ("qwen3", LORA_TARGETS),  # qwen3: its q/k
+                                             ("qwen2_moe", SHARED_EXPERT)])  # norms stay; qwen2_moe: its shared expert
+def test_merged_export_and_peft_adapter_match_torch(family, targets, tmp_path):
     import peft
     import torch
     import transformers
     torch_base = oracle.torch_model(family)
-    cfg, params = hf.from_transformers(torch_base, **_lora_cfg())
+    cfg, params = hf.from_transformers(torch_base, **_lora_cfg(targets))
     params = _randomize_b(cfg, params)
     torch_base.save_pretrained(tmp_path / "base")  # the run's model_path: the adapter names it as its base
     out = hf.save_pretrained(cfg, params, str(tmp_path / "export"), source=str(tmp_path / "base"))
@@ -153,7 +157,8 @@ def test_merged_export_and_peft_adapter_match_torch(family, tmp_path):
     adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
     state = {k: v.numpy() for k, v in torch_base.state_dict().items()}
     for i in range(cfg.num_layers):
-        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        for proj in ("self_attn.q_proj", "self_attn.o_proj",
+                     "mlp.shared_expert.down_proj" if family == "qwen2_moe" else "mlp.down_proj"):
             name = f"model.layers.{i}.{proj}"
             want = state[name + ".weight"] + (ALPHA / R) * (adapter[f"base_model.model.{name}.lora_B.weight"]
                                                             @ adapter[f"base_model.model.{name}.lora_A.weight"])
@@ -220,6 +225,38 @@ def test_peft_adapter_import_as_starting_policy(torch_base, tmp_path, alpha_patt
     save_file({**load_file(weights), "base_model.model.lm_head.weight": np.zeros((256, 8), np.float32)}, weights)
     with pytest.raises(CheckpointError, match=r"tensor\(s\) base_model.model.lm_head.weight are not LoRA pairs"):
         lora.load_peft(cfg, params, cfg.lora.init_path)
+
+
+def test_peft_adapter_on_qwen2_moe_shared_expert(tmp_path):
+    """PEFT's gate_proj/up_proj/down_proj on a Qwen2-MoE are its shared expert's (transformers 5 holds the
+    experts as fused parameters, no modules): read as spjax's shared_* adapters, the same policy. MLP targets
+    on the experts, and shared_* on a model without a shared expert, are refused in one line."""
+    import peft
+    import torch
+    torch_base = oracle.torch_model("qwen2_moe")
+    pc = peft.LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=False,  # random A and B: visible
+                         target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(4)
+    peft_model = peft.get_peft_model(torch_base, pc).eval()
+    try:
+        assert not any("experts" in n for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+        ids = np.random.default_rng(2).integers(0, torch_base.config.vocab_size, (2, 9)).astype(np.int32)
+        want = oracle.torch_logits(peft_model, ids)
+        with peft_model.disable_adapter():
+            base = oracle.torch_logits(peft_model, ids)
+    finally:
+        peft_model.unload()
+    cfg, params = hf.from_transformers(torch_base, **_lora_cfg(("q", "v", "shared_gate", "shared_up", "shared_down")))
+    params = lora.load_peft(cfg, params, str(tmp_path / "adapter"))
+    got = np.asarray(model.forward(cfg, params, ids))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - base).max() > 1e-2  # the shared expert's adapters moved the logits
+    with pytest.raises(ConfigError, match="lora.targets: gate, up, down: qwen2_moe's MLPs are mixtures of experts.*"
+                                          "shared_gate"):
+        hf.from_transformers(torch_base, **_lora_cfg())
+    with pytest.raises(ConfigError, match="lora.targets: shared_up with qwen2: only qwen2_moe has a shared expert"):
+        hf.from_transformers(oracle.torch_model("qwen2"), **_lora_cfg(("q", "shared_up")))
 
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.3)])
