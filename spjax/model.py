@@ -143,13 +143,11 @@ class Block(nn.Module):
             else:
                 attn_BxLxHxDh = jax.lax.cond(windowed, functools.partial(kernel, cfg.sliding_window),
                                              functools.partial(kernel, None), *qkv)
-        elif own:  # the window is a prefix of this layer's buffer (all of it when W == S)
-            k_BxKxWxDh, v_BxKxWxDh = (jax.lax.slice_in_dim(cache[n], 0, W, axis=2) for n in ("k", "v"))
-            attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxKxWxDh, v_BxKxWxDh, mask_BxLxW, scale=scale, softcap=cap)
-        elif cache is not None:
-            k_BxKxWxDh, v_BxKxWxDh = (jax.lax.dynamic_slice(cache[n], (layer, 0, 0, 0, 0), (1, B, K, W, Dh))[0]
-                                      for n in ("k", "v"))
-            attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxKxWxDh, v_BxKxWxDh, mask_BxLxW, scale=scale, softcap=cap)
+        elif cache is not None:  # the window: a prefix of the layer's buffer (all of it when W == S)
+            window = ((lambda c: jax.lax.slice_in_dim(c, 0, W, axis=2)) if own else
+                      (lambda c: jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, B, K, W, Dh))[0]))
+            attn_BxLxHxDh = attend_xla(q_BxLxHxDh, window(cache["k"]), window(cache["v"]), mask_BxLxW, scale=scale,
+                                       softcap=cap)
         else:
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxLxKxDh.transpose(0, 2, 1, 3),
                                        v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW, scale=scale, softcap=cap)
