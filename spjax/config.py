@@ -12,7 +12,7 @@ from spjax.config_checks import ConfigError  # noqa: F401 (spjax.config.ConfigEr
 from spjax.config_checks import check as _check, check_model, iso_date as _iso_date, one_of as _one_of, template_kwargs
 from spjax.config_checks import typed_and_finite as _finite
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")  # dynamic: within max_position_embeddings
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")

@@ -229,7 +229,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "initializer_range": 0.02, "use_cache": True,
     }
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type == "linear":
+    if cfg.rope_type in ("linear", "dynamic"):
         rope["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
         rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,

@@ -133,6 +133,11 @@ def check_lengths(cfg: Config, model_cfg, buckets, echo):
     context it was trained on: said once, with what to lower."""
     longest = max(buckets[-1], cfg.data.max_prompt_len + max(cfg.sampling.max_new_tokens, cfg.run.eval_max_new_tokens))
     limit = model_cfg.max_position_embeddings
+    if longest > limit and model_cfg.rope_type == "dynamic":
+        raise ConfigError(f"data.max_len: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + "
+                          f"sampling/eval new tokens) with dynamic rope scaling, which spjax computes only up to the "
+                          f"model's max_position_embeddings={limit} (past it transformers rescales by the batch's "
+                          f"longest sequence): lower them to {limit}")
     if longest > limit:
         echo(f"note: sequences of up to {longest} tokens (data.max_len, data.max_prompt_len + sampling/eval "
              f"new tokens) exceed the model's max_position_embeddings={limit}: positions past it were never trained")

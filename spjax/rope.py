@@ -15,6 +15,12 @@ whole cache is recomputed with them (spjax.sampler_program._recompute_crossed), 
 generate recomputes its cache there. The tokens sampled before that point were scored with the short
 ones (the sequence was shorter then): a forward pass over the finished sequence scores them with the
 long ones, so those samples' log-probs are scored again (spjax.pairs.sampler_scores_usable).
+
+Dynamic NTK scaling ("dynamic") changes nothing up to max_position_embeddings: transformers rescales
+the base only once a call's largest position passes it, by that length, so past it the angles depend
+on the longest sequence in the batch. spjax runs such a model within its context alone, where the
+angles are the default ones: the train driver refuses longer sequences (spjax.preflight.check_lengths),
+and so does `sample`.
 """
 from __future__ import annotations
 
@@ -92,7 +98,7 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
         return inv / np.float32(cfg.rope_factor)
     if cfg.rope_type == "llama3":
         return _llama3(cfg, inv)
-    return inv
+    return inv  # default; dynamic within max_position_embeddings (above)
 
 
 def attention_factor(cfg: ModelConfig) -> float:

@@ -280,6 +280,10 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has a token id outside [0, {cfg.vocab_size})")
+    longest = max(map(len, prompts), default=0) + max_new_tokens - 1  # the last token is sampled, never fed
+    if cfg.rope_type == "dynamic" and longest > cfg.max_position_embeddings:  # (spjax.rope)
+        raise ValueError(f"prompts + max_new_tokens reach {longest} positions: dynamic rope scaling is computed up "
+                         f"to max_position_embeddings={cfg.max_position_embeddings} only")
     ids = list(range(n)) if example_ids is None else [int(i) for i in example_ids]
     if len(ids) != n:
         raise ValueError(f"{len(ids)} example_ids for {n} prompts")

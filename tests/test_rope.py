@@ -27,6 +27,7 @@ SCALINGS = {
     "yarn_mscale": dict(YARN, factor=40.0, mscale=1.0, mscale_all_dim=0.707),  # DeepSeek's keys
     "yarn_implicit_factor": dict(YARN, factor=None),  # max / original = 4
     "yarn_no_original": dict(rope_type="yarn", factor=2.0),  # transformers: max_position_embeddings
+    "dynamic": dict(rope_type="dynamic", factor=2.0),  # NTK: the default frequencies within the context
 }
 
 
@@ -87,6 +88,36 @@ def test_yarn_model_logits_equal_transformers(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     assert back.config.rope_parameters["rope_type"] == "yarn"
     assert np.abs(oracle.torch_logits(back, ids) - theirs).max() <= 1e-5
+
+
+def test_dynamic_rope_equals_transformers_within_the_context_and_is_refused_past_it():
+    """Dynamic NTK scaling: the default angles up to max_position_embeddings (transformers rescales past it,
+    by the batch's longest sequence); a run or a sample() reaching past it is refused in one line. Before,
+    such a config was refused outright."""
+    import dataclasses
+    import torch
+    import transformers
+    from spjax import preflight
+    from spjax.config import load_config
+    conf = dict(BASE, max_position_embeddings=48, rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    torch.manual_seed(0)
+    tm = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config.from_dict(conf)).float().eval()
+    cfg, params = hf.from_transformers(tm)
+    assert (cfg.rope_type, cfg.rope_factor) == ("dynamic", 2.0)
+    ids = np.random.RandomState(0).randint(0, 64, (2, 48)).astype(np.int32)  # the whole context
+    theirs = oracle.torch_logits(tm, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - theirs).max() <= 1e-4
+    assert np.abs(oracle.torch_logits(tm, np.concatenate([ids, ids[:, :8]], 1))[:, :48] - theirs).max() > 1e-3
+    with pytest.raises(ValueError, match="reach 49 positions: dynamic rope scaling is computed up to "
+                                         "max_position_embeddings=48 only"):
+        spjax.sample(cfg, params, [list(range(40))], key=0, max_new_tokens=10)
+    spjax.sample(cfg, params, [list(range(40))], key=0, max_new_tokens=9)  # 48 positions: fine
+    run = load_config("configs/tiny.py", ["data.max_len=64"])
+    with pytest.raises(ConfigError, match=r"data.max_len: sequences of up to 72 tokens .* dynamic rope scaling"):
+        preflight.check_lengths(run, cfg, (64,), print)
+    notes = []
+    preflight.check_lengths(run, dataclasses.replace(cfg, rope_type="default"), (64,), notes.append)
+    assert "exceed the model's max_position_embeddings=48" in notes[0]  # any other rope: a note only
 
 
 @pytest.mark.parametrize("override,message", [
