@@ -94,17 +94,22 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
             v = v[0]
         return v
 
-    if int(_field(reader, f"{arch}.expert_count", 0) or 0):  # (llama.cpp files Mixtral as a llama)
-        raise CheckpointError(f"{where}: {arch}.expert_count {_field(reader, f'{arch}.expert_count')}: a mixture of "
-                              "experts, which spjax reads from Hugging Face checkpoints only (MixtralForCausalLM, "
-                              "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM), not from GGUF")
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    names = {t.name for t in reader.tensors}
+    if experts and arch != "llama":  # (llama.cpp files Mixtral as a llama with experts)
+        raise CheckpointError(f"{where}: {arch}.expert_count {experts}: a {arch} mixture of experts, which spjax reads "
+                              "from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's")
+    if experts and "blk.0.ffn_gate.0.weight" in names:
+        raise CheckpointError(f"{where}: each expert in tensors of its own (blk.N.ffn_gate.E.weight), llama.cpp's "
+                              "older MoE layout: convert it again with a current llama.cpp (stacked ffn_*_exps)")
+    moe = dict(architecture="mixtral", num_experts=experts, norm_topk=True,
+               experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2))) if experts else {}
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)  # [V, D] stored as (D, V)
     vocab = int(_field(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens is not None else 0)
                 or (int(embed.shape[-1]) if embed is not None else 0))
-    names = {t.name for t in reader.tensors}
     head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or hidden // n_heads
     rotated = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     partial = rotated / head_dim
@@ -129,6 +134,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         eos_token_ids=stops,
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    kw.update(moe)
     kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
     kw.update(overrides)
     return ModelConfig(**kw)
@@ -230,7 +236,7 @@ def load_gguf(path: str, mesh=None, **overrides):
     tensors = {t.name: (t, p) for p in parts(path) for t in _read(p).tensors}
     for name in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"):
         tensors.pop(name, None)  # read into cfg's rope fields (config_from_gguf)
-    permute = cfg.architecture == "llama"  # llama.cpp permutes Q/K only for its llama arch
+    permute = cfg.architecture in ("llama", "mixtral")  # llama.cpp permutes Q/K for its llama arch alone
 
     def get(name):  # a TensorSource (below): the loader refuses tensors it does not read
         if name not in tensors:

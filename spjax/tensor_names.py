@@ -101,9 +101,10 @@ def layer_table(cfg: ModelConfig) -> dict:
         m = "model.layers.{i}." + ("block_sparse_moe." if cfg.architecture == "mixtral" else "mlp.")
         names = _EXPERT_NAMES[cfg.architecture]
         swap = (lambda w: w.transpose(0, 2, 1), lambda x: x.transpose(0, 2, 1))  # [E, out, in] <-> [E, in, out]
-        out.update(router=Entry(m + "gate.weight", None, *T),
-                   **{f"experts_{leaf}": Entry(m + f"experts.{names[leaf]}.weight", None, *swap)
-                      for leaf in ("gate", "up", "down")})
+        # llama.cpp's names: a Mixtral GGUF (llama with experts) holds each layer's experts stacked, [E, out, in]
+        out.update(router=Entry(m + "gate.weight", b + "ffn_gate_inp.weight", *T),
+                   **{f"experts_{leaf}": Entry(m + f"experts.{names[leaf]}.weight", b + f"ffn_{leaf}_exps.weight",
+                                               *swap) for leaf in ("gate", "up", "down")})
         if cfg.shared_expert_size:  # Qwen2-MoE: a SwiGLU MLP every token takes, scaled by sigmoid(x w)
             out.update(shared_expert_gate=Entry(m + "shared_expert_gate.weight", None, *T),
                        **{f"shared_{leaf}": Entry(m + f"shared_expert.{leaf}_proj.weight", None, *T)

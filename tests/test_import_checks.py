@@ -78,13 +78,24 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     if not c.tie_word_embeddings:
         named["output.weight"] = "lm_head.weight"
+    experts = getattr(c, "num_local_experts", 0)  # Mixtral: llama.cpp's llama with stacked experts
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
     projections = ([("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")] if arch == "phi3" else
-                   [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
-                    ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")])
+                   [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj")]
+                   + ([] if experts else [("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")]))
+    projections += [] if experts else [("ffn_down", "mlp.down_proj")]
     for i in range(c.num_hidden_layers):
         for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                         ("attn_output", "self_attn.o_proj"), ("ffn_down", "mlp.down_proj")] + projections:
+                         ("attn_output", "self_attn.o_proj")] + projections:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
+        if experts:  # transformers 5 holds them fused: gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+            F, x = c.intermediate_size, f"model.layers.{i}.mlp."
+            sd[x + "gate_exps"], sd[x + "up_exps"] = np.split(sd[x + "experts.gate_up_proj"], [F], axis=1)
+            named.update({f"blk.{i}.ffn_gate_inp.weight": x + "gate.weight", f"blk.{i}.ffn_gate_exps.weight":
+                          x + "gate_exps", f"blk.{i}.ffn_up_exps.weight": x + "up_exps",
+                          f"blk.{i}.ffn_down_exps.weight": x + "experts.down_proj"})
         if arch == "qwen3":
             for n in ("q", "k"):
                 named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
@@ -132,6 +143,20 @@ def _converter_rope_freqs(theta, dh, factor, lo, hi, old):
             smooth = (old / wavelen - lo) / (hi - lo)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, np.float32)
+
+
+def test_gguf_mixtral_matches_transformers(tmp_path):
+    """A Mixtral GGUF (llama.cpp's llama with stacked experts) reads as the Mixtral it was converted from: the same
+    logits; llama.cpp's older layout (an expert's tensors apart) is refused in one line. Before, every GGUF
+    mixture was refused."""
+    tm = oracle.torch_model("mixtral")
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "m.gguf", tm))
+    assert (cfg.architecture, cfg.num_experts, cfg.experts_per_token) == ("mixtral", 4, 2)
+    ids = _ids((2, 24))
+    assert _max_diff(cfg, params, tm, ids) <= 1e-4
+    old = {f"blk.{i}.ffn_gate.{e}.weight": np.zeros((128, 64), np.float32) for i in range(2) for e in range(4)}
+    with pytest.raises(hf.CheckpointError, match="llama.cpp.s older MoE layout"):
+        spjax.load_pretrained(_write_gguf(tmp_path / "old.gguf", tm, tensors=old))
 
 
 def test_gguf_llama3_rope_freqs_read_as_llama3_scaling(tmp_path):
@@ -182,12 +207,13 @@ def test_gguf_refuses_rope_scaling_it_cannot_read(tmp_path):
         spjax.load_pretrained(path)
 
 
-def test_gguf_mixture_of_experts_is_one_line(tmp_path):
-    """llama.cpp files Mixtral as a llama with expert_count: read as a dense llama, its missing ffn_gate tensors
-    were the error."""
-    path = _write_gguf(tmp_path / "moe.gguf", _torch("LlamaConfig"), ints={"{arch}.expert_count": 8})
-    with pytest.raises(hf.CheckpointError, match=r"moe.gguf: llama.expert_count 8: a mixture of experts, which spjax "
-                                                 r"reads from Hugging Face checkpoints only"):
+def test_gguf_mixture_of_experts_other_than_mixtral_is_one_line(tmp_path):
+    """Of GGUF mixtures spjax reads Mixtral's (llama with expert_count); another family's (here a qwen3 file with
+    experts) is refused in one line, not read as a dense model whose missing tensors would be the error."""
+    tm = _torch("Qwen3Config", rope_theta=1e6, head_dim=16)
+    path = _write_gguf(tmp_path / "moe.gguf", tm, arch="qwen3", ints={"{arch}.expert_count": 8})
+    with pytest.raises(hf.CheckpointError, match=r"moe.gguf: qwen3.expert_count 8: a qwen3 mixture of experts, which "
+                                                 r"spjax reads from Hugging Face checkpoints only"):
         spjax.load_pretrained(path)
 
 
