@@ -46,7 +46,7 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
@@ -78,10 +78,12 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     named = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     if not c.tie_word_embeddings:
         named["output.weight"] = "lm_head.weight"
-    experts = getattr(c, "num_local_experts", 0)  # Mixtral: llama.cpp's llama with stacked experts
+    experts = getattr(c, "num_local_experts", 0) or getattr(c, "num_experts", 0)  # stacked experts (Mixtral: a llama)
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
     projections = ([("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")] if arch == "phi3" else
                    [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj")]
                    + ([] if experts else [("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")]))
@@ -91,12 +93,12 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
                          ("attn_output", "self_attn.o_proj")] + projections:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
         if experts:  # transformers 5 holds them fused: gate_up [E, 2F, D] (gate rows first), down [E, D, F]
-            F, x = c.intermediate_size, f"model.layers.{i}.mlp."
+            F, x = getattr(c, "moe_intermediate_size", None) or c.intermediate_size, f"model.layers.{i}.mlp."
             sd[x + "gate_exps"], sd[x + "up_exps"] = np.split(sd[x + "experts.gate_up_proj"], [F], axis=1)
             named.update({f"blk.{i}.ffn_gate_inp.weight": x + "gate.weight", f"blk.{i}.ffn_gate_exps.weight":
                           x + "gate_exps", f"blk.{i}.ffn_up_exps.weight": x + "up_exps",
                           f"blk.{i}.ffn_down_exps.weight": x + "experts.down_proj"})
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             for n in ("q", "k"):
                 named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
     for dst, src in named.items():
@@ -157,6 +159,21 @@ def test_gguf_mixtral_matches_transformers(tmp_path):
     old = {f"blk.{i}.ffn_gate.{e}.weight": np.zeros((128, 64), np.float32) for i in range(2) for e in range(4)}
     with pytest.raises(hf.CheckpointError, match="llama.cpp.s older MoE layout"):
         spjax.load_pretrained(_write_gguf(tmp_path / "old.gguf", tm, tensors=old))
+
+
+def test_gguf_qwen3_moe_matches_transformers(tmp_path):
+    """A Qwen3-MoE GGUF (llama.cpp's qwen3moe: experts expert_feed_forward_length wide, their weights always
+    renormalized, as the released Qwen3-MoE configs ask): the same logits as transformers. A scale on the
+    experts' weights (expert_weights_scale) is refused in one line."""
+    tm = _torch("Qwen3MoeConfig", rope_theta=1e6, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=24, norm_topk_prob=True)
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "q.gguf", tm, arch="qwen3moe"))
+    assert (cfg.architecture, cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.norm_topk) == (
+        "qwen3_moe", 4, 2, 24, True)
+    assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
+    with pytest.raises(hf.CheckpointError, match="qwen3moe.expert_weights_scale 2.5: scaled expert weights"):
+        spjax.load_pretrained(_write_gguf(tmp_path / "s.gguf", tm, arch="qwen3moe",
+                                          floats={"{arch}.expert_weights_scale": 2.5}))
 
 
 def test_gguf_llama3_rope_freqs_read_as_llama3_scaling(tmp_path):
