@@ -16,7 +16,8 @@ import numpy as np
 from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
-_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen3moe": "qwen3_moe"}
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2_moe",
+          "qwen3moe": "qwen3_moe"}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -96,22 +97,29 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
 
     experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
     names = {t.name for t in reader.tensors}
-    if experts and arch not in ("llama", "qwen3moe"):  # (llama.cpp files Mixtral as a llama with experts)
-        raise CheckpointError(f"{where}: {arch}.expert_count {experts}: a {arch} mixture of experts, which spjax reads "
-                              "from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's and Qwen3-MoE's")
+    if experts and arch not in ("llama", "qwen2moe", "qwen3moe"):  # (llama.cpp files Mixtral as a llama)
+        raise CheckpointError(f"{where}: {arch}.expert_count {experts}: a {arch} mixture of experts, which spjax "
+                              "reads from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's and "
+                              "Qwen2/3-MoE's")
     if experts and "blk.0.ffn_gate.0.weight" in names:
         raise CheckpointError(f"{where}: each expert in tensors of its own (blk.N.ffn_gate.E.weight), llama.cpp's "
                               "older MoE layout: convert it again with a current llama.cpp (stacked ffn_*_exps)")
     if float(_field(reader, f"{arch}.expert_weights_scale", 0.0) or 0.0) not in (0.0, 1.0):
         raise CheckpointError(f"{where}: {arch}.expert_weights_scale {_field(reader, f'{arch}.expert_weights_scale')}: "
                               "scaled expert weights, which spjax's mixtures do not compute")
-    # llama.cpp renormalizes the chosen experts' weights for both (as Mixtral and the released Qwen3-MoE do);
-    # Qwen3-MoE's experts are expert_feed_forward_length wide (its feed_forward_length: dense layers, none).
-    moe = dict(num_experts=experts, norm_topk=True,
-               experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2)), **({"architecture": "mixtral"} if arch == "llama" else
-                  {"intermediate_size": int(need("expert_feed_forward_length"))})) if experts else {}
-    if arch == "qwen3moe" and not experts:
-        raise CheckpointError(f"{where}: metadata field qwen3moe.expert_count missing")
+    # llama.cpp renormalizes the chosen experts' weights for Mixtral and Qwen3-MoE (as the released Qwen3-MoE
+    # configs ask), not for Qwen2-MoE. Qwen2/3-MoE's experts are expert_feed_forward_length wide (their
+    # feed_forward_length: dense layers, none), Qwen2-MoE's shared expert expert_shared_feed_forward_length.
+    moe = {}
+    if experts:
+        moe = dict(num_experts=experts, norm_topk=arch != "qwen2moe",
+                   experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2)))
+        moe.update({"architecture": "mixtral"} if arch == "llama" else
+                   {"intermediate_size": int(need("expert_feed_forward_length"))})
+        if arch == "qwen2moe":
+            moe["shared_expert_size"] = int(need("expert_shared_feed_forward_length"))
+    elif arch in ("qwen2moe", "qwen3moe"):
+        raise CheckpointError(f"{where}: metadata field {arch}.expert_count missing")
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")

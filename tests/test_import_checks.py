@@ -46,7 +46,7 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
-    if arch in ("qwen3", "qwen3moe"):
+    if arch in ("qwen3", "qwen3moe"):  # (a head size of their own; the others' is hidden / heads)
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
@@ -84,6 +84,8 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         w.add_expert_used_count(c.num_experts_per_tok)
         if getattr(c, "moe_intermediate_size", None):
             w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     projections = ([("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")] if arch == "phi3" else
                    [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj")]
                    + ([] if experts else [("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")]))
@@ -92,6 +94,14 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
                          ("attn_output", "self_attn.o_proj")] + projections:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
+        if f"model.layers.{i}.self_attn.q_proj.bias" in sd:  # Qwen2's q/k/v biases
+            named.update({f"blk.{i}.attn_{n}.bias": f"model.layers.{i}.self_attn.{n}_proj.bias" for n in "qkv"})
+        if f"model.layers.{i}.mlp.shared_expert_gate.weight" in sd:  # Qwen2-MoE's shared expert; its gate 1-D [D]
+            x = f"model.layers.{i}.mlp."
+            sd[x + "shared_gate_1d"] = sd[x + "shared_expert_gate.weight"].reshape(-1)
+            named.update({f"blk.{i}.ffn_gate_inp_shexp.weight": x + "shared_gate_1d",
+                          **{f"blk.{i}.ffn_{n}_shexp.weight": x + f"shared_expert.{n}_proj.weight"
+                             for n in ("gate", "up", "down")}})
         if experts:  # transformers 5 holds them fused: gate_up [E, 2F, D] (gate rows first), down [E, D, F]
             F, x = getattr(c, "moe_intermediate_size", None) or c.intermediate_size, f"model.layers.{i}.mlp."
             sd[x + "gate_exps"], sd[x + "up_exps"] = np.split(sd[x + "experts.gate_up_proj"], [F], axis=1)
@@ -159,6 +169,17 @@ def test_gguf_mixtral_matches_transformers(tmp_path):
     old = {f"blk.{i}.ffn_gate.{e}.weight": np.zeros((128, 64), np.float32) for i in range(2) for e in range(4)}
     with pytest.raises(hf.CheckpointError, match="llama.cpp.s older MoE layout"):
         spjax.load_pretrained(_write_gguf(tmp_path / "old.gguf", tm, tensors=old))
+
+
+def test_gguf_qwen2_moe_matches_transformers(tmp_path):
+    """A Qwen2-MoE GGUF (llama.cpp's qwen2moe: q/k/v biases, experts not renormalized, a shared expert whose gate
+    is a 1-D [D] tensor there): the same logits as transformers."""
+    tm = _torch("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                shared_expert_intermediate_size=40, norm_topk_prob=False)
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "q2.gguf", tm, arch="qwen2moe"))
+    assert (cfg.architecture, cfg.num_experts, cfg.intermediate_size, cfg.shared_expert_size, cfg.norm_topk,
+            cfg.qkv_bias) == ("qwen2_moe", 4, 24, 40, False, True)
+    assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
 
 
 def test_gguf_qwen3_moe_matches_transformers(tmp_path):
