@@ -109,7 +109,8 @@ def layer_table(cfg: ModelConfig) -> dict:
             out.update(shared_expert_gate=Entry(m + "shared_expert_gate.weight", b + "ffn_gate_inp_shexp.weight",
                                                 lambda w: w.reshape(-1, 1), lambda x: x.reshape(1, -1)),  # (GGUF: [D])
                        **{f"shared_{leaf}": Entry(m + f"shared_expert.{leaf}_proj.weight",
-                                                  b + f"ffn_{leaf}_shexp.weight", *T) for leaf in ("gate", "up", "down")})
+                                                  b + f"ffn_{leaf}_shexp.weight", *T)
+                          for leaf in ("gate", "up", "down")})
     if cfg.gemma or cfg.post_norms:  # norms after attention and the MLP (llama.cpp's names for them)
         n = "model.layers.{i}."
         out.update(attn_out_norm=Entry(n + "post_attention_layernorm.weight", b + "post_attention_norm.weight",
