@@ -114,10 +114,11 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     if experts:
         moe = dict(num_experts=experts, norm_topk=arch != "qwen2moe",
                    experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2)))
-        moe.update({"architecture": "mixtral"} if arch == "llama" else
-                   {"intermediate_size": int(need("expert_feed_forward_length"))})
+        dense = int(need("feed_forward_length"))  # (where a width is not given, llama.cpp's fallbacks)
+        moe.update({"architecture": "mixtral"} if arch == "llama" else {"intermediate_size": int(
+            _field(reader, f"{arch}.expert_feed_forward_length", 0) or dense // moe["experts_per_token"])})
         if arch == "qwen2moe":
-            moe["shared_expert_size"] = int(need("expert_shared_feed_forward_length"))
+            moe["shared_expert_size"] = int(_field(reader, f"{arch}.expert_shared_feed_forward_length", 0) or dense)
     elif arch in ("qwen2moe", "qwen3moe"):
         raise CheckpointError(f"{where}: metadata field {arch}.expert_count missing")
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
