@@ -17,7 +17,8 @@ from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2_moe",
-          "qwen3moe": "qwen3_moe"}
+          "qwen3moe": "qwen3_moe", "olmo2": "olmo2", "olmoe": "olmoe"}
+_MOE_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")  # (llama.cpp files Mixtral as a llama with experts)
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -97,10 +98,10 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
 
     experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
     names = {t.name for t in reader.tensors}
-    if experts and arch not in ("llama", "qwen2moe", "qwen3moe"):  # (llama.cpp files Mixtral as a llama)
+    if experts and arch not in _MOE_ARCHS:
         raise CheckpointError(f"{where}: {arch}.expert_count {experts}: a {arch} mixture of experts, which spjax "
-                              "reads from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's and "
-                              "Qwen2/3-MoE's")
+                              "reads from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's, "
+                              "Qwen2/3-MoE's and OLMoE's")
     if experts and "blk.0.ffn_gate.0.weight" in names:
         raise CheckpointError(f"{where}: each expert in tensors of its own (blk.N.ffn_gate.E.weight), llama.cpp's "
                               "older MoE layout: convert it again with a current llama.cpp (stacked ffn_*_exps)")
@@ -108,19 +109,24 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         raise CheckpointError(f"{where}: {arch}.expert_weights_scale {_field(reader, f'{arch}.expert_weights_scale')}: "
                               "scaled expert weights, which spjax's mixtures do not compute")
     # llama.cpp renormalizes the chosen experts' weights for Mixtral and Qwen3-MoE (as the released Qwen3-MoE
-    # configs ask), not for Qwen2-MoE. Qwen2/3-MoE's experts are expert_feed_forward_length wide (their
-    # feed_forward_length: dense layers, none), Qwen2-MoE's shared expert expert_shared_feed_forward_length.
+    # configs ask), not for Qwen2-MoE and OLMoE. An expert's width is read off its tensor: the metadata's
+    # feed_forward_length is the dense layers' in Qwen2/3-MoE files.
+    shape = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # numpy order
     moe = {}
     if experts:
-        moe = dict(num_experts=experts, norm_topk=arch != "qwen2moe",
+        moe = dict(num_experts=experts, norm_topk=arch in ("llama", "qwen3moe"),
                    experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2)))
-        dense = int(need("feed_forward_length"))  # (where a width is not given, llama.cpp's fallbacks)
-        moe.update({"architecture": "mixtral"} if arch == "llama" else {"intermediate_size": int(
-            _field(reader, f"{arch}.expert_feed_forward_length", 0) or dense // moe["experts_per_token"])})
-        if arch == "qwen2moe":
-            moe["shared_expert_size"] = int(_field(reader, f"{arch}.expert_shared_feed_forward_length", 0) or dense)
-    elif arch in ("qwen2moe", "qwen3moe"):
+        if "blk.0.ffn_gate_exps.weight" in shape:  # (else the loader names the missing tensor)
+            moe["intermediate_size"] = shape["blk.0.ffn_gate_exps.weight"][1]
+        if arch == "llama":
+            moe["architecture"] = "mixtral"
+        if "blk.0.ffn_gate_shexp.weight" in shape:
+            moe["shared_expert_size"] = shape["blk.0.ffn_gate_shexp.weight"][0]
+    elif arch in ("qwen2moe", "qwen3moe", "olmoe"):
         raise CheckpointError(f"{where}: metadata field {arch}.expert_count missing")
+    # OLMo 2 and OLMoE normalize q and k over all heads at once (a norm as wide as q); OLMo 2's norms follow
+    # attention and the MLP, none precede them.
+    olmo = dict(qk_norm_full=True) if arch in ("olmo2", "olmoe") else {}  # (post_norms: from the architecture)
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -151,7 +157,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         eos_token_ids=stops,
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
-    kw.update(moe)
+    kw.update(moe, **olmo)
     kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
     kw.update(overrides)
     return ModelConfig(**kw)

@@ -46,9 +46,10 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
-    if arch in ("qwen3", "qwen3moe"):  # (a head size of their own; the others' is hidden / heads)
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
+    if arch in ("qwen3", "qwen3moe", "olmoe"):  # (a head size of their own; the others' is hidden / heads)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -90,9 +91,10 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
                    [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj")]
                    + ([] if experts else [("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")]))
     projections += [] if experts else [("ffn_down", "mlp.down_proj")]
+    norms = ([("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]
+             if arch == "olmo2" else [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")])
     for i in range(c.num_hidden_layers):
-        for dst, src in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                         ("attn_output", "self_attn.o_proj")] + projections:
+        for dst, src in norms + [("attn_output", "self_attn.o_proj")] + projections:
             named[f"blk.{i}.{dst}.weight"] = f"model.layers.{i}.{src}.weight"
         if f"model.layers.{i}.self_attn.q_proj.bias" in sd:  # Qwen2's q/k/v biases
             named.update({f"blk.{i}.attn_{n}.bias": f"model.layers.{i}.self_attn.{n}_proj.bias" for n in "qkv"})
@@ -108,7 +110,7 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
             named.update({f"blk.{i}.ffn_gate_inp.weight": x + "gate.weight", f"blk.{i}.ffn_gate_exps.weight":
                           x + "gate_exps", f"blk.{i}.ffn_up_exps.weight": x + "up_exps",
                           f"blk.{i}.ffn_down_exps.weight": x + "experts.down_proj"})
-        if arch in ("qwen3", "qwen3moe"):
+        if arch in ("qwen3", "qwen3moe", "olmo2", "olmoe"):  # (OLMo's as wide as all heads)
             for n in ("q", "k"):
                 named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
     for dst, src in named.items():
@@ -179,6 +181,18 @@ def test_gguf_qwen2_moe_matches_transformers(tmp_path):
     cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "q2.gguf", tm, arch="qwen2moe"))
     assert (cfg.architecture, cfg.num_experts, cfg.intermediate_size, cfg.shared_expert_size, cfg.norm_topk,
             cfg.qkv_bias) == ("qwen2_moe", 4, 24, 40, False, True)
+    assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["olmo2", "olmoe"])
+def test_gguf_olmo_matches_transformers(family, tmp_path):
+    """OLMo 2 (norms after attention and the MLP alone) and OLMoE (a mixture, weights not renormalized) GGUF files,
+    their q/k norms over all heads at once: the same logits as transformers."""
+    tm = oracle.torch_model(family)
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "o.gguf", tm, arch=family))
+    assert (cfg.architecture, cfg.qk_norm_full, cfg.post_norms) == (family, True, family == "olmo2")
+    if family == "olmoe":
+        assert (cfg.num_experts, cfg.norm_topk) == (tm.config.num_experts, False)
     assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
 
 
