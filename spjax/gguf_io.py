@@ -127,6 +127,10 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     # OLMo 2 and OLMoE normalize q and k over all heads at once (a norm as wide as q); OLMo 2's norms follow
     # attention and the MLP, none precede them.
     olmo = dict(qk_norm_full=True) if arch in ("olmo2", "olmoe") else {}  # (post_norms: from the architecture)
+    window = _field(reader, "olmo2.attention.sliding_window") if arch == "olmo2" else None
+    if window:  # llama.cpp files OLMo 3 as an olmo2
+        raise CheckpointError(f"{where}: olmo2.attention.sliding_window {window}: windowed layers (OLMo 3), which "
+                              "spjax's olmo2 does not implement")
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")

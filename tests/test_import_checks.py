@@ -194,6 +194,10 @@ def test_gguf_olmo_matches_transformers(family, tmp_path):
     if family == "olmoe":
         assert (cfg.num_experts, cfg.norm_topk) == (tm.config.num_experts, False)
     assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
+    if family == "olmo2":  # llama.cpp files OLMo 3 (windowed layers) as an olmo2
+        with pytest.raises(hf.CheckpointError, match="olmo2.attention.sliding_window 16: windowed layers"):
+            spjax.load_pretrained(_write_gguf(tmp_path / "w.gguf", tm, arch=family,
+                                              ints={"{arch}.attention.sliding_window": 16}))
 
 
 def test_gguf_qwen3_moe_matches_transformers(tmp_path):
