@@ -162,6 +162,8 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
     kw.update(moe, **olmo)
+    if arch == "phi3":  # every layer windowed where the file says so, as the converted model's config did
+        kw["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
     kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
     kw.update(overrides)
     return ModelConfig(**kw)

@@ -305,6 +305,20 @@ def test_gguf_phi3_matches_transformers(tmp_path):
     assert (cfg.architecture, cfg.rotary_dim, cfg.rope_type, cfg.rope_attention_factor) == ("phi3", 12, "longrope", 0.0)
     assert cfg.rope_short_factor == pytest.approx(rope["short_factor"])
     assert _max_diff(cfg, params, tm, _ids()) <= 1e-5  # (100 positions: within the original 256)
+    # Phi-3 mini's config windows every layer (2047): llama.cpp's converter writes it, both apply it. Before, the
+    # GGUF's window was ignored (logits past it differed).
+    ids, full = _ids(), np.asarray(spjax.forward(cfg, params, jnp.asarray(_ids())))
+    path = _write_gguf(tmp_path / "phi_w.gguf", tm, arch="phi3", rot_dims=12, tensors=factors,
+                       orig_ctx=rope["original_max_position_embeddings"], ints={"{arch}.attention.sliding_window": 24},
+                       floats={"{arch}.rope.scaling.attn_factor": attn})
+    cfg, params = spjax.load_pretrained(path)
+    assert cfg.sliding_window == 24 and all(cfg.windowed)
+    tm.config.sliding_window = 24  # (the session's cached model: put back below)
+    try:
+        assert _max_diff(cfg, params, tm, ids) <= 1e-5
+    finally:
+        tm.config.sliding_window = None
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - full).max() > 1e-3  # the window counts
 
 
 def test_gguf_refuses_partial_rotary(tmp_path):
