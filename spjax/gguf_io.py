@@ -97,7 +97,8 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         return v
 
     experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
-    names = {t.name for t in reader.tensors}
+    shape = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # numpy order
+    names = set(shape)
     if experts and arch not in _MOE_ARCHS:
         raise CheckpointError(f"{where}: {arch}.expert_count {experts}: a {arch} mixture of experts, which spjax "
                               "reads from Hugging Face checkpoints only; of GGUF mixtures it reads Mixtral's, "
@@ -111,7 +112,6 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     # llama.cpp renormalizes the chosen experts' weights for Mixtral and Qwen3-MoE (as the released Qwen3-MoE
     # configs ask), not for Qwen2-MoE and OLMoE. An expert's width is read off its tensor: the metadata's
     # feed_forward_length is the dense layers' in Qwen2/3-MoE files.
-    shape = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # numpy order
     moe = {}
     if experts:
         moe = dict(num_experts=experts, norm_topk=arch in ("llama", "qwen3moe"),
@@ -122,7 +122,7 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
             moe["architecture"] = "mixtral"
         if "blk.0.ffn_gate_shexp.weight" in shape:
             moe["shared_expert_size"] = shape["blk.0.ffn_gate_shexp.weight"][0]
-    elif arch in ("qwen2moe", "qwen3moe", "olmoe"):
+    elif arch in _MOE_ARCHS and arch != "llama":  # (a llama without experts is a dense llama)
         raise CheckpointError(f"{where}: metadata field {arch}.expert_count missing")
     # OLMo 2 and OLMoE normalize q and k over all heads at once (a norm as wide as q); OLMo 2's norms follow
     # attention and the MLP, none precede them.
