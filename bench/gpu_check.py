@@ -9,7 +9,12 @@ model with fp32 params:
   2. greedy sampling (fp32) with the decode layers unrolled over windows, checking for the end once
      per chunk of steps (the GPU defaults), vs one scanned loop over the whole cache checking every
      step: identical tokens, also where rows stop at an EOS inside a chunk.
-Prints one line per check and exits 1 if a check fails (the caller then times with --attention xla).
+  3. the Triton decode-attention kernel (spjax.decode_attention, the sampler's default on CUDA GPUs):
+     against the einsum path at the 1B sampler's shape in bf16 (the buffer it writes, its output, and
+     that it never reads past the new token), and greedy fp32 sampling through it (forced) == through
+     the einsums.
+Prints one line per check and exits 1 if a check fails (the caller then times with --attention xla;
+a failed decode-kernel check prints "[FAIL] decode kernel", and the caller then times without it).
 
   python bench/gpu_check.py
 """
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spjax import logprobs, model, sampler  # noqa: E402
+from spjax import attention, decode_attention, logprobs, model, sampler  # noqa: E402
 from spjax.config import ModelConfig  # noqa: E402
 
 
@@ -96,7 +101,51 @@ def main() -> int:
     print(f"[{'ok' if same else 'FAIL'}] sampled with EOS: chunked decode == checking every step "
           f"(longest sample {c.steps} / {d.steps} tokens)")
     ok &= same
+    try:
+        ok &= check_decode_kernel(cfg32, params, prompts)
+    except Exception as e:  # noqa: BLE001 - report; the caller samples without the kernel
+        print(f"[FAIL] decode kernel did not run: {type(e).__name__}: {str(e)[:600]}")
+        ok = False
     return 0 if ok else 1
+
+
+def check_decode_kernel(cfg32, params, prompts) -> bool:
+    B, H, K, S, Dh = 64, 32, 8, 512, 64  # Llama-3.2-1B's attention, the sampler bench's batch and cache
+    keys = jax.random.split(jax.random.key(3), 6)
+    q, k_new, v_new = (jax.random.normal(kk, shape, jnp.bfloat16) for kk, shape in
+                       zip(keys, ((B, H, Dh), (B, K, Dh), (B, K, Dh))))
+    k_buf, v_buf = (jax.random.normal(kk, (B, K, S, Dh), jnp.bfloat16) for kk in keys[3:5])
+    pad_B = jax.random.randint(keys[5], (B,), 0, 200)  # left-padded prompts
+    worst, good = 0.0, True
+    for slot in (200, 383, 511):
+        mask_BxS = jnp.arange(S)[None] >= pad_B[:, None]
+        junk = lambda buf: buf.at[:, :, slot + 1:].set(jnp.nan)  # noqa: E731 - never read
+        out, k_got, v_got = jax.jit(lambda *a: decode_attention.attend_decode(*a, scale=Dh ** -0.5))(
+            q, k_new, v_new, mask_BxS, junk(k_buf), junk(v_buf), jnp.int32(slot))
+        k_ref, v_ref = k_buf.at[:, :, slot].set(k_new), v_buf.at[:, :, slot].set(v_new)
+        seen = (mask_BxS & (jnp.arange(S) <= slot))[:, None]
+        ref = attention.attend_xla(q[:, None].astype(jnp.float32), k_ref.astype(jnp.float32),
+                                   v_ref.astype(jnp.float32), seen)[:, 0]
+        xla = attention.attend_xla(q[:, None], k_ref, v_ref, seen)[:, 0]
+        err, err_xla = (float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref))) for x in (out, xla))
+        written = all(bool(jnp.all(jnp.nan_to_num(a[:, :, :slot + 1]) == jnp.nan_to_num(b[:, :, :slot + 1])))
+                      for a, b in ((k_got, k_ref), (v_got, v_ref)))
+        good &= written and bool(jnp.all(jnp.isfinite(out))) and err <= 2 * err_xla + 1e-3
+        worst = max(worst, err / max(err_xla, 1e-9))
+    print(f"[{'ok' if good else 'FAIL'}] decode kernel (bf16, 64 x 32 heads x 512 slots) vs fp32: max error "
+          f"{worst:.2f}x the bf16 einsum path's, its token written, nothing read past it")
+    kw = dict(key=sampler.round_key(0, 0), max_new_tokens=70, temperature=0.0, unroll_layers=True, decode_segments=1)
+    # fp32 products on both sides: XLA:GPU's default lets an fp32 einsum run in TF32 (the kernel does not),
+    # and this random model's near-uniform logits then flip a near-tied greedy pick (559 of 560 on an H200).
+    with jax.default_matmul_precision("highest"):
+        a = sampler.sample(dataclasses.replace(cfg32, attention="triton"), params, prompts, **kw)
+        b = sampler.sample(cfg32, params, prompts, **kw)
+    same = a.tokens == b.tokens
+    equal = sum(x == y for ra, rb in zip(a.tokens, b.tokens) for x, y in zip(ra, rb))
+    lp = max(abs(x - y) for ra, rb in zip(a.logprobs, b.logprobs) for x, y in zip(ra, rb))
+    print(f"[{'ok' if same else 'FAIL'}] decode kernel: greedy fp32 through it == through the einsums "
+          f"({equal} of {sum(len(r) for r in a.tokens)} tokens equal, log-probs within {lp:.1e})")
+    return good and same
 
 
 if __name__ == "__main__":

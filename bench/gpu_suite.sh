@@ -4,8 +4,9 @@
 #            agree with the CPU-tested paths (if not, the stages that train use the XLA einsum attention:
 #            attention=xla);
 #   sampler  bench/sampler.py --shape llama3.2-1b: batch 64, 256 + 256 tokens, against HF generate(), eager
-#            and static-cache compiled, with the roofline fraction; variants (SAMPLER_VARIANTS, default: a
-#            KV buffer per layer or one stack, x attention windows or the whole cache), then a profile of
+#            and static-cache compiled, with the roofline fraction; variants (the Triton decode-attention
+#            kernel or the einsums, DECODE_KERNEL; crossed with SAMPLER_VARIANTS, e.g. "--layer-caches
+#            on,off --segments 0,1"), then a profile of
 #            one call (under $TRACE_DIR, summarized in the log: how busy the card's streams were, the
 #            costliest kernels);
 #   samples  bench/sampler.py --batch 256 --samples 4: 64 prompts x 4 samples (one prefill a prompt) against
@@ -57,7 +58,11 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/
 }
 
 SHAPE=${SHAPE:-llama3.2-1b}  # SHAPE=tiny STAGES="sampler graphs" smoke-tests the suite on a CPU
-SAMPLER=(bench/sampler.py --shape "$SHAPE" ${SAMPLER_VARIANTS:---layer-caches on,off --segments 0,1})
+# The sampler's variants (default: the Triton decode-attention kernel or the einsums; DECODE_KERNEL=off where
+# the check found the kernel wrong or failing on this card)
+DECODE_KERNEL=${DECODE_KERNEL:-on,off}
+sampler_args() { SAMPLER=(bench/sampler.py --shape "$SHAPE" ${SAMPLER_VARIANTS:-} --decode-kernel "$DECODE_KERNEL"); }
+sampler_args
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null)
 if [ "$BACKEND" != gpu ] && [ "$SHAPE" != tiny ]; then
@@ -68,12 +73,14 @@ FAILED=()
 ATTENTION=${ATTENTION:-auto}  # the model config's attention field for the stages that train
 for s in ${STAGES:-check sampler samples draw train compile round}; do
   case $s in
-    check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || { ATTENTION=xla; FAILED+=(check); } ;;
+    check) stage gpu_check "${CHECK_S:-120}" "$PY" bench/gpu_check.py || { ATTENTION=xla; FAILED+=(check); }
+      if grep -q '^\[FAIL\] decode kernel' "$OUT/gpu_check.log"; then DECODE_KERNEL=off; sampler_args; fi ;;
     sampler) TAIL_LINES=40 stage sampler "${SAMPLE_S:-300}" "$PY" "${SAMPLER[@]}" --peers eager,compile \
       --peer-timeout 150 --peer-repeats "${PEER_REPEATS:-1}" --trace "${TRACE_DIR:-/tmp/spjax_sampler_trace}" \
       || FAILED+=(sampler) ;;
     samples) TAIL_LINES=4 stage samples "${SAMPLES_S:-120}" "$PY" bench/sampler.py --shape "$SHAPE" \
-      --batch "${SAMPLES_BATCH:-256}" --samples 4 --peers none || FAILED+=(samples) ;;
+      --batch "${SAMPLES_BATCH:-256}" --samples 4 --peers none --decode-kernel "${DECODE_KERNEL%%,*}" \
+      || FAILED+=(samples) ;;
     draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py || FAILED+=(draw) ;;
     graphs)  # XLA aborts on a command type it does not know: fall back to a shorter list if one is new
       graph_ok() { XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" "$PY" -c "import jax; jax.jit(lambda x: x + 1)(1)" \

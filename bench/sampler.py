@@ -25,8 +25,9 @@ over per-layer weight slices on GPUs and for shallow models on CPU, scanned else
 DESIGN.md §4 targets (GPU: >= 3.5x the compiled static-cache peer, >= 50% of the HBM roofline) are
 marked as met or not; a CPU has none (the peer compiles on CUDA only). --xla (repeatable) adds a
 variant compiled with those XLA options (`name=value,...`; '' for XLA's defaults), crossed with the
-others; --hlo DIR writes each variant's compiled program there (hlo_<n>.txt.gz): which op each
-kernel of the trace is.
+others; --layer-caches on,off and --decode-kernel on,off (the Triton decode-attention kernel that
+attention=auto picks on CUDA GPUs, spjax.decode_attention) are crossed with them too; --hlo DIR writes
+each variant's compiled program there (hlo_<n>.txt.gz): which op each kernel of the trace is.
 
 Prints a few readable lines and one JSON line (also $OUT/sampler_bench.json when OUT is set).
 """
@@ -92,7 +93,7 @@ def xla_options(text: str) -> dict:
     return out
 
 
-def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -> dict:
+def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int, decode_kernel: bool = True) -> dict:
     """B/K prompts x K samples (one prefill per prompt, K decode rows each) against B distinct prompts
     x 1 sample: the same decode rows, a K-times smaller prefill. Times the prefill alone and the
     whole sample() call of each, best of `repeats` after a warm-up."""
@@ -102,7 +103,8 @@ def compare_shared_prefill(cfg, params, prompts, N: int, K: int, repeats: int) -
     for name, ps, k in (("distinct", prompts, 1), ("shared", prompts[:B // K], K)):
         prompt_BxP, len_B = jnp.asarray(np.asarray(ps, np.int32)), jnp.full((len(ps),), P, jnp.int32)
         pre = lambda: sampler.prefill(cfg, params, prompt_BxP, len_B, cache_len=S)[0]
-        call = lambda: sampler.sample(cfg, params, ps, key=0, max_new_tokens=N, temperature=1.0, num_samples=k).lengths
+        call = lambda: sampler.sample(cfg, params, ps, key=0, max_new_tokens=N, temperature=1.0, num_samples=k,
+                                      decode_kernel=decode_kernel).lengths
         jax.block_until_ready((pre(), call()))
         out[name] = {"prompts": len(ps), "samples": k, "prefill_s": best_time(pre, repeats),
                      "call_s": best_time(call, repeats)}
@@ -140,6 +142,8 @@ def main():
     ap.add_argument("--xla", action="append", metavar="NAME=VALUE,...",
                     help="a variant compiled with these XLA options ('' : defaults); repeat for more")
     ap.add_argument("--layer-caches", default="on", help="comma list of on/off: unrolled layers' KV buffer per layer")
+    ap.add_argument("--decode-kernel", default="on",
+                    help="comma list of on/off: the Triton decode-attention kernel where attention=auto picks it")
     ap.add_argument("--hlo", metavar="DIR", help="write each variant's compiled program (gzipped HLO text) here")
     ap.add_argument("--unroll-layers", default="auto", choices=("auto", "on", "off"),
                     help="decode over per-layer weight slices (auto: GPUs, shallow CPU models)")
@@ -154,8 +158,9 @@ def main():
     N = a.new_tokens or (256 if big else 16)
     if a.samples < 1 or B % a.samples:  # B/K prompts x K samples against B: the same decode rows only then
         ap.error(f"--samples {a.samples}: must divide --batch {B}")
-    variants = [(int(s), int(c), x, lc == "on") for s in a.segments.split(",") for c in a.chunks.split(",")
-                for x in (a.xla or [""]) for lc in a.layer_caches.split(",")]
+    variants = [(int(s), int(c), x, lc == "on", dk == "on") for s in a.segments.split(",")
+                for c in a.chunks.split(",") for x in (a.xla or [""]) for lc in a.layer_caches.split(",")
+                for dk in a.decode_kernel.split(",")]
     # The backend asked in a child: jax.devices() here would take 75% of a GPU before the peers run.
     backend = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                              capture_output=True, text=True).stdout.strip() or "cpu"
@@ -190,18 +195,19 @@ def main():
 
     if a.samples > 1:
         print(f"{a.shape} on {dev.device_kind}: {B} decode rows, prompt {P}, {N} new tokens, {dtype}")
-        out["shared_prefill"] = compare_shared_prefill(cfg, params, prompts, N, a.samples, a.repeats)
+        out["shared_prefill"] = compare_shared_prefill(cfg, params, prompts, N, a.samples, a.repeats,
+                                                       decode_kernel=variants[0][4])
         emit(out, "sampler_bench.json")
         return
     unroll = {"auto": None, "on": True, "off": False}[a.unroll_layers]
     out["unroll_layers"] = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B,
                                              unroll_layers=unroll).unrolled(cfg)
     runs = {}
-    for seg, chunk, xla, own in variants:
+    for seg, chunk, xla, own, dk in variants:
         def run():
             res = sampler.sample(cfg, params, prompts, key=key, max_new_tokens=N, temperature=1.0,
                                  decode_segments=seg, unroll_layers=unroll, decode_chunk=chunk,
-                                 xla_options=xla_options(xla), layer_caches=own)
+                                 xla_options=xla_options(xla), layer_caches=own, decode_kernel=dk)
             assert res.lengths.min() == N  # no EOS: every row made all N tokens
             return res
 
@@ -211,18 +217,20 @@ def main():
         total_s = best_time(lambda: run().lengths, a.repeats)
         plan = sampler.make_plan(prompt_len=P_b, max_new_tokens=N, batch_size=B, decode_segments=seg,
                                  decode_chunk=chunk, unroll_layers=unroll, xla_options=xla_options(xla),
-                                 layer_caches=own)
+                                 layer_caches=own, decode_kernel=dk)
         if a.hlo:
             os.makedirs(a.hlo, exist_ok=True)
             with gzip.open(os.path.join(a.hlo, f"hlo_{len(runs)}.txt.gz"), "wt") as f:
                 f.write(f"# {seg=} {chunk=} xla={xla!r}\n" + sampler.lower(cfg, plan, params).compile().as_text())
-        name = f"segments={seg},chunk={chunk}" + (f",xla={xla}" if xla else "") + ("" if own else ",stacked cache")
+        name = (f"segments={seg},chunk={chunk}" + (f",xla={xla}" if xla else "") + ("" if own else ",stacked cache")
+                + ("" if dk else ",no decode kernel"))
         runs[name] = {"windows": [list(w) for w in plan.windows(cfg)], "chunk": plan.chunk(), "s": total_s,
                       "first_call_s": first_s, "new_tokens_per_s": B * N / total_s,
                       "tokens_crc32": tokens_crc32(res.tokens)}
         if a.trace and len(runs) == 1:
-            trace_summary.trace_and_report(a.trace, run, f"one call ({seg=}, {chunk=}, {xla=}, layer_caches={own})",
-                                           top=a.trace_top)
+            trace_summary.trace_and_report(
+                a.trace, run, f"one call ({seg=}, {chunk=}, {xla=}, layer_caches={own}, decode_kernel={dk})",
+                top=a.trace_top)
     out["variants"] = runs
     head = next(iter(runs.values()))
     out["tokens_crc32"] = head_crc = head["tokens_crc32"]

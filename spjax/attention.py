@@ -177,8 +177,10 @@ def _gpu_is_cuda() -> bool:
 
 
 def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len: int,
-                   default_positions: bool = True, prefill: bool = False, segmented: bool = False) -> str:
-    """'splash', 'cudnn' or 'xla' for one attention call, decided at trace time from the target and shapes.
+                   default_positions: bool = True, prefill: bool = False, segmented: bool = False,
+                   layer_slots: int = 0) -> str:
+    """'splash', 'cudnn', 'triton' or 'xla' for one attention call, decided at trace time from the target
+    and shapes.
 
     cuDNN's flash kernel (never materialises the [L, S] scores: memory linear in L, and it skips
     the masked half) runs on CUDA GPUs for a bf16/fp16 forward without a cache over a right-padded
@@ -194,8 +196,18 @@ def attention_impl(cfg: ModelConfig, *, cached: bool, right_padded: bool, q_len:
     serves any padding and segments (packed rows), without a cache or in a prefill (`prefill`: cache
     index 0, attending exactly its own L slots); its window counts slots, so a binding window needs
     positions that go up by one within a segment: default, a prefill's, or promised by `segmented`.
+    The Triton decode kernel (spjax.decode_attention; auto on CUDA GPUs in bf16/fp16, triton forces it,
+    in Pallas' interpreter off GPU) serves one token a row over each layer's own KV buffer, attending all
+    of its slots (`layer_slots`: that buffer's S, 0 otherwise), without a soft cap or a window that binds.
     """
     mode = cfg.attention
+    if cached and q_len == 1 and layer_slots and mode in ("auto", "triton"):
+        from spjax import decode_attention
+        window_binds = any(cfg.windowed) and cfg.sliding_window is not None and cfg.sliding_window < layer_slots
+        if (not cfg.attn_softcap and not window_binds and decode_attention.supported(cfg.head_dim, layer_slots)
+                and (mode == "triton" or (cfg.compute_dtype in ("bfloat16", "float16") and target_platform() == "gpu"
+                                          and splash_placeable() and _gpu_is_cuda()))):
+            return "triton"
     window_ok = cfg.sliding_window is None or cfg.sliding_window >= q_len or default_positions
     if mode == "splash" or (mode == "auto" and target_platform() == "tpu" and splash_placeable()):
         if (not cached or prefill) and (window_ok or prefill or segmented):

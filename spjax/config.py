@@ -16,8 +16,9 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")  # d
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-# spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply; the rest force a path
-ATTENTION = ("auto", "xla", "cudnn", "xla_fused", "splash")
+# spjax.model.attention_impl: auto picks cuDNN (GPU) or splash (TPU) where they apply, and the Triton decode
+# kernel (spjax.decode_attention) for the GPU sampler's steps; the rest force a path
+ATTENTION = ("auto", "xla", "cudnn", "xla_fused", "splash", "triton")
 PAIR_SOURCES = ("auto", "sampled", "data", "judged")  # spjax.pairs.SOURCES, plus auto
 JUDGE_KINDS = ("reward_model", "verifier", "similarity", "python")  # spjax.judges.KINDS
 JUDGE_PAIRS = ("best_worst", "all")  # how a prompt's K judged samples become pairs

@@ -33,6 +33,7 @@ from spjax.projection import NORMAL as _normal, param as _param, project as _pro
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
+from spjax.decode_attention import attend_decode
 
 
 def _rms_norm(x, scale, eps, gemma=False, fp32_scale=False):
@@ -79,7 +80,7 @@ class Block(nn.Module):
     """
 
     cfg: ModelConfig
-    attention: str = "xla"  # attention_impl's choice: 'xla', 'cudnn', 'xla_fused' or 'splash'
+    attention: str = "xla"  # attention_impl's choice: 'xla', 'cudnn', 'xla_fused', 'splash' or 'triton'
 
     @nn.compact
     def __call__(self, carry, layer, sin_cos, mask_BxLxW, cache_index):
@@ -120,7 +121,8 @@ class Block(nn.Module):
         k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
 
         own = cache is not None and cache["k"].ndim == 4  # this layer's own [B, K, S, Dh] buffers (unstack_cache)
-        if cache is not None:
+        scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
+        if cache is not None and self.attention != "triton":  # (the decode kernel writes its own token)
             # The whole [N, B, K, S, Dh] buffer rides in the scan carry and only this layer's new
             # rows are written, so XLA updates it in place instead of rebuilding it every step.
             # Heads before slots: each (row, kv head) reads one contiguous [W, Dh] block, which a
@@ -129,8 +131,11 @@ class Block(nn.Module):
             new = {"k": k_BxLxKxDh, "v": v_BxLxKxDh}
             new = {n: x.transpose(0, 2, 1, 3) if own else x.transpose(0, 2, 1, 3)[None] for n, x in new.items()}
             cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n].astype(cache[n].dtype), at) for n in ("k", "v")}
-        scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
-        if self.attention in ("splash", "cudnn", "xla_fused"):  # kernels whose window is static: one per kind
+        if self.attention == "triton":  # one token over its layer's buffer: written and attended by one kernel
+            attn_BxHxDh, k_c, v_c = attend_decode(q_BxLxHxDh[:, 0], k_BxLxKxDh[:, 0], v_BxLxKxDh[:, 0],
+                                                  mask_BxLxW[:, 0], cache["k"], cache["v"], cache_index, scale=scale)
+            cache, attn_BxLxHxDh = {"k": k_c, "v": v_c}, attn_BxHxDh[:, None]
+        elif self.attention in ("splash", "cudnn", "xla_fused"):  # kernels whose window is static: one per kind
             if self.attention == "splash":  # a prefill's L slots hold exactly the new k, v: no cache read
                 kernel = lambda window, *qkv: attend_splash(*qkv, mask_BxLxW, window=window, scale=scale, softcap=cap)
             else:
@@ -359,9 +364,12 @@ def apply(cfg: ModelConfig, params, tokens_BxL, positions_BxL=None, kv_mask_BxS=
     # The sampler's prefill: cache slots [0, L) are exactly the new tokens, so the kernels of the
     # no-cache case serve it (left padding is segment 0).
     prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0 and kv_mask_BxS.shape[1] == L
+    # A one-token step over per-layer buffers, attending all their slots, may take the decode kernel.
+    layer_slots = (cache_slots(cache) if cache is not None and isinstance(cache["k"], tuple)
+                   and kv_mask_BxS.shape[1] == cache_slots(cache) else 0)
     impl = attention_impl(cfg, cached=cache is not None, right_padded=right_padded, q_len=L,
                           default_positions=default_positions, prefill=prefill,
-                          segmented=segment_ids_BxL is not None)
+                          segmented=segment_ids_BxL is not None, layer_slots=layer_slots)
     unstacked = isinstance(params["layers"], (tuple, list))
     return Decoder(cfg, impl, unstacked).apply({"params": params}, tokens_BxL, positions_BxL, kv_mask_BxS, cache,
                                                cache_index, segment_ids_BxL)

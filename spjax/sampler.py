@@ -99,7 +99,8 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
               pad_id: int = 0, mesh: Optional[Mesh] = None, decode_segments: int = 0,
               unroll_layers: Optional[bool] = None, decode_chunk: int = 0, gather_weights: bool = False,
-              xla_options: Optional[dict] = None, layer_caches: bool = True) -> Plan:
+              xla_options: Optional[dict] = None, layer_caches: bool = True,
+              decode_kernel: bool = True) -> Plan:
     """Check the sampling arguments and fix one batch's static shape (rows, P, cache, EOS list)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -117,7 +118,8 @@ def make_plan(*, prompt_len: int, max_new_tokens: int, batch_size: int, num_samp
                          greedy=greedy, truncate=not greedy and (top_k > 0 or top_p < 1.0), pad_id=pad_id,
                          mesh=mesh, segments=decode_segments, unroll_layers=unroll_layers,
                          num_samples=num_samples, chunk=decode_chunk, gather_weights=gather_weights,
-                         xla_options=tuple(sorted((xla_options or {}).items())), layer_caches=layer_caches)
+                         xla_options=tuple(sorted((xla_options or {}).items())), layer_caches=layer_caches,
+                         decode_kernel=decode_kernel)
     return Plan(rows=-(-batch_size // dp) * dp, prompt_len=prompt_len, settings=settings, eos=tuple(eos))
 
 
@@ -248,7 +250,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
            batch_size: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
            mesh: Optional[Mesh] = None, pad_id: Optional[int] = None, decode_segments: int = 0,
            unroll_layers: Optional[bool] = None, decode_chunk: int = 0, weights: str = "sharded",
-           xla_options: Optional[dict] = None, layer_caches: bool = True) -> SampleResult:
+           xla_options: Optional[dict] = None, layer_caches: bool = True,
+           decode_kernel: bool = True) -> SampleResult:
     """Sample `num_samples` (K) continuations of every prompt on device.
 
     prompt_ids: a list of token lists, or an int array [n, L] with `prompt_lengths` (rows are read
@@ -271,6 +274,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
       on an fsdp mesh (`gather_weights`); the samples are the same for any value. xla_options: XLA
       compiler options for the sampling program alone ({name: value}; `program`). layer_caches: with
       unrolled layers, a KV buffer per layer (False: one stack, which a GPU copies from every step).
+      decode_kernel: False keeps the decode steps off the Triton decode-attention kernel
+      (spjax.decode_attention), which attention=auto picks on CUDA GPUs (benchmarks compare the two).
     """
     prompts = _as_lists(prompt_ids, prompt_lengths, prompt_mask)
     n, K = len(prompts), num_samples
@@ -302,7 +307,8 @@ def sample(cfg: ModelConfig, params, prompt_ids, *, key, max_new_tokens: int, te
                                    num_samples=K, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, decode_segments=decode_segments,
                                    unroll_layers=unroll_layers, decode_chunk=decode_chunk, gather_weights=gather,
-                                   xla_options=xla_options, layer_caches=layer_caches)
+                                   xla_options=xla_options, layer_caches=layer_caches,
+                                   decode_kernel=decode_kernel)
     rows = plan_for(1).rows
     if mesh is not None:  # re-place only params that are not already where the rules put them
         # Equivalent, not equal: a jit's outputs (a LoRA policy's merged weights) spell P(None, 'fsdp')

@@ -160,6 +160,7 @@ class _Settings:
     chunk: int = 0  # decode steps per loop iteration (between two early-exit checks); 0: _decode_chunk decides
     gather_weights: bool = False  # decode from weights replicated over fsdp (spjax.sampler.gather_weights)
     layer_caches: bool = True  # unrolled layers: a KV buffer per layer (model.unstack_cache), not one stack
+    decode_kernel: bool = True  # False: decode steps over the XLA einsums even where attention=auto/triton
     xla_options: tuple = ()  # ((name, value), ...): XLA compiler options for this program alone (see `program`)
 
 
@@ -328,10 +329,14 @@ def _generate_batch(cfg: ModelConfig, settings: _Settings, params, prompt_BxP, p
     crossing = _crosses_original(cfg, P, T)
     prompt_RxP = _batch(_repeat_rows(prompt_BxP, K), mesh) if crossing else None
 
+    # The decode steps' model config: only the Triton kernel (spjax.decode_attention) depends on it, as auto
+    # picks the einsums for every other cached one-token step.
+    step_cfg = cfg if settings.decode_kernel else dataclasses.replace(cfg, attention="xla")
+
     def step(s: _State, W) -> _State:
         prev_R = jax.lax.dynamic_index_in_dim(s.tokens_BxT, s.step - 1, axis=1, keepdims=False)
         position_R = prompt_len_R + s.step - 1
-        logits_RxV, cache = _decode_step(cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
+        logits_RxV, cache = _decode_step(step_cfg, step_params, prev_R, position_R, s.kv_mask_BxS[:, :W], s.cache,
                                          P + s.step - 1, mesh)
         if crossing:
             logits_RxV, cache = _recompute_crossed(cfg, step_params, prompt_RxP, prompt_len_R, s.tokens_BxT,

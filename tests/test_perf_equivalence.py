@@ -1,7 +1,8 @@
 """The performance paths mean the same as the plain ones (docs/perf.md), checked on CPU in fp32.
 
 Attention dispatch (cuDNN only where it applies, the einsum path on CPU), the fused attention call
-against the einsum path on real positions, windowed cache reads, the segmented decode loop, layers
+against the einsum path on real positions, the Triton decode kernel (Pallas' interpreter here: alone,
+through the sampler, per shard under a mesh), windowed cache reads, the segmented decode loop, layers
 unrolled over per-layer weights, the CPU argmax, the two-stage categorical draw, params cast once, and the
 log-prob head's own VJP against autodiff.
 """
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spjax import attention, logprobs, model, sampler
+from spjax import attention, decode_attention, logprobs, model, sampler
 from spjax.config import ConfigError, ModelConfig
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -29,6 +30,15 @@ def _right_padded(L=19, seed=1):
     ids_BxL = jax.random.randint(jax.random.key(seed), (len(LENGTHS), L), 0, CFG.vocab_size)
     mask_BxL = jnp.arange(L)[None] < jnp.asarray(LENGTHS)[:, None]
     return ids_BxL, mask_BxL
+
+
+def _generate_args(params, P):
+    """sampler._generate's arguments after (cfg, settings): three prompts of 16, 9 and 3 tokens, fixed keys."""
+    lens = np.array([16, 9, 3], np.int32)
+    prompt = np.asarray(jax.random.randint(jax.random.key(7), (len(lens), P), 0, CFG.vocab_size), np.int32)
+    return (params, prompt, lens, np.ones(len(lens), bool), np.arange(len(lens), dtype=np.uint32),
+            np.asarray(jax.random.key_data(jax.random.key(8))),
+            dict(temperature=np.float32(1.0), top_k=np.int32(0), top_p=np.float32(1.0)), np.full(4, -1, np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +67,102 @@ def test_dispatch_picks_xla_on_cpu_and_cudnn_only_where_it_applies(monkeypatch):
     assert pick(dataclasses.replace(bf, attention="cudnn"), cached=True) == "xla"  # cuDNN cannot serve it
     assert pick(dataclasses.replace(bf, attention="xla_fused")) == "xla_fused"
     assert pick(dataclasses.replace(CFG, attention="xla_fused"), right_padded=False) == "xla"
+
+
+def test_dispatch_picks_the_decode_kernel_for_one_token_over_layer_buffers(monkeypatch):
+    bf = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    pick = lambda cfg, **kw: model.attention_impl(cfg, **{"cached": True, "right_padded": False, "q_len": 1,
+                                                          "layer_slots": 64, **kw})
+    assert pick(bf) == "xla"  # CPU: the einsum path unless forced
+    assert pick(dataclasses.replace(CFG, attention="triton")) == "triton"  # forced: Pallas' interpreter
+    monkeypatch.setattr(attention, "_gpu_is_cuda", lambda: True)
+    monkeypatch.setattr(attention, "target_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "splash_placeable", lambda: True)  # one GPU, or a context mesh
+    assert pick(bf) == "triton"
+    assert pick(CFG) == "xla"  # fp32 compute
+    assert pick(bf, layer_slots=0) == "xla"  # a stacked cache, or a window of the buffer
+    assert pick(bf, q_len=4) == "xla"  # a prefill or several tokens
+    assert pick(dataclasses.replace(bf, architecture="gemma2", attn_softcap=50.0)) == "xla"
+    assert pick(dataclasses.replace(bf, sliding_window=32)) == "xla"  # a window that binds within 64 slots
+    assert pick(dataclasses.replace(bf, sliding_window=64)) == "triton"  # one that never does
+    assert pick(bf, layer_slots=40) == "xla"  # slots not in blocks of 16
+    assert pick(dataclasses.replace(bf, attention="xla")) == "xla"
+    monkeypatch.setattr(attention, "splash_placeable", lambda: False)  # several devices and no mesh to split by
+    assert pick(bf) == "xla"
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("slot", [0, 17, 47])
+def test_decode_kernel_equals_einsum_path_and_writes_its_token(dtype, atol, slot):
+    """The Triton decode kernel (Pallas' interpreter here) against attend_xla over the updated buffer:
+    three query heads per kv head (padded to 16 in the kernel), random holes in the mask, the token
+    at the first, a middle and the last slot."""
+    B, H, K, S, Dh = 3, 6, 2, 48, 16
+    keys = jax.random.split(jax.random.key(slot), 6)
+    q, k_new, v_new = (jax.random.normal(kk, shape, dtype) for kk, shape in
+                       zip(keys, ((B, H, Dh), (B, K, Dh), (B, K, Dh))))
+    k_buf, v_buf = (jax.random.normal(kk, (B, K, S, Dh), dtype) for kk in keys[3:5])
+    mask_BxS = (jax.random.uniform(keys[5], (B, S)) > 0.3).at[:, slot].set(True)
+    out, k_got, v_got = jax.jit(lambda *a: decode_attention.attend_decode(*a, scale=0.3))(
+        q, k_new, v_new, mask_BxS, k_buf, v_buf, jnp.int32(slot))
+    k_ref, v_ref = k_buf.at[:, :, slot].set(k_new), v_buf.at[:, :, slot].set(v_new)
+    np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_ref))
+    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_ref))
+    seen_Bx1xS = (mask_BxS & (jnp.arange(S) <= slot))[:, None]
+    ref = attention.attend_xla(q[:, None], k_ref, v_ref, seen_Bx1xS, scale=0.3)[:, 0]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
+    # the slots past the token are never read: garbage there changes nothing
+    junk = lambda buf: buf.at[:, :, slot + 1:].set(jnp.nan)
+    again, _, _ = decode_attention.attend_decode(q, k_new, v_new, mask_BxS, junk(k_buf), junk(v_buf),
+                                                 jnp.int32(slot), scale=0.3)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_through_the_decode_kernel_equals_the_einsum_path(params, temperature):
+    B, P, T = 3, 16, 24
+    S = sampler.cache_len(P, T)
+    args = _generate_args(params, P)
+    settings = sampler._Settings(max_new_tokens=T, cache_len=S, greedy=temperature == 0, truncate=False, pad_id=0,
+                                 segments=1, unroll_layers=True, layer_caches=True)
+    out = {a: jax.tree.map(np.asarray, sampler._generate(dataclasses.replace(CFG, attention=a), settings, *args))
+           for a in ("xla", "triton")}
+    np.testing.assert_array_equal(out["triton"]["tokens_BxT"], out["xla"]["tokens_BxT"])
+    np.testing.assert_allclose(out["triton"]["logprobs_BxT"], out["xla"]["logprobs_BxT"], rtol=0, atol=1e-5)
+    text = sampler.lower(dataclasses.replace(CFG, attention="triton"),
+                         sampler.make_plan(prompt_len=P, max_new_tokens=T, batch_size=B, unroll_layers=True),
+                         params).as_text(debug_info=True)
+    assert "spjax_decode_attention/pallas_call" in text  # the kernel, not a fallback, served the decode steps
+
+
+def test_decode_kernel_runs_per_shard_under_the_run_mesh(params):
+    """Under a context mesh (a run traces under one) the kernel runs per device on its rows and kv heads
+    (shard_map): the same greedy samples on a data x tensor mesh as the einsum path on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from spjax import sharding as shd
+    from spjax.config import MeshConfig
+    prompts = [list(range(3, 3 + n)) for n in (16, 9, 3, 12)]
+    kw = dict(key=0, max_new_tokens=20, temperature=0.0, unroll_layers=True)
+    ref = sampler.sample(dataclasses.replace(CFG, attention="xla"), params, prompts, **kw)
+    mesh = shd.make_mesh(MeshConfig(data=2, tensor=2), devices=jax.devices()[:4])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        got = sampler.sample(dataclasses.replace(CFG, attention="triton"), params, prompts, mesh=mesh, **kw)
+    assert got.tokens == ref.tokens
+    np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(ref.logprobs), rtol=0, atol=1e-5)
+    # the kernel alone, on inputs placed as the run places them: each device's heads meet their kv heads
+    B, H, K, S, Dh = 4, 4, 2, 32, 16
+    keys = jax.random.split(jax.random.key(1), 5)
+    args = [jax.random.normal(kk, shape) for kk, shape in
+            zip(keys, ((B, H, Dh), (B, K, Dh), (B, K, Dh), (B, K, S, Dh), (B, K, S, Dh)))]
+    args.insert(3, jnp.ones((B, S), bool))
+    one = decode_attention.attend_decode(*args, jnp.int32(20), scale=0.25)
+    specs = [P("data", "tensor")] * 3 + [P("data")] + [P("data", "tensor")] * 2
+    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        split = jax.jit(lambda *a: decode_attention.attend_decode(*a, scale=0.25))(*placed, jnp.int32(20))
+    for a, b in zip(split, one):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
 def test_attention_is_a_validated_config_field_in_the_jit_key():
@@ -187,13 +293,9 @@ def test_two_stage_draws_follow_the_softmax():
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_segmented_unrolled_decode_equals_one_scanned_loop(params, temperature):
-    B, P, T = 3, 16, 40
+    P, T = 16, 40
     S = sampler.cache_len(P, T)
-    lens = np.array([16, 9, 3], np.int32)
-    prompt = np.asarray(jax.random.randint(jax.random.key(7), (B, P), 0, CFG.vocab_size), np.int32)
-    args = (params, prompt, lens, np.ones(B, bool), np.arange(B, dtype=np.uint32),
-            np.asarray(jax.random.key_data(jax.random.key(8))),
-            dict(temperature=np.float32(1.0), top_k=np.int32(0), top_p=np.float32(1.0)), np.full(4, -1, np.int32))
+    args = _generate_args(params, P)
     out = {}
     # unrolled: a KV buffer per layer (the default), or slices of one stack
     for segments, unroll, own in ((1, False, True), (4, False, True), (4, True, True), (4, True, False),
