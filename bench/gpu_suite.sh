@@ -11,6 +11,9 @@
 #            costliest kernels);
 #   samples  bench/sampler.py --batch 256 --samples 4: 64 prompts x 4 samples (one prefill a prompt) against
 #            256 distinct prompts x 1, prefill and whole call;
+#   tune     the decode-attention kernel's settings (DECODE_TUNES, default "splits=2 splits=4 block=128": values
+#            of SPJAX_DECODE_KERNEL, spjax/decode_attention.py), one sampler process each, kernel on; not in
+#            the default list: compare each with the sampler stage's figure of the same call;
 #   draw     bench/draw.py: the sampler's two-stage categorical draw against one Gumbel number per
 #            vocabulary entry, 64 rows x 49k and 128k vocabularies;
 #   graphs   the same sampler under XLA command buffers for the whole decode loop (WHILE and CONDITIONAL
@@ -82,6 +85,9 @@ for s in ${STAGES:-check sampler samples draw train compile round}; do
       --batch "${SAMPLES_BATCH:-256}" --samples 4 --peers none --decode-kernel "${DECODE_KERNEL%%,*}" \
       || FAILED+=(samples) ;;
     draw) TAIL_LINES=3 stage draw "${DRAW_S:-60}" "$PY" bench/draw.py || FAILED+=(draw) ;;
+    tune) for t in ${DECODE_TUNES:-splits=2 splits=4 block=128}; do  # one process per kernel setting
+        SPJAX_DECODE_KERNEL=$t TAIL_LINES=5 stage "tune_${t//[=,]/_}" "${TUNE_S:-60}" "$PY" bench/sampler.py \
+          --shape "$SHAPE" --peers none --decode-kernel on || FAILED+=("tune $t"); done ;;
     graphs)  # XLA aborts on a command type it does not know: fall back to a shorter list if one is new
       graph_ok() { XLA_FLAGS="${XLA_FLAGS:-} $GRAPH_FLAGS" "$PY" -c "import jax; jax.jit(lambda x: x + 1)(1)" \
         > /dev/null 2>&1; }
@@ -113,7 +119,7 @@ PY
         --workdir "$ROUND_DIR" attention="$ATTENTION" || FAILED+=(round)
       tr '\r' '\n' < "$OUT/round_1b.log" | grep -aE "^(initial|round [0-9]) |sample_s|error" | tail -n 8
       cp "$ROUND_DIR/metrics.jsonl" "$OUT/round_1b_metrics.jsonl" 2>/dev/null || true ;;
-    *) echo "unknown stage '$s' in STAGES (check, sampler, samples, draw, graphs, train, compile, round)"; exit 2 ;;
+    *) echo "unknown stage '$s' in STAGES (check, sampler, samples, tune, draw, graphs, train, compile, round)"; exit 2 ;;
   esac
 done
 grep -h "^{" "$OUT"/*.log > "$OUT/summary.jsonl" 2>/dev/null || true

@@ -168,7 +168,8 @@ def main():
     peers = ("eager",) if a.peers == "auto" and on_cpu else ("eager", "compile") if a.peers == "auto" else \
         tuple(p for p in a.peers.split(",") if p and p != "none")
     peers = () if a.samples > 1 else peers
-    out = {"bench": "sampler", "shape": a.shape, "jax": jax.__version__, "batch": B, "prompt_len": P, "new_tokens": N}
+    out = {"bench": "sampler", "shape": a.shape, "jax": jax.__version__, "batch": B, "prompt_len": P, "new_tokens": N,
+           "decode_kernel_tuning": os.environ.get("SPJAX_DECODE_KERNEL", "")}  # spjax.decode_attention's override
 
     # The peer first: it gets the device to itself (JAX would otherwise hold most GPU memory).
     # The peer times one generate() a run, so it runs as often as spjax's calls are timed: the same

@@ -91,20 +91,23 @@ def test_dispatch_picks_the_decode_kernel_for_one_token_over_layer_buffers(monke
     assert pick(bf) == "xla"
 
 
+@pytest.mark.parametrize("tuning", ["", "splits=3,block=16"])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("slot", [0, 17, 47])
-def test_decode_kernel_equals_einsum_path_and_writes_its_token(dtype, atol, slot):
+def test_decode_kernel_equals_einsum_path_and_writes_its_token(dtype, atol, slot, tuning, monkeypatch):
     """The Triton decode kernel (Pallas' interpreter here) against attend_xla over the updated buffer:
     three query heads per kv head (padded to 16 in the kernel), random holes in the mask, the token
-    at the first, a middle and the last slot."""
+    at the first, a middle and the last slot; one program per (row, kv head), or three over a third of
+    the slots each, combined after the kernel (SPJAX_DECODE_KERNEL's splits)."""
+    monkeypatch.setenv("SPJAX_DECODE_KERNEL", tuning)
     B, H, K, S, Dh = 3, 6, 2, 48, 16
     keys = jax.random.split(jax.random.key(slot), 6)
     q, k_new, v_new = (jax.random.normal(kk, shape, dtype) for kk, shape in
                        zip(keys, ((B, H, Dh), (B, K, Dh), (B, K, Dh))))
     k_buf, v_buf = (jax.random.normal(kk, (B, K, S, Dh), dtype) for kk in keys[3:5])
     mask_BxS = (jax.random.uniform(keys[5], (B, S)) > 0.3).at[:, slot].set(True)
-    out, k_got, v_got = jax.jit(lambda *a: decode_attention.attend_decode(*a, scale=0.3))(
-        q, k_new, v_new, mask_BxS, k_buf, v_buf, jnp.int32(slot))
+    attend = jax.jit(lambda *a: decode_attention.attend_decode(*a, scale=0.3))
+    out, k_got, v_got = attend(q, k_new, v_new, mask_BxS, k_buf, v_buf, jnp.int32(slot))
     k_ref, v_ref = k_buf.at[:, :, slot].set(k_new), v_buf.at[:, :, slot].set(v_new)
     np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_ref))
     np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_ref))
@@ -113,8 +116,7 @@ def test_decode_kernel_equals_einsum_path_and_writes_its_token(dtype, atol, slot
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
     # the slots past the token are never read: garbage there changes nothing
     junk = lambda buf: buf.at[:, :, slot + 1:].set(jnp.nan)
-    again, _, _ = decode_attention.attend_decode(q, k_new, v_new, mask_BxS, junk(k_buf), junk(v_buf),
-                                                 jnp.int32(slot), scale=0.3)
+    again, _, _ = attend(q, k_new, v_new, mask_BxS, junk(k_buf), junk(v_buf), jnp.int32(slot))
     np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
 
 
