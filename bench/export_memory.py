@@ -1,7 +1,7 @@
 """Host memory of an export: params gathered and tensors written a piece at a time, against the whole model first.
 
   python bench/export_memory.py --shape smollm2-135m [--lora 16] [--dtype bfloat16] [--shard-mib 64]
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/export_memory.py --fsdp 8 ...
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/export_memory.py --fsdp 8 [--untie] ...
 
 A random-init model (optionally with rank-r adapters, merged on export) is exported three times in this
 process, with the Python allocations traced (numpy's included): 'streamed' is spjax.save_pretrained,
@@ -36,8 +36,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="export dtype (default: the params')")
     ap.add_argument("--shard-mib", type=int, default=64)
     ap.add_argument("--fsdp", type=int, default=1, help="params split over this many devices")
+    ap.add_argument("--untie", action="store_true", help="a head of its own (Llama 3 8B's layout), not the embedding")
     a = ap.parse_args(argv)
-    cfg = model_config(a.shape, lora=LoraConfig(rank=a.lora) if a.lora else LoraConfig())
+    cfg = model_config(a.shape, lora=LoraConfig(rank=a.lora) if a.lora else LoraConfig(),
+                       **({"tie_embeddings": False} if a.untie else {}))
     if len(jax.devices()) < a.fsdp:
         ap.error(f"--fsdp {a.fsdp}: {len(jax.devices())} devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count)")
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=a.fsdp), devices=jax.devices()[:a.fsdp])
@@ -57,7 +59,7 @@ def main(argv=None):
         hf.host_pieces, hf.params_to_tensors = pieces, tensors
         shutil.rmtree(out, ignore_errors=True)
     mib = lambda run: round(run[0] / 2**20, 1)  # noqa: E731
-    emit(dict(bench="export_memory", shape=a.shape, lora=a.lora, dtype=a.dtype or cfg.param_dtype, fsdp=a.fsdp,
+    emit(dict(bench="export_memory", shape=a.shape, untied=a.untie, lora=a.lora, dtype=a.dtype or cfg.param_dtype, fsdp=a.fsdp,
               shard_mib=a.shard_mib, model_mib=round(model_bytes / 2**20, 1), streamed_peak_mib=mib(streamed),
               gathered_first_peak_mib=mib(gathered_first), all_first_peak_mib=mib(all_first),
               peak_ratio_vs_gathered=round(streamed[0] / gathered_first[0], 3),

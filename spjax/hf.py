@@ -232,7 +232,12 @@ def _write_shards(tmp: str, tensors, max_shard_bytes: int, rename=None) -> list:
             cur, size = {}, 0
         cur[rename(name) if rename else name] = arr
         size += arr.nbytes
-    flush()
+        del arr
+        if size >= max_shard_bytes:  # full (an embedding alone): written now, not held while the next is made
+            flush()
+            cur, size = {}, 0
+    if cur or not shards:
+        flush()
     return shards
 
 

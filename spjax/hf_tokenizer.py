@@ -16,7 +16,6 @@ from spjax.tensor_names import CheckpointError
 
 def load_tokenizer(path: str):
     """A transformers tokenizer from a HF directory, a .gguf file, or 'bytes' (spjax's byte-level ChatML)."""
-    from transformers import AutoTokenizer
     path = os.fspath(path)
     if path == "bytes":
         from spjax.byte_tokenizer import byte_tokenizer
@@ -29,6 +28,7 @@ def load_tokenizer(path: str):
     known = _tokenizer_problem(path)  # before transformers tries (and logs its fallbacks)
     if known:
         raise CheckpointError(f"{path}: {known}")
+    from transformers import AutoTokenizer  # (here: importing it takes 1.6 s, which the other two never need)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers' own errors name neither the file nor the fix

@@ -190,6 +190,24 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def host_box(sharding: NamedSharding, shape: tuple) -> tuple:
+    """The smallest box (a slice per dim, start and stop set) of a `shape` array placed by `sharding` that
+    holds every shard this process's devices own: what a host needs of a leaf. The whole array on one
+    host; 1/n of it where an fsdp axis spans n hosts, each host's devices a run of that axis."""
+    spans = [[index[d].indices(n)[:2] for d, n in enumerate(shape)]
+             for index in sharding.addressable_devices_indices_map(tuple(shape)).values()]
+    return tuple(slice(min(s[d][0] for s in spans), max(s[d][1] for s in spans)) for d in range(len(shape)))
+
+
+def put_part(part: np.ndarray, box: tuple, shape: tuple, sharding: NamedSharding) -> jax.Array:
+    """A global `shape` array from the part of it this process holds (`box`: host_box's), each of its devices
+    given its shard out of that part."""
+    def shard(index):
+        return part[tuple(slice(index[d].indices(n)[0] - b.start, index[d].indices(n)[1] - b.start)
+                          for d, (n, b) in enumerate(zip(shape, box)))]
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
 def barrier(name: str):
     """All processes meet here (a no-op with one process)."""
     if jax.process_count() > 1:

@@ -283,10 +283,11 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     """Build params from `get(name) -> np.ndarray` (HF layout), each leaf placed as it is built.
 
     With a mesh every leaf is created with its NamedSharding via make_array_from_callback, which
-    hands each device only its slice; host memory holds one leaf at a time. With cfg.lora the
-    adapters are initialised from `key` (default key 0); with cfg.base_quant the projections are
-    quantized on the host before they are placed. A checkpoint holding tensors the model does not
-    read (get.names) is refused: see _check_all_read.
+    hands each device only its slice; a host builds only the part of a leaf its devices hold
+    (sharding.host_box: on a mesh whose fsdp axis spans n hosts, 1/n of it), a layer at a time, so
+    its memory holds that part and one tensor as read. With cfg.lora the adapters are initialised from
+    `key` (default key 0); with cfg.base_quant the projections are quantized on the host before they are
+    placed. A checkpoint holding tensors the model does not read (get.names) is refused: see _check_all_read.
     """
     from spjax import model, projection
     get = stack_experts(cfg, split_fused(cfg, get, where, names))
@@ -294,14 +295,18 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
     shardings = shd.param_shardings(cfg, mesh) if mesh is not None else None
     dtype = jnp.dtype(cfg.param_dtype)
 
-    def place(path, arr):
+    def box(path):  # this host's part of leaf `path`: a slice per dim
+        shape = _get(shapes, path).shape
+        return tuple(slice(0, n) for n in shape) if mesh is None else shd.host_box(_get(shardings, path), shape)
+
+    def place(path, part, at):  # part: the box `at` of leaf `path`
         want = _get(shapes, path)
-        if arr.shape != want.shape:  # the fetch functions already checked per-tensor shapes
-            raise CheckpointError(f"{where}: {path} has shape {arr.shape}, expected {want.shape}")
-        arr = arr.astype(want.dtype, copy=False)
+        if part.shape != tuple(s.stop - s.start for s in at):  # the fetch functions already checked per-tensor shapes
+            raise CheckpointError(f"{where}: {path} has shape {part.shape} in {at}, expected {want.shape}")
+        part = part.astype(want.dtype, copy=False)
         if mesh is None:
-            return jnp.asarray(arr)
-        return jax.make_array_from_callback(arr.shape, _get(shardings, path), lambda idx: arr[idx])
+            return jnp.asarray(part)
+        return shd.put_part(part, at, want.shape, _get(shardings, path))
 
     def fetch(name, e, want):
         w = get(name)
@@ -316,30 +321,38 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
 
     base_shapes = model.param_shapes(base_config(cfg))
     check_names(cfg, get, where, names)
-    params = {leaf: place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape))
-              for leaf, e in top_table(cfg).items()}
+    params = {}
+    for leaf, e in top_table(cfg).items():
+        at = box(leaf)
+        params[leaf] = place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape)[at], at)
     layers = {}
     for leaf, e in layer_table(cfg).items():
         want = base_shapes["layers"][leaf].shape[1:]
+        at = box(f"layers/{leaf}")
+        rows = range(at[0].start, at[0].stop)  # (all layers: the layer axis is never split)
         layer = lambda i: fetch(e.name(names).format(i=i), e, want)
         if cfg.base_quant != "none" and leaf in QUANTIZED:
             # Quantized layer by layer as read: quantizing the stack holds ~3 fp32 copies of all layers.
+            # A layer is quantized whole, then cut to this host's part of the weight and of its scales.
             lead, n_in = QUANTIZED[leaf]
-            arr, scale = stacked(cfg.num_layers, lambda i: quant.quantize(layer(i), cfg.base_quant, n_in, lead))
-            layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale)
+            at_s = box(f"layers/{leaf}_scale")
+            arr, scale = stacked(len(rows), lambda k: tuple(
+                x[a[1:]] for x, a in zip(quant.quantize(layer(rows[k]), cfg.base_quant, n_in, lead), (at, at_s))))
+            layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale, at_s)
             del scale
         else:
-            arr, = stacked(cfg.num_layers, lambda i: (layer(i),))
-        layers[leaf] = place(f"layers/{leaf}", arr)
+            arr, = stacked(len(rows), lambda k: (layer(rows[k])[at[1:]],))
+        layers[leaf] = place(f"layers/{leaf}", arr, at)
         del arr
     if cfg.lora.rank:
         key = jax.random.key(0) if key is None else key
         for n, t in enumerate(cfg.lora.targets):
-            a = shapes["layers"][f"{t}_lora_a"]
-            a_init = jax.vmap(lambda k: projection.lora_a_init(k, a.shape[1:]))(
+            a, b = (f"layers/{t}_lora_{x}" for x in "ab")
+            a_init = jax.vmap(lambda k: projection.lora_a_init(k, _get(shapes, a).shape[1:]))(
                 jax.random.split(jax.random.fold_in(key, n), cfg.num_layers))
-            layers[f"{t}_lora_a"] = place(f"layers/{t}_lora_a", np.asarray(a_init))
-            layers[f"{t}_lora_b"] = place(f"layers/{t}_lora_b", np.zeros(shapes["layers"][f"{t}_lora_b"].shape))
+            layers[f"{t}_lora_a"] = place(a, np.asarray(a_init)[box(a)], box(a))
+            at = box(b)
+            layers[f"{t}_lora_b"] = place(b, np.zeros([s.stop - s.start for s in at]), at)
     params["layers"] = layers
     expected = set(shapes["layers"])
     if set(layers) != expected:
@@ -395,13 +408,23 @@ def merged_layer(cfg: ModelConfig, layer: dict, leaf: str) -> np.ndarray:
 
 
 def host_pieces(params):
-    """(None, the params outside the layers), then (i, layer i's leaves) for each layer, as numpy on every
-    process: gathered a piece at a time as they are taken, so the host never holds the whole model. A
-    collective: every process takes every piece, in order (hosts that write nothing too: `drain`)."""
-    yield None, jax.tree.map(shd.to_host, {k: v for k, v in params.items() if k != "layers"})
+    """(name, param) for each param outside the layers, then (i, layer i's leaves) for each layer, as numpy on
+    every process: gathered a piece at a time as they are taken, so the host never holds the whole model (nor
+    the embedding beside the head). A collective: every process takes every piece, in order (hosts that write
+    nothing too: `drain`)."""
+    for name, x in params.items():
+        if name != "layers":
+            yield name, jax.tree.map(lambda v: shd.to_host(_copy(v)), x)
     layers = params["layers"]
     for i in range(jax.tree.leaves(layers)[0].shape[0]):
         yield i, jax.tree.map(lambda x: shd.to_host(_layer(x, i)), layers)
+
+
+@jax.jit
+def _copy(x):
+    """x as a new array: numpy's view of a jax array stays cached on it, so to_host of a param itself would
+    leave its host copy alive as long as the param (the embedding and head, through the rest of an export)."""
+    return x + jnp.zeros((), x.dtype)
 
 
 @jax.jit
@@ -425,12 +448,15 @@ def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     # (cast before the HF layout's transposes: their strided copies then move the export dtype's bytes)
     cast = lambda w: w.astype(cfg.param_dtype, copy=False).astype(dtype, copy=False)  # noqa: E731
-    _, top = next(pieces)
-    for leaf, e in top_table(cfg).items():
-        yield e.hf, c_order(e.to_hf(cast(top[leaf])))
-    del top
-    table = layer_table(cfg)
+    top, table = top_table(cfg), layer_table(cfg)
     for i, host in pieces:
+        if isinstance(i, str):  # a param outside the layers
+            tensor = c_order(top[i].to_hf(cast(host))) if i in top else None
+            del host  # (before the next piece is gathered: the embedding and the head are never both held)
+            if tensor is not None:
+                yield top[i].hf, tensor
+            del tensor
+            continue
         layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host, leaf)))) for leaf, e in table.items()}
         if cfg.moe:
             layer = unstack_experts(cfg, layer, i)

@@ -23,6 +23,14 @@ from spjax.train import cpu_devices_flags  # noqa: E402
 # cpu_devices_flags turns off the XLA:CPU scheduler whose parallel collectives can deadlock them.
 os.environ["XLA_FLAGS"] = cpu_devices_flags(
     (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+# LLVM at -O0 for XLA:CPU's code. The suite's time is mostly compiling many small programs once (a CI clone
+# starts with an empty compile cache): a cold suite took 972 s at the default level and 747 s at -O0, in
+# CPU time 1,867 against 1,417 s (2026-12-04, one run each). The programs compute the same operations
+# without fast math at either level, but may sum in another order: a test whose check is that sensitive
+# is ill-conditioned at any level (test_step's gradient accumulation was; it says how). Spawned processes
+# inherit it, as every flag here (test_rounds._devices_flags changes only their device count).
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 _cache = os.environ.get("SPJAX_TEST_COMPILE_CACHE",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))

@@ -387,7 +387,7 @@ def _run_two(cmd, timeout=600, envs=({}, {}), args=((), ())) -> list:
     added to its environment and args[i] to its command): their (returncode, stdout, stderr)."""
     port = _free_port()
     procs = [subprocess.Popen([*cmd, *args[i]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                              env=_env(XLA_FLAGS=_devices_flags(4), JAX_PLATFORMS="cpu",
                                        SPJAX_COORDINATOR=f"localhost:{port}", SPJAX_NUM_PROCESSES="2",
                                        SPJAX_PROCESS_ID=str(i), **envs[i]))
              for i in range(2)]
@@ -397,6 +397,12 @@ def _run_two(cmd, timeout=600, envs=({}, {}), args=((), ())) -> list:
         for p in procs:
             p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _devices_flags(n: int) -> str:
+    """conftest's XLA_FLAGS with n CPU devices a process instead of 8."""
+    return os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8",
+                                           f"--xla_force_host_platform_device_count={n}")
 
 
 def _two_processes(cmd, timeout=600) -> list:
@@ -479,6 +485,26 @@ if jax.process_index() == 0 and sys.argv[3] == "ok":
     _, back = hf.load_pretrained(out)
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), back, want)
     print("equal" if all(jax.tree.leaves(same)) else "differ")
+if sys.argv[3] == "ok":  # imported again over both hosts: each builds only its devices' part of each leaf
+    from spjax import tensor_names
+    built, real_stacked = [], tensor_names.stacked
+    def stacked(n, piece):
+        out = real_stacked(n, piece)
+        built.extend(x.size for x in out)
+        return out
+    tensor_names.stacked = stacked
+    from spjax.config import LoraConfig
+    for quant in ("none", "int8"):
+        built.clear()
+        lora = dict(base_quant=quant, lora=LoraConfig(rank=4)) if quant != "none" else {}
+        _, placed = hf.load_pretrained(out, mesh=mesh, **lora)
+        part = sum(built) / sum(x.size for k, x in placed["layers"].items() if "_lora_" not in k)  # (adapters: not read)
+        _, alone = hf.load_pretrained(out, **lora)  # this host alone, no mesh: whole leaves
+        same = all(np.array_equal(np.asarray(s.data), np.asarray(b)[s.index])
+                   for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(alone), strict=True)
+                   for s in a.addressable_shards)
+        spans = not placed["layers"]["q"].is_fully_addressable
+        print(f"placed {quant}:", "equal" if same and spans else "differ", f"built {part:.2f}")
 print("done")
 """
 
@@ -495,6 +521,9 @@ def test_an_export_failing_on_host_0_midway_leaves_no_host_waiting(tmp_path):
             assert not os.path.exists(tmp_path / how / "export")  # nothing half-written
         else:
             assert "equal" in outs[0] and all("exported" in out for out in outs), outs
+            for quant in ("none", "int8"):  # each host built about half of the layers' weights (the norms whole)
+                said = [re.search(f"placed {quant}: (\\w+) built ([0-9.]+)", out) for out in outs]
+                assert all(m and m[1] == "equal" and float(m[2]) < 0.55 for m in said), outs
         assert all(out.strip().endswith("done") for out in outs), outs
 
 
