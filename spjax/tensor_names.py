@@ -350,7 +350,8 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
             a, b = (f"layers/{t}_lora_{x}" for x in "ab")
             a_init = jax.vmap(lambda k: projection.lora_a_init(k, _get(shapes, a).shape[1:]))(
                 jax.random.split(jax.random.fold_in(key, n), cfg.num_layers))
-            layers[f"{t}_lora_a"] = place(a, np.asarray(a_init)[box(a)], box(a))
+            at = box(a)
+            layers[f"{t}_lora_a"] = place(a, np.asarray(a_init)[at], at)
             at = box(b)
             layers[f"{t}_lora_b"] = place(b, np.zeros([s.stop - s.start for s in at]), at)
     params["layers"] = layers
@@ -450,17 +451,21 @@ def params_to_tensors(cfg: ModelConfig, params, dtype=None, pieces=None):
     cast = lambda w: w.astype(cfg.param_dtype, copy=False).astype(dtype, copy=False)  # noqa: E731
     top, table = top_table(cfg), layer_table(cfg)
     for i, host in pieces:
+        # (each piece and its tensors are let go before the next piece is gathered: the loop's names would
+        # hold them through that gather, e.g. the embedding beside the head)
         if isinstance(i, str):  # a param outside the layers
-            tensor = c_order(top[i].to_hf(cast(host))) if i in top else None
-            del host  # (before the next piece is gathered: the embedding and the head are never both held)
-            if tensor is not None:
+            if i in top:
+                tensor = c_order(top[i].to_hf(cast(host)))
+                del host
                 yield top[i].hf, tensor
-            del tensor
+                del tensor
             continue
         layer = {e.hf.format(i=i): c_order(e.to_hf(cast(merged_layer(cfg, host, leaf)))) for leaf, e in table.items()}
+        del host
         if cfg.moe:
             layer = unstack_experts(cfg, layer, i)
         yield from (fuse(cfg, layer, (i,)) if export_arch(cfg) == "phi3" else layer).items()
+        del layer
 
 
 def tensors_bytes(cfg: ModelConfig, dtype=None) -> int:
