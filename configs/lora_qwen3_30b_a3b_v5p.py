@@ -9,8 +9,8 @@ which runs, on the slice's host,
 
   python -m spjax.train --config configs/lora_qwen3_30b_a3b_v5p.py --workdir WORKDIR
 
-The experts and the router stay frozen (spjax does not adapt experts: README, "Mixtures of experts"); the
-adapters on q, k, v, o train (the run prints their count). A 30B model reads 3B parameters a token, so a
+The experts and the router stay frozen (lora.targets=...,experts_gate,experts_up,experts_down would adapt
+each expert too: README, "Mixtures of experts"); the adapters on q, k, v, o train (the run prints their count). A 30B model reads 3B parameters a token, so a
 round's sampling costs about what a dense 3B model's would, with the whole 61 GB of bf16 weights split
 over the 4 chips (fsdp) and each chip routing its own rows.
 Check memory first (libtpu compiles for the chips; no TPU needed, see docs/scale_out.md):

@@ -5,8 +5,10 @@ UltraChat data (the 7B configs' files; see docs/scale_out.md).
   bash launch/gpu_single_host.sh --cuda --config configs/qlora_mixtral_8x7b_1gpu.py --workdir runs/mixtral
 
 The base is quantized as it is read, each expert on its own (int4 in groups of 64 inputs; the router stays
-bf16), and never written: the adapters on q, k, v, o train, the experts and router stay frozen (spjax does
-not adapt experts: README, "Mixtures of experts"). The sampler decodes the policy as it is, the int4
+bf16), and never written: the adapters on q, k, v, o train, the experts and router stay frozen (adapting the
+experts too, as the QLoRA paper adapts every linear layer: lora.targets=q,k,v,o,experts_gate,experts_up,experts_down,
+240M adapter params; one v5p chip compiles its train step at 54.5 GiB, the CPU stand-in for an H100 at 75.2 of 76,
+too close to call until it is compiled on a GPU). The sampler decodes the policy as it is, the int4
 experts dequantized a layer at a time each step; the export writes the dequantized base plus the merged
 adapters in bf16 (a 93 GB Mixtral), and the adapter alone in PEFT's layout.
 Check memory first: python -m spjax.compile_check --config configs/qlora_mixtral_8x7b_1gpu.py

@@ -92,8 +92,8 @@ def compile_sampler(cfg, model_cfg, mesh, target_platform: str = ""):
     params = _abstract(model.param_shapes(model_cfg), shd.param_shardings(model_cfg, mesh))
     sample_cfg, held = model_cfg, 0
     if model_cfg.lora.rank and model_cfg.base_quant == "none":  # lora.for_sampling: the run decodes merged
-        from spjax import lora, tensor_names  # projections while the policy's params stay live beside them
-        sample_cfg = tensor_names.base_config(model_cfg)
+        from spjax import lora  # projections while the policy's params stay live beside them
+        sample_cfg = lora.sampling_config(model_cfg)  # (a mixture's expert adapters stay on the fly)
         # held: the policy's leaves the sampler does not read (the rest it reads as they are: its arguments)
         held = shd.bytes_per_device(params) - shd.bytes_per_device(lora.shared_for_sampling(model_cfg, params))
         merged = jax.eval_shape(lambda p: lora.for_sampling(model_cfg, p)[1], params)

@@ -27,6 +27,7 @@ METRIC_GOALS = {"nll": "min", "f1": "max", "rouge_l": "max", "held_lp_real": "ma
 REFERENCES = ("opponent", "initial")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections model.Block names (the default)
 SHARED_EXPERT_TARGETS = ("shared_gate", "shared_up", "shared_down")  # Qwen2-MoE's shared expert: named, never default
+EXPERT_TARGETS = ("experts_gate", "experts_up", "experts_down")  # a mixture's experts, each its own adapter: named
 BASE_QUANTS = ("none", "int8", "int4")  # storage of a LoRA run's frozen base projections
 
 
@@ -36,7 +37,7 @@ class LoraConfig:
 
     rank: int = 0
     alpha: float = 16.0
-    targets: tuple[str, ...] = LORA_TARGETS  # among LORA_TARGETS + SHARED_EXPERT_TARGETS
+    targets: tuple[str, ...] = LORA_TARGETS  # among LORA_TARGETS + SHARED_EXPERT_TARGETS + EXPERT_TARGETS
     init_path: str = ""  # a PEFT adapter directory (adapter_config.json) as the starting adapter
 
     def __post_init__(self):
@@ -45,8 +46,9 @@ class LoraConfig:
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha} (the adapter's scale is alpha / rank: "
                "0 would train nothing)")
         object.__setattr__(self, "targets", tuple(self.targets))
-        bad = [t for t in self.targets if t not in LORA_TARGETS + SHARED_EXPERT_TARGETS]
-        _check(not bad, "lora.targets", f"{bad} not in {LORA_TARGETS + SHARED_EXPERT_TARGETS}")
+        known = LORA_TARGETS + SHARED_EXPERT_TARGETS + EXPERT_TARGETS
+        bad = [t for t in self.targets if t not in known]
+        _check(not bad, "lora.targets", f"{bad} not in {known}")
         _check(not self.rank or self.targets, "lora.targets", "empty: name at least one projection")
         _check(not self.init_path or self.rank, "lora.init_path", "needs lora.rank > 0")
         _check(self.rank or (self.alpha, self.targets) == (16.0, LORA_TARGETS), "lora.rank",  # (not ignored)

@@ -89,7 +89,7 @@ MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the famili
 def check_experts(cfg):
     """A mixture of experts only where a transformers family computes one (Mixtral: Mistral's attention;
     Qwen2-MoE: Qwen2's, and a shared expert; Qwen3-MoE: Qwen3's; OLMoE: q/k norms over all heads), with a
-    router choosing 1..num_experts of them, and what spjax does not do with one refused: adapters on the experts."""
+    router choosing 1..num_experts of them; adapters on a dense MLP's projections or experts only where they exist."""
     moe = cfg.architecture in MOE_ARCHITECTURES
     check(cfg.num_experts >= 0 and (cfg.num_experts > 0) == moe, "model.num_experts",
           f"{cfg.num_experts} with architecture {cfg.architecture}: " + (
@@ -102,6 +102,9 @@ def check_experts(cfg):
     adapted = [t for t in cfg.lora.targets if t.startswith("shared_")] if cfg.lora.rank else []
     check(not adapted or shared, "lora.targets", f"{', '.join(adapted)} with {cfg.architecture}: only qwen2_moe has "
           "a shared expert")
+    adapted = [t for t in cfg.lora.targets if t.startswith("experts_")] if cfg.lora.rank else []
+    check(not adapted or moe, "lora.targets", f"{', '.join(adapted)} with {cfg.architecture}: only "
+          f"{', '.join(MOE_ARCHITECTURES)} have experts (a dense MLP's projections are gate, up, down)")
     if not moe:
         return
     check(1 <= cfg.experts_per_token <= cfg.num_experts, "model.experts_per_token",
@@ -118,8 +121,9 @@ def check_experts(cfg):
           "false with mixtral: transformers' Mixtral always renormalizes the chosen experts' weights")
     mlp = [t for t in cfg.lora.targets if t in ("gate", "up", "down")]
     check(not cfg.lora.rank or not mlp, "lora.targets", f"{', '.join(mlp)}: {cfg.architecture}'s MLPs are "
-          "mixtures of experts, which spjax does not adapt: adapt the attention, lora.targets=[q,k,v,o]"
-          + (" (and the shared expert: shared_gate, shared_up, shared_down)" if shared else ""))
+          "mixtures of experts: adapt each expert with experts_gate, experts_up, experts_down"
+          + (" (and the shared expert with shared_gate, shared_up, shared_down)" if shared else "")
+          + ", or the attention alone, lora.targets=[q,k,v,o]")
 
 
 def check_olmo(cfg):

@@ -15,6 +15,7 @@ merge for export. Owning the ~60 lines of math keeps one state model (DESIGN pri
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spjax import quant
-from spjax.config import ModelConfig
+from spjax.config import EXPERT_TARGETS, ModelConfig
+from spjax.projection import lora_delta
 from spjax.tensor_names import QUANTIZED, base_config
 
 _ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
@@ -110,8 +112,7 @@ def merge(cfg: ModelConfig, params):
             w = quant.dequantize(w, layers.pop(f"{leaf}_scale"), cfg.base_quant, n_in, 1 + lead, dtype=jnp.float32)
         if cfg.lora.rank and leaf in cfg.lora.targets:
             a, b = layers.pop(f"{leaf}_lora_a"), layers.pop(f"{leaf}_lora_b")
-            N, r = a.shape[0], a.shape[-1]
-            delta = jnp.matmul(a.reshape(N, -1, r), b.reshape(N, r, -1)) * (cfg.lora.alpha / r)
+            delta = lora_delta(a, b, cfg.lora.alpha / cfg.lora.rank, batch=1 + lead)  # (per layer, per expert)
             w = w.astype(jnp.float32) + delta.reshape(w.shape)
         layers[leaf] = w.astype(cdt)
     return out_cfg, {**params, "layers": layers}
@@ -119,31 +120,53 @@ def merge(cfg: ModelConfig, params):
 
 def for_sampling(cfg: ModelConfig, params):
     """(cfg, params) the sampler should decode with: merged once per round for a float base, the
-    policy as it is (adapter on the fly, int8/int4 read per step) for a quantized one.
+    policy as it is (adapter on the fly, int8/int4 read per step) for a quantized one. A mixture's
+    expert adapters stay on the fly in either case: merged, they would be a second copy of the experts,
+    most of such a model (the returned cfg then adapts them alone).
 
     Measured on CPU (bench/lora_sample.py, SmolLM2-135M, r = 16 on every projection): merging made
     decode 1.03-1.19x faster over an fp32 base, but 0.81-0.89x as fast over an int8 one, whose
     merged copy reads 4x the bytes per step. A merged float base costs a dense copy of the adapted
     projections for the sampling phase (the adapters' memory saving is in training, where it matters).
     """
-    if not cfg.lora.rank or cfg.base_quant != "none":
+    out_cfg = sampling_config(cfg)
+    if out_cfg is cfg:
         return cfg, params
     shared = shared_for_sampling(cfg, params)
-    return base_config(cfg), {**shared, "layers": {**shared["layers"], **_merged_targets(cfg, params)}}
+    return out_cfg, {**shared, "layers": {**shared["layers"], **_merged_targets(cfg, params)}}
+
+
+def _merged(cfg: ModelConfig) -> tuple:
+    return tuple(t for t in cfg.lora.targets if t not in EXPERT_TARGETS)
+
+
+def _adapting(cfg: ModelConfig, targets: tuple) -> ModelConfig:
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=targets, init_path=""))
+
+
+def sampling_config(cfg: ModelConfig) -> ModelConfig:
+    """The model config for_sampling's params are decoded with (cfg itself where it merges nothing)."""
+    if not cfg.lora.rank or cfg.base_quant != "none" or not _merged(cfg):
+        return cfg
+    kept = tuple(t for t in cfg.lora.targets if t in EXPERT_TARGETS)
+    return _adapting(cfg, kept) if kept else base_config(cfg)
 
 
 def shared_for_sampling(cfg: ModelConfig, params) -> dict:
-    """The leaves of params that for_sampling's tree holds as they are (the policy's own arrays, not copies)."""
-    layers = {leaf: w for leaf, w in params["layers"].items() if leaf not in cfg.lora.targets and not is_adapter(leaf)}
-    return {**params, "layers": layers}
+    """The leaves of params that for_sampling's tree holds as they are (the policy's own arrays, not copies):
+    all but the merged targets and their adapters."""
+    merged = _merged(cfg) if sampling_config(cfg) is not cfg else ()
+    gone = set(merged) | {f"{t}_lora_{x}" for t in merged for x in "ab"}
+    return {**params, "layers": {leaf: w for leaf, w in params["layers"].items() if leaf not in gone}}
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _merged_targets(cfg: ModelConfig, params):
-    # Only the adapted projections: a jit's output is a copy even of an input it returns unchanged, and the
+    # Only the merged projections: a jit's output is a copy even of an input it returns unchanged, and the
     # rest (the embedding, norms, a mixture of experts' experts: most of such a model) need none.
-    layers = merge(cfg, params)[1]["layers"]
-    return {leaf: layers[leaf] for leaf in cfg.lora.targets}
+    merged = _merged(cfg)
+    layers = merge(_adapting(cfg, merged), params)[1]["layers"]
+    return {leaf: layers[leaf] for leaf in merged}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,4 +175,4 @@ from spjax.peft_io import load_peft, peft_tensors, save_peft, write_peft  # noqa
 
 
 __all__ = ["is_adapter", "split", "join", "adapter_off", "initial", "count", "model_params", "describe", "merge",
-           "for_sampling", "peft_tensors", "write_peft", "save_peft", "load_peft"]
+           "for_sampling", "sampling_config", "peft_tensors", "write_peft", "save_peft", "load_peft"]

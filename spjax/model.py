@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from spjax import mlp, moe, rope
-from spjax.projection import NORMAL as _normal, param as _param, project as _project, weight as _weight
+from spjax.projection import NORMAL as _normal, expert_adapters as _expert_adapters, param as _param, \
+    project as _project, weight as _weight
 from spjax.attention import (attend_fused, attend_splash, attend_xla, attention_impl,  # noqa: F401
                              segment_ids)
 from spjax.config import ModelConfig
@@ -163,15 +164,18 @@ class Block(nn.Module):
         if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (spjax.moe)
             E = cfg.num_experts
             router_DxE = w("router", (D, E), ("embed", "experts"))  # (never quantized: small, and it picks)
-            experts = [_weight(self, f"experts_{n}", shape, ("experts",) + axes, n_in=1, lead=1)
-                       for n, shape, axes in (("gate", (E, D, F), ("embed", "mlp")), ("up", (E, D, F), ("embed", "mlp")),
-                                              ("down", (E, F, D), ("mlp", "embed")))]
+            specs = [(f"experts_{n}", shape, ("experts",) + axes) for n, shape, axes in (
+                ("gate", (E, D, F), ("embed", "mlp")), ("up", (E, D, F), ("embed", "mlp")),
+                ("down", (E, F, D), ("mlp", "embed")))]
+            experts = [_weight(self, *spec, n_in=1, lead=1) for spec in specs]
+            adapters = [_expert_adapters(self, *spec) for spec in specs]  # (None where lora.targets skips one)
 
-            def mixture(h, router_DxE, stored):
-                return moe.mlp(cfg, h, router_DxE, *(read(*leaves) for (_, read), leaves in zip(experts, stored)))
+            def mixture(h, router_DxE, stored, adapters):
+                return moe.mlp(cfg, h, router_DxE, *(read(*leaves) for (_, read), leaves in zip(experts, stored)),
+                               adapters=adapters)
             if cfg.lora.rank:  # a frozen base, as spjax.projection's: its compute-dtype (dequantized) copy is remade
                 mixture = jax.checkpoint(mixture, policy=_MOE_SAVED)  # in the backward pass, not kept per layer
-            out_BxLxD = mixture(h, router_DxE, [stored for stored, _ in experts])
+            out_BxLxD = mixture(h, router_DxE, [stored for stored, _ in experts], adapters)
             if cfg.shared_expert_size:  # Qwen2-MoE: an expert every token takes (Fs wide), scaled by sigmoid(x w)
                 Fs = cfg.shared_expert_size
                 gate_BxLxFs = _project(self, "shared_gate", "BLD,DF->BLF", h, (D, Fs), ("embed", "mlp"))

@@ -9,6 +9,13 @@ columns), and rank_pattern/alpha_pattern give the module m·r and m·alpha so th
 spjax's. Read back, such an adapter splits exactly; a fused adapter of rank r (as PEFT trains one on
 Phi-3) is its parts sharing A, each with its rows of B.
 
+A mixture's experts (Mixtral, Qwen2/3-MoE, OLMoE) are two 3-D params of each layer's `mlp.experts` in
+transformers 5, gate_up_proj [E, 2F, D] and down_proj [E, D, F], which PEFT adapts through
+`target_parameters`: an adapter's A is [E·rank, in] (expert-major), its B [out, rank·E] (expert-minor),
+and with both params adapted the first (gate_up_proj) is nested as `experts.base_layer`. Each expert's
+pair is a module's as above (gate and up fused like Phi-3's gate_up_proj). transformers 4.x holds the
+experts as separate Linears, which such an adapter does not name: the merged export serves it.
+
 A multimodal model's adapter (spjax.hf_wrapped: Gemma 3 4B+) names its language model's modules where
 transformers holds them (model.language_model.*), and its target_modules are a pattern matching them
 alone: PEFT would otherwise put adapters on the vision tower's q_proj/k_proj/v_proj too.
@@ -55,6 +62,40 @@ def _short(module: str) -> str:
     return module.rsplit(".", 1)[-1]  # q_proj, qkv_proj, ...
 
 
+def _expert_adapted(cfg: ModelConfig) -> list:
+    """[(param, its parts, the adapted ones)] of the experts' params with an adapted part, in the order
+    transformers defines them (the order PEFT wraps them in)."""
+    F = cfg.intermediate_size
+    params = [("gate_up_proj", [("experts_gate", 0, F), ("experts_up", F, 2 * F)]),
+              ("down_proj", [("experts_down", None, None)])]
+    out = [(p, parts, [x for x in parts if x[0] in cfg.lora.targets]) for p, parts in params] if cfg.moe else []
+    return [x for x in out if x[2]]
+
+
+def _expert_module(i: int, wrapped: bool = False) -> str:
+    return module_name(f"model.layers.{i}.mlp.experts", wrapped)
+
+
+def _expert_name(cfg: ModelConfig, i: int, param: str, which: str, wrapped: bool = False) -> str:
+    """PEFT's key for the expert param's adapter matrix: the first of two adapted params nested as base_layer."""
+    order = [p for p, _, _ in _expert_adapted(cfg)]
+    nest = "base_layer." * (len(order) - 1 - order.index(param))
+    return f"base_model.model.{_expert_module(i, wrapped)}.{nest}lora_{which}.weight"
+
+
+def _fuse(pairs, parts, adapted, r: int):
+    """One module's PEFT (A [m·r, in], B [out, m·r]) from its adapted parts' pairs (a [*in, r], b [r, *out]):
+    A stacked, B block-diagonal on each part's rows (all of them for a lone part)."""
+    # (contiguous: safetensors writes the buffer as laid out, and concatenated transposes keep their order)
+    a = np.ascontiguousarray(np.concatenate([x.reshape(-1, r).T for x, _ in pairs]))
+    bs = [y.reshape(r, -1).T for _, y in pairs]
+    rows = max(end for _, _, end in parts) if len(parts) > 1 else bs[0].shape[0]
+    b = np.zeros((rows, len(adapted) * r), np.float32)
+    for j, ((_, start, end), b_part) in enumerate(zip(adapted, bs)):
+        b[start:end, j * r:(j + 1) * r] = b_part
+    return a, b
+
+
 def peft_tensors(cfg: ModelConfig, params) -> dict:
     """PEFT-named host tensors of the adapters (collective: every process calls it)."""
     from spjax import sharding as shd
@@ -64,15 +105,16 @@ def peft_tensors(cfg: ModelConfig, params) -> dict:
     host = {t: (shd.to_host(params["layers"][f"{t}_lora_a"]).astype(np.float32),
                 shd.to_host(params["layers"][f"{t}_lora_b"]).astype(np.float32)) for t in cfg.lora.targets}
     for module, parts, adapted in _adapted(cfg):
-        rows = max(end for _, _, end in parts) if len(parts) > 1 else None
         for i in range(cfg.num_layers):  # PEFT: lora_A [rank, in_features], lora_B [out_features, rank]
-            a = np.concatenate([host[t][0][i].reshape(-1, r).T for t, _, _ in adapted])
-            bs = [host[t][1][i].reshape(r, -1).T for t, _, _ in adapted]
-            b = np.zeros((rows or bs[0].shape[0], len(adapted) * r), np.float32)
-            for j, ((_, start, end), b_part) in enumerate(zip(adapted, bs)):
-                b[start:end, j * r:(j + 1) * r] = b_part
-            # (contiguous: safetensors writes the buffer as laid out, and a lone part's A is a transposed view)
-            tensors[_name(module, i, "A")], tensors[_name(module, i, "B")] = np.ascontiguousarray(a), b
+            a, b = _fuse([(host[t][0][i], host[t][1][i]) for t, _, _ in adapted], parts, adapted, r)
+            tensors[_name(module, i, "A")], tensors[_name(module, i, "B")] = a, b
+    for param, parts, adapted in _expert_adapted(cfg):
+        for i in range(cfg.num_layers):  # each expert's pair, then A [E·rank, in], B [out, rank·E]
+            per = [_fuse([(host[t][0][i, e], host[t][1][i, e]) for t, _, _ in adapted], parts, adapted, r)
+                   for e in range(cfg.num_experts)]
+            a, b = np.concatenate([x for x, _ in per]), np.stack([y for _, y in per], axis=-1)
+            tensors[_expert_name(cfg, i, param, "A")] = np.ascontiguousarray(a)
+            tensors[_expert_name(cfg, i, param, "B")] = np.ascontiguousarray(b.reshape(b.shape[0], -1))
     return tensors
 
 
@@ -81,10 +123,10 @@ def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = 
     a multimodal model's language model)."""
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
-    adapted = _adapted(cfg)
-    fused = {_short(module): len(parts) for module, _, parts in adapted if len(parts) > 1}
+    fused = {_short(module): len(parts) for module, _, parts in _adapted(cfg) + _expert_adapted(cfg) if len(parts) > 1}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
-              "target_modules": _targets(cfg, wrapped), "lora_dropout": 0.0,
+              "target_modules": _targets(cfg, wrapped), "target_parameters": _target_parameters(cfg),
+              "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "rank_pattern": {k: m * cfg.lora.rank for k, m in fused.items()},
@@ -97,6 +139,10 @@ def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = 
         tensors = {prefix + module_name(k[len(prefix):], True): v for k, v in tensors.items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def _target_parameters(cfg: ModelConfig):
+    return [f"mlp.experts.{p}" for p, _, _ in _expert_adapted(cfg)] or None
 
 
 def save_peft(cfg: ModelConfig, params, out_dir: str, base_model: str = "") -> str:
@@ -123,8 +169,12 @@ def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool):
     # PEFT variants whose forward is not W + (alpha/r)·B·A on every layer of the targets (aLoRA acts only
     # after its invocation tokens, KaSA/QALoRA/BD-LoRA/Arrow/MonteCLoRA change the product): all off.
     bad.update({k: (pc[k], None) for k in ("alora_invocation_tokens", "use_qalora", "layer_replication",
-                                            "layers_to_transform", "target_parameters", "use_bdlora",
+                                            "layers_to_transform", "use_bdlora",
                                             "arrow_config", "kasa_config", "monteclora_config") if pc.get(k)})
+    params, want_params = pc.get("target_parameters") or [], _target_parameters(cfg) or []
+    if {p.rsplit(".", 1)[-1] for p in params} != {p.rsplit(".", 1)[-1] for p in want_params}:
+        raise CheckpointError(f"{where}: target_parameters {params!r} differ from lora.targets' {want_params!r}"
+                              " (the experts: experts_gate and experts_up are gate_up_proj, experts_down down_proj)")
     for field, (got, want) in bad.items():
         if got != want:
             raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"
@@ -151,6 +201,23 @@ def _split(a, b, parts, adapted, r: int, where: str):
     return out
 
 
+def _rank(pc: dict, name: str, r: int, m: int, where: str) -> int:
+    """Module `name`'s rank by the adapter config: r, or m·r for m adapted parts block-diagonal."""
+    rank = _pattern(pc.get("rank_pattern") or {}, name, pc.get("r"))
+    if rank not in (r, m * r):  # (pc["r"] is r: checked)
+        raise CheckpointError(f"{where}: rank_pattern gives {name} rank {rank}; spjax needs lora.rank={r} "
+                              f"for every adapter" + (f" (or {m}×{r}, block-diagonal, for its {m} adapted "
+                                                      f"parts)" if m > 1 else ""))
+    return rank
+
+
+def _scale(cfg: ModelConfig, pc: dict, name: str, rank: int) -> float:
+    """The file's scale alpha / rank (per module: alpha_pattern) over cfg's, folded into B: cfg's alpha / r
+    then reproduces the adapter's policy."""
+    alpha = float(_pattern(pc.get("alpha_pattern") or {}, name, pc.get("lora_alpha", cfg.lora.alpha)))
+    return alpha / rank / (cfg.lora.alpha / cfg.lora.rank)
+
+
 def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     """params with their adapter leaves replaced by a PEFT adapter's (placed like the old leaves)."""
     from safetensors import safe_open
@@ -169,7 +236,8 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         _check_config(cfg, pc, where, wrapped)
 
         def get(module, i, which):
-            name = _name(module, i, which, wrapped)
+            name = (_name(module, i, which, wrapped) if module in {m for m, _, _ in adapted}
+                    else _expert_name(cfg, i, module, which, wrapped))
             if name not in keys:  # PEFT also writes names with the adapter name ('.default.') left out or in
                 alt = name.replace(f".lora_{which}.weight", f".lora_{which}.default.weight")
                 if alt not in keys:
@@ -177,8 +245,9 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
                 name = alt
             return np.asarray(f.get_tensor(name).astype(jnp.float32))
 
-        adapted = _adapted(cfg)
+        adapted, experts = _adapted(cfg), _expert_adapted(cfg)
         read = {_name(module, i, w, wrapped) for module, _, _ in adapted for i in range(cfg.num_layers) for w in "AB"}
+        read |= {_expert_name(cfg, i, p, w, wrapped) for p, _, _ in experts for i in range(cfg.num_layers) for w in "AB"}
         left = sorted(k for k in keys if k not in read and k.replace(".default.weight", ".weight") not in read)
         if left:
             raise CheckpointError(f"{path}: tensor(s) {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are not "
@@ -187,19 +256,26 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
             for i in range(cfg.num_layers):
                 name = module.format(i=i)
                 a, b = get(module, i, "A"), get(module, i, "B")
-                rank, m = _pattern(pc.get("rank_pattern") or {}, name, pc.get("r")), len(mine)
-                if rank not in (r, m * r):  # (pc["r"] is r: checked)
-                    raise CheckpointError(f"{where}: rank_pattern gives {name} rank {rank}; spjax needs lora.rank={r} "
-                                          f"for every adapter" + (f" (or {m}×{r}, block-diagonal, for its {m} adapted "
-                                                                  f"parts)" if m > 1 else ""))
+                rank = _rank(pc, name, r, len(mine), where)
                 if a.shape[0] != rank or b.shape[-1] != rank:
                     raise CheckpointError(f"{path}: {name}'s adapter has rank {a.shape[0]}, its config says {rank}")
-                # The file's scale alpha / rank (per module: alpha_pattern) folded into B: cfg's alpha / r
-                # then reproduces the adapter's policy.
-                scale = float(_pattern(pc.get("alpha_pattern") or {}, name, pc.get("lora_alpha", cfg.lora.alpha)))
-                scale = scale / rank / (cfg.lora.alpha / r)
+                scale = _scale(cfg, pc, name, rank)
                 for t, (a_t, b_t) in _split(a, b, parts, mine, r, f"{path}: {name}").items():
                     parts_of.setdefault(t, []).append((a_t, b_t * scale))
+        for param, parts, mine in experts:
+            for i in range(cfg.num_layers):
+                name, E = f"{_expert_module(i)}.{param}", cfg.num_experts
+                a, b = get(param, i, "A"), get(param, i, "B")
+                rank = _rank(pc, name, r, len(mine), where)
+                if a.shape[0] != E * rank or b.shape[-1] != E * rank:
+                    raise CheckpointError(f"{path}: {name}'s adapter has {a.shape[0]} rows of A, {E} experts × rank "
+                                          f"{rank} expected")
+                scale = _scale(cfg, pc, name, rank)
+                a, b = a.reshape(E, rank, -1), b.reshape(b.shape[0], rank, E)
+                per = [_split(a[e], b[..., e], parts, mine, r, f"{path}: {name} (expert {e})") for e in range(E)]
+                for t, _, _ in mine:
+                    parts_of.setdefault(t, []).append((np.stack([x[t][0] for x in per]),
+                                                       np.stack([x[t][1] for x in per]) * scale))
     for t, per_layer in parts_of.items():
         old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]
         a, b = np.stack([x for x, _ in per_layer]), np.stack([y for _, y in per_layer])

@@ -22,10 +22,32 @@ def param(module, name, shape, axes, init, dtype):
 NORMAL = nn.initializers.normal(0.02)
 
 
-def lora_a_init(key, shape, dtype=jnp.float32):
-    """PEFT's default for A (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) over [*in, r]."""
-    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+def lora_a_init(key, shape, dtype=jnp.float32, lead: int = 0):
+    """PEFT's default for A (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) over [*lead, *in, r] (lead: a
+    mixture's expert axis, each expert's A its own Linear's in PEFT)."""
+    bound = 1.0 / np.sqrt(np.prod(shape[lead:-1]))
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_delta(a, b, scale: float, batch: int):
+    """scale · A B of adapters a [*batch, *in, r] and b [*batch, r, *out] (numpy or jax), as [*batch, in, out]
+    (batch: the leading axes that pair each A with its own B: layers, experts); the caller reshapes it."""
+    r, lead = a.shape[-1], a.shape[:batch]
+    return (a.reshape(*lead, -1, r) @ b.reshape(*lead, r, -1)) * scale
+
+
+def expert_adapters(module, name: str, shape, axes):
+    """(A [E, in, r], B [E, r, out]) of expert weight `name` [E, in, out] where cfg.lora targets it, else None:
+    fp32, as project's, each expert's A drawn with its own fan-in."""
+    lora = module.cfg.lora
+    if not (lora.rank and name in lora.targets):
+        return None
+    E, n_in, n_out = shape
+    a = param(module, name + "_lora_a", (E, n_in, lora.rank), (axes[0], axes[1], "lora"),
+              lambda key, shape, dtype: lora_a_init(key, shape, dtype, lead=1), jnp.float32)
+    b = param(module, name + "_lora_b", (E, lora.rank, n_out), (axes[0], "lora", axes[2]), nn.initializers.zeros,
+              jnp.float32)
+    return a, b
 
 
 def _quant_init(kind):

@@ -348,7 +348,8 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         key = jax.random.key(0) if key is None else key
         for n, t in enumerate(cfg.lora.targets):
             a, b = (f"layers/{t}_lora_{x}" for x in "ab")
-            a_init = jax.vmap(lambda k: projection.lora_a_init(k, _get(shapes, a).shape[1:]))(
+            lead = QUANTIZED[t][0]  # (a mixture's experts: each its own fan-in)
+            a_init = jax.vmap(lambda k: projection.lora_a_init(k, _get(shapes, a).shape[1:], lead=lead))(
                 jax.random.split(jax.random.fold_in(key, n), cfg.num_layers))
             at = box(a)
             layers[f"{t}_lora_a"] = place(a, np.asarray(a_init)[at], at)
@@ -401,10 +402,10 @@ def merged_layer(cfg: ModelConfig, layer: dict, leaf: str) -> np.ndarray:
         w = quant.dequantize(w, np.asarray(layer[f"{leaf}_scale"]), cfg.base_quant, n_in, lead, dtype=np.float32)
     if not (cfg.lora.rank and leaf in cfg.lora.targets):
         return w
+    from spjax.projection import lora_delta
     a = np.asarray(layer[f"{leaf}_lora_a"], np.float32)
     b = np.asarray(layer[f"{leaf}_lora_b"], np.float32)
-    r = a.shape[-1]
-    delta = np.matmul(a.reshape(-1, r), b.reshape(r, -1)) * (cfg.lora.alpha / r)
+    delta = lora_delta(a, b, cfg.lora.alpha / cfg.lora.rank, batch=QUANTIZED[leaf][0])
     return w.astype(np.float32, copy=False) + delta.reshape(w.shape)
 
 

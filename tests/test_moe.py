@@ -1,7 +1,8 @@
 """Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; spjax.moe). Parity with transformers (logits, export, greedy
 decoding) is in test_model, test_hf and test_sampler's family lists; here: the grouped dispatch against every
-expert on every token, values and gradients; per-shard dispatch on a mesh against one device; LoRA on the
-attention through PEFT; what is refused; and a self-play run of a MoE policy end to end."""
+expert on every token, values and gradients, with adapters on the experts too; per-shard dispatch on a mesh
+against one device; LoRA on the attention and on the experts through PEFT; what is refused; and a self-play run of
+a MoE policy end to end."""
 import dataclasses
 import json
 import os
@@ -51,19 +52,48 @@ def test_grouped_dispatch_equals_every_expert_on_every_token(norm):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
-def test_per_shard_dispatch_equals_one_device(devices):
+def test_expert_adapters_equal_merged_experts_values_and_gradients():
+    """Each expert's low-rank term in the grouped matmuls equals the dense mixture of the merged weights
+    W_e + s A_e B_e, and so do the adapters' gradients (through the merge)."""
+    keys = jax.random.split(jax.random.key(1), 9)
+    T, D, F, E, k, r, scale = 40, 16, 24, 5, 2, 3, 2.0
+    x, router = jax.random.normal(keys[0], (T, D)), jax.random.normal(keys[1], (D, E))
+    weights = [jax.random.normal(key, shape) * 0.3 for key, shape in zip(keys[2:5], ((E, D, F), (E, D, F), (E, F, D)))]
+    adapters = [(jax.random.normal(ka, (E, w.shape[1], r)) * 0.3, jax.random.normal(kb, (E, r, w.shape[2])) * 0.3)
+                for w, ka, kb in zip(weights, keys[5:8], jax.random.split(keys[8], 3))]
+    adapters[1] = None  # (up not adapted)
+
+    def grouped(adapters):
+        return moe.experts(x, *moe.route(x, router, k, True), *weights, adapters, scale)
+
+    def dense(adapters):
+        merged = [w if ab is None else w + scale * jnp.einsum("EDr,ErF->EDF", *ab) for w, ab in zip(weights, adapters)]
+        return _dense(x, router, *merged, k, True)
+    np.testing.assert_allclose(grouped(adapters), dense(adapters), atol=2e-5, rtol=0)
+    assert np.abs(np.asarray(grouped(adapters) - grouped([None] * 3))).max() > 0.1
+    loss = lambda f: lambda a: jnp.sum(jnp.sin(f(a)))  # noqa: E731
+    for g, w in zip(jax.tree.leaves(jax.grad(loss(grouped))(adapters)), jax.tree.leaves(jax.grad(loss(dense))(adapters))):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [None, ("q", "experts_gate", "experts_down")])
+def test_per_shard_dispatch_equals_one_device(devices, targets):
     """Under a run's mesh each data-parallel device routes its own rows (shard_map), the experts split over
-    tensor along F: logits and every gradient equal one device's, and the program has the per-shard part."""
-    params = model.init_params(CFG, jax.random.key(1))
-    ids_BxL = jax.random.randint(jax.random.key(2), (8, 12), 0, CFG.vocab_size)
+    tensor along F: logits and every gradient equal one device's, and the program has the per-shard part
+    (with adapters on the experts: theirs split as their expert's weight, down's partial sums over F summed)."""
+    cfg = CFG if targets is None else dataclasses.replace(CFG, lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
+    params = model.init_params(cfg, jax.random.key(1))
+    params["layers"] = {k: (v + 0.05 * jax.random.normal(jax.random.key(5), v.shape) if k.endswith("_lora_b") else v)
+                        for k, v in params["layers"].items()}
+    ids_BxL = jax.random.randint(jax.random.key(2), (8, 12), 0, cfg.vocab_size)
 
     def loss(p, ids):
-        hidden, _ = model.apply(CFG, p, ids)
-        return jnp.mean(jax.nn.log_softmax(model.unembed(CFG, p, hidden))[..., 0]), hidden
+        hidden, _ = model.apply(cfg, p, ids)
+        return jnp.mean(jax.nn.log_softmax(model.unembed(cfg, p, hidden))[..., 0]), hidden
     one = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (want, want_h), want_g = one(params, ids_BxL)
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices)
-    placed = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     rows = jax.device_put(ids_BxL, sharding.batch_sharding(mesh, 2))
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         assert "shard_map" in str(jax.make_jaxpr(loss)(placed, rows))
@@ -108,6 +138,73 @@ def test_lora_on_the_attention_exports_an_adapter_peft_applies(tmp_path):
         np.testing.assert_array_equal(written[name], source[name])
 
 
+def _with_random_b(params, key=3):
+    return {**params, "layers": {k: (v + 0.05 * jax.random.normal(jax.random.key(key), v.shape) if k.endswith("_lora_b")
+                                     else v) for k, v in params["layers"].items()}}
+
+
+@pytest.mark.parametrize("family, targets", [("mixtral", ("q", "experts_gate", "experts_up", "experts_down")),
+                                             ("qwen2_moe", ("experts_up", "experts_down", "shared_up"))])
+def test_lora_on_the_experts_exports_an_adapter_peft_applies_and_reads_back(family, targets, tmp_path):
+    """Each expert its own adapter: the policy computes its merged weights; the merged export and the PEFT adapter
+    (target_parameters on transformers 5's fused gate_up_proj/down_proj) on transformers' model give its logits, and
+    the adapter reads back as it was; one PEFT trains reads in as PEFT computes it; the sampler keeps the expert
+    adapters on the fly (a merged copy would be a second copy of the experts) and the experts as they are."""
+    import peft
+    import torch
+    import transformers
+    base = oracle.torch_model(family)
+    base.save_pretrained(tmp_path / "base")
+    cfg, params = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
+    a = np.asarray(params["layers"]["experts_down_lora_a"])  # each expert's A drawn with its own fan-in, as PEFT's
+    assert a.shape == (cfg.num_layers, cfg.num_experts, cfg.intermediate_size, 4)
+    assert 0.9 / np.sqrt(cfg.intermediate_size) < np.abs(a).max() <= 1 / np.sqrt(cfg.intermediate_size), np.abs(a).max()
+    params = _with_random_b(params)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    ours = np.asarray(model.forward(cfg, params, ids))
+    merged_cfg, merged = lora.merge(cfg, params)
+    np.testing.assert_allclose(model.forward(merged_cfg, merged, ids), ours, atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(model.forward(cfg, lora.adapter_off(cfg, params), ids)) - ours).max() > 1e-2
+    scfg, sparams = lora.for_sampling(cfg, params)
+    assert scfg.lora.targets == tuple(t for t in targets if t.startswith("experts_"))
+    assert all(sparams["layers"][k] is params["layers"][k] for k in sparams["layers"] if k.startswith("experts_"))
+    np.testing.assert_allclose(model.forward(scfg, sparams, ids), ours, atol=1e-5, rtol=0)
+
+    out = hf.save_pretrained(cfg, params, str(tmp_path / "export"), source=str(tmp_path / "base"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(oracle.torch_logits(exported, ids), ours, atol=1e-4)
+    with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    adapted = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    try:
+        np.testing.assert_allclose(oracle.torch_logits(adapted, ids), ours, atol=1e-4)
+    finally:
+        adapted.unload()
+    back = lora.load_peft(cfg, lora.adapter_off(cfg, params), os.path.join(out, "adapter"))
+    for leaf in params["layers"]:
+        np.testing.assert_array_equal(back["layers"][leaf], params["layers"][leaf], err_msg=leaf)
+
+    # PEFT's own adapter on the experts (rank r on gate_up_proj: gate and up share A), B drawn at random
+    trained = peft.get_peft_model(oracle.torch_model(family), peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trained.save_pretrained(tmp_path / "peft")
+    want = oracle.torch_logits(trained.eval(), ids)
+    trained.unload()  # (the session's cached model, as it was)
+    experts = ("experts_gate", "experts_up", "experts_down")
+    started = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=8.0, targets=experts,
+                                                                          init_path=str(tmp_path / "peft")))
+    np.testing.assert_allclose(np.asarray(model.forward(*started, ids)), want, atol=1e-4)
+    # (PEFT writes target_parameters as a set: either order)
+    with pytest.raises(hf.CheckpointError, match=r"target_parameters \['mlp.experts.\w+', 'mlp.experts.\w+'\] "
+                       r"differ from lora.targets' \['mlp.experts.down_proj'\]"):
+        hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, targets=("experts_down",),
+                                                                    init_path=str(tmp_path / "peft")))
+
+
 def _float_twin(cfg, params):
     """(cfg, params) of the same model with its quantized leaves dequantized: a float base, the adapters as they are."""
     layers = dict(params["layers"])
@@ -120,12 +217,12 @@ def _float_twin(cfg, params):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_quantized_base_quantizes_every_expert(kind, tmp_path):
     """QLoRA over a Mixtral: every expert is quantized on its own as read (the router is not), the policy
-    computes what a float model of the dequantized weights computes (logits, the adapters' gradients),
-    and the export writes those weights per expert."""
+    computes what a float model of the dequantized weights computes (logits, the adapters' gradients, the
+    experts' adapters' too), and the export writes those weights per expert (an adapted one merged)."""
     from safetensors.numpy import load_file
     base = oracle.torch_model("mixtral")
     _, p32 = hf.from_transformers(base)
-    cfg, params = hf.from_transformers(base, lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o")),
+    cfg, params = hf.from_transformers(base, lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "experts_gate")),
                                        base_quant=kind)
     layers = params["layers"]
     assert layers["experts_down"].dtype == quant.storage_dtype(kind) and layers["router"].dtype == jnp.float32
@@ -151,6 +248,8 @@ def test_a_quantized_base_quantizes_every_expert(kind, tmp_path):
     written = load_file(os.path.join(out, "model.safetensors"))
     np.testing.assert_array_equal(written["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
                                   np.asarray(twin["layers"]["experts_down"][1, 3]).T)
+    np.testing.assert_allclose(written["model.layers.1.block_sparse_moe.experts.3.w1.weight"],  # (adapted: merged)
+                               np.asarray(lora.merge(twin_cfg, twin)[1]["layers"]["experts_gate"][1, 3]).T, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(written["model.layers.1.block_sparse_moe.gate.weight"],
                                   np.asarray(p32["layers"]["router"][1]).T)
 
@@ -187,8 +286,13 @@ def test_a_quantized_mixture_keeps_no_dequantized_expert_for_the_backward_pass()
 
 
 def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match=r"lora.targets: gate, up, down: mixtral's MLPs are mixtures of experts"):
+    with pytest.raises(ConfigError, match=r"lora.targets: gate, up, down: mixtral's MLPs are mixtures of experts: "
+                       "adapt each expert with experts_gate, experts_up, experts_down"):
         dataclasses.replace(CFG, lora=LoraConfig(rank=4))
+    with pytest.raises(ConfigError, match=r"lora.targets: experts_up with llama: only mixtral, qwen2_moe, qwen3_moe, "
+                       "olmoe have experts"):
+        ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    lora=LoraConfig(rank=4, targets=("q", "experts_up")))
     with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
         dataclasses.replace(CFG, experts_per_token=5)
     with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral, qwen2_moe, qwen3_moe, olmoe"):
@@ -240,15 +344,15 @@ def test_lora_sampling_merges_the_attention_and_shares_the_experts():
 
 
 def test_a_moe_policy_plays_and_exports(tmp_path, tfds_dir):
-    """configs/tiny.py with a Mixtral policy, its experts in int4 and adapters on its attention: sampled,
+    """configs/tiny.py with a Mixtral policy, its experts in int4 and adapters on its attention and experts: sampled,
     scored, trained on 8 devices (the dispatch per shard of data x fsdp, the experts split over tensor),
     checkpointed, and exported as a MixtralForCausalLM with its PEFT adapter."""
     work = tmp_path / "run"
     proc = _train(work, "model.architecture=mixtral", "model.num_experts=4", "model.experts_per_token=2",
-                  "lora.rank=4", "lora.targets=q,k,v,o", "base_quant=int4", "run.rounds=1", "mesh.data=2",
+                  "lora.rank=4", "lora.targets=q,k,v,o,experts_up,experts_down", "base_quant=int4", "run.rounds=1", "mesh.data=2",
                   "mesh.fsdp=2", "mesh.tensor=2", tfds_dir=tfds_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exported the final model" in proc.stdout and "on q,k,v,o; base int4" in proc.stdout
+    assert "exported the final model" in proc.stdout and "on q,k,v,o,experts_up,experts_down; base int4" in proc.stdout
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert any(r["kind"] == "round" for r in rows) and all(np.isfinite(r.get("loss", 0.0)) for r in rows)
     with open(work / "export" / "config.json") as f:
