@@ -308,7 +308,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
             return jnp.asarray(part)
         return shd.put_part(part, at, want.shape, _get(shardings, path))
 
-    def fetch(name, e, want):
+    def fetch(name, e, want, at=()):
         w = get(name)
         try:
             x = e.to_spjax(np.asarray(w))
@@ -317,20 +317,21 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
         if x is None or x.shape != tuple(want):  # said in the file's layout ([out, in]), not spjax's
             raise CheckpointError(f"{where}: tensor {get.stored(name)!r} has shape {tuple(np.shape(w))}, expected "
                                   f"{e.to_hf(np.empty(want, np.float32)).shape} for {cfg.architecture} config")
-        return np.asarray(x).astype(dtype, copy=False)  # (bf16 -> bf16: no copy; the stack is the copy)
+        # Cut to this host's box `at` before the cast: a host casts only its part (bf16 -> bf16: no copy).
+        return np.asarray(x[at]).astype(dtype, copy=False)
 
     base_shapes = model.param_shapes(base_config(cfg))
     check_names(cfg, get, where, names)
     params = {}
     for leaf, e in top_table(cfg).items():
         at = box(leaf)
-        params[leaf] = place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape)[at], at)
+        params[leaf] = place(leaf, fetch(e.name(names), e, base_shapes[leaf].shape, at), at)
     layers = {}
     for leaf, e in layer_table(cfg).items():
         want = base_shapes["layers"][leaf].shape[1:]
         at = box(f"layers/{leaf}")
         rows = range(at[0].start, at[0].stop)  # (all layers: the layer axis is never split)
-        layer = lambda i: fetch(e.name(names).format(i=i), e, want)
+        layer = lambda i, at=(): fetch(e.name(names).format(i=i), e, want, at)
         if cfg.base_quant != "none" and leaf in QUANTIZED:
             # Quantized layer by layer as read: quantizing the stack holds ~3 fp32 copies of all layers.
             # A layer is quantized whole, then cut to this host's part of the weight and of its scales.
@@ -341,7 +342,7 @@ def params_from_tensors(cfg: ModelConfig, get: TensorSource, where: str, mesh=No
             layers[f"{leaf}_scale"] = place(f"layers/{leaf}_scale", scale, at_s)
             del scale
         else:
-            arr, = stacked(len(rows), lambda k: (layer(rows[k])[at[1:]],))
+            arr, = stacked(len(rows), lambda k: (layer(rows[k], at[1:]),))
         layers[leaf] = place(f"layers/{leaf}", arr, at)
         del arr
     if cfg.lora.rank:
