@@ -13,8 +13,9 @@ A mixture's experts (Mixtral, Qwen2/3-MoE, OLMoE) are two 3-D params of each lay
 transformers 5, gate_up_proj [E, 2F, D] and down_proj [E, D, F], which PEFT adapts through
 `target_parameters`: an adapter's A is [E·rank, in] (expert-major), its B [out, rank·E] (expert-minor),
 and with both params adapted the first (gate_up_proj) is nested as `experts.base_layer`. Each expert's
-pair is a module's as above (gate and up fused like Phi-3's gate_up_proj). transformers 4.x holds the
-experts as separate Linears, which such an adapter does not name: the merged export serves it.
+pair is a module's as above (gate and up fused like Phi-3's gate_up_proj). transformers 4.x held each
+expert as a Linear of its own (Mixtral's experts.{e}.w1/w3/w2, the others' experts.{e}.gate_proj/...):
+adapters PEFT trained so are read too (each expert's Linear a module as any other); spjax writes 5.x's.
 
 A multimodal model's adapter (spjax.hf_wrapped: Gemma 3 4B+) names its language model's modules where
 transformers holds them (model.language_model.*), and its target_modules are a pattern matching them
@@ -30,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spjax.config import ModelConfig
+from spjax.config import EXPERT_TARGETS, ModelConfig
 from spjax.hf_wrapped import module_name
-from spjax.tensor_names import CheckpointError, peft_modules
+from spjax.tensor_names import CheckpointError, expert_names, peft_modules
 
 
 def _name(module: str, i: int, which: str, wrapped: bool = False) -> str:
@@ -81,6 +82,17 @@ def _expert_name(cfg: ModelConfig, i: int, param: str, which: str, wrapped: bool
     order = [p for p, _, _ in _expert_adapted(cfg)]
     nest = "base_layer." * (len(order) - 1 - order.index(param))
     return f"base_model.model.{_expert_module(i, wrapped)}.{nest}lora_{which}.weight"
+
+
+def _expert_linears(cfg: ModelConfig, t: str, i: int) -> list:
+    """transformers 4.x's module of each expert for expert target t in layer i (experts.{e}.w1, ...)."""
+    return [name[:-len(".weight")] for name in expert_names(cfg, t[len("experts_"):], i)[1]]
+
+
+def _each_expert(cfg: ModelConfig, keys, wrapped: bool) -> bool:
+    """Whether an adapter's expert pairs are in transformers 4.x's layout (a Linear per expert)."""
+    first = [_name(_expert_linears(cfg, t, 0)[0], 0, "A", wrapped) for t in cfg.lora.targets if t in EXPERT_TARGETS]
+    return any(k in keys or k.replace(".weight", ".default.weight") in keys for k in first)
 
 
 def _fuse(pairs, parts, adapted, r: int):
@@ -159,7 +171,7 @@ def _pattern(patterns: dict, module: str, default):
     return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
 
 
-def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool):
+def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool, each: bool = False):
     bad = {"peft_type": (pc.get("peft_type"), "LORA"), "use_rslora": (bool(pc.get("use_rslora")), False),
            "use_dora": (bool(pc.get("use_dora")), False), "bias": (pc.get("bias", "none"), "none"),
            "fan_in_fan_out": (bool(pc.get("fan_in_fan_out")), False), "r": (pc.get("r"), cfg.lora.rank),
@@ -171,7 +183,7 @@ def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool):
     bad.update({k: (pc[k], None) for k in ("alora_invocation_tokens", "use_qalora", "layer_replication",
                                             "layers_to_transform", "use_bdlora",
                                             "arrow_config", "kasa_config", "monteclora_config") if pc.get(k)})
-    params, want_params = pc.get("target_parameters") or [], _target_parameters(cfg) or []
+    params, want_params = pc.get("target_parameters") or [], [] if each else (_target_parameters(cfg) or [])
     if {p.rsplit(".", 1)[-1] for p in params} != {p.rsplit(".", 1)[-1] for p in want_params}:
         raise CheckpointError(f"{where}: target_parameters {params!r} differ from lora.targets' {want_params!r}"
                               " (the experts: experts_gate and experts_up are gate_up_proj, experts_down down_proj)")
@@ -180,6 +192,9 @@ def _check_config(cfg: ModelConfig, pc: dict, where: str, wrapped: bool):
             raise CheckpointError(f"{where}: {field} is {got!r}; spjax needs {want!r}"
                                   + (" (set lora.rank to match)" if field == "r" else ""))
     mods, want = pc.get("target_modules") or [], _targets(cfg, wrapped)
+    if each:  # (4.x's experts: their Linears' short names too)
+        want = sorted(set(want) | {_short(m) for t in cfg.lora.targets if t in EXPERT_TARGETS
+                                   for m in _expert_linears(cfg, t, 0)})
     if (mods != want) if isinstance(mods, str) or wrapped else set(mods) != set(want):
         raise CheckpointError(f"{where}: target_modules {mods!r} differ from lora.targets' {want!r}")
 
@@ -233,11 +248,10 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
     with safe_open(path, "flax") as f:
         keys = set(f.keys())
         wrapped = any(module_name("model.", True) in k for k in keys)  # (a multimodal model's adapter)
-        _check_config(cfg, pc, where, wrapped)
+        each = _each_expert(cfg, keys, wrapped)
+        _check_config(cfg, pc, where, wrapped, each)
 
-        def get(module, i, which):
-            name = (_name(module, i, which, wrapped) if module in {m for m, _, _ in adapted}
-                    else _expert_name(cfg, i, module, which, wrapped))
+        def get(name, which):  # name: the tensor's key, lora_{which}.weight
             if name not in keys:  # PEFT also writes names with the adapter name ('.default.') left out or in
                 alt = name.replace(f".lora_{which}.weight", f".lora_{which}.default.weight")
                 if alt not in keys:
@@ -245,9 +259,12 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
                 name = alt
             return np.asarray(f.get_tensor(name).astype(jnp.float32))
 
-        adapted, experts = _adapted(cfg), _expert_adapted(cfg)
+        adapted, experts = _adapted(cfg), [] if each else _expert_adapted(cfg)
+        linears = [(t, i, _expert_linears(cfg, t, i)) for t in cfg.lora.targets if t in EXPERT_TARGETS
+                   for i in range(cfg.num_layers)] if each else []
         read = {_name(module, i, w, wrapped) for module, _, _ in adapted for i in range(cfg.num_layers) for w in "AB"}
         read |= {_expert_name(cfg, i, p, w, wrapped) for p, _, _ in experts for i in range(cfg.num_layers) for w in "AB"}
+        read |= {_name(m, i, w, wrapped) for _, i, modules in linears for m in modules for w in "AB"}
         left = sorted(k for k in keys if k not in read and k.replace(".default.weight", ".weight") not in read)
         if left:
             raise CheckpointError(f"{path}: tensor(s) {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are not "
@@ -255,7 +272,7 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         for module, parts, mine in adapted:
             for i in range(cfg.num_layers):
                 name = module.format(i=i)
-                a, b = get(module, i, "A"), get(module, i, "B")
+                a, b = (get(_name(module, i, w, wrapped), w) for w in "AB")
                 rank = _rank(pc, name, r, len(mine), where)
                 if a.shape[0] != rank or b.shape[-1] != rank:
                     raise CheckpointError(f"{path}: {name}'s adapter has rank {a.shape[0]}, its config says {rank}")
@@ -265,7 +282,7 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
         for param, parts, mine in experts:
             for i in range(cfg.num_layers):
                 name, E = f"{_expert_module(i)}.{param}", cfg.num_experts
-                a, b = get(param, i, "A"), get(param, i, "B")
+                a, b = (get(_expert_name(cfg, i, param, w, wrapped), w) for w in "AB")
                 rank = _rank(pc, name, r, len(mine), where)
                 if a.shape[0] != E * rank or b.shape[-1] != E * rank:
                     raise CheckpointError(f"{path}: {name}'s adapter has {a.shape[0]} rows of A, {E} experts × rank "
@@ -276,6 +293,15 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
                 for t, _, _ in mine:
                     parts_of.setdefault(t, []).append((np.stack([x[t][0] for x in per]),
                                                        np.stack([x[t][1] for x in per]) * scale))
+        for t, i, modules in linears:  # (cfg.lora.targets' order, then layers: as parts_of stacks them)
+            pairs = []
+            for module in modules:
+                a, b = (get(_name(module, i, w, wrapped), w) for w in "AB")
+                rank = _rank(pc, module, r, 1, where)
+                if a.shape[0] != rank or b.shape[-1] != rank:
+                    raise CheckpointError(f"{path}: {module}'s adapter has rank {a.shape[0]}, its config says {rank}")
+                pairs.append((a.T, b.T * _scale(cfg, pc, module, rank)))
+            parts_of.setdefault(t, []).append((np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])))
     for t, per_layer in parts_of.items():
         old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]
         a, b = np.stack([x for x, _ in per_layer]), np.stack([y for _, y in per_layer])

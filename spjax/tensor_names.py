@@ -130,7 +130,7 @@ _EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
                  "olmoe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 
 
-def _experts(cfg: ModelConfig, leaf: str, i: int) -> tuple:
+def expert_names(cfg: ModelConfig, leaf: str, i: int) -> tuple:
     """(layer i's stacked experts tensor of `leaf` (gate, up, down) as layer_table names it, [each expert's own
     tensor, in expert order])."""
     stacked = layer_table(cfg)[f"experts_{leaf}"].hf.format(i=i)
@@ -149,7 +149,7 @@ def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
     views = {}  # name -> (a function reading it, the checkpoint's names it stands for)
     for i in range(cfg.num_layers):
         for leaf, (fused, rows) in cuts.items():
-            stacked, own = _experts(cfg, leaf, i)
+            stacked, own = expert_names(cfg, leaf, i)
             fused = f"model.layers.{i}.mlp.experts.{fused}"
             if any(name in get.names for name in own):
                 views[stacked] = (lambda own=own: np.stack([np.asarray(get(name)) for name in own]), own)
@@ -170,7 +170,7 @@ def unstack_experts(cfg: ModelConfig, tensors: dict, i: int) -> dict:
     """Layer i's HF tensors under layer_table's names with each stacked experts tensor split into its experts'."""
     out = dict(tensors)
     for leaf in ("gate", "up", "down"):
-        stacked, own = _experts(cfg, leaf, i)
+        stacked, own = expert_names(cfg, leaf, i)
         x = out.pop(stacked)
         out.update({name: x[e] for e, name in enumerate(own)})
     return out
@@ -484,6 +484,6 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "base_config",
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "expert_names", "base_config",
            "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

@@ -205,6 +205,62 @@ def test_lora_on_the_experts_exports_an_adapter_peft_applies_and_reads_back(fami
                                                                     init_path=str(tmp_path / "peft")))
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_transformers_4_expert_adapter_starts_a_run_at_its_policy(family, tmp_path):
+    """An adapter PEFT trained on transformers 4.x, where each expert was a Linear of its own (Mixtral's
+    experts.{e}.w1/w3/w2, Qwen2-MoE's experts.{e}.gate_proj/...; the latter's target_modules name its shared
+    expert's too): read as each expert's pair, the run starts at the model whose weights are W + (alpha/r) B A
+    per Linear, put into transformers' model here."""
+    import torch
+    import transformers
+    from safetensors.numpy import save_file
+    oracle.torch_model(family).save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()  # (a copy)
+    cfg = hf.load_model_config(str(tmp_path / "base"))
+    moe_block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    modules = [f"model.layers.{{i}}.{moe_block}.experts.{{e}}.{n}" for n in names]
+    if family == "qwen2_moe":  # (gate_proj/up_proj/down_proj adapt the shared expert too)
+        modules += [f"model.layers.{{i}}.mlp.shared_expert.{n}" for n in names]
+    r, alpha, rng = 2, 6.0, np.random.default_rng(1)
+    D, F, Fs = cfg.hidden_size, cfg.intermediate_size, cfg.shared_expert_size
+    tensors, delta = {}, {}
+    for i in range(cfg.num_layers):
+        for m in modules:
+            experts = range(cfg.num_experts) if "{e}" in m else [0]
+            for e in experts:
+                name = m.format(i=i, e=e)
+                width = Fs if "shared" in m else F
+                out_in = (D, width) if name.endswith(("w2", "down_proj")) else (width, D)
+                a, b = rng.normal(0, 0.3, (r, out_in[1])), rng.normal(0, 0.3, (out_in[0], r))
+                tensors[f"base_model.model.{name}.lora_A.weight"] = a.astype(np.float32)
+                tensors[f"base_model.model.{name}.lora_B.weight"] = b.astype(np.float32)
+                delta[name] = (alpha / r) * b @ a
+    os.makedirs(tmp_path / "peft4")
+    save_file(tensors, str(tmp_path / "peft4" / "adapter_model.safetensors"))
+    with open(tmp_path / "peft4" / "adapter_config.json", "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(names)}, f)
+    targets = ("experts_gate", "experts_up", "experts_down") + (
+        ("shared_gate", "shared_up", "shared_down") if family == "qwen2_moe" else ())
+    cfg, params = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=2, alpha=8.0, targets=targets,
+                                                                              init_path=str(tmp_path / "peft4")))
+    with torch.no_grad():  # transformers 5's fused experts: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+        for name, d in delta.items():
+            layer = base.model.layers[int(name.split(".")[2])].mlp
+            if ".shared_expert." in name:
+                getattr(layer.shared_expert, name.rsplit(".", 1)[-1]).weight.add_(torch.tensor(d))
+                continue
+            e, n = int(name.split(".")[-2]), name.rsplit(".", 1)[-1]
+            rows = {names[0]: slice(0, F), names[1]: slice(F, 2 * F)}.get(n)
+            w = layer.experts.down_proj if rows is None else layer.experts.gate_up_proj
+            w[e, rows or slice(None)] += torch.tensor(d, dtype=w.dtype)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(model.forward(cfg, params, ids)), oracle.torch_logits(base, ids), atol=1e-4)
+    with pytest.raises(hf.CheckpointError, match=r"target_modules \[.*\] differ from lora.targets'"):
+        hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=2, targets=("experts_gate", "experts_up"),
+                                                                    init_path=str(tmp_path / "peft4")))
+
+
 def _float_twin(cfg, params):
     """(cfg, params) of the same model with its quantized leaves dequantized: a float base, the adapters as they are."""
     layers = dict(params["layers"])
