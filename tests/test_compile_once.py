@@ -46,8 +46,11 @@ def test_later_rounds_compile_nothing_new(tmp_path):
     assert "jit(train_step)" in lowered.names[:marks[0]]  # (seen: the handler hears the lowering)
     later = lowered.names[marks[0]:marks[2]]
     assert set(later) <= {"jit(init)"} and len(later) <= 1, later
-    # then the export, which gathers the params a layer at a time: one slicing program per kind of leaf
+    # then the export, which gathers the params a layer at a time (one slicing program per kind of layer leaf)
+    # and copies each param outside the layers before its gather (one copy program per such param at most)
     export = lowered.names[marks[2]:]
     from spjax import hf, model
-    kinds = len(model.param_shapes(hf.initial_config(cfg))["layers"])  # (at most one per layer leaf)
-    assert set(export) <= {"jit(_layer)"} and len(export) <= kinds, (export, kinds)
+    shapes = model.param_shapes(hf.initial_config(cfg))
+    kinds, tops = len(shapes["layers"]), len(shapes) - 1
+    assert set(export) <= {"jit(_layer)", "jit(_copy)"}, export
+    assert export.count("jit(_layer)") <= kinds and export.count("jit(_copy)") <= tops, (export, kinds, tops)
