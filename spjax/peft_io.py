@@ -33,7 +33,7 @@ import numpy as np
 
 from spjax.config import EXPERT_TARGETS, ModelConfig
 from spjax.hf_wrapped import module_name
-from spjax.tensor_names import CheckpointError, expert_names, peft_modules
+from spjax.tensor_names import FUSED_EXPERTS, CheckpointError, expert_names, fused_experts, peft_modules
 
 
 def _name(module: str, i: int, which: str, wrapped: bool = False) -> str:
@@ -66,15 +66,13 @@ def _short(module: str) -> str:
 def _expert_adapted(cfg: ModelConfig) -> list:
     """[(param, its parts, the adapted ones)] of the experts' params with an adapted part, in the order
     transformers defines them (the order PEFT wraps them in)."""
-    F = cfg.intermediate_size
-    params = [("gate_up_proj", [("experts_gate", 0, F), ("experts_up", F, 2 * F)]),
-              ("down_proj", [("experts_down", None, None)])]
+    params = [(p, [(f"experts_{leaf}", start, end) for leaf, start, end in parts]) for p, parts in fused_experts(cfg)]
     out = [(p, parts, [x for x in parts if x[0] in cfg.lora.targets]) for p, parts in params] if cfg.moe else []
     return [x for x in out if x[2]]
 
 
 def _expert_module(i: int, wrapped: bool = False) -> str:
-    return module_name(f"model.layers.{i}.mlp.experts", wrapped)
+    return module_name(FUSED_EXPERTS.format(i=i), wrapped)
 
 
 def _expert_name(cfg: ModelConfig, i: int, param: str, which: str, wrapped: bool = False) -> str:

@@ -137,6 +137,16 @@ def expert_names(cfg: ModelConfig, leaf: str, i: int) -> tuple:
     return stacked, [stacked.replace("experts.", f"experts.{e}.") for e in range(cfg.num_experts)]
 
 
+FUSED_EXPERTS = "model.layers.{i}.mlp.experts"  # transformers 5's module holding a layer's experts as 3-D params
+
+
+def fused_experts(cfg: ModelConfig) -> list:
+    """[(param of FUSED_EXPERTS, [(leaf, first row, end row)])]: gate_up_proj [E, 2F, D], gate's rows first, and
+    down_proj [E, D, F] (all its rows: None)."""
+    F = cfg.intermediate_size
+    return [("gate_up_proj", [("gate", 0, F), ("up", F, 2 * F)]), ("down_proj", [("down", None, None)])]
+
+
 def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
     """A mixture of experts' checkpoint seen under layer_table's names: each stacked experts tensor [E, ...] made
     of its experts' own tensors, as checkpoints hold them (experts.{e}.w1.weight, ...), or cut from transformers
@@ -144,17 +154,16 @@ def stack_experts(cfg: ModelConfig, get: TensorSource) -> TensorSource:
     router there as mlp.gate.weight). Read when read. Any other checkpoint unchanged."""
     if not cfg.moe:
         return get
-    F = cfg.intermediate_size
-    cuts = {"gate": ("gate_up_proj", slice(0, F)), "up": ("gate_up_proj", slice(F, 2 * F)), "down": ("down_proj", None)}
+    cuts = {leaf: (param, slice(start, end)) for param, parts in fused_experts(cfg) for leaf, start, end in parts}
     views = {}  # name -> (a function reading it, the checkpoint's names it stands for)
     for i in range(cfg.num_layers):
         for leaf, (fused, rows) in cuts.items():
             stacked, own = expert_names(cfg, leaf, i)
-            fused = f"model.layers.{i}.mlp.experts.{fused}"
+            fused = f"{FUSED_EXPERTS.format(i=i)}.{fused}"
             if any(name in get.names for name in own):
                 views[stacked] = (lambda own=own: np.stack([np.asarray(get(name)) for name in own]), own)
             elif fused in get.names:
-                views[stacked] = (lambda fused=fused, rows=rows: np.asarray(get(fused))[:, rows or slice(None)],
+                views[stacked] = (lambda fused=fused, rows=rows: np.asarray(get(fused))[:, rows],
                                   [fused])
         router, moved = layer_table(cfg)["router"].hf.format(i=i), f"model.layers.{i}.mlp.gate.weight"
         if router not in get.names and moved in get.names:
@@ -484,6 +493,6 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "expert_names", "base_config",
+           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "expert_names", "FUSED_EXPERTS", "fused_experts", "base_config",
            "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]
