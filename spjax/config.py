@@ -57,7 +57,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2, SmolLM2; Mixtral,
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral,
     Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
@@ -87,7 +87,9 @@ class ModelConfig:
     qk_norm_full: bool = False  # OLMo 2, OLMoE: the q/k norms over all heads at once, not per head
     sliding_window: Optional[int] = None  # Mistral; None means full causal attention
     layer_types: tuple[str, ...] = ()  # per layer, LAYER_TYPES (Gemma, Qwen2): () = every layer as sliding_window
-    rope_local_theta: float = 0.0  # Gemma 3: the windowed layers' rope theta (unscaled); 0: as the others'
+    # Gemma 3, OLMo 3: the windowed layers rotate by unscaled rope of this theta; 0: by the others' rope
+    rope_local_theta: float = 0.0
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers that rotate neither q nor k (no position encoding)
     # Gemma 2/3 only (config_checks.check_family; their other parts follow from `architecture`, see `gemma`)
     query_scale: float = 0.0  # attention scores times query_scale ** -0.5 (query_pre_attn_scalar); 0: head_dim
     attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: none
@@ -117,7 +119,7 @@ class ModelConfig:
             _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
                    f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids", "layer_types"):
+        for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids", "layer_types", "nope_layers"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_model(self)  # shapes, names, rope, Gemma's parts, a quantized base: spjax.config_checks
 
@@ -128,9 +130,9 @@ class ModelConfig:
 
     @property
     def post_norms(self) -> bool:
-        """OLMo 2's decoder: no norm before attention or the MLP, one after each (before the residual add),
+        """OLMo 2/3's decoder: no norm before attention or the MLP, one after each (before the residual add),
         its scale multiplied in fp32 before the cast."""
-        return self.architecture == "olmo2"
+        return self.architecture in ("olmo2", "olmo3")
 
     @property
     def gemma(self) -> bool:
@@ -149,6 +151,11 @@ class ModelConfig:
         if self.sliding_window is None:
             return (False,) * self.num_layers
         return tuple(t == "sliding_attention" for t in self.layer_types) or (True,) * self.num_layers
+
+    @property
+    def roped(self) -> tuple[bool, ...]:
+        """Per layer: whether it rotates q and k (all but SmolLM3's nope_layers)."""
+        return tuple(i not in self.nope_layers for i in range(self.num_layers))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,16 +127,18 @@ def check_experts(cfg):
 
 
 def check_olmo(cfg):
-    """OLMo 2's and OLMoE's attention: q and k normalized over all heads at once, no window; no other family's."""
-    olmo = cfg.architecture in ("olmoe", "olmo2")
+    """OLMo 2/3's and OLMoE's attention: q and k normalized over all heads at once, windows only in OLMo 3's; no
+    other family's."""
+    olmo = cfg.architecture in ("olmoe", "olmo2", "olmo3")
     check(not cfg.qk_norm_full or cfg.qk_norm, "model.qk_norm_full", "true without qk_norm: set both")
     check(cfg.qk_norm_full == olmo, "model.qk_norm_full", f"{cfg.qk_norm_full} with {cfg.architecture}: " + (
         f"transformers' {cfg.architecture} normalizes q and k over all heads at once" if olmo else
-        "only olmo2 and olmoe compute it"))
+        "only olmo2, olmo3 and olmoe compute it"))
     check(cfg.qk_norm or not olmo, "model.qk_norm", f"false with {cfg.architecture}: transformers' "
           f"{cfg.architecture} normalizes q and k")
-    check(not (olmo and any(cfg.windowed)), "model.sliding_window", f"{cfg.sliding_window} with {cfg.architecture}: "
-          f"transformers' {cfg.architecture} attends to every earlier token")
+    check(not (olmo and any(cfg.windowed)) or cfg.architecture == "olmo3", "model.sliding_window",
+          f"{cfg.sliding_window} with {cfg.architecture}: transformers' {cfg.architecture} attends to every earlier "
+          "token" + (" (OLMo 3's windowed layers: architecture olmo3)" if cfg.architecture == "olmo2" else ""))
 
 
 def check_rope(cfg):
@@ -171,8 +173,8 @@ def check_rope(cfg):
 
 
 def check_family(cfg):
-    """Gemma's settings only on a Gemma, windows by layer only where a transformers family computes them
-    (Gemma, Qwen2, Qwen3), and nothing on a Gemma that transformers' Gemma would not compute."""
+    """Gemma's settings only on a Gemma, windows by layer and rope by layer only where a transformers family
+    computes them, and nothing on a Gemma or a SmolLM3 that transformers' would not compute."""
     from spjax.config import LAYER_TYPES
     types = cfg.layer_types
     check(not types or len(types) == cfg.num_layers, "model.layer_types",
@@ -181,15 +183,30 @@ def check_family(cfg):
           f"{LAYER_TYPES}")
     for name in ("query_scale", "attn_softcap", "final_softcap", "rope_local_theta"):
         check(getattr(cfg, name) >= 0, f"model.{name}", f"must be >= 0 (0: none), got {getattr(cfg, name)}")
-        check(cfg.gemma or not getattr(cfg, name), f"model.{name}", f"is Gemma's (architecture gemma2/gemma3), "
-              f"not {cfg.architecture}'s: no transformers family computes it with this model")
-    check(not cfg.rope_local_theta or cfg.architecture == "gemma3", "model.rope_local_theta", "is Gemma 3's")
+        check(cfg.gemma or not getattr(cfg, name) or name == "rope_local_theta", f"model.{name}", f"is Gemma's "
+              f"(architecture gemma2/gemma3), not {cfg.architecture}'s: no transformers family computes it with this model")
+    check(not cfg.rope_local_theta or cfg.architecture in ("gemma3", "olmo3"), "model.rope_local_theta",
+          f"is Gemma 3's and OLMo 3's, not {cfg.architecture}'s")
+    check(cfg.architecture != "olmo3" or cfg.rope_type == "default" or cfg.rope_local_theta or not any(cfg.windowed),
+          "model.rope_local_theta", f"0 with olmo3's {cfg.rope_type} rope: transformers' OLMo 3 rotates its windowed "
+          "layers by unscaled rope; set it (rope_theta: the full layers' theta)")
+    check(not cfg.nope_layers or cfg.architecture == "smollm3", "model.nope_layers",
+          f"is SmolLM3's (architecture smollm3), not {cfg.architecture}'s")
+    bad = [i for i in cfg.nope_layers if not 0 <= i < cfg.num_layers]
+    check(not bad and len(set(cfg.nope_layers)) == len(cfg.nope_layers), "model.nope_layers",
+          f"{list(cfg.nope_layers)}: layer indices in [0, {cfg.num_layers}), each once")
     check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
           "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
     mixed = len(set(cfg.windowed)) > 1
-    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"),
-          "model.layer_types",
-          f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2 and Qwen3 compute that")
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmo3", "smollm3"),
+          "model.layer_types", f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2, Qwen3, "
+          "OLMo 3 and SmolLM3 compute that")
+    from spjax.tensor_names import export_arch
+    other = [n for n, on in (("qk_norm", cfg.qk_norm), ("qkv_bias", cfg.qkv_bias),
+                             ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
+                             ("rope_type", cfg.rope_type == "longrope")) if on]
+    check(export_arch(cfg) != "smollm3" or not other, f"model.{other[0] if other else ''}", "with SmolLM3's NoPE "
+          "layers or windows on some layers: transformers' SmolLM3 does not compute it, so the model could not be exported")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
                                 ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),

@@ -17,6 +17,8 @@ from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # where transformers' model_type is not spjax's architecture name
 _HEAD_DIMS = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256, "gemma3": 256}  # config classes' defaults where not D / H
+_THETAS = {"gemma3": 1e6, "smollm3": 2e6}  # config classes' rope theta where a config omits it, if not 10000
+_EPS = {"phi3": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}  # their rms_norm_eps, if not 1e-6
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
@@ -39,7 +41,8 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     # theta from the top level or 10000: so do we.
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     gemma = _gemma(hf, arch, where) if arch in ("gemma2", "gemma3") else {}
-    rope = gemma.pop("rope", rope)
+    by_type = _rope_by_layer_type(hf, arch, where) if arch in ("gemma3", "olmo3") else {}
+    rope = by_type.pop("rope", rope)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if arch == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names of longrope in older configs
         rope_type = "longrope"
@@ -53,7 +56,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
                               f"every dimension of a head, so spjax cannot tell which model this is")
     # (transformers' Mistral and Qwen2 ignore these keys: their biases are fixed)
-    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2"):
+    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2", "olmo3", "smollm3"):
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key) and (arch, key) not in (("qwen3", "mlp_bias"), ("qwen3_moe", "mlp_bias")):  # (no such key)
                 raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
@@ -64,15 +67,16 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or _HEAD_DIMS.get(arch, 0),  # the families' defaults: not D / H
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6 if arch == "gemma3" else 10000.0))),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", _THETAS.get(arch, 10000.0)))),
         rope_type=rope_type, rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         **_rope_scale(rope, rope_type, hf, arch), partial_rotary_factor=partial,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
-        qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3", "olmoe", "olmo2"),
-        qk_norm_full=arch in ("olmoe", "olmo2"),
-        **_windows(hf, arch, where), **gemma,
+        rms_norm_eps=float(hf.get("rms_norm_eps", _EPS.get(arch, 1e-6))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch in ("gemma2", "gemma3", "smollm3"))),
+        qkv_bias=arch in ("qwen2", "qwen2_moe"),
+        qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3", "olmoe", "olmo2", "olmo3"),
+        qk_norm_full=arch in ("olmoe", "olmo2", "olmo3"),
+        **_windows(hf, arch, where), **gemma, **by_type, **_nope(hf, arch, where),
         max_position_embeddings=_max_positions(hf),
         architecture=arch, bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -120,9 +124,10 @@ def _rope_scale(rope: dict, rope_type: str, hf: dict, arch: str) -> dict:
 def _windows(hf: dict, arch: str, where: str) -> dict:
     """sliding_window and layer_types as transformers reads the config (layer_types only for a mix).
 
-    Mistral and Phi-3 window every layer. Gemma windows layer i when layer_types[i] is 'sliding_attention',
-    by default every other layer from the first (Gemma 2) or five of every six (Gemma 3's
-    sliding_window_pattern). Qwen2 and Qwen3 window layer i when use_sliding_window and layer_types[i]
+    Mistral and Phi-3 window every layer. Gemma and OLMo 3 window layer i when layer_types[i] is
+    'sliding_attention', by default every other layer from the first (Gemma 2), five of every six (Gemma 3's
+    sliding_window_pattern) or three of every four (OLMo 3). SmolLM3 windows layer i when use_sliding_window
+    and layer_types[i] say so, by default its NoPE layers. Qwen2 and Qwen3 window layer i when use_sliding_window and layer_types[i]
     is 'sliding_attention'; without layer_types (transformers 4.x, and 5.x's default) when
     i >= max_window_layers.
     """
@@ -131,10 +136,20 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
         return dict(sliding_window=window)
     if arch in ("phi3", "mixtral"):  # every layer, as Mistral; their config classes' default is none
         return dict(sliding_window=hf.get("sliding_window"))
-    if arch in ("gemma2", "gemma3"):
-        every = 2 if arch == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+    if arch in ("gemma2", "gemma3", "olmo3"):
+        every = {"gemma2": 2, "olmo3": 4}.get(arch) or int(hf.get("sliding_window_pattern") or 6)
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
                                           for i in range(n)]
+    elif arch == "smollm3":  # windows where use_sliding_window and layer_types say, by default on the NoPE layers
+        on = bool(hf.get("use_sliding_window")) and hf.get("sliding_window") is not None
+        nope = _nope(hf, arch, where)["nope_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if on and i in nope else "full_attention"
+                                          for i in range(n)]
+        if not on and "sliding_attention" in types:  # (transformers' attention kernels disagree on such a model)
+            raise CheckpointError(f"{where}: layer_types names sliding_attention layers, but use_sliding_window is "
+                                  f"{hf.get('use_sliding_window')} and sliding_window {hf.get('sliding_window')}: set both "
+                                  "or name no sliding layers")
+        window = hf.get("sliding_window")
     elif arch not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") or not hf.get("use_sliding_window") or window is None:
         return dict(sliding_window=None)
     elif arch == "qwen2_moe" and not hf.get("layer_types"):
@@ -200,16 +215,45 @@ def _gemma(hf: dict, arch: str, where: str) -> dict:
     for key, field in caps.items():
         if arch == "gemma2" or field == "final_softcap":  # (transformers' Gemma 3 never caps scores)
             out[field] = float(hf.get(key, {"gemma2": 50.0 if field == "attn_softcap" else 30.0}.get(arch)) or 0)
-    if arch == "gemma3":
-        params = hf.get("rope_parameters") or {}
-        local = dict(params.get("sliding_attention") or {"rope_type": "default"})
-        if "full_attention" in params:  # (a rope_scaling key updates it, as transformers 5 reads it)
-            out["rope"] = dict(params["full_attention"], **(hf.get("rope_scaling") or {}))
-        if local.get("rope_type", "default") != "default":
-            raise CheckpointError(f"{where}: rope_parameters.sliding_attention is {local.get('rope_type')!r}: "
-                                  f"spjax's gemma3 rotates its windowed layers by default rope")
-        out["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
     return out
+
+
+def _rope_by_layer_type(hf: dict, arch: str, where: str) -> dict:
+    """Gemma 3's and OLMo 3's rope: the full layers' settings ("rope") and the windowed layers' theta, whose
+    rope is unscaled. transformers 5 holds a set per layer type in rope_parameters (a rope_scaling key updates
+    the full layers', as 5.x reads it); 4.x, the full layers' as any model's, and the windowed layers' theta as
+    rope_local_base_freq (Gemma 3) or the one rope_theta (OLMo 3: its rope_scaling scales the full layers alone).
+    An OLMo 3 whose windowed layers rotate as its full ones gets no rope_local_theta (one rope for all)."""
+    params = hf.get("rope_parameters") or {}
+    out = {}
+    if "full_attention" in params:
+        out["rope"] = dict(params["full_attention"], **(hf.get("rope_scaling") or {}))
+    full = out.get("rope") or dict(hf.get("rope_scaling") or params)
+    theta = full.get("rope_theta", hf.get("rope_theta", _THETAS.get(arch)))
+    if theta is None and arch == "olmo3":
+        raise CheckpointError(f"{where}: rope_theta missing: transformers 4.x reads OLMo 3's as 10000, 5.x as 500000; "
+                              "name it")
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    if local.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{where}: rope_parameters.sliding_attention is {local.get('rope_type')!r}: "
+                              f"spjax's {arch} rotates its windowed layers by default rope")
+    local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0) if arch == "gemma3" else theta))
+    if arch == "gemma3" or full.get("rope_type", full.get("type", "default")) != "default" or local_theta != float(theta):
+        out["rope_local_theta"] = local_theta
+    return out
+
+
+def _nope(hf: dict, arch: str, where: str) -> dict:
+    """SmolLM3's NoPE layers: no_rope_layers holds a 1 for each layer that rotates, by default all but every
+    no_rope_layer_interval-th (4th)."""
+    if arch != "smollm3":
+        return {}
+    n, every = hf["num_hidden_layers"], int(hf.get("no_rope_layer_interval") or 4)
+    flags = hf.get("no_rope_layers")
+    flags = [int((i + 1) % every != 0) for i in range(n)] if flags is None else flags
+    if len(flags) < n:
+        raise CheckpointError(f"{where}: no_rope_layers has {len(flags)} entries for {n} layers")
+    return dict(nope_layers=tuple(i for i in range(n) if not flags[i]))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -266,8 +310,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                    moe_intermediate_size=cfg.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
     if cfg.architecture == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_size, qkv_bias=True)
-    if cfg.architecture == "olmo2":
-        out["attention_bias"] = False
+    if cfg.architecture in ("olmo2", "olmo3", "smollm3"):
+        out.update(attention_bias=False, mlp_bias=False)
     if cfg.architecture == "olmoe":
         out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk,
                    clip_qkv=None, attention_bias=False)
@@ -283,11 +327,17 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                    hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_int_if_whole(cfg.query_scale or cfg.head_dim),
                    final_logit_softcapping=cfg.final_softcap or None, attn_logit_softcapping=cfg.attn_softcap or None,
                    sliding_window=cfg.sliding_window, layer_types=types, attention_bias=False)
-    if cfg.architecture == "gemma3":  # 5.x: rope settings per layer type; 4.x: the local theta on its own
-        local = cfg.rope_local_theta or cfg.rope_theta
-        out.update(rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
-                                                                                  "rope_theta": local}},
-                   rope_local_base_freq=local)
+    if cfg.architecture == "olmo3":  # (4.x: rope_scaling, written above, scales the full layers alone)
+        out.update(layer_types=types, sliding_window=cfg.sliding_window)
+    if cfg.architecture == "smollm3":
+        out.update(no_rope_layers=[int(r) for r in cfg.roped], use_sliding_window=any(cfg.windowed),
+                   sliding_window=cfg.sliding_window, layer_types=types)
+    if cfg.architecture in ("gemma3", "olmo3"):  # 5.x: rope settings per layer type; 4.x: Gemma 3's local theta
+        local = cfg.rope_local_theta or cfg.rope_theta  # on its own (OLMo 3's windowed layers: rope_theta's)
+        out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": local}}
+        if cfg.architecture == "gemma3":
+            out["rope_local_base_freq"] = local
     return out
 
 

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2, SmolLM2; Mixtral, Qwen2-MoE and
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral, Qwen2-MoE and
 Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
@@ -15,8 +15,9 @@ batches without a cache) and Pallas splash attention (TPU: training, scoring and
 prefill), as ModelConfig.attention asks; kernels in spjax.attention, see docs/perf.md.
 Gemma (ModelConfig.gemma) differs by a few lines in Block: norms that scale by 1 + w and follow
 attention and the MLP too, a tanh-GELU gate, sqrt(D)-scaled embeddings, scaled and soft-capped scores.
-A model whose layers differ in window (Gemma; some Qwen2) gets a mask, and Gemma 3 a rope, of each kind
-(`ByKind`) and each layer picks its own: by a select inside the scan, in Python when unrolled.
+A model whose layers differ in window (Gemma; some Qwen2; OLMo 3) gets a mask, and Gemma 3 and OLMo 3 a rope, of
+each kind (`ByKind`) and each layer picks its own: by a select inside the scan, in Python when unrolled.
+SmolLM3's NoPE layers rotate nothing (a zero angle where the layer is picked inside the scan).
 """
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def _pick(value, windowed):
     return jax.tree.map(lambda full, win: jnp.where(windowed, win, full), value.full, value.windowed)
 
 
+def _of_layer(per_layer: tuple, layer):
+    """A per-layer flag of the config for this layer: a Python bool when every layer has the same or the
+    layer is unrolled (an int), else traced (the scan's layer index)."""
+    if len(set(per_layer)) == 1 or isinstance(layer, int):
+        return per_layer[0 if len(set(per_layer)) == 1 else layer]
+    return jnp.asarray(per_layer)[layer]
+
+
 def softcap(x, cap: float):
     """Gemma's tanh soft cap, cap * tanh(x / cap) (cap 0: x)."""
     return cap * jnp.tanh(x / cap) if cap else x
@@ -95,14 +104,14 @@ class Block(nn.Module):
         norm = lambda name, x, dim=D: _rms_norm(x, w(name, (dim,), ("norm",), ones), cfg.rms_norm_eps, cfg.gemma,
                                                 cfg.post_norms)
         after = cfg.gemma or cfg.post_norms  # a norm on attention's and the MLP's outputs (OLMo 2: those alone)
-        # A model with windowed and full layers (Gemma, some Qwen2) gets both masks (and Gemma 3 both
-        # ropes) and picks this layer's; `layer` is traced in the scan, a Python int unrolled.
-        if len(set(cfg.windowed)) == 1 or isinstance(layer, int):
-            windowed = cfg.windowed[0 if len(set(cfg.windowed)) == 1 else layer]
-        else:
-            windowed = jnp.asarray(cfg.windowed)[layer]
+        # A model with windowed and full layers (Gemma, some Qwen2, OLMo 3) gets both masks (and Gemma 3
+        # and OLMo 3 both ropes) and picks this layer's.
+        windowed = _of_layer(cfg.windowed, layer)
         mask_BxLxW, sin_cos = _pick(mask_BxLxW, windowed), _pick(sin_cos, windowed)
         W = mask_BxLxW.shape[-1]
+        roped = _of_layer(cfg.roped, layer)  # (SmolLM3's NoPE layers: no rotation)
+        if not isinstance(roped, bool):  # angle 0 where not roped: x * 1 + rotate_half(x) * 0 is x exactly
+            sin_cos = (jnp.where(roped, sin_cos[0], 0), jnp.where(roped, sin_cos[1], 1))
 
         h = x_BxLxD if cfg.post_norms else norm("attn_norm", x_BxLxD)
         q_BxLxHxDh = _project(self, "q", "BLD,DHk->BLHk", h, (D, H, Dh), ("embed", "heads", "head_dim"))
@@ -118,8 +127,9 @@ class Block(nn.Module):
             k_BxLxKxDh = norm("k_norm", k_BxLxKxDh.reshape(B, L, K * Dh), K * Dh).reshape(k_BxLxKxDh.shape)
         elif cfg.qk_norm:  # Qwen3, Gemma 3: one scale over head_dim, shared by every head
             q_BxLxHxDh, k_BxLxKxDh = norm("q_norm", q_BxLxHxDh, Dh), norm("k_norm", k_BxLxKxDh, Dh)
-        q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
-        k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
+        if roped is not False:
+            q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
+            k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
 
         own = cache is not None and cache["k"].ndim == 4  # this layer's own [B, K, S, Dh] buffers (unstack_cache)
         scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
@@ -255,7 +265,7 @@ class Decoder(nn.Module):
         # LongRoPE picks its divisors per sequence by its real tokens' positions (a cached call's tokens:
         # all of its rows' new tokens, a left-padded prompt's padding counting up into it)
         sin_cos = rope.sin_cos(positions_BxL, cfg, cdt, kv_mask_BxS if cache is None and S == L else None)
-        if cfg.rope_local_theta and any(cfg.windowed):  # Gemma 3: windowed layers rotate by their own theta
+        if cfg.rope_local_theta and any(cfg.windowed):  # Gemma 3, OLMo 3: windowed layers rotate by their own rope
             local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_type="default", rope_factor=1.0)
             local = rope.sin_cos(positions_BxL, local, cdt)
             sin_cos = local if all(cfg.windowed) else ByKind(sin_cos, local)  # Block picks

@@ -26,7 +26,8 @@ from spjax.config import LORA_TARGETS, SHARED_EXPERT_TARGETS, LoraConfig, ModelC
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe", "Olmo2ForCausalLM": "olmo2"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe", "Olmo2ForCausalLM": "olmo2",
+            "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -197,11 +198,14 @@ def top_table(cfg: ModelConfig) -> dict:
 def export_arch(cfg: ModelConfig) -> str:
     """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms, Qwen2 is Llama
     with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too), Phi-3 is
-    Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window. A Llama
+    Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window, SmolLM3 is
+    Llama with layers that rotate nothing or windows on some layers. A Llama
     GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
     config_checks refuses what no family computes."""
     if cfg.gemma or cfg.moe or cfg.post_norms:
         return cfg.architecture
+    if cfg.nope_layers or (cfg.architecture == "smollm3" and len(set(cfg.windowed)) > 1):
+        return "smollm3"  # (Llama with NoPE layers, or windows on some layers)
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias:

@@ -33,6 +33,14 @@ FAMILIES = {
                                             "sliding_attention": dict(rope_type="default", rope_theta=100.0)})),
     # no norms before attention or the MLP, one after each; q/k norms over all heads at once
     "olmo2": ("Olmo2Config", dict(rope_theta=500000.0, tie_word_embeddings=False)),
+    # OLMo 2's layers, a window on the first (8 tokens: it binds), YaRN on the full layer alone (the windowed
+    # one rotates by unscaled rope)
+    "olmo3": ("Olmo3Config", dict(rope_theta=500000.0, tie_word_embeddings=False, sliding_window=8, eos_token_id=2,
+                                  layer_types=["sliding_attention", "full_attention"], rope_scaling=dict(
+                                      rope_type="yarn", factor=2.0, original_max_position_embeddings=256))),
+    # Llama whose second layer rotates nothing (NoPE) and, as SmolLM3 windows by default, is windowed (8 tokens)
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # mixtures of experts: 4 experts, 2 a token (Mixtral's weights renormalized); 8 experts of width 48, 3 a token,
     # not renormalized (Qwen3-MoE's norm_topk_prob false), q/k norms
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,

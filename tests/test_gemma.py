@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 beyond the family tests that cover every oracle family (logits with padding in
+"""Gemma 2 and Gemma 3 (and OLMo 3's and SmolLM3's windows by layer) beyond the family tests that cover every oracle family (logits with padding in
 test_model, export and import in test_hf, greedy decoding in test_sampler): the attention kernels that
 pick each layer's window inside the layer scan, the soft-capped head's own backward pass, configs as
 transformers reads and writes them, and what is refused."""
@@ -21,11 +21,13 @@ def _batch(cfg):
     return ids_BxL, jnp.asarray(np.arange(L)[None] < np.array([[L], [23]]))  # row 1 right-padded
 
 
-@pytest.mark.parametrize("family,kernel", [("gemma3", "xla_fused"), ("gemma2", "splash")])
+@pytest.mark.parametrize("family,kernel", [("gemma3", "xla_fused"), ("gemma2", "splash"), ("olmo3", "splash"),
+                                           ("smollm3", "xla_fused")])
 def test_kernels_pick_each_layers_window_in_the_scan(family, kernel):
     """A kernel takes its window as a static argument, so a scanned layer chooses between a windowed and
     a full call (lax.cond); the same hidden states and gradients as the einsum path, which masks. Gemma 2's
-    soft cap on the scores goes into splash; the cuDNN call has none (attention_impl avoids it)."""
+    soft cap on the scores goes into splash; the cuDNN call has none (attention_impl avoids it). OLMo 3's
+    and SmolLM3's windowed layers (the first's with its own rope, the second's with none) are picked so too."""
     cfg, params = oracle.spjax_model(family)
     ids_BxL, valid_BxL = _batch(cfg)
 

@@ -72,8 +72,56 @@ def test_olmo_settings_no_family_computes_are_one_line():
         dataclasses.replace(cfg, sliding_window=8)
     with pytest.raises(ConfigError, match="model.qk_norm_full: False with olmo2: transformers' olmo2 normalizes"):
         dataclasses.replace(cfg, qk_norm_full=False)
-    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3: only olmo2 and olmoe compute it"):
+    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3: only olmo2, olmo3 and olmoe compute it"):
         dataclasses.replace(cfg, architecture="qwen3")
+
+
+def test_olmo3_and_smollm3_configs_as_released_read_as_transformers_reads_them():
+    """OLMo 3's and SmolLM3's released config.json files (written by transformers 4.x: rope_theta and rope_scaling
+    at the top) give the ModelConfig of the dict transformers 5 makes of them, whose logits test_model checks:
+    OLMo 3's YaRN on its full layers alone, three of four layers windowed; SmolLM3's every fourth layer NoPE.
+    What the families cannot compute, or read differently by version, is one line."""
+    import dataclasses
+    import transformers
+    olmo = dict(oracle.TINY, architectures=["Olmo3ForCausalLM"], model_type="olmo3", num_hidden_layers=8,
+                rope_theta=500000, sliding_window=16, pad_token_id=1, eos_token_id=2, bos_token_id=None, layer_types=[
+                    "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(8)],
+                rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                  attention_factor=1.2079441541679836, beta_fast=32, beta_slow=1))
+    cfg = hf.config_from_hf(olmo, "c.json")
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_local_theta, cfg.windowed) == (
+        "yarn", 8.0, 500000.0, (True, True, True, False) * 2)
+    as_5x = transformers.Olmo3Config(**{k: v for k, v in olmo.items() if k != "architectures"}).to_dict()
+    assert as_5x["rope_parameters"]["sliding_attention"]["rope_type"] == "default"
+    assert hf.config_from_hf(dict(as_5x, architectures=["Olmo3ForCausalLM"]), "c.json") == cfg
+    plain = hf.config_from_hf({k: v for k, v in olmo.items() if k != "rope_scaling"}, "c.json")
+    assert plain.rope_local_theta == 0 and plain.rope_type == "default"  # (one rope for all: computed once)
+    with pytest.raises(hf.CheckpointError, match="c.json: rope_theta missing: transformers 4.x reads OLMo 3's as 10000"):
+        hf.config_from_hf({k: v for k, v in olmo.items() if k != "rope_theta"}, "c.json")
+    with pytest.raises(ConfigError, match="model.rope_local_theta: 0 with olmo3's yarn rope: transformers' OLMo 3 "
+                                          "rotates its windowed layers by unscaled rope"):
+        dataclasses.replace(cfg, rope_local_theta=0.0)
+    with pytest.raises(ConfigError, match=r"model.sliding_window: 16 with olmo2: .* \(OLMo 3's windowed layers: "
+                                          "architecture olmo3\\)"):
+        dataclasses.replace(cfg, architecture="olmo2", rope_local_theta=0.0, rope_type="default", layer_types=())
+
+    smol = dict(oracle.TINY, architectures=["SmolLM3ForCausalLM"], model_type="smollm3", num_hidden_layers=8,
+                rope_theta=5000000.0, use_sliding_window=False, sliding_window=None, no_rope_layer_interval=4,
+                no_rope_layers=[int((i + 1) % 4 != 0) for i in range(8)])
+    cfg = hf.config_from_hf(smol, "c.json")
+    assert (cfg.nope_layers, cfg.roped[:4], any(cfg.windowed), cfg.tie_embeddings) == (
+        (3, 7), (True, True, True, False), False, True)
+    assert hf.config_from_hf({k: v for k, v in smol.items() if k != "no_rope_layers"}, "c.json") == cfg
+    assert export_arch(cfg) == "smollm3" and export_arch(dataclasses.replace(cfg, nope_layers=())) == "llama"
+    with pytest.raises(hf.CheckpointError, match="c.json: layer_types names sliding_attention layers, but "
+                                                 "use_sliding_window is False"):
+        hf.config_from_hf(dict(smol, layer_types=["sliding_attention"] * 8, sliding_window=16), "c.json")
+    with pytest.raises(ConfigError, match=r"model.nope_layers: \[9\]: layer indices in \[0, 8\)"):
+        dataclasses.replace(cfg, nope_layers=(9,))
+    with pytest.raises(ConfigError, match="model.nope_layers: is SmolLM3's .architecture smollm3., not llama's"):
+        dataclasses.replace(cfg, architecture="llama")
+    with pytest.raises(ConfigError, match="model.qk_norm: with SmolLM3's NoPE layers .* could not be exported"):
+        dataclasses.replace(cfg, qk_norm=True)
 
 
 def test_tokenizer_directories_spjax_cannot_build_are_one_line(tmp_path, monkeypatch):

@@ -361,7 +361,7 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
         dataclasses.replace(CFG, architecture="qwen2_moe", shared_expert_size=8)
     with pytest.raises(ConfigError, match="model.qk_norm: False with qwen3_moe: transformers' qwen3_moe normalizes"):
         dataclasses.replace(CFG, architecture="qwen3_moe")
-    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3_moe: only olmo2 and olmoe compute it"):
+    with pytest.raises(ConfigError, match="model.qk_norm_full: True with qwen3_moe: only olmo2, olmo3 and olmoe compute it"):
         dataclasses.replace(CFG, architecture="qwen3_moe", qk_norm=True, qk_norm_full=True)
     with pytest.raises(ConfigError, match="model.qk_norm_full: False with olmoe: transformers' olmoe normalizes q and k over all heads"):
         dataclasses.replace(CFG, architecture="olmoe", qk_norm=True)
