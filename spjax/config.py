@@ -57,7 +57,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral,
+    """A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral,
     Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
@@ -90,6 +90,9 @@ class ModelConfig:
     # Gemma 3, OLMo 3: the windowed layers rotate by unscaled rope of this theta; 0: by the others' rope
     rope_local_theta: float = 0.0
     nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers that rotate neither q nor k (no position encoding)
+    # Ministral 3 (Llama 4's llama_4_scaling_beta): q times 1 + beta * log(1 + floor(position /
+    # rope_original_max_position)), after its rotation; 0: none
+    query_scale_beta: float = 0.0
     # Gemma 2/3 only (config_checks.check_family; their other parts follow from `architecture`, see `gemma`)
     query_scale: float = 0.0  # attention scores times query_scale ** -0.5 (query_pre_attn_scalar); 0: head_dim
     attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: none

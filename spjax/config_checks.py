@@ -190,6 +190,9 @@ def check_family(cfg):
     check(cfg.architecture != "olmo3" or cfg.rope_type == "default" or cfg.rope_local_theta or not any(cfg.windowed),
           "model.rope_local_theta", f"0 with olmo3's {cfg.rope_type} rope: transformers' OLMo 3 rotates its windowed "
           "layers by unscaled rope; set it (rope_theta: the full layers' theta)")
+    check(cfg.query_scale_beta >= 0, "model.query_scale_beta", f"must be >= 0 (0: none), got {cfg.query_scale_beta}")
+    check(not cfg.query_scale_beta or cfg.architecture == "ministral3", "model.query_scale_beta",
+          f"is Ministral 3's (architecture ministral3), not {cfg.architecture}'s")
     check(not cfg.nope_layers or cfg.architecture == "smollm3", "model.nope_layers",
           f"is SmolLM3's (architecture smollm3), not {cfg.architecture}'s")
     bad = [i for i in cfg.nope_layers if not 0 <= i < cfg.num_layers]
@@ -207,6 +210,8 @@ def check_family(cfg):
                              ("rope_type", cfg.rope_type == "longrope")) if on]
     check(export_arch(cfg) != "smollm3" or not other, f"model.{other[0] if other else ''}", "with SmolLM3's NoPE "
           "layers or windows on some layers: transformers' SmolLM3 does not compute it, so the model could not be exported")
+    check(export_arch(cfg) != "ministral3" or not (other or mixed), f"model.{other[0] if other else 'layer_types'}",
+          "with query_scale_beta: transformers' Ministral 3 does not compute it, so the model could not be exported")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
                                 ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),

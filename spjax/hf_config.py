@@ -16,13 +16,23 @@ from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # where transformers' model_type is not spjax's architecture name
-_HEAD_DIMS = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256, "gemma3": 256}  # config classes' defaults where not D / H
+_HEAD_DIMS = {"qwen3": 128, "qwen3_moe": 128, "gemma2": 256, "gemma3": 256, "ministral3": 128}  # where not D / H
 _THETAS = {"gemma3": 1e6, "smollm3": 2e6}  # config classes' rope theta where a config omits it, if not 10000
-_EPS = {"phi3": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}  # their rms_norm_eps, if not 1e-6
+_EPS = {"phi3": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}  # if not 1e-6
+# Ministral3Config's rope settings where a config gives none: YaRN to 16 times 16384 positions, and Llama 4's
+# query scale past each 16384 of them
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """ModelConfig from a transformers config dict (config.json; a multimodal model's: its language model's)."""
+    quant = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config")
+    if quant:  # (its packed weights and scales would otherwise fail as tensors of the wrong shape or name)
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise CheckpointError(f"{where}: quantization_config {method!r}: a quantized checkpoint, whose weights spjax "
+                              "does not read: load the unquantized (bf16) release; model.base_quant=int8/int4 "
+                              "quantizes a LoRA run's frozen base itself")
     hf = text_config(hf, where)
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
@@ -39,7 +49,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     # transformers 5 nests rope settings in rope_parameters; 4.x used rope_theta + rope_scaling. Where
     # both are present, transformers reads rope_scaling alone (a 4.x-style edit of a 5.x config), its
     # theta from the top level or 10000: so do we.
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or (_MINISTRAL3_ROPE if arch == "ministral3" else {}))
     gemma = _gemma(hf, arch, where) if arch in ("gemma2", "gemma3") else {}
     by_type = _rope_by_layer_type(hf, arch, where) if arch in ("gemma3", "olmo3") else {}
     rope = by_type.pop("rope", rope)
@@ -83,6 +93,11 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         pad_token_id=hf.get("pad_token_id"),
     )
     kw.update(_experts(hf, arch, where))
+    if rope.get("llama_4_scaling_beta") and arch == "ministral3":  # (scaled past each original context)
+        if not rope.get("original_max_position_embeddings"):
+            raise CheckpointError(f"{where}: llama_4_scaling_beta without original_max_position_embeddings in the "
+                                  "rope settings: transformers' Ministral 3 needs both")
+        kw["query_scale_beta"] = float(rope["llama_4_scaling_beta"])
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -134,7 +149,7 @@ def _windows(hf: dict, arch: str, where: str) -> dict:
     window, n = hf.get("sliding_window", 4096), hf["num_hidden_layers"]  # 4096: the families' default
     if arch == "mistral":
         return dict(sliding_window=window)
-    if arch in ("phi3", "mixtral"):  # every layer, as Mistral; their config classes' default is none
+    if arch in ("phi3", "mixtral", "ministral3"):  # every layer, as Mistral; their config classes' default is none
         return dict(sliding_window=hf.get("sliding_window"))
     if arch in ("gemma2", "gemma3", "olmo3"):
         every = {"gemma2": 2, "olmo3": 4}.get(arch) or int(hf.get("sliding_window_pattern") or 6)
@@ -291,12 +306,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             rope["attention_factor"] = cfg.rope_attention_factor
     if cfg.rotary_dim != cfg.head_dim:
         rope["partial_rotary_factor"] = out["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.query_scale_beta:
+        rope.update(llama_4_scaling_beta=cfg.query_scale_beta,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
     if cfg.rope_type != "default":
         out["rope_scaling"] = dict(rope)
     out["rope_parameters"] = rope
     if cfg.architecture == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
-    if cfg.architecture in ("mistral", "phi3"):
+    if cfg.architecture in ("mistral", "phi3", "ministral3"):
         out["sliding_window"] = cfg.sliding_window
     if cfg.architecture == "phi3":  # (Phi3Config reads the pretraining context from the top level)
         out["original_max_position_embeddings"] = cfg.rope_original_max_position

@@ -45,6 +45,10 @@ TEXT_MODELS = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=131072, sliding_window=4096, rms_norm_eps=1e-6,
         rope_theta=10000.0, bos_token_id=1, eos_token_id=2)),
+    "ministral3": ("Ministral3ForCausalLM", dict(  # (Ministral 3 3B/8B/14B; its rope: hf_config's default)
+        vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_hidden_layers=34, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-5, sliding_window=None,
+        bos_token_id=1, eos_token_id=2, pad_token_id=11)),
 }
 # (top-level keys that, where a file sets them, are the text model's: transformers reads them there)
 _TOP_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral, Qwen2-MoE and
+"""A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral, Qwen2-MoE and
 Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
 
 Dimension names used in array suffixes:
@@ -17,7 +17,8 @@ Gemma (ModelConfig.gemma) differs by a few lines in Block: norms that scale by 1
 attention and the MLP too, a tanh-GELU gate, sqrt(D)-scaled embeddings, scaled and soft-capped scores.
 A model whose layers differ in window (Gemma; some Qwen2; OLMo 3) gets a mask, and Gemma 3 and OLMo 3 a rope, of
 each kind (`ByKind`) and each layer picks its own: by a select inside the scan, in Python when unrolled.
-SmolLM3's NoPE layers rotate nothing (a zero angle where the layer is picked inside the scan).
+SmolLM3's NoPE layers rotate nothing (a zero angle where the layer is picked inside the scan); Ministral 3
+scales its rotated queries by position.
 """
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ class Block(nn.Module):
         # and OLMo 3 both ropes) and picks this layer's.
         windowed = _of_layer(cfg.windowed, layer)
         mask_BxLxW, sin_cos = _pick(mask_BxLxW, windowed), _pick(sin_cos, windowed)
+        sin_cos, q_scale_BxL = sin_cos[:2], (sin_cos[2] if len(sin_cos) > 2 else None)
         W = mask_BxLxW.shape[-1]
         roped = _of_layer(cfg.roped, layer)  # (SmolLM3's NoPE layers: no rotation)
         if not isinstance(roped, bool):  # angle 0 where not roped: x * 1 + rotate_half(x) * 0 is x exactly
@@ -130,6 +132,8 @@ class Block(nn.Module):
         if roped is not False:
             q_BxLxHxDh = rope.rotate(q_BxLxHxDh, *sin_cos)
             k_BxLxKxDh = rope.rotate(k_BxLxKxDh, *sin_cos)
+        if q_scale_BxL is not None:  # Ministral 3: rotated queries scaled by position (keys and cache as they are)
+            q_BxLxHxDh = q_BxLxHxDh * q_scale_BxL[:, :, None, None]
 
         own = cache is not None and cache["k"].ndim == 4  # this layer's own [B, K, S, Dh] buffers (unstack_cache)
         scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
@@ -269,6 +273,10 @@ class Decoder(nn.Module):
             local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_type="default", rope_factor=1.0)
             local = rope.sin_cos(positions_BxL, local, cdt)
             sin_cos = local if all(cfg.windowed) else ByKind(sin_cos, local)  # Block picks
+        if cfg.query_scale_beta:  # (a third member beside sin, cos: Block scales q by it)
+            q_scale_BxL = rope.query_scale(positions_BxL, cfg).astype(cdt)
+            sin_cos = (ByKind(*(v + (q_scale_BxL,) for v in sin_cos)) if isinstance(sin_cos, ByKind)
+                       else sin_cos + (q_scale_BxL,))
 
         if self.attention == "splash":  # the kernel masks by slot and segment: no [B, L, S] mask is built
             mask_BxLxS = segment_ids(kv_mask_BxS, segment_ids_BxS)  # [B, S], S == L

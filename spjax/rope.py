@@ -145,6 +145,12 @@ def sin_cos(positions_BxL, cfg: ModelConfig, dtype, valid_BxL=None):
     return sin_BxLxR.astype(dtype), cos_BxLxR.astype(dtype)
 
 
+def query_scale(positions_BxL, cfg: ModelConfig):
+    """Ministral 3's (Llama 4's) float32 query scale by position: 1 + beta * log(1 + floor(p / original))."""
+    blocks_BxL = jnp.floor(positions_BxL.astype(jnp.float32) / cfg.rope_original_max_position)
+    return 1.0 + cfg.query_scale_beta * jnp.log(1.0 + blocks_BxL)
+
+
 def rotate(x_BxLxNxDh, sin_BxLxR, cos_BxLxR):
     """x's first R dims rotated by the angles (the half-split layout of transformers' rotate_half), the
     rest passed through (partial rotary: R < Dh)."""

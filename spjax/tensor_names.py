@@ -27,7 +27,7 @@ HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
             "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe", "Olmo2ForCausalLM": "olmo2",
-            "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3"}
+            "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "Ministral3ForCausalLM": "ministral3"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -199,13 +199,16 @@ def export_arch(cfg: ModelConfig) -> str:
     """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms, Qwen2 is Llama
     with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too), Phi-3 is
     Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window, SmolLM3 is
-    Llama with layers that rotate nothing or windows on some layers. A Llama
+    Llama with layers that rotate nothing or windows on some layers, Ministral 3 is Mistral whose queries are
+    scaled by position. A Llama
     GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
     config_checks refuses what no family computes."""
     if cfg.gemma or cfg.moe or cfg.post_norms:
         return cfg.architecture
     if cfg.nope_layers or (cfg.architecture == "smollm3" and len(set(cfg.windowed)) > 1):
         return "smollm3"  # (Llama with NoPE layers, or windows on some layers)
+    if cfg.query_scale_beta:
+        return "ministral3"  # (Mistral whose queries are scaled by position)
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias:

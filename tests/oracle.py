@@ -38,6 +38,10 @@ FAMILIES = {
     "olmo3": ("Olmo3Config", dict(rope_theta=500000.0, tie_word_embeddings=False, sliding_window=8, eos_token_id=2,
                                   layer_types=["sliding_attention", "full_attention"], rope_scaling=dict(
                                       rope_type="yarn", factor=2.0, original_max_position_embeddings=256))),
+    # Mistral with YaRN and Llama 4's query scale by position, which grows every 32 positions here (Ministral 3: beta 0.1)
+    "ministral3": ("Ministral3Config", dict(head_dim=16, pad_token_id=0, eos_token_id=3, rope_parameters=dict(
+        type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=32, max_position_embeddings=512,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=1.0))),
     # Llama whose second layer rotates nothing (NoPE) and, as SmolLM3 windows by default, is windowed (8 tokens)
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)),

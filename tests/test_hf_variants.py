@@ -124,6 +124,30 @@ def test_olmo3_and_smollm3_configs_as_released_read_as_transformers_reads_them()
         dataclasses.replace(cfg, qk_norm=True)
 
 
+def test_ministral3_settings_no_family_computes_are_one_line():
+    import dataclasses
+    cfg = oracle.spjax_model("ministral3")[0]
+    assert export_arch(cfg) == "ministral3" and export_arch(dataclasses.replace(cfg, query_scale_beta=0.0)) == "llama"
+    with pytest.raises(ConfigError, match="model.query_scale_beta: is Ministral 3's .architecture ministral3., not llama's"):
+        dataclasses.replace(cfg, architecture="llama")
+    with pytest.raises(ConfigError, match="model.qkv_bias: with query_scale_beta: transformers' Ministral 3 does not"):
+        dataclasses.replace(cfg, qkv_bias=True)
+    with pytest.raises(ConfigError, match="model.query_scale_beta: must be >= 0"):
+        dataclasses.replace(cfg, query_scale_beta=-0.1)
+
+
+def test_a_quantized_checkpoint_is_one_line(tmp_path):
+    """Ministral 3's instruct releases are FP8 (as are Qwen3's -FP8 ones, GPTQ/AWQ/bitsandbytes uploads): their
+    packed weights and scales failed as tensors of unexpected shapes or names; the config now says it."""
+    _saved("llama3", tmp_path / "hf")
+    conf = json.load(open(tmp_path / "hf" / "config.json"))
+    json.dump(dict(conf, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
+              open(tmp_path / "hf" / "config.json", "w"))
+    with pytest.raises(hf.CheckpointError, match=r"config.json: quantization_config 'fp8': a quantized checkpoint, "
+                                                 r"whose weights spjax does not read: load the unquantized \(bf16\)"):
+        spjax.load_pretrained(str(tmp_path / "hf"))
+
+
 def test_tokenizer_directories_spjax_cannot_build_are_one_line(tmp_path, monkeypatch):
     """transformers' tracebacks (a SentencePiece-only directory without sentencepiece said "`tiktoken` is required",
     a directory without tokenizer files "Couldn't instantiate the backend tokenizer") are one line naming it."""

@@ -76,7 +76,10 @@ SMALL_3_1 = dict(head_dim=128, hidden_act="silu", hidden_size=5120, intermediate
 
 @pytest.mark.parametrize("wrapped_class, config_class, text_class, texts, eos", [
     (WRAPPED, "Gemma3Config", "Gemma3ForCausalLM", ({}, FOUR_B), [1, 106]),
-    ("Mistral3ForConditionalGeneration", "Mistral3Config", "MistralForCausalLM", ({}, SMALL_3_1), None)])
+    ("Mistral3ForConditionalGeneration", "Mistral3Config", "MistralForCausalLM", ({}, SMALL_3_1), None),
+    ("Mistral3ForConditionalGeneration", "Mistral3Config", "Ministral3ForCausalLM", (
+        {"model_type": "ministral3"}, dict(model_type="ministral3", hidden_size=3072, intermediate_size=9216,
+                                           num_hidden_layers=26, tie_word_embeddings=True)), None)])
 def test_text_config_is_read_as_transformers_reads_it(wrapped_class, config_class, text_class, texts, eos):
     """The keys a text_config omits are its config class's defaults (and the top level's eos ids, Gemma's
     end of turn among them, are the text model's)."""
@@ -89,6 +92,8 @@ def test_text_config_is_read_as_transformers_reads_it(wrapped_class, config_clas
     if wrapped_class == WRAPPED:
         assert want.vocab_size == 262208 and want.rope_factor == 8.0 and want.eos_token_ids == (1, 106)
         assert want == _module("configs/single_gpu_gemma3_4b.py").GEMMA3_4B  # (the shapes compile_check counts)
+    elif text_class == "Ministral3ForCausalLM":  # (its rope when the file gives none: YaRN and the query scale)
+        assert (want.rope_type, want.rope_factor, want.query_scale_beta) == ("yarn", 16.0, 0.1)
     else:
         assert want.rope_theta == 1e9 and want.sliding_window is None and want.num_layers == 40
         assert want == _module("configs/single_gpu_mistral_small_24b.py").MISTRAL_SMALL_24B
@@ -102,7 +107,7 @@ def test_unsupported_multimodal_configs_are_one_line():
                                                  r"Mistral3ForConditionalGeneration\)"):
         hf.config_from_hf({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": {}})
     with pytest.raises(hf.CheckpointError, match=r"text_config.model_type 'qwen3_moe' is not supported in "
-                                                 r"Mistral3ForConditionalGeneration \(supported: gemma3_text, mistral\)"):
+                                                 r"Mistral3ForConditionalGeneration \(supported: gemma3_text, mistral, ministral3\)"):
         hf.config_from_hf({"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"model_type": "qwen3_moe"}})
 
 
@@ -206,3 +211,32 @@ def test_mistral_small_with_its_own_head_loads_and_exports(tmp_path):
     save_file(dict(tensors, **{"language_model.model.layers.0.mlp.up_proj.bias": np.zeros(128, np.float32)}), file)
     with pytest.raises(hf.CheckpointError, match=r"tensor\(s\) language_model.model.layers.0.mlp.up_proj.bias are not "):
         hf.load_pretrained(str(path))
+
+
+def test_ministral3_loads_and_exports_as_the_whole_multimodal_model(tmp_path):
+    """Ministral 3 (3B/8B/14B) comes as Mistral3ForConditionalGeneration around a ministral3 text model: Mistral
+    whose rotated queries grow by position (Llama 4's llama_4_scaling_beta, past each original context). Read
+    with transformers' logits past two such contexts, and written back as the whole model."""
+    import torch
+    import transformers
+    _, extra = oracle.FAMILIES["ministral3"]
+    text = dict(oracle.TINY, **extra, model_type="ministral3", vocab_size=320)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8, head_dim=16)
+    config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=302,
+                                         spatial_merge_size=2)
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    cfg, params = hf.load_pretrained(str(tmp_path / "src"))
+    assert (cfg.architecture, cfg.query_scale_beta, cfg.rope_original_max_position) == ("ministral3", 1.0, 32)
+    ids = np.random.RandomState(1).randint(3, 299, (2, 80))  # positions 64..79: a query scale of 1 + log 3
+    want = _logits(model, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids, jnp.int32))) - want).max() <= 1e-4
+    out = hf.save_pretrained(cfg, params, tmp_path / "export", source=str(tmp_path / "src"))
+    export = transformers.Mistral3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert export.config.text_config.rope_parameters["llama_4_scaling_beta"] == 1.0
+    assert np.abs(_logits(export, ids) - want).max() <= 1e-5
+    with pytest.raises(hf.CheckpointError, match="llama_4_scaling_beta without original_max_position_embeddings"):
+        rope = {k: v for k, v in extra["rope_parameters"].items() if k != "original_max_position_embeddings"}
+        hf.config_from_hf(dict(text, architectures=["Ministral3ForCausalLM"], rope_parameters=rope), "c.json")
