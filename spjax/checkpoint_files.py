@@ -1,6 +1,7 @@
 """A Hugging Face checkpoint's files: its JSON (a bad line named), its safetensors, single or index-sharded
 (a missing shard or a truncated file one line naming it; names saved from the base model, without
-'model.', read as transformers' CausalLM reads them), and tensors copied byte for byte into a new file."""
+'model.', read as transformers' CausalLM reads them; FP8 weights dequantized by their scales), and tensors
+copied byte for byte into a new file."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def open_safetensors(path: str):
 
 def safetensors_getter(directory: str, open_all: bool = False):
     """A TensorSource over a single or index-sharded safetensors checkpoint (open_all: every file's header
-    read now, not as its first tensor is)."""
+    read now, not as its first tensor is). An FP8 checkpoint's weights (transformers' quant_method 'fp8': float8
+    weights beside float32 `weight_scale_inv` multipliers, per tensor or per block) come dequantized to float32,
+    their scales out of the names; `quantized`: the names that were."""
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
@@ -52,6 +55,10 @@ def safetensors_getter(directory: str, open_all: bool = False):
     if weight_map and not any(k.startswith("model.") for k in weight_map) and "embed_tokens.weight" in weight_map:
         stored = {(k if k.startswith("lm_head.") else "model." + k): k for k in weight_map}
     handles, headers = {}, {}
+    scales = {n[:-len("_scale_inv")]: n for n in stored if n.endswith(".weight_scale_inv") and n[:-10] in stored}
+    static = {n for n in stored if n.endswith((".activation_scale", ".input_scale"))  # (activations stay unquantized)
+              and n.rsplit(".", 1)[0] + ".weight" in scales}
+    block = _fp8_block(directory) if scales else None
 
     def handle(fname):
         path = os.path.join(directory, fname)
@@ -64,37 +71,83 @@ def safetensors_getter(directory: str, open_all: bool = False):
     for fname in sorted(set(weight_map.values())) if open_all else ():
         handle(fname)
 
-    def get(name):
+    def read(name):
         if name not in stored:
             raise CheckpointError(f"{directory}: tensor {name!r} missing from the checkpoint")
         f, path = handle(weight_map[stored[name]])
         try:
             return f.get_tensor(stored[name])
-        except Exception as e:  # noqa: BLE001 - bf16 tensors need the pytorch/flax path below
-            if "bfloat16" in str(e) or "BF16" in str(e):
-                return bf16_tensor(path, stored[name], headers)
+        except Exception as e:  # noqa: BLE001 - numpy has no bfloat16 or float8: read below
+            if any(t in str(e) for t in ("bfloat16", "BF16", "float8")):
+                return raw_tensor(path, stored[name], headers)
             raise CheckpointError(f"{path}: tensor {stored[name]!r}: {e}") from None
 
-    return TensorSource(get, stored)
+    def get(name):
+        if name in scales:
+            return fp8_dequantize(read(name), read(scales[name]), block, f"{directory}: tensor {stored[name]!r}")
+        x = read(name)
+        if "float8" in x.dtype.name:  # (its values are scaled: cast alone they would be a different model)
+            raise CheckpointError(f"{directory}: tensor {stored[name]!r} is {x.dtype.name} without a weight_scale_inv "
+                                  "beside it, which spjax does not read")
+        return x
+
+    source = TensorSource(get, {n: v for n, v in stored.items() if n not in static and n not in scales.values()})
+    source.quantized = frozenset(scales)
+    return source
 
 
-def bf16_tensor(path, name, headers=None):
-    """A bfloat16 tensor, which safetensors' numpy reader refuses, read from the file's bytes as bfloat16: one copy
-    on the host (through safetensors' flax reader it was four, a device's among them, and a float32 one).
-    `headers`: {path: (data start, header)} read before (filled here)."""
+# safetensors dtypes numpy has no name for, read with ml_dtypes' (bfloat16 weights; FP8 checkpoints' float8 ones)
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def raw_tensor(path, name, headers=None):
+    """A bfloat16 or float8 tensor, which safetensors' numpy reader refuses, read from the file's bytes in its
+    dtype: one copy on the host (through safetensors' flax reader a bf16 one was four, a device's among them,
+    and a float32 one). `headers`: {path: (data start, header)} read before (filled here)."""
     import ml_dtypes
     headers = {} if headers is None else headers
     if path not in headers:
         headers[path] = _header(path)
     base, header = headers[path]
     meta = header[name]
+    if meta["dtype"] not in _RAW_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, which spjax does not read")
+    dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[meta["dtype"]]))
     start, end = meta["data_offsets"]
     with open(path, "rb") as f:
         f.seek(base + start)
-        x = np.fromfile(f, dtype=ml_dtypes.bfloat16, count=(end - start) // 2)
-    if x.size * 2 != end - start:
+        x = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize)
+    if x.size * dtype.itemsize != end - start:
         raise CheckpointError(f"{path}: truncated in tensor {name!r}")
     return x.reshape(meta["shape"])
+
+
+def _fp8_block(directory: str):
+    """quantization_config.weight_block_size of an FP8 checkpoint's config.json (a wrapped model's may sit in
+    its text_config), or None: then each scale grid's block is the weight's shape over it."""
+    path = os.path.join(directory, "config.json")
+    hf = read_json(path) if os.path.exists(path) else {}
+    quant = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config") or {}
+    return tuple(quant["weight_block_size"]) if quant.get("weight_block_size") else None
+
+
+def fp8_dequantize(w, scale_inv, block, where: str):
+    """float32 w * scale_inv, the scale per tensor (one value) or per block of `block` [rows, cols] (the last
+    blocks may be partial: DeepSeek-style grids of ceil(rows / block) scales), as transformers dequantizes."""
+    w, scale = np.asarray(w, np.float32), np.asarray(scale_inv, np.float32)
+    if scale.size == 1:
+        return w * scale.reshape(())
+    rows, cols = w.shape[-2:]
+    grid = scale.shape[-2:]
+    bm, bn = block or (rows // grid[0], cols // grid[1])
+    if (-(-rows // bm), -(-cols // bn)) != tuple(grid) or w.shape[:-2] != scale.shape[:-2]:
+        raise CheckpointError(f"{where}: weight {list(w.shape)} and its scale grid {list(scale.shape)} do not match "
+                              f"blocks of {[bm, bn]}")
+    if rows % bm == 0 and cols % bn == 0:  # (whole blocks: a broadcast, no scale array as large as w)
+        lead = w.shape[:-2]
+        blocks = w.reshape(*lead, grid[0], bm, grid[1], bn) * scale[..., :, None, :, None]
+        return blocks.reshape(w.shape)
+    return w * np.repeat(np.repeat(scale, bm, axis=-2)[..., :rows, :], bn, axis=-1)[..., :cols]
 
 
 def _header(path: str) -> tuple:

@@ -28,11 +28,13 @@ _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "ori
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """ModelConfig from a transformers config dict (config.json; a multimodal model's: its language model's)."""
     quant = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config")
-    if quant:  # (its packed weights and scales would otherwise fail as tensors of the wrong shape or name)
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+    method = (quant.get("quant_method", "?") if isinstance(quant, dict) else quant) if quant else None
+    # FP8 weights are read dequantized (spjax.checkpoint_files); other methods' packed weights would fail as
+    # tensors of odd shapes or names
+    if method not in (None, "fp8"):
         raise CheckpointError(f"{where}: quantization_config {method!r}: a quantized checkpoint, whose weights spjax "
-                              "does not read: load the unquantized (bf16) release; model.base_quant=int8/int4 "
-                              "quantizes a LoRA run's frozen base itself")
+                              "does not read (it reads FP8 ones): load the unquantized (bf16) release; "
+                              "model.base_quant=int8/int4 quantizes a LoRA run's frozen base itself")
     hf = text_config(hf, where)
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)

@@ -132,14 +132,21 @@ def export_parts(source: str, text_hf: dict):
     if wrapper(hf) is None:
         return None
     text = {k: v for k, v in text_hf.items() if k not in ("architectures", "torch_dtype")}
-    kept = {k: v for k, v in (hf.get("text_config") or {}).items() if k not in ("dtype", "torch_dtype")}
+    kept = {k: v for k, v in (hf.get("text_config") or {}).items()
+            if k not in ("dtype", "torch_dtype", "quantization_config")}
     config = dict(hf, text_config=dict(kept, **text), torch_dtype=text_hf["torch_dtype"])
     config.pop("dtype", None)  # (transformers 5's name for torch_dtype: the export's is the one above)
+    config.pop("quantization_config", None)  # (an FP8 source's: the export's weights are written unquantized)
     config.update({k: text[k] for k in _TOP_KEYS if k in hf and k in text})
     # The text tensors are written under the source's names (either layout); the others are copied from it.
-    names = safetensors_getter(source).names
+    get = safetensors_getter(source)
+    names = get.names
     modules = any(n.startswith(_MODULE) for n in names)
     carried = sorted(n for n in names if text_name(n) is None and not (modules and n == "lm_head.weight"))
+    quantized = [n for n in carried if n in get.quantized]
+    if quantized:  # (copied as they are, without the quantization_config that says how to read them)
+        raise CheckpointError(f"{source}: {quantized[0]} and {len(quantized) - 1} more tensors outside the language "
+                              "model are FP8: export from the model's bf16 release as source")
     return config, lambda name: _wrapped_name(name, modules), carried
 
 

@@ -87,3 +87,23 @@ def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = Non
 def spjax_model(family: str, seed: int = 0):
     from spjax import hf
     return hf.from_transformers(torch_model(family, seed))
+
+
+def fp8_quantize(path, block, per_tensor=(), only=lambda name: True):
+    """Rewrite a safetensors checkpoint as transformers' FP8 ('fp8', fine-grained): each projection weight
+    `only` picks as float8_e4m3fn beside a float32 weight_scale_inv multiplier per `block` (per tensor for the
+    names in per_tensor), as DeepSeek's and Qwen3's -FP8 releases store them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    out = {}
+    for name, w in load_file(path).items():
+        if not (name.endswith("proj.weight") and only(name)):
+            out[name] = w
+            continue
+        r, c = w.shape
+        bm, bn = (r, c) if name in per_tensor else block
+        amax = w.reshape(r // bm, bm, c // bn, bn).abs().amax(dim=(1, 3)).clamp(min=1e-12).float()
+        scale = amax / 448.0  # (float8_e4m3fn's largest value)
+        out[name] = (w.reshape(r // bm, bm, c // bn, bn) / scale[:, None, :, None]).reshape(r, c).to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = scale.reshape(1) if name in per_tensor else scale
+    save_file(out, path, metadata={"format": "pt"})

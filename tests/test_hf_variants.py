@@ -136,15 +136,41 @@ def test_ministral3_settings_no_family_computes_are_one_line():
         dataclasses.replace(cfg, query_scale_beta=-0.1)
 
 
-def test_a_quantized_checkpoint_is_one_line(tmp_path):
-    """Ministral 3's instruct releases are FP8 (as are Qwen3's -FP8 ones, GPTQ/AWQ/bitsandbytes uploads): their
-    packed weights and scales failed as tensors of unexpected shapes or names; the config now says it."""
+def test_an_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
+    """FP8 checkpoints (Ministral 3's instruct releases, Qwen3's -FP8 ones, DeepSeek's): float8 weights times
+    their weight_scale_inv, per 32x32 block here and per tensor for one, give transformers' logits when it
+    dequantizes the same files (FineGrainedFP8Config(dequantize=True)); the export is unquantized. Another
+    quantization method, or a float8 tensor without its scale, is one line."""
+    import torch
+    import transformers
+    from spjax.checkpoint_files import fp8_dequantize
     _saved("llama3", tmp_path / "hf")
+    oracle.fp8_quantize(tmp_path / "hf" / "model.safetensors", (32, 32), per_tensor=("model.layers.0.self_attn.q_proj.weight",))
     conf = json.load(open(tmp_path / "hf" / "config.json"))
-    json.dump(dict(conf, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-              open(tmp_path / "hf" / "config.json", "w"))
-    with pytest.raises(hf.CheckpointError, match=r"config.json: quantization_config 'fp8': a quantized checkpoint, "
-                                                 r"whose weights spjax does not read: load the unquantized \(bf16\)"):
+    quant = {"quant_method": "fp8", "weight_block_size": [32, 32], "activation_scheme": "dynamic"}
+    json.dump(dict(conf, quantization_config=quant), open(tmp_path / "hf" / "config.json", "w"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
+    cfg, params = spjax.load_pretrained(str(tmp_path / "hf"))
+    ids = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 24)).astype(np.int32)
+    want = oracle.torch_logits(theirs, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids))) - want).max() <= 1e-4
+    assert np.abs(want - oracle.torch_logits(oracle.torch_model("llama3"), ids)).max() > 1e-3  # (FP8 changed them)
+    out = spjax.save_pretrained(cfg, params, tmp_path / "export")
+    assert "quantization_config" not in json.load(open(os.path.join(out, "config.json")))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert np.abs(oracle.torch_logits(back, ids) - want).max() <= 1e-4
+    # a grid of partial blocks (DeepSeek's ceil(rows / 128) scales): each scale on its block's part
+    w, s = np.arange(35, dtype=np.float32).reshape(5, 7), np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32)
+    assert np.array_equal(fp8_dequantize(w, s, (2, 3), "t"), w * s[np.arange(5)[:, None] // 2, np.arange(7) // 3])
+    with pytest.raises(hf.CheckpointError, match=r"quantization_config 'gptq': a quantized checkpoint, whose weights "
+                                                 r"spjax does not read \(it reads FP8 ones\)"):
+        hf.config_from_hf(dict(conf, quantization_config={"quant_method": "gptq", "bits": 4}), "config.json")
+    from safetensors.torch import load_file, save_file
+    file = tmp_path / "hf" / "model.safetensors"
+    save_file({n: v for n, v in load_file(file).items() if n != "model.layers.1.mlp.up_proj.weight_scale_inv"}, file)
+    with pytest.raises(hf.CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is float8_e4m3fn "
+                                                 r"without a weight_scale_inv beside it"):
         spjax.load_pretrained(str(tmp_path / "hf"))
 
 

@@ -240,3 +240,41 @@ def test_ministral3_loads_and_exports_as_the_whole_multimodal_model(tmp_path):
     with pytest.raises(hf.CheckpointError, match="llama_4_scaling_beta without original_max_position_embeddings"):
         rope = {k: v for k, v in extra["rope_parameters"].items() if k != "original_max_position_embeddings"}
         hf.config_from_hf(dict(text, architectures=["Ministral3ForCausalLM"], rope_parameters=rope), "c.json")
+
+
+def test_ministral3_fp8_release_loads_and_exports_unquantized(tmp_path):
+    """Ministral 3's instruct releases hold the language model's projections in FP8 (the vision tower as it is):
+    read dequantized, with the logits of transformers dequantizing the same files, and exported unquantized (no
+    quantization_config) as the whole model. A source whose vision tower is FP8 too cannot be copied as it is:
+    one line."""
+    import torch
+    import transformers
+    _, extra = oracle.FAMILIES["ministral3"]
+    text = dict(oracle.TINY, **extra, model_type="ministral3", vocab_size=320)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8, head_dim=16)
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=302, spatial_merge_size=2)).eval()
+    for name, only in (("fp8", lambda n: "language_model" in n), ("all_fp8", lambda n: True)):
+        src = tmp_path / name
+        model.save_pretrained(src)
+        oracle.fp8_quantize(src / "model.safetensors", (16, 16), only=only)
+        conf = json.load(open(src / "config.json"))
+        json.dump(dict(conf, quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16],
+                                                  "activation_scheme": "dynamic"}), open(src / "config.json", "w"))
+    theirs = transformers.Mistral3ForConditionalGeneration.from_pretrained(
+        tmp_path / "fp8", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
+    cfg, params = hf.load_pretrained(str(tmp_path / "fp8"))
+    ids = np.random.RandomState(1).randint(3, 299, (2, 80))
+    want = _logits(theirs, ids)
+    assert np.abs(np.asarray(spjax.forward(cfg, params, jnp.asarray(ids, jnp.int32))) - want).max() <= 1e-4
+    out = hf.save_pretrained(cfg, params, tmp_path / "export", source=str(tmp_path / "fp8"))
+    assert "quantization_config" not in json.load(open(os.path.join(out, "config.json")))
+    export = transformers.Mistral3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert np.abs(_logits(export, ids) - want).max() <= 1e-5
+    assert torch.equal(export.state_dict()["model.vision_tower.transformer.layers.0.attention.q_proj.weight"],
+                       model.state_dict()["model.vision_tower.transformer.layers.0.attention.q_proj.weight"])
+    with pytest.raises(hf.CheckpointError, match=r"all_fp8: vision_tower\S* and \d+ more tensors outside the language "
+                                                 "model are FP8"):
+        hf.save_pretrained(cfg, params, tmp_path / "export2", source=str(tmp_path / "all_fp8"))
