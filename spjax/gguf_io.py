@@ -17,7 +17,7 @@ from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2_moe",
-          "qwen3moe": "qwen3_moe", "olmo2": "olmo2", "olmoe": "olmoe"}
+          "qwen3moe": "qwen3_moe", "olmo2": "olmo2", "olmoe": "olmoe", "smollm3": "smollm3"}
 _MOE_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")  # (llama.cpp files Mixtral as a llama with experts)
 
 
@@ -127,10 +127,6 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     # OLMo 2 and OLMoE normalize q and k over all heads at once (a norm as wide as q); OLMo 2's norms follow
     # attention and the MLP, none precede them.
     olmo = dict(qk_norm_full=True) if arch in ("olmo2", "olmoe") else {}  # (post_norms: from the architecture)
-    window = _field(reader, "olmo2.attention.sliding_window") if arch == "olmo2" else None
-    if window:  # llama.cpp files OLMo 3 as an olmo2
-        raise CheckpointError(f"{where}: olmo2.attention.sliding_window {window}: windowed layers (OLMo 3), which "
-                              "spjax's olmo2 does not implement")
     n_heads = int(per_model("attention.head_count") or need("attention.head_count"))
     hidden = int(need("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -164,9 +160,28 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
     kw.update(moe, **olmo)
     if arch == "phi3":  # every layer windowed where the file says so, as the converted model's config did
         kw["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
+    if arch == "smollm3":  # llama.cpp's SmolLM3 rotates no q, k in every fourth layer (a constant: no metadata)
+        kw["nope_layers"] = tuple(i for i in range(kw["num_layers"]) if (i + 1) % 4 == 0)
     kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
+    if arch == "olmo2" and _field(reader, "olmo2.attention.sliding_window"):  # llama.cpp files OLMo 3 as an olmo2
+        kw.update(_olmo3_windows(reader, kw))
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def _olmo3_windows(reader, kw: dict) -> dict:
+    """OLMo 3 as llama.cpp reads an olmo2 with a window: sliding_window_pattern (a flag per layer, or a period
+    whose last layer is full; 4 by default) windows layers that rotate by unscaled rope (of rope.freq_base_swa,
+    else the others' base), the others by the file's scaling."""
+    n, pattern = kw["num_layers"], _field(reader, "olmo2.attention.sliding_window_pattern", 4)
+    flags = ([bool(x) for x in pattern] if isinstance(pattern, list)
+             else [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n)])
+    local = float(_field(reader, "olmo2.rope.freq_base_swa", kw["rope_theta"]))
+    out = dict(architecture="olmo3", sliding_window=int(_field(reader, "olmo2.attention.sliding_window")),
+               layer_types=tuple("sliding_attention" if f else "full_attention" for f in flags))
+    if kw.get("rope_type", "default") != "default" or local != kw["rope_theta"]:
+        out["rope_local_theta"] = local
+    return out
 
 
 def _rope_scaling(reader, arch: str, names: set, where: str, unscaled: ModelConfig) -> dict:
@@ -204,9 +219,13 @@ _YARN_DEFAULTS = {"yarn_attn_factor": 1.0, "attn_factor": 1.0, "yarn_ext_factor"
 
 def _yarn(reader, arch: str, factor: float, where: str) -> dict:
     """The HF yarn settings llama.cpp's converter wrote as type, factor, pretraining context (and the
-    betas, which llama.cpp defaults to HF's 32 and 1): its ramp and attention factor are then HF's."""
+    betas, which llama.cpp defaults to HF's 32 and 1): its ramp and attention factor are then HF's. Its
+    olmo2 (OLMo 3) writes the HF config's attention_factor as attn_factor: read as that."""
     key = lambda name: f"{arch}.rope.scaling.{name}"
+    given = float(_field(reader, key("attn_factor"), 0.0) or 0.0) if arch == "olmo2" else 0.0
     for name, neutral in _YARN_DEFAULTS.items():
+        if given and name == "attn_factor":
+            continue
         if _field(reader, key(name), neutral) != neutral:
             raise CheckpointError(f"{where}: {key(name)} = {_field(reader, key(name))} changes llama.cpp's YaRN in a "
                                   f"way spjax does not compute: load the model's Hugging Face checkpoint instead")
@@ -215,7 +234,7 @@ def _yarn(reader, arch: str, factor: float, where: str) -> dict:
         raise CheckpointError(f"{where}: YaRN scaling needs {key('factor')} and {key('original_context_length')}")
     return dict(rope_type="yarn", rope_factor=factor, rope_original_max_position=original,
                 rope_beta_fast=float(_field(reader, key("yarn_beta_fast"), 32.0)),
-                rope_beta_slow=float(_field(reader, key("yarn_beta_slow"), 1.0)))
+                rope_beta_slow=float(_field(reader, key("yarn_beta_slow"), 1.0)), rope_attention_factor=given)
 
 
 def _longrope(reader, arch: str, unscaled: ModelConfig, where: str) -> dict:
@@ -265,7 +284,7 @@ def load_gguf(path: str, mesh=None, **overrides):
     tensors = {t.name: (t, p) for p in parts(path) for t in _read(p).tensors}
     for name in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"):
         tensors.pop(name, None)  # read into cfg's rope fields (config_from_gguf)
-    permute = cfg.architecture in ("llama", "mixtral")  # llama.cpp permutes Q/K for its llama arch alone
+    permute = cfg.architecture in ("llama", "mixtral", "smollm3")  # llama.cpp's converter permutes their Q/K
 
     def get(name):  # a TensorSource (below): the loader refuses tensors it does not read
         if name not in tensors:

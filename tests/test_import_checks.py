@@ -37,12 +37,13 @@ def _max_diff(cfg, params, tm, ids):
 
 
 def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None, eos_eot=None, per_layer=False,
-                vocab=True, split_max_tensors=0, cast=None, arch="llama", floats=None, orig_ctx=None, ints=None):
+                vocab=True, split_max_tensors=0, cast=None, arch="llama", floats=None, orig_ctx=None, ints=None,
+                arrays=None):
     """A llama GGUF as llama.cpp's converter writes it (Q/K rows permuted), plus extra `tensors`;
     per_layer: head counts as one value per layer; split_max_tensors: in parts as gguf-split cuts them;
     cast: {name: numpy dtype} stored so (F64, ...); arch 'qwen3': its q/k norms, head size and no permutation;
-    floats, ints: more float32 / uint32 metadata, {key with {arch}: value}; orig_ctx: rope scaling's pretraining
-    context."""
+    floats, ints, arrays: more float32 / uint32 / array metadata, {key with {arch}: value}; orig_ctx: rope
+    scaling's pretraining context."""
     import gguf
     c, sd = m.config, {k: v.float().numpy() for k, v in m.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
@@ -57,7 +58,8 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
     layers = lambda n: [n] * c.num_hidden_layers if per_layer else n
     w.add_head_count(layers(c.num_attention_heads))
     w.add_head_count_kv(layers(c.num_key_value_heads))
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # (OLMo 3's: one set per layer type)
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     if vocab:
         w.add_vocab_size(c.vocab_size)
@@ -71,6 +73,8 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
         w.add_float32(key.format(arch=arch), value)
     for key, value in (ints or {}).items():
         w.add_uint32(key.format(arch=arch), value)
+    for key, value in (arrays or {}).items():
+        w.add_array(key.format(arch=arch), value)
     if rot_dims:
         w.add_rope_dimension_count(rot_dims)
     if eos_eot:
@@ -115,7 +119,7 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
                 named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
     for dst, src in named.items():
         t = sd[src]
-        if arch == "llama" and (".attn_q." in dst or ".attn_k." in dst):  # convert_hf_to_gguf's LlamaModel.permute
+        if arch in ("llama", "smollm3") and (".attn_q." in dst or ".attn_k." in dst):  # LlamaModel.permute
             n = c.num_attention_heads if ".attn_q." in dst else c.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         w.add_tensor(dst, t.astype((cast or {}).get(dst, t.dtype)))
@@ -194,10 +198,34 @@ def test_gguf_olmo_matches_transformers(family, tmp_path):
     if family == "olmoe":
         assert (cfg.num_experts, cfg.norm_topk) == (tm.config.num_experts, False)
     assert _max_diff(cfg, params, tm, _ids((2, 24))) <= 1e-4
-    if family == "olmo2":  # llama.cpp files OLMo 3 (windowed layers) as an olmo2
-        with pytest.raises(hf.CheckpointError, match="olmo2.attention.sliding_window 16: windowed layers"):
-            spjax.load_pretrained(_write_gguf(tmp_path / "w.gguf", tm, arch=family,
-                                              ints={"{arch}.attention.sliding_window": 16}))
+
+
+def test_gguf_olmo3_and_smollm3_match_transformers(tmp_path):
+    """llama.cpp files OLMo 3 as an olmo2 with a window, a per-layer pattern (true: windowed) and YaRN whose
+    attn_factor is the HF config's attention_factor; its windowed layers rotate unscaled. Its smollm3 is Llama
+    (Q/K permuted) with no rotation in every fourth layer, a constant of llama.cpp's. Both: transformers' logits,
+    past the window and YaRN's original context, and through an export."""
+    import math
+    tm = oracle.torch_model("olmo3")  # (layer 0 windowed over 8 tokens; YaRN x2 over 256 on layer 1)
+    path = _write_gguf(tmp_path / "o3.gguf", tm, "yarn", 2.0, arch="olmo2", orig_ctx=256,
+                       ints={"{arch}.attention.sliding_window": 8}, arrays={"{arch}.attention.sliding_window_pattern":
+                                                                            [True, False]},
+                       floats={"{arch}.rope.scaling.attn_factor": 0.1 * math.log(2.0) + 1})
+    cfg, params = spjax.load_pretrained(path)
+    assert (cfg.architecture, cfg.windowed, cfg.rope_type, cfg.rope_local_theta) == ("olmo3", (True, False), "yarn",
+                                                                                    500000.0)
+    assert _max_diff(cfg, params, tm, _ids((2, 300))) <= 1e-4
+    import torch
+    import transformers
+    smol = transformers.SmolLM3Config(**dict(TINY, num_hidden_layers=4), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    sm = transformers.AutoModelForCausalLM.from_config(smol).float().eval()
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "s3.gguf", sm, arch="smollm3"))
+    assert (cfg.architecture, cfg.nope_layers, sm.config.no_rope_layers) == ("smollm3", (3,), [1, 1, 1, 0])
+    assert _max_diff(cfg, params, sm, _ids((2, 40))) <= 1e-4
+    out = spjax.save_pretrained(cfg, params, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert _max_diff(cfg, params, back, _ids((2, 40))) <= 1e-4
 
 
 def test_gguf_qwen3_moe_matches_transformers(tmp_path):
