@@ -10,6 +10,7 @@ Pixtral vision tower unread, and exports the whole multimodal model again, unqua
 too would be refused at export: then name the bf16 release as model_path). Ministral 3 is Mistral with YaRN
 whose rotated queries grow by 1 + 0.1 log(1 + floor(position / 16384)): 1 within 16k tokens. The 3B and 14B
 sizes: `model_path=DIR` (the run reads DIR/config.json; the `model` shape below only serves compile_check).
+Where DIR holds only Mistral's tekken.json, `tokenizer_path` names a directory with its tokenizer.json.
 Check memory first: python -m spjax.compile_check --config configs/single_gpu_ministral3_8b.py
 (2026-12-04: the sampler's peak, a merged bf16 copy of the policy beside it, is 66.7 GiB on the CPU stand-in for
 an H100, 36.3 on a v5p chip through libtpu; the CPU compiler's f32 copies of bf16 weights make it the larger.
