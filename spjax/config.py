@@ -57,7 +57,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral,
+    """A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3,
+    Granite 3; Mixtral,
     Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
@@ -93,6 +94,13 @@ class ModelConfig:
     # Ministral 3 (Llama 4's llama_4_scaling_beta): q times 1 + beta * log(1 + floor(position /
     # rope_original_max_position)), after its rotation; 0: none
     query_scale_beta: float = 0.0
+    # Granite (its muP scalars): embeddings times embedding_multiplier, attention scores times
+    # attention_multiplier (0: 1/sqrt(query_scale or head_dim)), each block's attention and MLP outputs times
+    # residual_multiplier before the residual add, logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float = 0.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Gemma 2/3 only (config_checks.check_family; their other parts follow from `architecture`, see `gemma`)
     query_scale: float = 0.0  # attention scores times query_scale ** -0.5 (query_pre_attn_scalar); 0: head_dim
     attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: none

@@ -191,6 +191,13 @@ def check_family(cfg):
           "model.rope_local_theta", f"0 with olmo3's {cfg.rope_type} rope: transformers' OLMo 3 rotates its windowed "
           "layers by unscaled rope; set it (rope_theta: the full layers' theta)")
     check(cfg.query_scale_beta >= 0, "model.query_scale_beta", f"must be >= 0 (0: none), got {cfg.query_scale_beta}")
+    granite = {n: getattr(cfg, n) for n, off in (("embedding_multiplier", 1.0), ("attention_multiplier", 0.0),
+                                                 ("residual_multiplier", 1.0), ("logits_scaling", 1.0))
+               if getattr(cfg, n) != off}
+    for name, value in granite.items():
+        check(value > 0, f"model.{name}", f"must be > 0, got {value}")
+        check(cfg.architecture == "granite", f"model.{name}", f"is Granite's (architecture granite), not "
+              f"{cfg.architecture}'s")
     check(not cfg.query_scale_beta or cfg.architecture == "ministral3", "model.query_scale_beta",
           f"is Ministral 3's (architecture ministral3), not {cfg.architecture}'s")
     check(not cfg.nope_layers or cfg.architecture == "smollm3", "model.nope_layers",
@@ -212,6 +219,9 @@ def check_family(cfg):
           "layers or windows on some layers: transformers' SmolLM3 does not compute it, so the model could not be exported")
     check(export_arch(cfg) != "ministral3" or not (other or mixed), f"model.{other[0] if other else 'layer_types'}",
           "with query_scale_beta: transformers' Ministral 3 does not compute it, so the model could not be exported")
+    window = "sliding_window" if any(cfg.windowed) else ""
+    check(cfg.architecture != "granite" or not (other or window), f"model.{other[0] if other else window}",
+          "with granite: transformers' Granite does not compute it, so the model could not be exported")
     if cfg.gemma:
         what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
                                 ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),

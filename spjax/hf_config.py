@@ -68,7 +68,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         raise CheckpointError(f"{where}: partial_rotary_factor {partial} with {arch}: transformers' {arch} rotates "
                               f"every dimension of a head, so spjax cannot tell which model this is")
     # (transformers' Mistral and Qwen2 ignore these keys: their biases are fixed)
-    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2", "olmo3", "smollm3"):
+    if arch in ("llama", "qwen3", "qwen3_moe", "olmoe", "olmo2", "olmo3", "smollm3", "granite"):
         for key, what in (("attention_bias", "biases on q/k/v/o_proj"), ("mlp_bias", "biases on the MLP")):
             if hf.get(key) and (arch, key) not in (("qwen3", "mlp_bias"), ("qwen3_moe", "mlp_bias")):  # (no such key)
                 raise CheckpointError(f"{where}: {key} is true ({what}), which spjax's {arch} does not implement: "
@@ -95,6 +95,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
         pad_token_id=hf.get("pad_token_id"),
     )
     kw.update(_experts(hf, arch, where))
+    if arch == "granite":  # (GraniteConfig's defaults: 1, scores included: its attention_multiplier replaces 1/sqrt(d))
+        kw.update({k: float(hf.get(k, 1.0)) for k in ("embedding_multiplier", "attention_multiplier",
+                                                        "residual_multiplier", "logits_scaling")})
     if rope.get("llama_4_scaling_beta") and arch == "ministral3":  # (scaled past each original context)
         if not rope.get("original_max_position_embeddings"):
             raise CheckpointError(f"{where}: llama_4_scaling_beta without original_max_position_embeddings in the "
@@ -330,8 +333,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                    moe_intermediate_size=cfg.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
     if cfg.architecture == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_size, qkv_bias=True)
-    if cfg.architecture in ("olmo2", "olmo3", "smollm3"):
+    if cfg.architecture in ("olmo2", "olmo3", "smollm3", "granite"):
         out.update(attention_bias=False, mlp_bias=False)
+    if cfg.architecture == "granite":
+        out.update(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
+                   logits_scaling=cfg.logits_scaling,
+                   attention_multiplier=cfg.attention_multiplier or (cfg.query_scale or cfg.head_dim) ** -0.5)
     if cfg.architecture == "olmoe":
         out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk,
                    clip_qkv=None, attention_bias=False)

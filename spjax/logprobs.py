@@ -27,18 +27,21 @@ from spjax.config import ModelConfig
 DEFAULT_CHUNK = 128
 
 
-def _project(w, hidden_BxCxD, tied: bool, cap: float = 0.0):
+def _project(w, hidden_BxCxD, tied: bool, head=(1.0, 0.0)):
     """fp32 logits [B, C, V]; w is the embedding [V, D] when tied, else lm_head [D, V] (compute dtype);
-    cap: Gemma's soft cap, cap * tanh(logits / cap)."""
+    head: (Granite's logits_scaling, the matmul divided by it; Gemma's soft cap, cap * tanh(logits / cap))."""
     spec = "BCD,VD->BCV" if tied else "BCD,DV->BCV"
-    return model.softcap(jnp.einsum(spec, hidden_BxCxD, w, preferred_element_type=jnp.float32), cap)
+    raw_BxCxV = jnp.einsum(spec, hidden_BxCxD, w, preferred_element_type=jnp.float32)
+    scaling, cap = head
+    return model.softcap(raw_BxCxV if scaling == 1.0 else raw_BxCxV / scaling, cap)
 
 
-def _chunk_logprobs(w, hidden_BxCxD, targets_BxC, tied, cap=0.0):
+def _chunk_logprobs(w, hidden_BxCxD, targets_BxC, tied, head=(1.0, 0.0)):
     """(log-probs [B, C], softmax [B, C, V]) of one chunk, both fp32. With a cap the softmax is
     that of the capped logits times d(capped)/d(logits) = 1 - (capped / cap)^2, which is what the
     backward pass multiplies by."""
-    logits_BxCxV = _project(w, hidden_BxCxD, tied, cap)
+    cap = head[1]
+    logits_BxCxV = _project(w, hidden_BxCxD, tied, head)
     max_BxCx1 = jnp.max(logits_BxCxV, axis=-1, keepdims=True)
     exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
     sum_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
@@ -49,25 +52,25 @@ def _chunk_logprobs(w, hidden_BxCxD, targets_BxC, tied, cap=0.0):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, tied, cap):
-    """log pi(target | hidden) for every chunk: fp32 [n, B, C]. w in the param dtype."""
+def _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, tied, head):
+    """log pi(target | hidden) for every chunk: fp32 [n, B, C]. w in the param dtype; head: _project's."""
     wc = w.astype(hidden_nxBxCxD.dtype)  # once, outside the chunk loop
-    return jax.lax.map(lambda xs: _chunk_logprobs(wc, *xs, tied, cap)[0], (hidden_nxBxCxD, targets_nxBxC))
+    return jax.lax.map(lambda xs: _chunk_logprobs(wc, *xs, tied, head)[0], (hidden_nxBxCxD, targets_nxBxC))
 
 
-def _head_fwd(w, hidden_nxBxCxD, targets_nxBxC, tied, cap):
-    if hidden_nxBxCxD.shape[0] == 1 and not cap:
+def _head_fwd(w, hidden_nxBxCxD, targets_nxBxC, tied, head):
+    if hidden_nxBxCxD.shape[0] == 1 and not head[1]:
         # One chunk (all positions at once): its softmax is held for the backward pass, as big as
         # the logits it replaces, and the backward pass skips recomputing the vocab matmul.
         lp_BxC, probs_BxCxV = _chunk_logprobs(w.astype(hidden_nxBxCxD.dtype), hidden_nxBxCxD[0],
-                                              targets_nxBxC[0], tied)
+                                              targets_nxBxC[0], tied, head)
         return lp_BxC[None], (w, hidden_nxBxCxD, targets_nxBxC, probs_BxCxV[None])
     # Several chunks: the residuals are the inputs themselves; no logits outlive their chunk.
     # (A soft cap's derivative would be a second [B, C, V] residual: capped heads recompute instead.)
-    return _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, tied, cap), (w, hidden_nxBxCxD, targets_nxBxC, None)
+    return _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, tied, head), (w, hidden_nxBxCxD, targets_nxBxC, None)
 
 
-def _head_bwd(tied, cap, res, g_nxBxC):
+def _head_bwd(tied, head, res, g_nxBxC):
     w, hidden_nxBxCxD, targets_nxBxC, probs_nxBxCxV = res
     cdt = hidden_nxBxCxD.dtype
     wc = w.astype(cdt)
@@ -76,14 +79,17 @@ def _head_bwd(tied, cap, res, g_nxBxC):
     def chunk(dw_acc, xs):
         hidden_BxCxD, targets_BxC, g_BxC, probs_BxCxV = xs
         if probs_BxCxV is None:
-            probs_BxCxV = _chunk_logprobs(wc, hidden_BxCxD, targets_BxC, tied, cap)[1]
+            probs_BxCxV = _chunk_logprobs(wc, hidden_BxCxD, targets_BxC, tied, head)[1]
         # d(picked - lse)/d logits = onehot - softmax: the dense part, then g added at each target
         # (a scatter of B*C values; a dense one-hot compare over the vocab costs a full extra pass).
         B, C = targets_BxC.shape
-        probs_BxCxV, dcap_BxCxV = probs_BxCxV if cap else (probs_BxCxV, None)
+        probs_BxCxV, dcap_BxCxV = probs_BxCxV if head[1] else (probs_BxCxV, None)
         dlogits_BxCxV = (-g_BxC[..., None] * probs_BxCxV).at[
             jnp.arange(B)[:, None], jnp.arange(C)[None, :], targets_BxC].add(g_BxC)
-        dlogits_BxCxV = (dlogits_BxCxV if dcap_BxCxV is None else dlogits_BxCxV * dcap_BxCxV).astype(cdt)
+        dlogits_BxCxV = dlogits_BxCxV if dcap_BxCxV is None else dlogits_BxCxV * dcap_BxCxV
+        if head[0] != 1.0:  # (the matmul was divided by logits_scaling)
+            dlogits_BxCxV = dlogits_BxCxV / head[0]
+        dlogits_BxCxV = dlogits_BxCxV.astype(cdt)
         dhidden_BxCxD = jnp.einsum(d_spec, dlogits_BxCxV, wc, preferred_element_type=jnp.float32).astype(cdt)
         if tied:
             dw = jnp.einsum(w_spec, dlogits_BxCxV, hidden_BxCxD, preferred_element_type=jnp.float32)
@@ -110,7 +116,8 @@ def _target_logprobs(cfg: ModelConfig, params, hidden_BxTxD, targets_BxT, chunk)
     hidden_nxBxCxD = hidden_BxTxD.reshape(B, n, chunk, D).transpose(1, 0, 2, 3)
     targets_nxBxC = targets_BxT.reshape(B, n, chunk).transpose(1, 0, 2)
     w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    lp_nxBxC = _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, cfg.tie_embeddings, cfg.final_softcap)
+    lp_nxBxC = _head_logprobs(w, hidden_nxBxCxD, targets_nxBxC, cfg.tie_embeddings,
+                              (cfg.logits_scaling, cfg.final_softcap))
     return lp_nxBxC.transpose(1, 0, 2).reshape(B, n * chunk)[:, :T]
 
 

@@ -73,6 +73,11 @@ def _of_layer(per_layer: tuple, layer):
     return jnp.asarray(per_layer)[layer]
 
 
+def _residual(cfg: ModelConfig, out_BxLxD):
+    """A block's attention or MLP output as it joins the residual stream (Granite: times residual_multiplier)."""
+    return out_BxLxD if cfg.residual_multiplier == 1.0 else out_BxLxD * cfg.residual_multiplier
+
+
 def softcap(x, cap: float):
     """Gemma's tanh soft cap, cap * tanh(x / cap) (cap 0: x)."""
     return cap * jnp.tanh(x / cap) if cap else x
@@ -136,7 +141,7 @@ class Block(nn.Module):
             q_BxLxHxDh = q_BxLxHxDh * q_scale_BxL[:, :, None, None]
 
         own = cache is not None and cache["k"].ndim == 4  # this layer's own [B, K, S, Dh] buffers (unstack_cache)
-        scale, cap = (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
+        scale, cap = cfg.attention_multiplier or (cfg.query_scale or Dh) ** -0.5, cfg.attn_softcap
         if cache is not None and self.attention != "triton":  # (the decode kernel writes its own token)
             # The whole [N, B, K, S, Dh] buffer rides in the scan carry and only this layer's new
             # rows are written, so XLA updates it in place instead of rebuilding it every step.
@@ -172,7 +177,7 @@ class Block(nn.Module):
             attn_BxLxHxDh = attend_xla(q_BxLxHxDh, k_BxLxKxDh.transpose(0, 2, 1, 3),
                                        v_BxLxKxDh.transpose(0, 2, 1, 3), mask_BxLxW, scale=scale, softcap=cap)
         out_BxLxD = _project(self, "o", "BLHk,HkD->BLD", attn_BxLxHxDh, (H, Dh, D), ("heads", "head_dim", "embed"))
-        x_BxLxD = x_BxLxD + (norm("attn_out_norm", out_BxLxD) if after else out_BxLxD)
+        x_BxLxD = x_BxLxD + _residual(cfg, norm("attn_out_norm", out_BxLxD) if after else out_BxLxD)
 
         h = x_BxLxD if cfg.post_norms else norm("mlp_norm", x_BxLxD)
         if cfg.moe:  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (spjax.moe)
@@ -198,16 +203,16 @@ class Block(nn.Module):
                                         (Fs, D), ("mlp", "embed"))
                 scale_BxLx1 = jax.nn.sigmoid(h @ w("shared_expert_gate", (D, 1), ("embed", None)))
                 out_BxLxD = out_BxLxD + scale_BxLx1 * shared_BxLxD
-            return (x_BxLxD + out_BxLxD, cache), None
+            return (x_BxLxD + _residual(cfg, out_BxLxD), cache), None
         if mlp.fast_path(cfg):  # the same params (and creation order), a CPU-friendly backward pass
             weights = (w("gate", (D, F), ("embed", "mlp")), w("up", (D, F), ("embed", "mlp")),
                        w("down", (F, D), ("mlp", "embed")))
-            return (x_BxLxD + mlp.gated_mlp(h, *weights), cache), None
+            return (x_BxLxD + _residual(cfg, mlp.gated_mlp(h, *weights)), cache), None
         gate_BxLxF = _project(self, "gate", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         up_BxLxF = _project(self, "up", "BLD,DF->BLF", h, (D, F), ("embed", "mlp"))
         act = functools.partial(nn.gelu, approximate=True) if cfg.gemma else nn.silu  # Gemma's gelu_pytorch_tanh
         out_BxLxD = _project(self, "down", "BLF,FD->BLD", act(gate_BxLxF) * up_BxLxF, (F, D), ("mlp", "embed"))
-        x_BxLxD = x_BxLxD + (norm("mlp_out_norm", out_BxLxD) if after else out_BxLxD)
+        x_BxLxD = x_BxLxD + _residual(cfg, norm("mlp_out_norm", out_BxLxD) if after else out_BxLxD)
         return (x_BxLxD, cache), None
 
 
@@ -265,6 +270,8 @@ class Decoder(nn.Module):
         x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(cdt)
         if cfg.gemma:  # sqrt(D) rounded to the compute dtype first, as transformers' Gemma does
             x_BxLxD = x_BxLxD * jnp.asarray(cfg.hidden_size ** 0.5, cdt)
+        if cfg.embedding_multiplier != 1.0:  # Granite
+            x_BxLxD = x_BxLxD * cfg.embedding_multiplier
 
         # LongRoPE picks its divisors per sequence by its real tokens' positions (a cached call's tokens:
         # all of its rows' new tokens, a left-padded prompt's padding counting up into it)
@@ -405,8 +412,13 @@ def lm_head(cfg: ModelConfig, params):
 def unembed(cfg: ModelConfig, params, hidden_BxLxD):
     """float32 logits [B, L, V] for hidden states (any subset of positions): one matmul in the
     hidden states' dtype, accumulated in fp32."""
-    return softcap(jnp.einsum("BLD,DV->BLV", hidden_BxLxD, lm_head(cfg, params).astype(hidden_BxLxD.dtype),
-                              preferred_element_type=jnp.float32), cfg.final_softcap)
+    return head_logits(jnp.einsum("BLD,DV->BLV", hidden_BxLxD, lm_head(cfg, params).astype(hidden_BxLxD.dtype),
+                                  preferred_element_type=jnp.float32), cfg)
+
+
+def head_logits(raw_BxLxV, cfg: ModelConfig):
+    """The head's fp32 matmul output as the model's logits: Granite's divided by logits_scaling, Gemma's soft-capped."""
+    return softcap(raw_BxLxV if cfg.logits_scaling == 1.0 else raw_BxLxV / cfg.logits_scaling, cfg.final_softcap)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:

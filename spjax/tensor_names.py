@@ -27,7 +27,8 @@ HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2
             "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
             "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe", "Olmo2ForCausalLM": "olmo2",
-            "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "Ministral3ForCausalLM": "ministral3"}
+            "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "Ministral3ForCausalLM": "ministral3",
+            "GraniteForCausalLM": "granite"}
 ARCHITECTURES = tuple(HF_ARCHS.values())
 # How many leading dims of each projection weight are contracted (projection.project's [*in, *out]).
 PROJ_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -209,6 +210,8 @@ def export_arch(cfg: ModelConfig) -> str:
         return "smollm3"  # (Llama with NoPE layers, or windows on some layers)
     if cfg.query_scale_beta:
         return "ministral3"  # (Mistral whose queries are scaled by position)
+    if cfg.architecture == "granite":
+        return "granite"  # (Llama with muP's multipliers)
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias:

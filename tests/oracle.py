@@ -42,6 +42,9 @@ FAMILIES = {
     "ministral3": ("Ministral3Config", dict(head_dim=16, pad_token_id=0, eos_token_id=3, rope_parameters=dict(
         type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=32, max_position_embeddings=512,
         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=1.0))),
+    # Llama with muP's multipliers (Granite 3.x: 12, 1/128 = 1/head_dim, 0.22, 16; these bend random weights too)
+    "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, attention_multiplier=0.0625, residual_multiplier=0.5,
+                                      logits_scaling=4.0, rope_theta=1e4, tie_word_embeddings=True)),
     # Llama whose second layer rotates nothing (NoPE) and, as SmolLM3 windows by default, is windowed (8 tokens)
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)),

@@ -136,6 +136,22 @@ def test_ministral3_settings_no_family_computes_are_one_line():
         dataclasses.replace(cfg, query_scale_beta=-0.1)
 
 
+def test_granite_settings_no_family_computes_are_one_line():
+    """Granite's multipliers (muP) only on a granite; a granite with what transformers' Granite lacks is refused;
+    its export writes the attention multiplier spjax computes (1/sqrt(head_dim) where the config leaves it 0)."""
+    import dataclasses
+    cfg = oracle.spjax_model("granite")[0]
+    assert (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier, cfg.logits_scaling) == (
+        3.0, 0.0625, 0.5, 4.0) and export_arch(cfg) == "granite"
+    with pytest.raises(ConfigError, match="model.embedding_multiplier: is Granite's .architecture granite., not llama's"):
+        dataclasses.replace(cfg, architecture="llama")
+    with pytest.raises(ConfigError, match="model.logits_scaling: must be > 0, got -1.0"):
+        dataclasses.replace(cfg, logits_scaling=-1.0)
+    with pytest.raises(ConfigError, match="model.sliding_window: with granite: transformers' Granite does not compute it"):
+        dataclasses.replace(cfg, sliding_window=8)
+    assert hf.config_to_hf(dataclasses.replace(cfg, attention_multiplier=0.0))["attention_multiplier"] == 0.25
+
+
 def test_an_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
     """FP8 checkpoints (Ministral 3's instruct releases, Qwen3's -FP8 ones, DeepSeek's): float8 weights times
     their weight_scale_inv, per 32x32 block here and per tensor for one, give transformers' logits when it

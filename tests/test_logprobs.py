@@ -142,3 +142,28 @@ def test_chunked_grad_never_holds_full_logits():
     lm_head_bytes = cfg.hidden_size * cfg.vocab_size * 4
     assert full - base >= logits_bytes
     assert chunked - base <= 2 * lm_head_bytes + 4 * chunk_bytes, (chunked - base, logits_bytes)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_granite_scaled_head_log_probs_and_gradients(chunk):
+    """Granite divides its logits by logits_scaling: the head's own VJP (one chunk keeping its softmax, or
+    several recomputing theirs) divides d logits by it too; log-probs and every gradient equal autodiff's."""
+    from tests import oracle
+    cfg, params = oracle.spjax_model("granite")
+    assert cfg.logits_scaling == 4.0
+    ids_BxL = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40)), jnp.int32)
+    targets_BxL = jnp.ones((2, 40), bool)
+
+    def reference(p):
+        hidden_BxLxD, _ = model.apply(cfg, p, ids_BxL)
+        logp_BxLxV = jax.nn.log_softmax(model.unembed(cfg, p, hidden_BxLxD), axis=-1)
+        lp_BxT = jnp.take_along_axis(logp_BxLxV[:, :-1], ids_BxL[:, 1:, None], axis=-1)[..., 0]
+        return jnp.concatenate([jnp.zeros((2, 1)), lp_BxT], axis=1)
+
+    ours = lambda p: token_logprobs(cfg, p, ids_BxL, targets_BxL, chunk=chunk)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ours(params)), np.asarray(reference(params)), atol=1e-5, rtol=0)
+    weights_BxL = jax.random.normal(jax.random.key(0), (2, 40))
+    g_ours, g_ref = (jax.grad(lambda p: jnp.sum(f(p) * weights_BxL))(params) for f in (ours, reference))
+    for path, gr in jax.tree_util.tree_leaves_with_path(g_ref):
+        go = dict(jax.tree_util.tree_leaves_with_path(g_ours))[path]
+        assert np.abs(np.asarray(go) - np.asarray(gr)).max() <= 1e-5 * max(np.abs(np.asarray(gr)).max(), 1.0), path
