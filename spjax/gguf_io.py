@@ -17,7 +17,7 @@ from spjax.config import ModelConfig
 from spjax.tensor_names import CheckpointError, TensorSource, params_from_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "qwen2moe": "qwen2_moe",
-          "qwen3moe": "qwen3_moe", "olmo2": "olmo2", "olmoe": "olmoe", "smollm3": "smollm3"}
+          "qwen3moe": "qwen3_moe", "olmo2": "olmo2", "olmoe": "olmoe", "smollm3": "smollm3", "granite": "granite"}
 _MOE_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")  # (llama.cpp files Mixtral as a llama with experts)
 
 
@@ -162,6 +162,10 @@ def config_from_gguf(reader, where: str, **overrides) -> ModelConfig:
         kw["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
     if arch == "smollm3":  # llama.cpp's SmolLM3 rotates no q, k in every fourth layer (a constant: no metadata)
         kw["nope_layers"] = tuple(i for i in range(kw["num_layers"]) if (i + 1) % 4 == 0)
+    if arch == "granite":  # its converter's names for Granite's multipliers; absent: llama.cpp's 1 (scores: 1/sqrt(d))
+        kw.update({field: float(_field(reader, f"granite.{key}", off) or off) for field, key, off in (
+            ("embedding_multiplier", "embedding_scale", 1.0), ("residual_multiplier", "residual_scale", 1.0),
+            ("logits_scaling", "logit_scale", 1.0), ("attention_multiplier", "attention.scale", 0.0))})
     kw.update(_rope_scaling(reader, arch, names, where, ModelConfig(**kw)))
     if arch == "olmo2" and _field(reader, "olmo2.attention.sliding_window"):  # llama.cpp files OLMo 3 as an olmo2
         kw.update(_olmo3_windows(reader, kw))
@@ -284,7 +288,7 @@ def load_gguf(path: str, mesh=None, **overrides):
     tensors = {t.name: (t, p) for p in parts(path) for t in _read(p).tensors}
     for name in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"):
         tensors.pop(name, None)  # read into cfg's rope fields (config_from_gguf)
-    permute = cfg.architecture in ("llama", "mixtral", "smollm3")  # llama.cpp's converter permutes their Q/K
+    permute = cfg.architecture in ("llama", "mixtral", "smollm3", "granite")  # llama.cpp's converter permutes their Q/K
 
     def get(name):  # a TensorSource (below): the loader refuses tensors it does not read
         if name not in tensors:

@@ -119,7 +119,7 @@ def _write_gguf(path, m, scaling=None, factor=None, tensors=None, rot_dims=None,
                 named[f"blk.{i}.attn_{n}_norm.weight"] = f"model.layers.{i}.self_attn.{n}_norm.weight"
     for dst, src in named.items():
         t = sd[src]
-        if arch in ("llama", "smollm3") and (".attn_q." in dst or ".attn_k." in dst):  # LlamaModel.permute
+        if arch in ("llama", "smollm3", "granite") and (".attn_q." in dst or ".attn_k." in dst):  # LlamaModel.permute
             n = c.num_attention_heads if ".attn_q." in dst else c.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         w.add_tensor(dst, t.astype((cast or {}).get(dst, t.dtype)))
@@ -226,6 +226,17 @@ def test_gguf_olmo3_and_smollm3_match_transformers(tmp_path):
     out = spjax.save_pretrained(cfg, params, tmp_path / "export")
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert _max_diff(cfg, params, back, _ids((2, 40))) <= 1e-4
+
+
+def test_gguf_granite_matches_transformers(tmp_path):
+    """llama.cpp's granite: Llama (Q/K permuted) with the multipliers as embedding_scale, residual_scale,
+    logit_scale and attention.scale: transformers' logits."""
+    tm = oracle.torch_model("granite")
+    scales = {"{arch}.embedding_scale": 3.0, "{arch}.residual_scale": 0.5, "{arch}.logit_scale": 4.0,
+              "{arch}.attention.scale": 0.0625}
+    cfg, params = spjax.load_pretrained(_write_gguf(tmp_path / "g.gguf", tm, arch="granite", floats=scales))
+    assert (cfg.architecture, cfg.embedding_multiplier, cfg.logits_scaling) == ("granite", 3.0, 4.0)
+    assert _max_diff(cfg, params, tm, _ids((2, 40))) <= 1e-4
 
 
 def test_gguf_qwen3_moe_matches_transformers(tmp_path):
