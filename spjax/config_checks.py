@@ -159,7 +159,7 @@ def check_rope(cfg):
     check(not ((cfg.qk_norm or cfg.qkv_bias) and (cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope")),
           "model.qk_norm" if cfg.qk_norm else "model.qkv_bias", "with partial rotary or longrope: no transformers "
           "family computes both, so the model could not be exported")
-    phi3 = not (cfg.qk_norm or cfg.qkv_bias) and (  # exported as Phi-3 (tensor_names.export_arch)
+    phi3 = not (cfg.qk_norm or cfg.qkv_bias) and (  # exported as Phi-3 (export_arch)
         cfg.architecture == "phi3" or cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope")
     check(not phi3 or cfg.rope_type in ("default", "longrope"), "model.rope_type", f"{cfg.rope_type!r} with a "
           "Phi-3 model (partial rotary or architecture phi3): transformers' Phi3 computes default or longrope only")
@@ -170,6 +170,30 @@ def check_rope(cfg):
             check(len(factors) == pairs and all(f > 0 for f in factors), f"model.{name}",
                   f"longrope needs {pairs} positive divisors (one per rotated pair of dims), got {len(factors)}"
                   + ("" if all(f > 0 for f in factors) else " with some <= 0"))
+
+
+def export_arch(cfg) -> str:
+    """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms, Qwen2 is Llama
+    with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too), Phi-3 is
+    Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window, SmolLM3 is
+    Llama with layers that rotate nothing or windows on some layers, Ministral 3 is Mistral whose queries are
+    scaled by position, Granite is Llama with muP's multipliers. A Llama GGUF can hold q/k/v biases, and an
+    override can set a window, biases or q/k norms on any family; check_family refuses what no family computes."""
+    if cfg.gemma or cfg.moe or cfg.post_norms:
+        return cfg.architecture
+    if cfg.nope_layers or (cfg.architecture == "smollm3" and len(set(cfg.windowed)) > 1):
+        return "smollm3"  # (Llama with NoPE layers, or windows on some layers)
+    if cfg.query_scale_beta:
+        return "ministral3"  # (Mistral whose queries are scaled by position)
+    if cfg.architecture == "granite":
+        return "granite"  # (Llama with muP's multipliers)
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias:
+        return "qwen2"
+    if cfg.architecture == "phi3" or cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope":
+        return "phi3"
+    return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
 
 
 def check_family(cfg):
@@ -211,7 +235,6 @@ def check_family(cfg):
     check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmo3", "smollm3"),
           "model.layer_types", f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2, Qwen3, "
           "OLMo 3 and SmolLM3 compute that")
-    from spjax.tensor_names import export_arch
     other = [n for n, on in (("qk_norm", cfg.qk_norm), ("qkv_bias", cfg.qkv_bias),
                              ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
                              ("rope_type", cfg.rope_type == "longrope")) if on]

@@ -11,8 +11,9 @@ import dataclasses
 import numpy as np
 
 from spjax.config import ROPE_TYPES, ModelConfig
+from spjax.config_checks import export_arch
 from spjax.hf_wrapped import WRAPPERS, text_config
-from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError, export_arch
+from spjax.tensor_names import ARCHITECTURES, HF_ARCHS, CheckpointError
 
 _ARCH_TO_HF = {v: k for k, v in HF_ARCHS.items()}
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # where transformers' model_type is not spjax's architecture name

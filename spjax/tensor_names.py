@@ -21,6 +21,7 @@ from spjax import quant
 from spjax import sharding as shd
 from spjax.host_copy import c_order, stacked
 from spjax.config import LORA_TARGETS, SHARED_EXPERT_TARGETS, LoraConfig, ModelConfig
+from spjax.config_checks import export_arch
 
 # The architectures spjax implements (ModelConfig.architecture, HF model_type) and their HF classes.
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -194,31 +195,6 @@ def top_table(cfg: ModelConfig) -> dict:
     if not cfg.tie_embeddings:
         out["lm_head"] = Entry("lm_head.weight", "output.weight", lambda w: w.T, lambda x: x.T)
     return out
-
-
-def export_arch(cfg: ModelConfig) -> str:
-    """The transformers family that computes cfg's model: Qwen3 is Llama with q/k norms, Qwen2 is Llama
-    with q/k/v biases (only they have them: Llama's attention_bias adds an o_proj bias too), Phi-3 is
-    Llama that may rotate part of each head (and has LongRoPE), Mistral is Llama with a window, SmolLM3 is
-    Llama with layers that rotate nothing or windows on some layers, Ministral 3 is Mistral whose queries are
-    scaled by position. A Llama
-    GGUF can hold q/k/v biases, and an override can set a window, biases or q/k norms on any family;
-    config_checks refuses what no family computes."""
-    if cfg.gemma or cfg.moe or cfg.post_norms:
-        return cfg.architecture
-    if cfg.nope_layers or (cfg.architecture == "smollm3" and len(set(cfg.windowed)) > 1):
-        return "smollm3"  # (Llama with NoPE layers, or windows on some layers)
-    if cfg.query_scale_beta:
-        return "ministral3"  # (Mistral whose queries are scaled by position)
-    if cfg.architecture == "granite":
-        return "granite"  # (Llama with muP's multipliers)
-    if cfg.qk_norm:
-        return "qwen3"
-    if cfg.qkv_bias:
-        return "qwen2"
-    if cfg.architecture == "phi3" or cfg.rotary_dim != cfg.head_dim or cfg.rope_type == "longrope":
-        return "phi3"
-    return "mistral" if cfg.sliding_window or cfg.architecture == "mistral" else "llama"
 
 
 def _fused(cfg: ModelConfig, names: str = "hf") -> dict:
@@ -503,6 +479,6 @@ def _get(tree, path):
 
 
 __all__ = ["HF_ARCHS", "ARCHITECTURES", "LORA_TARGETS", "PROJ_IN_DIMS", "QUANTIZED", "CheckpointError", "TensorSource", "Entry",
-           "layer_table", "top_table", "export_arch", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "expert_names", "FUSED_EXPERTS", "fused_experts", "base_config",
+           "layer_table", "top_table", "split_fused", "fuse", "stack_experts", "unstack_experts", "peft_modules", "expert_names", "FUSED_EXPERTS", "fused_experts", "base_config",
            "params_from_tensors", "check_names", "merged_layer", "host_pieces", "drain", "params_to_tensors",
            "tensors_bytes"]

@@ -13,7 +13,7 @@ from spjax import hf, preflight
 hf_tokenizer = types.SimpleNamespace(importlib=__import__("importlib.util").util and __import__("importlib"))
 from spjax.byte_tokenizer import CHATML, byte_tokenizer
 from spjax.config import ConfigError, load_config
-from spjax.tensor_names import export_arch
+from spjax.config_checks import export_arch
 from tests import oracle
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
