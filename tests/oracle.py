@@ -11,7 +11,7 @@ FAMILIES = {
     "llama3": ("LlamaConfig", dict(rope_theta=500000.0, tie_word_embeddings=True, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64))),
-    "mistral": ("MistralConfig", dict(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=4096)),
+    "mistral": ("MistralConfig", dict(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=4096, eos_token_id=3)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
     # q/k norms, and a head_dim that is not hidden_size / heads (Qwen3-0.6B: 128 against 1024 / 16)
     "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, tie_word_embeddings=True, head_dim=32)),

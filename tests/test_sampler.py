@@ -62,7 +62,7 @@ def greedy_llama3():
 # 1. Greedy parity
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe",
                                     "qwen3_moe", "olmoe", "olmo2", "olmo3", "smollm3", "ministral3", "granite"])
 def test_greedy_matches_transformers(family, greedy_llama3):
     if family == "llama3":
