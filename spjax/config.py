@@ -39,6 +39,17 @@ class LoraConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS  # among LORA_TARGETS + SHARED_EXPERT_TARGETS + EXPERT_TARGETS
     init_path: str = ""  # a PEFT adapter directory (adapter_config.json) as the starting adapter
+    # A mixture's experts' adapters (EXPERT_TARGETS), one per expert, at their own rank (scale alpha / expert_rank,
+    # as PEFT's rank_pattern gives it): with 128 experts they outnumber the others; 0: rank
+    expert_rank: int = 0
+
+    def rank_of(self, target: str) -> int:
+        """The rank of target's adapters."""
+        return (self.expert_rank or self.rank) if target in EXPERT_TARGETS else self.rank
+
+    def scale_of(self, target: str) -> float:
+        """alpha / rank of target's adapters."""
+        return self.alpha / self.rank_of(target)
 
     def __post_init__(self):
         _finite(self, "lora")
@@ -51,8 +62,12 @@ class LoraConfig:
         _check(not bad, "lora.targets", f"{bad} not in {known}")
         _check(not self.rank or self.targets, "lora.targets", "empty: name at least one projection")
         _check(not self.init_path or self.rank, "lora.init_path", "needs lora.rank > 0")
-        _check(self.rank or (self.alpha, self.targets) == (16.0, LORA_TARGETS), "lora.rank",  # (not ignored)
-               "0 (full fine-tuning), but lora.alpha or lora.targets is set: set lora.rank > 0 to train adapters")
+        _check(self.rank or (self.alpha, self.targets, self.expert_rank) == (16.0, LORA_TARGETS, 0), "lora.rank",
+               "0 (full fine-tuning), but lora.alpha, lora.targets or lora.expert_rank is set: set lora.rank > 0 "
+               "to train adapters")  # (not ignored)
+        _check(self.expert_rank >= 0, "lora.expert_rank", f"must be >= 0, got {self.expert_rank}")
+        _check(not self.expert_rank or set(self.targets) & set(EXPERT_TARGETS), "lora.expert_rank",
+               f"{self.expert_rank}, but lora.targets names none of {', '.join(EXPERT_TARGETS)}: it would be ignored")
 
 
 @dataclasses.dataclass(frozen=True)

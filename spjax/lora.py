@@ -92,7 +92,8 @@ def describe(cfg: ModelConfig, params) -> str:
     if not cfg.lora.rank:
         return f"trainable params: {n:,} (full fine-tuning)"
     total = model_params(cfg, params)
-    return (f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%): LoRA r={cfg.lora.rank} "
+    experts = f" (experts r={cfg.lora.expert_rank})" if cfg.lora.expert_rank else ""
+    return (f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%): LoRA r={cfg.lora.rank}{experts} "
             f"alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}; base {cfg.base_quant}")
 
 
@@ -112,7 +113,7 @@ def merge(cfg: ModelConfig, params):
             w = quant.dequantize(w, layers.pop(f"{leaf}_scale"), cfg.base_quant, n_in, 1 + lead, dtype=jnp.float32)
         if cfg.lora.rank and leaf in cfg.lora.targets:
             a, b = layers.pop(f"{leaf}_lora_a"), layers.pop(f"{leaf}_lora_b")
-            delta = lora_delta(a, b, cfg.lora.alpha / cfg.lora.rank, batch=1 + lead)  # (per layer, per expert)
+            delta = lora_delta(a, b, cfg.lora.scale_of(leaf), batch=1 + lead)  # (per layer, per expert)
             w = w.astype(jnp.float32) + delta.reshape(w.shape)
         layers[leaf] = w.astype(cdt)
     return out_cfg, {**params, "layers": layers}
@@ -141,7 +142,9 @@ def _merged(cfg: ModelConfig) -> tuple:
 
 
 def _adapting(cfg: ModelConfig, targets: tuple) -> ModelConfig:
-    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=targets, init_path=""))
+    experts = cfg.lora.expert_rank if set(targets) & set(EXPERT_TARGETS) else 0  # (else it would adapt nothing)
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=targets, init_path="",
+                                                             expert_rank=experts))
 
 
 def sampling_config(cfg: ModelConfig) -> ModelConfig:

@@ -73,7 +73,7 @@ def _local(cfg: ModelConfig, x_BxLxD, router_DxE, gate_ExDxF, up_ExDxF, down_ExF
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     weight_Txk, expert_Txk = route(x_TxD, router_DxE, cfg.experts_per_token, cfg.norm_topk)
-    scale = cfg.lora.alpha / cfg.lora.rank if cfg.lora.rank else 1.0
+    scale = cfg.lora.scale_of("experts_gate") if cfg.lora.rank else 1.0  # (every expert adapter's rank: expert_rank)
     y_TxD = experts(x_TxD, weight_Txk, expert_Txk, gate_ExDxF, up_ExDxF, down_ExFxD, adapters, scale)
     if tensor:  # each device summed its slice of F (down's adapter too: (x A) B is linear in x A): the whole sum
         y_TxD = jax.lax.psum(y_TxD, tensor)  # (before the cast, as unsplit)

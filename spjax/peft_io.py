@@ -118,9 +118,10 @@ def peft_tensors(cfg: ModelConfig, params) -> dict:
         for i in range(cfg.num_layers):  # PEFT: lora_A [rank, in_features], lora_B [out_features, rank]
             a, b = _fuse([(host[t][0][i], host[t][1][i]) for t, _, _ in adapted], parts, adapted, r)
             tensors[_name(module, i, "A")], tensors[_name(module, i, "B")] = a, b
+    e_rank = cfg.lora.rank_of(EXPERT_TARGETS[0])
     for param, parts, adapted in _expert_adapted(cfg):
         for i in range(cfg.num_layers):  # each expert's pair, then A [E·rank, in], B [out, rank·E]
-            per = [_fuse([(host[t][0][i, e], host[t][1][i, e]) for t, _, _ in adapted], parts, adapted, r)
+            per = [_fuse([(host[t][0][i, e], host[t][1][i, e]) for t, _, _ in adapted], parts, adapted, e_rank)
                    for e in range(cfg.num_experts)]
             a, b = np.concatenate([x for x, _ in per]), np.stack([y for _, y in per], axis=-1)
             tensors[_expert_name(cfg, i, param, "A")] = np.ascontiguousarray(a)
@@ -133,14 +134,20 @@ def write_peft(cfg: ModelConfig, tensors: dict, out_dir: str, base_model: str = 
     a multimodal model's language model)."""
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
-    fused = {_short(module): len(parts) for module, _, parts in _adapted(cfg) + _expert_adapted(cfg) if len(parts) > 1}
+    # Ranks other than r: a fused module's m adapted parts block-diagonal (m·r, alpha m·alpha: the scale stays
+    # alpha / r), the experts' params at expert_rank (keys "experts.<param>": a shared expert's down_proj is not
+    # one of them; PEFT 0.21 warns that such keys match no module, and applies them to the params)
+    e_rank = cfg.lora.rank_of(EXPERT_TARGETS[0])
+    ranks = {_short(module): (len(parts), cfg.lora.rank) for module, _, parts in _adapted(cfg) if len(parts) > 1}
+    ranks.update({f"experts.{param}": (len(parts), e_rank) for param, _, parts in _expert_adapted(cfg)
+                  if len(parts) > 1 or e_rank != cfg.lora.rank})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
               "target_modules": _targets(cfg, wrapped), "target_parameters": _target_parameters(cfg),
               "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-              "rank_pattern": {k: m * cfg.lora.rank for k, m in fused.items()},
-              "alpha_pattern": {k: m * cfg.lora.alpha for k, m in fused.items()},
+              "rank_pattern": {k: m * r for k, (m, r) in ranks.items()},
+              "alpha_pattern": {k: m * cfg.lora.alpha for k, (m, r) in ranks.items()},
               "base_model_name_or_path": base_model or None}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -218,17 +225,17 @@ def _rank(pc: dict, name: str, r: int, m: int, where: str) -> int:
     """Module `name`'s rank by the adapter config: r, or m·r for m adapted parts block-diagonal."""
     rank = _pattern(pc.get("rank_pattern") or {}, name, pc.get("r"))
     if rank not in (r, m * r):  # (pc["r"] is r: checked)
-        raise CheckpointError(f"{where}: rank_pattern gives {name} rank {rank}; spjax needs lora.rank={r} "
-                              f"for every adapter" + (f" (or {m}×{r}, block-diagonal, for its {m} adapted "
-                                                      f"parts)" if m > 1 else ""))
+        raise CheckpointError(f"{where}: rank_pattern gives {name} rank {rank}; spjax's is {r} (lora.rank; a "
+                              f"mixture's experts: lora.expert_rank)" + (f" (or {m}×{r}, block-diagonal, for its {m} "
+                                                                         f"adapted parts)" if m > 1 else ""))
     return rank
 
 
-def _scale(cfg: ModelConfig, pc: dict, name: str, rank: int) -> float:
-    """The file's scale alpha / rank (per module: alpha_pattern) over cfg's, folded into B: cfg's alpha / r
-    then reproduces the adapter's policy."""
+def _scale(cfg: ModelConfig, pc: dict, name: str, rank: int, target: str) -> float:
+    """The file's scale alpha / rank (per module: alpha_pattern) over cfg's for target, folded into B: cfg's
+    alpha / r then reproduces the adapter's policy."""
     alpha = float(_pattern(pc.get("alpha_pattern") or {}, name, pc.get("lora_alpha", cfg.lora.alpha)))
-    return alpha / rank / (cfg.lora.alpha / cfg.lora.rank)
+    return alpha / rank / cfg.lora.scale_of(target)
 
 
 def load_peft(cfg: ModelConfig, params, adapter_dir: str):
@@ -274,20 +281,21 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
                 rank = _rank(pc, name, r, len(mine), where)
                 if a.shape[0] != rank or b.shape[-1] != rank:
                     raise CheckpointError(f"{path}: {name}'s adapter has rank {a.shape[0]}, its config says {rank}")
-                scale = _scale(cfg, pc, name, rank)
+                scale = _scale(cfg, pc, name, rank, mine[0][0])
                 for t, (a_t, b_t) in _split(a, b, parts, mine, r, f"{path}: {name}").items():
                     parts_of.setdefault(t, []).append((a_t, b_t * scale))
+        e_rank = cfg.lora.rank_of(EXPERT_TARGETS[0])
         for param, parts, mine in experts:
             for i in range(cfg.num_layers):
                 name, E = f"{_expert_module(i)}.{param}", cfg.num_experts
                 a, b = (get(_expert_name(cfg, i, param, w, wrapped), w) for w in "AB")
-                rank = _rank(pc, name, r, len(mine), where)
+                rank = _rank(pc, name, e_rank, len(mine), where)
                 if a.shape[0] != E * rank or b.shape[-1] != E * rank:
                     raise CheckpointError(f"{path}: {name}'s adapter has {a.shape[0]} rows of A, {E} experts × rank "
                                           f"{rank} expected")
-                scale = _scale(cfg, pc, name, rank)
+                scale = _scale(cfg, pc, name, rank, mine[0][0])
                 a, b = a.reshape(E, rank, -1), b.reshape(b.shape[0], rank, E)
-                per = [_split(a[e], b[..., e], parts, mine, r, f"{path}: {name} (expert {e})") for e in range(E)]
+                per = [_split(a[e], b[..., e], parts, mine, e_rank, f"{path}: {name} (expert {e})") for e in range(E)]
                 for t, _, _ in mine:
                     parts_of.setdefault(t, []).append((np.stack([x[t][0] for x in per]),
                                                        np.stack([x[t][1] for x in per]) * scale))
@@ -295,10 +303,10 @@ def load_peft(cfg: ModelConfig, params, adapter_dir: str):
             pairs = []
             for module in modules:
                 a, b = (get(_name(module, i, w, wrapped), w) for w in "AB")
-                rank = _rank(pc, module, r, 1, where)
+                rank = _rank(pc, module, cfg.lora.rank_of(t), 1, where)
                 if a.shape[0] != rank or b.shape[-1] != rank:
                     raise CheckpointError(f"{path}: {module}'s adapter has rank {a.shape[0]}, its config says {rank}")
-                pairs.append((a.T, b.T * _scale(cfg, pc, module, rank)))
+                pairs.append((a.T, b.T * _scale(cfg, pc, module, rank, t)))
             parts_of.setdefault(t, []).append((np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])))
     for t, per_layer in parts_of.items():
         old_a, old_b = layers[f"{t}_lora_a"], layers[f"{t}_lora_b"]

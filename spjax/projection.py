@@ -42,10 +42,10 @@ def expert_adapters(module, name: str, shape, axes):
     lora = module.cfg.lora
     if not (lora.rank and name in lora.targets):
         return None
-    E, n_in, n_out = shape
-    a = param(module, name + "_lora_a", (E, n_in, lora.rank), (axes[0], axes[1], "lora"),
+    (E, n_in, n_out), r = shape, lora.rank_of(name)
+    a = param(module, name + "_lora_a", (E, n_in, r), (axes[0], axes[1], "lora"),
               lambda key, shape, dtype: lora_a_init(key, shape, dtype, lead=1), jnp.float32)
-    b = param(module, name + "_lora_b", (E, lora.rank, n_out), (axes[0], "lora", axes[2]), nn.initializers.zeros,
+    b = param(module, name + "_lora_b", (E, r, n_out), (axes[0], "lora", axes[2]), nn.initializers.zeros,
               jnp.float32)
     return a, b
 

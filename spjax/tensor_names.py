@@ -401,7 +401,7 @@ def merged_layer(cfg: ModelConfig, layer: dict, leaf: str) -> np.ndarray:
     from spjax.projection import lora_delta
     a = np.asarray(layer[f"{leaf}_lora_a"], np.float32)
     b = np.asarray(layer[f"{leaf}_lora_b"], np.float32)
-    delta = lora_delta(a, b, cfg.lora.alpha / cfg.lora.rank, batch=QUANTIZED[leaf][0])
+    delta = lora_delta(a, b, cfg.lora.scale_of(leaf), batch=QUANTIZED[leaf][0])
     return w.astype(np.float32, copy=False) + delta.reshape(w.shape)
 
 

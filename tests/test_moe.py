@@ -143,21 +143,25 @@ def _with_random_b(params, key=3):
                                      else v) for k, v in params["layers"].items()}}
 
 
-@pytest.mark.parametrize("family, targets", [("mixtral", ("q", "experts_gate", "experts_up", "experts_down")),
-                                             ("qwen2_moe", ("experts_up", "experts_down", "shared_up"))])
-def test_lora_on_the_experts_exports_an_adapter_peft_applies_and_reads_back(family, targets, tmp_path):
+@pytest.mark.parametrize("family, targets, expert_rank", [
+    ("mixtral", ("q", "experts_gate", "experts_up", "experts_down"), 0),
+    ("qwen2_moe", ("experts_up", "experts_down", "shared_up"), 0),
+    ("qwen2_moe", ("q", "experts_up", "experts_down", "shared_down"), 2)])  # (a shared down_proj beside experts' ones)
+def test_lora_on_the_experts_exports_an_adapter_peft_applies_and_reads_back(family, targets, expert_rank, tmp_path):
     """Each expert its own adapter: the policy computes its merged weights; the merged export and the PEFT adapter
     (target_parameters on transformers 5's fused gate_up_proj/down_proj) on transformers' model give its logits, and
     the adapter reads back as it was; one PEFT trains reads in as PEFT computes it; the sampler keeps the expert
-    adapters on the fly (a merged copy would be a second copy of the experts) and the experts as they are."""
+    adapters on the fly (a merged copy would be a second copy of the experts) and the experts as they are. With
+    lora.expert_rank the experts' adapters have a rank of their own (PEFT's rank_pattern, scale alpha over it)."""
     import peft
     import torch
     import transformers
     base = oracle.torch_model(family)
     base.save_pretrained(tmp_path / "base")
-    cfg, params = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
+    cfg, params = hf.load_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=8.0, targets=targets,
+                                                                             expert_rank=expert_rank))
     a = np.asarray(params["layers"]["experts_down_lora_a"])  # each expert's A drawn with its own fan-in, as PEFT's
-    assert a.shape == (cfg.num_layers, cfg.num_experts, cfg.intermediate_size, 4)
+    assert a.shape == (cfg.num_layers, cfg.num_experts, cfg.intermediate_size, expert_rank or 4)
     assert 0.9 / np.sqrt(cfg.intermediate_size) < np.abs(a).max() <= 1 / np.sqrt(cfg.intermediate_size), np.abs(a).max()
     params = _with_random_b(params)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
@@ -183,6 +187,13 @@ def test_lora_on_the_experts_exports_an_adapter_peft_applies_and_reads_back(fami
     back = lora.load_peft(cfg, lora.adapter_off(cfg, params), os.path.join(out, "adapter"))
     for leaf in params["layers"]:
         np.testing.assert_array_equal(back["layers"][leaf], params["layers"][leaf], err_msg=leaf)
+    if expert_rank:  # (the rest is the experts' adapters from PEFT at rank 4: not this config's)
+        assert "LoRA r=4 (experts r=2) alpha=8" in lora.describe(cfg, params)
+        with pytest.raises(hf.CheckpointError, match=r"rank_pattern gives model.layers.0.mlp.experts.gate_up_proj rank 2; "
+                                                     r"spjax's is 4 \(lora.rank; a mixture's experts: lora.expert_rank\)"):
+            lora.load_peft(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, expert_rank=0)),
+                           params, os.path.join(out, "adapter"))
+        return
 
     # PEFT's own adapter on the experts (rank r on gate_up_proj: gate and up share A), B drawn at random
     trained = peft.get_peft_model(oracle.torch_model(family), peft.LoraConfig(
@@ -349,6 +360,12 @@ def test_what_spjax_does_not_do_with_experts_is_refused_in_one_line():
                        "olmoe have experts"):
         ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     lora=LoraConfig(rank=4, targets=("q", "experts_up")))
+    with pytest.raises(ConfigError, match=r"lora.expert_rank: 2, but lora.targets names none of experts_gate, "
+                       "experts_up, experts_down: it would be ignored"):
+        LoraConfig(rank=4, targets=("q", "v"), expert_rank=2)
+    with pytest.raises(ConfigError, match=r"lora.rank: 0 \(full fine-tuning\), but lora.alpha, lora.targets or "
+                       "lora.expert_rank is set"):
+        LoraConfig(expert_rank=2)
     with pytest.raises(ConfigError, match=r"model.experts_per_token: must be in \[1, num_experts 4\], got 5"):
         dataclasses.replace(CFG, experts_per_token=5)
     with pytest.raises(ConfigError, match="model.num_experts: 4 with architecture llama: only mixtral, qwen2_moe, qwen3_moe, olmoe"):

@@ -104,8 +104,8 @@ def test_a_typo_is_answered_with_the_nearest_key_and_lists_take_python_syntax():
 
 
 @pytest.mark.parametrize("items,message", [
-    (["lora.alpha=32"], "lora.rank: 0 (full fine-tuning), but lora.alpha or lora.targets is set"),
-    (["lora.targets=q,v"], "lora.rank: 0 (full fine-tuning), but lora.alpha or lora.targets is set"),
+    (["lora.alpha=32"], "lora.rank: 0 (full fine-tuning), but lora.alpha, lora.targets or lora.expert_rank is set"),
+    (["lora.targets=q,v"], "lora.rank: 0 (full fine-tuning), but lora.alpha, lora.targets or lora.expert_rank is set"),
     (["judge.pairs=all"], "judge.pairs: 'all' without a judge"),
 ])
 def test_a_setting_that_would_be_ignored_is_refused(items, message):
