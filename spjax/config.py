@@ -72,9 +72,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3,
-    Granite 3; Mixtral,
-    Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
+    """A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3,
+    SmolLM2/3, Granite 3; Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: its MLPs mixtures of experts)."""
 
     vocab_size: int
     hidden_size: int

@@ -198,7 +198,8 @@ def export_arch(cfg) -> str:
 
 def check_family(cfg):
     """Gemma's settings only on a Gemma, windows by layer and rope by layer only where a transformers family
-    computes them, and nothing on a Gemma or a SmolLM3 that transformers' would not compute."""
+    computes them, and nothing on a Gemma that transformers' Gemma would not compute (the Llama variants':
+    check_variants)."""
     from spjax.config import LAYER_TYPES
     types = cfg.layer_types
     check(not types or len(types) == cfg.num_layers, "model.layer_types",
@@ -214,7 +215,27 @@ def check_family(cfg):
     check(cfg.architecture != "olmo3" or cfg.rope_type == "default" or cfg.rope_local_theta or not any(cfg.windowed),
           "model.rope_local_theta", f"0 with olmo3's {cfg.rope_type} rope: transformers' OLMo 3 rotates its windowed "
           "layers by unscaled rope; set it (rope_theta: the full layers' theta)")
-    check(cfg.query_scale_beta >= 0, "model.query_scale_beta", f"must be >= 0 (0: none), got {cfg.query_scale_beta}")
+    check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
+          "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
+    mixed = len(set(cfg.windowed)) > 1
+    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmo3", "smollm3"),
+          "model.layer_types", f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2, Qwen3, "
+          "OLMo 3 and SmolLM3 compute that")
+    check_variants(cfg)
+    if cfg.gemma:
+        what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
+                                ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
+                                ("rope_type", cfg.rope_type not in ("default", "linear"))) if on]
+        check(not what, f"model.{what[0] if what else ''}", f"{getattr(cfg, what[0]) if what else ''} with "
+              f"{cfg.architecture}: transformers' {cfg.architecture} does not compute it")
+
+
+_VARIANTS = {"smollm3": "SmolLM3", "ministral3": "Ministral 3", "granite": "Granite"}
+
+
+def check_variants(cfg):
+    """The Llama variants' own settings (SmolLM3's NoPE layers, Ministral 3's query scale, Granite's
+    multipliers) only on them, and nothing beside them that their transformers class does not compute."""
     granite = {n: getattr(cfg, n) for n, off in (("embedding_multiplier", 1.0), ("attention_multiplier", 0.0),
                                                  ("residual_multiplier", 1.0), ("logits_scaling", 1.0))
                if getattr(cfg, n) != off}
@@ -222,6 +243,7 @@ def check_family(cfg):
         check(value > 0, f"model.{name}", f"must be > 0, got {value}")
         check(cfg.architecture == "granite", f"model.{name}", f"is Granite's (architecture granite), not "
               f"{cfg.architecture}'s")
+    check(cfg.query_scale_beta >= 0, "model.query_scale_beta", f"must be >= 0 (0: none), got {cfg.query_scale_beta}")
     check(not cfg.query_scale_beta or cfg.architecture == "ministral3", "model.query_scale_beta",
           f"is Ministral 3's (architecture ministral3), not {cfg.architecture}'s")
     check(not cfg.nope_layers or cfg.architecture == "smollm3", "model.nope_layers",
@@ -229,28 +251,15 @@ def check_family(cfg):
     bad = [i for i in cfg.nope_layers if not 0 <= i < cfg.num_layers]
     check(not bad and len(set(cfg.nope_layers)) == len(cfg.nope_layers), "model.nope_layers",
           f"{list(cfg.nope_layers)}: layer indices in [0, {cfg.num_layers}), each once")
-    check(not cfg.attn_softcap or cfg.architecture == "gemma2", "model.attn_softcap",
-          "is Gemma 2's (transformers' Gemma 3 does not cap attention scores)")
-    mixed = len(set(cfg.windowed)) > 1
-    check(not mixed or cfg.gemma or cfg.architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmo3", "smollm3"),
-          "model.layer_types", f"windows on some layers only with {cfg.architecture}: only Gemma, Qwen2, Qwen3, "
-          "OLMo 3 and SmolLM3 compute that")
+    family = export_arch(cfg)
+    if family not in _VARIANTS:
+        return
     other = [n for n, on in (("qk_norm", cfg.qk_norm), ("qkv_bias", cfg.qkv_bias),
                              ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
-                             ("rope_type", cfg.rope_type == "longrope")) if on]
-    check(export_arch(cfg) != "smollm3" or not other, f"model.{other[0] if other else ''}", "with SmolLM3's NoPE "
-          "layers or windows on some layers: transformers' SmolLM3 does not compute it, so the model could not be exported")
-    check(export_arch(cfg) != "ministral3" or not (other or mixed), f"model.{other[0] if other else 'layer_types'}",
-          "with query_scale_beta: transformers' Ministral 3 does not compute it, so the model could not be exported")
-    window = "sliding_window" if any(cfg.windowed) else ""
-    check(cfg.architecture != "granite" or not (other or window), f"model.{other[0] if other else window}",
-          "with granite: transformers' Granite does not compute it, so the model could not be exported")
-    if cfg.gemma:
-        what = [n for n, on in (("qkv_bias", cfg.qkv_bias), ("qk_norm", cfg.qk_norm != (cfg.architecture == "gemma3")),
-                                ("partial_rotary_factor", cfg.rotary_dim != cfg.head_dim),
-                                ("rope_type", cfg.rope_type not in ("default", "linear"))) if on]
-        check(not what, f"model.{what[0] if what else ''}", f"{getattr(cfg, what[0]) if what else ''} with "
-              f"{cfg.architecture}: transformers' {cfg.architecture} does not compute it")
+                             ("rope_type", cfg.rope_type == "longrope"),
+                             ("sliding_window", family == "granite" and any(cfg.windowed))) if on]
+    check(not other, f"model.{other[0] if other else ''}", f"{getattr(cfg, other[0]) if other else ''} with "
+          f"{family}: transformers' {_VARIANTS[family]} does not compute it, so the model could not be exported")
 
 
 def iso_date(text: str) -> bool:

@@ -1,5 +1,6 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3, SmolLM2/3; Mixtral, Qwen2-MoE and
-Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe) in Flax linen.
+"""A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, Phi-3/4, Gemma 2/3, OLMo 2/3,
+SmolLM2/3, Granite 3; Mixtral, Qwen2-MoE and Qwen3-MoE, OLMoE, whose MLPs are mixtures of experts: spjax.moe)
+in Flax linen.
 
 Dimension names used in array suffixes:
   B batch, L query length, S key length (== L without a cache, the cache size with one),
@@ -18,7 +19,7 @@ attention and the MLP too, a tanh-GELU gate, sqrt(D)-scaled embeddings, scaled a
 A model whose layers differ in window (Gemma; some Qwen2; OLMo 3) gets a mask, and Gemma 3 and OLMo 3 a rope, of
 each kind (`ByKind`) and each layer picks its own: by a select inside the scan, in Python when unrolled.
 SmolLM3's NoPE layers rotate nothing (a zero angle where the layer is picked inside the scan); Ministral 3
-scales its rotated queries by position.
+scales its rotated queries by position; Granite scales embeddings, scores, each block's output and the logits.
 """
 from __future__ import annotations
 
