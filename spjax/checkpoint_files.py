@@ -122,12 +122,17 @@ def raw_tensor(path, name, headers=None):
     return x.reshape(meta["shape"])
 
 
-def _fp8_block(directory: str):
-    """quantization_config.weight_block_size of an FP8 checkpoint's config.json (a wrapped model's may sit in
-    its text_config), or None: then each scale grid's block is the weight's shape over it."""
-    path = os.path.join(directory, "config.json")
-    hf = read_json(path) if os.path.exists(path) else {}
+def quantization_config(hf: dict) -> dict:
+    """A config.json dict's quantization_config ({} for none; a wrapped model's may sit in its text_config)."""
     quant = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config") or {}
+    return quant if isinstance(quant, dict) else {"quant_method": quant}
+
+
+def _fp8_block(directory: str):
+    """quantization_config.weight_block_size of an FP8 checkpoint's config.json, or None: then each scale grid's
+    block is the weight's shape over it."""
+    path = os.path.join(directory, "config.json")
+    quant = quantization_config(read_json(path) if os.path.exists(path) else {})
     return tuple(quant["weight_block_size"]) if quant.get("weight_block_size") else None
 
 

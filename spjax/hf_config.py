@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from spjax.checkpoint_files import quantization_config
 from spjax.config import ROPE_TYPES, ModelConfig
 from spjax.config_checks import export_arch
 from spjax.hf_wrapped import WRAPPERS, text_config
@@ -28,8 +29,8 @@ _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "ori
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """ModelConfig from a transformers config dict (config.json; a multimodal model's: its language model's)."""
-    quant = hf.get("quantization_config") or (hf.get("text_config") or {}).get("quantization_config")
-    method = (quant.get("quant_method", "?") if isinstance(quant, dict) else quant) if quant else None
+    quant = quantization_config(hf)
+    method = quant.get("quant_method", "?") if quant else None
     # FP8 weights are read dequantized (spjax.checkpoint_files); other methods' packed weights would fail as
     # tensors of odd shapes or names
     if method not in (None, "fp8"):
